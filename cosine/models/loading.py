@@ -1,0 +1,145 @@
+"""Loading causal LMs: local transformers checkpoints, hub ids already on disk, GGUF files.
+
+GGUF files go through transformers' GGUF loader once; the dequantized weights are then written
+as safetensors (with a plain config and the tokenizer) under the cache directory, so later starts
+load in seconds. Nothing here downloads from a model hub: a model that is not on disk is a
+``ModelNotFoundError`` with a hint, never a hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONVERTED_DIR = "converted"
+_CONVERSION_MARK = "cosine_conversion.json"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither a local path nor a hub id already in the local cache."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    fingerprint: str  # weights hash : dtype : device class
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def load_model(source: str | os.PathLike, *, cache_dir: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a directory, a GGUF file or a cached hub id."""
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {path} not found (run `cosine models pull` for the demo target)")
+        directory = converted_gguf_dir(path, cache_dir)
+        weights_id = directory.name
+    elif path.is_dir():
+        directory, weights_id = path, _directory_hash(path)
+    else:
+        directory, weights_id = _cached_hub_snapshot(str(source)), str(source)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
+    model = model.to(torch_device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    fingerprint = f"{weights_id}:{dtype}:{torch_device.type}"
+    return LoadedModel(model, tokenizer, str(source), fingerprint)
+
+
+def converted_gguf_dir(gguf_path: Path, cache_dir: str | os.PathLike) -> Path:
+    """The safetensors copy of a GGUF file, converting it on first use."""
+    digest = _file_hash(gguf_path)
+    target = Path(cache_dir).expanduser() / CONVERTED_DIR / f"{gguf_path.stem}-{digest[:16]}"
+    if (target / _CONVERSION_MARK).is_file():
+        return target
+    log.info("converting %s to safetensors in %s (first start only)", gguf_path, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        _save_dequantized(model, tokenizer, staging, source_hash=digest)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)  # atomic: a half-written cache is never picked up
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _save_dequantized(model: PreTrainedModel, tokenizer, directory: Path, *, source_hash: str) -> None:
+    # save_pretrained refuses models that carry the GGUF quantizer, so write the parts by hand.
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(directory)
+    (directory / _CONVERSION_MARK).write_text(json.dumps({"source_sha256": source_hash}))
+
+
+def _cached_hub_snapshot(model_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError) as error:
+        raise ModelNotFoundError(
+            f"model {model_id!r} is not a local path and is not in the local Hugging Face cache; "
+            "CoSine never downloads from a hub at run time: put the model on disk and pass its path"
+        ) from error
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _directory_hash(directory: Path) -> str:
+    # Hash the weight files' names and sizes plus the config: cheap, and changes when they do.
+    digest = hashlib.sha256()
+    for file in sorted(directory.iterdir()):
+        if file.suffix in (".safetensors", ".bin", ".json"):
+            digest.update(file.name.encode())
+            digest.update(str(file.stat().st_size).encode())
+            if file.suffix == ".json":
+                digest.update(file.read_bytes())
+    return f"{directory.name}-{digest.hexdigest()[:16]}"
+
+

@@ -1,0 +1,317 @@
+"""Batched forward passes with per-request KV caches (the verifier's and model drafters' engine).
+
+A batch is *packed*: the new tokens of every request are laid end to end in one sequence
+(batch size 1, ``q_total`` tokens), with explicit position ids and, per request, cumulative
+offsets into the packed sequence (vLLM's varlen layout). Linear layers see one [q_total, hidden]
+matrix with no padding. Attention is done per request by a registered transformers attention
+function, against that request's own KV buffer: the cached prefix plus its new tokens, under a
+mask built from lengths and tree parents (never from token ids).
+
+KV buffers are per request and per layer, grown geometrically. Cropping is bookkeeping: after a
+round only the accepted tree nodes' rows are gathered into place; the next round compares the
+cached tokens with the request's committed tokens and reuses the longest common prefix. A cache
+that is missing (evicted, another worker) is rebuilt by feeding the tokens again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from cosine.spec.tree import ROOT, tree_attention_mask
+
+ATTN_IMPLEMENTATION = "cosine_packed"
+_BATCH_KWARG = "cosine_batch"
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardItem:
+    """One request in a batch.
+
+    context: [L] committed tokens (prompt + output so far), L >= 1; tree_tokens / tree_parents:
+    [n] speculative nodes placed after the context (ROOT = child of the last context token).
+    The runner returns logits [1 + n, vocab]: row 0 after the context, row i + 1 after node i.
+    """
+
+    key: str
+    context: Sequence[int]
+    tree_tokens: tuple[int, ...] = ()
+    tree_parents: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class RunnerStats:
+    forward_calls: int = 0
+    fed_tokens: int = 0
+    reused_tokens: int = 0
+    cache_rebuilds: int = 0
+    forward_seconds: float = 0.0
+    bookkeeping_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class _RequestCache:
+    keys: list[torch.Tensor]  # per layer [kv_heads, capacity, head_dim]
+    values: list[torch.Tensor]
+    tokens: list[int] = field(default_factory=list)  # tokens whose K/V rows are valid, in order
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+
+@dataclass(slots=True)
+class _Segment:
+    cache: _RequestCache
+    start: int  # rows already cached (reused prefix)
+    count: int  # new tokens fed for this request
+    offset: int  # where they start in the packed sequence
+    mask: torch.Tensor | None  # [count, start + count] bool, None = attend to everything
+
+
+@dataclass(slots=True)
+class _PackedBatch:
+    segments: list[_Segment]
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for a packed batch; plain SDPA when called outside the runner (e.g. generate).
+
+    query: [1, heads, q_total, head_dim]; key/value: [1, kv_heads, q_total, head_dim].
+    Returns [1, q_total, heads, head_dim].
+    """
+    batch: _PackedBatch | None = kwargs.pop(_BATCH_KWARG, None)
+    if batch is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    layer = module.layer_idx
+    outputs = []
+    for seg in batch.segments:
+        end = seg.start + seg.count
+        new = slice(seg.offset, seg.offset + seg.count)
+        layer_keys, layer_values = seg.cache.keys[layer], seg.cache.values[layer]
+        layer_keys[:, seg.start : end] = key[0, :, new]
+        layer_values[:, seg.start : end] = value[0, :, new]
+        outputs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, new],
+                layer_keys[None, :, :end],
+                layer_values[None, :, :end],
+                attn_mask=seg.mask,
+                scale=scaling,
+                enable_gqa=True,
+            )
+        )
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _packed_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+class ModelRunner:
+    """Runs a causal LM over packed batches, keeping one KV cache per request key.
+
+    Not thread-safe by itself: a lock serialises forwards so a worker may call it from a
+    thread pool.
+    """
+
+    def __init__(self, model: PreTrainedModel, *, max_cached_tokens: int = 262_144) -> None:
+        self.model = model.eval()
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+        for module in model.modules():
+            if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
+                module.config._attn_implementation = ATTN_IMPLEMENTATION
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        config = model.config
+        self.num_layers = config.num_hidden_layers
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.vocab_size = self.lm_head.weight.shape[0]
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.max_cached_tokens = max_cached_tokens
+        self.stats = RunnerStats()
+        self._caches: OrderedDict[str, _RequestCache] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ---- public API ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, items: Sequence[ForwardItem]) -> list[torch.Tensor]:
+        """One model forward call for the whole batch; logits [1 + n_i, vocab] per item."""
+        if not items:
+            return []
+        with self._lock:
+            began = time.perf_counter()
+            segments, input_ids, positions, wanted = self._prepare(items)
+            prepared = time.perf_counter()
+            hidden = self.decoder(
+                input_ids=input_ids[None],
+                position_ids=positions[None],
+                use_cache=False,
+                **{_BATCH_KWARG: _PackedBatch(segments)},
+            ).last_hidden_state[0]
+            logits = self.lm_head(hidden[wanted]).float()
+            done = time.perf_counter()
+            self._after_forward(items, segments)
+            finished = time.perf_counter()
+        self.stats.forward_calls += 1
+        self.stats.forward_seconds += done - prepared
+        self.stats.bookkeeping_seconds += (prepared - began) + (finished - done)
+        sizes = [1 + len(item.tree_tokens) for item in items]
+        return list(torch.split(logits, sizes))
+
+    def commit(self, key: str, accepted_nodes: Sequence[int], accepted_tokens: Sequence[int]) -> None:
+        """Keep the K/V rows of the accepted tree path; drop the other speculative rows."""
+        began = time.perf_counter()
+        with self._lock:
+            cache = self._caches.get(key)
+            if cache is not None:
+                base = len(cache.tokens)
+                sources = [base + node for node in accepted_nodes]
+                targets = list(range(base, base + len(sources)))
+                if sources != targets:
+                    src = torch.tensor(sources, device=self.device)
+                    for layer in range(self.num_layers):
+                        cache.keys[layer][:, targets] = cache.keys[layer][:, src]
+                        cache.values[layer][:, targets] = cache.values[layer][:, src]
+                cache.tokens.extend(int(t) for t in accepted_tokens)
+        self.stats.bookkeeping_seconds += time.perf_counter() - began
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._caches.pop(key, None)
+
+    def cached_tokens(self, key: str) -> int:
+        cache = self._caches.get(key)
+        return len(cache.tokens) if cache is not None else 0
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _prepare(self, items: Sequence[ForwardItem]):
+        segments: list[_Segment] = []
+        ids: list[int] = []
+        positions: list[int] = []
+        wanted: list[int] = []
+        for item in items:
+            if len(item.context) < 1:
+                raise ValueError(f"request {item.key}: empty context")
+            if len(item.tree_tokens) != len(item.tree_parents):
+                raise ValueError(f"request {item.key}: tree tokens and parents differ in length")
+            cache, reused = self._cache_for(item.key, item.context)
+            suffix = list(item.context[reused:])
+            tree = list(item.tree_tokens)
+            count = len(suffix) + len(tree)
+            self._ensure_capacity(cache, reused + count)
+            offset = len(ids)
+            ids.extend(suffix)
+            ids.extend(tree)
+            positions.extend(range(reused, len(item.context)))
+            depths = _depths(item.tree_parents)
+            positions.extend(len(item.context) + d for d in depths)
+            wanted.append(offset + len(suffix) - 1)
+            wanted.extend(offset + len(suffix) + i for i in range(len(tree)))
+            mask = _segment_mask(reused, len(suffix), item.tree_parents, self.device)
+            segments.append(_Segment(cache, reused, count, offset, mask))
+            self.stats.fed_tokens += count
+            self.stats.reused_tokens += reused
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        return segments, as_tensor(ids), as_tensor(positions), as_tensor(wanted)
+
+    def _cache_for(self, key: str, context: Sequence[int]) -> tuple[_RequestCache, int]:
+        cache = self._caches.get(key)
+        if cache is None:
+            self._evict_for(len(context))
+            cache = self._new_cache(len(context) + 16)
+            self._caches[key] = cache
+            self.stats.cache_rebuilds += 1
+            return cache, 0
+        self._caches.move_to_end(key)
+        reused = _common_prefix(cache.tokens, context, limit=len(context) - 1)
+        del cache.tokens[reused:]
+        return cache, reused
+
+    def _after_forward(self, items: Sequence[ForwardItem], segments: list[_Segment]) -> None:
+        for item, seg in zip(items, segments):
+            seg.cache.tokens.extend(int(t) for t in item.context[seg.start :])
+
+    def _new_cache(self, capacity: int) -> _RequestCache:
+        shape = (self.kv_heads, _round_up(capacity), self.head_dim)
+        make = lambda: torch.empty(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        return _RequestCache([make() for _ in range(self.num_layers)], [make() for _ in range(self.num_layers)])
+
+    def _ensure_capacity(self, cache: _RequestCache, needed: int) -> None:
+        if needed <= cache.capacity:
+            return
+        grown = self._new_cache(needed)
+        valid = cache.capacity
+        for layer in range(self.num_layers):
+            grown.keys[layer][:, :valid] = cache.keys[layer]
+            grown.values[layer][:, :valid] = cache.values[layer]
+        cache.keys, cache.values = grown.keys, grown.values
+
+    def _evict_for(self, incoming: int) -> None:
+        total = sum(len(c.tokens) for c in self._caches.values())
+        while self._caches and total + incoming > self.max_cached_tokens:
+            _, evicted = self._caches.popitem(last=False)
+            total -= len(evicted.tokens)
+
+
+def _common_prefix(cached: list[int], context: Sequence[int], limit: int) -> int:
+    n = min(len(cached), limit)
+    if cached[:n] == list(context[:n]):
+        return n
+    low, high = 0, n  # the first mismatch is usually near the end: bisect on prefix equality
+    while low < high:
+        mid = (low + high + 1) // 2
+        if cached[:mid] == list(context[:mid]):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _depths(parents: Sequence[int]) -> list[int]:
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(0 if parent == ROOT else depths[parent] + 1)
+    return depths
+
+
+def _segment_mask(cached: int, suffix: int, parents: Sequence[int], device: torch.device) -> torch.Tensor | None:
+    """mask: [suffix + n, cached + suffix + n] bool for one request's new tokens.
+
+    Suffix tokens are causal; tree nodes see the whole context and their ancestors.
+    """
+    n = len(parents)
+    count = suffix + n
+    if count == 1:
+        return None  # a single new token may attend to everything before it
+    mask = torch.ones((count, cached + count), dtype=torch.bool)
+    mask[:, cached:] = False
+    mask[:suffix, cached : cached + suffix] = torch.ones((suffix, suffix), dtype=torch.bool).tril()
+    if n:
+        mask[suffix:, cached : cached + suffix] = True
+        mask[suffix:, cached + suffix :] = tree_attention_mask(tuple(parents))
+    return mask.to(device)
+
+
+def _round_up(n: int) -> int:
+    size = 64
+    while size < n:
+        size *= 2
+    return size
+
+

@@ -1,0 +1,114 @@
+"""Lossless acceptance of drafted tokens against the target.
+
+Vocabulary (as in vLLM's rejection sampler):
+- *accepted* tokens: drafted tokens the target keeps;
+- *recovered* token: when a drafted token is rejected, the token the target puts in its place
+  (greedy: the target's argmax; sampling: a draw from the residual distribution);
+- *bonus* token: when every drafted token on the walked path is accepted, the target's own next
+  token after it.
+Each round therefore yields ``accepted + 1`` new tokens.
+
+Both rules walk a ``DraftTree`` (a chain is a branchless tree). ``target_probs`` rows follow the
+verifier's layout: row 0 is the target's distribution after the committed context (the root),
+row ``i + 1`` the distribution after tree node ``i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cosine.spec.tree import ROOT, DraftTree
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """accepted_nodes: tree nodes on the accepted path, root first; next_token: the recovered
+    or bonus token that follows them."""
+
+    accepted_nodes: tuple[int, ...]
+    accepted_tokens: tuple[int, ...]
+    next_token: int
+
+    @property
+    def accepted_len(self) -> int:
+        return len(self.accepted_nodes)
+
+    @property
+    def new_tokens(self) -> tuple[int, ...]:
+        return (*self.accepted_tokens, self.next_token)
+
+
+def verify_greedy(tree: DraftTree, target_argmax: list[int] | torch.Tensor) -> Verdict:
+    """Temperature 0: follow the child that equals the target's argmax, as far as it goes.
+
+    target_argmax: [n + 1] the target's greedy token at the root and after each node.
+    """
+    argmax = [int(t) for t in target_argmax]
+    path: list[int] = []
+    node = ROOT
+    while True:
+        wanted = argmax[node + 1]
+        child = tree.child_with_token(node, wanted)
+        if child is None:
+            return _verdict(tree, path, wanted)
+        path.append(child)
+        node = child
+
+
+def verify_sampling(tree: DraftTree, target_probs: torch.Tensor, generator: torch.Generator) -> Verdict:
+    """Temperature > 0: multi-draft speculative (rejection) sampling over the tree.
+
+    target_probs: [n + 1, vocab], already warped (temperature, top-p) exactly as the drafts were.
+    At each node the draws proposing its children are tried in rank order: a draw of token x
+    from distribution q is accepted with probability min(1, p(x) / q(x)); on rejection p becomes
+    the residual norm(max(p - q, 0)). A fixed proposal counts as q = one-hot(x). When every draw
+    is rejected the recovered token is drawn from the residual; when the walk reaches a leaf the
+    bonus token is drawn from the target's distribution there. The output is distributed as the
+    target's own sampling, whatever the drafts.
+    """
+    path: list[int] = []
+    node = ROOT
+    while True:
+        residual = target_probs[node + 1].float()
+        chosen = None
+        for draw in tree.draws_below(node):
+            token = tree.tokens[draw.node]
+            draft_probs = _draft_row(tree, draw.probs_row, token, residual)
+            ratio = residual[token] / draft_probs[token]
+            if torch.rand((), generator=generator) < ratio:  # rand in [0, 1): ratio >= 1 always accepts
+                chosen = draw.node
+                break
+            residual = _residual(residual, draft_probs)
+        if chosen is None:
+            token = int(torch.multinomial(residual, 1, generator=generator).item())
+            return _verdict(tree, path, token)
+        path.append(chosen)
+        node = chosen
+
+
+def _draft_row(tree: DraftTree, probs_row: int | None, token: int, like: torch.Tensor) -> torch.Tensor:
+    if probs_row is None:
+        one_hot = torch.zeros_like(like)
+        one_hot[token] = 1.0
+        return one_hot
+    assert tree.draft_probs is not None  # guaranteed by merge_chains
+    return tree.draft_probs[probs_row].float()
+
+
+def _residual(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
+    residual = torch.clamp(target_probs - draft_probs, min=0.0)
+    total = residual.sum()
+    if total <= 0:
+        # p <= q everywhere means p == q: a rejection then had probability 0 (up to rounding).
+        return target_probs
+    return residual / total
+
+
+def _verdict(tree: DraftTree, path: list[int], next_token: int) -> Verdict:
+    return Verdict(
+        accepted_nodes=tuple(path),
+        accepted_tokens=tuple(tree.tokens[n] for n in path),
+        next_token=int(next_token),
+    )

@@ -1,0 +1,1 @@
+"""Pipeline stage workers (router, drafter, fusion, coordinator, verifier); see README."""
