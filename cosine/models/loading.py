@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers.utils import logging as transformers_logging
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def resolve_device(name: str) -> torch.device:
 def load_model(source: str | os.PathLike, *, cache_dir: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a causal LM and its tokenizer from a directory, a GGUF file or a cached hub id."""
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    transformers_logging.disable_progress_bar()
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -173,6 +173,7 @@ class ModelRunner:
         sizes = [1 + len(item.tree_tokens) for item in items]
         return list(torch.split(logits, sizes))
 
+    @torch.inference_mode()
     def commit(self, key: str, accepted_nodes: Sequence[int], accepted_tokens: Sequence[int]) -> None:
         """Keep the K/V rows of the accepted tree path; drop the other speculative rows."""
         began = time.perf_counter()

@@ -1,0 +1,166 @@
+"""Typed configuration: ``config.toml``, then ``COSINE_*`` environment variables, then CLI options.
+
+Each section is a frozen dataclass validated on construction (``ValueError`` with the field's
+name). Environment variables name a field as ``COSINE_<SECTION>_<FIELD>`` (e.g.
+``COSINE_MODEL_DEVICE=cuda``); ``COSINE_CACHE_DIR`` and ``COSINE_REDIS_URL`` are short forms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DEMO_TARGET_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_DIR = "~/.cache/cosine"
+DRAFTER_KINDS = ("early-exit", "model", "prompt-lookup")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    target: str = ""  # path, hub id on disk, or GGUF file; empty = the demo target in the cache
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 2
+    cache_dir: str = DEFAULT_CACHE_DIR
+    max_cached_tokens: int = 262_144
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"model.threads must be >= 1, got {self.threads}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"model.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
+
+    @property
+    def target_path(self) -> str:
+        return self.target or str(self.cache_path / "models" / DEMO_TARGET_FILE)
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultsConfig:
+    max_tokens: int = 128
+    max_tokens_limit: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_tokens <= self.max_tokens_limit:
+            raise ValueError("defaults.max_tokens must be in [1, defaults.max_tokens_limit]")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculationConfig:
+    mode: str = "chain"  # "chain": first drafter only; "tree": all drafters fused into a tree
+    window: int = 4
+    min_window: int = 1
+    max_window: int = 8
+    adaptive_window: bool = True
+    max_batch: int = 8
+    max_tree_nodes: int = 32
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("chain", "tree"):
+            raise ValueError(f"speculation.mode must be 'chain' or 'tree', got {self.mode!r}")
+        if not 0 <= self.min_window <= self.window <= self.max_window:
+            raise ValueError("need 0 <= speculation.min_window <= window <= max_window")
+        if self.max_batch < 1 or self.max_tree_nodes < 1:
+            raise ValueError("speculation.max_batch and max_tree_nodes must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class DrafterConfig:
+    name: str
+    kind: str
+    expert: str = "general"
+    layers: int = 2  # early-exit: how many of the target's first layers
+    model: str = ""  # model: path of a small causal LM sharing the target's tokenizer
+    max_ngram: int = 3  # prompt-lookup
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("every drafter needs a name")
+        if self.kind not in DRAFTER_KINDS:
+            raise ValueError(f"drafter {self.name!r}: kind must be one of {DRAFTER_KINDS}, got {self.kind!r}")
+        if self.kind == "model" and not self.model:
+            raise ValueError(f"drafter {self.name!r}: kind 'model' needs a model path")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    drafters: tuple[DrafterConfig, ...] = (DrafterConfig("early-exit", "early-exit"),)
+
+    def replace(self, section: str, **changes: Any) -> "Config":
+        """A copy with some fields of one section changed (CLI options)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            return self
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+_SECTIONS = {"model": ModelConfig, "defaults": DefaultsConfig, "speculation": SpeculationConfig}
+_SHORT_ENV = {"COSINE_CACHE_DIR": ("model", "cache_dir"), "COSINE_TARGET": ("model", "target")}
+
+
+def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (or ``$COSINE_CONFIG``, or ``./config.toml`` when present), then the env."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("COSINE_CONFIG") or ("config.toml" if Path("config.toml").is_file() else None)
+    raw: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    unknown = set(raw) - set(_SECTIONS) - {"drafters"}
+    if unknown:
+        raise ValueError(f"unknown config sections: {sorted(unknown)}")
+    sections = {name: dict(raw.get(name, {})) for name in _SECTIONS}
+    _apply_env(sections, environ)
+    built = {name: _build(cls, name, sections[name]) for name, cls in _SECTIONS.items()}
+    drafters = tuple(_build(DrafterConfig, "drafters", d) for d in raw.get("drafters", [])) or Config().drafters
+    if len({d.name for d in drafters}) != len(drafters):
+        raise ValueError("drafter names must be unique")
+    return Config(drafters=drafters, **built)
+
+
+def _apply_env(sections: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> None:
+    for variable, (section, name) in _SHORT_ENV.items():
+        if variable in environ:
+            sections[section][name] = environ[variable]
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            variable = f"COSINE_{section}_{f.name}".upper()
+            if variable in environ:
+                sections[section][f.name] = _parse_env(environ[variable], f.type, variable)
+
+
+def _parse_env(value: str, annotation: Any, variable: str) -> Any:
+    kind = str(annotation)
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("1", "true", "yes")
+    except ValueError:
+        raise ValueError(f"{variable}={value!r} is not a valid {kind}") from None
+    return value
+
+
+def _build(cls, section: str, values: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown keys in [{section}]: {sorted(unknown)}")
+    return cls(**values)

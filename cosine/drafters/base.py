@@ -1,0 +1,45 @@
+"""The drafter interface every drafter kind implements.
+
+Two methods, as transformers' candidate generators: ``propose`` drafts for a batch of requests,
+``observe`` hears how many of its tokens the target accepted (the feedback hook beside the
+drafter; learned drafters and routing scores use it). ``release`` drops soft state.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from cosine.spec.sampling import SamplingParams, request_generator
+from cosine.spec.tree import DraftChain
+
+
+@dataclass(frozen=True, slots=True)
+class DraftRequest:
+    """What a drafter needs for one request's round: the committed tokens and a window."""
+
+    key: str
+    context: Sequence[int]
+    window: int
+    sampling: SamplingParams
+    round_index: int
+
+
+class Drafter(ABC):
+    name: str
+
+    @abstractmethod
+    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftChain]:
+        """One chain per request (possibly empty), at most ``window`` tokens long."""
+
+    def observe(self, key: str, proposed: int, accepted: int) -> None:
+        """Feedback after verification: ``accepted`` of ``proposed`` tokens were kept."""
+
+    def release(self, key: str) -> None:
+        """The request is finished: drop soft state kept for it."""
+
+    def generator(self, request: DraftRequest) -> torch.Generator:
+        return request_generator(request.sampling.seed, request.round_index, f"draft:{self.name}")

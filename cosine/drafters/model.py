@@ -1,0 +1,83 @@
+"""Drafters backed by a causal LM: any small model sharing the target's tokenizer, or an
+early-exit view of the target itself (its first layers, its norm and output head)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from cosine.drafters.base import DraftRequest, Drafter
+from cosine.models.runner import ForwardItem, ModelRunner
+from cosine.spec.sampling import sample, warp_probs
+from cosine.spec.tree import DraftChain
+
+
+class ModelDrafter(Drafter):
+    """Drafts token by token with its own per-request KV caches.
+
+    All requests of a call advance together: each step is one packed forward over every request
+    that still has window left. At temperature 0 drafts are the drafter's argmax (fixed
+    proposals); otherwise they are sampled from the warped distribution, which is kept for
+    lossless verification. Confidence is the drafter's probability for its token.
+    """
+
+    def __init__(self, name: str, runner: ModelRunner) -> None:
+        self.name = name
+        self.runner = runner
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftChain]:
+        contexts = [list(r.context) for r in requests]
+        tokens: list[list[int]] = [[] for _ in requests]
+        confidences: list[list[float]] = [[] for _ in requests]
+        probs_rows: list[list[torch.Tensor]] = [[] for _ in requests]
+        generators = [None if r.sampling.greedy else self.generator(r) for r in requests]
+        for step in range(max((r.window for r in requests), default=0)):
+            active = [i for i, r in enumerate(requests) if step < r.window]
+            logits = self.runner.forward([ForwardItem(requests[i].key, contexts[i]) for i in active])
+            for i, row in zip(active, logits):
+                token, confidence, probs = self._pick(row[0], requests[i], generators[i])
+                tokens[i].append(token)
+                confidences[i].append(confidence)
+                if probs is not None:
+                    probs_rows[i].append(probs)
+                contexts[i].append(token)
+        return [
+            DraftChain(tuple(t), tuple(c), torch.stack(p) if p else None, self.name)
+            for t, c, p in zip(tokens, confidences, probs_rows)
+        ]
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, request: DraftRequest, generator) -> tuple[int, float, torch.Tensor | None]:
+        if request.sampling.greedy:
+            token = int(logits.argmax())
+            return token, float(torch.softmax(logits.float(), -1)[token]), None
+        probs = warp_probs(logits[None], request.sampling)[0]
+        token = sample(probs, generator)
+        return token, float(probs[token]), probs
+
+    def release(self, key: str) -> None:
+        self.runner.release(key)
+
+
+def early_exit_model(target: PreTrainedModel, num_layers: int) -> PreTrainedModel:
+    """A model made of the target's first ``num_layers`` layers, its final norm and head.
+
+    The modules are shared with the target (no copies): the drafter costs no extra memory.
+    """
+    total = target.config.num_hidden_layers
+    if not 1 <= num_layers < total:
+        raise ValueError(f"early-exit layers must be in [1, {total - 1}], got {num_layers}")
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = num_layers
+    with torch.device("meta"):
+        draft = AutoModelForCausalLM.from_config(config)
+    decoder, target_decoder = draft.get_decoder(), target.get_decoder()
+    decoder.embed_tokens = target_decoder.embed_tokens
+    decoder.layers = torch.nn.ModuleList(list(target_decoder.layers[:num_layers]))
+    decoder.norm = target_decoder.norm
+    decoder.rotary_emb = target_decoder.rotary_emb
+    draft.lm_head = target.get_output_embeddings()
+    return draft.eval()

@@ -1,0 +1,206 @@
+"""The single-process reference engine: draft -> verify rounds in one process.
+
+It is the oracle the distributed pipeline is tested against, and the smallest complete picture
+of the algorithm: each round, every drafter proposes a chain per request; chains are used as is
+(chain mode) or fused into a token tree (tree mode); one target forward verifies the whole batch;
+each request keeps its accepted tokens plus one recovered/bonus token; windows are retuned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from cosine.drafters.base import DraftRequest, Drafter
+from cosine.models.runner import ForwardItem, ModelRunner
+from cosine.spec.acceptance import Verdict, verify_greedy, verify_sampling
+from cosine.spec.sampling import SamplingParams, request_generator, warp_probs
+from cosine.spec.stopping import FINISH_ERROR, Emission, OutputAssembler, StopRules
+from cosine.spec.tree import DraftChain, DraftTree, merge_chains
+from cosine.spec.window import WindowPolicy
+
+log = logging.getLogger(__name__)
+
+MODES = ("chain", "tree")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    stop: StopRules
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """The final entry of the client protocol."""
+
+    request_id: str
+    finish_reason: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    error: str = ""
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    seconds: float = 0.0
+    first_token_seconds: float = 0.0
+
+    def final_entry(self) -> dict:
+        entry = {
+            "type": "final",
+            "id": self.request_id,
+            "finish_reason": self.finish_reason,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "rounds": self.rounds,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+        }
+        if self.error:
+            entry["error"] = self.error
+        return entry
+
+
+@dataclass(slots=True)
+class _Active:
+    request: GenerationRequest
+    assembler: OutputAssembler
+    context: list[int]
+    window: int
+    started: float
+    result: GenerationResult
+    round_index: int = 0
+
+
+EmissionCallback = Callable[[str, Emission], None]
+
+
+class LocalEngine:
+    def __init__(
+        self,
+        target: ModelRunner,
+        tokenizer,
+        drafters: Sequence[Drafter],
+        *,
+        mode: str = "chain",
+        window: WindowPolicy = WindowPolicy(),
+        max_batch: int = 8,
+        max_tree_nodes: int = 32,
+        context_limit: int | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "tree" and len(drafters) < 1:
+            raise ValueError("tree mode needs at least one drafter")
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.target = target
+        self.tokenizer = tokenizer
+        self.drafters = list(drafters)
+        self.mode = mode
+        self.window = window
+        self.max_batch = max_batch
+        self.max_tree_nodes = max_tree_nodes
+        self.context_limit = context_limit or target.model.config.max_position_embeddings
+
+    def generate(self, requests: Sequence[GenerationRequest], on_emission: EmissionCallback | None = None) -> list[GenerationResult]:
+        """Run all requests to completion; up to ``max_batch`` share each verification pass."""
+        results: dict[str, GenerationResult] = {}
+        waiting = list(requests)
+        active: list[_Active] = []
+        while waiting or active:
+            while waiting and len(active) < self.max_batch:
+                state = self._admit(waiting.pop(0))
+                if isinstance(state, GenerationResult):
+                    results[state.request_id] = state
+                else:
+                    active.append(state)
+            if not active:
+                continue
+            for state in self._round(active, on_emission):
+                active.remove(state)
+                results[state.request.request_id] = state.result
+        return [results[r.request_id] for r in requests]
+
+    # ---- one round -------------------------------------------------------------------------
+
+    def _admit(self, request: GenerationRequest) -> _Active | GenerationResult:
+        prompt_len = len(request.prompt_ids)
+        if prompt_len == 0 or prompt_len + request.stop.max_tokens > self.context_limit:
+            reason = (
+                "empty prompt"
+                if prompt_len == 0
+                else f"prompt ({prompt_len} tokens) plus max_tokens ({request.stop.max_tokens}) exceeds the context limit ({self.context_limit})"
+            )
+            return GenerationResult(request.request_id, FINISH_ERROR, error=reason, prompt_tokens=prompt_len)
+        result = GenerationResult(request.request_id, "", prompt_tokens=prompt_len)
+        assembler = OutputAssembler(self.tokenizer, request.stop)
+        return _Active(request, assembler, list(request.prompt_ids), self.window.initial, time.perf_counter(), result)
+
+    def _round(self, active: list[_Active], on_emission: EmissionCallback | None) -> list[_Active]:
+        trees = self._draft(active)
+        logits = self.target.forward(
+            [ForwardItem(s.request.request_id, s.context, t.tokens, t.parents) for s, t in zip(active, trees)]
+        )
+        finished = []
+        for state, tree, rows in zip(active, trees, logits):
+            verdict = self._verify(state, tree, rows)
+            self.target.commit(state.request.request_id, verdict.accepted_nodes, verdict.accepted_tokens)
+            if self._apply(state, tree, verdict, on_emission):
+                finished.append(state)
+        return finished
+
+    def _draft(self, active: list[_Active]) -> list[DraftTree]:
+        drafters = self.drafters if self.mode == "tree" else self.drafters[:1]
+        room = [min(s.window, s.request.stop.max_tokens - len(s.assembler.token_ids) - 1) for s in active]
+        requests = [
+            DraftRequest(s.request.request_id, s.context, max(0, w), s.request.sampling, s.round_index)
+            for s, w in zip(active, room)
+        ]
+        per_drafter = [drafter.propose(requests) for drafter in drafters]
+        chains_per_request: list[list[DraftChain]] = [list(chains) for chains in zip(*per_drafter)] or [[] for _ in active]
+        return [merge_chains([c for c in chains if len(c)], self.max_tree_nodes) for chains in chains_per_request]
+
+    def _verify(self, state: _Active, tree: DraftTree, logits: torch.Tensor) -> Verdict:
+        sampling = state.request.sampling
+        if sampling.greedy:
+            return verify_greedy(tree, logits.argmax(-1).tolist())
+        generator = request_generator(sampling.seed, state.round_index, "verify")
+        return verify_sampling(tree, warp_probs(logits, sampling), generator)
+
+    def _apply(self, state: _Active, tree: DraftTree, verdict: Verdict, on_emission: EmissionCallback | None) -> bool:
+        emission = state.assembler.extend(verdict.new_tokens)
+        result = state.result
+        if not result.rounds:
+            result.first_token_seconds = time.perf_counter() - state.started
+        result.rounds += 1
+        result.draft_tokens += len(tree)
+        result.accepted_tokens += min(verdict.accepted_len, len(emission.token_ids))
+        state.context.extend(verdict.new_tokens)
+        state.round_index += 1
+        for drafter in self.drafters:
+            drafter.observe(state.request.request_id, len(tree), verdict.accepted_len)
+        state.window = self.window.next_window(state.window, len(tree), verdict.accepted_len)
+        if on_emission is not None and (emission.token_ids or emission.finish_reason):
+            on_emission(state.request.request_id, emission)
+        if emission.finish_reason is None:
+            return False
+        result.finish_reason = emission.finish_reason
+        result.token_ids = list(state.assembler.token_ids)
+        result.text = state.assembler.text
+        result.generated_tokens = len(result.token_ids)
+        result.seconds = time.perf_counter() - state.started
+        self.target.release(state.request.request_id)
+        for drafter in self.drafters:
+            drafter.release(state.request.request_id)
+        return True

@@ -1,0 +1,74 @@
+"""Building the target, drafters and the local engine from a ``Config``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from cosine.config import Config, DrafterConfig
+from cosine.drafters.base import Drafter
+from cosine.drafters.lookup import PromptLookupDrafter
+from cosine.drafters.model import ModelDrafter, early_exit_model
+from cosine.engine import LocalEngine
+from cosine.models.loading import LoadedModel, load_model
+from cosine.models.runner import ModelRunner
+from cosine.spec.window import WindowPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Stack:
+    target: LoadedModel
+    runner: ModelRunner
+    drafters: list[Drafter]
+
+
+def load_target(config: Config) -> LoadedModel:
+    torch.set_num_threads(config.model.threads)
+    return load_model(
+        config.model.target_path, cache_dir=config.model.cache_path, device=config.model.device, dtype=config.model.dtype
+    )
+
+
+def build_drafter(spec: DrafterConfig, target: LoadedModel, config: Config) -> Drafter:
+    if spec.kind == "prompt-lookup":
+        return PromptLookupDrafter(spec.name, max_ngram=spec.max_ngram)
+    if spec.kind == "early-exit":
+        model = early_exit_model(target.model, spec.layers)
+    else:
+        loaded = load_model(spec.model, cache_dir=config.model.cache_path, device=config.model.device, dtype=config.model.dtype)
+        check_same_tokenizer(loaded.tokenizer, target.tokenizer, spec.name)
+        model = loaded.model
+    return ModelDrafter(spec.name, ModelRunner(model, max_cached_tokens=config.model.max_cached_tokens))
+
+
+def check_same_tokenizer(drafter_tokenizer, target_tokenizer, name: str) -> None:
+    if drafter_tokenizer.get_vocab() != target_tokenizer.get_vocab():
+        raise ValueError(f"drafter {name!r} does not share the target's tokenizer")
+
+
+def build_stack(config: Config, drafter_names: list[str] | None = None) -> Stack:
+    target = load_target(config)
+    specs = [d for d in config.drafters if not drafter_names or d.name in drafter_names]
+    if drafter_names and len(specs) != len(drafter_names):
+        known = [d.name for d in config.drafters]
+        raise ValueError(f"unknown drafter in {drafter_names}; configured: {known}")
+    drafters = [build_drafter(spec, target, config) for spec in specs]
+    runner = ModelRunner(target.model, max_cached_tokens=config.model.max_cached_tokens)
+    return Stack(target, runner, drafters)
+
+
+def build_engine(config: Config, stack: Stack) -> LocalEngine:
+    spec = config.speculation
+    return LocalEngine(
+        stack.runner,
+        stack.target.tokenizer,
+        stack.drafters,
+        mode=spec.mode,
+        window=WindowPolicy(spec.window, spec.min_window, spec.max_window, spec.adaptive_window),
+        max_batch=spec.max_batch,
+        max_tree_nodes=spec.max_tree_nodes,
+    )

@@ -1,0 +1,91 @@
+"""Turning a client's request fields into token ids, sampling parameters and stop rules.
+
+Shared by the local engine's CLI and the pipeline's router, so both validate alike: exactly one
+of ``prompt`` / ``messages``; ``messages`` is a JSON list of ``{"role", "content"}`` strings, run
+through the target's chat template with the generation prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cosine.spec.sampling import SamplingParams
+from cosine.spec.stopping import StopRules
+
+
+class RequestError(ValueError):
+    """The request is invalid; the message is meant for the client."""
+
+
+def prompt_token_ids(tokenizer, prompt: str | None = None, messages: str | list | None = None) -> list[int]:
+    if (prompt is None) == (messages is None):
+        raise RequestError("give exactly one of 'prompt' and 'messages'")
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError("'prompt' must be a non-empty string")
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    parsed = _parse_messages(messages)
+    encoded = tokenizer.apply_chat_template(parsed, add_generation_prompt=True)
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return [int(t) for t in ids]
+
+
+def _parse_messages(messages: str | list) -> list[dict[str, str]]:
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as error:
+            raise RequestError(f"'messages' is not valid JSON: {error}") from None
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty JSON list")
+    for message in messages:
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise RequestError("each message must be an object with exactly 'role' and 'content'")
+        if not all(isinstance(message[k], str) for k in ("role", "content")):
+            raise RequestError("message 'role' and 'content' must be strings")
+        if message["role"] not in ("system", "user", "assistant"):
+            raise RequestError(f"unknown message role {message['role']!r}")
+    return messages
+
+
+def eos_token_ids(tokenizer, model_config: Any = None) -> frozenset[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(model_config, "eos_token_id", None) if model_config is not None else None
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return frozenset(ids)
+
+
+def parse_stop(stop: str | list | None) -> tuple[str, ...]:
+    if stop is None or stop == "":
+        return ()
+    if isinstance(stop, str):
+        try:
+            stop = json.loads(stop)
+        except json.JSONDecodeError as error:
+            raise RequestError(f"'stop' is not valid JSON: {error}") from None
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise RequestError("'stop' must be a JSON list of at most 16 non-empty strings")
+    return tuple(stop)
+
+
+def sampling_params(temperature: Any = 0.0, top_p: Any = 1.0, seed: Any = 0) -> SamplingParams:
+    try:
+        return SamplingParams(float(temperature), float(top_p), int(seed))
+    except (TypeError, ValueError) as error:
+        raise RequestError(str(error)) from None
+
+
+def stop_rules(max_tokens: Any, limit: int, eos_ids: frozenset[int], stop: str | list | None = None) -> StopRules:
+    try:
+        max_tokens = int(max_tokens)
+    except (TypeError, ValueError):
+        raise RequestError(f"'max_tokens' must be an integer, got {max_tokens!r}") from None
+    if not 1 <= max_tokens <= limit:
+        raise RequestError(f"'max_tokens' must be in [1, {limit}], got {max_tokens}")
+    return StopRules(max_tokens, eos_ids, parse_stop(stop))
