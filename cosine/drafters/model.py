@@ -63,20 +63,34 @@ class ModelDrafter(Drafter):
 
 
 def early_exit_model(target: PreTrainedModel, num_layers: int) -> PreTrainedModel:
-    """A model made of the target's first ``num_layers`` layers, its final norm and head.
-
-    The modules are shared with the target (no copies): the drafter costs no extra memory.
-    """
+    """A model made of the target's first ``num_layers`` layers, its final norm and head."""
     total = target.config.num_hidden_layers
     if not 1 <= num_layers < total:
         raise ValueError(f"early-exit layers must be in [1, {total - 1}], got {num_layers}")
+    return layer_subset_model(target, list(range(num_layers)))
+
+
+def layer_skip_model(target: PreTrainedModel, skip: list[int]) -> PreTrainedModel:
+    """Self-speculation by layer skipping: the target without the layers in ``skip``."""
+    total = target.config.num_hidden_layers
+    if not skip or any(not 0 <= layer < total for layer in skip) or len(set(skip)) >= total:
+        raise ValueError(f"skip must name between 1 and {total - 1} distinct layers in [0, {total - 1}], got {skip}")
+    return layer_subset_model(target, [layer for layer in range(total) if layer not in set(skip)])
+
+
+def layer_subset_model(target: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A drafter made of some of the target's layers (in order), its embeddings, norm and head.
+
+    The modules are shared with the target, not copied: the drafter costs no extra weights.
+    Each kept layer keeps its ``layer_idx``; the runner keys KV buffers by it.
+    """
     config = copy.deepcopy(target.config)
-    config.num_hidden_layers = num_layers
+    config.num_hidden_layers = len(layers)
     with torch.device("meta"):
         draft = AutoModelForCausalLM.from_config(config)
     decoder, target_decoder = draft.get_decoder(), target.get_decoder()
     decoder.embed_tokens = target_decoder.embed_tokens
-    decoder.layers = torch.nn.ModuleList(list(target_decoder.layers[:num_layers]))
+    decoder.layers = torch.nn.ModuleList([target_decoder.layers[i] for i in layers])
     decoder.norm = target_decoder.norm
     decoder.rotary_emb = target_decoder.rotary_emb
     draft.lm_head = target.get_output_embeddings()

@@ -15,6 +15,7 @@ that is missing (evicted, another worker) is rebuilt by feeding the tokens again
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
 from cosine.spec.tree import ROOT, tree_attention_mask
 
@@ -62,13 +63,13 @@ class RunnerStats:
 
 @dataclass(slots=True)
 class _RequestCache:
-    keys: list[torch.Tensor]  # per layer [kv_heads, capacity, head_dim]
-    values: list[torch.Tensor]
+    keys: dict[int, torch.Tensor]  # layer_idx -> [kv_heads, capacity, head_dim]
+    values: dict[int, torch.Tensor]
     tokens: list[int] = field(default_factory=list)  # tokens whose K/V rows are valid, in order
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[1]
+        return next(iter(self.keys.values())).shape[1]
 
 
 @dataclass(slots=True)
@@ -116,7 +117,13 @@ def _packed_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, _packed_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def _no_mask(*args, **kwargs) -> None:
+    return None  # the packed attention builds its own per-request masks
+
+
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
 
 
 class ModelRunner:
@@ -128,14 +135,19 @@ class ModelRunner:
 
     def __init__(self, model: PreTrainedModel, *, max_cached_tokens: int = 262_144) -> None:
         self.model = model.eval()
-        model.config._attn_implementation = ATTN_IMPLEMENTATION
-        for module in model.modules():
-            if hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
-                module.config._attn_implementation = ATTN_IMPLEMENTATION
+        # Layers may share a config object with another model (early-exit drafters share the
+        # target's layers), so the packed attention is switched on per forward, on every config
+        # the layers read, and switched back after: `generate` on the same model stays plain SDPA.
+        configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
+        self._configs = list(configs.values())
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         config = model.config
-        self.num_layers = config.num_hidden_layers
+        # KV buffers are keyed by each attention module's layer_idx (a layer-skip drafter keeps
+        # the target's indices, so they need not be 0..n-1).
+        self.layer_ids = sorted({m.layer_idx for m in model.modules() if type(m).__name__.endswith("Attention")})
+        if not self.layer_ids:
+            raise ValueError(f"{type(model).__name__}: no attention modules with a layer_idx found")
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.vocab_size = self.lm_head.weight.shape[0]
@@ -157,12 +169,13 @@ class ModelRunner:
             began = time.perf_counter()
             segments, input_ids, positions, wanted = self._prepare(items)
             prepared = time.perf_counter()
-            hidden = self.decoder(
-                input_ids=input_ids[None],
-                position_ids=positions[None],
-                use_cache=False,
-                **{_BATCH_KWARG: _PackedBatch(segments)},
-            ).last_hidden_state[0]
+            with self._packed_attention():
+                hidden = self.decoder(
+                    input_ids=input_ids[None],
+                    position_ids=positions[None],
+                    use_cache=False,
+                    **{_BATCH_KWARG: _PackedBatch(segments)},
+                ).last_hidden_state[0]
             logits = self.lm_head(hidden[wanted]).float()
             done = time.perf_counter()
             self._after_forward(items, segments)
@@ -185,7 +198,7 @@ class ModelRunner:
                 targets = list(range(base, base + len(sources)))
                 if sources != targets:
                     src = torch.tensor(sources, device=self.device)
-                    for layer in range(self.num_layers):
+                    for layer in self.layer_ids:
                         cache.keys[layer][:, targets] = cache.keys[layer][:, src]
                         cache.values[layer][:, targets] = cache.values[layer][:, src]
                 cache.tokens.extend(int(t) for t in accepted_tokens)
@@ -200,6 +213,17 @@ class ModelRunner:
         return len(cache.tokens) if cache is not None else 0
 
     # ---- internals -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _packed_attention(self):
+        previous = [config._attn_implementation for config in self._configs]
+        for config in self._configs:
+            config._attn_implementation = ATTN_IMPLEMENTATION
+        try:
+            yield
+        finally:
+            for config, implementation in zip(self._configs, previous):
+                config._attn_implementation = implementation
 
     def _prepare(self, items: Sequence[ForwardItem]):
         segments: list[_Segment] = []
@@ -251,14 +275,14 @@ class ModelRunner:
     def _new_cache(self, capacity: int) -> _RequestCache:
         shape = (self.kv_heads, _round_up(capacity), self.head_dim)
         make = lambda: torch.empty(shape, dtype=self.dtype, device=self.device)  # noqa: E731
-        return _RequestCache([make() for _ in range(self.num_layers)], [make() for _ in range(self.num_layers)])
+        return _RequestCache({i: make() for i in self.layer_ids}, {i: make() for i in self.layer_ids})
 
     def _ensure_capacity(self, cache: _RequestCache, needed: int) -> None:
         if needed <= cache.capacity:
             return
         grown = self._new_cache(needed)
         valid = cache.capacity
-        for layer in range(self.num_layers):
+        for layer in self.layer_ids:
             grown.keys[layer][:, :valid] = cache.keys[layer]
             grown.values[layer][:, :valid] = cache.values[layer]
         cache.keys, cache.values = grown.keys, grown.values

@@ -98,10 +98,14 @@ class OutputAssembler:
 
     def _clip_to_stop(self, round_start: int, stop_at: int) -> None:
         # Keep tokens up to the one whose text completes the stop string; drop the rest.
+        # The text is cut where a stop string first appears in that prefix: a stop string that
+        # starts earlier but completes in a later token would never have been generated.
         for end in range(round_start + 1, len(self.token_ids) + 1):
             prefix_text = self._decode(self.token_ids[:end])
-            if self._find_stop(prefix_text) is not None:
+            prefix_stop = self._find_stop(prefix_text)
+            if prefix_stop is not None:
                 del self.token_ids[end:]
+                stop_at = prefix_stop
                 break
         self.text = self.text[:stop_at]
 

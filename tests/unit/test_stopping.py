@@ -90,6 +90,14 @@ def test_stop_string_inside_tokens():
     assert emission.text == "Hel"
 
 
+def test_stop_completed_first_wins_over_stop_started_first():
+    # "lo" completes in token 1; "Hello world" starts earlier but needs token 2, which would never
+    # have been generated. The result must not depend on both tokens arriving in one round.
+    out = assembler(stop=["Hello world", "lo"])
+    emission = out.extend([1, 2])
+    assert (emission.token_ids, emission.text) == ((1,), "Hel")
+
+
 def test_possible_stop_prefix_held_back_then_released():
     out = assembler(stop=[" END"])
     first = out.extend([1, 5])
@@ -154,3 +162,22 @@ def test_pieces_join_to_final_text():
         assert tokens == out.token_ids
         assert not any(stop in out.text for stop in out.rules.stop_strings)
         assert FakeTokenizer().decode(out.token_ids).startswith(out.text)
+
+
+def test_round_boundaries_do_not_matter():
+    # A speculative round is a batch of tokens; the result must equal one-token-at-a-time decoding.
+    rng = random.Random(1)
+    ids = list(FakeTokenizer.pieces)
+    stops = [" END", "!!", "d N", "é!", "ND", "E", "o w", "Hello world", "lo", " ", "caf"]
+    for _ in range(1000):
+        stream = rng.choices(ids, weights=[1] + [6] * (len(ids) - 1), k=20)
+        max_tokens, stop = rng.randint(1, 20), rng.sample(stops, rng.randint(0, 4))
+        results = []
+        for sizes in ([1] * 20, [rng.randint(1, 6) for _ in range(20)]):
+            out, pos = assembler(max_tokens, stop), 0
+            for size in sizes:
+                if out.finish_reason is None:
+                    out.extend(stream[pos : pos + size])
+                    pos += size
+            results.append((out.text, out.token_ids, out.finish_reason))
+        assert results[0] == results[1], (stream, max_tokens, stop)
