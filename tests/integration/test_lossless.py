@@ -61,7 +61,7 @@ def test_often_wrong_drafter_batched_verification(demo_target, chat_prompts, gre
 def test_often_right_drafter_batched_verification(demo_target, chat_prompts, greedy_references, often_right):
     results = run(demo_target, chat_prompts, [often_right], max_batch=8)
     check(demo_target, chat_prompts, greedy_references, results)
-    assert sum(r.accepted_tokens for r in results) / sum(r.draft_tokens for r in results) > 0.5
+    assert sum(r.accepted_tokens for r in results) / sum(r.draft_tokens for r in results) > 0.4
 
 
 @pytest.mark.slow

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cosine.config import load_config
+from cosine.drafters.base import DraftRequest
+from cosine.drafters.lookup import PromptLookupDrafter
+from cosine.requests import RequestError, parse_stop, sampling_params, stop_rules
+from cosine.spec.sampling import SamplingParams
+from cosine.spec.window import WindowPolicy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_repository_config_loads():
+    config = load_config(ROOT / "config.toml", environ={})
+    assert config.model.dtype == "float32" and config.defaults.max_tokens == 128
+    assert [d.kind for d in config.drafters] == ["early-exit", "prompt-lookup"]
+
+
+def test_environment_overrides_file(tmp_path):
+    config = load_config(ROOT / "config.toml", environ={"COSINE_MODEL_THREADS": "1", "COSINE_CACHE_DIR": str(tmp_path)})
+    assert config.model.threads == 1 and config.model.cache_path == tmp_path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[model]\ndtype = 'int4'\n", "model.dtype"),
+        ("[speculation]\nwindow = 20\nmax_window = 8\n", "min_window"),
+        ("[nonsense]\n", "unknown config sections"),
+        ("[model]\ncolour = 'red'\n", "unknown keys"),
+        ("[[drafters]]\nname = 'x'\nkind = 'oracle'\n", "kind must be one of"),
+    ],
+)
+def test_invalid_config_is_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(path, environ={})
+
+
+def test_bad_environment_value_is_named():
+    with pytest.raises(ValueError, match="COSINE_MODEL_THREADS"):
+        load_config(ROOT / "config.toml", environ={"COSINE_MODEL_THREADS": "many"})
+
+
+def test_request_fields_are_validated():
+    with pytest.raises(RequestError, match="max_tokens"):
+        stop_rules(0, 4096, frozenset({2}))
+    with pytest.raises(RequestError, match="max_tokens"):
+        stop_rules(10**9, 4096, frozenset({2}))
+    with pytest.raises(RequestError, match="integer"):
+        stop_rules("many", 4096, frozenset({2}))
+    with pytest.raises(RequestError, match="temperature"):
+        sampling_params(-1)
+    with pytest.raises(RequestError, match="stop"):
+        parse_stop("[1, 2]")
+    assert parse_stop('["\\n\\n", "END"]') == ("\n\n", "END")
+
+
+def test_window_policy_moves_within_bounds():
+    policy = WindowPolicy(initial=4, minimum=1, maximum=5)
+    assert policy.next_window(4, drafted=4, accepted=4) == 5
+    assert policy.next_window(5, drafted=5, accepted=5) == 5
+    assert policy.next_window(1, drafted=1, accepted=0) == 1
+    assert policy.next_window(4, drafted=4, accepted=2) == 4
+    with pytest.raises(ValueError):
+        WindowPolicy(initial=9, minimum=1, maximum=8)
+
+
+def lookup(context, window=4):
+    request = DraftRequest("r", context, window, SamplingParams(), 0)
+    return PromptLookupDrafter(max_ngram=3).propose([request])[0]
+
+
+def test_prompt_lookup_copies_what_followed_the_last_ngram():
+    chain = lookup([1, 2, 3, 4, 5, 6, 9, 2, 3])
+    assert chain.tokens == (4, 5, 6, 9) and chain.draft_probs is None
+
+
+def test_prompt_lookup_confidence_is_agreement_among_matches():
+    chain = lookup([7, 8, 1, 7, 8, 2, 7, 8], window=1)
+    assert chain.tokens == (2,) and chain.confidences == (0.5,)
+
+
+def test_prompt_lookup_without_match_proposes_nothing():
+    assert len(lookup([1, 2, 3, 4])) == 0
