@@ -59,7 +59,10 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
     stop: Optional[str] = typer.Option(None, "--stop", help="JSON list of stop strings"),
-    engine: str = typer.Option("local", "--engine", help="local: the single-process reference engine"),
+    engine: str = typer.Option("pipeline", "--engine", help="pipeline: submit to a running server over Redis; local: the in-process reference engine"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="server to submit to (default: $COSINE_REDIS_URL, else the URL `cosine serve` wrote)"),
+    timeout: float = typer.Option(120.0, "--timeout", help="seconds without output before giving up (pipeline)"),
+    expert: Optional[str] = typer.Option(None, "--expert", help="pin the request to this expert's drafters (pipeline)"),
     mode: Optional[str] = typer.Option(None, "--mode", help="chain or tree (default: speculation.mode)"),
     drafter: Optional[list[str]] = typer.Option(None, "--drafter", "-d", help="use only these configured drafters"),
     window: Optional[int] = typer.Option(None, "--window", help="initial speculation window"),
@@ -73,8 +76,12 @@ def generate(
     from cosine.requests import RequestError, eos_token_ids, prompt_token_ids, sampling_params, stop_rules
 
     config = _setup(config_path, verbose)
+    if engine == "pipeline":
+        _generate_pipeline(config, redis_url, timeout, as_json, prompt=prompt, messages=messages, max_tokens=max_tokens,
+                           temperature=temperature, top_p=top_p, seed=seed, stop=stop, expert=expert)
+        return
     if engine != "local":
-        raise typer.BadParameter("only the local engine exists so far", param_hint="--engine")
+        raise typer.BadParameter("engine must be 'pipeline' or 'local'", param_hint="--engine")
     config = config.replace("speculation", mode=mode, window=window)
     if window is not None and window > config.speculation.max_window:
         config = config.replace("speculation", max_window=window)
@@ -115,6 +122,136 @@ def generate(
         )
     if result.finish_reason == "error":
         raise typer.Exit(1)
+
+
+def _generate_pipeline(config: Config, redis_url: Optional[str], timeout: float, as_json: bool, **fields) -> None:
+    from cosine.client import Client
+
+    if (fields["prompt"] is None) == (fields["messages"] is None):
+        raise typer.BadParameter("give exactly one of --prompt and --messages")
+    url = _client_url(config, redis_url)
+    params = {k: v for k, v in fields.items() if v is not None and k not in ("prompt", "messages")}
+    if "stop" in params:
+        params["stop"] = params["stop"]  # already JSON text
+    with Client(url, config.redis.namespace, timeout=timeout) as client:
+        try:
+            request_id = client.submit(fields["prompt"], fields["messages"], **params)
+            final = None
+            for piece in client.read(request_id):
+                if piece.type == "final":
+                    final = piece.fields
+                elif not as_json:
+                    sys.stdout.write(piece.text)
+                    sys.stdout.flush()
+        except TimeoutError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+    if as_json:
+        entry = dict(final)
+        for name in ("prompt_tokens", "generated_tokens", "rounds", "draft_tokens", "accepted_tokens"):
+            entry[name] = int(entry.get(name, 0))
+        entry["token_ids"] = json.loads(entry.get("token_ids", "[]"))
+        entry["id"] = request_id
+        typer.echo(json.dumps(entry, ensure_ascii=False))
+    else:
+        typer.echo()
+        if final.get("error"):
+            typer.echo(f"error: {final['error']}", err=True)
+        typer.echo(
+            f"[{final.get('finish_reason')}] {final.get('generated_tokens')} tokens in {final.get('rounds')} rounds, "
+            f"{final.get('accepted_tokens')}/{final.get('draft_tokens')} drafted tokens accepted",
+            err=True,
+        )
+    if final.get("finish_reason") == "error":
+        raise typer.Exit(1)
+
+
+def _url_file(config: Config) -> Path:
+    return config.model.cache_path / "serve.url"
+
+
+def _client_url(config: Config, redis_url: Optional[str]) -> str:
+    url = redis_url or config.redis.url
+    if not url and _url_file(config).is_file():
+        url = _url_file(config).read_text().strip()
+    if not url:
+        raise typer.BadParameter("no Redis URL: pass --redis-url, set COSINE_REDIS_URL, or start `cosine serve`")
+    return url
+
+
+ROLES = ("router", "drafter", "fusion", "coordinator", "verifier")
+
+
+@app.command()
+def worker(
+    role: str = typer.Argument(..., help="router | drafter | fusion | coordinator | verifier"),
+    expert: Optional[str] = typer.Option(None, "--expert", help="drafter: the expert queue to serve"),
+    drafter_name: Optional[str] = typer.Option(None, "--drafter", help="drafter: which configured drafter (default: the expert's first)"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="default: $COSINE_REDIS_URL or redis.url"),
+    burst: bool = typer.Option(False, "--burst", help="exit when the input streams are empty (tests)"),
+    config_path: Optional[Path] = ConfigOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run one pipeline stage; start several on any machine that reaches the Redis to scale out."""
+    from cosine.workers import build_worker
+    from cosine.workers.base import run_worker
+
+    config = _setup(config_path, verbose)
+    url = redis_url or config.redis.url
+    if not url:
+        raise typer.BadParameter("a worker needs --redis-url or COSINE_REDIS_URL")
+    if role not in ROLES:
+        raise typer.BadParameter(f"role must be one of {', '.join(ROLES)}", param_hint="ROLE")
+    run_worker(build_worker(role, config, url, expert=expert, drafter_name=drafter_name), burst=burst)
+
+
+@app.command()
+def serve(
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="use this server instead of the embedded one"),
+    verifiers: int = typer.Option(1, "--verifiers", help="verifier processes"),
+    drafters_per_expert: int = typer.Option(1, "--drafters", help="processes per configured drafter"),
+    config_path: Optional[Path] = ConfigOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Start every stage (and the embedded Redis when no URL is given) until Ctrl-C or SIGTERM."""
+    from cosine.serve import Supervisor
+
+    config = _setup(config_path, verbose)
+    supervisor = Supervisor(config, redis_url or config.redis.url or None, config_path, verifiers, drafters_per_expert, verbose)
+    url = supervisor.start()
+    _url_file(config).parent.mkdir(parents=True, exist_ok=True)
+    _url_file(config).write_text(url + "\n")
+    typer.echo(f"cosine serving on {url} (namespace {config.redis.namespace!r}); Ctrl-C to stop", err=True)
+    try:
+        supervisor.wait()
+    finally:
+        supervisor.stop()
+        if _url_file(config).is_file() and _url_file(config).read_text().strip() == url:
+            _url_file(config).unlink()
+
+
+@app.command()
+def status(
+    redis_url: Optional[str] = typer.Option(None, "--redis-url"),
+    as_json: bool = typer.Option(False, "--json"),
+    config_path: Optional[Path] = ConfigOption,
+) -> None:
+    """Queue depths, pending entries, live workers and counters."""
+    from cosine.status import read_status
+
+    config = _setup(config_path)
+    report = read_status(_client_url(config, redis_url), config.redis.namespace)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo("streams:")
+    for name, info in report["streams"].items():
+        groups = ", ".join(f"{g['group']}: pending {g['pending']}, lag {g['lag']}" for g in info["groups"])
+        typer.echo(f"  {name:28s} length {info['length']:6d}   {groups}")
+    typer.echo("live workers:")
+    for role, workers in report["workers"].items():
+        typer.echo(f"  {role:12s} {len(workers)}  " + "  ".join(workers))
+    typer.echo("counters: " + ", ".join(f"{k}={v}" for k, v in report["stats"].items()))
 
 
 @app.command()

@@ -93,8 +93,54 @@ class DrafterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = ""  # empty = start the embedded valkey-server (CLI) on a free loopback port
+    namespace: str = "cosine:"
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis.url must start with redis://, rediss:// or unix://, got {self.url!r}")
+        if not self.namespace or any(c.isspace() for c in self.namespace):
+            raise ValueError("redis.namespace must be a non-empty string without spaces")
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    block_ms: int = 500  # XREADGROUP BLOCK
+    claim_idle_ms: int = 15_000  # entries idle this long on a dead consumer are reclaimed
+    max_deliveries: int = 5  # then the entry goes to the dead-letter stream
+    heartbeat_ms: int = 1_000  # liveness keys live 3x this
+    batch_wait_ms: int = 4  # coordinator: wait this long for a verification batch to fill
+    fusion_deadline_ms: int = 1_500  # fusion: emit with the drafts that arrived by then
+    drafter_deadline_ms: int = 5_000  # no draft by then: the round falls back to window 0
+    output_ttl_s: int = 3_600  # finished requests' out: streams and state expire
+    trim_interval_s: float = 5.0
+    max_prompt_chars: int = 200_000
+
+    def __post_init__(self) -> None:
+        for name in ("block_ms", "claim_idle_ms", "max_deliveries", "heartbeat_ms", "output_ttl_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pipeline.{name} must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    default_experts: tuple[str, ...] = ("general",)
+    max_experts: int = 2  # cooperating experts per request
+    # expert -> keywords: a prompt mentioning one is routed to that expert too
+    keywords: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.default_experts or self.max_experts < 1:
+            raise ValueError("router.default_experts must be non-empty and router.max_experts >= 1")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     drafters: tuple[DrafterConfig, ...] = (DrafterConfig("early-exit", "early-exit"),)
@@ -107,8 +153,19 @@ class Config:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
 
-_SECTIONS = {"model": ModelConfig, "defaults": DefaultsConfig, "speculation": SpeculationConfig}
-_SHORT_ENV = {"COSINE_CACHE_DIR": ("model", "cache_dir"), "COSINE_TARGET": ("model", "target")}
+_SECTIONS = {
+    "model": ModelConfig,
+    "redis": RedisConfig,
+    "pipeline": PipelineConfig,
+    "router": RouterConfig,
+    "defaults": DefaultsConfig,
+    "speculation": SpeculationConfig,
+}
+_SHORT_ENV = {
+    "COSINE_CACHE_DIR": ("model", "cache_dir"),
+    "COSINE_TARGET": ("model", "target"),
+    "COSINE_REDIS_URL": ("redis", "url"),
+}
 
 
 def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -163,4 +220,6 @@ def _build(cls, section: str, values: dict[str, Any]):
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown keys in [{section}]: {sorted(unknown)}")
+    if "default_experts" in values:
+        values["default_experts"] = tuple(values["default_experts"])
     return cls(**values)

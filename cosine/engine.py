@@ -85,6 +85,34 @@ class _Active:
 EmissionCallback = Callable[[str, Emission], None]
 
 
+@dataclass(slots=True)
+class EngineStats:
+    """Where a round's time goes, and acceptance per draft position (depth in the tree).
+
+    drafted_at[d]: rounds whose draft reached depth d; accepted_at[d]: rounds that accepted a
+    token at depth d.
+    """
+
+    rounds: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    accept_seconds: float = 0.0
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+
+    def record(self, tree: DraftTree, accepted_len: int) -> None:
+        depth = max(tree.depths(), default=-1) + 1
+        while len(self.drafted_at) < depth:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        for d in range(depth):
+            self.drafted_at[d] += 1
+            self.accepted_at[d] += d < accepted_len
+
+    def acceptance_by_position(self) -> list[float]:
+        return [a / n if n else 0.0 for a, n in zip(self.accepted_at, self.drafted_at)]
+
+
 class LocalEngine:
     def __init__(
         self,
@@ -112,6 +140,7 @@ class LocalEngine:
         self.max_batch = max_batch
         self.max_tree_nodes = max_tree_nodes
         self.context_limit = context_limit or target.model.config.max_position_embeddings
+        self.stats = EngineStats()
 
     def generate(self, requests: Sequence[GenerationRequest], on_emission: EmissionCallback | None = None) -> list[GenerationResult]:
         """Run all requests to completion; up to ``max_batch`` share each verification pass."""
@@ -148,16 +177,24 @@ class LocalEngine:
         return _Active(request, assembler, list(request.prompt_ids), self.window.initial, time.perf_counter(), result)
 
     def _round(self, active: list[_Active], on_emission: EmissionCallback | None) -> list[_Active]:
+        began = time.perf_counter()
         trees = self._draft(active)
+        drafted = time.perf_counter()
         logits = self.target.forward(
             [ForwardItem(s.request.request_id, s.context, t.tokens, t.parents) for s, t in zip(active, trees)]
         )
+        verified = time.perf_counter()
         finished = []
         for state, tree, rows in zip(active, trees, logits):
             verdict = self._verify(state, tree, rows)
             self.target.commit(state.request.request_id, verdict.accepted_nodes, verdict.accepted_tokens)
+            self.stats.record(tree, verdict.accepted_len)
             if self._apply(state, tree, verdict, on_emission):
                 finished.append(state)
+        self.stats.rounds += 1
+        self.stats.draft_seconds += drafted - began
+        self.stats.verify_seconds += verified - drafted
+        self.stats.accept_seconds += time.perf_counter() - verified
         return finished
 
     def _draft(self, active: list[_Active]) -> list[DraftTree]:

@@ -1,1 +1,36 @@
-"""Pipeline stage workers (router, drafter, fusion, coordinator, verifier); see README."""
+"""Pipeline stage workers, one module per stage; installed as ``cosine.workers``.
+
+router -> draft:{expert} -> drafter -> drafts -> fusion -> candidates -> coordinator -> verify
+-> verifier -> verified -> coordinator -> out:{id} and the next round.
+"""
+
+from __future__ import annotations
+
+
+def build_worker(role: str, config, redis_url: str, *, expert: str | None = None, drafter_name: str | None = None):
+    if role == "router":
+        from cosine.workers.router import Router
+
+        return Router(config, redis_url)
+    if role == "drafter":
+        from cosine.workers.drafter import DrafterWorker
+
+        if expert is None:
+            spec = next((d for d in config.drafters if drafter_name in (None, d.name)), None)
+            if spec is None:
+                raise ValueError(f"no configured drafter named {drafter_name!r}")
+            expert = spec.expert
+        return DrafterWorker(config, redis_url, expert, drafter_name)
+    if role == "fusion":
+        from cosine.workers.fusion import FusionWorker
+
+        return FusionWorker(config, redis_url)
+    if role == "coordinator":
+        from cosine.workers.coordinator import Coordinator
+
+        return Coordinator(config, redis_url)
+    if role == "verifier":
+        from cosine.workers.verifier import VerifierWorker
+
+        return VerifierWorker(config, redis_url)
+    raise ValueError(f"unknown role {role!r}")

@@ -1,0 +1,158 @@
+"""A small client for the CoSine protocol, sync and async (any Redis client can do the same).
+
+    from cosine.client import Client
+    with Client("redis://127.0.0.1:6379") as client:
+        for piece in client.stream(messages=[{"role": "user", "content": "Hi"}], max_tokens=32):
+            print(piece.text, end="")
+        final = client.generate(prompt="The capital of France is", max_tokens=8)
+
+A request that gets no answer within ``timeout`` seconds raises ``TimeoutError`` with a hint
+(no live verifier is the usual cause).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+import redis
+import redis.asyncio as aioredis
+
+from cosine.wire import Keys
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One output entry: ``type`` is ``tokens`` or ``final``."""
+
+    type: str
+    text: str
+    token_ids: list[int]
+    fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.fields.get("finish_reason")
+
+
+def request_fields(prompt=None, messages=None, request_id=None, **params) -> dict[str, str]:
+    fields = {"id": request_id or uuid.uuid4().hex}
+    if prompt is not None:
+        fields["prompt"] = prompt
+    if messages is not None:
+        fields["messages"] = messages if isinstance(messages, str) else json.dumps(messages)
+    for name, value in params.items():
+        if value is None:
+            continue
+        fields[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return fields
+
+
+def _piece(fields: dict[bytes, bytes]) -> Piece:
+    text = {k.decode(): v.decode() for k, v in fields.items()}
+    return Piece(text.get("type", ""), text.get("text", ""), json.loads(text.get("token_ids", "[]")), text)
+
+
+def _timeout_error(request_id: str, timeout: float) -> TimeoutError:
+    return TimeoutError(
+        f"no output for request {request_id} within {timeout:.0f}s: is a CoSine server running "
+        "(`cosine serve`), with live router, coordinator and verifier workers? (`cosine status`)"
+    )
+
+
+class Client:
+    def __init__(self, url: str, namespace: str = "cosine:", timeout: float = 120.0) -> None:
+        self.redis = redis.Redis.from_url(url)
+        self.keys = Keys(namespace)
+        self.timeout = timeout
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def submit(self, prompt=None, messages=None, request_id=None, **params) -> str:
+        fields = request_fields(prompt, messages, request_id, **params)
+        self.redis.xadd(self.keys.requests, fields)
+        return fields["id"]
+
+    def cancel(self, request_id: str) -> None:
+        self.redis.xadd(self.keys.cancel, {"id": request_id})
+
+    def read(self, request_id: str, timeout: float | None = None) -> Iterator[Piece]:
+        timeout = self.timeout if timeout is None else timeout
+        last, deadline = "0-0", time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _timeout_error(request_id, timeout)
+            reply = self.redis.xread({self.keys.out(request_id): last}, block=int(min(remaining, 1.0) * 1000) or 1)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    piece = _piece(fields)
+                    yield piece
+                    if piece.type == "final":
+                        return
+                deadline = time.monotonic() + timeout  # progress: the time-out counts from the last entry
+
+    def stream(self, prompt=None, messages=None, request_id=None, **params) -> Iterator[Piece]:
+        yield from self.read(self.submit(prompt, messages, request_id, **params))
+
+    def generate(self, prompt=None, messages=None, request_id=None, **params) -> dict[str, str]:
+        for piece in self.stream(prompt, messages, request_id, **params):
+            if piece.type == "final":
+                return piece.fields
+        raise RuntimeError("output stream ended without a final entry")
+
+
+class AsyncClient:
+    def __init__(self, url: str, namespace: str = "cosine:", timeout: float = 120.0) -> None:
+        self.redis = aioredis.Redis.from_url(url)
+        self.keys = Keys(namespace)
+        self.timeout = timeout
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.redis.aclose()
+
+    async def submit(self, prompt=None, messages=None, request_id=None, **params) -> str:
+        fields = request_fields(prompt, messages, request_id, **params)
+        await self.redis.xadd(self.keys.requests, fields)
+        return fields["id"]
+
+    async def cancel(self, request_id: str) -> None:
+        await self.redis.xadd(self.keys.cancel, {"id": request_id})
+
+    async def read(self, request_id: str, timeout: float | None = None) -> AsyncIterator[Piece]:
+        timeout = self.timeout if timeout is None else timeout
+        last, deadline = "0-0", time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _timeout_error(request_id, timeout)
+            reply = await self.redis.xread({self.keys.out(request_id): last}, block=int(min(remaining, 1.0) * 1000) or 1)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    piece = _piece(fields)
+                    yield piece
+                    if piece.type == "final":
+                        return
+                deadline = time.monotonic() + timeout
+
+    async def generate(self, prompt=None, messages=None, request_id=None, **params) -> dict[str, str]:
+        request_id = await self.submit(prompt, messages, request_id, **params)
+        async for piece in self.read(request_id):
+            if piece.type == "final":
+                return piece.fields
+        raise RuntimeError("output stream ended without a final entry")

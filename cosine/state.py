@@ -1,0 +1,171 @@
+"""Authoritative request state (a Redis hash per request) and how a verified round advances it.
+
+Workers keep no request state of their own: everything needed to continue a request after any
+worker dies is here. ``advance`` is pure given a tokenizer: the coordinator reads the state,
+calls it, and applies the result atomically (compare-and-set on ``round``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+import msgpack
+
+from cosine.spec.sampling import SamplingParams
+from cosine.spec.stopping import FINISH_ERROR, OutputAssembler, StopRules
+from cosine.spec.window import WindowPolicy
+
+ACTIVE = "active"
+FINISHED = "finished"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestState:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...]
+    eos_ids: tuple[int, ...]
+    experts: list[str]
+    status: str = ACTIVE
+    round: int = 0
+    window: int = 4
+    output_ids: list[int] = field(default_factory=list)
+    emitted_chars: int = 0
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    fingerprint: str = ""
+    created_ms: int = 0
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def stop_rules(self) -> StopRules:
+        return StopRules(self.max_tokens, frozenset(self.eos_ids), self.stop)
+
+    def to_fields(self) -> dict[str, bytes | str]:
+        return {
+            "id": self.request_id,
+            "prompt_ids": msgpack.packb(self.prompt_ids),
+            "sampling": json.dumps([self.sampling.temperature, self.sampling.top_p, self.sampling.seed]),
+            "max_tokens": str(self.max_tokens),
+            "stop": json.dumps(list(self.stop)),
+            "eos_ids": json.dumps(list(self.eos_ids)),
+            "experts": json.dumps(self.experts),
+            "status": self.status,
+            "round": str(self.round),
+            "window": str(self.window),
+            "output_ids": msgpack.packb(self.output_ids),
+            "emitted_chars": str(self.emitted_chars),
+            "rounds": str(self.rounds),
+            "draft_tokens": str(self.draft_tokens),
+            "accepted_tokens": str(self.accepted_tokens),
+            "fingerprint": self.fingerprint,
+            "created_ms": str(self.created_ms),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> "RequestState":
+        f = {k.decode(): v for k, v in fields.items()}
+        text = lambda name: f[name].decode()  # noqa: E731
+        temperature, top_p, seed = json.loads(f["sampling"])
+        return cls(
+            request_id=text("id"),
+            prompt_ids=list(msgpack.unpackb(f["prompt_ids"])),
+            sampling=SamplingParams(temperature, top_p, seed),
+            max_tokens=int(f["max_tokens"]),
+            stop=tuple(json.loads(f["stop"])),
+            eos_ids=tuple(json.loads(f["eos_ids"])),
+            experts=json.loads(f["experts"]),
+            status=text("status"),
+            round=int(f["round"]),
+            window=int(f["window"]),
+            output_ids=list(msgpack.unpackb(f["output_ids"])),
+            emitted_chars=int(f["emitted_chars"]),
+            rounds=int(f["rounds"]),
+            draft_tokens=int(f["draft_tokens"]),
+            accepted_tokens=int(f["accepted_tokens"]),
+            fingerprint=text("fingerprint"),
+            created_ms=int(f["created_ms"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RoundUpdate:
+    """What applying one verified round writes: the new state, output entries, whether done."""
+
+    state: RequestState
+    out_entries: list[dict[str, str]]
+    finished: bool
+
+
+def final_entry(state: RequestState, text: str, finish_reason: str, error: str = "") -> dict[str, str]:
+    entry = {
+        "type": "final",
+        "finish_reason": finish_reason,
+        "text": text,
+        "token_ids": json.dumps(state.output_ids),
+        "prompt_tokens": str(len(state.prompt_ids)),
+        "generated_tokens": str(len(state.output_ids)),
+        "rounds": str(state.rounds),
+        "draft_tokens": str(state.draft_tokens),
+        "accepted_tokens": str(state.accepted_tokens),
+    }
+    if error:
+        entry["error"] = error
+    return entry
+
+
+def advance(
+    state: RequestState,
+    accepted_tokens: list[int],
+    next_token: int,
+    draft_tokens: int,
+    tokenizer,
+    policy: WindowPolicy,
+    fingerprint: str = "",
+) -> RoundUpdate:
+    """Apply one verified round: clip by the stop rules, emit text, retune the window."""
+    assembler = OutputAssembler(
+        tokenizer,
+        state.stop_rules,
+        token_ids=list(state.output_ids),
+        text=tokenizer.decode(state.output_ids, skip_special_tokens=True) if state.output_ids else "",
+        emitted_chars=state.emitted_chars,
+    )
+    emission = assembler.extend([*accepted_tokens, next_token])
+    kept_accepted = min(len(accepted_tokens), len(emission.token_ids))
+    new_state = replace(
+        state,
+        round=state.round + 1,
+        output_ids=list(assembler.token_ids),
+        emitted_chars=assembler.emitted_chars,
+        rounds=state.rounds + 1,
+        draft_tokens=state.draft_tokens + draft_tokens,
+        accepted_tokens=state.accepted_tokens + kept_accepted,
+        window=policy.next_window(state.window, draft_tokens, len(accepted_tokens)),
+        fingerprint=state.fingerprint or fingerprint,
+        status=FINISHED if emission.finish_reason else ACTIVE,
+    )
+    entries = []
+    if emission.token_ids or emission.text:
+        entries.append({"type": "tokens", "text": emission.text, "token_ids": json.dumps(list(emission.token_ids))})
+    if emission.finish_reason:
+        entries.append(final_entry(new_state, assembler.text, emission.finish_reason))
+    return RoundUpdate(new_state, entries, emission.finish_reason is not None)
+
+
+def fail(state: RequestState, tokenizer, reason: str, finish_reason: str = FINISH_ERROR) -> RoundUpdate:
+    """Finish a request early (error or cancellation), keeping what it produced."""
+    new_state = replace(state, round=state.round + 1, status=FINISHED)
+    text = tokenizer.decode(state.output_ids, skip_special_tokens=True) if state.output_ids else ""
+    entries = []
+    if len(text) > state.emitted_chars:  # release held-back text so the pieces join to `text`
+        entries.append({"type": "tokens", "text": text[state.emitted_chars :], "token_ids": "[]"})
+    entries.append(final_entry(new_state, text, finish_reason, reason))
+    return RoundUpdate(new_state, entries, True)

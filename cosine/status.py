@@ -1,0 +1,30 @@
+"""``cosine status``: queue depths, pending entries, live workers, counters."""
+
+from __future__ import annotations
+
+import redis
+
+from cosine.wire import Keys
+
+
+def read_status(url: str, namespace: str) -> dict:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    keys = Keys(namespace)
+    try:
+        streams = [keys.requests, keys.cancel, keys.drafts, keys.candidates, keys.verify, keys.verified, keys.dead]
+        streams += [keys.draft(e) for e in sorted(client.smembers(keys.experts))]
+        report: dict = {"streams": {}, "workers": {}, "stats": client.hgetall(keys.stats)}
+        for stream in streams:
+            if not client.exists(stream):
+                continue
+            groups = [
+                {"group": g["name"], "pending": g["pending"], "lag": g.get("lag"), "consumers": g["consumers"]}
+                for g in client.xinfo_groups(stream)
+            ]
+            report["streams"][stream.removeprefix(namespace)] = {"length": client.xlen(stream), "groups": groups}
+        for key in client.scan_iter(match=keys.live_pattern(), count=1000):
+            _, role, instance = key.removeprefix(namespace).split(":", 2)
+            report["workers"].setdefault(role, []).append(instance)
+        return report
+    finally:
+        client.close()

@@ -1,0 +1,273 @@
+"""The wire: every stream and key name, the internal message types, encode/decode.
+
+Internal messages travel as msgpack in one stream field (``m``) with a schema version; never
+pickle. Client-facing streams (``requests``, ``cancel``, ``out:{id}``) use flat string fields so
+any Redis client can speak them. An unknown version or a malformed message raises
+``WireError``; the worker dead-letters the entry and carries on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+SCHEMA_VERSION = 1
+PAYLOAD_FIELD = b"m"
+MAX_PAYLOAD_BYTES = 64 << 20
+
+
+class WireError(ValueError):
+    """A message that cannot be decoded: wrong type, version or shape."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """All stream and key names, under one namespace prefix (default ``cosine:``)."""
+
+    prefix: str = "cosine:"
+
+    # client-facing streams
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}requests"
+
+    @property
+    def cancel(self) -> str:
+        return f"{self.prefix}cancel"
+
+    def out(self, request_id: str) -> str:
+        return f"{self.prefix}out:{request_id}"
+
+    # internal streams
+    def draft(self, expert: str) -> str:
+        return f"{self.prefix}draft:{expert}"
+
+    @property
+    def drafts(self) -> str:
+        return f"{self.prefix}drafts"
+
+    @property
+    def candidates(self) -> str:
+        return f"{self.prefix}candidates"
+
+    @property
+    def verify(self) -> str:
+        return f"{self.prefix}verify"
+
+    @property
+    def verified(self) -> str:
+        return f"{self.prefix}verified"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}dead"
+
+    # state
+    def request(self, request_id: str) -> str:
+        return f"{self.prefix}req:{request_id}"
+
+    def live(self, role: str, instance: str) -> str:
+        return f"{self.prefix}live:{role}:{instance}"
+
+    def live_pattern(self, role: str = "*") -> str:
+        return f"{self.prefix}live:{role}:*"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}stats"
+
+    @property
+    def experts(self) -> str:
+        return f"{self.prefix}experts"
+
+    def group(self, role: str) -> str:
+        return f"{self.prefix}{role}"
+
+
+# ---- internal messages -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DraftJob:
+    """Router/coordinator -> drafters of one expert: draft round ``round`` of a request."""
+
+    KIND: ClassVar[str] = "draft_job"
+    request_id: str
+    round: int
+    context: list[int]  # committed tokens (prompt + output so far)
+    window: int
+    sampling: Sampling
+    experts: list[str]  # every expert cooperating this round (fusion waits for all)
+    issued_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """Drafter -> fusion: one drafter's chain for one round.
+
+    draft_probs: [k][vocab] float32 bytes (little-endian) per token when sampled, else empty.
+    """
+
+    KIND: ClassVar[str] = "draft"
+    request_id: str
+    round: int
+    expert: str
+    drafter: str
+    rank: int
+    tokens: list[int]
+    confidences: list[float]
+    draft_probs: list[bytes] = field(default_factory=list)
+    experts: list[str] = field(default_factory=list)
+    context_len: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """Fusion -> coordinator: the fused token tree of one round."""
+
+    KIND: ClassVar[str] = "candidate"
+    request_id: str
+    round: int
+    tokens: list[int]
+    parents: list[int]
+    confidences: list[float]
+    sources: list[list[str]]
+    draws: list[list[int]]  # [node, probs_row or -1]
+    draft_probs: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyItem:
+    request_id: str
+    round: int
+    context: list[int]
+    tree: Candidate
+    sampling: Sampling
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyBatch:
+    """Coordinator -> verifiers: requests to verify in one forward pass."""
+
+    KIND: ClassVar[str] = "verify_batch"
+    batch_id: str
+    items: list[VerifyItem]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedItem:
+    request_id: str
+    round: int
+    accepted_tokens: list[int]
+    next_token: int
+    draft_tokens: int
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedBatch:
+    """Verifier -> coordinator: results of one verification batch."""
+
+    KIND: ClassVar[str] = "verified_batch"
+    batch_id: str
+    verifier: str
+    items: list[VerifiedItem]
+    batch_size: int
+    forward_ms: float
+    fingerprint: str = ""
+
+
+MESSAGE_TYPES = {cls.KIND: cls for cls in (DraftJob, Draft, Candidate, VerifyBatch, VerifiedBatch)}
+_NESTED = {"sampling": Sampling, "tree": Candidate, "items": None}
+
+Message = TypeVar("Message")
+
+
+def encode(message: Any) -> dict[bytes, bytes]:
+    """A stream entry's fields for an internal message."""
+    body = {"v": SCHEMA_VERSION, "kind": message.KIND, "body": _to_plain(message)}
+    return {PAYLOAD_FIELD: msgpack.packb(body, use_bin_type=True)}
+
+
+def decode(fields: dict[bytes, bytes], expected: type[Message] | None = None) -> Message:
+    """The internal message in a stream entry; ``WireError`` when it is not a valid one."""
+    payload = fields.get(PAYLOAD_FIELD)
+    if payload is None:
+        raise WireError("entry has no payload field")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise WireError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        envelope = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as error:  # msgpack raises several unrelated types on garbage
+        raise WireError(f"payload is not msgpack: {error}") from None
+    if not isinstance(envelope, dict) or envelope.get("v") != SCHEMA_VERSION:
+        version = envelope.get("v") if isinstance(envelope, dict) else None
+        raise WireError(f"unknown schema version {version!r} (this worker speaks {SCHEMA_VERSION})")
+    cls = MESSAGE_TYPES.get(envelope.get("kind"))
+    if cls is None or (expected is not None and cls is not expected):
+        raise WireError(f"unexpected message kind {envelope.get('kind')!r}")
+    return _from_plain(cls, envelope.get("body"))
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+_ITEM_TYPES = {VerifyBatch: VerifyItem, VerifiedBatch: VerifiedItem}
+
+
+def _from_plain(cls: type, body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise WireError(f"{cls.__name__}: body is not a map")
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not set(body) <= names:
+        raise WireError(f"{cls.__name__}: unknown fields {sorted(set(body) - names)}")
+    values = dict(body)
+    try:
+        if "sampling" in values:
+            values["sampling"] = _from_plain(Sampling, values["sampling"])
+        if "tree" in values:
+            values["tree"] = _from_plain(Candidate, values["tree"])
+        if cls in _ITEM_TYPES:
+            values["items"] = [_from_plain(_ITEM_TYPES[cls], item) for item in values.get("items", [])]
+        message = cls(**values)
+    except TypeError as error:
+        raise WireError(f"{cls.__name__}: {error}") from None
+    _check_types(message)
+    return message
+
+
+def _check_types(message: Any) -> None:
+    # Shallow type checks of the fields that index tensors or keys: enough to turn garbage into
+    # a WireError before it reaches a model.
+    for f in dataclasses.fields(message):
+        value = getattr(message, f.name)
+        kind = str(f.type)
+        ok = True
+        if kind == "str":
+            ok = isinstance(value, str)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, (int, float))
+        elif kind == "list[int]":
+            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        elif kind == "list[str]":
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if not ok:
+            raise WireError(f"{type(message).__name__}.{f.name}: expected {kind}, got {type(value).__name__}")

@@ -1,0 +1,80 @@
+"""Conversions between wire messages and the core's objects (trees, chains, probabilities)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cosine.spec.sampling import SamplingParams
+from cosine.spec.tree import DraftChain, DraftTree, Draw
+from cosine.wire import Candidate, Draft, Sampling, WireError
+
+
+def probs_to_bytes(probs: torch.Tensor | None) -> list[bytes]:
+    if probs is None:
+        return []
+    return [row.astype("<f4").tobytes() for row in probs.float().cpu().numpy()]
+
+
+def probs_from_bytes(rows: list[bytes], vocab_size: int | None = None) -> torch.Tensor | None:
+    if not rows:
+        return None
+    if any(not isinstance(r, bytes) or len(r) % 4 for r in rows):
+        raise WireError("draft_probs rows must be float32 bytes")
+    array = np.stack([np.frombuffer(r, dtype="<f4") for r in rows])
+    if vocab_size is not None and array.shape[1] != vocab_size:
+        raise WireError(f"draft_probs rows have {array.shape[1]} entries, the vocabulary has {vocab_size}")
+    return torch.from_numpy(array.copy())
+
+
+def draft_to_chain(draft: Draft) -> DraftChain:
+    if len(draft.tokens) != len(draft.confidences):
+        raise WireError("draft tokens and confidences differ in length")
+    probs = probs_from_bytes(draft.draft_probs)
+    if probs is not None and probs.shape[0] != len(draft.tokens):
+        raise WireError("draft_probs needs one row per token")
+    return DraftChain(tuple(draft.tokens), tuple(draft.confidences), probs, draft.drafter)
+
+
+def tree_to_candidate(request_id: str, round_index: int, tree: DraftTree) -> Candidate:
+    return Candidate(
+        request_id=request_id,
+        round=round_index,
+        tokens=list(tree.tokens),
+        parents=list(tree.parents),
+        confidences=[float(c) for c in tree.confidences],
+        sources=[list(s) for s in tree.sources],
+        draws=[[d.node, -1 if d.probs_row is None else d.probs_row] for d in tree.draws],
+        draft_probs=probs_to_bytes(tree.draft_probs),
+    )
+
+
+def candidate_to_tree(candidate: Candidate, vocab_size: int | None = None) -> DraftTree:
+    probs = probs_from_bytes(candidate.draft_probs, vocab_size)
+    rows = 0 if probs is None else probs.shape[0]
+    draws = []
+    for pair in candidate.draws:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) for v in pair)):
+            raise WireError("each draw must be [node, probs_row]")
+        node, row = pair
+        if not 0 <= node < len(candidate.tokens) or not -1 <= row < rows:
+            raise WireError(f"draw {pair} out of range")
+        draws.append(Draw(node, None if row < 0 else row))
+    try:
+        return DraftTree(
+            tokens=tuple(candidate.tokens),
+            parents=tuple(candidate.parents),
+            confidences=tuple(float(c) for c in candidate.confidences),
+            sources=tuple(tuple(s) for s in candidate.sources),
+            draws=tuple(draws),
+            draft_probs=probs,
+        )
+    except (ValueError, TypeError) as error:
+        raise WireError(f"bad tree: {error}") from None
+
+
+def sampling_from_wire(sampling: Sampling) -> SamplingParams:
+    try:
+        return SamplingParams(float(sampling.temperature), float(sampling.top_p), int(sampling.seed))
+    except (TypeError, ValueError) as error:
+        raise WireError(f"bad sampling parameters: {error}") from None

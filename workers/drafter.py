@@ -1,0 +1,71 @@
+"""Drafter: drafts for one expert's queue with one drafter (a model or model-free).
+
+Reads ``draft:{expert}``, drafts every job it read in one batched ``propose`` call (off the event
+loop), writes one ``Draft`` per job to ``drafts`` and acknowledges, atomically. Soft state: the
+drafter's KV caches, trusted only for the prefix that matches the job's context.
+"""
+
+from __future__ import annotations
+
+from cosine.bus import write_and_ack
+from cosine.drafters.base import DraftRequest
+from cosine.factory import build_drafter, load_target
+from cosine.spec.sampling import SamplingParams
+from cosine.wire import Draft, DraftJob, decode, encode
+from cosine.workers.base import Entry, StageWorker
+from cosine.workers.convert import probs_to_bytes
+
+
+class DrafterWorker(StageWorker):
+    role = "drafter"
+
+    def __init__(self, config, redis_url, expert: str, drafter_name: str | None = None, instance: str | None = None) -> None:
+        super().__init__(config, redis_url, instance)
+        specs = [d for d in config.drafters if d.expert == expert and (drafter_name is None or d.name == drafter_name)]
+        if not specs:
+            raise ValueError(f"no configured drafter for expert {expert!r}" + (f" named {drafter_name!r}" if drafter_name else ""))
+        self.spec = specs[0]
+        self.expert = expert
+
+    def input_streams(self) -> list[str]:
+        return [self.keys.draft(self.expert)]
+
+    def liveness_extra(self) -> str:
+        return f"expert={self.expert} drafter={self.spec.name}"
+
+    async def setup(self) -> None:
+        def load():
+            target = load_target(self.config) if self.spec.kind != "prompt-lookup" else None
+            return build_drafter(self.spec, target, self.config)
+
+        self.drafter = await self.off_loop(load)
+        self.rank = [d.name for d in self.config.drafters].index(self.spec.name)
+        await self.redis.sadd(self.keys.experts, self.expert)
+
+    async def handle(self, stream: str, entries: list[Entry]) -> None:
+        jobs = [decode(fields, DraftJob) for _, fields in entries]
+        requests = [
+            DraftRequest(j.request_id, j.context, max(0, j.window), SamplingParams(*_sampling(j)), j.round) for j in jobs
+        ]
+        async with self.renewing(stream, [entry_id for entry_id, _ in entries]):
+            chains = await self.off_loop(self.drafter.propose, requests)
+        outputs = []
+        for job, chain in zip(jobs, chains):
+            draft = Draft(
+                request_id=job.request_id,
+                round=job.round,
+                expert=self.expert,
+                drafter=self.spec.name,
+                rank=self.rank,
+                tokens=list(chain.tokens),
+                confidences=[float(c) for c in chain.confidences],
+                draft_probs=probs_to_bytes(chain.draft_probs),
+                experts=job.experts,
+                context_len=len(job.context),
+            )
+            outputs.append((self.keys.drafts, encode(draft)))
+        await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])
+
+
+def _sampling(job: DraftJob) -> tuple[float, float, int]:
+    return job.sampling.temperature, job.sampling.top_p, job.sampling.seed
