@@ -23,11 +23,17 @@ log = logging.getLogger(__name__)
 
 FUNCTION_LIBRARY = "cosine"
 
-# Request state lives in one hash per request. `round` is the compare-and-set guard: a round's
+# Request state lives in one hash per request; the `rounds` sorted set scores each active request
+# by when its current round was issued (the coordinator's liveness sweep reads it). `round` is the compare-and-set guard: a round's
 # result is applied only while the state still says that round, and applying it bumps it.
 _LUA = r"""#!lua name=cosine
 
--- KEYS: req, requests stream, job streams...   ARGV: entry id, group, source, n_fields,
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- KEYS: req, requests stream, rounds zset, job streams...   ARGV: entry id, group, source, n_fields,
 -- field/value pairs..., job payload ("" for none)
 local function create_request(keys, args)
   local req = keys[1]
@@ -45,13 +51,14 @@ local function create_request(keys, args)
   redis.call('HSET', req, unpack(pairs))
   local payload = args[5 + 2 * n]
   if payload ~= '' then
-    for i = 3, #keys do redis.call('XADD', keys[i], '*', 'm', payload) end
+    for i = 4, #keys do redis.call('XADD', keys[i], '*', 'm', payload) end
   end
+  redis.call('ZADD', keys[3], now_ms(), args[6 + 2 * n])
   redis.call('XACK', keys[2], args[2], args[1])
   return 'created'
 end
 
--- KEYS: req, out stream, job streams...
+-- KEYS: req, out stream, rounds zset, job streams...
 -- ARGV: expected round, n_fields, field/value pairs..., n_out, then per out entry: n_pairs,
 -- pairs...; then job payload ("" for none), ttl seconds for out/req once finished (0 = active)
 local function apply_round(keys, args)
@@ -75,7 +82,13 @@ local function apply_round(keys, args)
   local payload = args[i]; i = i + 1
   local ttl = tonumber(args[i])
   if payload ~= '' then
-    for k = 3, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
+    for k = 4, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
+  end
+  local request_id = args[i + 1]
+  if ttl > 0 then
+    redis.call('ZREM', keys[3], request_id)
+  else
+    redis.call('ZADD', keys[3], now_ms(), request_id)
   end
   if ttl > 0 then
     redis.call('EXPIRE', keys[2], ttl)

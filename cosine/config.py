@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 DEMO_TARGET_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = "~/.cache/cosine"
-DRAFTER_KINDS = ("early-exit", "model", "prompt-lookup")
+DRAFTER_KINDS = ("early-exit", "layer-skip", "model", "prompt-lookup")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +80,7 @@ class DrafterConfig:
     kind: str
     expert: str = "general"
     layers: int = 2  # early-exit: how many of the target's first layers
+    skip: tuple[int, ...] = ()  # layer-skip: the target's layers to leave out
     model: str = ""  # model: path of a small causal LM sharing the target's tokenizer
     max_ngram: int = 3  # prompt-lookup
 
@@ -88,6 +89,8 @@ class DrafterConfig:
             raise ValueError("every drafter needs a name")
         if self.kind not in DRAFTER_KINDS:
             raise ValueError(f"drafter {self.name!r}: kind must be one of {DRAFTER_KINDS}, got {self.kind!r}")
+        if self.kind == "layer-skip" and not self.skip:
+            raise ValueError(f"drafter {self.name!r}: kind 'layer-skip' needs skip = [layer, ...]")
         if self.kind == "model" and not self.model:
             raise ValueError(f"drafter {self.name!r}: kind 'model' needs a model path")
 
@@ -220,6 +223,7 @@ def _build(cls, section: str, values: dict[str, Any]):
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown keys in [{section}]: {sorted(unknown)}")
-    if "default_experts" in values:
-        values["default_experts"] = tuple(values["default_experts"])
+    for name in ("default_experts", "skip"):
+        if name in values:
+            values[name] = tuple(values[name])
     return cls(**values)

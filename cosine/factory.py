@@ -10,7 +10,7 @@ import torch
 from cosine.config import Config, DrafterConfig
 from cosine.drafters.base import Drafter
 from cosine.drafters.lookup import PromptLookupDrafter
-from cosine.drafters.model import ModelDrafter, early_exit_model
+from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_model
 from cosine.engine import LocalEngine
 from cosine.models.loading import LoadedModel, load_model
 from cosine.models.runner import ModelRunner
@@ -38,6 +38,8 @@ def build_drafter(spec: DrafterConfig, target: LoadedModel, config: Config) -> D
         return PromptLookupDrafter(spec.name, max_ngram=spec.max_ngram)
     if spec.kind == "early-exit":
         model = early_exit_model(target.model, spec.layers)
+    elif spec.kind == "layer-skip":
+        model = layer_skip_model(target.model, list(spec.skip))
     else:
         loaded = load_model(spec.model, cache_dir=config.model.cache_path, device=config.model.device, dtype=config.model.dtype)
         check_same_tokenizer(loaded.tokenizer, target.tokenizer, spec.name)

@@ -76,6 +76,10 @@ class Keys:
         return f"{self.prefix}live:{role}:*"
 
     @property
+    def rounds(self) -> str:
+        return f"{self.prefix}rounds"
+
+    @property
     def stats(self) -> str:
         return f"{self.prefix}stats"
 

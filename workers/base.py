@@ -168,6 +168,20 @@ class StageWorker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    async def live_drafter_experts(self, max_age_s: float = 0.25) -> set[str]:
+        """Experts with at least one live drafter (cached briefly)."""
+        now = time.monotonic()
+        cached = getattr(self, "_live_experts", None)
+        if cached is not None and now - cached[0] < max_age_s:
+            return cached[1]
+        experts: set[str] = set()
+        async for key in self.redis.scan_iter(match=self.keys.live_pattern("drafter"), count=500):
+            value = await self.redis.get(key)
+            if value:
+                experts.update(p.split("=", 1)[1] for p in value.decode().split() if p.startswith("expert="))
+        self._live_experts = (now, experts)
+        return experts
+
     # ---- background tasks ---------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:

@@ -23,7 +23,7 @@ from cosine.state import ACTIVE, RequestState, advance, fail
 from cosine.wire import Candidate, DraftJob, Sampling, VerifiedBatch, VerifyBatch, VerifyItem, decode, encode
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.models import load_tokenizer_and_limits
-from cosine.workers.router import apply_update
+from cosine.workers.router import apply_update, empty_candidate
 
 
 @dataclass
@@ -48,7 +48,6 @@ class Coordinator(StageWorker):
         self.pool: list[_Waiting] = []
         self.live_experts: set[str] = set()
         self.live_verifiers = 0
-        self.issued: dict[tuple[str, int], tuple[float, RequestState]] = {}
         self.last_refresh = self.last_trim = 0.0
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
@@ -75,7 +74,6 @@ class Coordinator(StageWorker):
 
     async def _pool_candidate(self, entry_id: bytes, candidate: Candidate) -> None:
         state = await self._state(candidate.request_id)
-        self.issued.pop((candidate.request_id, candidate.round), None)
         duplicate = any(w.item.request_id == candidate.request_id for w in self.pool)
         if duplicate or state is None or state.status != ACTIVE or state.round != candidate.round:
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # stale or duplicate
@@ -117,9 +115,7 @@ class Coordinator(StageWorker):
                 continue
             update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, batch.fingerprint)
             next_job = None if update.finished else self._next_round(update.state)
-            outcome = await apply_update(self.redis, self.keys, state, update, next_job, self.config.pipeline.output_ttl_s)
-            if outcome == "applied" and not update.finished:
-                self.issued[(state.request_id, update.state.round)] = (time.monotonic(), update.state)
+            await apply_update(self.redis, self.keys, state, update, next_job, self.config.pipeline.output_ttl_s)
         await self.redis.xack(self.keys.verified, self.group, entry_id)
 
     def _next_round(self, state: RequestState) -> tuple[list[str], bytes]:
@@ -127,33 +123,35 @@ class Coordinator(StageWorker):
         room = state.max_tokens - len(state.output_ids) - 1
         window = min(state.window, max(0, room))
         if not experts or window <= 0:
-            return [self.keys.candidates], encode(_empty_candidate(state))[b"m"]
+            return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
         sampling = Sampling(state.sampling.temperature, state.sampling.top_p, state.sampling.seed)
         job = DraftJob(state.request_id, state.round, state.context, window, sampling, experts, int(time.time() * 1000))
         return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
 
     async def _fallback_overdue_rounds(self) -> None:
-        """A round with no draft after the deadline goes on without drafts (window 0)."""
-        deadline = self.config.pipeline.drafter_deadline_ms / 1000
-        now = time.monotonic()
-        for key, (issued, state) in list(self.issued.items()):
-            if now - issued < deadline:
+        """A round with no result after the deadline goes on without drafts (window 0).
+
+        Covers drafters that died or never existed. A late real draft for the same round is
+        harmless: the first result applied wins the compare-and-set, the other is stale.
+        """
+        deadline_ms = self.config.pipeline.drafter_deadline_ms
+        now_ms = int(time.time() * 1000)
+        overdue = await self.redis.zrangebyscore(self.keys.rounds, 0, now_ms - deadline_ms, start=0, num=64)
+        for raw_id in overdue:
+            request_id = raw_id.decode()
+            await self.redis.zadd(self.keys.rounds, {request_id: now_ms}, xx=True)  # not again at once
+            state = await self._state(request_id)
+            if state is None or state.status != ACTIVE:
+                await self.redis.zrem(self.keys.rounds, request_id)
                 continue
-            del self.issued[key]
-            current = await self._state(state.request_id)
-            if current is not None and current.status == ACTIVE and current.round == state.round:
-                self.log.warning("request %s round %d: no draft after %.1fs, verifying without one", state.request_id, state.round, deadline)
-                await self.redis.xadd(self.keys.candidates, encode(_empty_candidate(current)))
+            self.log.warning("request %s round %d: no result after %d ms, verifying without drafts", request_id, state.round, deadline_ms)
+            await self.redis.xadd(self.keys.candidates, encode(empty_candidate(state)))
 
     async def _refresh_liveness(self) -> None:
-        experts, verifiers = set(), 0
-        async for key in self.redis.scan_iter(match=self.keys.live_pattern("drafter"), count=500):
-            value = await self.redis.get(key)
-            if value:
-                experts.update(part.split("=", 1)[1] for part in value.decode().split() if part.startswith("expert="))
+        self.live_experts = await self.live_drafter_experts()
+        self.live_verifiers = 0
         async for _ in self.redis.scan_iter(match=self.keys.live_pattern("verifier"), count=500):
-            verifiers += 1
-        self.live_experts, self.live_verifiers = experts, verifiers
+            self.live_verifiers += 1
 
     async def _state(self, request_id: str) -> RequestState | None:
         fields = await self.redis.hgetall(self.keys.request(request_id))
@@ -182,10 +180,6 @@ class Coordinator(StageWorker):
                 floor = group_floor if floor is None else min_id(floor, group_floor)
             if floor:
                 await self.redis.xtrim(stream, minid=floor, approximate=False)
-
-
-def _empty_candidate(state: RequestState) -> Candidate:
-    return Candidate(state.request_id, state.round, [], [], [], [], [], [])
 
 
 def _parse(entry_id) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from cosine.bus import write_and_ack
 from cosine.requests import RequestError, eos_token_ids, parse_stop, prompt_token_ids, sampling_params
 from cosine.spec.routing import choose_experts
 from cosine.state import FINISHED, RequestState, fail, final_entry
-from cosine.wire import DraftJob, Sampling, encode
+from cosine.wire import Candidate, DraftJob, Sampling, encode
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.models import load_tokenizer_and_limits
 
@@ -58,8 +58,15 @@ class Router(StageWorker):
         args = [entry_id, self.group, entry_id, len(fields_out)]
         for name, value in fields_out.items():
             args += [name, value]
-        args.append(encode(job)[b"m"])
-        keys = [self.keys.request(state.request_id), self.keys.requests, *streams]
+        live = await self.live_drafter_experts()
+        if not any(e in live for e in state.experts):
+            # No drafter alive for these experts: start without drafts (window 0).
+            streams = [self.keys.candidates]
+            args.append(encode(empty_candidate(state))[b"m"])
+        else:
+            args.append(encode(job)[b"m"])
+        args.append(state.request_id)
+        keys = [self.keys.request(state.request_id), self.keys.requests, self.keys.rounds, *streams]
         outcome = (await self.redis.fcall("cosine_create_request", len(keys), *keys, *args)).decode()
         if outcome == "in_use":
             await self._error_entry(state.request_id + "", f"request id {state.request_id!r} is already in use", reused=True)
@@ -138,9 +145,14 @@ async def apply_update(redis, keys, state: RequestState, update, next_job: tuple
         for name, value in entry.items():
             args += [name, value]
     streams, payload = next_job if next_job else ([], b"")
-    args += [payload, ttl if update.finished else 0]
-    key_list = [keys.request(state.request_id), keys.out(state.request_id), *streams]
+    args += [payload, ttl if update.finished else 0, state.request_id]
+    key_list = [keys.request(state.request_id), keys.out(state.request_id), keys.rounds, *streams]
     return (await redis.fcall("cosine_apply_round", len(key_list), *key_list, *args)).decode()
+
+
+def empty_candidate(state: RequestState) -> Candidate:
+    """A round with no drafts: the target alone produces one token."""
+    return Candidate(state.request_id, state.round, [], [], [], [], [], [])
 
 
 def _text_fields(raw: dict[bytes, bytes]) -> dict[str, str]:

@@ -1,0 +1,158 @@
+"""A real pipeline for tests: a real Redis server and real worker processes.
+
+Workers are started exactly as a user starts them (``python -m cosine.cli worker ROLE``); the
+test talks to Redis with a plain client, as any client would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_config(path: Path, *, cache_dir: Path, target: str, drafters: list[dict], extra: str = "") -> Path:
+    lines = [
+        "[model]",
+        f'target = "{target}"',
+        f'cache_dir = "{cache_dir}"',
+        "threads = 1",
+        "[pipeline]",
+        "block_ms = 300",
+        "claim_idle_ms = 2000",
+        "heartbeat_ms = 300",
+        "batch_wait_ms = 10",
+        "drafter_deadline_ms = 20000",
+        "fusion_deadline_ms = 3000",
+        "[router]",
+        'default_experts = ["general"]',
+        "max_experts = 2",
+        "[router.keywords]",
+        'lookup = ["summarize"]',
+        extra,
+    ]
+    for drafter in drafters:
+        lines.append("[[drafters]]")
+        for key, value in drafter.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Pipeline:
+    url: str
+    config_path: Path
+    namespace: str = "cosine:"
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self, role: str, *args: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "cosine.cli", "worker", role, "--redis-url", self.url, "--config", str(self.config_path), "-v", *args]
+        env = dict(os.environ, COSINE_MODEL_THREADS="1", PYTHONUNBUFFERED="1")
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.processes.append(process)
+        return process
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def wait_live(self, role: str, count: int, timeout: float = 180.0) -> None:
+        client = self.client()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(list(client.scan_iter(match=f"{self.namespace}live:{role}:*"))) >= count:
+                return
+            for process in self.processes:
+                if process.poll() is not None and process.returncode not in (0, -9, -15):
+                    raise RuntimeError(f"worker {process.args[4:6]} exited with {process.returncode}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{count} live {role} workers not seen within {timeout}s")
+
+    def kill(self, process: subprocess.Popen) -> None:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def submit(client: redis.Redis, namespace: str = "cosine:", **fields) -> str:
+    entry_id = client.xadd(f"{namespace}requests", {k: str(v) for k, v in fields.items()})
+    return fields.get("id") or entry_id.decode()
+
+
+def read_output(client: redis.Redis, request_id: str, timeout: float = 300.0, namespace: str = "cosine:") -> list[dict]:
+    """Every entry of out:{id} up to and including the final one."""
+    key, last, entries = f"{namespace}out:{request_id}", "0-0", []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = client.xread({key: last}, block=500)
+        for _, items in reply or []:
+            for entry_id, fields in items:
+                last = entry_id
+                entry = {k.decode(): v.decode() for k, v in fields.items()}
+                entries.append(entry)
+                if entry["type"] == "final":
+                    return entries
+    raise TimeoutError(f"request {request_id}: no final entry within {timeout}s; got {entries}")
+
+
+def final_of(entries: list[dict]) -> dict:
+    finals = [e for e in entries if e["type"] == "final"]
+    assert len(finals) == 1, entries
+    return finals[0]
+
+
+def redis_server_binaries() -> list[str]:
+    """Kinds of real server available: the embedded Valkey always, Debian's redis-server if installed."""
+    kinds = ["valkey"]
+    if shutil.which("redis-server"):
+        kinds.append("redis-server")
+    return kinds
+
+
+class RedisServerProcess:
+    """Debian's redis-server on a free loopback port, no persistence."""
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)

@@ -1,0 +1,223 @@
+"""The Redis Streams pipeline end to end: a real server, real worker processes, the real target.
+
+Clients here are plain Redis clients (XADD / XREAD), not ``cosine.client``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cosine.wire import Candidate, decode
+from tests.conftest import cache_dir
+from tests.integration.harness import (
+    ROOT,
+    Pipeline,
+    RedisServerProcess,
+    final_of,
+    read_output,
+    redis_server_binaries,
+    submit,
+    write_config,
+)
+
+pytestmark = pytest.mark.model
+MAX_TOKENS = 24
+EARLY_EXIT = {"name": "early-exit-2", "kind": "early-exit", "layers": 2, "expert": "general"}
+LOOKUP = {"name": "prompt-lookup", "kind": "prompt-lookup", "expert": "lookup"}
+RAW_PROMPTS = [
+    "The three primary colours are",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village by the sea,",
+    "The French Revolution began in 1789 when",
+    "To make a cup of tea, first",
+    "Summarize: The meeting moved to Friday. Summarize: The meeting moved to",
+    "SELECT name, COUNT(*) FROM orders",
+    "A prime number is",
+]
+
+
+@pytest.fixture()
+def server(request):
+    """A fresh real server per test: the embedded Valkey, or Debian's redis-server."""
+    kind = getattr(request, "param", "valkey")
+    if kind == "valkey":
+        from cosine.bus import EmbeddedRedis
+
+        embedded = EmbeddedRedis()
+        url = embedded.start()
+        yield url
+        embedded.stop()
+    else:
+        process = RedisServerProcess()
+        yield process.url
+        process.stop()
+
+
+def make_pipeline(tmp_path, url, demo_target, drafters, extra="") -> Pipeline:
+    config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=drafters, extra=extra)
+    return Pipeline(url, config)
+
+
+@pytest.fixture()
+def pipelines():
+    started: list[Pipeline] = []
+    yield started
+    for pipeline in started:
+        pipeline.stop()
+
+
+def reference(demo_target, ids: list[int], max_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = demo_target.model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=max_tokens, do_sample=False
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def assert_matches(tokens: list[int], expected: list[int]) -> None:
+    assert tokens == expected[: len(tokens)], (tokens, expected)
+    assert len(tokens) == len(expected) or tokens[-1] == 2
+
+
+def assert_text_joins(entries: list[dict]) -> None:
+    final = final_of(entries)
+    pieces = "".join(e["text"] for e in entries if e["type"] == "tokens")
+    assert pieces == final["text"]
+
+
+@pytest.mark.parametrize("server", redis_server_binaries(), indirect=True)
+def test_sixteen_concurrent_requests_match_the_reference(server, tmp_path, demo_target, chat_prompts, greedy_references, pipelines):
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT, LOOKUP], extra="trim_interval_s = 3600.0")
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "fusion", "verifier", "verifier"):
+        pipeline.start(role)
+    pipeline.start("drafter", "--expert", "general")
+    pipeline.start("drafter", "--expert", "general")
+    pipeline.start("drafter", "--expert", "lookup")
+    pipeline.wait_live("verifier", 2)
+    pipeline.wait_live("drafter", 3)
+    pipeline.wait_live("router", 1)
+    pipeline.wait_live("coordinator", 1)
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    expected: dict[str, list[int]] = {}
+    for index in range(8):  # chat form, with the chat template applied by the router
+        messages = json.dumps([{"role": "user", "content": texts[index]}])
+        expected[submit(client, id=f"chat-{index}", messages=messages, max_tokens=MAX_TOKENS)] = greedy_references[index][:MAX_TOKENS]
+    for index, prompt in enumerate(RAW_PROMPTS):  # completion form: the text tokenized as is
+        ids = demo_target.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        request_id = submit(client, prompt=prompt, max_tokens=MAX_TOKENS)  # id = the entry ID
+        expected[request_id] = reference(demo_target, ids, MAX_TOKENS)
+    for request_id, tokens in expected.items():
+        entries = read_output(client, request_id)
+        final = final_of(entries)
+        assert final["finish_reason"] in ("stop", "length"), final
+        assert_matches(json.loads(final["token_ids"]), tokens)
+        assert_text_joins(entries)
+        assert int(final["rounds"]) <= int(final["generated_tokens"])
+    stats = {k.decode(): int(v) for k, v in client.hgetall("cosine:stats").items()}
+    assert stats["verify_items"] / stats["verify_batches"] >= 2, stats
+    # Two drafters cooperated on the summary request: its fused trees hold tokens of both.
+    cooperative = [decode(f, Candidate) for _, f in client.xrange("cosine:candidates")]
+    sources = [{s for node in c.sources for s in node} for c in cooperative if c.request_id.startswith(tuple(expected)) and c.tokens]
+    assert any({"early-exit-2", "prompt-lookup"} <= s for s in sources), sources
+
+
+def test_cancellation_and_bad_input(server, tmp_path, demo_target, pipelines):
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT, LOOKUP])
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        pipeline.start(role)
+    pipeline.start("drafter", "--expert", "general")
+    pipeline.wait_live("verifier", 1)
+    pipeline.wait_live("drafter", 1)
+    client = pipeline.client()
+    bad = {
+        "bad-field": dict(prompt="hi", colour="red"),
+        "bad-json": dict(messages="[{not json"),
+        "both": dict(prompt="hi", messages='[{"role":"user","content":"x"}]'),
+        "bad-expert": dict(prompt="hi", expert="astrology"),
+        "zero-tokens": dict(prompt="hi", max_tokens=0),
+        "absurd-tokens": dict(prompt="hi", max_tokens=10**9),
+        "bad-temperature": dict(prompt="hi", temperature="hot"),
+        "too-long": dict(prompt="word " * 9000, max_tokens=8),
+    }
+    for request_id, fields in bad.items():
+        submit(client, id=request_id, **fields)
+    # garbage in an internal stream goes to the dead-letter stream
+    client.xadd("cosine:drafts", {"m": b"\xff\x00garbage"})
+    client.xadd("cosine:verified", {"nonsense": "1"})
+    for request_id in bad:
+        final = final_of(read_output(client, request_id, timeout=60))
+        assert final["finish_reason"] == "error" and final["error"], (request_id, final)
+    assert "general" in final_of(read_output(client, "bad-expert"))["error"]  # lists the valid experts
+    # a reused id gets an error on its own stream, the first request is unharmed
+    submit(client, id="twice", prompt="The capital of France is", max_tokens=4)
+    first = final_of(read_output(client, "twice"))
+    assert first["finish_reason"] == "length"
+    submit(client, id="twice", prompt="Something else", max_tokens=4)
+    entries = read_output_after(client, "twice", first)
+    assert entries["finish_reason"] == "error" and "in use" in entries["error"]
+    # cancellation stops a request within one round
+    submit(client, id="long", prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", max_tokens=400)  # counts on and on
+    entries = []
+    key, last = "cosine:out:long", "0-0"
+    while not entries:
+        for _, items in client.xread({key: last}, block=1000) or []:
+            entries.extend(items)
+    client.xadd("cosine:cancel", {"id": "long"})
+    out = read_output(client, "long", timeout=60)
+    final = final_of(out)
+    assert final["finish_reason"] == "cancelled"
+    assert int(final["generated_tokens"]) < 400
+    assert_text_joins(out)
+    # the workers kept serving, and the garbage was dead-lettered
+    submit(client, id="after", prompt="The capital of France is", max_tokens=4)
+    assert final_of(read_output(client, "after"))["finish_reason"] == "length"
+    dead = client.xrange("cosine:dead")
+    assert len(dead) >= 2, dead
+    assert all(p.poll() is None for p in pipeline.processes)
+
+
+def read_output_after(client, request_id: str, previous_final: dict) -> dict:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        finals = [
+            {k.decode(): v.decode() for k, v in f.items()}
+            for _, f in client.xrange(f"cosine:out:{request_id}")
+            if f[b"type"] == b"final"
+        ]
+        if len(finals) > 1:
+            return finals[-1]
+        time.sleep(0.2)
+    raise TimeoutError("no second final entry")
+
+
+def test_no_live_drafter_falls_back_to_the_target_alone(server, tmp_path, demo_target, greedy_references, pipelines):
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT])
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        pipeline.start(role)
+    pipeline.wait_live("verifier", 1)
+    pipeline.wait_live("coordinator", 1)
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    submit(client, id="alone", messages=json.dumps([{"role": "user", "content": texts[0]}]), max_tokens=8)
+    final = final_of(read_output(client, "alone", timeout=120))
+    assert json.loads(final["token_ids"]) == greedy_references[0][:8]
+    assert final["draft_tokens"] == "0"
+
+
+def test_generate_times_out_clearly_without_a_server_behind_redis(server, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "cosine.cli", "generate", "--redis-url", server, "--prompt", "hi", "--timeout", "2"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert completed.returncode == 2
+    assert "no output" in completed.stderr and "cosine serve" in completed.stderr
