@@ -136,6 +136,9 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if not self.default_experts or self.max_experts < 1:
             raise ValueError("router.default_experts must be non-empty and router.max_experts >= 1")
+        for expert, words in self.keywords.items():
+            if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+                raise ValueError(f"router.keywords.{expert} must be a list of non-empty strings")
 
 
 @dataclass(frozen=True, slots=True)

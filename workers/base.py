@@ -66,6 +66,9 @@ class StageWorker:
     def liveness_extra(self) -> str:
         return ""
 
+    async def reject(self, stream: str, entry: Entry, reason: str) -> None:
+        """An entry could not be handled: tell whoever waits on it (before it is dead-lettered)."""
+
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, *, burst: bool = False) -> None:
@@ -119,13 +122,19 @@ class StageWorker:
             return
         try:
             await self.handle(stream, good)
-        except WireError as error:
+        except (RedisConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as error:  # noqa: BLE001 - a bad entry must never kill the worker
             # One bad entry in a batch: handle them one by one so the good ones go through.
-            if len(good) == 1:
-                await self.dead_letter(stream, good[0], str(error))
-            else:
+            if len(good) > 1:
                 for entry in good:
                     await self._handle_safely(stream, [entry])
+                return
+            if not isinstance(error, WireError):
+                self.log.exception("failed to handle %s %s", stream, good[0][0])
+            reason = str(error) if isinstance(error, WireError) else f"internal error: {type(error).__name__}: {error}"
+            await self.reject(stream, good[0], reason)
+            await self.dead_letter(stream, good[0], reason)
 
     async def dead_letter(self, stream: str, entry: Entry, reason: str) -> None:
         entry_id, fields = entry

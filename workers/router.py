@@ -7,6 +7,7 @@ Lua call. Bad input gets an ``error`` final entry on ``out:{id}`` and never stop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -39,6 +40,14 @@ class Router(StageWorker):
                 await self._cancel(entry_id, fields)
             else:
                 await self._admit(entry_id, fields)
+
+    async def reject(self, stream: str, entry: Entry, reason: str) -> None:
+        if stream == self.keys.requests:
+            entry_id, raw = entry
+            request_id = raw.get(b"id", entry_id).decode(errors="replace")
+            with contextlib.suppress(RequestError):
+                _check_id(request_id)
+                await self._error_entry(request_id, reason)
 
     async def _admit(self, entry_id: bytes, raw: dict[bytes, bytes]) -> None:
         request_id = entry_id.decode()

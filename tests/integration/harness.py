@@ -34,12 +34,12 @@ def write_config(path: Path, *, cache_dir: Path, target: str, drafters: list[dic
         "batch_wait_ms = 10",
         "drafter_deadline_ms = 20000",
         "fusion_deadline_ms = 3000",
+        extra,
         "[router]",
         'default_experts = ["general"]',
         "max_experts = 2",
         "[router.keywords]",
         'lookup = ["summarize"]',
-        extra,
     ]
     for drafter in drafters:
         lines.append("[[drafters]]")
@@ -59,7 +59,8 @@ class Pipeline:
     def start(self, role: str, *args: str) -> subprocess.Popen:
         command = [sys.executable, "-m", "cosine.cli", "worker", role, "--redis-url", self.url, "--config", str(self.config_path), "-v", *args]
         env = dict(os.environ, COSINE_MODEL_THREADS="1", PYTHONUNBUFFERED="1")
-        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log_path = self.config_path.parent / f"{role}-{len(self.processes)}.log"
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"))
         self.processes.append(process)
         return process
 
