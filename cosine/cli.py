@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ ConfigOption = typer.Option(None, "--config", "-c", help="config.toml to read (d
 
 def _setup(config_path: Optional[Path], verbose: bool = False) -> Config:
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
+        level=(logging.DEBUG if os.environ.get("COSINE_DEBUG") else logging.INFO) if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

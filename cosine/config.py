@@ -113,7 +113,7 @@ class PipelineConfig:
     claim_idle_ms: int = 15_000  # entries idle this long on a dead consumer are reclaimed
     max_deliveries: int = 5  # then the entry goes to the dead-letter stream
     heartbeat_ms: int = 1_000  # liveness keys live 3x this
-    batch_wait_ms: int = 4  # coordinator: wait this long for a verification batch to fill
+    batch_wait_ms: int = 100  # coordinator: longest wait for a batch to reach its fair share
     fusion_deadline_ms: int = 1_500  # fusion: emit with the drafts that arrived by then
     drafter_deadline_ms: int = 5_000  # no draft by then: the round falls back to window 0
     output_ttl_s: int = 3_600  # finished requests' out: streams and state expire

@@ -63,6 +63,10 @@ class StageWorker:
     async def tick(self) -> None:
         """Called about every block_ms, also when idle (deadlines, batching)."""
 
+    def block_ms(self) -> int:
+        """How long the next XREADGROUP may block (a stage with a deadline sooner says so)."""
+        return self.config.pipeline.block_ms
+
     def liveness_extra(self) -> str:
         return ""
 
@@ -93,11 +97,10 @@ class StageWorker:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _main_loop(self, burst: bool) -> None:
-        block = self.config.pipeline.block_ms
         streams = {stream: ">" for stream in self.input_streams()}
         while not self.stopping.is_set():
             try:
-                replies = await self.redis.xreadgroup(self.group, self.instance, streams, count=self.read_count, block=block)
+                replies = await self.redis.xreadgroup(self.group, self.instance, streams, count=self.read_count, block=self.block_ms())
             except RedisConnectionError as error:
                 self.log.warning("redis connection lost (%s); retrying", error)
                 await asyncio.sleep(0.5)

@@ -45,6 +45,7 @@ class Coordinator(StageWorker):
         spec = self.config.speculation
         self.window_policy = WindowPolicy(spec.window, spec.min_window, spec.max_window, spec.adaptive_window)
         self.batch_policy = BatchPolicy(spec.max_batch, max_wait_s=self.config.pipeline.batch_wait_ms / 1000)
+        self.live_verifiers = 1
         self.pool: list[_Waiting] = []
         self.live_experts: set[str] = set()
         self.live_verifiers = 0
@@ -70,6 +71,12 @@ class Coordinator(StageWorker):
             self.last_trim = now
         await self._flush()
 
+    def block_ms(self) -> int:
+        if not self.pool:
+            return self.config.pipeline.block_ms
+        waited = time.monotonic() - self.pool[0].arrived
+        return max(1, min(self.config.pipeline.block_ms, int((self.batch_policy.max_wait_s - waited) * 1000) + 1))
+
     # ---- candidates -> verification batches -------------------------------------------------
 
     async def _pool_candidate(self, entry_id: bytes, candidate: Candidate) -> None:
@@ -84,18 +91,19 @@ class Coordinator(StageWorker):
 
     async def _flush(self) -> None:
         while self.pool:
-            queued = await self._queued_batches()
+            active = await self.redis.zcard(self.keys.rounds)
             oldest = time.monotonic() - self.pool[0].arrived
             tokens = sum(len(w.item.tree.tokens) + 1 for w in self.pool)
-            if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, queued, self.live_verifiers):
+            busy = await self._busy_verifiers()
+            if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.live_verifiers, busy):
                 return
             taken, self.pool = self.pool[: self.batch_policy.take(len(self.pool))], self.pool[self.batch_policy.take(len(self.pool)) :]
             batch = VerifyBatch(uuid.uuid4().hex[:12], [w.item for w in taken])
+            self.log.debug("batch %s: %d requests (pool waited %.0f ms, %d active, %d/%d verifiers busy)", batch.batch_id, len(taken), oldest * 1000, active, busy, self.live_verifiers)
             await write_and_ack(self.redis, [(self.keys.verify, encode(batch))], self.keys.candidates, self.group, [w.entry_id for w in taken])
 
-    async def _queued_batches(self) -> int:
-        groups = await self.redis.xinfo_groups(self.keys.verify)
-        for group in groups:
+    async def _busy_verifiers(self) -> int:
+        for group in await self.redis.xinfo_groups(self.keys.verify):
             if group["name"].decode() == self.keys.group("verifier"):
                 return int(group.get("lag") or 0) + int(group.get("pending") or 0)
         return 0

@@ -1,10 +1,12 @@
 """Verification batch forming (first version of the pluggable batch policy).
 
-The coordinator keeps a pool of candidates waiting for verification. A batch goes out when it
-is full, when its oldest member has waited ``max_wait_s``, or at once when a verifier is idle
-and nothing else is queued for it. While every verifier is busy, candidates keep pooling (up to
-``max_batch``), so batches grow with load instead of queueing as singletons: supply of drafts
-then meets verification capacity.
+The coordinator keeps a pool of candidates waiting for verification. The policy splits the
+active requests fairly over the live verifiers: a batch goes out once the pool holds a fair
+share (ceil(active / verifiers), capped by ``max_batch`` and a token budget), or, when a
+verifier is idle, once the oldest candidate has waited ``max_wait_s``. While every verifier is
+busy a smaller batch would only queue, so the pool keeps growing instead. With R requests and V
+verifiers, batches of about R / V alternate between verifiers: while one verifies, the drafters
+prepare the next batch (the paper's pipelining), and batches grow with load.
 """
 
 from __future__ import annotations
@@ -15,18 +17,28 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
     max_batch: int = 8
-    max_tokens: int = 512  # drafted + context-suffix tokens in one batch (a forward's size)
-    max_wait_s: float = 0.004
+    max_tokens: int = 512  # drafted tokens in one batch (bounds one forward's size)
+    max_wait_s: float = 0.05
 
-    def should_flush(self, pool_size: int, pool_tokens: int, oldest_wait_s: float, queued_batches: int, live_verifiers: int) -> bool:
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_tokens < 1 or self.max_wait_s < 0:
+            raise ValueError("max_batch and max_tokens must be >= 1, max_wait_s >= 0")
+
+    def fair_share(self, active_requests: int, live_verifiers: int) -> int:
+        verifiers = max(1, live_verifiers)
+        share = -(-max(1, active_requests) // verifiers)  # ceiling division
+        return max(1, min(self.max_batch, share))
+
+    def should_flush(
+        self, pool_size: int, pool_tokens: int, oldest_wait_s: float, active_requests: int, live_verifiers: int, busy_verifiers: int
+    ) -> bool:
+        """busy_verifiers: batches queued or in verification (the verify group's lag + pending)."""
         if pool_size == 0:
             return False
-        if pool_size >= self.max_batch or pool_tokens >= self.max_tokens:
+        if pool_size >= self.fair_share(active_requests, live_verifiers) or pool_tokens >= self.max_tokens:
             return True
-        if queued_batches < max(1, live_verifiers):
-            return oldest_wait_s >= self.max_wait_s  # a verifier is (or soon is) idle
-        # Every verifier has work queued: keep pooling, but never hold a candidate for long.
-        return oldest_wait_s >= 50 * self.max_wait_s
+        idle_verifier = busy_verifiers < max(1, live_verifiers)
+        return idle_verifier and oldest_wait_s >= self.max_wait_s
 
     def take(self, pool_size: int) -> int:
         return min(pool_size, self.max_batch)

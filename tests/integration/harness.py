@@ -31,7 +31,7 @@ def write_config(path: Path, *, cache_dir: Path, target: str, drafters: list[dic
         "block_ms = 300",
         "claim_idle_ms = 2000",
         "heartbeat_ms = 300",
-        "batch_wait_ms = 10",
+        "batch_wait_ms = 400",
         "drafter_deadline_ms = 20000",
         "fusion_deadline_ms = 3000",
         extra,

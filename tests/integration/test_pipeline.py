@@ -107,13 +107,12 @@ def test_sixteen_concurrent_requests_match_the_reference(server, tmp_path, demo_
     client = pipeline.client()
     texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
     expected: dict[str, list[int]] = {}
+    raw_references = [reference(demo_target, demo_target.tokenizer(p, add_special_tokens=False)["input_ids"], MAX_TOKENS) for p in RAW_PROMPTS]
     for index in range(8):  # chat form, with the chat template applied by the router
         messages = json.dumps([{"role": "user", "content": texts[index]}])
         expected[submit(client, id=f"chat-{index}", messages=messages, max_tokens=MAX_TOKENS)] = greedy_references[index][:MAX_TOKENS]
-    for index, prompt in enumerate(RAW_PROMPTS):  # completion form: the text tokenized as is
-        ids = demo_target.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        request_id = submit(client, prompt=prompt, max_tokens=MAX_TOKENS)  # id = the entry ID
-        expected[request_id] = reference(demo_target, ids, MAX_TOKENS)
+    for prompt, tokens in zip(RAW_PROMPTS, raw_references):  # completion form: the text tokenized as is
+        expected[submit(client, prompt=prompt, max_tokens=MAX_TOKENS)] = tokens  # id = the entry ID
     for request_id, tokens in expected.items():
         entries = read_output(client, request_id)
         final = final_of(entries)
