@@ -111,7 +111,8 @@ def connect(url: str) -> aioredis.Redis:
     scheme = urlparse(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"redis URL must start with redis://, rediss:// or unix://, got {url!r}")
-    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+    # The socket time-out must outlast the longest blocking read (pipeline.block_ms <= 20 s).
+    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30, socket_timeout=30, socket_connect_timeout=10)
 
 
 async def load_functions(client: aioredis.Redis) -> None:

@@ -124,6 +124,8 @@ class PipelineConfig:
         for name in ("block_ms", "claim_idle_ms", "max_deliveries", "heartbeat_ms", "output_ttl_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pipeline.{name} must be >= 1")
+        if self.block_ms > 20_000:
+            raise ValueError("pipeline.block_ms must be <= 20000 (a blocking read must end before the socket time-out)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cosine.bus import connect, ensure_group, load_functions
 from cosine.config import Config
@@ -101,7 +102,7 @@ class StageWorker:
         while not self.stopping.is_set():
             try:
                 replies = await self.redis.xreadgroup(self.group, self.instance, streams, count=self.read_count, block=self.block_ms())
-            except RedisConnectionError as error:
+            except (RedisConnectionError, RedisTimeoutError) as error:
                 self.log.warning("redis connection lost (%s); retrying", error)
                 await asyncio.sleep(0.5)
                 continue

@@ -21,26 +21,19 @@ import redis
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_config(path: Path, *, cache_dir: Path, target: str, drafters: list[dict], extra: str = "") -> Path:
-    lines = [
-        "[model]",
-        f'target = "{target}"',
-        f'cache_dir = "{cache_dir}"',
-        "threads = 1",
-        "[pipeline]",
-        "block_ms = 300",
-        "claim_idle_ms = 2000",
-        "heartbeat_ms = 300",
-        "batch_wait_ms = 400",
-        "drafter_deadline_ms = 20000",
-        "fusion_deadline_ms = 3000",
-        extra,
-        "[router]",
-        'default_experts = ["general"]',
-        "max_experts = 2",
-        "[router.keywords]",
-        'lookup = ["summarize"]',
-    ]
+def write_config(path: Path, *, cache_dir: Path, target: str, drafters: list[dict], pipeline: dict | None = None) -> Path:
+    settings = {
+        "block_ms": 300,
+        "claim_idle_ms": 2000,
+        "heartbeat_ms": 300,
+        "batch_wait_ms": 400,
+        "drafter_deadline_ms": 20000,
+        "fusion_deadline_ms": 3000,
+        **(pipeline or {}),
+    }
+    lines = ["[model]", f'target = "{target}"', f'cache_dir = "{cache_dir}"', "threads = 1", "[pipeline]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    lines += ["[router]", 'default_experts = ["general"]', "max_experts = 2", "[router.keywords]", 'lookup = ["summarize"]']
     for drafter in drafters:
         lines.append("[[drafters]]")
         for key, value in drafter.items():

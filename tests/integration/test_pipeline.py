@@ -59,8 +59,8 @@ def server(request):
         process.stop()
 
 
-def make_pipeline(tmp_path, url, demo_target, drafters, extra="") -> Pipeline:
-    config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=drafters, extra=extra)
+def make_pipeline(tmp_path, url, demo_target, drafters, pipeline=None) -> Pipeline:
+    config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=drafters, pipeline=pipeline)
     return Pipeline(url, config)
 
 
@@ -93,7 +93,7 @@ def assert_text_joins(entries: list[dict]) -> None:
 
 @pytest.mark.parametrize("server", redis_server_binaries(), indirect=True)
 def test_sixteen_concurrent_requests_match_the_reference(server, tmp_path, demo_target, chat_prompts, greedy_references, pipelines):
-    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT, LOOKUP], extra="trim_interval_s = 3600.0")
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT, LOOKUP], pipeline={"trim_interval_s": 3600.0})
     pipelines.append(pipeline)
     for role in ("router", "coordinator", "fusion", "verifier", "verifier"):
         pipeline.start(role)
