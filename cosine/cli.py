@@ -260,11 +260,11 @@ def demo(
     max_tokens: int = typer.Option(64, "--max-tokens", "-n"),
     config_path: Optional[Path] = ConfigOption,
 ) -> None:
-    """Run a few chat prompts with the target alone and with speculation; print the speedup."""
+    """The whole pipeline (embedded Redis, every stage) on a few chat prompts vs the target alone."""
     from cosine.demo import run_demo
 
     config = _setup(config_path)
-    run_demo(config, max_tokens, typer.echo)
+    run_demo(config, config_path, max_tokens, typer.echo)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,18 +1,25 @@
-"""``cosine demo``: the target alone vs. speculative decoding on a few chat prompts."""
+"""``cosine demo``: the whole system on a few chat prompts, against the target alone.
+
+Starts the embedded valkey-server and every stage as its own process (as ``cosine serve``),
+sends the prompts as a plain Redis client would, and compares with the target model decoding
+alone (transformers ``generate``, greedy) in this process: speedup, acceptance, and whether the
+outputs are identical (they must be).
+"""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Callable
 
+import redis
 import torch
 
 from cosine.config import Config
-from cosine.engine import GenerationRequest
-from cosine.factory import build_engine, build_stack
-from cosine.requests import eos_token_ids, prompt_token_ids
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.stopping import StopRules
+from cosine.factory import load_target
+from cosine.requests import prompt_token_ids
+from cosine.serve import Supervisor
 
 DEMO_PROMPTS = (
     "Write a Python function that checks whether a string is a palindrome.",
@@ -22,37 +29,64 @@ DEMO_PROMPTS = (
     "trees and a playground. The council agreed to plant trees this spring and to build the "
     "playground next year.",
 )
+ROLES = {"router", "coordinator", "fusion", "verifier", "drafter"}
 
 
-def run_demo(config: Config, max_tokens: int, echo: Callable[[str], None]) -> None:
-    stack = build_stack(config)
-    tokenizer, model = stack.target.tokenizer, stack.target.model
-    eos = eos_token_ids(tokenizer, model.config)
-    prompts = [prompt_token_ids(tokenizer, messages=[{"role": "user", "content": p}]) for p in DEMO_PROMPTS]
-    echo(f"target {config.model.target_path} ({config.model.dtype}, {config.model.device}, {config.model.threads} threads)")
-    echo(f"drafters: {', '.join(d.name for d in stack.drafters)}; mode {config.speculation.mode}")
-    engine = build_engine(config, stack)
-    warm = GenerationRequest("warm", tuple(prompts[0]), SamplingParams(), StopRules(4, eos))
-    engine.generate([warm])
-    with torch.inference_mode():
-        model.generate(torch.tensor([prompts[0]]), max_new_tokens=4, do_sample=False)
-    baseline_s = spec_s = 0.0
-    identical = 0
-    for index, ids in enumerate(prompts):
-        began = time.perf_counter()
-        with torch.inference_mode():
-            output = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
-        baseline_s += time.perf_counter() - began
-        reference = output[0, len(ids) :].tolist()
-        request = GenerationRequest(f"demo-{index}", tuple(ids), SamplingParams(), StopRules(max_tokens, eos))
-        began = time.perf_counter()
-        result = engine.generate([request])[0]
-        spec_s += time.perf_counter() - began
-        identical += result.token_ids == reference[: len(result.token_ids)]
-        rate = result.accepted_tokens / max(result.draft_tokens, 1)
-        echo(f"\n> {DEMO_PROMPTS[index][:70]}\n{result.text.strip()}")
-        echo(f"  [{result.generated_tokens} tokens, {result.rounds} rounds, acceptance {rate:.0%}]")
-    echo(
-        f"\nspeculative vs target alone (transformers generate): {baseline_s / spec_s:.2f}x "
-        f"({baseline_s:.1f}s -> {spec_s:.1f}s); outputs identical to the target: {identical}/{len(prompts)}"
-    )
+def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Callable[[str], None]) -> None:
+    target = load_target(config)
+    tokenizer, model = target.tokenizer, target.model
+    echo(f"target {config.model.target_path} ({config.model.dtype}, {config.model.device})")
+    echo(f"drafters: {', '.join(f'{d.name} ({d.kind}, expert {d.expert})' for d in config.drafters)}")
+    supervisor = Supervisor(config, config.redis.url or None, config_path, verifiers=1, drafters_per_expert=1, verbose=False)
+    url = supervisor.start()
+    try:
+        client = redis.Redis.from_url(url)
+        _wait_for_workers(client, config.redis.namespace)
+        echo(f"pipeline up on {url}\n")
+        _ask(client, config.redis.namespace, "warm-up", DEMO_PROMPTS[0], 4)
+        baseline_s = pipeline_s = 0.0
+        identical = drafted = accepted = 0
+        for index, prompt in enumerate(DEMO_PROMPTS):
+            ids = prompt_token_ids(tokenizer, messages=[{"role": "user", "content": prompt}])
+            began = time.perf_counter()
+            with torch.inference_mode():
+                output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=max_tokens, do_sample=False)
+            baseline_s += time.perf_counter() - began
+            began = time.perf_counter()
+            final = _ask(client, config.redis.namespace, f"demo-{index}-{int(time.time())}", prompt, max_tokens)
+            pipeline_s += time.perf_counter() - began
+            tokens = json.loads(final["token_ids"])
+            identical += tokens == output[0, len(ids) :].tolist()[: len(tokens)]
+            drafted += int(final["draft_tokens"])
+            accepted += int(final["accepted_tokens"])
+            echo(f"> {prompt[:72]}\n{final['text'].strip()}")
+            echo(f"  [{final['generated_tokens']} tokens in {final['rounds']} rounds, {final['accepted_tokens']}/{final['draft_tokens']} drafted tokens accepted]\n")
+        echo(
+            f"CoSine vs the target alone: {baseline_s / pipeline_s:.2f}x ({baseline_s:.1f}s -> {pipeline_s:.1f}s); "
+            f"acceptance {accepted / max(1, drafted):.0%}; outputs identical to the target: {identical}/{len(DEMO_PROMPTS)}"
+        )
+        echo("(untrained drafters: the speedup comes with trained drafters, see the roadmap)")
+    finally:
+        supervisor.stop()
+
+
+def _wait_for_workers(client: redis.Redis, namespace: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        roles = {k.decode().removeprefix(namespace).split(":")[1] for k in client.scan_iter(match=f"{namespace}live:*")}
+        if ROLES <= roles:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the pipeline's workers did not come up")
+
+
+def _ask(client: redis.Redis, namespace: str, request_id: str, prompt: str, max_tokens: int) -> dict:
+    messages = json.dumps([{"role": "user", "content": prompt}])
+    client.xadd(f"{namespace}requests", {"id": request_id, "messages": messages, "max_tokens": str(max_tokens)})
+    last = "0-0"
+    while True:
+        for _, entries in client.xread({f"{namespace}out:{request_id}": last}, block=120_000) or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                if fields[b"type"] == b"final":
+                    return {k.decode(): v.decode() for k, v in fields.items()}
