@@ -94,6 +94,7 @@ def run_engine(target_model, tokenizer, mode, drafters, prompts, max_tokens, max
         results = [engine.generate([r])[0] for r in requests]
     else:
         results = engine.generate(requests)
+    engine.stats.runner = engine.target.stats  # bookkeeping vs forward time of the verifier's runner
     return time.perf_counter() - began, results, engine.stats
 
 
@@ -175,6 +176,7 @@ def main() -> None:
                 "verification": stats.verify_seconds / round_time,
                 "acceptance_and_bookkeeping": stats.accept_seconds / round_time,
             },
+            "kv_cache_bookkeeping_share_of_round": stats.runner.bookkeeping_seconds / round_time,
             "median_latency_s": median(r.seconds for r in results),
             "median_ttft_s": median(r.first_token_seconds for r in results),
         }

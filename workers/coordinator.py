@@ -111,8 +111,10 @@ class Coordinator(StageWorker):
     # ---- verified results -> state, output, next round ----------------------------------------
 
     async def _apply_verified(self, entry_id: bytes, batch: VerifiedBatch) -> None:
-        await self.redis.hincrby(self.keys.stats, "verify_batches", 1)
-        await self.redis.hincrby(self.keys.stats, "verify_items", batch.batch_size)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(self.keys.stats, "verify_batches", 1)
+            pipe.hincrby(self.keys.stats, "verify_items", batch.batch_size)
+            await pipe.execute()
         for item in batch.items:
             state = await self._state(item.request_id)
             if state is None or state.status != ACTIVE or state.round != item.round:

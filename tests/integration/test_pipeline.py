@@ -95,7 +95,8 @@ def assert_text_joins(entries: list[dict]) -> None:
 def test_sixteen_concurrent_requests_match_the_reference(server, tmp_path, demo_target, chat_prompts, greedy_references, pipelines):
     pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT, LOOKUP], pipeline={"trim_interval_s": 3600.0})
     pipelines.append(pipeline)
-    for role in ("router", "coordinator", "fusion", "verifier", "verifier"):
+    # two coordinators share the work: rounds are applied with a compare-and-set
+    for role in ("router", "coordinator", "coordinator", "fusion", "verifier", "verifier"):
         pipeline.start(role)
     pipeline.start("drafter", "--expert", "general")
     pipeline.start("drafter", "--expert", "general")
@@ -103,7 +104,7 @@ def test_sixteen_concurrent_requests_match_the_reference(server, tmp_path, demo_
     pipeline.wait_live("verifier", 2)
     pipeline.wait_live("drafter", 3)
     pipeline.wait_live("router", 1)
-    pipeline.wait_live("coordinator", 1)
+    pipeline.wait_live("coordinator", 2)
     client = pipeline.client()
     texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
     expected: dict[str, list[int]] = {}
@@ -211,6 +212,22 @@ def test_no_live_drafter_falls_back_to_the_target_alone(server, tmp_path, demo_t
     final = final_of(read_output(client, "alone", timeout=120))
     assert json.loads(final["token_ids"]) == greedy_references[0][:8]
     assert final["draft_tokens"] == "0"
+    # the Python client, sync and async, on the same server
+    from cosine.client import AsyncClient, Client
+
+    messages = [{"role": "user", "content": texts[1]}]
+    with Client(server, timeout=120) as sync_client:
+        pieces = list(sync_client.stream(messages=messages, max_tokens=6))
+    assert pieces[-1].type == "final" and pieces[-1].token_ids == greedy_references[1][:6]
+    assert "".join(p.text for p in pieces[:-1]) == pieces[-1].text
+
+    async def ask() -> dict:
+        async with AsyncClient(server, timeout=120) as async_client:
+            return await async_client.generate(messages=messages, max_tokens=6)
+
+    import asyncio
+
+    assert json.loads(asyncio.run(ask())["token_ids"]) == greedy_references[1][:6]
 
 
 def test_generate_times_out_clearly_without_a_server_behind_redis(server, tmp_path):
