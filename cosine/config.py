@@ -151,7 +151,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
-    drafters: tuple[DrafterConfig, ...] = (DrafterConfig("early-exit", "early-exit"),)
+    drafters: tuple[DrafterConfig, ...] = (DrafterConfig("prompt-lookup", "prompt-lookup"),)
 
     def replace(self, section: str, **changes: Any) -> "Config":
         """A copy with some fields of one section changed (CLI options)."""

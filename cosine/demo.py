@@ -65,7 +65,7 @@ def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Ca
             f"CoSine vs the target alone: {baseline_s / pipeline_s:.2f}x ({baseline_s:.1f}s -> {pipeline_s:.1f}s); "
             f"acceptance {accepted / max(1, drafted):.0%}; outputs identical to the target: {identical}/{len(DEMO_PROMPTS)}"
         )
-        echo("(untrained drafters: the speedup comes with trained drafters, see the roadmap)")
+        echo("(the default drafter, prompt lookup, only helps where the answer copies the prompt; trained drafters are on the roadmap)")
     finally:
         supervisor.stop()
 

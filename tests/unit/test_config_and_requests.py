@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_repository_config_loads():
     config = load_config(ROOT / "config.toml", environ={})
     assert config.model.dtype == "float32" and config.defaults.max_tokens == 128
-    assert [(d.kind, d.expert) for d in config.drafters] == [("early-exit", "general"), ("prompt-lookup", "lookup")]
+    assert [(d.kind, d.expert) for d in config.drafters] == [("prompt-lookup", "general")]
 
 
 def test_environment_overrides_file(tmp_path):
