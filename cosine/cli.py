@@ -6,9 +6,7 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -21,7 +19,7 @@ app.add_typer(models_app, name="models")
 ConfigOption = typer.Option(None, "--config", "-c", help="config.toml to read (default: $COSINE_CONFIG or ./config.toml)")
 
 
-def _setup(config_path: Optional[Path], verbose: bool = False) -> Config:
+def _setup(config_path: Path | None, verbose: bool = False) -> Config:
     logging.basicConfig(
         level=(logging.DEBUG if os.environ.get("COSINE_DEBUG") else logging.INFO) if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -34,8 +32,8 @@ def _setup(config_path: Optional[Path], verbose: bool = False) -> Config:
 
 @models_app.command("pull")
 def models_pull(
-    config_path: Optional[Path] = ConfigOption,
-    cache_dir: Optional[Path] = typer.Option(None, help="where model files go (default: model.cache_dir)"),
+    config_path: Path | None = ConfigOption,
+    cache_dir: Path | None = typer.Option(None, help="where model files go (default: model.cache_dir)"),
     force: bool = typer.Option(False, help="fetch again even if present"),
     convert: bool = typer.Option(True, help="also convert the GGUF to cached safetensors"),
 ) -> None:
@@ -53,22 +51,22 @@ def models_pull(
 
 @app.command()
 def generate(
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="raw text prompt (completion)"),
-    messages: Optional[str] = typer.Option(None, "--messages", "-m", help='chat messages as JSON: [{"role":"user","content":"..."}]'),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="default: defaults.max_tokens"),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="raw text prompt (completion)"),
+    messages: str | None = typer.Option(None, "--messages", "-m", help='chat messages as JSON: [{"role":"user","content":"..."}]'),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="default: defaults.max_tokens"),
     temperature: float = typer.Option(0.0, "--temperature", "-t"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
-    stop: Optional[str] = typer.Option(None, "--stop", help="JSON list of stop strings"),
+    stop: str | None = typer.Option(None, "--stop", help="JSON list of stop strings"),
     engine: str = typer.Option("pipeline", "--engine", help="pipeline: submit to a running server over Redis; local: the in-process reference engine"),
-    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="server to submit to (default: $COSINE_REDIS_URL, else the URL `cosine serve` wrote)"),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="server to submit to (default: $COSINE_REDIS_URL, else the URL `cosine serve` wrote)"),
     timeout: float = typer.Option(120.0, "--timeout", help="seconds without output before giving up (pipeline)"),
-    expert: Optional[str] = typer.Option(None, "--expert", help="pin the request to this expert's drafters (pipeline)"),
-    mode: Optional[str] = typer.Option(None, "--mode", help="chain or tree (default: speculation.mode)"),
-    drafter: Optional[list[str]] = typer.Option(None, "--drafter", "-d", help="use only these configured drafters"),
-    window: Optional[int] = typer.Option(None, "--window", help="initial speculation window"),
+    expert: str | None = typer.Option(None, "--expert", help="pin the request to this expert's drafters (pipeline)"),
+    mode: str | None = typer.Option(None, "--mode", help="chain or tree (default: speculation.mode)"),
+    drafter: list[str] | None = typer.Option(None, "--drafter", "-d", help="use only these configured drafters"),
+    window: int | None = typer.Option(None, "--window", help="initial speculation window"),
     as_json: bool = typer.Option(False, "--json", help="print the final entry as JSON on the last line"),
-    config_path: Optional[Path] = ConfigOption,
+    config_path: Path | None = ConfigOption,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Generate one completion and stream it to stdout."""
@@ -125,7 +123,7 @@ def generate(
         raise typer.Exit(1)
 
 
-def _generate_pipeline(config: Config, redis_url: Optional[str], timeout: float, as_json: bool, **fields) -> None:
+def _generate_pipeline(config: Config, redis_url: str | None, timeout: float, as_json: bool, **fields) -> None:
     from cosine.client import Client
 
     if (fields["prompt"] is None) == (fields["messages"] is None):
@@ -171,7 +169,7 @@ def _url_file(config: Config) -> Path:
     return config.model.cache_path / "serve.url"
 
 
-def _client_url(config: Config, redis_url: Optional[str]) -> str:
+def _client_url(config: Config, redis_url: str | None) -> str:
     url = redis_url or config.redis.url
     if not url and _url_file(config).is_file():
         url = _url_file(config).read_text().strip()
@@ -186,11 +184,11 @@ ROLES = ("router", "drafter", "fusion", "coordinator", "verifier")
 @app.command()
 def worker(
     role: str = typer.Argument(..., help="router | drafter | fusion | coordinator | verifier"),
-    expert: Optional[str] = typer.Option(None, "--expert", help="drafter: the expert queue to serve"),
-    drafter_name: Optional[str] = typer.Option(None, "--drafter", help="drafter: which configured drafter (default: the expert's first)"),
-    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="default: $COSINE_REDIS_URL or redis.url"),
+    expert: str | None = typer.Option(None, "--expert", help="drafter: the expert queue to serve"),
+    drafter_name: str | None = typer.Option(None, "--drafter", help="drafter: which configured drafter (default: the expert's first)"),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="default: $COSINE_REDIS_URL or redis.url"),
     burst: bool = typer.Option(False, "--burst", help="exit when the input streams are empty (tests)"),
-    config_path: Optional[Path] = ConfigOption,
+    config_path: Path | None = ConfigOption,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run one pipeline stage; start several on any machine that reaches the Redis to scale out."""
@@ -208,10 +206,10 @@ def worker(
 
 @app.command()
 def serve(
-    redis_url: Optional[str] = typer.Option(None, "--redis-url", help="use this server instead of the embedded one"),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="use this server instead of the embedded one"),
     verifiers: int = typer.Option(1, "--verifiers", help="verifier processes"),
     drafters_per_expert: int = typer.Option(1, "--drafters", help="processes per configured drafter"),
-    config_path: Optional[Path] = ConfigOption,
+    config_path: Path | None = ConfigOption,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Start every stage (and the embedded Redis when no URL is given) until Ctrl-C or SIGTERM."""
@@ -233,9 +231,9 @@ def serve(
 
 @app.command()
 def status(
-    redis_url: Optional[str] = typer.Option(None, "--redis-url"),
+    redis_url: str | None = typer.Option(None, "--redis-url"),
     as_json: bool = typer.Option(False, "--json"),
-    config_path: Optional[Path] = ConfigOption,
+    config_path: Path | None = ConfigOption,
 ) -> None:
     """Queue depths, pending entries, live workers and counters."""
     from cosine.status import read_status
@@ -258,7 +256,7 @@ def status(
 @app.command()
 def demo(
     max_tokens: int = typer.Option(64, "--max-tokens", "-n"),
-    config_path: Optional[Path] = ConfigOption,
+    config_path: Path | None = ConfigOption,
 ) -> None:
     """The whole pipeline (embedded Redis, every stage) on a few chat prompts vs the target alone."""
     from cosine.demo import run_demo

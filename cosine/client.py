@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator
 
 import redis
 import redis.asyncio as aioredis
@@ -69,7 +69,7 @@ class Client:
         self.keys = Keys(namespace)
         self.timeout = timeout
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -119,7 +119,7 @@ class AsyncClient:
         self.keys = Keys(namespace)
         self.timeout = timeout
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

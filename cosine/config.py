@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DEMO_TARGET_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = "~/.cache/cosine"
@@ -153,7 +154,7 @@ class Config:
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     drafters: tuple[DrafterConfig, ...] = (DrafterConfig("prompt-lookup", "prompt-lookup"),)
 
-    def replace(self, section: str, **changes: Any) -> "Config":
+    def replace(self, section: str, **changes: Any) -> Config:
         """A copy with some fields of one section changed (CLI options)."""
         changes = {k: v for k, v in changes.items() if v is not None}
         if not changes:

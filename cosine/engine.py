@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
-from cosine.drafters.base import DraftRequest, Drafter
+from cosine.drafters.base import Drafter, DraftRequest
 from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.spec.acceptance import Verdict, verify_greedy, verify_sampling
 from cosine.spec.sampling import SamplingParams, request_generator, warp_probs

@@ -70,7 +70,7 @@ class RequestState:
         }
 
     @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> "RequestState":
+    def from_fields(cls, fields: dict[bytes, bytes]) -> RequestState:
         f = {k.decode(): v for k, v in fields.items()}
         text = lambda name: f[name].decode()  # noqa: E731
         temperature, top_p, seed = json.loads(f["sampling"])

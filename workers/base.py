@@ -19,8 +19,9 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -128,7 +129,7 @@ class StageWorker:
             await self.handle(stream, good)
         except (RedisConnectionError, asyncio.CancelledError):
             raise
-        except Exception as error:  # noqa: BLE001 - a bad entry must never kill the worker
+        except Exception as error:
             # One bad entry in a batch: handle them one by one so the good ones go through.
             if len(good) > 1:
                 for entry in good:

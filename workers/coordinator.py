@@ -16,14 +16,15 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from cosine.workers.base import Entry, StageWorker
+from cosine.workers.models import load_tokenizer_and_limits
+from cosine.workers.router import apply_update, empty_candidate
+
 from cosine.bus import write_and_ack
 from cosine.spec.batching import BatchPolicy
 from cosine.spec.window import WindowPolicy
 from cosine.state import ACTIVE, RequestState, advance, fail
 from cosine.wire import Candidate, DraftJob, Sampling, VerifiedBatch, VerifyBatch, VerifyItem, decode, encode
-from cosine.workers.base import Entry, StageWorker
-from cosine.workers.models import load_tokenizer_and_limits
-from cosine.workers.router import apply_update, empty_candidate
 
 
 @dataclass

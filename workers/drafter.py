@@ -7,13 +7,14 @@ drafter's KV caches, trusted only for the prefix that matches the job's context.
 
 from __future__ import annotations
 
+from cosine.workers.base import Entry, StageWorker
+from cosine.workers.convert import probs_to_bytes
+
 from cosine.bus import write_and_ack
 from cosine.drafters.base import DraftRequest
 from cosine.factory import build_drafter, load_target
 from cosine.spec.sampling import SamplingParams
 from cosine.wire import Draft, DraftJob, decode, encode
-from cosine.workers.base import Entry, StageWorker
-from cosine.workers.convert import probs_to_bytes
 
 
 class DrafterWorker(StageWorker):

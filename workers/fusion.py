@@ -11,11 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from cosine.workers.base import Entry, StageWorker
+from cosine.workers.convert import draft_to_chain, tree_to_candidate
+
 from cosine.bus import write_and_ack
 from cosine.spec.tree import merge_chains
 from cosine.wire import Draft, decode, encode
-from cosine.workers.base import Entry, StageWorker
-from cosine.workers.convert import draft_to_chain, tree_to_candidate
 
 
 @dataclass

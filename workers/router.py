@@ -8,16 +8,16 @@ Lua call. Bad input gets an ``error`` final entry on ``out:{id}`` and never stop
 from __future__ import annotations
 
 import contextlib
-import json
 import time
+
+from cosine.workers.base import Entry, StageWorker
+from cosine.workers.models import load_tokenizer_and_limits
 
 from cosine.bus import write_and_ack
 from cosine.requests import RequestError, eos_token_ids, parse_stop, prompt_token_ids, sampling_params
 from cosine.spec.routing import choose_experts
 from cosine.state import FINISHED, RequestState, fail, final_entry
 from cosine.wire import Candidate, DraftJob, Sampling, encode
-from cosine.workers.base import Entry, StageWorker
-from cosine.workers.models import load_tokenizer_and_limits
 
 MAX_ID_LENGTH = 200
 KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert"}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 
+from cosine.workers.base import Entry, StageWorker
+from cosine.workers.convert import candidate_to_tree, sampling_from_wire
 
 from cosine.bus import write_and_ack
 from cosine.factory import load_target
@@ -18,8 +20,6 @@ from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.spec.acceptance import verify_greedy, verify_sampling
 from cosine.spec.sampling import request_generator, warp_probs
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, WireError, decode, encode
-from cosine.workers.base import Entry, StageWorker
-from cosine.workers.convert import candidate_to_tree, sampling_from_wire
 
 
 class VerifierWorker(StageWorker):

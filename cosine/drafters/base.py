@@ -8,8 +8,8 @@ drafter; learned drafters and routing scores use it). ``release`` drops soft sta
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

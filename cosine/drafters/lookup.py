@@ -3,9 +3,9 @@ the context. Strong where output repeats input (summaries, code edits), weak els
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from cosine.drafters.base import DraftRequest, Drafter
+from cosine.drafters.base import Drafter, DraftRequest
 from cosine.spec.tree import DraftChain
 
 

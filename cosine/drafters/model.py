@@ -4,12 +4,12 @@ early-exit view of the target itself (its first layers, its norm and output head
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from cosine.drafters.base import DraftRequest, Drafter
+from cosine.drafters.base import Drafter, DraftRequest
 from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.spec.sampling import sample, warp_probs
 from cosine.spec.tree import DraftChain

@@ -19,8 +19,8 @@ import contextlib
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel

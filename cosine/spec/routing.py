@@ -7,7 +7,7 @@ drafter, and capped at ``max_experts``. Online routing scores (roadmap) will reo
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 
 def choose_experts(
