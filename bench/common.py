@@ -23,8 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -178,7 +179,7 @@ def stamp() -> dict[str, Any]:
         # other work on the machine skews CPU timings: keep the 1/5/15-minute load averages
         "loadavg": loadavg(),
         "argv": sys.argv,
-        "utc_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "utc_time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 

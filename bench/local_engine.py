@@ -23,7 +23,6 @@ import argparse
 import time
 
 import torch
-
 from common import (
     OtherCpu,
     add_model_options,
@@ -36,6 +35,7 @@ from common import (
     stamp,
     write_result,
 )
+
 from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_model
 from cosine.engine import GenerationRequest, LocalEngine
@@ -94,8 +94,7 @@ def run_engine(target_model, tokenizer, mode, drafters, prompts, max_tokens, max
         results = [engine.generate([r])[0] for r in requests]
     else:
         results = engine.generate(requests)
-    engine.stats.runner = engine.target.stats  # bookkeeping vs forward time of the verifier's runner
-    return time.perf_counter() - began, results, engine.stats
+    return time.perf_counter() - began, results, engine.stats, engine.target.stats
 
 
 def drafter_cost(drafters, target_model, prompt) -> float:
@@ -153,7 +152,7 @@ def main() -> None:
     for name, (mode, drafters) in drafter_sets(model).items():
         if wanted and name not in wanted:
             continue
-        seconds, results, stats = run_engine(model, tokenizer, mode, drafters, prompts, args.max_tokens, 1, window)
+        seconds, results, stats, runner_stats = run_engine(model, tokenizer, mode, drafters, prompts, args.max_tokens, 1, window)
         generated = sum(r.generated_tokens for r in results)
         identical = sum(r.token_ids == ref[: len(r.token_ids)] for r, ref in zip(results, references))
         alpha = sum(r.accepted_tokens for r in results) / max(1, sum(r.draft_tokens for r in results))
@@ -176,12 +175,12 @@ def main() -> None:
                 "verification": stats.verify_seconds / round_time,
                 "acceptance_and_bookkeeping": stats.accept_seconds / round_time,
             },
-            "kv_cache_bookkeeping_share_of_round": stats.runner.bookkeeping_seconds / round_time,
+            "kv_cache_bookkeeping_share_of_round": runner_stats.bookkeeping_seconds / round_time,
             "median_latency_s": median(r.seconds for r in results),
             "median_ttft_s": median(r.first_token_seconds for r in results),
         }
         if args.concurrency:
-            conc_s, conc_results, _ = run_engine(model, tokenizer, mode, drafters, prompts[: args.concurrency], args.max_tokens, args.concurrency, window)
+            conc_s, conc_results, _, _ = run_engine(model, tokenizer, mode, drafters, prompts[: args.concurrency], args.max_tokens, args.concurrency, window)
             conc_tokens = sum(r.generated_tokens for r in conc_results)
             entry["concurrent_tokens_per_s"] = conc_tokens / conc_s
             entry["throughput_vs_target_batched"] = (conc_tokens / conc_s) / result["target_batched"]["tokens_per_s"]

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import redis
 import torch
-
 from common import OtherCpu, add_model_options, chat_ids, load_prompts, load_target, median, setup_torch, stamp, write_result
+
 from cosine.config import load_config
 from cosine.engine import GenerationRequest
 from cosine.factory import build_engine, build_stack

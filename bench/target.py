@@ -32,8 +32,6 @@ import argparse
 import time
 
 import torch
-from transformers.generation.streamers import BaseStreamer
-
 from common import (
     OtherCpu,
     add_model_options,
@@ -47,6 +45,7 @@ from common import (
     stamp,
     write_result,
 )
+from transformers.generation.streamers import BaseStreamer
 
 
 class _Timestamps(BaseStreamer):

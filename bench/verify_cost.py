@@ -39,8 +39,6 @@ import argparse
 import time
 
 import torch
-from transformers import DynamicCache
-
 from common import (
     OtherCpu,
     add_model_options,
@@ -54,6 +52,8 @@ from common import (
     stamp,
     write_result,
 )
+from transformers import DynamicCache
+
 from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.spec.tree import ROOT
 

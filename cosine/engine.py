@@ -99,7 +99,6 @@ class EngineStats:
     accept_seconds: float = 0.0
     drafted_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
-    runner: object = None  # the verifier runner's stats, when a caller attaches them
 
     def record(self, tree: DraftTree, accepted_len: int) -> None:
         depth = max(tree.depths(), default=-1) + 1

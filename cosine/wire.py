@@ -193,7 +193,6 @@ class VerifiedBatch:
 
 
 MESSAGE_TYPES = {cls.KIND: cls for cls in (DraftJob, Draft, Candidate, VerifyBatch, VerifiedBatch)}
-_NESTED = {"sampling": Sampling, "tree": Candidate, "items": None}
 
 Message = TypeVar("Message")
 

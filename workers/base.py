@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cosine.bus import connect, ensure_group, load_functions
 from cosine.config import Config
+from cosine.state import RequestState, RoundUpdate
 from cosine.wire import PAYLOAD_FIELD, Keys, WireError
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class StageWorker:
             info = await self.redis.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
             times = info[0]["times_delivered"] if info else 1
             (dead if times > limit else live).append((entry_id, fields or {}))
-        return live, [e for e in dead]
+        return live, dead
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -258,3 +259,20 @@ def run_worker(worker: StageWorker, *, burst: bool = False) -> None:
         uvloop.run(worker.run(burst=burst))
     except ImportError:  # pragma: no cover - uvloop is a dependency, but not on Windows
         asyncio.run(worker.run(burst=burst))
+
+
+async def apply_update(redis, keys: Keys, state: RequestState, update: RoundUpdate, next_job: tuple[list[str], bytes] | None, ttl: int) -> str:
+    """Apply a round's update with the compare-and-set Lua function; returns its outcome."""
+    fields = update.state.to_fields()
+    args: list = [str(state.round), len(fields)]
+    for name, value in fields.items():
+        args += [name, value]
+    args.append(len(update.out_entries))
+    for entry in update.out_entries:
+        args.append(len(entry))
+        for name, value in entry.items():
+            args += [name, value]
+    streams, payload = next_job if next_job else ([], b"")
+    args += [payload, ttl if update.finished else 0, state.request_id]
+    key_list = [keys.request(state.request_id), keys.out(state.request_id), keys.rounds, *streams]
+    return (await redis.fcall("cosine_apply_round", len(key_list), *key_list, *args)).decode()

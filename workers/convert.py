@@ -7,6 +7,7 @@ import torch
 
 from cosine.spec.sampling import SamplingParams
 from cosine.spec.tree import DraftChain, DraftTree, Draw
+from cosine.state import RequestState
 from cosine.wire import Candidate, Draft, Sampling, WireError
 
 
@@ -78,3 +79,8 @@ def sampling_from_wire(sampling: Sampling) -> SamplingParams:
         return SamplingParams(float(sampling.temperature), float(sampling.top_p), int(sampling.seed))
     except (TypeError, ValueError) as error:
         raise WireError(f"bad sampling parameters: {error}") from None
+
+
+def empty_candidate(state: RequestState) -> Candidate:
+    """A round with no drafts: the target alone produces one token."""
+    return Candidate(state.request_id, state.round, [], [], [], [], [], [])

@@ -16,9 +16,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from cosine.workers.base import Entry, StageWorker
+from cosine.workers.base import Entry, StageWorker, apply_update
+from cosine.workers.convert import empty_candidate
 from cosine.workers.models import load_tokenizer_and_limits
-from cosine.workers.router import apply_update, empty_candidate
 
 from cosine.bus import write_and_ack
 from cosine.spec.batching import BatchPolicy

@@ -10,14 +10,15 @@ from __future__ import annotations
 import contextlib
 import time
 
-from cosine.workers.base import Entry, StageWorker
+from cosine.workers.base import Entry, StageWorker, apply_update
+from cosine.workers.convert import empty_candidate
 from cosine.workers.models import load_tokenizer_and_limits
 
 from cosine.bus import write_and_ack
 from cosine.requests import RequestError, eos_token_ids, parse_stop, prompt_token_ids, sampling_params
 from cosine.spec.routing import choose_experts
-from cosine.state import FINISHED, RequestState, fail, final_entry
-from cosine.wire import Candidate, DraftJob, Sampling, encode
+from cosine.state import FINISHED, RequestState, fail
+from cosine.wire import DraftJob, Sampling, encode
 
 MAX_ID_LENGTH = 200
 KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert"}
@@ -134,34 +135,9 @@ class Router(StageWorker):
         if fields and fields.get(b"status", b"").decode() != FINISHED:
             state = RequestState.from_fields(fields)
             update = fail(state, self.tokenizer, "cancelled by client", "cancelled")
-            await self.apply_update(state, update)
+            await apply_update(self.redis, self.keys, state, update, None, self.config.pipeline.output_ttl_s)
             self.log.info("request %s cancelled", request_id)
         await self.redis.xack(self.keys.cancel, self.group, entry_id)
-
-    async def apply_update(self, state: RequestState, update) -> str:
-        return await apply_update(self.redis, self.keys, state, update, None, self.config.pipeline.output_ttl_s)
-
-
-async def apply_update(redis, keys, state: RequestState, update, next_job: tuple[list[str], bytes] | None, ttl: int) -> str:
-    """Apply a round's update with the compare-and-set Lua function; returns its outcome."""
-    fields = update.state.to_fields()
-    args: list = [str(state.round), len(fields)]
-    for name, value in fields.items():
-        args += [name, value]
-    args.append(len(update.out_entries))
-    for entry in update.out_entries:
-        args.append(len(entry))
-        for name, value in entry.items():
-            args += [name, value]
-    streams, payload = next_job if next_job else ([], b"")
-    args += [payload, ttl if update.finished else 0, state.request_id]
-    key_list = [keys.request(state.request_id), keys.out(state.request_id), keys.rounds, *streams]
-    return (await redis.fcall("cosine_apply_round", len(key_list), *key_list, *args)).decode()
-
-
-def empty_candidate(state: RequestState) -> Candidate:
-    """A round with no drafts: the target alone produces one token."""
-    return Candidate(state.request_id, state.round, [], [], [], [], [], [])
 
 
 def _text_fields(raw: dict[bytes, bytes]) -> dict[str, str]:
@@ -188,5 +164,3 @@ def _int_field(fields: dict[str, str], name: str, default: int) -> int:
 def _sampling(state: RequestState) -> Sampling:
     return Sampling(state.sampling.temperature, state.sampling.top_p, state.sampling.seed)
 
-
-__all__ = ["Router", "apply_update", "final_entry"]
