@@ -177,8 +177,8 @@ def test_cancellation_and_bad_input(server, tmp_path, demo_target, pipelines):
     final = final_of(out)
     assert final["finish_reason"] == "cancelled"
     assert int(final["generated_tokens"]) < 400
-    # within one round: at most the round in flight lands, then the final entry
-    assert len(out) - seen <= 2, out[seen:]
+    # within one round: at most the round in flight, the held-back text released, the final entry
+    assert len(out) - seen <= 3, out[seen:]
     assert_text_joins(out)
     # the workers kept serving, and the garbage was dead-lettered
     submit(client, id="after", prompt="The capital of France is", max_tokens=4)
