@@ -36,15 +36,15 @@ def test_generate_json_final_entry_matches_reference(demo_target, greedy_referen
 
 
 def test_generate_streams_text_and_honours_stop(demo_target):
-    completed = cosine("generate", "--prompt", "Count: one, two, three,", "--max-tokens", "30", "--stop", '[" five"]')
+    completed = cosine("generate", "--engine", "local", "--prompt", "Count: one, two, three,", "--max-tokens", "30", "--stop", '[" five"]')
     assert completed.returncode == 0, completed.stderr
     assert " five" not in completed.stdout
     assert "[stop]" in completed.stderr or "[length]" in completed.stderr
 
 
 def test_bad_arguments_get_a_clear_error(demo_target):
-    both = cosine("generate", "--prompt", "x", "--messages", "[]")
+    both = cosine("generate", "--engine", "local", "--prompt", "x", "--messages", "[]")
     assert both.returncode != 0 and "exactly one" in both.stderr
-    too_long = cosine("generate", "--prompt", "hello " * 9000, "--json")
+    too_long = cosine("generate", "--engine", "local", "--prompt", "hello " * 9000, "--json")
     assert too_long.returncode == 1
     assert "context limit" in json.loads(too_long.stdout.strip().splitlines()[-1])["error"]
