@@ -94,25 +94,44 @@ class StageWorker:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                await self.redis.delete(self.keys.live(self.role, self.instance))
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.redis.delete(self.keys.live(self.role, self.instance)), 2.0)
         finally:
-            await self.redis.aclose()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.redis.aclose(), 2.0)
             self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _main_loop(self, burst: bool) -> None:
         streams = {stream: ">" for stream in self.input_streams()}
-        while not self.stopping.is_set():
-            try:
-                replies = await self.redis.xreadgroup(self.group, self.instance, streams, count=self.read_count, block=self.block_ms())
-            except (RedisConnectionError, RedisTimeoutError) as error:
-                self.log.warning("redis connection lost (%s); retrying", error)
-                await asyncio.sleep(0.5)
-                continue
-            for stream, entries in replies or []:
-                await self._handle_safely(stream.decode() if isinstance(stream, bytes) else stream, entries)
-            await self.tick()
-            if burst and not replies and await self._idle():
-                return
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            while not self.stopping.is_set():
+                read = asyncio.ensure_future(
+                    self.redis.xreadgroup(self.group, self.instance, streams, count=self.read_count, block=self.block_ms())
+                )
+                # A drain must not wait for a blocking read (or for a server that is gone).
+                await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await read
+                    return
+                try:
+                    replies = read.result()
+                except (RedisConnectionError, RedisTimeoutError) as error:
+                    self.log.warning("redis connection lost (%s); retrying", error)
+                    await asyncio.sleep(0.5)
+                    continue
+                await self._dispatch(replies)
+                if burst and not replies and await self._idle():
+                    return
+        finally:
+            stop.cancel()
+
+    async def _dispatch(self, replies) -> None:
+        for stream, entries in replies or []:
+            await self._handle_safely(stream.decode() if isinstance(stream, bytes) else stream, entries)
+        await self.tick()
 
     async def _idle(self) -> bool:
         return True
