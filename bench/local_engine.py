@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=0, help="also run N requests per verification batch")
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--configs", default="", help="comma-separated subset of drafter configurations")
+    parser.add_argument("--name", default="local-engine", help="result file name in bench/results")
     parser.add_argument("--verify-cost", type=float, default=1.6, help="v of bench.md (bench/verify_cost.py measures it)")
     args = parser.parse_args()
     setup_torch(args.threads)
@@ -192,7 +193,7 @@ def main() -> None:
         )
     result["other_cpu_share"] = other.share()
     report_other_cpu(result["other_cpu_share"])
-    print(f"wrote {write_result('local-engine', result)}")
+    print(f"wrote {write_result(args.name, result)}")
 
 
 if __name__ == "__main__":
