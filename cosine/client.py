@@ -56,6 +56,15 @@ def _piece(fields: dict[bytes, bytes]) -> Piece:
     return Piece(text.get("type", ""), text.get("text", ""), json.loads(text.get("token_ids", "[]")), text)
 
 
+def _entries(reply) -> list[tuple[bytes, Piece]]:
+    """(entry id, piece) for every entry of an XREAD reply on one output stream."""
+    return [(entry_id, _piece(fields)) for _, entries in reply or [] for entry_id, fields in entries]
+
+
+def _block_ms(remaining_s: float) -> int:
+    return max(1, int(min(remaining_s, 1.0) * 1000))
+
+
 def _timeout_error(request_id: str, timeout: float) -> TimeoutError:
     return TimeoutError(
         f"no output for request {request_id} within {timeout:.0f}s: is a CoSine server running "
@@ -93,14 +102,13 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _timeout_error(request_id, timeout)
-            reply = self.redis.xread({self.keys.out(request_id): last}, block=int(min(remaining, 1.0) * 1000) or 1)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    piece = _piece(fields)
-                    yield piece
-                    if piece.type == "final":
-                        return
+            reply = self.redis.xread({self.keys.out(request_id): last}, block=_block_ms(remaining))
+            for entry_id, piece in _entries(reply):
+                last = entry_id
+                yield piece
+                if piece.type == "final":
+                    return
+            if reply:
                 deadline = time.monotonic() + timeout  # progress: the time-out counts from the last entry
 
     def stream(self, prompt=None, messages=None, request_id=None, **params) -> Iterator[Piece]:
@@ -140,14 +148,13 @@ class AsyncClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _timeout_error(request_id, timeout)
-            reply = await self.redis.xread({self.keys.out(request_id): last}, block=int(min(remaining, 1.0) * 1000) or 1)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    piece = _piece(fields)
-                    yield piece
-                    if piece.type == "final":
-                        return
+            reply = await self.redis.xread({self.keys.out(request_id): last}, block=_block_ms(remaining))
+            for entry_id, piece in _entries(reply):
+                last = entry_id
+                yield piece
+                if piece.type == "final":
+                    return
+            if reply:
                 deadline = time.monotonic() + timeout
 
     async def generate(self, prompt=None, messages=None, request_id=None, **params) -> dict[str, str]:
