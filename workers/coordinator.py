@@ -98,7 +98,8 @@ class Coordinator(StageWorker):
             busy = await self._busy_verifiers()
             if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.live_verifiers, busy):
                 return
-            taken, self.pool = self.pool[: self.batch_policy.take(len(self.pool))], self.pool[self.batch_policy.take(len(self.pool)) :]
+            size = self.batch_policy.take(len(self.pool))
+            taken, self.pool = self.pool[:size], self.pool[size:]
             batch = VerifyBatch(uuid.uuid4().hex[:12], [w.item for w in taken])
             self.log.debug("batch %s: %d requests (pool waited %.0f ms, %d active, %d/%d verifiers busy)", batch.batch_id, len(taken), oldest * 1000, active, busy, self.live_verifiers)
             await write_and_ack(self.redis, [(self.keys.verify, encode(batch))], self.keys.candidates, self.group, [w.entry_id for w in taken])
