@@ -1,0 +1,112 @@
+"""BatchPolicy: fair share over live verifiers, flush rules, batch size, validation."""
+
+import pytest
+
+from cosine.spec.batching import BatchPolicy
+
+
+def flush(policy, pool_size=1, pool_tokens=4, oldest_wait_s=0.0, active_requests=8, live_verifiers=2, busy_verifiers=2):
+    """should_flush with keyword defaults: a small pool, every verifier busy, nothing waited yet."""
+    return policy.should_flush(pool_size, pool_tokens, oldest_wait_s, active_requests, live_verifiers, busy_verifiers)
+
+
+def test_fair_share_is_ceiling_of_requests_over_verifiers():
+    policy = BatchPolicy(max_batch=8)
+    assert policy.fair_share(10, 3) == 4
+    assert policy.fair_share(9, 3) == 3
+    assert policy.fair_share(7, 2) == 4
+    assert policy.fair_share(1, 4) == 1
+
+
+def test_fair_share_capped_by_max_batch():
+    policy = BatchPolicy(max_batch=5)
+    assert policy.fair_share(40, 2) == 5
+    assert policy.fair_share(10, 1) == 5
+    assert policy.fair_share(9, 2) == 5
+
+
+def test_fair_share_is_at_least_one():
+    policy = BatchPolicy(max_batch=8)
+    assert policy.fair_share(0, 3) == 1
+    assert policy.fair_share(0, 0) == 1
+    assert policy.fair_share(6, 0) == 6  # no live verifier counted as one
+
+
+def test_empty_pool_never_flushes():
+    policy = BatchPolicy(max_batch=8, max_tokens=16, max_wait_s=0.05)
+    assert not flush(policy, pool_size=0, pool_tokens=100, oldest_wait_s=10.0, busy_verifiers=0)
+
+
+def test_flush_when_pool_reaches_fair_share():
+    policy = BatchPolicy(max_batch=8, max_tokens=512, max_wait_s=0.05)
+    # 6 requests over 2 verifiers: a fair share is 3, and every verifier is busy.
+    assert not flush(policy, pool_size=2, active_requests=6, live_verifiers=2, busy_verifiers=2)
+    assert flush(policy, pool_size=3, active_requests=6, live_verifiers=2, busy_verifiers=2)
+    assert flush(policy, pool_size=4, active_requests=6, live_verifiers=2, busy_verifiers=2)
+
+
+def test_flush_when_pool_reaches_max_batch_under_heavy_load():
+    policy = BatchPolicy(max_batch=4, max_tokens=512, max_wait_s=0.05)
+    assert not flush(policy, pool_size=3, active_requests=100, live_verifiers=1, busy_verifiers=1)
+    assert flush(policy, pool_size=4, active_requests=100, live_verifiers=1, busy_verifiers=1)
+
+
+def test_flush_on_token_budget():
+    policy = BatchPolicy(max_batch=8, max_tokens=32, max_wait_s=0.05)
+    # Far below the fair share of 8, every verifier busy: only the token budget can flush.
+    assert not flush(policy, pool_size=2, pool_tokens=31, active_requests=16, live_verifiers=2, busy_verifiers=2)
+    assert flush(policy, pool_size=2, pool_tokens=32, active_requests=16, live_verifiers=2, busy_verifiers=2)
+    assert flush(policy, pool_size=1, pool_tokens=40, active_requests=16, live_verifiers=2, busy_verifiers=2)
+
+
+def test_hold_while_every_verifier_busy_even_past_max_wait():
+    policy = BatchPolicy(max_batch=8, max_tokens=512, max_wait_s=0.05)
+    assert not flush(policy, pool_size=1, oldest_wait_s=10.0, active_requests=8, live_verifiers=2, busy_verifiers=2)
+    assert not flush(policy, pool_size=1, oldest_wait_s=10.0, active_requests=8, live_verifiers=2, busy_verifiers=5)
+
+
+def test_flush_after_max_wait_when_a_verifier_is_idle():
+    policy = BatchPolicy(max_batch=8, max_tokens=512, max_wait_s=0.05)
+    assert not flush(policy, pool_size=1, oldest_wait_s=0.049, active_requests=8, live_verifiers=2, busy_verifiers=1)
+    assert flush(policy, pool_size=1, oldest_wait_s=0.05, active_requests=8, live_verifiers=2, busy_verifiers=1)
+    assert flush(policy, pool_size=1, oldest_wait_s=0.2, active_requests=8, live_verifiers=2, busy_verifiers=0)
+
+
+def test_no_live_verifier_counts_as_one_idle_verifier():
+    policy = BatchPolicy(max_batch=8, max_tokens=512, max_wait_s=0.05)
+    assert flush(policy, pool_size=1, oldest_wait_s=0.1, active_requests=8, live_verifiers=0, busy_verifiers=0)
+    assert not flush(policy, pool_size=1, oldest_wait_s=0.1, active_requests=8, live_verifiers=0, busy_verifiers=1)
+
+
+def test_zero_max_wait_flushes_at_once_to_an_idle_verifier():
+    policy = BatchPolicy(max_batch=8, max_tokens=512, max_wait_s=0.0)
+    assert flush(policy, pool_size=1, oldest_wait_s=0.0, active_requests=8, live_verifiers=2, busy_verifiers=1)
+    assert not flush(policy, pool_size=1, oldest_wait_s=0.0, active_requests=8, live_verifiers=2, busy_verifiers=2)
+
+
+def test_take_caps_at_max_batch():
+    policy = BatchPolicy(max_batch=4)
+    assert policy.take(0) == 0
+    assert policy.take(3) == 3
+    assert policy.take(4) == 4
+    assert policy.take(11) == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_batch": 0},
+        {"max_batch": -1},
+        {"max_tokens": 0},
+        {"max_wait_s": -0.001},
+    ],
+)
+def test_invalid_policy_raises(kwargs):
+    with pytest.raises(ValueError):
+        BatchPolicy(**kwargs)
+
+
+def test_smallest_valid_policy():
+    policy = BatchPolicy(max_batch=1, max_tokens=1, max_wait_s=0.0)
+    assert (policy.max_batch, policy.max_tokens, policy.max_wait_s) == (1, 1, 0.0)
+    assert policy.fair_share(10, 1) == 1
