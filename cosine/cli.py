@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
@@ -15,6 +17,8 @@ from cosine.config import Config, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="CoSine: collaborative speculative inference serving.")
 models_app = typer.Typer(no_args_is_help=True, help="Model files.")
 app.add_typer(models_app, name="models")
+dead_app = typer.Typer(no_args_is_help=True, help="Dead-lettered entries: list and replay.")
+app.add_typer(dead_app, name="dead")
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config.toml to read (default: $COSINE_CONFIG or ./config.toml)")
 
@@ -56,7 +60,7 @@ def generate(
     max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", help="default: defaults.max_tokens"),
     temperature: float = typer.Option(0.0, "--temperature", "-t"),
     top_p: float = typer.Option(1.0, "--top-p"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int | None = typer.Option(None, "--seed", help="default: a random seed (recorded in the request state)"),
     stop: str | None = typer.Option(None, "--stop", help="JSON list of stop strings"),
     engine: str = typer.Option("pipeline", "--engine", help="pipeline: submit to a running server over Redis; local: the in-process reference engine"),
     redis_url: str | None = typer.Option(None, "--redis-url", help="server to submit to (default: $COSINE_REDIS_URL, else the URL `cosine serve` wrote)"),
@@ -191,9 +195,25 @@ def worker(
     config_path: Path | None = ConfigOption,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run one pipeline stage; start several on any machine that reaches the Redis to scale out."""
+    """Run one pipeline stage; start several on any machine that reaches the Redis to scale out.
+
+    Exits with code 3 when it cannot start (bad config, missing model): `cosine serve` then
+    stops instead of restarting it forever.
+    """
+    from cosine.workers.base import StartupError, run_worker
+
+    try:
+        stage = _build_stage(role, expert, drafter_name, redis_url, config_path, verbose)
+    except (typer.BadParameter, ValueError) as error:
+        _startup_failed(role, error)
+    try:
+        run_worker(stage, burst=burst)
+    except StartupError as error:
+        _startup_failed(role, error)
+
+
+def _build_stage(role: str, expert: str | None, drafter_name: str | None, redis_url: str | None, config_path: Path | None, verbose: bool):
     from cosine.workers import build_worker
-    from cosine.workers.base import run_worker
 
     config = _setup(config_path, verbose)
     url = redis_url or config.redis.url
@@ -201,32 +221,72 @@ def worker(
         raise typer.BadParameter("a worker needs --redis-url or COSINE_REDIS_URL")
     if role not in ROLES:
         raise typer.BadParameter(f"role must be one of {', '.join(ROLES)}", param_hint="ROLE")
-    run_worker(build_worker(role, config, url, expert=expert, drafter_name=drafter_name), burst=burst)
+    return build_worker(role, config, url, expert=expert, drafter_name=drafter_name)
+
+
+def _startup_failed(role: str, error: Exception) -> NoReturn:
+    from cosine.serve import STARTUP_FAILED
+    from cosine.workers.base import StartupError
+
+    if isinstance(error, StartupError):  # its message already names the role
+        typer.echo(f"error: {error}", err=True)
+    else:
+        message = error.format_message() if isinstance(error, typer.BadParameter) else str(error)
+        typer.echo(f"error: the {role} worker cannot start: {message}", err=True)
+    raise typer.Exit(STARTUP_FAILED)
 
 
 @app.command()
 def serve(
     redis_url: str | None = typer.Option(None, "--redis-url", help="use this server instead of the embedded one"),
-    verifiers: int = typer.Option(1, "--verifiers", help="verifier processes"),
-    drafters_per_expert: int = typer.Option(1, "--drafters", help="processes per configured drafter"),
+    verifiers: int = typer.Option(1, "--verifiers", min=0, help="verifier processes"),
+    drafters_per_expert: int = typer.Option(1, "--drafters", min=0, help="processes per configured drafter"),
+    replicas: int = typer.Option(1, "--replicas", min=0, help="processes of each of router, coordinator and fusion"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="embedded server: its data directory (default: a fresh temporary one, removed at stop)"),
+    fsync: str = typer.Option("everysec", "--fsync", help="embedded server: appendfsync policy of its append-only file (always | everysec | no)"),
     config_path: Path | None = ConfigOption,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Start every stage (and the embedded Redis when no URL is given) until Ctrl-C or SIGTERM."""
-    from cosine.serve import Supervisor
+    """Start every stage (and the embedded Redis when no URL is given) and keep them running
+    until Ctrl-C or SIGTERM."""
+    from cosine.serve import Supervisor, SupervisorError
 
     config = _setup(config_path, verbose)
-    supervisor = Supervisor(config, redis_url or config.redis.url or None, config_path, verifiers, drafters_per_expert, verbose)
-    url = supervisor.start()
-    _url_file(config).parent.mkdir(parents=True, exist_ok=True)
-    _url_file(config).write_text(url + "\n")
-    typer.echo(f"cosine serving on {url} (namespace {config.redis.namespace!r}); Ctrl-C to stop", err=True)
     try:
+        supervisor = Supervisor(config, redis_url or config.redis.url or None, config_path, verifiers, drafters_per_expert, verbose,
+                                replicas=replicas, data_dir=data_dir, fsync=fsync)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    try:
+        url = supervisor.start()
+        _write_private(_url_file(config), url + "\n")
+        typer.echo(f"cosine serving on {_without_password(url)} (namespace {config.redis.namespace!r}; "
+                   f"URL with password in {_url_file(config)}); Ctrl-C to stop", err=True)
         supervisor.wait()
+    except SupervisorError as error:
+        typer.echo(f"error: {error}; stopping", err=True)
+        raise typer.Exit(1) from None
     finally:
         supervisor.stop()
-        if _url_file(config).is_file() and _url_file(config).read_text().strip() == url:
+        if supervisor.url and _url_file(config).is_file() and _url_file(config).read_text().strip() == supervisor.url:
             _url_file(config).unlink()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """The URL carries the server's password: only its owner may read the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, address = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{address}"))
 
 
 @app.command()
@@ -235,7 +295,7 @@ def status(
     as_json: bool = typer.Option(False, "--json"),
     config_path: Path | None = ConfigOption,
 ) -> None:
-    """Queue depths, pending entries, live workers and counters."""
+    """Queue depths, pending entries, live workers, counters and worker restarts."""
     from cosine.status import read_status
 
     config = _setup(config_path)
@@ -251,6 +311,57 @@ def status(
     for role, workers in report["workers"].items():
         typer.echo(f"  {role:12s} {len(workers)}  " + "  ".join(workers))
     typer.echo("counters: " + ", ".join(f"{k}={v}" for k, v in report["stats"].items()))
+    typer.echo("restarts: " + (", ".join(f"{k}={v}" for k, v in report["restarts"].items()) or "none"))
+
+
+RedisUrlOption = typer.Option(None, "--redis-url", help="default: $COSINE_REDIS_URL, redis.url, else the URL `cosine serve` wrote")
+
+
+@dead_app.command("list")
+def dead_list(
+    count: int = typer.Option(100, "--count", "-n", min=1, help="the newest N dead letters"),
+    as_json: bool = typer.Option(False, "--json"),
+    redis_url: str | None = RedisUrlOption,
+    config_path: Path | None = ConfigOption,
+) -> None:
+    """Dead-lettered entries, newest first: id, age, stage, source stream, reason."""
+    import redis
+
+    from cosine.dead import list_dead
+    from cosine.wire import Keys
+
+    config = _setup(config_path)
+    with redis.Redis.from_url(_client_url(config, redis_url)) as client:
+        letters = list_dead(client, Keys(config.redis.namespace), count)
+    if as_json:
+        typer.echo(json.dumps([letter.to_json() for letter in letters], indent=2))
+        return
+    for letter in letters:
+        typer.echo(f"{letter.id:20s} {letter.age_s:9.1f}s  {letter.stage:12s} {letter.stream:28s} {letter.reason}")
+    if not letters:
+        typer.echo("no dead letters", err=True)
+
+
+@dead_app.command("replay")
+def dead_replay(
+    dead_id: str = typer.Argument(..., help="the dead letter's id (first column of `cosine dead list`)"),
+    redis_url: str | None = RedisUrlOption,
+    config_path: Path | None = ConfigOption,
+) -> None:
+    """Write a dead letter's original entry back to its stream, then delete the dead letter."""
+    import redis
+
+    from cosine.dead import DeadLetterError, replay
+    from cosine.wire import Keys
+
+    config = _setup(config_path)
+    with redis.Redis.from_url(_client_url(config, redis_url)) as client:
+        try:
+            new_id = replay(client, Keys(config.redis.namespace), dead_id)
+        except DeadLetterError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(f"replayed {dead_id} as {new_id}")
 
 
 @app.command()

@@ -56,9 +56,21 @@ def _piece(fields: dict[bytes, bytes]) -> Piece:
     return Piece(text.get("type", ""), text.get("text", ""), json.loads(text.get("token_ids", "[]")), text)
 
 
-def _entries(reply) -> list[tuple[bytes, Piece]]:
-    """(entry id, piece) for every entry of an XREAD reply on one output stream."""
-    return [(entry_id, _piece(fields)) for _, entries in reply or [] for entry_id, fields in entries]
+def _entries(reply, cursors: dict[str, str]) -> list[Piece]:
+    """Every piece of an XREAD reply, advancing each stream's cursor past what was read."""
+    pieces = []
+    for stream, entries in reply or []:
+        for entry_id, fields in entries:
+            cursors[stream.decode() if isinstance(stream, bytes) else stream] = entry_id
+            pieces.append(_piece(fields))
+    return pieces
+
+
+def _cursors(keys: Keys, request_id: str, entry_id: str | None) -> dict[str, str]:
+    """The streams an answer can come on: ``out:{id}``, and ``out:{entry ID}`` where a refusal
+    of an id already in use goes (never to the other request's stream)."""
+    streams = [keys.out(request_id)] + ([keys.out(entry_id)] if entry_id and entry_id != request_id else [])
+    return {stream: "0-0" for stream in streams}
 
 
 def _block_ms(remaining_s: float) -> int:
@@ -75,6 +87,7 @@ def _timeout_error(request_id: str, timeout: float) -> TimeoutError:
 class Client:
     def __init__(self, url: str, namespace: str = "cosine:", timeout: float = 120.0) -> None:
         self.redis = redis.Redis.from_url(url)
+        self.entry_ids: dict[str, str] = {}  # request id -> its XADD entry ID
         self.keys = Keys(namespace)
         self.timeout = timeout
 
@@ -89,7 +102,7 @@ class Client:
 
     def submit(self, prompt=None, messages=None, request_id=None, **params) -> str:
         fields = request_fields(prompt, messages, request_id, **params)
-        self.redis.xadd(self.keys.requests, fields)
+        self.entry_ids[fields["id"]] = self.redis.xadd(self.keys.requests, fields).decode()
         return fields["id"]
 
     def cancel(self, request_id: str) -> None:
@@ -97,14 +110,13 @@ class Client:
 
     def read(self, request_id: str, timeout: float | None = None) -> Iterator[Piece]:
         timeout = self.timeout if timeout is None else timeout
-        last, deadline = "0-0", time.monotonic() + timeout
+        cursors, deadline = _cursors(self.keys, request_id, self.entry_ids.pop(request_id, None)), time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _timeout_error(request_id, timeout)
-            reply = self.redis.xread({self.keys.out(request_id): last}, block=_block_ms(remaining))
-            for entry_id, piece in _entries(reply):
-                last = entry_id
+            reply = self.redis.xread(cursors, block=_block_ms(remaining))
+            for piece in _entries(reply, cursors):
                 yield piece
                 if piece.type == "final":
                     return
@@ -124,6 +136,7 @@ class Client:
 class AsyncClient:
     def __init__(self, url: str, namespace: str = "cosine:", timeout: float = 120.0) -> None:
         self.redis = aioredis.Redis.from_url(url)
+        self.entry_ids: dict[str, str] = {}  # request id -> its XADD entry ID
         self.keys = Keys(namespace)
         self.timeout = timeout
 
@@ -135,7 +148,7 @@ class AsyncClient:
 
     async def submit(self, prompt=None, messages=None, request_id=None, **params) -> str:
         fields = request_fields(prompt, messages, request_id, **params)
-        await self.redis.xadd(self.keys.requests, fields)
+        self.entry_ids[fields["id"]] = (await self.redis.xadd(self.keys.requests, fields)).decode()
         return fields["id"]
 
     async def cancel(self, request_id: str) -> None:
@@ -143,14 +156,13 @@ class AsyncClient:
 
     async def read(self, request_id: str, timeout: float | None = None) -> AsyncIterator[Piece]:
         timeout = self.timeout if timeout is None else timeout
-        last, deadline = "0-0", time.monotonic() + timeout
+        cursors, deadline = _cursors(self.keys, request_id, self.entry_ids.pop(request_id, None)), time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _timeout_error(request_id, timeout)
-            reply = await self.redis.xread({self.keys.out(request_id): last}, block=_block_ms(remaining))
-            for entry_id, piece in _entries(reply):
-                last = entry_id
+            reply = await self.redis.xread(cursors, block=_block_ms(remaining))
+            for piece in _entries(reply, cursors):
                 yield piece
                 if piece.type == "final":
                     return

@@ -27,7 +27,10 @@ class ModelConfig:
     dtype: str = "float32"
     threads: int = 2
     cache_dir: str = DEFAULT_CACHE_DIR
-    max_cached_tokens: int = 262_144
+    # KV-cache budget per model runner, in MiB of allocated buffers. `cosine serve` runs one
+    # runner per verifier and per model drafter process, so the default keeps a few of them far
+    # below the memory of a small machine (SmolLM2-135M fp32: 45 KiB per token, ~23k tokens).
+    kv_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -36,6 +39,8 @@ class ModelConfig:
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"model.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.kv_cache_mb < 16:
+            raise ValueError(f"model.kv_cache_mb must be >= 16, got {self.kv_cache_mb}")
 
     @property
     def cache_path(self) -> Path:
@@ -44,6 +49,10 @@ class ModelConfig:
     @property
     def target_path(self) -> str:
         return self.target or str(self.cache_path / "models" / DEMO_TARGET_FILE)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache_mb * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +129,14 @@ class PipelineConfig:
     output_ttl_s: int = 3_600  # finished requests' out: streams and state expire
     trim_interval_s: float = 5.0
     max_prompt_chars: int = 200_000
+    deadline_s: float = 600.0  # a request without its own deadline_s ends (error_code=deadline) after this
 
     def __post_init__(self) -> None:
         for name in ("block_ms", "claim_idle_ms", "max_deliveries", "heartbeat_ms", "output_ttl_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pipeline.{name} must be >= 1")
+        if not self.deadline_s > 0:
+            raise ValueError("pipeline.deadline_s must be > 0")
         if self.block_ms > 20_000:
             raise ValueError("pipeline.block_ms must be <= 20000 (a blocking read must end before the socket time-out)")
 

@@ -44,7 +44,7 @@ def build_drafter(spec: DrafterConfig, target: LoadedModel, config: Config) -> D
         loaded = load_model(spec.model, cache_dir=config.model.cache_path, device=config.model.device, dtype=config.model.dtype)
         check_same_tokenizer(loaded.tokenizer, target.tokenizer, spec.name)
         model = loaded.model
-    return ModelDrafter(spec.name, ModelRunner(model, max_cached_tokens=config.model.max_cached_tokens))
+    return ModelDrafter(spec.name, ModelRunner(model, max_cache_bytes=config.model.kv_cache_bytes))
 
 
 def check_same_tokenizer(drafter_tokenizer, target_tokenizer, name: str) -> None:
@@ -59,7 +59,7 @@ def build_stack(config: Config, drafter_names: list[str] | None = None) -> Stack
         known = [d.name for d in config.drafters]
         raise ValueError(f"unknown drafter in {drafter_names}; configured: {known}")
     drafters = [build_drafter(spec, target, config) for spec in specs]
-    runner = ModelRunner(target.model, max_cached_tokens=config.model.max_cached_tokens)
+    runner = ModelRunner(target.model, max_cache_bytes=config.model.kv_cache_bytes)
     return Stack(target, runner, drafters)
 
 

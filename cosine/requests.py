@@ -8,22 +8,35 @@ through the target's chat template with the generation prompt.
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 from cosine.spec.sampling import SamplingParams
 from cosine.spec.stopping import StopRules
 
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 128
+
 
 class RequestError(ValueError):
-    """The request is invalid; the message is meant for the client."""
+    """The request is invalid; the message is meant for the client.
+
+    ``param`` names the offending field (``error_param`` in the final entry); ``code`` is the
+    machine-readable ``error_code`` clients branch on.
+    """
+
+    def __init__(self, message: str, param: str = "", code: str = "invalid") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
 
 
 def prompt_token_ids(tokenizer, prompt: str | None = None, messages: str | list | None = None) -> list[int]:
     if (prompt is None) == (messages is None):
-        raise RequestError("give exactly one of 'prompt' and 'messages'")
+        raise RequestError("give exactly one of 'prompt' and 'messages'", "prompt" if prompt is not None else "messages")
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt:
-            raise RequestError("'prompt' must be a non-empty string")
+            raise RequestError("'prompt' must be a non-empty string", "prompt")
         return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     parsed = _parse_messages(messages)
     encoded = tokenizer.apply_chat_template(parsed, add_generation_prompt=True)
@@ -36,16 +49,16 @@ def _parse_messages(messages: str | list) -> list[dict[str, str]]:
         try:
             messages = json.loads(messages)
         except json.JSONDecodeError as error:
-            raise RequestError(f"'messages' is not valid JSON: {error}") from None
+            raise RequestError(f"'messages' is not valid JSON: {error}", "messages") from None
     if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty JSON list")
+        raise RequestError("'messages' must be a non-empty JSON list", "messages")
     for message in messages:
         if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise RequestError("each message must be an object with exactly 'role' and 'content'")
+            raise RequestError("each message must be an object with exactly 'role' and 'content'", "messages")
         if not all(isinstance(message[k], str) for k in ("role", "content")):
-            raise RequestError("message 'role' and 'content' must be strings")
+            raise RequestError("message 'role' and 'content' must be strings", "messages")
         if message["role"] not in ("system", "user", "assistant"):
-            raise RequestError(f"unknown message role {message['role']!r}")
+            raise RequestError(f"unknown message role {message['role']!r}", "messages")
     return messages
 
 
@@ -65,27 +78,44 @@ def parse_stop(stop: str | list | None) -> tuple[str, ...]:
     if isinstance(stop, str):
         try:
             stop = json.loads(stop)
-        except json.JSONDecodeError as error:
-            raise RequestError(f"'stop' is not valid JSON: {error}") from None
+        except json.JSONDecodeError:
+            stop = [stop]  # a plain string is one stop string (handy from redis-cli)
     if isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
-        raise RequestError("'stop' must be a JSON list of at most 16 non-empty strings")
+    # Bounded: the stop check runs on the coordinator's event loop every round.
+    if (
+        not isinstance(stop, list)
+        or len(stop) > MAX_STOP_STRINGS
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
+    ):
+        raise RequestError(f"'stop' must be a JSON list of at most {MAX_STOP_STRINGS} strings of 1-{MAX_STOP_CHARS} characters", "stop")
     return tuple(stop)
 
 
-def sampling_params(temperature: Any = 0.0, top_p: Any = 1.0, seed: Any = 0) -> SamplingParams:
+def sampling_params(temperature: Any = 0.0, top_p: Any = 1.0, seed: Any = None) -> SamplingParams:
+    """Sampling parameters; without a seed a random one is drawn (and recorded by the caller),
+    so identical unseeded requests get independent samples yet each can be replayed."""
+    values = {"temperature": temperature, "top_p": top_p, "seed": secrets.randbits(62) if seed is None else seed}
+    parsed = {}
+    for name, value in values.items():
+        try:
+            parsed[name] = int(value) if name == "seed" else float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise RequestError(f"'{name}' must be a number, got {value!r}", name) from None
+        if parsed[name] != parsed[name]:
+            raise RequestError(f"'{name}' must be a number, got {value!r}", name)
     try:
-        return SamplingParams(float(temperature), float(top_p), int(seed))
-    except (TypeError, ValueError) as error:
-        raise RequestError(str(error)) from None
+        return SamplingParams(**parsed)
+    except ValueError as error:
+        param = next((n for n in ("temperature", "top_p", "seed") if n in str(error)), "")
+        raise RequestError(str(error), param) from None
 
 
 def stop_rules(max_tokens: Any, limit: int, eos_ids: frozenset[int], stop: str | list | None = None) -> StopRules:
     try:
         max_tokens = int(max_tokens)
     except (TypeError, ValueError):
-        raise RequestError(f"'max_tokens' must be an integer, got {max_tokens!r}") from None
+        raise RequestError(f"'max_tokens' must be an integer, got {max_tokens!r}", "max_tokens") from None
     if not 1 <= max_tokens <= limit:
-        raise RequestError(f"'max_tokens' must be in [1, {limit}], got {max_tokens}")
+        raise RequestError(f"'max_tokens' must be in [1, {limit}], got {max_tokens}", "max_tokens")
     return StopRules(max_tokens, eos_ids, parse_stop(stop))

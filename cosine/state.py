@@ -39,6 +39,8 @@ class RequestState:
     accepted_tokens: int = 0
     fingerprint: str = ""
     created_ms: int = 0
+    deadline_ms: int = 0  # epoch ms: the request ends with error_code=deadline then
+    cancel_requested: bool = False  # set only by the cancel function (never written back)
 
     @property
     def context(self) -> list[int]:
@@ -67,11 +69,15 @@ class RequestState:
             "accepted_tokens": str(self.accepted_tokens),
             "fingerprint": self.fingerprint,
             "created_ms": str(self.created_ms),
+            "deadline_ms": str(self.deadline_ms),
         }
 
     @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> RequestState:
+    def from_fields(cls, fields: dict[bytes, bytes]) -> RequestState | None:
+        """The state in a request hash; None for a refused request's tombstone."""
         f = {k.decode(): v for k, v in fields.items()}
+        if "prompt_ids" not in f:
+            return None
         text = lambda name: f[name].decode()  # noqa: E731
         temperature, top_p, seed = json.loads(f["sampling"])
         return cls(
@@ -92,6 +98,8 @@ class RequestState:
             accepted_tokens=int(f["accepted_tokens"]),
             fingerprint=text("fingerprint"),
             created_ms=int(f["created_ms"]),
+            deadline_ms=int(f.get("deadline_ms", b"0")),
+            cancel_requested="cancel" in f,
         )
 
 
@@ -104,7 +112,7 @@ class RoundUpdate:
     finished: bool
 
 
-def final_entry(state: RequestState, text: str, finish_reason: str, error: str = "") -> dict[str, str]:
+def final_entry(state: RequestState, text: str, finish_reason: str, error: str = "", error_code: str = "") -> dict[str, str]:
     entry = {
         "type": "final",
         "finish_reason": finish_reason,
@@ -118,6 +126,17 @@ def final_entry(state: RequestState, text: str, finish_reason: str, error: str =
     }
     if error:
         entry["error"] = error
+        entry["error_code"] = error_code or "internal"
+    return entry
+
+
+def refusal_entry(error: str, error_code: str, error_param: str = "") -> dict[str, str]:
+    """The one final entry of a request refused before it started."""
+    entry = {"type": "final", "finish_reason": "error", "text": "", "token_ids": "[]", "prompt_tokens": "0",
+             "generated_tokens": "0", "rounds": "0", "draft_tokens": "0", "accepted_tokens": "0",
+             "error": error, "error_code": error_code}
+    if error_param:
+        entry["error_param"] = error_param
     return entry
 
 
@@ -160,12 +179,12 @@ def advance(
     return RoundUpdate(new_state, entries, emission.finish_reason is not None)
 
 
-def fail(state: RequestState, tokenizer, reason: str, finish_reason: str = FINISH_ERROR) -> RoundUpdate:
-    """Finish a request early (error or cancellation), keeping what it produced."""
+def fail(state: RequestState, tokenizer, reason: str, finish_reason: str = FINISH_ERROR, error_code: str = "internal") -> RoundUpdate:
+    """Finish a request early (error, deadline or cancellation), keeping what it produced."""
     new_state = replace(state, round=state.round + 1, status=FINISHED)
     text = tokenizer.decode(state.output_ids, skip_special_tokens=True) if state.output_ids else ""
     entries = []
     if len(text) > state.emitted_chars:  # release held-back text so the pieces join to `text`
         entries.append({"type": "tokens", "text": text[state.emitted_chars :], "token_ids": "[]"})
-    entries.append(final_entry(new_state, text, finish_reason, reason))
+    entries.append(final_entry(new_state, text, finish_reason, reason, error_code))
     return RoundUpdate(new_state, entries, True)

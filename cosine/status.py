@@ -1,4 +1,4 @@
-"""``cosine status``: queue depths, pending entries, live workers, counters."""
+"""``cosine status``: queue depths, pending entries, live workers, counters, worker restarts."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def read_status(url: str, namespace: str) -> dict:
     try:
         streams = [keys.requests, keys.cancel, keys.drafts, keys.candidates, keys.verify, keys.verified, keys.dead]
         streams += [keys.draft(e) for e in sorted(client.smembers(keys.experts))]
-        report: dict = {"streams": {}, "workers": {}, "stats": client.hgetall(keys.stats)}
+        report: dict = {"streams": {}, "workers": {}, "stats": client.hgetall(keys.stats), "restarts": read_restarts(client, keys)}
         for stream in streams:
             if not client.exists(stream):
                 continue
@@ -28,3 +28,8 @@ def read_status(url: str, namespace: str) -> dict:
         return report
     finally:
         client.close()
+
+
+def read_restarts(client: redis.Redis, keys: Keys) -> dict[str, int]:
+    """Worker restarts per role, counted by ``cosine serve`` supervisors."""
+    return {role: int(count) for role, count in sorted(client.hgetall(keys.restarts).items())}

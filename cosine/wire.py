@@ -9,6 +9,7 @@ any Redis client can speak them. An unknown version or a malformed message raise
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -57,6 +58,12 @@ class Keys:
     def verify(self) -> str:
         return f"{self.prefix}verify"
 
+    def verify_for(self, fingerprint: str) -> str:
+        """Verification batches of requests pinned to one target fingerprint (after their first
+        round): only verifiers of that target read it, so a rolling upgrade errors nothing."""
+        digest = hashlib.blake2b(fingerprint.encode(), digest_size=6).hexdigest()
+        return f"{self.prefix}verify:{digest}"
+
     @property
     def verified(self) -> str:
         return f"{self.prefix}verified"
@@ -77,7 +84,36 @@ class Keys:
 
     @property
     def rounds(self) -> str:
+        """zset: request id -> when its round was sent to drafting (the drafter-deadline sweep)."""
         return f"{self.prefix}rounds"
+
+    @property
+    def deadlines(self) -> str:
+        """zset: request id -> the epoch ms at which it ends with error_code=deadline."""
+        return f"{self.prefix}deadlines"
+
+    def fuse(self, request_id: str, round_index: int) -> str:
+        """hash: one round's drafts while fusion waits for every cooperating expert."""
+        return f"{self.prefix}fuse:{request_id}:{round_index}"
+
+    @property
+    def fusing(self) -> str:
+        """zset: fuse hash key -> when fusion must emit it (deadline, or retake after a crash)."""
+        return f"{self.prefix}fusing"
+
+    @property
+    def fingerprints(self) -> str:
+        """set: target fingerprints verifiers have announced (their verify streams exist)."""
+        return f"{self.prefix}fingerprints"
+
+    @property
+    def restarts(self) -> str:
+        return f"{self.prefix}restarts"
+
+    @property
+    def test_phase(self) -> str:
+        """hash: instance -> the fault point it is in (only with COSINE_TEST_FAULTS)."""
+        return f"{self.prefix}test:phase"
 
     @property
     def stats(self) -> str:
@@ -177,6 +213,7 @@ class VerifiedItem:
     next_token: int
     draft_tokens: int
     error: str = ""
+    error_code: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,18 @@
 """The one worker lifecycle every stage shares.
 
 startup (connect, install the Lua library, create groups, load models, warm up) -> main loop
-(blocking XREADGROUP; handle -> write -> XACK atomically) -> shutdown (first SIGTERM/SIGINT
-drains: stop reading, finish the entries in hand; a second one exits at once).
+(blocking XREADGROUP; handle -> write -> XACK atomically) -> drain (first SIGTERM/SIGINT: stop
+reading, finish the entries in hand, hand back what is held) -> shutdown; a second signal exits
+at once.
 
 Beside the main loop run: a heartbeat (a liveness key with a TTL), a reclaimer (XAUTOCLAIM of
 entries idle on dead consumers; entries delivered too often go to the dead-letter stream), and,
 around long forward passes, claim renewal so only the dead's work is ever reclaimed.
+
+Nothing but SIGKILL ends a worker once it is up: every handler, tick and background task is
+guarded. A Redis error is never blamed on an entry: the call is retried with backoff (the
+client reconnects by itself), and a server that lost its functions or groups (restarted without
+persistence) gets them again. Only an entry that fails on its own is rejected and dead-lettered.
 """
 
 from __future__ import annotations
@@ -19,21 +25,44 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
+from cosine import faults
 from cosine.bus import connect, ensure_group, load_functions
 from cosine.config import Config
-from cosine.state import RequestState, RoundUpdate
 from cosine.wire import PAYLOAD_FIELD, Keys, WireError
 
 log = logging.getLogger(__name__)
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+
+# Server states that pass (a restart, a full memory, a replica promoted, a long script): retried
+# for as long as they last. Any other Redis error is retried a bounded number of times.
+_TRANSIENT_PREFIXES = ("OOM", "READONLY", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "NOGROUP", "NOSCRIPT", "ERR Function not found")
+BOUNDED_ATTEMPTS = 6
+MAX_BACKOFF_S = 5.0
+
+
+class StartupError(RuntimeError):
+    """The worker could not start (bad config, missing model): restarting it will not help."""
+
+
+def is_transient(error: RedisError) -> bool:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    if isinstance(error, (RedisConnectionError, RedisTimeoutError)):
+        return True
+    return str(error).startswith(_TRANSIENT_PREFIXES)
+
+
+def _needs_setup_again(error: RedisError) -> bool:
+    text = str(error)
+    return "NOGROUP" in text or "Function not found" in text or "NOSCRIPT" in text
 
 
 class StageWorker:
@@ -59,12 +88,25 @@ class StageWorker:
     async def setup(self) -> None:
         """Load models and warm up (runs after the Redis connection is ready)."""
 
+    async def on_connect(self) -> None:
+        """Announce what this worker serves (runs at start and after the server lost its data)."""
+
     async def handle(self, stream: str, entries: list[Entry]) -> None:
-        """Process entries of one stream; write outputs and XACK them atomically."""
+        """Process entries of one stream; write outputs and XACK them atomically.
+
+        Must be idempotent: after a Redis error it is called again with the same entries.
+        """
         raise NotImplementedError
 
     async def tick(self) -> None:
         """Called about every block_ms, also when idle (deadlines, batching)."""
+
+    async def drain(self) -> None:
+        """On SIGTERM, after the last read: hand back what is held in memory."""
+
+    def held(self) -> dict[str, list[bytes]]:
+        """Entries read and acknowledged later (pooled): their claims are renewed, never reclaimed."""
+        return {}
 
     def block_ms(self) -> int:
         """How long the next XREADGROUP may block (a stage with a deadline sooner says so)."""
@@ -82,14 +124,17 @@ class StageWorker:
         self._install_signal_handlers()
         self.redis = connect(self.redis_url)
         try:
-            await load_functions(self.redis)
-            for stream in self.input_streams():
-                await ensure_group(self.redis, stream, self.group)
-            await self.setup()
+            await self.retrying(self._prepare_server, forever=True)
+            try:
+                await self.setup()
+            except Exception as error:
+                raise StartupError(f"{self.role} could not start: {type(error).__name__}: {error}") from error
+            await self.retrying(self.on_connect, forever=True)
             tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reclaimer())]
             self.log.info("%s %s ready on %s", self.role, self.instance, ", ".join(self.input_streams()))
             try:
                 await self._main_loop(burst)
+                await self.guarded(self.drain)
             finally:
                 for task in tasks:
                     task.cancel()
@@ -101,11 +146,17 @@ class StageWorker:
                 await asyncio.wait_for(self.redis.aclose(), 2.0)
             self.executor.shutdown(wait=False, cancel_futures=True)
 
+    async def _prepare_server(self) -> None:
+        await load_functions(self.redis)
+        for stream in self.input_streams():
+            await ensure_group(self.redis, stream, self.group)
+
     async def _main_loop(self, burst: bool) -> None:
-        streams = {stream: ">" for stream in self.input_streams()}
         stop = asyncio.ensure_future(self.stopping.wait())
+        backoff = 0.1
         try:
             while not self.stopping.is_set():
+                streams = {stream: ">" for stream in self.input_streams()}
                 read = asyncio.ensure_future(
                     self.redis.xreadgroup(self.group, self.instance, streams, count=self.read_count, block=self.block_ms())
                 )
@@ -118,11 +169,17 @@ class StageWorker:
                     return
                 try:
                     replies = read.result()
-                except (RedisConnectionError, RedisTimeoutError) as error:
-                    self.log.warning("redis connection lost (%s); retrying", error)
-                    await asyncio.sleep(0.5)
+                except Exception as error:  # the server is gone, restarting, or lost our groups
+                    self.log.warning("reading %s failed (%s: %s); retrying in %.1fs", self.role, type(error).__name__, error, backoff)
+                    if isinstance(error, RedisError) and _needs_setup_again(error):
+                        await self.guarded(self._after_data_loss)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                    await self.guarded(self.tick)
                     continue
-                await self._dispatch(replies)
+                backoff = 0.1
+                await self.guarded(self._dispatch, replies)
+                await self.guarded(self.tick)
                 if burst and not replies and await self._idle():
                     return
         finally:
@@ -131,7 +188,6 @@ class StageWorker:
     async def _dispatch(self, replies) -> None:
         for stream, entries in replies or []:
             await self._handle_safely(stream.decode() if isinstance(stream, bytes) else stream, entries)
-        await self.tick()
 
     async def _idle(self) -> bool:
         return True
@@ -140,15 +196,18 @@ class StageWorker:
         good: list[Entry] = []
         for entry_id, fields in entries:
             if not fields:  # trimmed away or deleted while pending
-                await self.redis.xack(stream, self.group, entry_id)
+                await self.retrying(self.redis.xack, stream, self.group, entry_id)
                 continue
             good.append((entry_id, fields))
         if not good:
             return
         try:
-            await self.handle(stream, good)
-        except (RedisConnectionError, asyncio.CancelledError):
+            await self.retrying(self.handle, stream, good)
+        except asyncio.CancelledError:
             raise
+        except RedisError as error:
+            # Not the entries' fault: they stay pending and are handled again when reclaimed.
+            self.log.warning("left %d entries of %s pending after Redis errors: %s", len(good), stream, error)
         except Exception as error:
             # One bad entry in a batch: handle them one by one so the good ones go through.
             if len(good) > 1:
@@ -158,8 +217,8 @@ class StageWorker:
             if not isinstance(error, WireError):
                 self.log.exception("failed to handle %s %s", stream, good[0][0])
             reason = str(error) if isinstance(error, WireError) else f"internal error: {type(error).__name__}: {error}"
-            await self.reject(stream, good[0], reason)
-            await self.dead_letter(stream, good[0], reason)
+            await self.guarded(self.reject, stream, good[0], reason)
+            await self.guarded(self.dead_letter, stream, good[0], reason)
 
     async def dead_letter(self, stream: str, entry: Entry, reason: str) -> None:
         entry_id, fields = entry
@@ -172,13 +231,57 @@ class StageWorker:
             "reason": reason[:2000],
             "fields": repr(fields)[:4000] if raw is None else raw[:65536],
         }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.dead, record, maxlen=10_000, approximate=True)
-            pipe.xack(stream, self.group, entry_id)
-            pipe.hincrby(self.keys.stats, "dead_lettered", 1)
-            await pipe.execute()
+
+        async def write() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.keys.dead, record, maxlen=10_000, approximate=True)
+                pipe.xack(stream, self.group, entry_id)
+                pipe.hincrby(self.keys.stats, "dead_lettered", 1)
+                await pipe.execute()
+
+        await self.retrying(write)
 
     # ---- helpers for stages ----------------------------------------------------------------
+
+    async def retrying(self, fn: Callable[..., Awaitable[Any]], *args: Any, forever: bool = False, **kwargs: Any) -> Any:
+        """``await fn(*args)``, retried with backoff on Redis errors.
+
+        Transient server states (connection lost, OOM, READONLY, BUSY, ...) are retried while
+        they last (``forever``, or until a drain, after a few more tries); any other Redis error
+        a bounded number of times. Other exceptions pass through at once.
+        """
+        delay, attempt = 0.1, 0
+        while True:
+            try:
+                return await fn(*args, **kwargs)
+            except RedisError as error:
+                attempt += 1
+                give_up = attempt >= BOUNDED_ATTEMPTS and (not is_transient(error) or (self.stopping.is_set() and not forever))
+                if give_up:
+                    raise
+                log_at = logging.WARNING if attempt in (1, 3) or attempt % 20 == 0 else logging.DEBUG
+                self.log.log(log_at, "redis error in %s (%s: %s); retry %d in %.1fs", getattr(fn, "__name__", fn), type(error).__name__, error, attempt, delay)
+                if _needs_setup_again(error):
+                    await self.guarded(self._after_data_loss)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+
+    async def guarded(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        """``await fn(*args)``; any exception is logged, never raised (a task or tick must not die)."""
+        try:
+            return await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            raise
+        except RedisError as error:
+            self.log.warning("%s: redis error (%s: %s)", getattr(fn, "__name__", fn), type(error).__name__, error)
+        except Exception:
+            self.log.exception("%s failed", getattr(fn, "__name__", fn))
+        return None
+
+    async def _after_data_loss(self) -> None:
+        self.log.warning("the server lost functions or groups (restarted without persistence?): installing them again")
+        await self._prepare_server()
+        await self.on_connect()
 
     async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a model call on the worker's thread so the event loop (heartbeats) keeps going."""
@@ -192,7 +295,7 @@ class StageWorker:
             interval = self.config.pipeline.claim_idle_ms / 3000
             while True:
                 await asyncio.sleep(interval)
-                await self.redis.xclaim(stream, self.group, self.instance, 0, list(entry_ids), justid=True)
+                await self.guarded(self.redis.xclaim, stream, self.group, self.instance, 0, list(entry_ids), justid=True)
 
         task = asyncio.create_task(renew())
         try:
@@ -202,19 +305,27 @@ class StageWorker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    async def live_drafter_experts(self, max_age_s: float = 0.25) -> set[str]:
-        """Experts with at least one live drafter (cached briefly)."""
+    async def live_values(self, role: str, max_age_s: float = 0.25) -> list[str]:
+        """The liveness values of a role's live workers (cached briefly, one SCAN per role)."""
         now = time.monotonic()
-        cached = getattr(self, "_live_experts", None)
+        cache = self.__dict__.setdefault("_live_cache", {})
+        cached = cache.get(role)
         if cached is not None and now - cached[0] < max_age_s:
             return cached[1]
-        experts: set[str] = set()
-        async for key in self.redis.scan_iter(match=self.keys.live_pattern("drafter"), count=500):
-            value = await self.redis.get(key)
-            if value:
-                experts.update(p.split("=", 1)[1] for p in value.decode().split() if p.startswith("expert="))
-        self._live_experts = (now, experts)
-        return experts
+        keys = [key async for key in self.redis.scan_iter(match=self.keys.live_pattern(role), count=500)]
+        values = [v.decode() for v in (await self.redis.mget(keys) if keys else []) if v]
+        cache[role] = (now, values)
+        return values
+
+    async def live_drafter_experts(self, max_age_s: float = 0.25) -> set[str]:
+        """Experts with at least one live drafter (cached briefly)."""
+        values = await self.live_values("drafter", max_age_s)
+        return {p.split("=", 1)[1] for value in values for p in value.split() if p.startswith("expert=")}
+
+    async def mark_phase(self, phase: str) -> None:
+        """Test-only: record the fault point this worker is in, for a chaos test's kill log."""
+        if faults.enabled():
+            await self.guarded(self.redis.hset, self.keys.test_phase, self.instance, f"{phase} {time.time():.3f}")
 
     # ---- background tasks ---------------------------------------------------------------------
 
@@ -222,28 +333,36 @@ class StageWorker:
         period = self.config.pipeline.heartbeat_ms
         key = self.keys.live(self.role, self.instance)
         while True:
-            with contextlib.suppress(RedisConnectionError):
-                await self.redis.set(key, f"{time.time():.3f} {self.liveness_extra()}", px=3 * period)
+            await self.guarded(self.redis.set, key, f"{time.time():.3f} {self.liveness_extra()}", px=3 * period)
             await asyncio.sleep(period / 1000)
 
     async def _reclaimer(self) -> None:
         idle = self.config.pipeline.claim_idle_ms
         while True:
             await asyncio.sleep(max(0.2, idle / 4000))
+            await self.guarded(self._renew_held)
             for stream in self.input_streams():
-                with contextlib.suppress(RedisConnectionError):
-                    await self._reclaim(stream, idle)
+                await self.guarded(self._reclaim, stream, idle)
+
+    async def _renew_held(self) -> None:
+        for stream, entry_ids in self.held().items():
+            if entry_ids:
+                await self.redis.xclaim(stream, self.group, self.instance, 0, list(entry_ids), justid=True)
 
     async def _reclaim(self, stream: str, idle_ms: int) -> None:
         reply = await self.redis.xautoclaim(stream, self.group, self.instance, idle_ms, "0-0", count=64)
-        claimed = reply[1]
+        # XAUTOCLAIM also returns our own idle entries: those we hold in memory are not work to redo.
+        held = set(self.held().get(stream, ()))
+        claimed = [(entry_id, fields) for entry_id, fields in reply[1] if entry_id not in held]
         if not claimed:
             return
         await self.redis.hincrby(self.keys.stats, "reclaimed", len(claimed))
         self.log.info("reclaimed %d entries of %s", len(claimed), stream)
         live, dead = await self._split_by_deliveries(stream, claimed)
         for entry in dead:
-            await self.dead_letter(stream, entry, f"delivered more than {self.config.pipeline.max_deliveries} times")
+            reason = f"delivered more than {self.config.pipeline.max_deliveries} times"
+            await self.guarded(self.reject, stream, entry, reason)
+            await self.dead_letter(stream, entry, reason)
         if live:
             await self._handle_safely(stream, live)
 
@@ -278,20 +397,3 @@ def run_worker(worker: StageWorker, *, burst: bool = False) -> None:
         uvloop.run(worker.run(burst=burst))
     except ImportError:  # pragma: no cover - uvloop is a dependency, but not on Windows
         asyncio.run(worker.run(burst=burst))
-
-
-async def apply_update(redis, keys: Keys, state: RequestState, update: RoundUpdate, next_job: tuple[list[str], bytes] | None, ttl: int) -> str:
-    """Apply a round's update with the compare-and-set Lua function; returns its outcome."""
-    fields = update.state.to_fields()
-    args: list = [str(state.round), len(fields)]
-    for name, value in fields.items():
-        args += [name, value]
-    args.append(len(update.out_entries))
-    for entry in update.out_entries:
-        args.append(len(entry))
-        for name, value in entry.items():
-            args += [name, value]
-    streams, payload = next_job if next_job else ([], b"")
-    args += [payload, ttl if update.finished else 0, state.request_id]
-    key_list = [keys.request(state.request_id), keys.out(state.request_id), keys.rounds, *streams]
-    return (await redis.fcall("cosine_apply_round", len(key_list), *key_list, *args)).decode()

@@ -81,6 +81,10 @@ def sampling_from_wire(sampling: Sampling) -> SamplingParams:
         raise WireError(f"bad sampling parameters: {error}") from None
 
 
+def wire_sampling(state: RequestState) -> Sampling:
+    return Sampling(state.sampling.temperature, state.sampling.top_p, state.sampling.seed)
+
+
 def empty_candidate(state: RequestState) -> Candidate:
     """A round with no drafts: the target alone produces one token."""
     return Candidate(state.request_id, state.round, [], [], [], [], [], [])

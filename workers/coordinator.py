@@ -2,29 +2,34 @@
 
 - ``candidates`` -> pool -> ``verify``: fused trees wait in a pool until the batch policy
   releases a batch; the batch is written and its candidates acknowledged in one transaction.
+  Requests pinned to a target fingerprint (every round after the first) go to that target's
+  own verify stream, so a batch never mixes targets.
 - ``verified`` -> request state + ``out:{id}`` + next round: each result is applied with the
   compare-and-set Lua function (round number), so duplicates and rival coordinators change
   nothing; the window is retuned from what was accepted; the next round goes to the experts'
   draft queues, or straight to verification with an empty draft (window 0: the target alone)
-  when no drafter of those experts is alive or the window is 0.
+  when no drafter of those experts is alive or the window is 0. A pending cancellation wins.
+- sweeps: a round with no candidate after ``drafter_deadline_ms`` goes on without drafts; a
+  request past its deadline ends with ``error_code=deadline``.
 - housekeeping: trims streams below what is still pending or unread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
 
-from cosine.workers.base import Entry, StageWorker, apply_update
-from cosine.workers.convert import empty_candidate
+from cosine.workers.base import Entry, StageWorker
+from cosine.workers.convert import empty_candidate, wire_sampling
 from cosine.workers.models import load_tokenizer_and_limits
 
-from cosine.bus import write_and_ack
+from cosine import bus, faults
 from cosine.spec.batching import BatchPolicy
 from cosine.spec.window import WindowPolicy
-from cosine.state import ACTIVE, RequestState, advance, fail
-from cosine.wire import Candidate, DraftJob, Sampling, VerifiedBatch, VerifyBatch, VerifyItem, decode, encode
+from cosine.state import ACTIVE, RequestState, RoundUpdate, advance, fail, refusal_entry
+from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
 
 
 @dataclass
@@ -46,10 +51,10 @@ class Coordinator(StageWorker):
         spec = self.config.speculation
         self.window_policy = WindowPolicy(spec.window, spec.min_window, spec.max_window, spec.adaptive_window)
         self.batch_policy = BatchPolicy(spec.max_batch, max_wait_s=self.config.pipeline.batch_wait_ms / 1000)
-        self.live_verifiers = 1
         self.pool: list[_Waiting] = []
         self.live_experts: set[str] = set()
         self.live_verifiers = 0
+        self.fingerprints: set[str] = set()
         self.last_refresh = self.last_trim = 0.0
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
@@ -64,13 +69,23 @@ class Coordinator(StageWorker):
     async def tick(self) -> None:
         now = time.monotonic()
         if now - self.last_refresh > 0.25:
-            await self._refresh_liveness()
-            await self._fallback_overdue_rounds()
             self.last_refresh = now
+            await self._refresh_liveness()
+            await self.guarded(self._fallback_overdue_rounds)
+            await self.guarded(self._expire_deadlines)
         if now - self.last_trim > self.config.pipeline.trim_interval_s:
-            await self._trim()
             self.last_trim = now
+            await self.guarded(self._trim)
         await self._flush()
+
+    async def drain(self) -> None:
+        """Hand the pool on at once: every pooled candidate goes into a batch now."""
+        if self.pool:
+            self.log.info("draining: sending %d pooled candidates to verification", len(self.pool))
+            await self.retrying(self._flush, True)
+
+    def held(self) -> dict[str, list[bytes]]:
+        return {self.keys.candidates: [w.entry_id for w in self.pool]}
 
     def block_ms(self) -> int:
         if not self.pool:
@@ -81,54 +96,100 @@ class Coordinator(StageWorker):
     # ---- candidates -> verification batches -------------------------------------------------
 
     async def _pool_candidate(self, entry_id: bytes, candidate: Candidate) -> None:
+        if any(w.entry_id == entry_id for w in self.pool):
+            return  # handled again after an error: already pooled
         state = await self._state(candidate.request_id)
         duplicate = any(w.item.request_id == candidate.request_id for w in self.pool)
         if duplicate or state is None or state.status != ACTIVE or state.round != candidate.round:
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # stale or duplicate
             return
-        sampling = Sampling(state.sampling.temperature, state.sampling.top_p, state.sampling.seed)
-        item = VerifyItem(state.request_id, state.round, state.context, candidate, sampling, state.fingerprint)
+        # Drafting is done: the drafter-deadline sweep lets go of this round.
+        await self.redis.zrem(self.keys.rounds, state.request_id)
+        item = VerifyItem(state.request_id, state.round, state.context, candidate, wire_sampling(state), state.fingerprint)
         self.pool.append(_Waiting(entry_id, item, time.monotonic()))
 
-    async def _flush(self) -> None:
+    async def _flush(self, force: bool = False) -> None:
         while self.pool:
-            active = await self.redis.zcard(self.keys.rounds)
-            oldest = time.monotonic() - self.pool[0].arrived
-            tokens = sum(len(w.item.tree.tokens) + 1 for w in self.pool)
-            busy = await self._busy_verifiers()
-            if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.live_verifiers, busy):
-                return
-            size = self.batch_policy.take(len(self.pool))
-            taken, self.pool = self.pool[:size], self.pool[size:]
+            if not force:
+                active = await self.redis.zcard(self.keys.deadlines)
+                oldest = time.monotonic() - self.pool[0].arrived
+                tokens = sum(len(w.item.tree.tokens) + 1 for w in self.pool)
+                busy = await self._busy_verifiers()
+                if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.live_verifiers, busy):
+                    return
+            # One batch serves one target: the oldest candidate's.
+            fingerprint = self.pool[0].item.fingerprint
+            same = [w for w in self.pool if w.item.fingerprint == fingerprint]
+            taken = same[: self.batch_policy.take(len(same))]
             batch = VerifyBatch(uuid.uuid4().hex[:12], [w.item for w in taken])
-            self.log.debug("batch %s: %d requests (pool waited %.0f ms, %d active, %d/%d verifiers busy)", batch.batch_id, len(taken), oldest * 1000, active, busy, self.live_verifiers)
-            await write_and_ack(self.redis, [(self.keys.verify, encode(batch))], self.keys.candidates, self.group, [w.entry_id for w in taken])
+            stream = self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
+            await bus.write_and_ack(self.redis, [(stream, encode(batch))], self.keys.candidates, self.group, [w.entry_id for w in taken])
+            # Only once written: a failed write keeps the candidates pooled (and pending).
+            taken_ids = {w.entry_id for w in taken}
+            self.pool = [w for w in self.pool if w.entry_id not in taken_ids]
+            self.log.debug("batch %s: %d requests to %s", batch.batch_id, len(taken), stream)
 
     async def _busy_verifiers(self) -> int:
-        for group in await self.redis.xinfo_groups(self.keys.verify):
-            if group["name"].decode() == self.keys.group("verifier"):
-                return int(group.get("lag") or 0) + int(group.get("pending") or 0)
-        return 0
+        """Batches queued or in verification, over the shared and the per-target streams."""
+        busy = 0
+        streams = [self.keys.verify, *(self.keys.verify_for(f) for f in self.fingerprints)]
+        for stream in streams:
+            for group in await self.redis.xinfo_groups(stream) if await self.redis.exists(stream) else []:
+                if group["name"].decode() == self.keys.group("verifier"):
+                    busy += int(group.get("lag") or 0) + int(group.get("pending") or 0)
+        return busy
 
     # ---- verified results -> state, output, next round ----------------------------------------
 
     async def _apply_verified(self, entry_id: bytes, batch: VerifiedBatch) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
+        for item in batch.items:
+            await self._apply_item(item, batch.fingerprint)
+        if faults.enabled():
+            await self.mark_phase("after_apply")
+            await asyncio.sleep(faults.delay("coordinator.after_apply"))
+        async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hincrby(self.keys.stats, "verify_batches", 1)
             pipe.hincrby(self.keys.stats, "verify_items", batch.batch_size)
+            pipe.xack(self.keys.verified, self.group, entry_id)
             await pipe.execute()
-        for item in batch.items:
+        await self.mark_phase("idle")
+
+    async def _apply_item(self, item: VerifiedItem, fingerprint: str) -> None:
+        for _ in range(3):  # a cancellation flagged while we computed: read again, apply it instead
             state = await self._state(item.request_id)
-            if state is None or state.status != ACTIVE or state.round != item.round:
-                continue  # a duplicate or a result another coordinator applied
-            if item.error:
-                update = fail(state, self.tokenizer, item.error)
-                await apply_update(self.redis, self.keys, state, update, None, self.config.pipeline.output_ttl_s)
-                continue
-            update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, batch.fingerprint)
-            next_job = None if update.finished else self._next_round(update.state)
-            await apply_update(self.redis, self.keys, state, update, next_job, self.config.pipeline.output_ttl_s)
-        await self.redis.xack(self.keys.verified, self.group, entry_id)
+            if state is None:
+                await self._report_lost(item.request_id)
+                return
+            if state.status != ACTIVE or state.round != item.round:
+                return  # a duplicate, or a result another coordinator applied
+            if state.cancel_requested:
+                update = fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
+            elif item.error:
+                update = fail(state, self.tokenizer, item.error, error_code=item.error_code or "internal")
+            else:
+                update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, fingerprint)
+            if await self._apply(state, update) != "cancelled":
+                return
+
+    async def _report_lost(self, request_id: str) -> None:
+        """A round came back for a request whose state and output are gone (a Redis restart
+        without persistence): its client gets an error instead of waiting forever."""
+        if await self.redis.exists(self.keys.request(request_id), self.keys.out(request_id)):
+            return  # a refused request's tombstone, or a finished one: nothing lost
+        self.log.warning("request %s: state lost (Redis restarted without persistence?)", request_id)
+        entry = refusal_entry("the request's state was lost (the Redis server restarted without persistence)", "lost")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.out(request_id), entry)
+            pipe.expire(self.keys.out(request_id), self.config.pipeline.output_ttl_s)
+            await pipe.execute()
+
+    async def _apply(self, state: RequestState, update: RoundUpdate) -> str:
+        streams, payload = ([], b"") if update.finished else self._next_round(update.state)
+        return await bus.apply_round(
+            self.redis, self.keys, request_id=state.request_id, expected_round=state.round, fields=update.state.to_fields(),
+            out_entries=update.out_entries, job_streams=streams, payload=payload,
+            ttl_s=self.config.pipeline.output_ttl_s if update.finished else 0,
+        )
 
     def _next_round(self, state: RequestState) -> tuple[list[str], bytes]:
         experts = [e for e in state.experts if e in self.live_experts]
@@ -136,14 +197,16 @@ class Coordinator(StageWorker):
         window = min(state.window, max(0, room))
         if not experts or window <= 0:
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
-        sampling = Sampling(state.sampling.temperature, state.sampling.top_p, state.sampling.seed)
-        job = DraftJob(state.request_id, state.round, state.context, window, sampling, experts, int(time.time() * 1000))
+        job = DraftJob(state.request_id, state.round, state.context, window, wire_sampling(state), experts, int(time.time() * 1000))
         return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
 
-    async def _fallback_overdue_rounds(self) -> None:
-        """A round with no result after the deadline goes on without drafts (window 0).
+    # ---- sweeps --------------------------------------------------------------------------
 
-        Covers drafters that died or never existed. A late real draft for the same round is
+    async def _fallback_overdue_rounds(self) -> None:
+        """A round still drafting after the deadline goes on without drafts (window 0).
+
+        Covers drafters that died or never existed. Rounds already pooled or queued for
+        verification are not in the ``rounds`` set. A late real draft for the same round is
         harmless: the first result applied wins the compare-and-set, the other is stale.
         """
         deadline_ms = self.config.pipeline.drafter_deadline_ms
@@ -156,14 +219,29 @@ class Coordinator(StageWorker):
             if state is None or state.status != ACTIVE:
                 await self.redis.zrem(self.keys.rounds, request_id)
                 continue
-            self.log.warning("request %s round %d: no result after %d ms, verifying without drafts", request_id, state.round, deadline_ms)
+            self.log.warning("request %s round %d: no draft after %d ms, verifying without drafts", request_id, state.round, deadline_ms)
             await self.redis.xadd(self.keys.candidates, encode(empty_candidate(state)))
+
+    async def _expire_deadlines(self) -> None:
+        """Requests past their deadline (an abandoned client, a stalled pipeline) end now."""
+        now_ms = int(time.time() * 1000)
+        for raw_id in await self.redis.zrangebyscore(self.keys.deadlines, 0, now_ms, start=0, num=64):
+            request_id = raw_id.decode()
+            state = await self._state(request_id)
+            if state is None or state.status != ACTIVE:
+                await self.redis.zrem(self.keys.deadlines, request_id)
+                continue
+            seconds = (state.deadline_ms - state.created_ms) / 1000
+            update = fail(state, self.tokenizer, f"deadline of {seconds:g}s passed", error_code="deadline")
+            outcome = await self._apply(state, update)  # stale: a round won the race; next tick
+            self.log.info("request %s: deadline passed (%s)", request_id, outcome)
 
     async def _refresh_liveness(self) -> None:
         self.live_experts = await self.live_drafter_experts()
-        self.live_verifiers = 0
-        async for _ in self.redis.scan_iter(match=self.keys.live_pattern("verifier"), count=500):
-            self.live_verifiers += 1
+        verifiers = await self.live_values("verifier")
+        self.live_verifiers = len(verifiers)
+        found = {p.split("=", 1)[1] for v in verifiers for p in v.split() if p.startswith("fingerprint=")}
+        self.fingerprints |= found
 
     async def _state(self, request_id: str) -> RequestState | None:
         fields = await self.redis.hgetall(self.keys.request(request_id))
@@ -175,35 +253,21 @@ class Coordinator(StageWorker):
         """Trim each stream below its oldest entry still pending or unread by any group."""
         streams = [self.keys.requests, self.keys.cancel, self.keys.drafts, self.keys.candidates, self.keys.verify, self.keys.verified]
         streams += [self.keys.draft(e.decode()) for e in await self.redis.smembers(self.keys.experts)]
+        streams += [self.keys.verify_for(f.decode()) for f in await self.redis.smembers(self.keys.fingerprints)]
         for stream in streams:
-            try:
-                groups = await self.redis.xinfo_groups(stream)
-            except Exception:
-                continue
-            if not groups:
-                continue
-            floor = None
-            for group in groups:
-                # Below last-delivered-id everything is acknowledged except what is pending;
-                # above it is unread. So the oldest pending entry, or last-delivered + 1, is safe.
-                group_floor = _next_id(group["last-delivered-id"])
-                if int(group.get("pending") or 0):
-                    group_floor = min_id(group_floor, (await self.redis.xpending(stream, group["name"]))["min"])
-                floor = group_floor if floor is None else min_id(floor, group_floor)
-            if floor:
-                await self.redis.xtrim(stream, minid=floor, approximate=False)
+            await self.guarded(self._trim_stream, stream)
 
+    async def _trim_stream(self, stream: str) -> None:
+        if not await self.redis.exists(stream):
+            return
+        groups = []
+        for group in await self.redis.xinfo_groups(stream):
+            oldest_pending = None
+            if int(group.get("pending") or 0):
+                # May be acknowledged meanwhile: the summary then has no oldest entry (None).
+                oldest_pending = (await self.redis.xpending(stream, group["name"]))["min"]
+            groups.append((group["last-delivered-id"], oldest_pending))
+        floor = bus.trim_floor(groups)
+        if floor:
+            await self.redis.xtrim(stream, minid=floor, approximate=False)
 
-def _parse(entry_id) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _next_id(entry_id) -> bytes:
-    ms, seq = _parse(entry_id)
-    return f"{ms}-{seq + 1}".encode()
-
-
-def min_id(a, b) -> bytes:
-    return a if _parse(a) <= _parse(b) else b

@@ -41,6 +41,8 @@ class DrafterWorker(StageWorker):
 
         self.drafter = await self.off_loop(load)
         self.rank = [d.name for d in self.config.drafters].index(self.spec.name)
+
+    async def on_connect(self) -> None:
         await self.redis.sadd(self.keys.experts, self.expert)
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:

@@ -1,29 +1,26 @@
 """Fusion: merges cooperating drafters' chains for a round into one token tree.
 
-Reads ``drafts``; holds the drafts of a (request, round) until every cooperating expert's draft
-is in or the fusion deadline passes; then writes the fused ``Candidate`` to ``candidates`` and
-acknowledges all its drafts in one transaction. Held drafts are soft state: if this worker dies,
-the unacknowledged drafts are reclaimed by another fusion worker.
+Reads ``drafts``. A round's drafts are kept in Redis (``fuse:{id}:{round}``), not in a worker:
+each draft is stored and acknowledged in one Lua call, and the call that completes the set of
+cooperating experts returns them all; a round whose set is still incomplete at the fusion
+deadline is taken by whichever fusion worker sweeps first. So any number of fusion workers
+share the work, two experts' drafts read by two workers still make one tree, and a worker that
+dies (or drains) holds nothing: a round it took but did not emit is taken again after
+``RETAKE_MS``. The fused ``Candidate`` is written once (a done marker drops late duplicates).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.convert import draft_to_chain, tree_to_candidate
 
-from cosine.bus import write_and_ack
+from cosine import bus
 from cosine.spec.tree import merge_chains
-from cosine.wire import Draft, decode, encode
+from cosine.wire import PAYLOAD_FIELD, Draft, decode, encode
 
-
-@dataclass
-class _Pending:
-    first_seen: float
-    expected: int
-    drafts: dict[str, tuple[bytes, Draft]] = field(default_factory=dict)  # expert -> (entry id, draft)
+RETAKE_MS = 2_000
 
 
 class FusionWorker(StageWorker):
@@ -34,37 +31,45 @@ class FusionWorker(StageWorker):
         return [self.keys.drafts]
 
     async def setup(self) -> None:
-        self.pending: dict[tuple[str, int], _Pending] = {}
         self.max_nodes = self.config.speculation.max_tree_nodes
+        pipeline = self.config.pipeline
+        self.deadline_ms = pipeline.fusion_deadline_ms
+        self.hash_ttl_ms = pipeline.fusion_deadline_ms + pipeline.drafter_deadline_ms + 60_000
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
-        ready = []
         for entry_id, fields in entries:
             draft = decode(fields, Draft)
             draft_to_chain(draft)  # validate now: a bad draft is dead-lettered alone
-            key = (draft.request_id, draft.round)
-            pending = self.pending.setdefault(key, _Pending(time.monotonic(), max(1, len(draft.experts))))
-            if draft.expert in pending.drafts:  # a redelivery: keep one, ack the other with it
-                await self.redis.xack(stream, self.group, entry_id)
-                continue
-            pending.drafts[draft.expert] = (entry_id, draft)
-            if len(pending.drafts) >= pending.expected:
-                ready.append(key)
-        for key in ready:
-            await self._emit(key)
+            key = self.keys.fuse(draft.request_id, draft.round)
+            now_ms = _now_ms()
+            payloads = await bus.fuse_add(
+                self.redis, self.keys, group=self.group, entry_id=entry_id, hash_key=key, expert=draft.expert,
+                payload=fields[PAYLOAD_FIELD], expected=max(1, len(draft.experts)), deadline_ms=now_ms + self.deadline_ms,
+                ttl_ms=self.hash_ttl_ms, retake_ms=now_ms + RETAKE_MS,
+            )
+            if payloads:
+                await self._emit(key, payloads)
 
     async def tick(self) -> None:
-        deadline = self.config.pipeline.fusion_deadline_ms / 1000
-        now = time.monotonic()
-        for key in [k for k, p in self.pending.items() if now - p.first_seen > deadline]:
-            self.log.info("request %s round %d: fusing after the deadline with %d drafts", key[0], key[1], len(self.pending[key].drafts))
-            await self._emit(key)
+        now_ms = _now_ms()
+        for raw_key in await self.redis.zrangebyscore(self.keys.fusing, 0, now_ms, start=0, num=64):
+            key = raw_key.decode()
+            payloads = await bus.fuse_take(self.redis, self.keys, key, now_ms + RETAKE_MS)
+            if payloads:
+                self.log.info("%s: fusing after the deadline with %d drafts", key, len(payloads))
+                await self.guarded(self._emit, key, payloads)
 
-    async def _emit(self, key: tuple[str, int]) -> None:
-        pending = self.pending.pop(key)
-        drafts = sorted((d for _, d in pending.drafts.values()), key=lambda d: d.rank)
+    def block_ms(self) -> int:
+        # Wake for the sweep soon enough that a deadline is not missed by a whole block.
+        return min(self.config.pipeline.block_ms, max(50, self.deadline_ms // 4))
+
+    async def _emit(self, key: str, payloads: list[bytes]) -> None:
+        drafts = sorted((decode({PAYLOAD_FIELD: p}, Draft) for p in payloads), key=lambda d: d.rank)
         chains = [draft_to_chain(d) for d in drafts]
         tree = merge_chains([c for c in chains if len(c)], self.max_nodes)
-        candidate = tree_to_candidate(key[0], key[1], tree)
-        entry_ids = [entry_id for entry_id, _ in pending.drafts.values()]
-        await write_and_ack(self.redis, [(self.keys.candidates, encode(candidate))], self.keys.drafts, self.group, entry_ids)
+        candidate = tree_to_candidate(drafts[0].request_id, drafts[0].round, tree)
+        await bus.fuse_emit(self.redis, self.keys, key, encode(candidate)[PAYLOAD_FIELD], self.hash_ttl_ms)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

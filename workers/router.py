@@ -1,27 +1,32 @@
 """Router: validates client requests, tokenizes them, picks experts, opens round 0.
 
-Reads ``requests`` (flat string fields from any Redis client) and ``cancel``. Writes the request
-state and the first draft job to each chosen expert's queue, and acknowledges the entry, in one
-Lua call. Bad input gets an ``error`` final entry on ``out:{id}`` and never stops the worker.
+Reads ``requests`` (flat string fields from any Redis client) and ``cancel``. Admitting writes
+the request state, its deadline and the first draft job, and acknowledges the entry, in one Lua
+call; so does refusing (the one ``error`` final). Where an answer goes:
+
+- the request's id is readable and free: ``out:{id}`` (its output, or its one error final);
+- the id is in use by another request: the refusal goes to ``out:{entry ID}`` (the ID ``XADD``
+  returned), never to the other request's stream;
+- the ``id`` field is unreadable (not UTF-8, too long, spaces or braces): ``out:{entry ID}``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 
-from cosine.workers.base import Entry, StageWorker, apply_update
-from cosine.workers.convert import empty_candidate
+from cosine.workers.base import Entry, StageWorker
+from cosine.workers.convert import empty_candidate, wire_sampling
 from cosine.workers.models import load_tokenizer_and_limits
 
-from cosine.bus import write_and_ack
+from cosine import bus
 from cosine.requests import RequestError, eos_token_ids, parse_stop, prompt_token_ids, sampling_params
 from cosine.spec.routing import choose_experts
-from cosine.state import FINISHED, RequestState, fail
-from cosine.wire import DraftJob, Sampling, encode
+from cosine.state import ACTIVE, RequestState, fail, refusal_entry
+from cosine.wire import DraftJob, encode
 
 MAX_ID_LENGTH = 200
-KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert"}
+MAX_DEADLINE_S = 7 * 24 * 3600
+KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert", "deadline_s"}
 
 
 class Router(StageWorker):
@@ -43,67 +48,60 @@ class Router(StageWorker):
                 await self._admit(entry_id, fields)
 
     async def reject(self, stream: str, entry: Entry, reason: str) -> None:
+        """An entry the router failed on (a bug, not the client's input): one internal error final."""
         if stream == self.keys.requests:
             entry_id, raw = entry
-            request_id = raw.get(b"id", entry_id).decode(errors="replace")
-            with contextlib.suppress(RequestError):
-                _check_id(request_id)
-                await self._error_entry(request_id, reason)
+            await self._refuse(entry_id, request_id_of(raw, entry_id), reason, "internal")
 
     async def _admit(self, entry_id: bytes, raw: dict[bytes, bytes]) -> None:
-        request_id = entry_id.decode()
+        request_id = request_id_of(raw, entry_id)
         try:
-            fields = _text_fields(raw)
-            request_id = fields.get("id") or request_id
-            _check_id(request_id)
-            state = self._build_state(request_id, fields)
+            if request_id == entry_id.decode() and b"id" in raw:
+                raise RequestError(f"'id' must be 1-{MAX_ID_LENGTH} UTF-8 characters without spaces or braces", "id")
+            state = self._build_state(request_id, _text_fields(raw))
         except RequestError as error:
-            await self._reject(entry_id, request_id, str(error))
+            await self._refuse(entry_id, request_id, str(error), error.code, error.param)
             return
-        job = DraftJob(
-            state.request_id, 0, state.context, state.window, _sampling(state), state.experts, int(time.time() * 1000)
-        )
-        fields_out = state.to_fields()
-        streams = [self.keys.draft(e) for e in state.experts]
-        args = [entry_id, self.group, entry_id, len(fields_out)]
-        for name, value in fields_out.items():
-            args += [name, value]
         live = await self.live_drafter_experts()
-        if not any(e in live for e in state.experts):
-            # No drafter alive for these experts: start without drafts (window 0).
-            streams = [self.keys.candidates]
-            args.append(encode(empty_candidate(state))[b"m"])
-        else:
-            args.append(encode(job)[b"m"])
-        args.append(state.request_id)
-        keys = [self.keys.request(state.request_id), self.keys.requests, self.keys.rounds, *streams]
-        outcome = (await self.redis.fcall("cosine_create_request", len(keys), *keys, *args)).decode()
-        if outcome == "in_use":
-            await self._error_entry(state.request_id + "", f"request id {state.request_id!r} is already in use", reused=True)
+        experts = [e for e in state.experts if e in live]  # fusion waits only for experts that can answer
+        if experts:
+            streams = [self.keys.draft(e) for e in experts]
+            job = DraftJob(state.request_id, 0, state.context, state.window, wire_sampling(state), experts, int(time.time() * 1000))
+            payload = encode(job)[b"m"]
+        else:  # no drafter alive for these experts: start without drafts (window 0)
+            streams, payload = [self.keys.candidates], encode(empty_candidate(state))[b"m"]
+        outcome = await bus.admit_request(
+            self.redis, self.keys, group=self.group, entry_id=entry_id, request_id=state.request_id,
+            deadline_ms=state.deadline_ms, ttl_s=self.config.pipeline.output_ttl_s, fields=state.to_fields(),
+            job_streams=streams, payload=payload,
+            refusal=refusal_entry(f"request id {state.request_id!r} is already in use", "invalid", "id"),
+        )
         self.log.info("request %s: %s (%d prompt tokens, experts %s)", state.request_id, outcome, len(state.prompt_ids), state.experts)
 
     def _build_state(self, request_id: str, fields: dict[str, str]) -> RequestState:
         unknown = set(fields) - KNOWN_FIELDS
         if unknown:
-            raise RequestError(f"unknown request fields: {sorted(unknown)}")
+            raise RequestError(f"unknown request fields: {sorted(unknown)}", sorted(unknown)[0])
         for name in ("prompt", "messages"):
             if len(fields.get(name, "")) > self.config.pipeline.max_prompt_chars:
-                raise RequestError(f"'{name}' is longer than {self.config.pipeline.max_prompt_chars} characters")
+                raise RequestError(f"'{name}' is longer than {self.config.pipeline.max_prompt_chars} characters", name)
         prompt_ids = prompt_token_ids(self.tokenizer, fields.get("prompt"), fields.get("messages"))
         max_tokens = _int_field(fields, "max_tokens", self.config.defaults.max_tokens)
         if not 1 <= max_tokens <= self.config.defaults.max_tokens_limit:
-            raise RequestError(f"'max_tokens' must be in [1, {self.config.defaults.max_tokens_limit}], got {max_tokens}")
+            raise RequestError(f"'max_tokens' must be in [1, {self.config.defaults.max_tokens_limit}], got {max_tokens}", "max_tokens")
         if len(prompt_ids) + max_tokens > self.context_limit:
             raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context limit ({self.context_limit})"
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context limit ({self.context_limit})",
+                "messages" if "messages" in fields else "prompt",
             )
-        sampling = sampling_params(fields.get("temperature", 0), fields.get("top_p", 1), fields.get("seed", 0))
+        sampling = sampling_params(fields.get("temperature", 0), fields.get("top_p", 1), fields.get("seed"))
         pinned = fields.get("expert")
         if pinned is not None and pinned not in self.experts:
-            raise RequestError(f"unknown expert {pinned!r}; valid experts: {', '.join(self.experts)}")
+            raise RequestError(f"unknown expert {pinned!r}; valid experts: {', '.join(self.experts)}", "expert")
+        deadline_s = _deadline_field(fields, self.config.pipeline.deadline_s)
         text = fields.get("prompt") or fields.get("messages") or ""
         experts = choose_experts(text, pinned, self.config.router.default_experts, self.config.router.keywords, self.experts, self.config.router.max_experts)
-        spec = self.config.speculation
+        now_ms = int(time.time() * 1000)
         return RequestState(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -112,44 +110,62 @@ class Router(StageWorker):
             stop=parse_stop(fields.get("stop")),
             eos_ids=tuple(sorted(self.eos_ids)),
             experts=experts,
-            window=spec.window,
-            created_ms=int(time.time() * 1000),
+            window=self.config.speculation.window,
+            created_ms=now_ms,
+            deadline_ms=now_ms + int(deadline_s * 1000),
         )
 
-    async def _reject(self, entry_id: bytes, request_id: str, reason: str) -> None:
-        self.log.info("request %s rejected: %s", request_id, reason)
-        await self._error_entry(request_id, reason, ack=entry_id)
-
-    async def _error_entry(self, request_id: str, reason: str, ack: bytes | None = None, reused: bool = False) -> None:
-        entry = {"type": "final", "finish_reason": "error", "error": reason, "text": "", "token_ids": "[]",
-                 "prompt_tokens": "0", "generated_tokens": "0", "rounds": "0", "draft_tokens": "0", "accepted_tokens": "0"}
-        outputs = [(self.keys.out(request_id), entry)]
-        await write_and_ack(self.redis, outputs, self.keys.requests, self.group, [ack] if ack else [])
-        if not reused:
-            await self.redis.expire(self.keys.out(request_id), self.config.pipeline.output_ttl_s)
+    async def _refuse(self, entry_id: bytes, request_id: str, reason: str, code: str, param: str = "") -> None:
+        outcome = await bus.refuse_request(
+            self.redis, self.keys, group=self.group, entry_id=entry_id, request_id=request_id,
+            ttl_s=self.config.pipeline.output_ttl_s, entry=refusal_entry(reason, code, param),
+        )
+        self.log.info("request %s refused (%s, %s): %s", request_id, code, outcome, reason)
 
     async def _cancel(self, entry_id: bytes, raw: dict[bytes, bytes]) -> None:
+        """Flag the request (the next round application ends it), then try to end it at once."""
         request_id = raw.get(b"id", b"").decode(errors="replace")
-        key = self.keys.request(request_id)
-        fields = await self.redis.hgetall(key) if request_id else {}
-        if fields and fields.get(b"status", b"").decode() != FINISHED:
-            state = RequestState.from_fields(fields)
-            update = fail(state, self.tokenizer, "cancelled by client", "cancelled")
-            await apply_update(self.redis, self.keys, state, update, None, self.config.pipeline.output_ttl_s)
+        if request_id and await bus.flag_cancel(self.redis, self.keys, request_id) == "flagged":
+            for _ in range(5):  # a round applied in between makes the attempt stale: read again
+                fields = await self.redis.hgetall(self.keys.request(request_id))
+                state = RequestState.from_fields(fields) if fields else None
+                if state is None or state.status != ACTIVE:
+                    break
+                update = fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
+                outcome = await bus.apply_round(
+                    self.redis, self.keys, request_id=request_id, expected_round=state.round, fields=update.state.to_fields(),
+                    out_entries=update.out_entries, ttl_s=self.config.pipeline.output_ttl_s,
+                )
+                if outcome != "stale":
+                    break
             self.log.info("request %s cancelled", request_id)
         await self.redis.xack(self.keys.cancel, self.group, entry_id)
 
 
-def _text_fields(raw: dict[bytes, bytes]) -> dict[str, str]:
+def request_id_of(raw: dict[bytes, bytes], entry_id: bytes) -> str:
+    """The id a client will read its answer under: its ``id`` field when that is a usable id,
+    else the entry ID that ``XADD`` returned."""
+    fallback = entry_id.decode()
+    value = raw.get(b"id")
+    if value is None:
+        return fallback
     try:
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        text = value.decode()
     except UnicodeDecodeError:
-        raise RequestError("request fields must be UTF-8 text") from None
+        return fallback
+    if not text or len(text) > MAX_ID_LENGTH or any(c.isspace() or c in "{}" for c in text):
+        return fallback
+    return text
 
 
-def _check_id(request_id: str) -> None:
-    if not request_id or len(request_id) > MAX_ID_LENGTH or any(c.isspace() or c in "{}" for c in request_id):
-        raise RequestError(f"'id' must be 1-{MAX_ID_LENGTH} characters without spaces or braces")
+def _text_fields(raw: dict[bytes, bytes]) -> dict[str, str]:
+    fields = {}
+    for key, value in raw.items():
+        try:
+            fields[key.decode()] = value.decode()
+        except UnicodeDecodeError:
+            raise RequestError("request fields must be UTF-8 text", key.decode(errors="replace")) from None
+    return fields
 
 
 def _int_field(fields: dict[str, str], name: str, default: int) -> int:
@@ -158,9 +174,17 @@ def _int_field(fields: dict[str, str], name: str, default: int) -> int:
     try:
         return int(fields[name])
     except ValueError:
-        raise RequestError(f"'{name}' must be an integer, got {fields[name]!r}") from None
+        raise RequestError(f"'{name}' must be an integer, got {fields[name][:40]!r}", name) from None
 
 
-def _sampling(state: RequestState) -> Sampling:
-    return Sampling(state.sampling.temperature, state.sampling.top_p, state.sampling.seed)
+def _deadline_field(fields: dict[str, str], default: float) -> float:
+    if "deadline_s" not in fields:
+        return default
+    try:
+        value = float(fields["deadline_s"])
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_DEADLINE_S:  # also refuses NaN
+        raise RequestError(f"'deadline_s' must be a number of seconds in (0, {MAX_DEADLINE_S}]", "deadline_s")
+    return value
 

@@ -1,10 +1,17 @@
 """Verifier: the target model; one forward pass per verification batch; lossless acceptance.
 
-Reads ``verify`` one batch at a time, runs the batch through the ``ModelRunner`` (per-request KV
-caches, trusted only for the prefix that matches the request's committed tokens), walks each
-tree with greedy or multi-draft rejection sampling, and writes the results to ``verified`` with
-the acknowledgement, atomically. A request whose recorded target fingerprint differs from this
-verifier's is refused with an error rather than continued with another model.
+Reads ``verify`` (batches of requests on their first round) and its own target's stream
+``verify:{fingerprint}`` (every later round), one batch at a time; runs the batch through the
+``ModelRunner`` (per-request KV caches, trusted only for the prefix that matches the request's
+committed tokens), walks each tree with greedy or multi-draft rejection sampling, and writes the
+results to ``verified`` with the acknowledgement, atomically.
+
+Faults stay with the request that causes them: a batch whose forward raises is verified again
+one request at a time, and the request that still fails alone gets an error result (an
+``error`` final naming the reason); a batch that keeps killing verifiers is dead-lettered after
+``max_deliveries`` and split into single requests, and a single request that does so ends with
+an error. Rounds already applied are dropped before the forward. Caches of finished requests
+are released.
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ import time
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.convert import candidate_to_tree, sampling_from_wire
 
-from cosine.bus import write_and_ack
+from cosine import bus, faults
 from cosine.factory import load_target
 from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.spec.acceptance import verify_greedy, verify_sampling
 from cosine.spec.sampling import request_generator, warp_probs
-from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, WireError, decode, encode
+from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
+
+RELEASE_INTERVAL_S = 2.0
 
 
 class VerifierWorker(StageWorker):
@@ -27,42 +36,120 @@ class VerifierWorker(StageWorker):
     read_count = 1
 
     def input_streams(self) -> list[str]:
-        return [self.keys.verify]
+        fingerprint = getattr(self, "fingerprint", None)
+        return [self.keys.verify] + ([self.keys.verify_for(fingerprint)] if fingerprint else [])
 
     async def setup(self) -> None:
         self.target = await self.off_loop(load_target, self.config)
-        self.runner = ModelRunner(self.target.model, max_cached_tokens=self.config.model.max_cached_tokens)
+        self.runner = ModelRunner(self.target.model, max_cache_bytes=self.config.model.kv_cache_bytes)
         self.fingerprint = self.target.fingerprint
+        self.last_release = 0.0
         await self.off_loop(self.runner.forward, [ForwardItem("warm-up", [1, 2, 3], (4,), (-1,))])
         self.runner.release("warm-up")
 
+    async def on_connect(self) -> None:
+        await bus.ensure_group(self.redis, self.keys.verify_for(self.fingerprint), self.group)
+        await self.redis.sadd(self.keys.fingerprints, self.fingerprint)
+
     def liveness_extra(self) -> str:
-        return f"fingerprint={self.fingerprint}"
+        # Read without the runner's lock (a forward may hold it): a count off by one is fine here.
+        return f"fingerprint={self.fingerprint} caches={len(self.runner._caches)} cache_bytes={self.runner.allocated_bytes}"
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         for entry_id, fields in entries:
             batch = decode(fields, VerifyBatch)
-            async with self.renewing(stream, [entry_id]):
-                began = time.perf_counter()
-                results = await self.off_loop(self._verify, batch)
-                forward_ms = (time.perf_counter() - began) * 1000
-            out = VerifiedBatch(batch.batch_id, self.instance, results, len(batch.items), forward_ms, self.fingerprint)
-            await write_and_ack(self.redis, [(self.keys.verified, encode(out))], stream, self.group, [entry_id])
+            outputs = self._hand_on_foreign(batch)
+            items = await self._still_open([i for i in batch.items if i.fingerprint in ("", self.fingerprint)])
+            results: list[VerifiedItem] = []
+            forward_ms = 0.0
+            if items:
+                async with self.renewing(stream, [entry_id]):
+                    await self.mark_phase("forward")
+                    began = time.perf_counter()
+                    results = await self.off_loop(self._verify_isolating, items)
+                    forward_ms = (time.perf_counter() - began) * 1000
+                    await self.mark_phase("idle")
+                out = VerifiedBatch(batch.batch_id, self.instance, results, len(items), forward_ms, self.fingerprint)
+                outputs.append((self.keys.verified, encode(out)))
+            await self.retrying(bus.write_and_ack, self.redis, outputs, stream, self.group, [entry_id])
 
-    def _verify(self, batch: VerifyBatch) -> list[VerifiedItem]:
+    async def reject(self, stream: str, entry: Entry, reason: str) -> None:
+        """A batch dead-lettered (it kept killing verifiers): split it, or end its one request."""
+        try:
+            batch = decode(entry[1], VerifyBatch)
+        except WireError:
+            return
+        if len(batch.items) > 1:
+            outputs = [(stream, encode(VerifyBatch(f"{batch.batch_id}-{i}", [item]))) for i, item in enumerate(batch.items)]
+            self.log.warning("batch %s failed %s: verifying its %d requests one by one", batch.batch_id, reason, len(outputs))
+        else:
+            item = batch.items[0]
+            failed = _error(item, f"verification failed repeatedly ({reason})", "internal")
+            outputs = [(self.keys.verified, encode(VerifiedBatch(batch.batch_id, self.instance, [failed], 1, 0.0, self.fingerprint)))]
+        await self.retrying(bus.write_and_ack, self.redis, outputs, stream, self.group, [])
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last_release > RELEASE_INTERVAL_S:
+            self.last_release = now
+            await self._release_finished()
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _hand_on_foreign(self, batch: VerifyBatch) -> list[tuple[str, dict]]:
+        """Items pinned to another target go to that target's stream, one batch per item."""
+        return [
+            (self.keys.verify_for(item.fingerprint), encode(VerifyBatch(f"{batch.batch_id}-{i}", [item])))
+            for i, item in enumerate(batch.items)
+            if item.fingerprint not in ("", self.fingerprint)
+        ]
+
+    async def _still_open(self, items: list[VerifyItem]) -> list[VerifyItem]:
+        """Drop rounds already applied (a duplicate batch): no forward is spent on them."""
+        if not items:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item in items:
+                pipe.hmget(self.keys.request(item.request_id), "round", "status")
+            replies = await pipe.execute()
+        return [item for item, (round_, status) in zip(items, replies) if round_ == str(item.round).encode() and status == b"active"]
+
+    async def _release_finished(self) -> None:
+        keys = await self.off_loop(self.runner.cached_keys)
+        if not keys:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hget(self.keys.request(key), "status")
+            statuses = await pipe.execute()
+        done = [key for key, status in zip(keys, statuses) if status != b"active"]
+        if done:
+            await self.off_loop(self.runner.release_many, done)
+
+    def _verify_isolating(self, items: list[VerifyItem]) -> list[VerifiedItem]:
+        """The batch in one forward; if that raises, each request alone, so one bad request
+        fails alone and the others still get their results."""
+        try:
+            return self._verify(items)
+        except Exception as error:
+            if len(items) == 1:
+                self.log.warning("request %s failed verification: %s: %s", items[0].request_id, type(error).__name__, error)
+                return [_error(items[0], f"verification failed: {type(error).__name__}: {error}", "internal")]
+            self.log.warning("batch of %d failed (%s: %s): verifying one by one", len(items), type(error).__name__, error)
+            return [result for item in items for result in self._verify_isolating([item])]
+
+    def _verify(self, items: list[VerifyItem]) -> list[VerifiedItem]:
         accepted_items, trees, results = [], [], {}
-        for item in batch.items:
-            if item.fingerprint and item.fingerprint != self.fingerprint:
-                results[item.request_id] = _error(item, f"target fingerprint mismatch: request uses {item.fingerprint}, this verifier {self.fingerprint}")
-                continue
+        for item in items:
             try:
                 tree = candidate_to_tree(item.tree, self.runner.vocab_size)
                 if not item.context or any(not 0 <= t < self.runner.vocab_size for t in [*item.context, *tree.tokens]):
                     raise WireError("token id out of the vocabulary")
                 sampling_from_wire(item.sampling)
             except WireError as error:
-                results[item.request_id] = _error(item, f"invalid verification item: {error}")
+                results[item.request_id] = _error(item, f"invalid verification item: {error}", "internal")
                 continue
+            faults.check("verifier.forward", item.request_id)
             accepted_items.append(item)
             trees.append(tree)
         logits = self.runner.forward(
@@ -79,11 +166,11 @@ class VerifierWorker(StageWorker):
             results[item.request_id] = VerifiedItem(
                 item.request_id, item.round, list(verdict.accepted_tokens), verdict.next_token, len(tree)
             )
-        return [results[item.request_id] for item in batch.items]
+        return [results[item.request_id] for item in items]
 
 
-def _error(item, reason: str) -> VerifiedItem:
-    return VerifiedItem(item.request_id, item.round, [], 0, 0, reason)
+def _error(item: VerifyItem, reason: str, code: str) -> VerifiedItem:
+    return VerifiedItem(item.request_id, item.round, [], 0, 0, reason, code)
 
 
 __all__ = ["VerifierWorker"]

@@ -11,11 +11,17 @@ KV buffers are per request and per layer, grown geometrically. Cropping is bookk
 round only the accepted tree nodes' rows are gathered into place; the next round compares the
 cached tokens with the request's committed tokens and reuses the longest common prefix. A cache
 that is missing (evicted, another worker) is rebuilt by feeding the tokens again.
+
+Memory is bounded in bytes of what is allocated (capacity, not valid rows): when creating or
+growing a buffer would pass ``max_cache_bytes``, least-recently-used caches outside the batch
+being prepared are evicted first. A batch that needs more than the whole budget on its own still
+runs, over budget, with one warning per request.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +37,11 @@ from cosine.spec.tree import ROOT, tree_attention_mask
 
 ATTN_IMPLEMENTATION = "cosine_packed"
 _BATCH_KWARG = "cosine_batch"
+DEFAULT_MAX_CACHE_BYTES = 1024 * 2**20  # the default of config.toml's model.kv_cache_mb
+_GROWTH_HEADROOM = 16  # rows beyond the first round of a new cache, so the next round fits
+_MAX_WARNED_KEYS = 1024  # bounds the memory of which requests were warned about
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +65,8 @@ class RunnerStats:
     fed_tokens: int = 0
     reused_tokens: int = 0
     cache_rebuilds: int = 0
+    evictions: int = 0  # caches dropped to stay within the byte budget
+    releases: int = 0  # caches freed by release / release_many (keys with no cache not counted)
     forward_seconds: float = 0.0
     bookkeeping_seconds: float = 0.0
 
@@ -133,7 +146,9 @@ class ModelRunner:
     thread pool.
     """
 
-    def __init__(self, model: PreTrainedModel, *, max_cached_tokens: int = 262_144) -> None:
+    def __init__(self, model: PreTrainedModel, *, max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES) -> None:
+        if max_cache_bytes < 1:
+            raise ValueError(f"max_cache_bytes must be >= 1, got {max_cache_bytes}")
         self.model = model.eval()
         # Layers may share a config object with another model (early-exit drafters share the
         # target's layers), so the packed attention is switched on per forward, on every config
@@ -153,9 +168,13 @@ class ModelRunner:
         self.vocab_size = self.lm_head.weight.shape[0]
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.max_cached_tokens = max_cached_tokens
+        # One row of every layer's key and value buffers.
+        self.bytes_per_token = len(self.layer_ids) * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
+        self.max_cache_bytes = max_cache_bytes
         self.stats = RunnerStats()
-        self._caches: OrderedDict[str, _RequestCache] = OrderedDict()
+        self._caches: OrderedDict[str, _RequestCache] = OrderedDict()  # least recently used first
+        self._allocated_bytes = 0  # sum of the caches' capacity bytes, kept up to date on change
+        self._warned_over_budget: set[str] = set()
         self._lock = threading.Lock()
 
     # ---- public API ----------------------------------------------------------------------
@@ -205,8 +224,27 @@ class ModelRunner:
         self.stats.bookkeeping_seconds += time.perf_counter() - began
 
     def release(self, key: str) -> None:
+        """Free a finished request's cache (no-op for a key with none)."""
+        self.release_many([key])
+
+    def release_many(self, keys: Sequence[str]) -> None:
         with self._lock:
-            self._caches.pop(key, None)
+            for key in keys:
+                self._warned_over_budget.discard(key)
+                cache = self._caches.pop(key, None)
+                if cache is not None:
+                    self._allocated_bytes -= self._cache_bytes(cache.capacity)
+                    self.stats.releases += 1
+
+    def cached_keys(self) -> list[str]:
+        """Keys that hold a cache, least recently used first."""
+        with self._lock:
+            return list(self._caches)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of K/V buffers held by all caches (capacity, not only valid rows)."""
+        return self._allocated_bytes
 
     def cached_tokens(self, key: str) -> int:
         cache = self._caches.get(key)
@@ -226,20 +264,22 @@ class ModelRunner:
                 config._attn_implementation = implementation
 
     def _prepare(self, items: Sequence[ForwardItem]):
+        for item in items:  # before any allocation, so a bad item leaves the caches untouched
+            if len(item.context) < 1:
+                raise ValueError(f"request {item.key}: empty context")
+            if len(item.tree_tokens) != len(item.tree_parents):
+                raise ValueError(f"request {item.key}: tree tokens and parents differ in length")
+        in_batch = {item.key for item in items}
         segments: list[_Segment] = []
         ids: list[int] = []
         positions: list[int] = []
         wanted: list[int] = []
         for item in items:
-            if len(item.context) < 1:
-                raise ValueError(f"request {item.key}: empty context")
-            if len(item.tree_tokens) != len(item.tree_parents):
-                raise ValueError(f"request {item.key}: tree tokens and parents differ in length")
-            cache, reused = self._cache_for(item.key, item.context)
-            suffix = list(item.context[reused:])
             tree = list(item.tree_tokens)
+            cache, reused = self._cache_for(item.key, item.context, len(item.context) + len(tree), in_batch)
+            suffix = list(item.context[reused:])
             count = len(suffix) + len(tree)
-            self._ensure_capacity(cache, reused + count)
+            self._ensure_capacity(item.key, cache, reused + count, in_batch)
             offset = len(ids)
             ids.extend(suffix)
             ids.extend(tree)
@@ -255,12 +295,15 @@ class ModelRunner:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         return segments, as_tensor(ids), as_tensor(positions), as_tensor(wanted)
 
-    def _cache_for(self, key: str, context: Sequence[int]) -> tuple[_RequestCache, int]:
+    def _cache_for(self, key: str, context: Sequence[int], rows: int, in_batch: set[str]) -> tuple[_RequestCache, int]:
+        """The request's cache and how many of its rows are reused; a new one fits ``rows``."""
         cache = self._caches.get(key)
         if cache is None:
-            self._evict_for(len(context))
-            cache = self._new_cache(len(context) + 16)
+            capacity = _round_up(rows + _GROWTH_HEADROOM)
+            self._make_room(key, self._cache_bytes(capacity), in_batch)
+            cache = self._new_cache(capacity)
             self._caches[key] = cache
+            self._allocated_bytes += self._cache_bytes(capacity)
             self.stats.cache_rebuilds += 1
             return cache, 0
         self._caches.move_to_end(key)
@@ -273,25 +316,48 @@ class ModelRunner:
             seg.cache.tokens.extend(int(t) for t in item.context[seg.start :])
 
     def _new_cache(self, capacity: int) -> _RequestCache:
-        shape = (self.kv_heads, _round_up(capacity), self.head_dim)
+        shape = (self.kv_heads, capacity, self.head_dim)
         make = lambda: torch.empty(shape, dtype=self.dtype, device=self.device)  # noqa: E731
         return _RequestCache({i: make() for i in self.layer_ids}, {i: make() for i in self.layer_ids})
 
-    def _ensure_capacity(self, cache: _RequestCache, needed: int) -> None:
+    def _ensure_capacity(self, key: str, cache: _RequestCache, needed: int, in_batch: set[str]) -> None:
         if needed <= cache.capacity:
             return
-        grown = self._new_cache(needed)
         valid = cache.capacity
+        capacity = _round_up(needed)
+        extra = self._cache_bytes(capacity) - self._cache_bytes(valid)
+        self._make_room(key, extra, in_batch)
+        grown = self._new_cache(capacity)
         for layer in self.layer_ids:
             grown.keys[layer][:, :valid] = cache.keys[layer]
             grown.values[layer][:, :valid] = cache.values[layer]
         cache.keys, cache.values = grown.keys, grown.values
+        self._allocated_bytes += extra
 
-    def _evict_for(self, incoming: int) -> None:
-        total = sum(len(c.tokens) for c in self._caches.values())
-        while self._caches and total + incoming > self.max_cached_tokens:
-            _, evicted = self._caches.popitem(last=False)
-            total -= len(evicted.tokens)
+    def _make_room(self, key: str, incoming: int, in_batch: set[str]) -> None:
+        """Evict least-recently-used caches outside the batch until ``incoming`` more bytes fit."""
+        while self._allocated_bytes + incoming > self.max_cache_bytes:
+            victim = next((k for k in self._caches if k not in in_batch), None)
+            if victim is None:
+                self._warn_over_budget(key, incoming)
+                return
+            evicted = self._caches.pop(victim)
+            self._allocated_bytes -= self._cache_bytes(evicted.capacity)
+            self.stats.evictions += 1
+
+    def _warn_over_budget(self, key: str, incoming: int) -> None:
+        if key in self._warned_over_budget:
+            return
+        if len(self._warned_over_budget) >= _MAX_WARNED_KEYS:  # callers that never release
+            self._warned_over_budget.clear()
+        self._warned_over_budget.add(key)
+        log.warning(
+            "request %s: KV caches of its batch need %d bytes, over the budget of %d (model.kv_cache_mb); running over budget",
+            key, self._allocated_bytes + incoming, self.max_cache_bytes,
+        )
+
+    def _cache_bytes(self, capacity: int) -> int:
+        return capacity * self.bytes_per_token
 
 
 def _common_prefix(cached: list[int], context: Sequence[int], limit: int) -> int:

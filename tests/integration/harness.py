@@ -49,9 +49,9 @@ class Pipeline:
     namespace: str = "cosine:"
     processes: list[subprocess.Popen] = field(default_factory=list)
 
-    def start(self, role: str, *args: str) -> subprocess.Popen:
+    def start(self, role: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         command = [sys.executable, "-m", "cosine.cli", "worker", role, "--redis-url", self.url, "--config", str(self.config_path), "-v", *args]
-        env = dict(os.environ, COSINE_MODEL_THREADS="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, COSINE_MODEL_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
         log_path = self.config_path.parent / f"{role}-{len(self.processes)}.log"
         process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"))
         self.processes.append(process)

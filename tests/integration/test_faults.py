@@ -47,7 +47,7 @@ def start_role(pipeline: Pipeline, role: str):
 
 @pytest.fixture()
 def server():
-    from cosine.bus import EmbeddedRedis
+    from cosine.embedded import EmbeddedRedis
 
     embedded = EmbeddedRedis()
     yield embedded.start()

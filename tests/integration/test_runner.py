@@ -1,6 +1,8 @@
-"""The model runner on the real target: packed batches, tree masks, KV-cache reuse."""
+"""The model runner on the real target: packed batches, tree masks, KV-cache reuse and its byte budget."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -120,9 +122,114 @@ def test_missing_or_stale_cache_is_rebuilt(demo_target, chat_prompts, counter):
     torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, changed), atol=2e-3, rtol=1e-4)
 
 
-def test_lru_eviction_respects_the_token_budget(demo_target, chat_prompts):
-    runner = ModelRunner(demo_target.model, max_cached_tokens=120)
-    runner.forward([ForwardItem("a", chat_prompts[0][:50])])
-    runner.forward([ForwardItem("b", chat_prompts[1][:50])])
-    runner.forward([ForwardItem("c", chat_prompts[2][:50])])
-    assert runner.cached_tokens("a") == 0 and runner.cached_tokens("c") == len(chat_prompts[2][:50])
+SMALL = 30  # context tokens of a small request: with the growth headroom, a 64-row cache
+SMALL_CAPACITY = 64
+
+
+def small(chat_prompts, index: int) -> list[int]:
+    return list(chat_prompts[index][:SMALL])
+
+
+def test_cache_bytes_follow_the_model_shape(demo_target, chat_prompts):
+    """Bytes per token = layers x (K and V) x kv_heads x head_dim x 4 (fp32); a cache costs its capacity."""
+    config = demo_target.model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    expected = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4
+    runner = ModelRunner(demo_target.model)
+    assert runner.bytes_per_token == expected == 46_080
+    runner.forward([ForwardItem("a", small(chat_prompts, 0))])
+    assert runner.allocated_bytes == SMALL_CAPACITY * expected  # capacity, not the 30 valid rows
+
+
+def test_lru_eviction_by_allocated_bytes(demo_target, chat_prompts):
+    """The budget fits exactly three caches: the fourth evicts the least recently used one."""
+    one_cache = SMALL_CAPACITY * ModelRunner(demo_target.model).bytes_per_token
+    runner = ModelRunner(demo_target.model, max_cache_bytes=3 * one_cache)
+    for index, key in enumerate("abc"):
+        runner.forward([ForwardItem(key, small(chat_prompts, index))])
+        assert runner.allocated_bytes == (index + 1) * one_cache
+    assert runner.stats.evictions == 0
+    runner.forward([ForwardItem("a", small(chat_prompts, 0))])  # "a" becomes the most recent
+    runner.forward([ForwardItem("d", small(chat_prompts, 3))])
+    assert runner.cached_keys() == ["c", "a", "d"]
+    assert runner.stats.evictions == 1 and runner.allocated_bytes == 3 * one_cache
+    for index, key in enumerate("efg", start=4):
+        runner.forward([ForwardItem(key, small(chat_prompts, index))])
+        assert runner.allocated_bytes <= runner.max_cache_bytes
+    assert runner.cached_keys() == ["e", "f", "g"] and runner.stats.evictions == 4
+
+
+def test_eviction_spares_the_batch_being_prepared(demo_target, chat_prompts):
+    """A new cache in a batch evicts the LRU cache outside the batch, not an older one inside it."""
+    one_cache = SMALL_CAPACITY * ModelRunner(demo_target.model).bytes_per_token
+    runner = ModelRunner(demo_target.model, max_cache_bytes=2 * one_cache)
+    runner.forward([ForwardItem("a", small(chat_prompts, 0))])
+    runner.forward([ForwardItem("b", small(chat_prompts, 1))])
+    rebuilds = runner.stats.cache_rebuilds
+    a_context = small(chat_prompts, 0) + [198]
+    logits = runner.forward([ForwardItem("c", small(chat_prompts, 2)), ForwardItem("a", a_context)])
+    assert runner.cached_keys() == ["c", "a"]
+    assert runner.stats.evictions == 1 and runner.stats.cache_rebuilds == rebuilds + 1  # "a" kept its cache
+    assert runner.allocated_bytes == 2 * one_cache
+    torch.testing.assert_close(logits[1][0], plain_next_logits(demo_target.model, a_context), atol=2e-3, rtol=1e-4)
+
+
+def test_growth_past_the_budget_evicts_others(demo_target, chat_prompts):
+    """A cache that doubles when the budget is full evicts the LRU cache to make room."""
+    bytes_per_token = ModelRunner(demo_target.model).bytes_per_token
+    runner = ModelRunner(demo_target.model, max_cache_bytes=4 * SMALL_CAPACITY * bytes_per_token)
+    for index, key in enumerate("abcd"):
+        runner.forward([ForwardItem(key, small(chat_prompts, index))])
+    assert runner.allocated_bytes == runner.max_cache_bytes
+    longer = small(chat_prompts, 0) + list(chat_prompts[13][:50])  # 80 rows: "a" grows to 128
+    logits = runner.forward([ForwardItem("a", longer)])
+    assert runner.cached_keys() == ["c", "d", "a"] and runner.stats.evictions == 1
+    assert runner.allocated_bytes == runner.max_cache_bytes
+    assert runner.stats.reused_tokens >= SMALL - 1  # grown in place, not rebuilt
+    torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, longer), atol=2e-3, rtol=1e-4)
+
+
+def test_request_over_the_whole_budget_runs_alone(demo_target, chat_prompts, caplog):
+    """Bigger than the budget: every other cache goes, it runs over budget, one warning."""
+    bytes_per_token = ModelRunner(demo_target.model).bytes_per_token
+    runner = ModelRunner(demo_target.model, max_cache_bytes=SMALL_CAPACITY * bytes_per_token)
+    runner.forward([ForwardItem("a", small(chat_prompts, 0))])
+    long_prompt = list(chat_prompts[13])  # 79 tokens: a 128-row cache
+    longer = long_prompt + long_prompt  # 158 rows: grows to 256
+    with caplog.at_level(logging.WARNING, logger="cosine.models.runner"):
+        logits = runner.forward([ForwardItem("big", long_prompt)])
+        assert runner.cached_keys() == ["big"] and runner.stats.evictions == 1
+        assert runner.allocated_bytes == 128 * bytes_per_token
+        runner.forward([ForwardItem("big", longer)])
+    assert runner.allocated_bytes == 256 * bytes_per_token
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "big" in warnings[0].getMessage()
+    torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, long_prompt), atol=2e-3, rtol=1e-4)
+    runner.forward([ForwardItem("a", small(chat_prompts, 0))])  # back within budget
+    assert runner.cached_keys() == ["a"] and runner.allocated_bytes == runner.max_cache_bytes
+
+
+def test_release_frees_the_bytes(demo_target, chat_prompts):
+    runner = ModelRunner(demo_target.model)
+    one_cache = SMALL_CAPACITY * runner.bytes_per_token
+    runner.forward([ForwardItem(key, small(chat_prompts, index)) for index, key in enumerate("abc")])
+    assert runner.allocated_bytes == 3 * one_cache
+    runner.release("a")
+    assert runner.cached_keys() == ["b", "c"] and runner.allocated_bytes == 2 * one_cache
+    runner.release_many(["b", "c", "never-cached"])
+    assert runner.cached_keys() == [] and runner.allocated_bytes == 0
+    assert runner.stats.releases == 3 and runner.stats.evictions == 0
+
+
+def test_outputs_after_eviction_match_plain_forward(demo_target, chat_prompts, counter):
+    """An evicted request's next round rebuilds its cache from its tokens; logits are exact."""
+    runner = ModelRunner(demo_target.model, max_cache_bytes=SMALL_CAPACITY * ModelRunner(demo_target.model).bytes_per_token)
+    runner.forward([ForwardItem("a", small(chat_prompts, 0))])
+    runner.forward([ForwardItem("b", small(chat_prompts, 1))])
+    assert runner.cached_tokens("a") == 0 and runner.stats.evictions == 1
+    context = small(chat_prompts, 0) + [198]
+    counter.tokens = 0
+    logits = runner.forward([ForwardItem("a", context, (504,), (-1,))])
+    assert counter.tokens == len(context) + 1  # every context token fed again, plus the tree
+    torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, context), atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(logits[0][1], plain_next_logits(demo_target.model, context + [504]), atol=2e-3, rtol=1e-4)

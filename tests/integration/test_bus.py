@@ -1,0 +1,194 @@
+"""The Lua functions against a real server (no model): admission, refusal, round application
+with cancellation, fusion shared by workers, and a stage that survives its own tick failing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from cosine import bus
+from cosine.config import Config, PipelineConfig
+from cosine.embedded import EmbeddedRedis
+from cosine.state import refusal_entry
+from cosine.wire import Keys
+
+KEYS = Keys()
+GROUP = "cosine:router"
+
+
+@pytest.fixture(scope="module")
+def server():
+    embedded = EmbeddedRedis(persistence=False)
+    url = embedded.start()
+    yield url
+    embedded.stop()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def fresh(url: str) -> aioredis.Redis:
+    client = aioredis.Redis.from_url(url)
+    await client.flushall()
+    await bus.load_functions(client)
+    await bus.ensure_group(client, KEYS.requests, GROUP)
+    return client
+
+
+async def submit(client, **fields) -> bytes:
+    entry_id = await client.xadd(KEYS.requests, fields)
+    await client.xreadgroup(GROUP, "test", {KEYS.requests: ">"}, count=1)
+    return entry_id
+
+
+async def admit(client, entry_id, request_id="r1", fields=None) -> str:
+    return await bus.admit_request(
+        client, KEYS, group=GROUP, entry_id=entry_id, request_id=request_id, deadline_ms=2**40, ttl_s=60,
+        fields=fields or {"round": "0", "status": "active", "id": request_id}, job_streams=[KEYS.draft("general")],
+        payload=b"job", refusal=refusal_entry(f"request id {request_id!r} is already in use", "invalid", "id"),
+    )
+
+
+async def finals(client, stream: str) -> list[dict]:
+    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in await client.xrange(stream) if f[b"type"] == b"final"]
+
+
+def test_an_id_in_use_is_refused_on_the_entry_stream_only(server):
+    async def scenario():
+        client = await fresh(server)
+        first = await submit(client, id="r1", prompt="a")
+        assert await admit(client, first) == "created"
+        assert await admit(client, first) == "duplicate"  # a redelivery changes nothing
+        second = await submit(client, id="r1", prompt="b")
+        assert await admit(client, second) == "in_use"
+        assert await admit(client, second) == "in_use"
+        assert await client.xlen(KEYS.out("r1")) == 0  # the original's stream is untouched
+        refusals = await finals(client, KEYS.out(second.decode()))
+        assert len(refusals) == 1 and refusals[0]["error_code"] == "invalid" and refusals[0]["error_param"] == "id"
+        assert await client.xlen(KEYS.draft("general")) == 1
+        assert (await client.xpending(KEYS.requests, GROUP))["pending"] == 0
+
+    run(scenario())
+
+
+def test_a_refusal_is_written_once_and_keeps_the_id(server):
+    async def scenario():
+        client = await fresh(server)
+        entry = await submit(client, id="bad", prompt="")
+        refusal = refusal_entry("'prompt' must be a non-empty string", "invalid", "prompt")
+        for _ in range(2):  # redelivered: still one final
+            await bus.refuse_request(client, KEYS, group=GROUP, entry_id=entry, request_id="bad", ttl_s=60, entry=refusal)
+        assert len(await finals(client, KEYS.out("bad"))) == 1
+        # An internal error on an entry that already created its request writes nothing.
+        created = await submit(client, id="ok", prompt="x")
+        assert await admit(client, created, "ok") == "created"
+        outcome = await bus.refuse_request(client, KEYS, group=GROUP, entry_id=created, request_id="ok", ttl_s=60, entry=refusal)
+        assert outcome == "duplicate" and await client.xlen(KEYS.out("ok")) == 0
+
+    run(scenario())
+
+
+def test_cancellation_wins_over_a_round_in_flight(server):
+    async def scenario():
+        client = await fresh(server)
+        await admit(client, await submit(client, id="r1", prompt="a"))
+        tokens = {"type": "tokens", "text": "x", "token_ids": "[1]"}
+        assert await bus.apply_round(client, KEYS, request_id="r1", expected_round=0, fields={"round": "1"}, out_entries=[tokens]) == "applied"
+        assert await bus.flag_cancel(client, KEYS, "r1") == "flagged"
+        # The coordinator computed round 1 before the cancel: not applied, it must end the request.
+        outcome = await bus.apply_round(client, KEYS, request_id="r1", expected_round=1, fields={"round": "2"}, out_entries=[tokens])
+        assert outcome == "cancelled"
+        final = {"type": "final", "finish_reason": "cancelled", "error_code": "cancelled"}
+        assert await bus.apply_round(
+            client, KEYS, request_id="r1", expected_round=1, fields={"round": "2", "status": "finished"}, out_entries=[final], ttl_s=60,
+        ) == "applied"
+        assert await bus.flag_cancel(client, KEYS, "r1") == "finished"
+        entries = await client.xrange(KEYS.out("r1"))
+        assert [e[0] for e in entries] == [b"1-0", b"2-0"]  # IDs from the round number
+        assert len(await finals(client, KEYS.out("r1"))) == 1
+        assert await client.zscore(KEYS.deadlines, "r1") is None
+
+    run(scenario())
+
+
+def test_a_replayed_round_does_not_repeat_output(server):
+    async def scenario():
+        client = await fresh(server)
+        await admit(client, await submit(client, id="r1", prompt="a"))
+        tokens = {"type": "tokens", "text": "x", "token_ids": "[1]"}
+        await bus.apply_round(client, KEYS, request_id="r1", expected_round=0, fields={"round": "1"}, out_entries=[tokens])
+        # The server lost the state write but not the output (or a client read it): the round
+        # is applied again; its entry ID exists, so nothing is written twice.
+        await client.hset(KEYS.request("r1"), "round", "0")
+        await bus.apply_round(client, KEYS, request_id="r1", expected_round=0, fields={"round": "1"}, out_entries=[tokens])
+        assert await client.xlen(KEYS.out("r1")) == 1
+
+    run(scenario())
+
+
+def test_two_fusion_workers_make_one_tree(server):
+    async def scenario():
+        client = await fresh(server)
+        await bus.ensure_group(client, KEYS.drafts, "cosine:fusion")
+        ids = [await client.xadd(KEYS.drafts, {"m": name}) for name in (b"general", b"code")]
+        await client.xreadgroup("cosine:fusion", "a", {KEYS.drafts: ">"}, count=1)
+        await client.xreadgroup("cosine:fusion", "b", {KEYS.drafts: ">"}, count=1)
+        key = KEYS.fuse("r1", 0)
+        common = dict(group="cosine:fusion", hash_key=key, expected=2, deadline_ms=2**40, ttl_ms=60_000, retake_ms=2**40)
+        # Worker a reads one expert's draft, worker b the other's: the second completes the set.
+        assert await bus.fuse_add(client, KEYS, entry_id=ids[0], expert="general", payload=b"general", **common) == []
+        assert sorted(await bus.fuse_add(client, KEYS, entry_id=ids[1], expert="code", payload=b"code", **common)) == [b"code", b"general"]
+        assert (await client.xpending(KEYS.drafts, "cosine:fusion"))["pending"] == 0
+        assert await bus.fuse_emit(client, KEYS, key, b"tree", 60_000) == "emitted"
+        assert await bus.fuse_emit(client, KEYS, key, b"tree", 60_000) == "duplicate"
+        assert await client.xlen(KEYS.candidates) == 1
+        # A late redelivery of a fused round's draft is dropped.
+        late = await client.xadd(KEYS.drafts, {"m": b"general"})
+        assert await bus.fuse_add(client, KEYS, entry_id=late, expert="general", payload=b"general", **common) == []
+
+    run(scenario())
+
+
+def test_an_incomplete_round_is_fused_after_its_deadline_by_any_worker(server):
+    async def scenario():
+        client = await fresh(server)
+        key = KEYS.fuse("r2", 5)
+        common = dict(group="cosine:fusion", hash_key=key, expected=2, ttl_ms=60_000, retake_ms=2**40)
+        await bus.fuse_add(client, KEYS, entry_id=b"1-1", expert="general", payload=b"general", deadline_ms=1000, **common)
+        due = await client.zrangebyscore(KEYS.fusing, 0, 2000)
+        assert due == [key.encode()]
+        # A worker takes it and dies before emitting; after the retake time another takes it.
+        assert await bus.fuse_take(client, KEYS, key, 3000) == [b"general"]
+        assert await client.zrangebyscore(KEYS.fusing, 0, 2000) == []
+        assert await client.zrangebyscore(KEYS.fusing, 0, 3000) == [key.encode()]
+        assert await bus.fuse_take(client, KEYS, key, 9000) == [b"general"]
+
+    run(scenario())
+
+
+def test_a_stage_survives_its_own_tick_and_task_failures(server):
+    from cosine.workers.base import StageWorker
+
+    class Flaky(StageWorker):
+        role = "flaky"
+        ticks = 0
+
+        def input_streams(self):
+            return [f"{KEYS.prefix}flaky"]
+
+        async def handle(self, stream, entries):
+            raise AssertionError("no entries expected")
+
+        async def tick(self):
+            self.ticks += 1
+            if self.ticks < 4:
+                raise ValueError("invalid literal for int() with base 10: 'None'")
+            self.stopping.set()
+
+    config = Config(pipeline=PipelineConfig(block_ms=10))
+    worker = Flaky(config, server)
+    run(worker.run())  # without guarded ticks the first ValueError ends the worker
+    assert worker.ticks == 4
