@@ -99,9 +99,17 @@ class Coordinator(StageWorker):
         if any(w.entry_id == entry_id for w in self.pool):
             return  # handled again after an error: already pooled
         state = await self._state(candidate.request_id)
-        duplicate = any(w.item.request_id == candidate.request_id for w in self.pool)
-        if duplicate or state is None or state.status != ACTIVE or state.round != candidate.round:
-            await self.redis.xack(self.keys.candidates, self.group, entry_id)  # stale or duplicate
+        if state is None or state.status != ACTIVE or state.round != candidate.round:
+            await self.redis.xack(self.keys.candidates, self.group, entry_id)  # stale
+            return
+        # A pooled candidate of an earlier round of this request is stale (a duplicate of it was
+        # verified elsewhere): drop it, so it cannot pass for this round's duplicate.
+        stale = [w for w in self.pool if w.item.request_id == state.request_id and w.item.round != state.round]
+        if stale:
+            await self.redis.xack(self.keys.candidates, self.group, *(w.entry_id for w in stale))
+            self.pool = [w for w in self.pool if w not in stale]
+        if any(w.item.request_id == state.request_id for w in self.pool):
+            await self.redis.xack(self.keys.candidates, self.group, entry_id)  # this round, already pooled
             return
         # Drafting is done: the drafter-deadline sweep lets go of this round.
         await self.redis.zrem(self.keys.rounds, state.request_id)

@@ -192,3 +192,34 @@ def test_a_stage_survives_its_own_tick_and_task_failures(server):
     worker = Flaky(config, server)
     run(worker.run())  # without guarded ticks the first ValueError ends the worker
     assert worker.ticks == 4
+
+
+def test_a_stale_pooled_round_does_not_swallow_the_next_one(server):
+    """A coordinator still pooling round 3 of a request that moved on (a duplicate of round 3
+    was verified elsewhere) must pool round 4, not acknowledge it as a duplicate."""
+    import time
+
+    from cosine.spec.sampling import SamplingParams
+    from cosine.state import RequestState
+    from cosine.wire import Candidate, VerifyItem, encode
+    from cosine.workers.coordinator import Coordinator, _Waiting
+
+    async def scenario():
+        client = await fresh(server)
+        coordinator = Coordinator(Config(), server)
+        coordinator.redis, coordinator.pool = client, []
+        state = RequestState("r1", [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=4, output_ids=[5, 6, 7, 8])
+        await client.hset(KEYS.request("r1"), mapping=state.to_fields())
+        await bus.ensure_group(client, KEYS.candidates, coordinator.group)
+        old = Candidate("r1", 3, [], [], [], [], [])
+        new = Candidate("r1", 4, [], [], [], [], [])
+        ids = [await client.xadd(KEYS.candidates, encode(c)) for c in (old, new)]
+        await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
+        coordinator.pool.append(_Waiting(ids[0], VerifyItem("r1", 3, [1, 2], old, None, ""), time.monotonic()))
+        await coordinator._pool_candidate(ids[1], new)
+        assert [(w.entry_id, w.item.round) for w in coordinator.pool] == [(ids[1], 4)]
+        pending = await client.xpending_range(KEYS.candidates, coordinator.group, "-", "+", 10)
+        assert [p["message_id"] for p in pending] == [ids[1]]  # the new round stays claimed
+        await client.aclose()
+
+    run(scenario())
