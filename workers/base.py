@@ -60,6 +60,13 @@ def is_transient(error: RedisError) -> bool:
     return str(error).startswith(_TRANSIENT_PREFIXES)
 
 
+def _raise_if_cancelling() -> None:
+    """A cancellation that a library turned into another error is still a cancellation."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
 def _needs_setup_again(error: RedisError) -> bool:
     text = str(error)
     return "NOGROUP" in text or "Function not found" in text or "NOSCRIPT" in text
@@ -255,6 +262,7 @@ class StageWorker:
             try:
                 return await fn(*args, **kwargs)
             except RedisError as error:
+                _raise_if_cancelling()
                 attempt += 1
                 give_up = attempt >= BOUNDED_ATTEMPTS and (not is_transient(error) or (self.stopping.is_set() and not forever))
                 if give_up:
@@ -273,8 +281,10 @@ class StageWorker:
         except asyncio.CancelledError:
             raise
         except RedisError as error:
+            _raise_if_cancelling()
             self.log.warning("%s: redis error (%s: %s)", getattr(fn, "__name__", fn), type(error).__name__, error)
         except Exception:
+            _raise_if_cancelling()
             self.log.exception("%s failed", getattr(fn, "__name__", fn))
         return None
 
@@ -289,21 +299,29 @@ class StageWorker:
 
     @contextlib.asynccontextmanager
     async def renewing(self, stream: str, entry_ids: Sequence[bytes]):
-        """Keep claiming our own entries during a long call, so nobody reclaims live work."""
+        """Keep claiming our own entries during a long call, so nobody reclaims live work.
+
+        The renewal stops on an event, not by cancellation: a cancellation that lands inside a
+        Redis call can come back as a Redis error, and a renewal that outlived its call once
+        held a verifier's batch forever.
+        """
+        done = asyncio.Event()
 
         async def renew() -> None:
             interval = self.config.pipeline.claim_idle_ms / 3000
-            while True:
-                await asyncio.sleep(interval)
-                await self.guarded(self.redis.xclaim, stream, self.group, self.instance, 0, list(entry_ids), justid=True)
+            while not done.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(done.wait(), interval)
+                if not done.is_set():
+                    await self.guarded(self.redis.xclaim, stream, self.group, self.instance, 0, list(entry_ids), justid=True)
 
         task = asyncio.create_task(renew())
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            done.set()
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(task, 10)
 
     async def live_values(self, role: str, max_age_s: float = 0.25) -> list[str]:
         """The liveness values of a role's live workers (cached briefly, one SCAN per role)."""

@@ -199,10 +199,11 @@ def test_a_stale_pooled_round_does_not_swallow_the_next_one(server):
     was verified elsewhere) must pool round 4, not acknowledge it as a duplicate."""
     import time
 
+    from cosine.workers.coordinator import Coordinator, _Waiting
+
     from cosine.spec.sampling import SamplingParams
     from cosine.state import RequestState
     from cosine.wire import Candidate, VerifyItem, encode
-    from cosine.workers.coordinator import Coordinator, _Waiting
 
     async def scenario():
         client = await fresh(server)
@@ -221,5 +222,41 @@ def test_a_stale_pooled_round_does_not_swallow_the_next_one(server):
         pending = await client.xpending_range(KEYS.candidates, coordinator.group, "-", "+", 10)
         assert [p["message_id"] for p in pending] == [ids[1]]  # the new round stays claimed
         await client.aclose()
+
+    run(scenario())
+
+
+def test_a_cancellation_turned_into_a_redis_error_still_cancels(server):
+    """redis-py can answer a cancellation inside a command with a Redis error; swallowing it
+    kept a verifier's claim-renewal task alive forever, and the verifier's batch with it."""
+    from cosine.workers.base import StageWorker
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class Stage(StageWorker):
+        role = "stage"
+
+        def input_streams(self):
+            return []
+
+    async def command_that_converts_cancellation():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise RedisConnectionError("Connection closed by server.") from None
+
+    async def scenario():
+        worker = Stage(Config(), server)
+        task = asyncio.create_task(worker.guarded(command_that_converts_cancellation))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2)
+        # A renewal around a call ends with the call, whatever its Redis calls do.
+        worker.redis = aioredis.Redis.from_url(server)
+        began = asyncio.get_running_loop().time()
+        async with worker.renewing("cosine:nothing", [b"1-0"]):
+            await asyncio.sleep(0.05)
+        assert asyncio.get_running_loop().time() - began < 2
+        await worker.redis.aclose()
 
     run(scenario())
