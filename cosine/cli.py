@@ -8,10 +8,10 @@ import os
 import sys
 from pathlib import Path
 from typing import NoReturn
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
+from cosine.bus import redacted_url
 from cosine.config import Config, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="CoSine: collaborative speculative inference serving.")
@@ -260,7 +260,7 @@ def serve(
     try:
         url = supervisor.start()
         _write_private(_url_file(config), url + "\n")
-        typer.echo(f"cosine serving on {_without_password(url)} (namespace {config.redis.namespace!r}; "
+        typer.echo(f"cosine serving on {redacted_url(url)} (namespace {config.redis.namespace!r}; "
                    f"URL with password in {_url_file(config)}); Ctrl-C to stop", err=True)
         supervisor.wait()
     except SupervisorError as error:
@@ -279,14 +279,6 @@ def _write_private(path: Path, text: str) -> None:
     os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, address = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{address}"))
 
 
 @app.command()

@@ -16,6 +16,7 @@ from pathlib import Path
 import redis
 import torch
 
+from cosine.bus import redacted_url
 from cosine.config import Config
 from cosine.factory import load_target
 from cosine.requests import prompt_token_ids
@@ -42,7 +43,7 @@ def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Ca
     try:
         client = redis.Redis.from_url(url)
         _wait_for_workers(client, config.redis.namespace)
-        echo(f"pipeline up on {url}\n")
+        echo(f"pipeline up on {redacted_url(url)}\n")
         _ask(client, config.redis.namespace, "warm-up", DEMO_PROMPTS[0], 4)
         baseline_s = pipeline_s = 0.0
         identical = drafted = accepted = 0
