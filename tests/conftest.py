@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosine.config import DEMO_TARGET_FILE, DEFAULT_CACHE_DIR
+from cosine.config import DEFAULT_CACHE_DIR, DEMO_TARGET_FILE
 
 DATA = Path(__file__).parent / "data"
 REFERENCE_TOKENS = 128

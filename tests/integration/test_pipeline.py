@@ -64,14 +64,6 @@ def make_pipeline(tmp_path, url, demo_target, drafters, pipeline=None) -> Pipeli
     return Pipeline(url, config)
 
 
-@pytest.fixture()
-def pipelines():
-    started: list[Pipeline] = []
-    yield started
-    for pipeline in started:
-        pipeline.stop()
-
-
 def reference(demo_target, ids: list[int], max_tokens: int) -> list[int]:
     with torch.inference_mode():
         out = demo_target.model.generate(

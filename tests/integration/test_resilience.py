@@ -32,14 +32,6 @@ def server():
     embedded.stop()
 
 
-@pytest.fixture()
-def pipelines():
-    started: list[Pipeline] = []
-    yield started
-    for pipeline in started:
-        pipeline.stop()
-
-
 def make(tmp_path, server, demo_target, pipelines, drafters=(), **settings) -> Pipeline:
     config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=list(drafters), pipeline=settings)
     pipeline = Pipeline(server.url, config)

@@ -56,7 +56,7 @@ def test_batch_of_mixed_requests_is_one_forward_call(demo_target, chat_prompts, 
     ]
     logits = runner.forward(items)
     assert counter.calls == 1
-    assert [tuple(l.shape) for l in logits] == [(1, runner.vocab_size), (4, runner.vocab_size), (2, runner.vocab_size)]
+    assert [tuple(rows.shape) for rows in logits] == [(1, runner.vocab_size), (4, runner.vocab_size), (2, runner.vocab_size)]
 
 
 def test_tree_logits_match_plain_forward_of_each_path(demo_target, chat_prompts):
