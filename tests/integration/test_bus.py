@@ -260,3 +260,27 @@ def test_a_cancellation_turned_into_a_redis_error_still_cancels(server):
         await worker.redis.aclose()
 
     run(scenario())
+
+
+def test_a_verifier_spends_no_forward_on_rounds_already_applied(server):
+    from cosine.workers.verifier import VerifierWorker
+
+    from cosine.spec.sampling import SamplingParams
+    from cosine.state import RequestState
+    from cosine.wire import Candidate, Sampling, VerifyItem
+
+    async def scenario():
+        client = await fresh(server)
+        verifier = VerifierWorker(Config(), server)
+        verifier.redis = client
+        state = RequestState("r1", [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=4)
+        await client.hset(KEYS.request("r1"), mapping=state.to_fields())
+
+        def item(round_index: int, request_id: str = "r1") -> VerifyItem:
+            return VerifyItem(request_id, round_index, [1, 2], Candidate(request_id, round_index, [], [], [], [], []), Sampling(), "")
+
+        kept = await verifier._still_open([item(3), item(4), item(4, "gone")])
+        assert [(i.request_id, i.round) for i in kept] == [("r1", 4)]
+        await client.aclose()
+
+    run(scenario())
