@@ -86,6 +86,7 @@ class StageWorker:
         self.stopping = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-model")
         self.log = logging.LoggerAdapter(log, {"stage": self.role})
+        self._in_hand: dict[str, list[bytes]] = {}  # read, not yet handled (renewed, never reclaimed)
 
     # ---- what a stage defines ----------------------------------------------------------------
 
@@ -193,8 +194,17 @@ class StageWorker:
             stop.cancel()
 
     async def _dispatch(self, replies) -> None:
-        for stream, entries in replies or []:
-            await self._handle_safely(stream.decode() if isinstance(stream, bytes) else stream, entries)
+        # One read returns up to read_count entries *per stream*: those still waiting their turn
+        # are renewed like held ones, so a long handle of one stream's entries does not let
+        # anybody (our own reclaimer included) take the others.
+        self._in_hand = {(s.decode() if isinstance(s, bytes) else s): [e for e, _ in entries] for s, entries in replies or []}
+        try:
+            for stream, entries in replies or []:
+                name = stream.decode() if isinstance(stream, bytes) else stream
+                await self._handle_safely(name, entries)
+                self._in_hand.pop(name, None)
+        finally:
+            self._in_hand = {}
 
     async def _idle(self) -> bool:
         return True
@@ -362,15 +372,23 @@ class StageWorker:
             for stream in self.input_streams():
                 await self.guarded(self._reclaim, stream, idle)
 
+    def _not_to_reclaim(self) -> dict[str, set[bytes]]:
+        """Entries this worker holds or has read and not yet handled."""
+        mine: dict[str, set[bytes]] = {}
+        for source in (self.held(), self._in_hand):
+            for stream, entry_ids in source.items():
+                mine.setdefault(stream, set()).update(entry_ids)
+        return mine
+
     async def _renew_held(self) -> None:
-        for stream, entry_ids in self.held().items():
+        for stream, entry_ids in self._not_to_reclaim().items():
             if entry_ids:
                 await self.redis.xclaim(stream, self.group, self.instance, 0, list(entry_ids), justid=True)
 
     async def _reclaim(self, stream: str, idle_ms: int) -> None:
         reply = await self.redis.xautoclaim(stream, self.group, self.instance, idle_ms, "0-0", count=64)
         # XAUTOCLAIM also returns our own idle entries: those we hold in memory are not work to redo.
-        held = set(self.held().get(stream, ()))
+        held = self._not_to_reclaim().get(stream, set())
         claimed = [(entry_id, fields) for entry_id, fields in reply[1] if entry_id not in held]
         if not claimed:
             return

@@ -284,3 +284,41 @@ def test_a_verifier_spends_no_forward_on_rounds_already_applied(server):
         await client.aclose()
 
     run(scenario())
+
+
+def test_entries_waiting_their_turn_are_not_reclaimed_by_their_own_worker(server):
+    """A read returns entries of several streams; while the first stream's are handled for
+    longer than claim_idle_ms, the others must not be taken (and handled twice) meanwhile."""
+    from cosine.workers.base import StageWorker
+
+    streams = [f"{KEYS.prefix}slow", f"{KEYS.prefix}waiting"]
+
+    class TwoStreams(StageWorker):
+        role = "two"
+        read_count = 1
+
+        def input_streams(self):
+            return streams
+
+        async def handle(self, stream, entries):
+            for entry_id, _ in entries:
+                handled.append((stream, entry_id))
+            if stream == streams[0]:
+                await asyncio.sleep(2.0)  # four claim_idle_ms: the reclaimer runs meanwhile
+            await self.redis.xack(stream, self.group, *(e for e, _ in entries))
+            if len(handled) >= 2:
+                self.stopping.set()
+
+    handled: list = []
+
+    async def scenario():
+        client = await fresh(server)
+        for stream in streams:
+            await client.xadd(stream, {"m": b"x"})
+        worker = TwoStreams(Config(pipeline=PipelineConfig(block_ms=50, claim_idle_ms=500)), server)
+        await asyncio.wait_for(worker.run(), 30)
+        await asyncio.sleep(0.5)
+        assert sorted(s for s, _ in handled) == sorted(streams)  # each entry handled once
+        await client.aclose()
+
+    run(scenario())
