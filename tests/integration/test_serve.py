@@ -130,7 +130,9 @@ class Served:
             '[[drafters]]\nname = "prompt-lookup"\nkind = "prompt-lookup"\nexpert = "general"\n'
         )
         self.log_path = tmp_path / "serve.log"
-        env = {k: v for k, v in os.environ.items() if k not in ("COSINE_REDIS_URL", "COSINE_CONFIG")}
+        # No COSINE_* from outside (CI sets COSINE_CACHE_DIR, which would outrank this config's
+        # cache_dir and move serve.url elsewhere).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COSINE_")}
         command = [sys.executable, "-m", "cosine.cli", "serve", "--config", str(config), "--data-dir", str(tmp_path / "data"), "-v"]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=dict(env, PYTHONUNBUFFERED="1"), stdout=log, stderr=subprocess.STDOUT)
