@@ -21,7 +21,9 @@ Reported: every sample, peaks per process, the least-squares slope of each serie
 second half of the load (% of its mean per 100 requests; "flat": under 1%), requests by finish
 reason, and warnings and errors from the serve log. Files: bench/results/<name>-latest.json,
 bench/results/<name>-latest.png (RSS and used_memory against requests completed) and the serve
-log, bench/results/<name>-serve-latest.log.
+log, bench/results/<name>-serve-latest.log. SIGINT or SIGTERM stops the load and writes what was
+measured as <name>-interrupted-*; while the run lasts, the serve log and a checkpoint of the
+samples are in its scratch directory (printed at the start), so even a killed run leaves them.
 
     python bench/soak.py                      # 1,000 requests, 8 in flight
     python bench/soak.py --requests 60        # a quick check of the harness
@@ -267,8 +269,8 @@ def role_of(process: psutil.Process, serve_pid: int) -> str:
 class Sampler:
     """RSS of every process of the serve tree and the server's memory, every ``every_s``."""
 
-    def __init__(self, serve: Serve, client: aioredis.Redis, every_s: float) -> None:
-        self.serve, self.client, self.every_s = serve, client, every_s
+    def __init__(self, serve: Serve, client: aioredis.Redis, every_s: float, checkpoint: Path | None = None) -> None:
+        self.serve, self.client, self.every_s, self.checkpoint = serve, client, every_s, checkpoint
         self.samples: list[dict] = []
         self.began = time.monotonic()
         self.progress = {"completed": 0, "submitted": 0, "in_flight": 0, "phase": "warm"}
@@ -287,7 +289,15 @@ class Sampler:
         record = {"t_s": round(time.monotonic() - self.began, 1), **self.progress, **self._processes()}
         record.update(await self._server())
         self.samples.append(record)
+        if self.checkpoint is not None and len(self.samples) % 6 == 1:
+            self._write_checkpoint()
         return record
+
+    def _write_checkpoint(self) -> None:
+        """The samples so far, so that a run killed outright still leaves its memory curve."""
+        partial = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
+        partial.write_text(json.dumps({"progress": self.progress, "samples": self.samples}), encoding="utf-8")
+        partial.replace(self.checkpoint)
 
     def _processes(self) -> dict:
         rss, pids, serve_pid = {}, {}, self.serve.process.pid
@@ -480,7 +490,7 @@ def tally(outcomes: list[Outcome]) -> dict:
     return {"by_finish_reason": dict(by_reason.most_common()), "by_kind": {k: dict(v.most_common()) for k, v in sorted(by_kind.items())}}
 
 
-def checks(outcomes: list[Outcome], final_sample: dict) -> dict:
+def checks(outcomes: list[Outcome], final_sample: dict, waited_for_expiry: bool) -> dict:
     abandoned = [o for o in outcomes if o.kind == "abandon"]
     cancelled = [o for o in outcomes if o.kind == "cancel"]
     others = [o for o in outcomes if o.kind in ("short", "long")]
@@ -491,7 +501,7 @@ def checks(outcomes: list[Outcome], final_sample: dict) -> dict:
         "short_and_long_ended_stop_or_length": f"{sum(o.final.get('finish_reason') in ('stop', 'length') for o in others)}/{len(others)}",
         "client_timeouts": sum(o.status == "client-timeout" for o in outcomes),
         "request_keys_left_after_ttl": leftover,
-        "expired": not any(leftover.values()),
+        "expired": not any(leftover.values()) if waited_for_expiry else None,
     }
 
 
@@ -556,12 +566,32 @@ async def wait_until_live(client: aioredis.Redis, timeout_s: float = 300.0) -> N
     raise TimeoutError(f"not every stage came up in {timeout_s:.0f} s")
 
 
+async def until_interrupted(work) -> bool:
+    """Run ``work`` until it ends (True) or SIGINT / SIGTERM arrives (False, ``work`` cancelled)."""
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    task, stopper = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if task.done():
+        stopper.cancel()
+        task.result()  # an error in the load is an error of the run
+        return True
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return False
+
+
 async def soak(args: argparse.Namespace, serve: Serve, plans: list[Planned]) -> dict:
     # redis-py's default socket_timeout (5 s in 8.x) would cut a blocking XREAD short on a busy
     # machine: reads block 2 s, the socket waits 30.
     client = aioredis.Redis.from_url(serve.url, decode_responses=True, max_connections=args.concurrency + 8,
                                      socket_timeout=30, socket_connect_timeout=10)
-    sampler = Sampler(serve, client, args.sample_s)
+    sampler = Sampler(serve, client, args.sample_s, serve.log_path.with_name("checkpoint.json"))
     try:
         await wait_until_live(client)
         sampling = asyncio.create_task(sampler.run())
@@ -571,15 +601,20 @@ async def soak(args: argparse.Namespace, serve: Serve, plans: list[Planned]) -> 
         await sampler.sample()
         load = Load(client, plans, args.concurrency, sampler)
         other = OtherCpu()
-        await load.run()
+        interrupted = not await until_interrupted(load.run())
         load_s = time.monotonic() - load.began
         await sampler.sample()
         sampler.progress["phase"] = "expiry"
-        await asyncio.gather(*load.audits)
-        last_end = max(o.ended_s for o in load.outcomes.values())
-        wait_s = max(0.0, last_end + args.ttl_s + 15 - (time.monotonic() - load.began))
-        print(f"load done in {load_s:.0f} s; waiting {wait_s:.0f} s for the output TTL ({args.ttl_s} s) to pass", flush=True)
-        await asyncio.sleep(wait_s)
+        if interrupted:
+            print("interrupted: summarising what was measured", flush=True)
+            for audit in load.audits:
+                audit.cancel()
+        else:
+            await asyncio.gather(*load.audits)
+            last_end = max(o.ended_s for o in load.outcomes.values())
+            wait_s = max(0.0, last_end + args.ttl_s + 15 - (time.monotonic() - load.began))
+            print(f"load done in {load_s:.0f} s; waiting {wait_s:.0f} s for the output TTL ({args.ttl_s} s) to pass", flush=True)
+            await asyncio.sleep(wait_s)
         final_sample = await sampler.sample()
         sampling.cancel()
         wall = time.monotonic() - load.began
@@ -589,7 +624,7 @@ async def soak(args: argparse.Namespace, serve: Serve, plans: list[Planned]) -> 
         stats = await client.hgetall(f"{NAMESPACE}stats")
         restarts = await client.hgetall(f"{NAMESPACE}restarts")
         dead = await client.xlen(f"{NAMESPACE}dead")
-        return {"load_s": load_s, "outcomes": list(load.outcomes.values()), "samples": sampler.samples, "final_sample": final_sample,
+        return {"load_s": load_s, "interrupted": interrupted, "outcomes": list(load.outcomes.values()), "samples": sampler.samples, "final_sample": final_sample,
                 "other_cpu_share": other_share, "stats": stats, "restarts_counted": restarts, "dead_letters": dead}
     finally:
         await client.aclose()
@@ -611,11 +646,14 @@ def write_config(scratch: Path, args: argparse.Namespace) -> Path:
 
 def summarise(args, run: dict, plans: list[Planned], stop: dict, problems: dict, duration_s: float) -> dict:
     outcomes = run["outcomes"]
-    slopes = flatness(run["samples"], len(plans))
+    slopes = flatness(run["samples"], len(outcomes))  # an interrupted run: the second half of what it did
     gated = {k: v["flat"] for k, v in slopes.items() if v["flat"] is not None}
     prompt_tokens = sorted(int(o.final.get("prompt_tokens", 0)) for o in outcomes if o.final)
     finished = [o for o in outcomes if o.status == "final" and o.kind in ("short", "long")]
     return {
+        "interrupted": run["interrupted"],
+        "requests_planned": len(plans),
+        "requests_done": len(outcomes),
         "duration_s": round(duration_s, 1),
         "load_s": round(run["load_s"], 1),
         "requests": tally(outcomes),
@@ -627,7 +665,7 @@ def summarise(args, run: dict, plans: list[Planned], stop: dict, problems: dict,
         "slopes": slopes,
         "flat": all(gated.values()) if gated else None,
         "not_flat": sorted(k for k, v in gated.items() if not v),
-        "checks": checks(outcomes, run["final_sample"]),
+        "checks": checks(outcomes, run["final_sample"], waited_for_expiry=not run["interrupted"]),
         "worker_restarts": {"pid_changes": restarts_seen(run["samples"]), "counted_by_serve": run["restarts_counted"]},
         "dead_letters": run["dead_letters"],
         "serve_stop": stop,
@@ -675,10 +713,11 @@ def main() -> None:
     config_path = write_config(scratch, args)
     tokenizer, context_limit, _ = load_tokenizer_and_limits(load_config(config_path, environ={}))
     plans = plan_requests(args.requests, tokenizer, context_limit, args.seed, time.strftime("%H%M%S"))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    serve = Serve(config_path, RESULTS_DIR / f"{args.name}-serve-latest.log")
+    # The serve log and a checkpoint of the samples stay in the scratch directory while the run
+    # lasts (a run killed outright leaves them there); the log is copied to the results at the end.
+    serve = Serve(config_path, scratch / "serve.log")
     serve.start()
-    print(f"cosine serve pid {serve.process.pid}; log {serve.log_path}; {len(plans)} requests, {args.concurrency} in flight", flush=True)
+    print(f"cosine serve pid {serve.process.pid}; log and checkpoint in {scratch}; {len(plans)} requests, {args.concurrency} in flight", flush=True)
     try:
         run = asyncio.run(soak(args, serve, plans))
     finally:
@@ -687,9 +726,12 @@ def main() -> None:
     result = {"stamp": stamp(), "args": vars(args), "config": config_path.read_text(), "context_limit": context_limit,
               "summary": summary, "server_stats": run["stats"], "samples": run["samples"],
               "requests": [{**asdict(o), "final": {k: v for k, v in o.final.items() if k not in ("text", "token_ids")}} for o in run["outcomes"]]}
-    plot(run["samples"], len(plans), RESULTS_DIR / f"{args.name}-latest.png")
+    name = f"{args.name}-interrupted" if run["interrupted"] else args.name  # a partial run never replaces <name>-latest
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}-serve-latest.log").write_text(serve.log_text(), encoding="utf-8")
+    plot(run["samples"], len(run["outcomes"]), RESULTS_DIR / f"{name}-latest.png")
     print_summary(summary)
-    print(f"wrote {write_result(args.name, result)} and {RESULTS_DIR / f'{args.name}-latest.png'}")
+    print(f"wrote {write_result(name, result)}, {RESULTS_DIR / f'{name}-latest.png'} and {RESULTS_DIR / f'{name}-serve-latest.log'}")
 
 
 if __name__ == "__main__":
