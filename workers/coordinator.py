@@ -28,7 +28,7 @@ from cosine.workers.models import load_tokenizer_and_limits
 from cosine import bus, faults
 from cosine.spec.batching import BatchPolicy
 from cosine.spec.window import WindowPolicy
-from cosine.state import ACTIVE, RequestState, RoundUpdate, advance, fail, refusal_entry
+from cosine.state import ACTIVE, RequestState, RoundUpdate, advance, fail
 from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
 
 
@@ -165,10 +165,7 @@ class Coordinator(StageWorker):
     async def _apply_item(self, item: VerifiedItem, fingerprint: str) -> None:
         for _ in range(3):  # a cancellation flagged while we computed: read again, apply it instead
             state = await self._state(item.request_id)
-            if state is None:
-                await self._report_lost(item.request_id)
-                return
-            if state.status != ACTIVE or state.round != item.round:
+            if state is None or state.status != ACTIVE or state.round != item.round:
                 return  # a duplicate, or a result another coordinator applied
             if state.cancel_requested:
                 update = fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
@@ -178,18 +175,6 @@ class Coordinator(StageWorker):
                 update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, fingerprint)
             if await self._apply(state, update) != "cancelled":
                 return
-
-    async def _report_lost(self, request_id: str) -> None:
-        """A round came back for a request whose state and output are gone (a Redis restart
-        without persistence): its client gets an error instead of waiting forever."""
-        if await self.redis.exists(self.keys.request(request_id), self.keys.out(request_id)):
-            return  # a refused request's tombstone, or a finished one: nothing lost
-        self.log.warning("request %s: state lost (Redis restarted without persistence?)", request_id)
-        entry = refusal_entry("the request's state was lost (the Redis server restarted without persistence)", "lost")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.out(request_id), entry)
-            pipe.expire(self.keys.out(request_id), self.config.pipeline.output_ttl_s)
-            await pipe.execute()
 
     async def _apply(self, state: RequestState, update: RoundUpdate) -> str:
         streams, payload = ([], b"") if update.finished else self._next_round(update.state)
