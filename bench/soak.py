@@ -467,6 +467,20 @@ def peaks(samples: list[dict]) -> dict:
     return result
 
 
+def server_memory(samples: list[dict]) -> dict:
+    """The server's used_memory when the load started, when it ended and after the output TTL:
+    request streams and state live ``output_ttl_s``, so during the load used_memory follows the
+    completion rate; what is left once they expired is what the server kept."""
+    valid = [s for s in samples if "error" not in s]
+    load = [s for s in valid if s.get("phase") == "load"]
+    after = [s for s in valid if s.get("phase") == "expiry"]
+    if not load:
+        return {}
+    start, end, last = load[0]["used_memory_mib"], load[-1]["used_memory_mib"], (after or load)[-1]["used_memory_mib"]
+    return {"at_load_start_mib": start, "at_load_end_mib": end, "after_expiry_mib": last, "retained_mib": round(last - start, 3),
+            "live_request_keys_at_load_end": sum(v for k, v in load[-1]["keys"].items() if k in ("out", "req", "fuse"))}
+
+
 def restarts_seen(samples: list[dict]) -> dict[str, int]:
     """PID changes per role across the samples (a worker that exited and was restarted)."""
     pids: dict[str, set[int]] = {}
@@ -662,6 +676,7 @@ def summarise(args, run: dict, plans: list[Planned], stop: dict, problems: dict,
         "generated_tokens": sum(int(o.final.get("generated_tokens", 0)) for o in outcomes),
         "median_latency_s": round(statistics.median(o.ended_s - o.submitted_s for o in finished), 2) if finished else None,
         "peaks_mib": peaks(run["samples"]),
+        "server_memory": server_memory(run["samples"]),
         "slopes": slopes,
         "flat": all(gated.values()) if gated else None,
         "not_flat": sorted(k for k, v in gated.items() if not v),
@@ -689,6 +704,11 @@ def print_summary(summary: dict) -> None:
               f"{'' if slope['flat'] is None else slope['flat']}")
     print(f"flat (every RSS and used_memory under {FLAT_PCT_PER_100}%/100 requests): {summary['flat']}"
           + (f"; not flat: {', '.join(summary['not_flat'])}" if summary["not_flat"] else ""))
+    memory = summary["server_memory"]
+    if memory:
+        print(f"server used_memory: {memory['at_load_start_mib']} MiB at the start of the load, {memory['at_load_end_mib']} at its end "
+              f"({memory['live_request_keys_at_load_end']} request keys alive), {memory['after_expiry_mib']} after the TTL "
+              f"(retained {memory['retained_mib']:+} MiB)")
     print("worker restarts:", summary["worker_restarts"], "dead letters:", summary["dead_letters"])
     print("serve stop:", summary["serve_stop"])
     print("serve log WARNING/ERROR lines:", summary["serve_log_problems"]["counts"] or "none")
