@@ -557,6 +557,9 @@ def plot(samples: list[dict], total: int, path: Path) -> None:
     for name in ("used_memory_mib", "used_memory_rss_mib"):
         points = data.get(name, [])
         bottom.plot([p[0] for p in points], [p[1] for p in points], label=name.replace("_mib", ""))
+    after = [s for s in samples if s.get("phase") == "expiry" and "error" not in s]
+    if after:  # every request's streams and state expired: what the server kept
+        bottom.plot([total], [after[-1]["used_memory_mib"]], "o", color="C0", label="used_memory after the output TTL")
     bottom.axvline(total / 2, color="grey", linestyle=":", label="slope window starts")
     top.axvline(total / 2, color="grey", linestyle=":")
     bottom.set_ylabel("valkey memory (MiB)")
