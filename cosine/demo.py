@@ -17,6 +17,7 @@ import redis
 import torch
 
 from cosine.bus import redacted_url
+from cosine.client import Client
 from cosine.config import Config
 from cosine.factory import load_target
 from cosine.requests import prompt_token_ids
@@ -30,6 +31,7 @@ DEMO_PROMPTS = (
     "trees and a playground. The council agreed to plant trees this spring and to build the "
     "playground next year.",
 )
+ANSWER_TIMEOUT_S = 120.0  # with no output entry for this long, the demo gives up
 ROLES = {"router", "coordinator", "fusion", "verifier", "drafter"}
 
 
@@ -41,10 +43,10 @@ def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Ca
     supervisor = Supervisor(config, config.redis.url or None, config_path, verifiers=1, drafters_per_expert=1, verbose=False)
     url = supervisor.start()
     try:
-        client = redis.Redis.from_url(url)
-        _wait_for_workers(client, config.redis.namespace)
+        _wait_for_workers(redis.Redis.from_url(url), config.redis.namespace)
         echo(f"pipeline up on {redacted_url(url)}\n")
-        _ask(client, config.redis.namespace, "warm-up", DEMO_PROMPTS[0], 4)
+        client = Client(url, config.redis.namespace, timeout=ANSWER_TIMEOUT_S)
+        _ask(client, "warm-up", DEMO_PROMPTS[0], 4)
         baseline_s = pipeline_s = 0.0
         identical = drafted = accepted = 0
         for index, prompt in enumerate(DEMO_PROMPTS):
@@ -54,7 +56,7 @@ def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Ca
                 output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=max_tokens, do_sample=False)
             baseline_s += time.perf_counter() - began
             began = time.perf_counter()
-            final = _ask(client, config.redis.namespace, f"demo-{index}-{int(time.time())}", prompt, max_tokens)
+            final = _ask(client, f"demo-{index}-{int(time.time())}", prompt, max_tokens)
             pipeline_s += time.perf_counter() - began
             tokens = json.loads(final["token_ids"])
             identical += tokens == output[0, len(ids) :].tolist()[: len(tokens)]
@@ -81,13 +83,7 @@ def _wait_for_workers(client: redis.Redis, namespace: str, timeout: float = 300.
     raise TimeoutError("the pipeline's workers did not come up")
 
 
-def _ask(client: redis.Redis, namespace: str, request_id: str, prompt: str, max_tokens: int) -> dict:
-    messages = json.dumps([{"role": "user", "content": prompt}])
-    client.xadd(f"{namespace}requests", {"id": request_id, "messages": messages, "max_tokens": str(max_tokens)})
-    last = "0-0"
-    while True:
-        for _, entries in client.xread({f"{namespace}out:{request_id}": last}, block=120_000) or []:
-            for entry_id, fields in entries:
-                last = entry_id
-                if fields[b"type"] == b"final":
-                    return {k.decode(): v.decode() for k, v in fields.items()}
+def _ask(client: Client, request_id: str, prompt: str, max_tokens: int) -> dict:
+    # The client reads in short blocks, so a quiet spell longer than the connection's socket
+    # time-out (a long prefill, a restarting worker) is waited out, not raised.
+    return client.generate(messages=[{"role": "user", "content": prompt}], request_id=request_id, max_tokens=max_tokens)

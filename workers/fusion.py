@@ -34,7 +34,11 @@ class FusionWorker(StageWorker):
         self.max_nodes = self.config.speculation.max_tree_nodes
         pipeline = self.config.pipeline
         self.deadline_ms = pipeline.fusion_deadline_ms
+        # An open round's drafts outlive its deadline and a few retakes; the done marker only
+        # needs to outlive drafts still on their way (a later one makes a stale candidate that
+        # the coordinator drops), so it does not keep one key per round for a minute.
         self.hash_ttl_ms = pipeline.fusion_deadline_ms + pipeline.drafter_deadline_ms + 60_000
+        self.done_ttl_ms = pipeline.fusion_deadline_ms + pipeline.drafter_deadline_ms
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         for entry_id, fields in entries:
@@ -68,7 +72,7 @@ class FusionWorker(StageWorker):
         chains = [draft_to_chain(d) for d in drafts]
         tree = merge_chains([c for c in chains if len(c)], self.max_nodes)
         candidate = tree_to_candidate(drafts[0].request_id, drafts[0].round, tree)
-        await bus.fuse_emit(self.redis, self.keys, key, encode(candidate)[PAYLOAD_FIELD], self.hash_ttl_ms)
+        await bus.fuse_emit(self.redis, self.keys, key, encode(candidate)[PAYLOAD_FIELD], self.done_ttl_ms)
 
 
 def _now_ms() -> int:

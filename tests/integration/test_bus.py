@@ -152,6 +152,34 @@ def test_two_fusion_workers_make_one_tree(server):
     run(scenario())
 
 
+def test_a_fused_round_keeps_its_done_marker_for_the_deadlines_only(server):
+    """Regression (soak run): the marker lived 66.5 s, so the number of keys followed the round
+    rate of the last minute and Redis memory was not flat under steady load."""
+    from cosine.workers.fusion import FusionWorker
+
+    from cosine.wire import Draft, encode
+
+    async def scenario():
+        client = await fresh(server)
+        config = Config()
+        fusion = FusionWorker(config, server)
+        fusion.redis = client
+        await fusion.setup()
+        await bus.ensure_group(client, KEYS.drafts, fusion.group)
+        draft = Draft("r1", 0, "general", "lookup", 0, [5, 6], [0.9, 0.8], experts=["general"])
+        await client.xadd(KEYS.drafts, encode(draft))
+        entries = (await client.xreadgroup(fusion.group, "a", {KEYS.drafts: ">"}))[0][1]
+        await fusion.handle(KEYS.drafts, entries)
+        assert await client.xlen(KEYS.candidates) == 1
+        key = KEYS.fuse("r1", 0)
+        assert await client.hgetall(key) == {b"#done": b"1"}
+        pipeline = config.pipeline
+        assert 0 < await client.pttl(key) <= pipeline.fusion_deadline_ms + pipeline.drafter_deadline_ms
+        await client.aclose()
+
+    run(scenario())
+
+
 def test_an_incomplete_round_is_fused_after_its_deadline_by_any_worker(server):
     async def scenario():
         client = await fresh(server)
