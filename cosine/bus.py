@@ -113,6 +113,7 @@ end
 -- ARGV: expected round, n_fields, pairs..., n_out, per out entry: n_pairs, pairs...; job
 -- payload ("" for none), ttl once finished (0 = still active), request id.
 -- Output entries get IDs {new round}-{k}: deterministic, so a replayed round never repeats text.
+-- A finished request keeps a small tombstone until the TTL (status, counters), not its tokens.
 local function apply_round(keys, args)
   local req = keys[1]
   local current = redis.call('HGET', req, 'round')
@@ -136,6 +137,7 @@ local function apply_round(keys, args)
   if ttl > 0 then
     redis.call('ZREM', keys[3], request_id)
     redis.call('ZREM', keys[4], request_id)
+    redis.call('HDEL', req, 'prompt_ids', 'output_ids')
     redis.call('EXPIRE', keys[2], ttl)
     redis.call('EXPIRE', req, ttl)
   elseif payload ~= '' then

@@ -357,6 +357,81 @@ def dead_replay(
 
 
 @app.command()
+def distill(
+    kind: str = typer.Option("feature", "--kind", help="feature: reads the target's hidden states (EAGLE-style); small: tokens only"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for drafter.safetensors and drafter.json"),
+    work: Path | None = typer.Option(None, "--work", help="data, labels and checkpoints (default: <model.cache_dir>/distill/<out's name>); a run resumes from it"),
+    data: Path | None = typer.Option(None, "--data", help="JSONL of {\"text\"}, {\"prompt\"} or {\"messages\"} rows (default: the built-in general mix)"),
+    sources: str = typer.Option(",".join(("python-docs", "python-stdlib", "gcide", "wordnet")), "--sources", help="general-mix sources, comma-separated"),
+    text_tokens: int = typer.Option(200_000, "--text-tokens", help="tokens of text the target is forced over"),
+    chat_prompts: int = typer.Option(200, "--chat-prompts", help="prompts the target answers (its chat format)"),
+    answer_tokens: int = typer.Option(128, "--answer-tokens", help="most tokens per answer"),
+    seq_len: int = typer.Option(256, "--seq-len"),
+    vocab: int = typer.Option(8192, "--vocab", help="size of the reduced draft vocabulary (most frequent ids)"),
+    vocab_corpus_tokens: int = typer.Option(2_000_000, "--vocab-corpus-tokens", help="tokens of text counted to rank the vocabulary"),
+    layers: int = typer.Option(2, "--layers", help="small: decoder blocks (feature drafters have one)"),
+    epochs: int = typer.Option(2, "--epochs"),
+    batch_size: int = typer.Option(16, "--batch-size", help="training sequences per step"),
+    label_batch: int = typer.Option(8, "--label-batch", help="sequences per labelling forward of the target"),
+    generation_batch: int = typer.Option(8, "--generation-batch", help="prompts the target answers together"),
+    lr: float = typer.Option(5e-4, "--lr"),
+    unroll: int = typer.Option(3, "--unroll", help="feature: draft steps unrolled in training"),
+    dtype: str = typer.Option("float16", "--dtype", help="exported tensors: float16 or bfloat16"),
+    device: str | None = typer.Option(None, "--device", help="default: model.device (cpu, cuda, auto)"),
+    seed: int = typer.Option(0, "--seed"),
+    config_path: Path | None = ConfigOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Build a drafter for the configured target: data, target labels, training, export."""
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from cosine.distill import corpus as corpus_module
+    from cosine.distill.data import DataPlan
+    from cosine.distill.model import KINDS
+    from cosine.distill.train import TrainPlan
+    from cosine.distill.train import distill as run_distill
+
+    config = _setup(config_path, verbose)
+    if kind not in KINDS:
+        raise typer.BadParameter(f"must be one of {KINDS}", param_hint="--kind")
+    if dtype not in ("float16", "bfloat16"):
+        raise typer.BadParameter("must be float16 or bfloat16", param_hint="--dtype")
+    for name, value in (("--text-tokens", text_tokens), ("--chat-prompts", chat_prompts), ("--epochs", epochs - 1), ("--unroll", unroll - 1)):
+        if value < 0:
+            raise typer.BadParameter("too small", param_hint=name)
+    try:
+        if data is not None:
+            documents, prompts = corpus_module.read_jsonl(data)
+            prompts = prompts[:chat_prompts] if chat_prompts else []
+        else:
+            names = [s.strip() for s in sources.split(",") if s.strip()]
+            documents = corpus_module.general_mix(names, seed=seed)
+            prompts = [[{"role": "user", "content": p}] for p in corpus_module.chat_prompts(chat_prompts, seed=seed)] if chat_prompts else []
+    except (OSError, corpus_module.CorpusError) as error:
+        raise typer.BadParameter(str(error), param_hint="--data" if data else "--sources") from None
+    if device:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=device))
+    from cosine.factory import load_target
+
+    target = load_target(config)
+    work_dir = (work or config.model.cache_path / "distill" / out.name).expanduser()
+    typer.echo(f"distilling a {kind} drafter for {config.model.target_path} on {next(target.model.parameters()).device}; work directory {work_dir}")
+
+    def progress(description: str, total: int):
+        return tqdm(total=total, desc=description, unit="", dynamic_ncols=True, leave=True)
+
+    meta = run_distill(
+        target.model, target.tokenizer, kind=kind, work=work_dir, out=out.expanduser(), target_name=str(config.model.target),
+        data_plan=DataPlan(text_tokens, chat_prompts, answer_tokens, seq_len, vocab, vocab_corpus_tokens, batch_size=label_batch, generation_batch=generation_batch, seed=seed),
+        train_plan=TrainPlan(kind=kind, layers=layers, epochs=epochs, batch_size=batch_size, lr=lr, unroll=unroll, dtype=dtype, seed=seed),
+        documents=documents, prompts=prompts, progress=progress,
+    )
+    typer.echo(json.dumps({"out": str(out), "data": meta["data"], "measured": meta["measured"], "seconds": meta["training"]["seconds"]}, indent=2))
+
+
+@app.command()
 def demo(
     max_tokens: int = typer.Option(64, "--max-tokens", "-n"),
     config_path: Path | None = ConfigOption,

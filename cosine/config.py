@@ -17,7 +17,8 @@ from typing import Any
 
 DEMO_TARGET_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = "~/.cache/cosine"
-DRAFTER_KINDS = ("early-exit", "layer-skip", "model", "prompt-lookup")
+DRAFTER_KINDS = ("early-exit", "layer-skip", "model", "prompt-lookup", "small")
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ class DrafterConfig:
     skip: tuple[int, ...] = ()  # layer-skip: the target's layers to leave out
     model: str = ""  # model: path of a small causal LM sharing the target's tokenizer
     max_ngram: int = 3  # prompt-lookup
+    path: str = ""  # small: directory made by `cosine distill` (relative: to the working directory, else to the package)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -103,6 +105,15 @@ class DrafterConfig:
             raise ValueError(f"drafter {self.name!r}: kind 'layer-skip' needs skip = [layer, ...]")
         if self.kind == "model" and not self.model:
             raise ValueError(f"drafter {self.name!r}: kind 'model' needs a model path")
+        if self.kind == "small" and not self.path:
+            raise ValueError(f"drafter {self.name!r}: kind 'small' needs path = a directory made by `cosine distill`")
+
+    @property
+    def resolved_path(self) -> Path:
+        path = Path(self.path).expanduser()
+        if path.is_absolute() or path.exists():
+            return path
+        return PACKAGE_DIR / path
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,10 @@ def load_target(config: Config) -> LoadedModel:
 def build_drafter(spec: DrafterConfig, target: LoadedModel, config: Config) -> Drafter:
     if spec.kind == "prompt-lookup":
         return PromptLookupDrafter(spec.name, max_ngram=spec.max_ngram)
+    if spec.kind == "small":
+        from cosine.drafters.distilled import SmallDrafter
+
+        return SmallDrafter(spec.name, spec.resolved_path, target.model, target.tokenizer)
     if spec.kind == "early-exit":
         model = early_exit_model(target.model, spec.layers)
     elif spec.kind == "layer-skip":

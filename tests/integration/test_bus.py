@@ -129,6 +129,35 @@ def test_a_replayed_round_does_not_repeat_output(server):
     run(scenario())
 
 
+def test_a_finished_request_keeps_a_tombstone_without_its_tokens(server):
+    """Regression (soak run): a finished request's hash kept its prompt and output token ids
+    for output_ttl_s, so Redis memory followed how many long prompts had ended recently."""
+    from dataclasses import replace
+
+    from cosine.spec.sampling import SamplingParams
+    from cosine.state import FINISHED, RequestState
+
+    async def scenario():
+        client = await fresh(server)
+        state = RequestState("r1", list(range(3000)), SamplingParams(), 8, (), (2,), ["general"], output_ids=[5, 6])
+        await admit(client, await submit(client, id="r1", prompt="a"), fields=state.to_fields())
+        finished = replace(state, round=1, status=FINISHED)
+        final = {"type": "final", "finish_reason": "cancelled", "error_code": "cancelled"}
+        assert await bus.apply_round(
+            client, KEYS, request_id="r1", expected_round=0, fields=finished.to_fields(), out_entries=[final], ttl_s=60,
+        ) == "applied"
+        key = KEYS.request("r1")
+        assert await client.hget(key, "status") == FINISHED.encode()
+        assert not await client.hexists(key, "prompt_ids") and not await client.hexists(key, "output_ids")
+        assert 0 < await client.ttl(key) <= 60
+        assert await client.memory_usage(key) < 1024
+        # Later rounds and cancels of it are refused as before.
+        assert await bus.apply_round(client, KEYS, request_id="r1", expected_round=1, fields={"round": "2"}, out_entries=[]) == "stale"
+        assert await bus.flag_cancel(client, KEYS, "r1") == "finished"
+
+    run(scenario())
+
+
 def test_two_fusion_workers_make_one_tree(server):
     async def scenario():
         client = await fresh(server)

@@ -1,0 +1,119 @@
+"""Drafters made by ``cosine distill``: the ``small`` kind (tokens only).
+
+A request's drafter state is a KV cache over its committed tokens (soft state: a drafter
+instance that has none rebuilds it from the context in the job, so any instance serves any
+round). Drafting feeds the uncached suffix of the context in one forward, then one token per
+step; the drafted tokens' cache rows are dropped afterwards (the verifier decides what stays).
+The head covers the reduced vocabulary; proposals and their distributions are mapped back to
+target ids (a sampled draft's distribution is zero outside the reduced vocabulary, which the
+verifier's rejection sampling handles like any other draft distribution).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from cosine.distill.train import load_drafter_net
+from cosine.drafters.base import Drafter, DraftRequest
+from cosine.spec.sampling import sample, warp_probs
+from cosine.spec.tree import DraftChain
+
+MAX_CACHED_REQUESTS = 256
+
+
+class _State:
+    __slots__ = ("tokens", "past")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.past = None  # one (k, v) per block, [1, kv, T, hd]
+
+
+class SmallDrafter(Drafter):
+    def __init__(self, name: str, path: str | Path, target, tokenizer=None) -> None:
+        self.name = name
+        self.net, self.meta = load_drafter_net(Path(path), target)
+        if self.net.spec.kind != "small":
+            raise ValueError(f"drafter {name!r}: {path} holds a {self.net.spec.kind!r} drafter; this kind drafts from tokens alone ('small')")
+        if tokenizer is not None:
+            from cosine.distill.train import tokenizer_digest
+
+            made_for = self.meta.get("target", {}).get("tokenizer")
+            if made_for and made_for != tokenizer_digest(tokenizer):
+                raise ValueError(f"drafter {name!r}: {path} was made for another tokenizer than the target's")
+        self.vocab_size = self.net.spec.vocab_size
+        self.states: OrderedDict[str, _State] = OrderedDict()
+
+    @torch.inference_mode()
+    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftChain]:
+        return [self._draft(r) for r in requests]
+
+    def _draft(self, request: DraftRequest) -> DraftChain:
+        context = list(request.context)
+        if request.window <= 0 or not context:
+            return DraftChain((), (), None, self.name)
+        state = self._state(request.key)
+        common = _common_prefix(state.tokens, context)
+        if common == len(context):  # nothing new to feed: feed the last token again
+            common -= 1
+        self._crop(state, common)
+        logits = self._feed(state, context[common:], common)
+        generator = None if request.sampling.greedy else self.generator(request)
+        tokens, confidences, rows = [], [], []
+        for step in range(request.window):
+            token, confidence, probs = self._pick(logits, request, generator)
+            tokens.append(token)
+            confidences.append(confidence)
+            if probs is not None:
+                rows.append(probs)
+            if step + 1 < request.window:
+                logits = self._feed(state, [token], len(context) + step)
+        self._crop(state, len(context))
+        return DraftChain(tuple(tokens), tuple(confidences), torch.stack(rows) if rows else None, self.name)
+
+    def _feed(self, state: _State, tokens: list[int], start: int) -> torch.Tensor:
+        device = self.net.head.device
+        ids = torch.tensor([tokens], device=device)
+        positions = torch.arange(start, start + len(tokens), device=device)[None]
+        hidden, state.past = self.net(ids, positions, past=state.past)
+        state.tokens.extend(tokens)
+        return self.net.logits(hidden[0, -1])
+
+    def _pick(self, logits: torch.Tensor, request: DraftRequest, generator):
+        if request.sampling.greedy:
+            index = int(logits.argmax())
+            return int(self.net.vocab[index]), float(torch.softmax(logits.float(), -1)[index]), None
+        reduced = warp_probs(logits[None], request.sampling)[0]
+        index = sample(reduced, generator)
+        full = torch.zeros(self.vocab_size, dtype=torch.float32, device=reduced.device)
+        full[self.net.vocab] = reduced
+        return int(self.net.vocab[index]), float(reduced[index]), full
+
+    def _state(self, key: str) -> _State:
+        state = self.states.pop(key, None) or _State()
+        self.states[key] = state
+        while len(self.states) > MAX_CACHED_REQUESTS:
+            self.states.popitem(last=False)
+        return state
+
+    @staticmethod
+    def _crop(state: _State, length: int) -> None:
+        if len(state.tokens) > length:
+            del state.tokens[length:]
+            if state.past is not None:
+                state.past = [(k[:, :, :length], v[:, :, :length]) for k, v in state.past] if length else None
+
+    def release(self, key: str) -> None:
+        self.states.pop(key, None)
+
+
+def _common_prefix(cached: list[int], context: list[int]) -> int:
+    n = min(len(cached), len(context))
+    i = 0
+    while i < n and cached[i] == context[i]:
+        i += 1
+    return i
