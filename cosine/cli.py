@@ -364,7 +364,8 @@ def distill(
     data: Path | None = typer.Option(None, "--data", help="JSONL of {\"text\"}, {\"prompt\"} or {\"messages\"} rows (default: the built-in general mix)"),
     sources: str = typer.Option(",".join(("python-docs", "python-stdlib", "gcide", "wordnet")), "--sources", help="general-mix sources, comma-separated"),
     text_tokens: int = typer.Option(200_000, "--text-tokens", help="tokens of text the target is forced over"),
-    chat_prompts: int = typer.Option(200, "--chat-prompts", help="prompts the target answers (its chat format)"),
+    chat_prompts: int = typer.Option(200, "--chat-prompts", help="built-in (or --data) prompts the target answers (its chat format)"),
+    sampled_prompts: int = typer.Option(0, "--sampled-prompts", help="also: user prompts the target writes itself, then answers"),
     answer_tokens: int = typer.Option(128, "--answer-tokens", help="most tokens per answer"),
     seq_len: int = typer.Option(256, "--seq-len"),
     vocab: int = typer.Option(8192, "--vocab", help="size of the reduced draft vocabulary (most frequent ids)"),
@@ -379,6 +380,8 @@ def distill(
     dtype: str = typer.Option("float16", "--dtype", help="exported tensors: float16 or bfloat16"),
     device: str | None = typer.Option(None, "--device", help="default: model.device (cpu, cuda, auto)"),
     seed: int = typer.Option(0, "--seed"),
+    init: Path | None = typer.Option(None, "--init", help="start from this drafter's tensors (same kind and shape), e.g. to adapt a general drafter"),
+    exclude: list[Path] | None = typer.Option(None, "--exclude", help="JSONL prompt files (e.g. evaluation sets): no built-in prompt uses a word of theirs"),
     config_path: Path | None = ConfigOption,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -402,13 +405,15 @@ def distill(
         if value < 0:
             raise typer.BadParameter("too small", param_hint=name)
     try:
+        avoid = tuple(corpus_module.read_eval_prompts(list(exclude))) if exclude else ()
         if data is not None:
             documents, prompts = corpus_module.read_jsonl(data)
             prompts = prompts[:chat_prompts] if chat_prompts else []
         else:
             names = [s.strip() for s in sources.split(",") if s.strip()]
             documents = corpus_module.general_mix(names, seed=seed)
-            prompts = [[{"role": "user", "content": p}] for p in corpus_module.chat_prompts(chat_prompts, seed=seed)] if chat_prompts else []
+            excluded = corpus_module.eval_words(list(exclude)) if exclude else set()
+            prompts = [[{"role": "user", "content": p}] for p in corpus_module.chat_prompts(chat_prompts, seed=seed, exclude_words=excluded)] if chat_prompts else []
     except (OSError, corpus_module.CorpusError) as error:
         raise typer.BadParameter(str(error), param_hint="--data" if data else "--sources") from None
     if device:
@@ -422,11 +427,13 @@ def distill(
     def progress(description: str, total: int):
         return tqdm(total=total, desc=description, unit="", dynamic_ncols=True, leave=True)
 
+    if init is not None and not (init.expanduser() / "drafter.json").is_file():
+        raise typer.BadParameter(f"{init} holds no drafter.json (made by `cosine distill`)", param_hint="--init")
     meta = run_distill(
         target.model, target.tokenizer, kind=kind, work=work_dir, out=out.expanduser(), target_name=str(config.model.target),
-        data_plan=DataPlan(text_tokens, chat_prompts, answer_tokens, seq_len, vocab, vocab_corpus_tokens, batch_size=label_batch, generation_batch=generation_batch, seed=seed),
+        data_plan=DataPlan(text_tokens, chat_prompts, answer_tokens, seq_len, vocab, vocab_corpus_tokens, sampled_prompts=sampled_prompts, avoid=avoid, batch_size=label_batch, generation_batch=generation_batch, seed=seed),
         train_plan=TrainPlan(kind=kind, layers=layers, epochs=epochs, batch_size=batch_size, lr=lr, unroll=unroll, dtype=dtype, seed=seed),
-        documents=documents, prompts=prompts, progress=progress,
+        documents=documents, prompts=prompts, progress=progress, init=init.expanduser() if init else None,
     )
     typer.echo(json.dumps({"out": str(out), "data": meta["data"], "measured": meta["measured"], "seconds": meta["training"]["seconds"]}, indent=2))
 

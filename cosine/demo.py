@@ -19,7 +19,7 @@ import torch
 from cosine.bus import redacted_url
 from cosine.client import Client
 from cosine.config import Config
-from cosine.factory import load_target
+from cosine.models.loading import load_model
 from cosine.requests import prompt_token_ids
 from cosine.serve import Supervisor
 
@@ -36,7 +36,9 @@ ROLES = {"router", "coordinator", "fusion", "verifier", "drafter"}
 
 
 def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Callable[[str], None]) -> None:
-    target = load_target(config)
+    # The baseline is plain transformers: no oneDNN reordering (the pipeline's verifier has it).
+    torch.set_num_threads(config.model.threads)
+    target = load_model(config.model.target_path, cache_dir=config.model.cache_path, device=config.model.device, dtype=config.model.dtype)
     tokenizer, model = target.tokenizer, target.model
     echo(f"target {config.model.target_path} ({config.model.dtype}, {config.model.device})")
     echo(f"drafters: {', '.join(f'{d.name} ({d.kind}, expert {d.expert})' for d in config.drafters)}")

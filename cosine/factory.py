@@ -12,7 +12,7 @@ from cosine.drafters.base import Drafter
 from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_model
 from cosine.engine import LocalEngine
-from cosine.models.loading import LoadedModel, load_model
+from cosine.models.loading import LoadedModel, load_model, prepack_cpu_linears
 from cosine.models.runner import ModelRunner
 from cosine.spec.window import WindowPolicy
 
@@ -27,10 +27,15 @@ class Stack:
 
 
 def load_target(config: Config) -> LoadedModel:
+    """The target as the verifier runs it (on CPU with oneDNN linears unless model.cpu_linear
+    is "plain"). Baselines that must be plain transformers load with ``load_model``."""
     torch.set_num_threads(config.model.threads)
-    return load_model(
+    loaded = load_model(
         config.model.target_path, cache_dir=config.model.cache_path, device=config.model.device, dtype=config.model.dtype
     )
+    if config.model.cpu_linear == "onednn":
+        prepack_cpu_linears(loaded.model)
+    return loaded
 
 
 def build_drafter(spec: DrafterConfig, target: LoadedModel, config: Config) -> Drafter:

@@ -22,13 +22,15 @@ import os
 import random
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-PYTHON_DOCS = [Path(f"/usr/share/doc/python3.{minor}/html/_sources") for minor in range(20, 8, -1)]
-GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
-WORDNET = Path("/usr/share/wordnet")
+# COSINE_CORPUS_ROOT: a directory holding copies of these paths (for a machine without the packages).
+_ROOT = Path(os.environ.get("COSINE_CORPUS_ROOT", "/"))
+PYTHON_DOCS = [_ROOT / f"usr/share/doc/python3.{minor}/html/_sources" for minor in range(20, 8, -1)]
+GCIDE = _ROOT / "usr/share/dictd/gcide.dict.dz"
+WORDNET = _ROOT / "usr/share/wordnet"
 SOURCES = ("python-docs", "python-stdlib", "gcide", "wordnet")
 APT_PACKAGES = {"python-docs": "python3-doc", "gcide": "dict-gcide", "wordnet": "wordnet-base"}
 
@@ -145,30 +147,154 @@ def general_mix(sources: tuple[str, ...] | list[str] = SOURCES, seed: int = 0) -
     return documents
 
 
-def chat_prompts(count: int, seed: int = 0) -> list[str]:
-    """User prompts made from the offline sources, in four kinds (define, explain, summarise,
-    write code), for the target to answer in its chat format."""
+def chat_prompts(count: int, seed: int = 0, exclude_words: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """User prompts made offline, for the target to answer in its chat format: everyday
+    questions and tasks about frequent WordNet words (half), small coding and arithmetic tasks,
+    and prompts made from the sources (define a word, explain a module, write a function
+    described by a docstring, summarise a documentation paragraph).
+
+    ``exclude_words``: no prompt built from one of these words (lower case) is made, so the
+    words of evaluation prompts can be kept out of training.
+    """
     rng = random.Random(seed)
     present = available_sources()
-    makers = []
+    makers: list[tuple[float, Callable[[], str]]] = [(0.12, lambda: _coding_task(rng)), (0.12, lambda: _arithmetic(rng))]
     if present["wordnet"]:
-        glosses = [(w, g) for w, g in wordnet_glosses() if len(w) > 3 and " " not in w]
-        makers.append(lambda: _define(rng, glosses))
+        words = {pos: [w for w in frequent_lemmas(pos) if w not in exclude_words] for pos in ("noun", "verb", "adj")}
+        glosses = [(w, g) for w, g in wordnet_glosses() if len(w) > 3 and " " not in w and w.lower() not in exclude_words]
+        makers.append((0.5, lambda: _everyday(rng, words)))
+        makers.append((0.05, lambda: _define(rng, glosses)))
     if present["python-stdlib"]:
-        modules = sorted(p.stem for p in stdlib_dir().glob("*.py") if not p.stem.startswith("_"))
+        modules = sorted(p.stem for p in stdlib_dir().glob("*.py") if not p.stem.startswith("_") and p.stem not in exclude_words)
         functions = _docstring_functions(stdlib_dir(), limit=4000)
-        makers.append(lambda: _explain_module(rng, modules))
+        makers.append((0.05, lambda: _explain_module(rng, modules)))
         if functions:
-            makers.append(lambda: _write_function(rng, functions))
+            makers.append((0.05, lambda: _write_function(rng, functions)))
     root = python_docs_dir()
     if root:
         paragraphs = _paragraphs(root)
         if paragraphs:
-            makers.append(lambda: _summarise(rng, paragraphs))
-    if not makers:
-        raise CorpusError("no corpus source available to make chat prompts from; " + ", ".join(f"{k}: {v}" for k, v in APT_PACKAGES.items()))
-    prompts = [rng.choice(makers)() for _ in range(count)]
-    return prompts
+            makers.append((0.06, lambda: _summarise(rng, paragraphs)))
+    weights = [w for w, _ in makers]
+    return [rng.choices(makers, weights)[0][1]() for _ in range(count)]
+
+
+def frequent_lemmas(pos: str, min_count: int = 3) -> list[str]:
+    """Single-word lemmas of a part of speech (noun, verb, adj) used at least ``min_count``
+    times in WordNet's sense-tagged corpus (``cntlist.rev``), most frequent first."""
+    code = {"noun": ("1",), "verb": ("2",), "adj": ("3", "5")}[pos]
+    counts: dict[str, int] = {}
+    path = WORDNET / "cntlist.rev"
+    if not path.is_file():
+        return []
+    for line in path.read_text(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) != 3 or "%" not in parts[0]:
+            continue
+        lemma, rest = parts[0].split("%", 1)
+        if rest[:1] in code and lemma.isalpha() and len(lemma) > 2:
+            counts[lemma] = counts.get(lemma, 0) + int(parts[2])
+    return [w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= min_count]
+
+
+NOUN_TEMPLATES = (
+    "What is {a} {n}? Explain it simply.",
+    "Tell me three interesting facts about {n}.",
+    "How do people use {n} in everyday life?",
+    "Write a short poem about {n}.",
+    "Write a short story of about 100 words that involves {a} {n}.",
+    "What are the pros and cons of {n}?",
+    "Explain the history of {n} in a few sentences.",
+    "What is the difference between {n} and {m}?",
+    "Give me some practical tips about {n}.",
+    "Why is {n} important? Give two reasons.",
+    "Describe {n} to someone who has never heard of it.",
+    "Write a polite email to my {r} about {n}.",
+    "Can you suggest a fun activity that involves {n}?",
+    "List five words related to {n} and explain each briefly.",
+    "How would you explain {n} to a child?",
+    "What questions should I ask before buying {a} {n}?",
+)
+VERB_TEMPLATES = (
+    "How can I learn to {v} better?",
+    "What are common mistakes people make when they {v}?",
+    "Give me a step-by-step plan to {v} more often.",
+    "Why do people {v}? Explain briefly.",
+    "Write a motivational message for someone who wants to {v}.",
+)
+ADJ_TEMPLATES = (
+    "What does it mean when something is {j}? Give examples.",
+    "Write two sentences describing a {j} day.",
+    "What is the opposite of {j}, and how are the two words used?",
+)
+RELATIONS = ("manager", "neighbour", "teacher", "landlord", "colleague", "friend", "doctor", "coach")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def _everyday(rng: random.Random, words: dict[str, list[str]]) -> str:
+    kind = rng.choices(("noun", "verb", "adj"), (0.7, 0.2, 0.1))[0]
+    pool = words[kind][:4000] or words["noun"]
+    word = rng.choice(pool)
+    if kind == "verb":
+        return rng.choice(VERB_TEMPLATES).format(v=word)
+    if kind == "adj":
+        return rng.choice(ADJ_TEMPLATES).format(j=word)
+    other = rng.choice(words["noun"][:4000])
+    return rng.choice(NOUN_TEMPLATES).format(n=word, m=other, a=_article(word), r=rng.choice(RELATIONS))
+
+
+CODING_TASKS = (
+    "counts the vowels in a string", "reverses the order of the words in a sentence", "returns the factorial of n",
+    "flattens a nested list", "removes duplicates from a list while keeping the order", "converts Celsius to Fahrenheit",
+    "returns the most common element of a list", "capitalizes the first letter of every word", "checks whether a year is a leap year",
+    "returns the n-th Fibonacci number", "counts how often each word appears in a text", "returns the second largest number in a list",
+    "checks whether two strings are anagrams", "converts a number of seconds to hours, minutes and seconds",
+    "splits a list into chunks of size n", "returns the sum of the digits of an integer", "transposes a matrix given as a list of lists",
+    "finds the longest word in a sentence", "converts a Roman numeral to an integer", "validates that a string contains only digits",
+)
+LANGUAGES = ("Python", "Python", "Python", "JavaScript", "Java", "C", "Rust", "Ruby")
+
+
+def _coding_task(rng: random.Random) -> str:
+    task, language = rng.choice(CODING_TASKS), rng.choice(LANGUAGES)
+    return rng.choice((
+        f"Write a {language} function that {task}.",
+        f"Write a {language} function that {task}, and explain how it works.",
+        f"How would I write code in {language} that {task}? Keep it short.",
+    ))
+
+
+def _arithmetic(rng: random.Random) -> str:
+    kind = rng.randrange(6)
+    if kind == 0:
+        return f"What is {rng.randint(12, 99)} times {rng.randint(12, 99)}? Show your work."
+    if kind == 1:
+        value = rng.randint(2, 500)
+        a, b = rng.choice((("kilometres", "miles"), ("pounds", "kilograms"), ("litres", "gallons"), ("inches", "centimetres")))
+        return f"Convert {value} {a} to {b}, and explain the conversion."
+    if kind == 2:
+        p, q, r, s = rng.randint(1, 9), rng.randint(2, 12), rng.randint(1, 9), rng.randint(2, 12)
+        return f"What is {p}/{q} + {r}/{s}? Give the answer as a simplified fraction."
+    if kind == 3:
+        start, step = rng.randint(1, 20), rng.randint(2, 9)
+        seq = ", ".join(str(start + step * i) for i in range(5))
+        return f"What is the next number in the sequence {seq}? Explain the pattern."
+    if kind == 4:
+        n, k, m = rng.randint(10, 60), rng.randint(1, 9), rng.randint(2, 30)
+        thing = rng.choice(("marbles", "stickers", "books", "cookies", "stamps"))
+        return f"Sam has {n} {thing}. He gives away {k} and then gets {m} more. How many {thing} does he have now?"
+    return f"What is {rng.randint(100, 9999)} divided by {rng.randint(2, 19)}? Give the quotient and the remainder."
+
+
+def eval_words(paths: list[Path]) -> set[str]:
+    """Lower-case words (3+ letters) of the prompts in evaluation JSONL files."""
+    words: set[str] = set()
+    for text in read_eval_prompts(paths):
+        words.update(w.lower() for w in re.findall(r"[A-Za-z]{3,}", text))
+    return words
 
 
 def _define(rng: random.Random, glosses: list[tuple[str, str]]) -> str:

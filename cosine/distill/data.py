@@ -52,6 +52,8 @@ class DataPlan:
     seq_len: int
     reduced_vocab: int
     vocab_corpus_tokens: int = 2_000_000  # tokens counted for the reduced vocabulary
+    sampled_prompts: int = 0  # user prompts the target writes itself (answered like the others)
+    avoid: tuple[str, ...] = ()  # texts no target-written prompt may share five words in a row with
     holdout_share: float = 0.05  # of the chat sequences, kept out of training for agreement
     batch_size: int = 8  # sequences per labelling forward
     generation_batch: int = 8  # prompts answered together
@@ -88,6 +90,45 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], plan: DataPlan
             bar.update(len(batch))
     bar.close()
     return done
+
+
+def sample_user_prompts(model, tokenizer, count: int, path: Path, progress: Progress, *, batch: int = 16, max_tokens: int = 96, seed: int = 0, avoid: list[str] = ()) -> list[str]:
+    """User turns written by the target itself: its chat template up to the user's turn, then
+    sampled (temperature 1, top-p 0.95) to its end token. An instruction-tuned target writes
+    prompts like those it was tuned on, which is the distribution its users' prompts come from.
+    Prompts sharing five words in a row with one of ``avoid`` are dropped. Appended to ``path``
+    as they come; rows already there are kept."""
+    done = [json.loads(line)["prompt"] for line in path.read_text().splitlines()] if path.exists() else []
+    marker = "\u2063MARK\u2063"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    prefix = tokenizer(rendered.split(marker)[0], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    banned = {tuple(words[i : i + 5]) for text in avoid for words in [text.lower().split()] for i in range(len(words) - 4)}
+    bar = progress("target-written prompts", count)
+    bar.update(min(len(done), count))
+    generator_seed = seed + len(done)
+    with path.open("a") as out:
+        while len(done) < count:
+            torch.manual_seed(generator_seed)
+            generator_seed += 1
+            ids = torch.tensor([prefix] * batch, device=device)
+            with torch.inference_mode():
+                rows = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_p=0.95, top_k=0, pad_token_id=eos, eos_token_id=eos)
+            for row in rows[:, len(prefix) :].tolist():
+                if eos not in row:
+                    continue  # cut off: not a whole prompt
+                text = tokenizer.decode(row[: row.index(eos)], skip_special_tokens=True).strip()
+                words = text.lower().split()
+                if not 3 <= len(words) <= 120 or any(tuple(words[i : i + 5]) in banned for i in range(len(words) - 4)):
+                    continue
+                if len(done) < count:
+                    out.write(json.dumps({"prompt": text}) + "\n")
+                    done.append(text)
+                    bar.update(1)
+            out.flush()
+    bar.close()
+    return done[:count]
 
 
 def tokenize_documents(tokenizer, documents: list[Document], max_tokens: int, count_tokens: int) -> tuple[list[int], Counter]:

@@ -178,8 +178,14 @@ class DraftNet(nn.Module):
         ``fc`` passes the feature through at first (so step one starts near the target)."""
         layers = target.get_decoder().layers
         for block, index in zip(self.blocks, self.spec.init_layers):
-            source = layers[index].state_dict()
-            block.load_state_dict({k: v for k, v in source.items() if not k.endswith("rotary_emb.inv_freq")}, strict=True)
+            # A served target's layers may hold oneDNN-reordered weights (made dense here) and
+            # the zero biases oneDNN's linear adds; a real bias is a shape these blocks lack.
+            source = {k: v.to_dense() if v.is_mkldnn else v for k, v in layers[index].state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+            wanted = set(block.state_dict())
+            extra = {k for k in source if k not in wanted}
+            if any(not k.endswith(".bias") or bool(source[k].any()) for k in extra):
+                raise ValueError(f"target layer {index} has parameters a drafter block cannot take: {sorted(extra)[:4]}")
+            block.load_state_dict({k: v for k, v in source.items() if k in wanted}, strict=True)
         self.norm.weight.data.copy_(target.get_decoder().norm.weight.data)
         if self.fc is not None:
             d = self.spec.hidden

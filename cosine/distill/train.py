@@ -38,6 +38,7 @@ from cosine.distill.data import (
     pack,
     pack_conversations,
     reduced_vocabulary,
+    sample_user_prompts,
     target_argmax,
     tokenize_documents,
 )
@@ -72,6 +73,10 @@ def prepare_data(model, tokenizer, plan: DataPlan, work: Path, documents: list[c
     """Answers, packed sequences, vocabulary and label shards in ``work/data``; returns a summary."""
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
+    if plan.sampled_prompts:
+        written = sample_user_prompts(model, tokenizer, plan.sampled_prompts, data_dir / "sampled_prompts.jsonl", progress,
+                                      batch=plan.generation_batch, seed=plan.seed, avoid=list(plan.avoid))
+        prompts = list(prompts) + [[{"role": "user", "content": text}] for text in written]
     answers = generate_answers(model, tokenizer, prompts, plan, data_dir / "answers.jsonl", progress) if prompts else []
     rng = random.Random(plan.seed)
     order = list(range(len(answers)))
@@ -80,8 +85,11 @@ def prepare_data(model, tokenizer, plan: DataPlan, work: Path, documents: list[c
     holdout_answers = [answers[i] for i in order[:held]]
     train_answers = [answers[i] for i in order[held:]]
     stream, counts = tokenize_documents(tokenizer, documents, plan.text_tokens, plan.vocab_corpus_tokens)
-    for ids in answers:
-        counts.update(ids)
+    answer_tokens = sum(map(len, answers))
+    weight = max(1, round(sum(counts.values()) / answer_tokens)) if answer_tokens else 1
+    for ids in answers:  # the chat answers weigh as much as the whole text corpus
+        for token in ids:
+            counts[token] += weight
     text_rows = pack(stream, plan.seq_len)
     chat_rows = pack_conversations(train_answers, plan.seq_len)
     holdout_rows = pack_conversations(holdout_answers, min(plan.seq_len, sum(map(len, holdout_answers))) or 1)
@@ -254,7 +262,20 @@ def load_drafter_net(path: Path, target) -> tuple[DraftNet, dict]:
     return net.eval(), meta
 
 
-def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_plan: DataPlan, train_plan: TrainPlan, documents, prompts, progress: Progress = no_progress, target_name: str = "") -> dict:
+def _start_from(net: DraftNet, init: Path) -> dict:
+    """Load a drafter's own tensors (not its vocabulary: the head rows come from the target, so
+    a drafter can go on with another reduced vocabulary). Returns what it was."""
+    meta = json.loads((Path(init) / "drafter.json").read_text())
+    spec = DraftSpec.from_dict(meta["spec"])
+    if (spec.kind, spec.layers, spec.hidden) != (net.spec.kind, net.spec.layers, net.spec.hidden):
+        raise ValueError(f"--init {init}: a {spec.kind} drafter with {spec.layers} layers of width {spec.hidden}, not {net.spec.kind} / {net.spec.layers} / {net.spec.hidden}")
+    tensors = load_file(str(Path(init) / "drafter.safetensors"))
+    tensors.pop("vocab", None)
+    net.load_state_dict({k: v.to(net.head.dtype) for k, v in tensors.items()}, strict=False)
+    return {"path": str(init), "data": meta.get("data"), "training": {k: meta.get("training", {}).get(k) for k in ("steps", "epochs", "seconds", "device_name", "train_tokens")}, "measured": meta.get("measured")}
+
+
+def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_plan: DataPlan, train_plan: TrainPlan, documents, prompts, progress: Progress = no_progress, target_name: str = "", init: Path | None = None) -> dict:
     """The whole run: data, labels, training, agreement, export. Returns drafter.json's content."""
     torch.manual_seed(train_plan.seed)
     if next(target_model.parameters()).device.type == "cuda":
@@ -266,6 +287,9 @@ def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_p
     spec = spec_for_target(target_model.config, kind, train_plan.layers, len(vocab))
     net = build_net(target_model, spec, vocab)
     net.init_from_target(target_model)
+    started_from = None
+    if init is not None:
+        started_from = _start_from(net, init)
     training = train(target_model, net, data["train"], train_plan, work, progress)
     measured = {}
     if data["holdout"]:
@@ -281,5 +305,7 @@ def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_p
                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch_threads": torch.get_num_threads()},
         "measured": measured,
     }
+    if started_from:
+        meta["init"] = started_from
     export(net, train_plan, out, meta)
     return meta

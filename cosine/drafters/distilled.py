@@ -19,6 +19,7 @@ import torch
 
 from cosine.distill.train import load_drafter_net
 from cosine.drafters.base import Drafter, DraftRequest
+from cosine.models.loading import prepack_cpu_linears
 from cosine.spec.sampling import sample, warp_probs
 from cosine.spec.tree import DraftChain
 
@@ -45,6 +46,7 @@ class SmallDrafter(Drafter):
             made_for = self.meta.get("target", {}).get("tokenizer")
             if made_for and made_for != tokenizer_digest(tokenizer):
                 raise ValueError(f"drafter {name!r}: {path} was made for another tokenizer than the target's")
+        prepack_cpu_linears(self.net)
         self.vocab_size = self.net.spec.vocab_size
         self.states: OrderedDict[str, _State] = OrderedDict()
 

@@ -142,3 +142,25 @@ def _directory_hash(directory: Path) -> str:
             digest.update(file.name.encode())
             digest.update(_file_hash(file).encode())
     return f"{directory.name}-{digest.hexdigest()[:16]}"
+
+
+def prepack_cpu_linears(model: torch.nn.Module) -> int:
+    """Replace every ``nn.Linear`` of a CPU model (fp32 or bf16) by oneDNN's linear on weights
+    reordered once (``torch.utils.mkldnn.MkldnnLinear``); returns how many were replaced.
+
+    Inference only (the reordered weights take no gradient). The results match the plain layers
+    to float rounding; what changes is speed on a few rows: a forward over 2-8 new tokens costs
+    about what one costs, where plain GEMMs cost up to twice as much.
+    """
+    from torch.utils.mkldnn import MkldnnLinear
+
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cpu" or first.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return 0
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, MkldnnLinear(child, child.weight.dtype))
+                replaced += 1
+    return replaced

@@ -1,0 +1,54 @@
+"""oneDNN linears on a CPU target: same results as the plain layers, within float rounding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cosine.config import ModelConfig
+from cosine.models.loading import prepack_cpu_linears
+from cosine.models.runner import ForwardItem, ModelRunner
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+
+
+def tiny(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_prepacked_linears_give_the_plain_results():
+    plain = tiny()
+    packed = copy.deepcopy(plain)
+    assert prepack_cpu_linears(packed) == 2 * 7 + 1  # seven per layer and the head
+    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+    context = list(range(5, 25))
+    tree = (30, 31, 32)
+    a = ModelRunner(plain).forward([ForwardItem("r", context, tree, (-1, 0, 0))])[0]
+    b = ModelRunner(packed).forward([ForwardItem("r", context, tree, (-1, 0, 0))])[0]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    ids = torch.tensor([context])
+    with torch.inference_mode():
+        greedy_plain = plain.generate(ids, max_new_tokens=12, do_sample=False)
+        greedy_packed = packed.generate(ids, max_new_tokens=12, do_sample=False)
+    assert greedy_plain.tolist() == greedy_packed.tolist()
+    # Tied weights: the input embedding stays a plain dense tensor.
+    embedding = packed.get_input_embeddings().weight
+    assert not embedding.is_mkldnn and torch.equal(embedding, plain.get_input_embeddings().weight)
+
+
+def test_models_that_cannot_take_them_are_left_alone():
+    half = tiny().to(torch.float16)
+    assert prepack_cpu_linears(half) == 0
+    assert prepack_cpu_linears(torch.nn.Module()) == 0
+
+
+def test_the_setting_is_checked():
+    assert ModelConfig().cpu_linear == "onednn"
+    assert ModelConfig(cpu_linear="plain").cpu_linear == "plain"
+    with pytest.raises(ValueError, match="model.cpu_linear must be 'onednn' or 'plain'"):
+        ModelConfig(cpu_linear="fast")
