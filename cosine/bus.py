@@ -326,6 +326,15 @@ async def refuse_request(client: aioredis.Redis, keys: Keys, *, group: str, entr
     return await _fcall(client, "cosine_refuse", key_list, [group, entry_text, ttl_s, len(entry), *_flat(entry)])
 
 
+async def finish_request(client: aioredis.Redis, keys: Keys, state, update, ttl_s: int) -> str:
+    """Apply a finishing update (``state.fail`` or a last round) to the request in ``state``:
+    its final entry, the tombstone and the TTL. Outcomes as ``apply_round``."""
+    return await apply_round(
+        client, keys, request_id=state.request_id, expected_round=state.round, fields=update.state.to_fields(),
+        out_entries=update.out_entries, ttl_s=ttl_s,
+    )
+
+
 async def apply_round(
     client: aioredis.Redis, keys: Keys, *, request_id: str, expected_round: int, fields: Mapping,
     out_entries: Sequence[Mapping], job_streams: Sequence[str] = (), payload: bytes = b"", ttl_s: int = 0,

@@ -85,7 +85,8 @@ class StageWorker:
         self.redis = None
         self.stopping = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-model")
-        self.log = logging.LoggerAdapter(log, {"stage": self.role})
+        # One logger per stage (cosine.workers.router, ...): every line names the stage it came from.
+        self.log = logging.getLogger(f"{__name__.rsplit('.', 1)[0]}.{self.role}")
         self._in_hand: dict[str, list[bytes]] = {}  # read, not yet handled (renewed, never reclaimed)
 
     # ---- what a stage defines ----------------------------------------------------------------

@@ -177,11 +177,12 @@ class Coordinator(StageWorker):
                 return
 
     async def _apply(self, state: RequestState, update: RoundUpdate) -> str:
-        streams, payload = ([], b"") if update.finished else self._next_round(update.state)
+        if update.finished:
+            return await bus.finish_request(self.redis, self.keys, state, update, self.config.pipeline.output_ttl_s)
+        streams, payload = self._next_round(update.state)
         return await bus.apply_round(
             self.redis, self.keys, request_id=state.request_id, expected_round=state.round, fields=update.state.to_fields(),
             out_entries=update.out_entries, job_streams=streams, payload=payload,
-            ttl_s=self.config.pipeline.output_ttl_s if update.finished else 0,
         )
 
     def _next_round(self, state: RequestState) -> tuple[list[str], bytes]:

@@ -132,10 +132,7 @@ class Router(StageWorker):
                 if state is None or state.status != ACTIVE:
                     break
                 update = fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
-                outcome = await bus.apply_round(
-                    self.redis, self.keys, request_id=request_id, expected_round=state.round, fields=update.state.to_fields(),
-                    out_entries=update.out_entries, ttl_s=self.config.pipeline.output_ttl_s,
-                )
+                outcome = await bus.finish_request(self.redis, self.keys, state, update, self.config.pipeline.output_ttl_s)
                 if outcome != "stale":
                     break
             self.log.info("request %s cancelled", request_id)

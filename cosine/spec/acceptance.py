@@ -71,7 +71,9 @@ def verify_sampling(tree: DraftTree, target_probs: torch.Tensor, generator: torc
     path: list[int] = []
     node = ROOT
     while True:
-        residual = target_probs[node + 1].float()
+        # Draws happen where the generator lives (CPU): the same seed gives the same tokens
+        # whatever device verified, and a CUDA row meets a CPU generator only here.
+        residual = target_probs[node + 1].float().to(generator.device)
         chosen = None
         for draw in tree.draws_below(node):
             token = tree.tokens[draw.node]
@@ -94,7 +96,7 @@ def _draft_row(tree: DraftTree, probs_row: int | None, token: int, like: torch.T
         one_hot[token] = 1.0
         return one_hot
     assert tree.draft_probs is not None  # guaranteed by merge_chains
-    return tree.draft_probs[probs_row].float()
+    return tree.draft_probs[probs_row].float().to(like.device)
 
 
 def _residual(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:

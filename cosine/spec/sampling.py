@@ -74,4 +74,4 @@ def request_generator(seed: int, round_index: int, purpose: str, device: str | t
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
     """Draw one token id from a probability row ([vocab])."""
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    return int(torch.multinomial(probs.to(generator.device), 1, generator=generator).item())

@@ -94,3 +94,17 @@ def test_fault_points_parse_and_fire(monkeypatch):
         faults.check("verifier.forward", "a-poison-request")
     with pytest.raises(ValueError):
         faults._parse("verifier.forward=explode")
+
+
+def test_every_stage_logs_under_its_own_name(caplog):
+    """Regression: every worker logged as cosine.workers.base, so a line did not say its stage."""
+    import logging
+
+    from cosine.workers.fusion import FusionWorker
+    from cosine.workers.router import Router
+
+    names = {FusionWorker(Config(), "redis://127.0.0.1:1").log.name, Router(Config(), "redis://127.0.0.1:1").log.name}
+    assert names == {"cosine.workers.fusion", "cosine.workers.router"}
+    with caplog.at_level(logging.INFO):
+        FusionWorker(Config(), "redis://127.0.0.1:1").log.info("hello")
+    assert caplog.records[-1].name == "cosine.workers.fusion"

@@ -110,3 +110,18 @@ def test_sample_draws_from_row():
     generator = torch.Generator().manual_seed(0)
     assert {sample(torch.tensor([0.0, 0.0, 1.0]), generator) for _ in range(20)} == {2}
     assert {sample(torch.tensor([0.5, 0.0, 0.5]), generator) for _ in range(200)} == {0, 2}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rows_are_drawn_with_the_cpu_request_generator():
+    """Regression (bench/cuda_check.py on an H100): a CUDA probability row met the CPU request
+    generator in torch.multinomial and sampled requests failed on a GPU."""
+    from cosine.spec.acceptance import verify_sampling
+    from cosine.spec.tree import DraftChain, merge_chains
+
+    probs = torch.softmax(torch.randn(3, 50), -1)
+    on_cpu = sample(probs[0], request_generator(7, 0, "t"))
+    assert sample(probs[0].cuda(), request_generator(7, 0, "t")) == on_cpu
+    tree = merge_chains([DraftChain((3, 4), (0.5, 0.5), probs[:2].cuda(), "d")])
+    verdict = verify_sampling(tree, probs.cuda(), request_generator(7, 0, "verify"))
+    assert verdict == verify_sampling(merge_chains([DraftChain((3, 4), (0.5, 0.5), probs[:2], "d")]), probs, request_generator(7, 0, "verify"))
