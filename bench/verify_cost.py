@@ -54,6 +54,7 @@ from common import (
 )
 from transformers import DynamicCache
 
+from cosine.models.loading import prepack_cpu_linears
 from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.spec.tree import ROOT
 
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per configuration (default: %(default)s)")
     parser.add_argument("--no-hf", action="store_true", help="skip the plain transformers forward comparison")
     parser.add_argument("--name", default="verify_cost", help="result file name prefix (default: %(default)s)")
+    parser.add_argument("--cpu-linear", choices=("onednn", "plain"), default="onednn", help="the runner's linear layers, as model.cpu_linear (the transformers comparison always runs plain, before)")
     args = parser.parse_args()
     if args.repeats < 7:
         parser.error("--repeats must be at least 7")
@@ -172,6 +174,8 @@ def main() -> None:
 
     hf_times, hf_logits = (None, None) if args.no_hf else time_hf(model, sequences[0], prefix, ks, args.warmup, args.repeats)
 
+    if args.cpu_linear == "onednn":
+        prepack_cpu_linears(model)
     runner = ModelRunner(model)
     runner.forward([ForwardItem(f"r{i}", tuple(seq[:prefix])) for i, seq in enumerate(sequences)])  # build caches
     assert all(runner.cached_tokens(f"r{i}") == prefix for i in range(len(sequences)))
@@ -242,6 +246,7 @@ def main() -> None:
             "target": args.target,
             "fingerprint": lm.fingerprint,
             "prefix_tokens": prefix,
+            "cpu_linear": args.cpu_linear,
             "ks": ks,
             "batches": batches,
             "repeats": args.repeats,
