@@ -429,12 +429,15 @@ def distill(
 
     if init is not None and not (init.expanduser() / "drafter.json").is_file():
         raise typer.BadParameter(f"{init} holds no drafter.json (made by `cosine distill`)", param_hint="--init")
-    meta = run_distill(
-        target.model, target.tokenizer, kind=kind, work=work_dir, out=out.expanduser(), target_name=str(config.model.target),
-        data_plan=DataPlan(text_tokens, chat_prompts, answer_tokens, seq_len, vocab, vocab_corpus_tokens, sampled_prompts=sampled_prompts, avoid=avoid, batch_size=label_batch, generation_batch=generation_batch, seed=seed),
-        train_plan=TrainPlan(kind=kind, layers=layers, epochs=epochs, batch_size=batch_size, lr=lr, unroll=unroll, dtype=dtype, seed=seed),
-        documents=documents, prompts=prompts, progress=progress, init=init.expanduser() if init else None,
-    )
+    try:
+        meta = run_distill(
+            target.model, target.tokenizer, kind=kind, work=work_dir, out=out.expanduser(), target_name=str(config.model.target),
+            data_plan=DataPlan(text_tokens, chat_prompts, answer_tokens, seq_len, vocab, vocab_corpus_tokens, sampled_prompts=sampled_prompts, avoid=avoid, batch_size=label_batch, generation_batch=generation_batch, seed=seed),
+            train_plan=TrainPlan(kind=kind, layers=layers, epochs=epochs, batch_size=batch_size, lr=lr, unroll=unroll, dtype=dtype, seed=seed),
+            documents=documents, prompts=prompts, progress=progress, init=init.expanduser() if init else None,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--work / --init") from None
     typer.echo(json.dumps({"out": str(out), "data": meta["data"], "measured": meta["measured"], "seconds": meta["training"]["seconds"]}, indent=2))
 
 

@@ -73,6 +73,7 @@ def prepare_data(model, tokenizer, plan: DataPlan, work: Path, documents: list[c
     """Answers, packed sequences, vocabulary and label shards in ``work/data``; returns a summary."""
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
+    _check_plan(data_dir / "plan.json", plan, len(documents), len(prompts))
     if plan.sampled_prompts:
         written = sample_user_prompts(model, tokenizer, plan.sampled_prompts, data_dir / "sampled_prompts.jsonl", progress,
                                       batch=plan.generation_batch, seed=plan.seed, avoid=list(plan.avoid))
@@ -85,6 +86,7 @@ def prepare_data(model, tokenizer, plan: DataPlan, work: Path, documents: list[c
     holdout_answers = [answers[i] for i in order[:held]]
     train_answers = [answers[i] for i in order[held:]]
     stream, counts = tokenize_documents(tokenizer, documents, plan.text_tokens, plan.vocab_corpus_tokens)
+    counted_text_tokens = sum(counts.values())
     answer_tokens = sum(map(len, answers))
     weight = max(1, round(sum(counts.values()) / answer_tokens)) if answer_tokens else 1
     for ids in answers:  # the chat answers weigh as much as the whole text corpus
@@ -106,11 +108,25 @@ def prepare_data(model, tokenizer, plan: DataPlan, work: Path, documents: list[c
     summary = {
         "text_tokens": int(text_rows.numel()), "chat_tokens": int(chat_rows.numel()), "holdout_tokens": int(holdout_rows.numel()),
         "answers": len(answers), "holdout_answers": len(holdout_answers), "seq_len": plan.seq_len,
-        "frequency_corpus_tokens": corpus_tokens, "reduced_vocab": len(vocab), "vocab_coverage": round(coverage, 4),
+        "frequency_corpus_tokens": counted_text_tokens, "frequency_answer_weight": weight, "reduced_vocab": len(vocab), "vocab_coverage": round(coverage, 4),
         "sources": sorted({d.source for d in documents}),
     }
     (data_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"summary": summary, "train": paths, "holdout": holdout_paths}
+
+
+def _check_plan(path: Path, plan: DataPlan, documents: int, prompts: int) -> None:
+    """A work directory serves one data plan: resuming with another would mix its shards."""
+    wanted = {k: v for k, v in asdict(plan).items() if k not in ("batch_size", "generation_batch")}
+    wanted["avoid"] = hashlib.blake2b(json.dumps(wanted["avoid"]).encode(), digest_size=8).hexdigest()
+    wanted |= {"documents": documents, "prompts": prompts}
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found != wanted:
+            changed = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
+            raise ValueError(f"{path.parent.parent} holds data made with other settings ({', '.join(changed)}); use another --work to start afresh")
+    else:
+        path.write_text(json.dumps(wanted, indent=2))
 
 
 def build_net(target, spec: DraftSpec, vocab: torch.Tensor) -> DraftNet:
@@ -184,6 +200,8 @@ def train(target, net: DraftNet, train_paths: list[Path], plan: TrainPlan, work:
     step, seconds, history = 0, 0.0, []
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state.get("plan") != asdict(plan):
+            raise ValueError(f"{checkpoint} was made with other training settings; delete it (or use another --work) to train afresh")
         net.load_state_dict(state["net"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         step, seconds, history = state["step"], state["seconds"], state["history"]
@@ -219,7 +237,7 @@ def train(target, net: DraftNet, train_paths: list[Path], plan: TrainPlan, work:
             running = []
             elapsed = seconds + time.perf_counter() - began
             tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "seconds": elapsed, "history": history}, tmp)
+            torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "seconds": elapsed, "history": history, "plan": asdict(plan)}, tmp)
             tmp.rename(checkpoint)
     bar.close()
     net.eval()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,11 @@ def test_a_drafter_distilled_for_a_random_target_loads_and_drafts(tmp_path, kind
     again = distill(target, tokenizer, kind=kind, work=tmp_path / "work", out=tmp_path / "out2", data_plan=plan, train_plan=train_plan, documents=documents, prompts=prompts)
     assert (tmp_path / "work" / "data" / "answers.jsonl").read_text() == answers
     assert again["training"]["seconds"] <= meta["training"]["seconds"] + 1.0
+    # Other settings on the same work directory are refused, not mixed in.
+    with pytest.raises(ValueError, match="other settings"):
+        distill(target, tokenizer, kind=kind, work=tmp_path / "work", out=tmp_path / "out3", data_plan=replace(plan, text_tokens=900), train_plan=train_plan, documents=documents, prompts=prompts)
+    with pytest.raises(ValueError, match="other training settings"):
+        distill(target, tokenizer, kind=kind, work=tmp_path / "work", out=tmp_path / "out3", data_plan=plan, train_plan=replace(train_plan, epochs=3), documents=documents, prompts=prompts)
     assert agreement(net, torch.zeros(0, 4, dtype=torch.int32), torch.zeros(0, 4, 32), torch.zeros(0, 4), 1, 4) == []
     if kind == "small":
         from cosine.drafters.distilled import SmallDrafter
