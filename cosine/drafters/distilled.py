@@ -20,6 +20,7 @@ import torch
 from cosine.distill.train import load_drafter_net
 from cosine.drafters.base import Drafter, DraftRequest
 from cosine.models.loading import prepack_cpu_linears
+from cosine.models.runner import common_prefix
 from cosine.spec.sampling import sample, warp_probs
 from cosine.spec.tree import DraftChain
 
@@ -59,9 +60,7 @@ class SmallDrafter(Drafter):
         if request.window <= 0 or not context:
             return DraftChain((), (), None, self.name)
         state = self._state(request.key)
-        common = _common_prefix(state.tokens, context)
-        if common == len(context):  # nothing new to feed: feed the last token again
-            common -= 1
+        common = common_prefix(state.tokens, context, limit=len(context) - 1)  # feed at least the last token
         self._crop(state, common)
         logits = self._feed(state, context[common:], common)
         generator = None if request.sampling.greedy else self.generator(request)
@@ -112,10 +111,3 @@ class SmallDrafter(Drafter):
     def release(self, key: str) -> None:
         self.states.pop(key, None)
 
-
-def _common_prefix(cached: list[int], context: list[int]) -> int:
-    n = min(len(cached), len(context))
-    i = 0
-    while i < n and cached[i] == context[i]:
-        i += 1
-    return i

@@ -307,7 +307,7 @@ class ModelRunner:
             self.stats.cache_rebuilds += 1
             return cache, 0
         self._caches.move_to_end(key)
-        reused = _common_prefix(cache.tokens, context, limit=len(context) - 1)
+        reused = common_prefix(cache.tokens, context, limit=len(context) - 1)
         del cache.tokens[reused:]
         return cache, reused
 
@@ -360,7 +360,8 @@ class ModelRunner:
         return capacity * self.bytes_per_token
 
 
-def _common_prefix(cached: list[int], context: Sequence[int], limit: int) -> int:
+def common_prefix(cached: list[int], context: Sequence[int], limit: int) -> int:
+    """Length of the longest common prefix of ``cached`` and ``context``, at most ``limit``."""
     n = min(len(cached), limit)
     if cached[:n] == list(context[:n]):
         return n

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cosine.embedded import EmbeddedRedis
 from tests.integration.harness import Pipeline
 
 
@@ -14,3 +15,11 @@ def pipelines():
     yield started
     for pipeline in started:
         pipeline.stop()
+
+
+@pytest.fixture()
+def embedded_url():
+    """A fresh embedded Valkey (no persistence) for one test: its URL."""
+    embedded = EmbeddedRedis(persistence=False)
+    yield embedded.start()
+    embedded.stop()

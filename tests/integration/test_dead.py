@@ -10,17 +10,14 @@ from typer.testing import CliRunner
 
 from cosine.cli import app
 from cosine.dead import REPR_LIMIT, DeadLetterError, list_dead, original_fields, replay
-from cosine.embedded import EmbeddedRedis
 from cosine.wire import PAYLOAD_FIELD, Keys
 
 KEYS = Keys("cosine:")
 
 
 @pytest.fixture()
-def url():
-    embedded = EmbeddedRedis(persistence=False)
-    yield embedded.start()
-    embedded.stop()
+def url(embedded_url):
+    return embedded_url
 
 
 @pytest.fixture()

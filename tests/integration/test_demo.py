@@ -5,26 +5,16 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 import redis
 
 from cosine.client import Client
 from cosine.demo import _ask
-from cosine.embedded import EmbeddedRedis
 
 
-@pytest.fixture()
-def server():
-    embedded = EmbeddedRedis(persistence=False)
-    url = embedded.start()
-    yield url
-    embedded.stop()
-
-
-def test_an_answer_after_a_quiet_spell_longer_than_the_socket_timeout_is_read(server):
+def test_an_answer_after_a_quiet_spell_longer_than_the_socket_timeout_is_read(embedded_url):
     """Regression: the demo blocked 120 s in one XREAD on a connection whose socket time-out is
     5 s (redis-py's default), so any gap over 5 s between output entries raised TimeoutError."""
-    writer = redis.Redis.from_url(server)
+    writer = redis.Redis.from_url(embedded_url)
     quiet_s = writer.connection_pool.connection_kwargs.get("socket_timeout") or 5
     assert quiet_s < 10
 
@@ -34,7 +24,7 @@ def test_an_answer_after_a_quiet_spell_longer_than_the_socket_timeout_is_read(se
 
     thread = threading.Thread(target=answer)
     thread.start()
-    with Client(server, timeout=30) as client:
+    with Client(embedded_url, timeout=30) as client:
         final = _ask(client, "slow", "a prompt", 4)
     thread.join()
     assert final["text"] == "done" and final["finish_reason"] == "stop"
