@@ -119,7 +119,7 @@ def time_runner(runner: ModelRunner, sequences, prefix: int, batches: list[int],
     for batch in batches:
         items = {k: [chain_item(f"r{i}", sequences[i], prefix, k) for i in range(batch)] for k in ks}
 
-        def call(k: int):
+        def call(k: int, items=items, batch=batch):
             stats = runner.stats
             fed, reused, model_s = stats.fed_tokens, stats.reused_tokens, stats.forward_seconds
             began = time.perf_counter()

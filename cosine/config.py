@@ -101,6 +101,10 @@ class DrafterConfig:
     model: str = ""  # model: path of a small causal LM sharing the target's tokenizer
     max_ngram: int = 3  # prompt-lookup
     path: str = ""  # small: directory made by `cosine distill` (relative: to the working directory, else to the package)
+    # torch threads of this drafter's own process under `cosine serve` (the verifier takes
+    # model.threads); a drafter and the verifier of one request take turns, so on a small
+    # machine the verifier gets every core and a drafter one.
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -111,6 +115,8 @@ class DrafterConfig:
             raise ValueError(f"drafter {self.name!r}: kind 'layer-skip' needs skip = [layer, ...]")
         if self.kind == "model" and not self.model:
             raise ValueError(f"drafter {self.name!r}: kind 'model' needs a model path")
+        if self.threads < 1:
+            raise ValueError(f"drafter {self.name!r}: threads must be >= 1, got {self.threads}")
         if self.kind == "small" and not self.path:
             raise ValueError(f"drafter {self.name!r}: kind 'small' needs path = a directory made by `cosine distill`")
 

@@ -26,10 +26,11 @@ class Stack:
     drafters: list[Drafter]
 
 
-def load_target(config: Config) -> LoadedModel:
+def load_target(config: Config, threads: int | None = None) -> LoadedModel:
     """The target as the verifier runs it (on CPU with oneDNN linears unless model.cpu_linear
-    is "plain"). Baselines that must be plain transformers load with ``load_model``."""
-    torch.set_num_threads(config.model.threads)
+    is "plain"), with ``threads`` torch threads (default model.threads). Baselines that must be
+    plain transformers load with ``load_model``."""
+    torch.set_num_threads(threads or config.model.threads)
     loaded = load_model(
         config.model.target_path, cache_dir=config.model.cache_path, device=config.model.device, dtype=config.model.dtype
     )

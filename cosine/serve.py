@@ -135,15 +135,19 @@ class Supervisor:
             plan += [["drafter", "--drafter", spec.name, "--expert", spec.expert]] * self.drafters_per_expert
         return plan
 
-    def _worker_env(self) -> dict[str, str]:
+    def _worker_env(self, args: tuple[str, ...] = ()) -> dict[str, str]:
         # The URL (with its password) goes in the environment, not on a command line that any
         # local user can read in `ps`.
         env = dict(os.environ, COSINE_REDIS_URL=self.url)
-        model_processes = self.verifiers + sum(1 for d in self.config.drafters if d.kind != "prompt-lookup") * self.drafters_per_expert
-        # Several model processes share the cores: one torch thread each avoids oversubscription.
-        if model_processes > 1 and "COSINE_MODEL_THREADS" not in os.environ:
-            env["COSINE_MODEL_THREADS"] = "1"
+        # Threads per role: the verifiers share model.threads (COSINE_MODEL_THREADS included);
+        # each model drafter's process takes its own drafters.threads (read by the worker).
+        if args[:1] == ("verifier",) and self.verifiers > 1:
+            env["COSINE_MODEL_THREADS"] = str(self.verifier_threads())
         return env
+
+    def verifier_threads(self) -> int:
+        """torch threads of each verifier process: model.threads shared among the verifiers."""
+        return max(1, self.config.model.threads // self.verifiers)
 
     def _spawn(self, slot: WorkerSlot) -> None:
         command = [sys.executable, "-m", "cosine.cli", "worker", *slot.args]
@@ -151,7 +155,7 @@ class Supervisor:
             command += ["--config", str(self.config_path)]
         if self.verbose:
             command.append("--verbose")
-        slot.process = subprocess.Popen(command, env=self._worker_env(), preexec_fn=die_with_parent())
+        slot.process = subprocess.Popen(command, env=self._worker_env(slot.args), preexec_fn=die_with_parent())
         slot.started_at = time.monotonic()
         slot.restart_at = None
 

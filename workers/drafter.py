@@ -36,7 +36,8 @@ class DrafterWorker(StageWorker):
 
     async def setup(self) -> None:
         def load():
-            target = load_target(self.config) if self.spec.kind != "prompt-lookup" else None
+            # A drafter's process takes its own thread count (drafters.threads), not the verifier's.
+            target = load_target(self.config, threads=self.spec.threads) if self.spec.kind != "prompt-lookup" else None
             return build_drafter(self.spec, target, self.config)
 
         self.drafter = await self.off_loop(load)

@@ -4,25 +4,9 @@ than one excused prompt in 20 fails."""
 
 from __future__ import annotations
 
-import torch
+from cosine.lossless import TIE_GAP, first_divergence, top2_gap
 
-TIE_GAP = 1e-3
-
-
-def first_divergence(output: list[int], reference: list[int]) -> int | None:
-    for index, (mine, theirs) in enumerate(zip(output, reference)):
-        if mine != theirs:
-            return index
-    if len(output) != len(reference) and not (output and output[-1] == 2):  # a clipped EOS ends early
-        return min(len(output), len(reference))
-    return None
-
-
-def top2_gap(model, context: list[int]) -> float:
-    with torch.inference_mode():
-        logits = model(torch.tensor([context])).logits[0, -1].float()
-    top = torch.topk(logits, 2).values
-    return float(top[0] - top[1])
+__all__ = ["TIE_GAP", "assert_lossless", "assert_speculated", "first_divergence", "top2_gap"]
 
 
 def assert_lossless(model, prompts, outputs, references, *, max_excused_per_20: int = 1) -> list[str]:
@@ -33,7 +17,7 @@ def assert_lossless(model, prompts, outputs, references, *, max_excused_per_20: 
         if at is None:
             continue
         gap = top2_gap(model, list(prompt) + reference[:at])
-        note = f"prompt {index}: diverges at token {at} (ours {output[at:at+1]}, reference {reference[at:at+1]}), top-2 gap {gap:.2e}"
+        note = f"prompt {index}: diverges at token {at} (ours {output[at : at + 1]}, reference {reference[at : at + 1]}), top-2 gap {gap:.2e}"
         print(note)
         assert gap < TIE_GAP, f"not lossless: {note}"
         notes.append(note)

@@ -87,9 +87,11 @@ def test_backoff_doubles_caps_resets_and_gives_up():
 
 
 def test_replicas_scale_router_coordinator_and_fusion():
-    supervisor = Supervisor(load_config(None, environ={}), "redis://127.0.0.1:1", None, verifiers=2, drafters_per_expert=1, replicas=2)
+    config = load_config(None, environ={})
+    supervisor = Supervisor(config, "redis://127.0.0.1:1", None, verifiers=2, drafters_per_expert=1, replicas=2)
     roles = [args[0] for args in supervisor.plan()]
-    assert {role: roles.count(role) for role in set(roles)} == {"router": 2, "coordinator": 2, "fusion": 2, "verifier": 2, "drafter": 1}
+    drafters = len(config.drafters)  # one process per configured drafter
+    assert {role: roles.count(role) for role in set(roles)} == {"router": 2, "coordinator": 2, "fusion": 2, "verifier": 2, "drafter": drafters}
 
 
 def test_an_evicting_external_server_gets_a_warning_and_a_refused_config_get_is_harmless(caplog):
@@ -280,3 +282,17 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def test_threads_per_role_verifiers_share_model_threads_and_drafters_take_their_own(tmp_path):
+    config_file = tmp_path / "config.toml"
+    config_file.write_text('[model]\nthreads = 4\n[[drafters]]\nname = "ee"\nkind = "early-exit"\nthreads = 3\n')
+    config = load_config(config_file, environ={})
+    assert config.drafters[0].threads == 3
+    one = Supervisor(config, "redis://127.0.0.1:1", config_file, verifiers=1, drafters_per_expert=1)
+    assert one._worker_env(("verifier",)).get("COSINE_MODEL_THREADS") == os.environ.get("COSINE_MODEL_THREADS")
+    two = Supervisor(config, "redis://127.0.0.1:1", config_file, verifiers=2, drafters_per_expert=1)
+    assert two._worker_env(("verifier",))["COSINE_MODEL_THREADS"] == "2"
+    # Regression: every model process used to be forced to one thread, the verifier included.
+    drafter_env = two._worker_env(("drafter", "--drafter", "ee", "--expert", "general"))
+    assert drafter_env.get("COSINE_MODEL_THREADS") == os.environ.get("COSINE_MODEL_THREADS")
