@@ -19,6 +19,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Model files.")
 app.add_typer(models_app, name="models")
 dead_app = typer.Typer(no_args_is_help=True, help="Dead-lettered entries: list and replay.")
 app.add_typer(dead_app, name="dead")
+drafters_app = typer.Typer(no_args_is_help=True, help="Drafters made by `cosine distill`.")
+app.add_typer(drafters_app, name="drafters")
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config.toml to read (default: $COSINE_CONFIG or ./config.toml)")
 
@@ -377,7 +379,7 @@ def distill(
     generation_batch: int = typer.Option(8, "--generation-batch", help="prompts the target answers together"),
     lr: float = typer.Option(5e-4, "--lr"),
     unroll: int = typer.Option(3, "--unroll", help="feature: draft steps unrolled in training"),
-    dtype: str = typer.Option("float16", "--dtype", help="exported tensors: float16 or bfloat16"),
+    dtype: str = typer.Option("float16", "--dtype", help="exported tensors: float16, bfloat16 or int8 (per-row scales)"),
     device: str | None = typer.Option(None, "--device", help="default: model.device (cpu, cuda, auto)"),
     seed: int = typer.Option(0, "--seed"),
     init: Path | None = typer.Option(None, "--init", help="start from this drafter's tensors (same kind and shape), e.g. to adapt a general drafter"),
@@ -399,8 +401,8 @@ def distill(
     config = _setup(config_path, verbose)
     if kind not in KINDS:
         raise typer.BadParameter(f"must be one of {KINDS}", param_hint="--kind")
-    if dtype not in ("float16", "bfloat16"):
-        raise typer.BadParameter("must be float16 or bfloat16", param_hint="--dtype")
+    if dtype not in ("float16", "bfloat16", "int8"):
+        raise typer.BadParameter("must be float16, bfloat16 or int8", param_hint="--dtype")
     for name, value in (("--text-tokens", text_tokens), ("--chat-prompts", chat_prompts), ("--epochs", epochs - 1), ("--unroll", unroll - 1)):
         if value < 0:
             raise typer.BadParameter("too small", param_hint=name)
@@ -439,6 +441,24 @@ def distill(
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--work / --init") from None
     typer.echo(json.dumps({"out": str(out), "data": meta["data"], "measured": meta["measured"], "seconds": meta["training"]["seconds"]}, indent=2))
+
+
+@drafters_app.command("convert")
+def drafters_convert(
+    source: Path = typer.Argument(..., help="a drafter directory (drafter.json + drafter.safetensors)"),
+    out: Path = typer.Argument(..., help="where the converted drafter goes"),
+    dtype: str = typer.Option("int8", "--dtype", help="float16, bfloat16 or int8 (per-row scales: half of fp16)"),
+) -> None:
+    """Store a drafter's tensors in another dtype (the repository keeps int8)."""
+    from cosine.distill.train import EXPORT_DTYPES, convert_drafter
+
+    if dtype not in EXPORT_DTYPES:
+        raise typer.BadParameter(f"must be one of {tuple(EXPORT_DTYPES)}", param_hint="--dtype")
+    if not (source / "drafter.json").is_file() or not (source / "drafter.safetensors").is_file():
+        raise typer.BadParameter(f"{source}: no drafter.json / drafter.safetensors", param_hint="SOURCE")
+    convert_drafter(source, out, dtype)
+    size = (out / "drafter.safetensors").stat().st_size
+    typer.echo(f"{out}: {dtype}, {size / 1e6:.1f} MB")
 
 
 @app.command()

@@ -194,6 +194,15 @@ class DraftNet(nn.Module):
                 self.fc.weight[:, d:] = torch.eye(d)
                 self.fc.weight[:, :d] = torch.eye(d) * 0.1
 
+    def to_compute_dtype(self, dtype: torch.dtype) -> DraftNet:
+        """Blocks, norm, fusion layer and head in ``dtype``; the (shared, frozen) embedding stays
+        as it is and its rows are cast as they are read."""
+        for module in [*self.blocks, self.norm, self.fc]:
+            if module is not None:
+                module.to(dtype)
+        self.head = self.head.to(dtype)
+        return self
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Reduced-vocabulary logits [..., reduced_vocab] of post-norm states."""
         return hidden @ self.head.T
@@ -201,7 +210,7 @@ class DraftNet(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, features: torch.Tensor | None = None, past=None):
         """tokens [B, T] (target ids); positions [B, T]; features [B, T, d] for ``feature``.
         Returns (post-norm hidden [B, T, d], new past: one (k, v) per block)."""
-        x = F.embedding(tokens, self.embedding)
+        x = F.embedding(tokens, self.embedding).to(self.head.dtype)
         if self.fc is not None:
             x = self.fc(torch.cat((x, features.to(x.dtype)), dim=-1))
         cos, sin = self.rotary(positions, x.dtype)

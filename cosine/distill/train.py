@@ -245,16 +245,66 @@ def train(target, net: DraftNet, train_paths: list[Path], plan: TrainPlan, work:
     return {"steps": total_steps, "epochs": plan.epochs, "seconds": round(seconds, 1), "train_tokens": int(tokens.numel()), "loss_history": history}
 
 
+EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
+SCALE = ".scale"
+
+
+def pack_tensors(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """A drafter's tensors as stored: in ``dtype``; for ``int8``, every matrix as int8 with one
+    fp16 scale per output row (symmetric, absmax / 127: half the bytes of fp16) and vectors
+    (norms) in fp16."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"drafter dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
+    packed = {}
+    for name, value in state.items():
+        value = value.detach().float().cpu()
+        if dtype != "int8":
+            packed[name] = value.to(EXPORT_DTYPES[dtype]).contiguous()
+        elif value.dim() == 2:
+            scale = (value.abs().amax(dim=1) / 127).clamp(min=1e-6).to(torch.float16)  # the scale as stored
+            packed[name] = torch.round(value / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            packed[name + SCALE] = scale
+        else:
+            packed[name] = value.to(torch.float16).contiguous()
+    return packed
+
+
+def unpack_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``pack_tensors`` (float32; ``vocab`` left out)."""
+    out = {}
+    for name, value in tensors.items():
+        if name == "vocab" or name.endswith(SCALE):
+            continue
+        if value.dtype == torch.int8:
+            value = value.float() * tensors[name + SCALE].float()[:, None]
+        out[name] = value.float()
+    return out
+
+
 def export(net: DraftNet, plan: TrainPlan, path: Path, meta: dict) -> Path:
     """``path``/drafter.safetensors (trainable tensors in the plan's dtype + ``vocab``) and
     ``path``/drafter.json."""
     path.mkdir(parents=True, exist_ok=True)
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[plan.dtype]
-    tensors = {k: v.detach().to(dtype).cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors = pack_tensors(net.state_dict(), plan.dtype)
     tensors["vocab"] = net.vocab.to(torch.int32).cpu()
     save_file(tensors, str(path / "drafter.safetensors"))
     (path / "drafter.json").write_text(json.dumps({"format": FORMAT, "spec": net.spec.to_dict(), **meta}, indent=2))
     return path
+
+
+def convert_drafter(source: Path, out: Path, dtype: str) -> dict:
+    """Store a drafter's tensors in another dtype (e.g. ``int8`` for the repository); its
+    drafter.json is kept, with the conversion recorded. Returns the new drafter.json."""
+    meta = json.loads((Path(source) / "drafter.json").read_text())
+    tensors = load_file(str(Path(source) / "drafter.safetensors"))
+    packed = pack_tensors(unpack_tensors(tensors), dtype)
+    packed["vocab"] = tensors["vocab"]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_file(packed, str(Path(out) / "drafter.safetensors"))
+    meta.setdefault("conversions", []).append({"from": meta.get("stored_dtype", meta.get("training", {}).get("dtype")), "to": dtype})
+    meta["stored_dtype"] = dtype
+    (Path(out) / "drafter.json").write_text(json.dumps(meta, indent=2))
+    return meta
 
 
 def load_drafter_net(path: Path, target) -> tuple[DraftNet, dict]:
@@ -269,8 +319,9 @@ def load_drafter_net(path: Path, target) -> tuple[DraftNet, dict]:
     config = target.config
     if (spec.hidden, spec.vocab_size) != (config.hidden_size, config.vocab_size):
         raise ValueError(f"{path}: made for a target of width {spec.hidden} and vocabulary {spec.vocab_size}, not {config.hidden_size} / {config.vocab_size}")
-    tensors = load_file(str(weights))
-    vocab = tensors.pop("vocab")
+    stored = load_file(str(weights))
+    vocab = stored["vocab"]
+    tensors = unpack_tensors(stored)
     embedding = target.get_input_embeddings().weight
     net = DraftNet(spec, embedding, vocab).to(embedding.device)
     net.load_state_dict({k: v.to(embedding.dtype) for k, v in tensors.items()}, strict=False)
@@ -287,8 +338,7 @@ def _start_from(net: DraftNet, init: Path) -> dict:
     spec = DraftSpec.from_dict(meta["spec"])
     if (spec.kind, spec.layers, spec.hidden) != (net.spec.kind, net.spec.layers, net.spec.hidden):
         raise ValueError(f"--init {init}: a {spec.kind} drafter with {spec.layers} layers of width {spec.hidden}, not {net.spec.kind} / {net.spec.layers} / {net.spec.hidden}")
-    tensors = load_file(str(Path(init) / "drafter.safetensors"))
-    tensors.pop("vocab", None)
+    tensors = unpack_tensors(load_file(str(Path(init) / "drafter.safetensors")))
     net.load_state_dict({k: v.to(net.head.dtype) for k, v in tensors.items()}, strict=False)
     return {"path": str(init), "data": meta.get("data"), "training": {k: meta.get("training", {}).get(k) for k in ("steps", "epochs", "seconds", "device_name", "train_tokens")}, "measured": meta.get("measured")}
 

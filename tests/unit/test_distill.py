@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cosine.distill import corpus
 from cosine.distill.data import DataPlan, pack_conversations, reduced_vocabulary
 from cosine.distill.model import DraftNet, spec_for_target
-from cosine.distill.train import TrainPlan, agreement, distill, load_drafter_net, step_losses
+from cosine.distill.train import TrainPlan, agreement, distill, load_drafter_net, pack_tensors, step_losses, unpack_tensors
 from cosine.drafters.base import DraftRequest
 from cosine.models.loading import prepack_cpu_linears
 from cosine.spec.sampling import SamplingParams
@@ -168,9 +168,11 @@ def test_a_drafter_distilled_for_a_random_target_loads_and_drafts(tmp_path, kind
         distill(target, tokenizer, kind=kind, work=tmp_path / "work", out=tmp_path / "out3", data_plan=plan, train_plan=replace(train_plan, epochs=3), documents=documents, prompts=prompts)
     assert agreement(net, torch.zeros(0, 4, dtype=torch.int32), torch.zeros(0, 4, 32), torch.zeros(0, 4), 1, 4) == []
     if kind == "small":
-        from cosine.drafters.distilled import SmallDrafter
+        from cosine.drafters.distilled import SmallDrafter, cpu_bf16
 
         drafter = SmallDrafter("tiny", tmp_path / "out", target)
+        if cpu_bf16(torch.device("cpu")):  # bf16 weights where the CPU has native bf16; the shared embedding untouched
+            assert drafter.net.head.dtype == torch.bfloat16 and drafter.net.embedding.dtype == torch.float32
         context = tokenizer.encode("the quick brown")
         greedy = drafter.propose([DraftRequest("a", context, 4, SamplingParams(), 0)])[0]
         assert len(greedy.tokens) == 4 and all(t in set(net.vocab.tolist()) for t in greedy.tokens)
@@ -198,3 +200,22 @@ def test_a_drafter_distilled_for_a_random_target_loads_and_drafts(tmp_path, kind
 
         with pytest.raises(ValueError, match="holds a 'feature' drafter"):
             SmallDrafter("tiny", tmp_path / "out", target)
+
+
+def test_int8_packing_halves_fp16_and_round_trips_within_half_a_step():
+    torch.manual_seed(0)
+    state = {"blocks.0.mlp.up_proj.weight": torch.randn(64, 32) * torch.rand(64, 1), "norm.weight": torch.rand(32)}
+    packed = pack_tensors(state, "int8")
+    matrix = packed["blocks.0.mlp.up_proj.weight"]
+    assert matrix.dtype == torch.int8 and packed["blocks.0.mlp.up_proj.weight.scale"].shape == (64,)
+    assert packed["norm.weight"].dtype == torch.float16
+    back = unpack_tensors(packed)
+    assert set(back) == set(state)
+    scale = packed["blocks.0.mlp.up_proj.weight.scale"].float()[:, None]
+    error = (back["blocks.0.mlp.up_proj.weight"] - state["blocks.0.mlp.up_proj.weight"]).abs()
+    assert bool((error <= scale * 0.501).all())  # rounding to the nearest step of the stored scale
+    fp16_bytes = sum(v.numel() * 2 for v in state.values())
+    int8_bytes = sum(v.numel() * v.element_size() for v in packed.values())
+    assert int8_bytes < 0.6 * fp16_bytes
+    with pytest.raises(ValueError, match="drafter dtype"):
+        pack_tensors(state, "int4")
