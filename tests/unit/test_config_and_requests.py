@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_repository_config_loads():
     config = load_config(ROOT / "config.toml", environ={})
     assert config.model.dtype == "float32" and config.defaults.max_tokens == 128
-    assert [(d.kind, d.expert) for d in config.drafters] == [("prompt-lookup", "general")]
+    assert [(d.kind, d.expert) for d in config.drafters] == [("small", "general"), ("prompt-lookup", "lookup")]
+    assert config.router.default_experts == ("general", "lookup") and config.speculation.mode == "tree"
+    # The shipped drafter resolves inside the package, whatever the working directory.
+    assert (config.drafters[0].resolved_path / "drafter.safetensors").is_file()
 
 
 def test_environment_overrides_file(tmp_path):
