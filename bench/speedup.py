@@ -33,16 +33,19 @@ from pathlib import Path
 
 import torch
 from common import BENCH_DIR, OtherCpu, chat_ids, load_prompts, median, report_other_cpu, stamp, write_result
+from hops import by_position, last_ids, stream_names, verified_rounds
 
 from cosine.config import load_config
 from cosine.engine import GenerationRequest, LocalEngine
 from cosine.factory import build_stack
+from cosine.lossless import TIE_GAP, first_divergence, top2_gap
 from cosine.models.loading import load_model
 from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.requests import eos_token_ids
 from cosine.spec.sampling import SamplingParams
 from cosine.spec.stopping import StopRules
 from cosine.spec.window import WindowPolicy
+from cosine.wire import Keys
 
 SETS = {"prompts": BENCH_DIR / "prompts.jsonl", "holdout": BENCH_DIR / "prompts_holdout.jsonl"}
 SYSTEMS = ("target", "runner", "engine", "pipeline", "hf-assisted", "hf-lookup")
@@ -110,7 +113,7 @@ def main() -> None:
     ids = {name: [chat_ids(tokenizer, item["messages"]) for item in items] for name, items in prompts.items()}
     latencies: dict[str, dict[str, list[list[float]]]] = {s: {n: [[] for _ in items] for n, items in ids.items()} for s in systems}
     outputs: dict[str, dict[str, list[list[int]]]] = {s: {n: [[] for _ in items] for n, items in ids.items()} for s in systems}
-    counters = {"engine": {"drafted_at": [], "accepted_at": [], "rounds": 0}, "pipeline": {"drafted": 0, "accepted": 0, "rounds": 0}}
+    counters = {"engine": {"drafted_at": [], "accepted_at": [], "rounds": 0}, "pipeline": {"drafted": 0, "accepted": 0, "rounds": 0, "rounds_read": []}}
 
     def sampling(seed):
         return SamplingParams(temperature=args.temperature, seed=seed) if args.temperature > 0 else SamplingParams()
@@ -137,7 +140,9 @@ def main() -> None:
 
         from cosine.demo import _wait_for_workers
 
-        _wait_for_workers(redis.Redis.from_url(url), config.redis.namespace)
+        admin = redis.Redis.from_url(url)
+        keys = Keys(config.redis.namespace)
+        _wait_for_workers(admin, config.redis.namespace)
     # Warm-up, excluded.
     warm = ids["prompts"][0]
     for engine in engines.values():
@@ -170,9 +175,11 @@ def main() -> None:
                         fields = {"max_tokens": args.max_tokens}
                         if args.temperature > 0:
                             fields |= {"temperature": args.temperature, "seed": seed}
+                        before = last_ids(admin, stream_names(admin, keys, []))
                         t0 = time.perf_counter()
                         final = client.generate(messages=prompts[set_name][index]["messages"], **fields)
                         seconds, out = time.perf_counter() - t0, json.loads(final["token_ids"])
+                        counters["pipeline"]["rounds_read"] += verified_rounds(admin, keys, before)
                         counters["pipeline"]["drafted"] += int(final["draft_tokens"])
                         counters["pipeline"]["accepted"] += int(final["accepted_tokens"])
                         counters["pipeline"]["rounds"] += int(final["rounds"])
@@ -184,17 +191,22 @@ def main() -> None:
     if supervisor:
         client.close()
         supervisor.stop()
+    counters["pipeline"]["by_position"] = by_position(counters["pipeline"].pop("rounds_read"))
     if "engine" in engines:
         stats = engines["engine"].stats
         counters["engine"] = {"rounds": stats.rounds, "acceptance_by_position": [round(a, 4) for a in stats.acceptance_by_position()],
                               "drafted_at": stats.drafted_at, "accepted_at": stats.accepted_at}
     result = report(args, systems, ids, prompts, latencies, outputs, counters)
+    if "target" in systems:
+        result["target_outputs"] = outputs["target"]  # the reference outputs (bench/overlap.py reads them)
+    result["divergences"] = divergences(plain.model, systems, ids, prompts, outputs) if args.temperature == 0 and "target" in systems else None
     result["costs"] = costs(stack, model, plain.model, ids["prompts"][0])
+    result["bound"] = expected_bound(counters.get("engine", {}), result["costs"])
     result["stamp"], result["other_cpu_share"] = stamp(), other_share
     result["config"] = Path(args.config).read_text()
     path = write_result(args.name, result)
     report_other_cpu(other_share)
-    print(json.dumps({k: result[k] for k in ("speedup", "identical", "worst_prompt", "costs", "acceptance")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("speedup", "identical", "divergences", "worst_prompt", "costs", "acceptance", "bound")}, indent=1))
     print(f"wrote {path}")
 
 
@@ -227,6 +239,40 @@ def costs(stack, model, plain_model, prompt) -> dict:
     return {"hf_decode_ms": round(hf_ms, 2), "v": v, "c": c}
 
 
+def expected_bound(engine: dict, costs: dict) -> dict | None:
+    """The expected speedup of sequential speculative decoding (bench.md) at what the engine
+    measured: a = acceptance at draft position 1, g = mean drafted depth per round, c = the
+    costliest drafter's cost per drafted token, v = the runner's cost of g + 1 new tokens, all
+    relative to one transformers decode step. S = (1 - a^(g+1)) / ((1 - a)(g c + v(g+1)))."""
+    drafted, rounds = engine.get("drafted_at"), engine.get("rounds")
+    if not drafted or not rounds:
+        return None
+    a = engine["acceptance_by_position"][0]
+    g = sum(drafted) / rounds
+    c = max(costs["c"].values())
+    k = min(max(costs["v"]), round(g + 1))  # v was measured for k = 1..5
+    v = costs["v"][k]
+    s = (1 - a ** (g + 1)) / ((1 - a) * (g * c + v)) if a < 1 else None
+    return {"a": round(a, 4), "g": round(g, 3), "c": c, "v": v, "v_k": int(k), "speedup": round(s, 3) if s else None}
+
+
+def divergences(model, systems, ids, prompts, outputs) -> list[dict]:
+    """Every output that differs from ``target``'s, with the target's top-2 logit gap where it
+    first diverges (design.md: excused only at a numerical tie, gap < 1e-3)."""
+    found = []
+    for system in systems:
+        for set_name, items in ids.items():
+            for index, prompt in enumerate(items):
+                reference, output = outputs["target"][set_name][index], outputs[system][set_name][index]
+                at = first_divergence(output, reference)
+                if system == "target" or at is None or not output:
+                    continue
+                gap = top2_gap(model, list(prompt) + reference[:at])
+                found.append({"system": system, "set": set_name, "id": prompts[set_name][index]["id"], "at": at,
+                              "ours": output[at : at + 1], "target": reference[at : at + 1], "top2_gap": gap, "tie": gap < TIE_GAP})
+    return found
+
+
 def report(args, systems, ids, prompts, latencies, outputs, counters) -> dict:
     speedup, per_prompt, identical = {}, {}, {}
     for system in systems:
@@ -248,6 +294,8 @@ def report(args, systems, ids, prompts, latencies, outputs, counters) -> dict:
         "engine_by_position": engine.get("acceptance_by_position"),
         "pipeline_accepted_per_drafted": round(pipeline["accepted"] / pipeline["drafted"], 4) if pipeline["drafted"] else None,
         "pipeline_accepted_per_round": round(pipeline["accepted"] / pipeline["rounds"], 4) if pipeline["rounds"] else None,
+        "pipeline_by_position": pipeline.get("by_position", {}).get("acceptance_by_position"),
+        "pipeline_rounds_read_back": f"{pipeline.get('by_position', {}).get('rounds', 0)}/{pipeline['rounds']}",
     }
     return {
         "args": vars(args), "systems": systems, "speedup": speedup, "per_prompt": per_prompt, "identical": identical,

@@ -1,0 +1,140 @@
+"""Where a round's time goes through ``cosine serve``, one request at a time.
+
+Every Redis stream entry id starts with the server's clock in milliseconds, so the entries a
+request leaves behind (``draft:{expert}`` jobs, ``drafts``, ``candidates``, ``verify*`` batches,
+``verified`` results) give its timeline without instrumenting any worker. Consecutive events are
+paired into hops (e.g. ``verify -> verified``: the verifier's read, forward and write;
+``verified -> draft:general``: the coordinator applying a round and asking for the next) and
+summed over the requests; the verifier's own forward time comes from its ``verified`` entries.
+
+Run: ``python bench/hops.py [--config config.toml] [--limit 6]`` (the first prompts of
+bench/prompts.jsonl, max_tokens 128, greedy). Millisecond resolution: hops shorter than the
+clock's step read as 0 or 1 ms. Results: bench/results/hops-latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import redis
+from common import BENCH_DIR, PROMPTS_FILE, OtherCpu, load_prompts, report_other_cpu, stamp, write_result
+
+from cosine.client import Client
+from cosine.config import load_config
+from cosine.demo import _wait_for_workers
+from cosine.serve import Supervisor
+from cosine.wire import Keys, VerifiedBatch, VerifyBatch, decode
+
+
+def stream_names(r: redis.Redis, keys: Keys, experts: list[str]) -> dict[str, str]:
+    names = {f"draft:{e}": keys.draft(e) for e in experts}
+    names |= {"drafts": keys.drafts, "candidates": keys.candidates, "verify": keys.verify, "verified": keys.verified}
+    for key in r.scan_iter(match=keys.verify_for("*").rsplit(":", 1)[0] + ":*"):
+        names["verify:pinned"] = key.decode()
+    return names
+
+
+def last_ids(r: redis.Redis, names: dict[str, str]) -> dict[str, str]:
+    return {n: (r.xinfo_stream(s)["last-generated-id"].decode() if r.exists(s) else "0-0") for n, s in names.items()}
+
+
+def tree_depth(parents: list[int]) -> int:
+    depth = [0] * len(parents)
+    for node, parent in enumerate(parents):  # parents come before their children
+        depth[node] = 1 + (depth[parent] if parent >= 0 else 0)
+    return max(depth, default=0)
+
+
+def verified_rounds(r: redis.Redis, keys: Keys, before: dict[str, str]) -> list[tuple[int, int]]:
+    """(drafted depth, accepted tokens) of every round verified since ``before`` (from
+    ``last_ids``), read back from the ``verify*`` and ``verified`` streams: what the verifier
+    really accepted through the pipeline. Rounds whose entries were already trimmed are missing."""
+    names = stream_names(r, keys, [])
+    depth: dict[tuple[str, int], int] = {}
+    accepted: dict[tuple[str, int], int] = {}
+    for name, stream in names.items():
+        if not name.startswith("verify"):
+            continue
+        for _, fields in r.xrange(stream, min="(" + before.get(name, "0-0")):
+            for item in decode(fields, VerifyBatch).items:
+                depth[(item.request_id, item.round)] = tree_depth(list(item.tree.parents))
+    for _, fields in r.xrange(keys.verified, min="(" + before.get("verified", "0-0")):
+        for item in decode(fields, VerifiedBatch).items:
+            if not item.error:
+                accepted[(item.request_id, item.round)] = len(item.accepted_tokens)
+    return [(depth[k], accepted[k]) for k in accepted if k in depth]
+
+
+def by_position(rounds: list[tuple[int, int]]) -> dict:
+    """Acceptance at each draft position: rounds that accepted >= d tokens / rounds that drafted >= d."""
+    deepest = max((d for d, _ in rounds), default=0)
+    drafted = [sum(1 for d, _ in rounds if d >= p) for p in range(1, deepest + 1)]
+    kept = [sum(1 for d, a in rounds if d >= p and a >= p) for p in range(1, deepest + 1)]
+    return {"rounds": len(rounds), "drafted_at": drafted, "accepted_at": kept,
+            "acceptance_by_position": [round(k / n, 4) if n else 0.0 for k, n in zip(kept, drafted)],
+            "accepted_per_round": round(sum(a for _, a in rounds) / len(rounds), 4) if rounds else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(BENCH_DIR.parent / "config.toml"))
+    parser.add_argument("--limit", type=int, default=6, help="first N prompts of bench/prompts.jsonl")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    config = load_config(Path(args.config))
+    experts = sorted({d.expert for d in config.drafters})
+    supervisor = Supervisor(config, None, Path(args.config), verifiers=1, drafters_per_expert=1, verbose=False)
+    url = supervisor.start()
+    hops: dict[str, list[int]] = {}
+    forward_ms: list[float] = []
+    totals = {"latency_s": 0.0, "rounds": 0, "span_ms": 0}
+    try:
+        r = redis.Redis.from_url(url)
+        _wait_for_workers(r, config.redis.namespace)
+        keys = Keys(config.redis.namespace)
+        client = Client(url, config.redis.namespace, timeout=300)
+        client.generate(prompt="warm up", max_tokens=8)
+        other = OtherCpu()
+        for item in load_prompts(PROMPTS_FILE, limit=args.limit):
+            names = stream_names(r, keys, experts)
+            before = last_ids(r, names)
+            began = time.perf_counter()
+            final = client.generate(messages=item["messages"], max_tokens=args.max_tokens)
+            totals["latency_s"] += time.perf_counter() - began
+            totals["rounds"] += int(final["rounds"])
+            names = stream_names(r, keys, experts)  # a pinned verify stream appears after round 1
+            events = []
+            for name, stream in names.items():
+                for entry_id, fields in r.xrange(stream, min="(" + before.get(name, "0-0")):
+                    ms, seq = entry_id.decode().split("-")
+                    events.append((int(ms), int(seq), "verify" if name.startswith("verify") else name))
+                    if name == "verified":
+                        forward_ms.append(decode(fields, VerifiedBatch).forward_ms)
+            events.sort()
+            totals["span_ms"] += events[-1][0] - events[0][0]
+            for a, b in zip(events, events[1:]):
+                hops.setdefault(f"{a[2]} -> {b[2]}", []).append(b[0] - a[0])
+        other_share = other.share()
+    finally:
+        supervisor.stop()
+    rounds = totals["rounds"]
+    table = {
+        hop: {"count": len(v), "ms_per_round": round(sum(v) / rounds, 2), "mean_ms": round(sum(v) / len(v), 2)}
+        for hop, v in sorted(hops.items(), key=lambda kv: -sum(kv[1]))
+    }
+    result = {
+        "args": vars(args), "rounds": rounds, "ms_per_round": round(1000 * totals["latency_s"] / rounds, 2),
+        "verifier_forward_ms_per_round": round(sum(forward_ms) / rounds, 2), "hops": table,
+        "stamp": stamp(), "other_cpu_share": other_share, "config": Path(args.config).read_text(),
+    }
+    path = write_result("hops", result)
+    report_other_cpu(other_share)
+    print(json.dumps({k: result[k] for k in ("rounds", "ms_per_round", "verifier_forward_ms_per_round", "hops")}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
