@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -48,24 +49,49 @@ def tree_depth(parents: list[int]) -> int:
     return max(depth, default=0)
 
 
-def verified_rounds(r: redis.Redis, keys: Keys, before: dict[str, str]) -> list[tuple[int, int]]:
-    """(drafted depth, accepted tokens) of every round verified since ``before`` (from
-    ``last_ids``), read back from the ``verify*`` and ``verified`` streams: what the verifier
-    really accepted through the pipeline. Rounds whose entries were already trimmed are missing."""
-    names = stream_names(r, keys, [])
-    depth: dict[tuple[str, int], int] = {}
-    accepted: dict[tuple[str, int], int] = {}
-    for name, stream in names.items():
-        if not name.startswith("verify"):
-            continue
-        for _, fields in r.xrange(stream, min="(" + before.get(name, "0-0")):
-            for item in decode(fields, VerifyBatch).items:
-                depth[(item.request_id, item.round)] = tree_depth(list(item.tree.parents))
-    for _, fields in r.xrange(keys.verified, min="(" + before.get("verified", "0-0")):
-        for item in decode(fields, VerifiedBatch).items:
-            if not item.error:
-                accepted[(item.request_id, item.round)] = len(item.accepted_tokens)
-    return [(depth[k], accepted[k]) for k in accepted if k in depth]
+class RoundRecorder(threading.Thread):
+    """Reads the ``verify*`` and ``verified`` streams as they are written (plain ``XREAD``, outside
+    the consumer groups, so nothing is taken from the workers) and keeps (drafted depth, accepted
+    tokens) per verified round: what the verifier really accepted through the pipeline. Reading
+    as entries arrive, not afterwards, because the coordinator trims acknowledged entries."""
+
+    def __init__(self, url: str, keys: Keys) -> None:
+        super().__init__(daemon=True)
+        self.r, self.keys = redis.Redis.from_url(url), keys
+        self.depth: dict[tuple[str, int], int] = {}
+        self.accepted: dict[tuple[str, int], int] = {}
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        def wanted() -> list[str]:  # verify, a pinned verify:{digest} once it exists, verified
+            return [stream for name, stream in stream_names(self.r, self.keys, []).items() if name.startswith("verif")]
+
+        positions = {stream: (self.r.xinfo_stream(stream)["last-generated-id"].decode() if self.r.exists(stream) else "0-0") for stream in wanted()}
+        last_scan = time.monotonic()
+        while not self.stop.is_set():
+            if time.monotonic() - last_scan > 1.0:  # a pinned verify stream appears after a first round
+                for stream in wanted():
+                    positions.setdefault(stream, "0-0")
+                last_scan = time.monotonic()
+            for stream, entries in self.r.xread(positions, block=200) or []:
+                stream = stream.decode()
+                for entry_id, fields in entries:
+                    positions[stream] = entry_id.decode()
+                    with self.lock:
+                        if stream == self.keys.verified:
+                            for item in decode(fields, VerifiedBatch).items:
+                                if not item.error:
+                                    self.accepted[(item.request_id, item.round)] = len(item.accepted_tokens)
+                        else:
+                            for item in decode(fields, VerifyBatch).items:
+                                self.depth[(item.request_id, item.round)] = tree_depth(list(item.tree.parents))
+
+    def rounds(self, prefix: str = "") -> list[tuple[int, int]]:
+        """(drafted depth, accepted tokens) of the recorded rounds of requests whose id starts
+        with ``prefix``."""
+        with self.lock:
+            return [(self.depth[k], a) for k, a in self.accepted.items() if k in self.depth and k[0].startswith(prefix)]
 
 
 def by_position(rounds: list[tuple[int, int]]) -> dict:

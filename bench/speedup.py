@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from common import BENCH_DIR, OtherCpu, chat_ids, load_prompts, median, report_other_cpu, stamp, write_result
-from hops import by_position, last_ids, stream_names, verified_rounds
+from hops import RoundRecorder, by_position
 
 from cosine.config import load_config
 from cosine.engine import GenerationRequest, LocalEngine
@@ -113,7 +113,7 @@ def main() -> None:
     ids = {name: [chat_ids(tokenizer, item["messages"]) for item in items] for name, items in prompts.items()}
     latencies: dict[str, dict[str, list[list[float]]]] = {s: {n: [[] for _ in items] for n, items in ids.items()} for s in systems}
     outputs: dict[str, dict[str, list[list[int]]]] = {s: {n: [[] for _ in items] for n, items in ids.items()} for s in systems}
-    counters = {"engine": {"drafted_at": [], "accepted_at": [], "rounds": 0}, "pipeline": {"drafted": 0, "accepted": 0, "rounds": 0, "rounds_read": []}}
+    counters = {"engine": {"drafted_at": [], "accepted_at": [], "rounds": 0}, "pipeline": {"drafted": 0, "accepted": 0, "rounds": 0}}
 
     def sampling(seed):
         return SamplingParams(temperature=args.temperature, seed=seed) if args.temperature > 0 else SamplingParams()
@@ -140,17 +140,18 @@ def main() -> None:
 
         from cosine.demo import _wait_for_workers
 
-        admin = redis.Redis.from_url(url)
-        keys = Keys(config.redis.namespace)
-        _wait_for_workers(admin, config.redis.namespace)
+        _wait_for_workers(redis.Redis.from_url(url), config.redis.namespace)
     # Warm-up, excluded.
     warm = ids["prompts"][0]
     for engine in engines.values():
         engine.generate([GenerationRequest("warm", tuple(warm), SamplingParams(), StopRules(8, eos))])
         engine.stats = type(engine.stats)()
     hf_generate(plain.model, warm, 8, 0.0, 0)
+    recorder = None
     if client:
         client.generate(prompt="warm up", max_tokens=8)
+        recorder = RoundRecorder(url, Keys(config.redis.namespace))
+        recorder.start()
     other = OtherCpu()  # the pipeline's own worker processes count as other processes here
     began = time.perf_counter()
     for repeat in range(args.repeats):
@@ -175,11 +176,9 @@ def main() -> None:
                         fields = {"max_tokens": args.max_tokens}
                         if args.temperature > 0:
                             fields |= {"temperature": args.temperature, "seed": seed}
-                        before = last_ids(admin, stream_names(admin, keys, []))
                         t0 = time.perf_counter()
                         final = client.generate(messages=prompts[set_name][index]["messages"], **fields)
                         seconds, out = time.perf_counter() - t0, json.loads(final["token_ids"])
-                        counters["pipeline"]["rounds_read"] += verified_rounds(admin, keys, before)
                         counters["pipeline"]["drafted"] += int(final["draft_tokens"])
                         counters["pipeline"]["accepted"] += int(final["accepted_tokens"])
                         counters["pipeline"]["rounds"] += int(final["rounds"])
@@ -188,10 +187,14 @@ def main() -> None:
                         outputs[system][set_name][index] = out
             print(f"repeat {repeat + 1}/{args.repeats}, {set_name}: done at {time.perf_counter() - began:.0f} s", flush=True)
     other_share = other.share()
+    if recorder:
+        time.sleep(0.5)  # the last round's entries
+        recorder.stop.set()
+        recorder.join()
+        counters["pipeline"]["by_position"] = by_position(recorder.rounds())
     if supervisor:
         client.close()
         supervisor.stop()
-    counters["pipeline"]["by_position"] = by_position(counters["pipeline"].pop("rounds_read"))
     if "engine" in engines:
         stats = engines["engine"].stats
         counters["engine"] = {"rounds": stats.rounds, "acceptance_by_position": [round(a, 4) for a in stats.acceptance_by_position()],
