@@ -9,8 +9,8 @@ Training data read:
 
 - ``--work DIR`` (repeatable): the conversations of a ``cosine distill`` work directory
   (``data/answers.jsonl``: prompt and answer token ids, as trained on);
-- ``--text-tokens N``: the first N tokens of the built-in general mix, as ``cosine distill``
-  forces them through the target (same sources, seed and order).
+- ``--text N@SEED`` (repeatable): the first N tokens of the built-in general mix shuffled with
+  SEED, as ``cosine distill --seed SEED --text-tokens N`` forces them through the target.
 
 Method: every 4-token window of the evaluation sequences is indexed; the training stream is
 scanned once and each hit extended to its full length. Runs shorter than 4 tokens count as 0.
@@ -60,22 +60,22 @@ def training_streams(args, tokenizer) -> tuple[list[list[int]], dict]:
         rows = [json.loads(line)["ids"] for line in path.open(encoding="utf-8") if line.strip()]
         streams += rows
         described[str(path)] = {"conversations": len(rows), "tokens": sum(map(len, rows))}
-    if args.text_tokens:
+    for spec in args.text or []:
         from cosine.distill import corpus
         from cosine.distill.data import tokenize_documents
 
-        documents = corpus.general_mix(corpus.SOURCES, seed=args.seed)
-        stream, _ = tokenize_documents(tokenizer, documents, args.text_tokens, 0)
+        tokens, _, seed = spec.partition("@")
+        documents = corpus.general_mix(corpus.SOURCES, seed=int(seed or 0))
+        stream, _ = tokenize_documents(tokenizer, documents, int(tokens), 0)
         streams.append(stream)
-        described["general mix"] = {"tokens": len(stream), "seed": args.seed}
+        described[f"general mix, seed {int(seed or 0)}"] = {"tokens": len(stream)}
     return streams, described
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", action="append", help="a `cosine distill` work directory (repeatable)")
-    parser.add_argument("--text-tokens", type=int, default=0, help="first N tokens of the general mix")
-    parser.add_argument("--seed", type=int, default=0, help="the general mix's shuffle seed (cosine distill --seed)")
+    parser.add_argument("--text", action="append", help="N@SEED: the first N tokens of the general mix shuffled with SEED (repeatable)")
     parser.add_argument("--references", help="a bench/speedup.py result JSON with target_outputs")
     parser.add_argument("--config", default=str(BENCH_DIR.parent / "config.toml"))
     args = parser.parse_args()
