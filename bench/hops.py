@@ -33,7 +33,7 @@ from cosine.wire import Keys, VerifiedBatch, VerifyBatch, decode
 def stream_names(r: redis.Redis, keys: Keys, experts: list[str]) -> dict[str, str]:
     names = {f"draft:{e}": keys.draft(e) for e in experts}
     names |= {"drafts": keys.drafts, "candidates": keys.candidates, "verify": keys.verify, "verified": keys.verified}
-    for key in r.scan_iter(match=keys.verify_for("*").rsplit(":", 1)[0] + ":*"):
+    for key in r.scan_iter(match=keys.verify + ":*"):  # the verify_for(fingerprint) streams
         names["verify:pinned"] = key.decode()
     return names
 
@@ -67,7 +67,7 @@ class RoundRecorder(threading.Thread):
         def wanted() -> list[str]:  # verify, a pinned verify:{digest} once it exists, verified
             return [stream for name, stream in stream_names(self.r, self.keys, []).items() if name.startswith("verif")]
 
-        positions = {stream: (self.r.xinfo_stream(stream)["last-generated-id"].decode() if self.r.exists(stream) else "0-0") for stream in wanted()}
+        positions = last_ids(self.r, {stream: stream for stream in wanted()})
         last_scan = time.monotonic()
         while not self.stop.is_set():
             if time.monotonic() - last_scan > 1.0:  # a pinned verify stream appears after a first round
