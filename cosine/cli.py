@@ -374,6 +374,8 @@ def distill(
     vocab_corpus_tokens: int = typer.Option(2_000_000, "--vocab-corpus-tokens", help="tokens of text counted to rank the vocabulary"),
     layers: int = typer.Option(2, "--layers", help="small: decoder blocks (feature drafters have one)"),
     epochs: int = typer.Option(2, "--epochs"),
+    steps: int = typer.Option(0, "--steps", help="train this many steps instead of --epochs (the data repeats as needed)"),
+    train_tokens: int = typer.Option(0, "--train-tokens", help="train on a seeded random subset of this many tokens of the labelled data (0: all): for data-volume curves"),
     batch_size: int = typer.Option(16, "--batch-size", help="training sequences per step"),
     label_batch: int = typer.Option(8, "--label-batch", help="sequences per labelling forward of the target"),
     generation_batch: int = typer.Option(8, "--generation-batch", help="prompts the target answers together"),
@@ -403,7 +405,7 @@ def distill(
         raise typer.BadParameter(f"must be one of {KINDS}", param_hint="--kind")
     if dtype not in ("float16", "bfloat16", "int8"):
         raise typer.BadParameter("must be float16, bfloat16 or int8", param_hint="--dtype")
-    for name, value in (("--text-tokens", text_tokens), ("--chat-prompts", chat_prompts), ("--epochs", epochs - 1), ("--unroll", unroll - 1)):
+    for name, value in (("--text-tokens", text_tokens), ("--chat-prompts", chat_prompts), ("--epochs", epochs - 1), ("--unroll", unroll - 1), ("--steps", steps), ("--train-tokens", train_tokens)):
         if value < 0:
             raise typer.BadParameter("too small", param_hint=name)
     try:
@@ -435,7 +437,7 @@ def distill(
         meta = run_distill(
             target.model, target.tokenizer, kind=kind, work=work_dir, out=out.expanduser(), target_name=str(config.model.target),
             data_plan=DataPlan(text_tokens, chat_prompts, answer_tokens, seq_len, vocab, vocab_corpus_tokens, sampled_prompts=sampled_prompts, avoid=avoid, batch_size=label_batch, generation_batch=generation_batch, seed=seed),
-            train_plan=TrainPlan(kind=kind, layers=layers, epochs=epochs, batch_size=batch_size, lr=lr, unroll=unroll, dtype=dtype, seed=seed),
+            train_plan=TrainPlan(kind=kind, layers=layers, epochs=epochs, batch_size=batch_size, lr=lr, unroll=unroll, dtype=dtype, seed=seed, train_tokens=train_tokens, steps=steps),
             documents=documents, prompts=prompts, progress=progress, init=init.expanduser() if init else None,
         )
     except ValueError as error:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import random
 import re
@@ -31,6 +32,7 @@ _ROOT = Path(os.environ.get("COSINE_CORPUS_ROOT", "/"))
 PYTHON_DOCS = [_ROOT / f"usr/share/doc/python3.{minor}/html/_sources" for minor in range(20, 8, -1)]
 GCIDE = _ROOT / "usr/share/dictd/gcide.dict.dz"
 WORDNET = _ROOT / "usr/share/wordnet"
+log = logging.getLogger(__name__)
 SOURCES = ("python-docs", "python-stdlib", "gcide", "wordnet")
 APT_PACKAGES = {"python-docs": "python3-doc", "gcide": "dict-gcide", "wordnet": "wordnet-base"}
 
@@ -162,7 +164,10 @@ def chat_prompts(count: int, seed: int = 0, exclude_words: set[str] | frozenset[
     if present["wordnet"]:
         words = {pos: [w for w in frequent_lemmas(pos) if w not in exclude_words] for pos in ("noun", "verb", "adj")}
         glosses = [(w, g) for w, g in wordnet_glosses() if len(w) > 3 and " " not in w and w.lower() not in exclude_words]
-        makers.append((0.5, lambda: _everyday(rng, words)))
+        if words["noun"]:
+            makers.append((0.5, lambda: _everyday(rng, words)))
+        else:  # a copy of WordNet without its sense counts (cntlist.rev): no frequent words to ask about
+            log.warning("%s not found: no everyday prompts", WORDNET / "cntlist.rev")
         makers.append((0.05, lambda: _define(rng, glosses)))
     if present["python-stdlib"]:
         modules = sorted(p.stem for p in stdlib_dir().glob("*.py") if not p.stem.startswith("_") and p.stem not in exclude_words)

@@ -62,6 +62,8 @@ class TrainPlan:
     checkpoint_every: int = 200  # steps
     dtype: str = "float16"  # of the exported tensors
     seed: int = 0
+    train_tokens: int = 0  # > 0: train on a seeded random subset of this many tokens' sequences
+    steps: int = 0  # > 0: this many steps (epochs over the data repeat as needed), else epochs
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -74,6 +76,12 @@ def prepare_data(model, tokenizer, plan: DataPlan, work: Path, documents: list[c
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     _check_plan(data_dir / "plan.json", plan, len(documents), len(prompts))
+    ready = data_dir / "ready.json"
+    if ready.exists():  # every step done before: nothing to tokenize or check again
+        done = json.loads(ready.read_text())
+        paths = {k: [data_dir / name for name in done[k]] for k in ("train", "holdout")}
+        if all(path.exists() for k in paths for path in paths[k]):
+            return {"summary": done["summary"], **paths}
     if plan.sampled_prompts:
         written = sample_user_prompts(model, tokenizer, plan.sampled_prompts, data_dir / "sampled_prompts.jsonl", progress,
                                       batch=plan.generation_batch, seed=plan.seed, avoid=list(plan.avoid))
@@ -112,6 +120,7 @@ def prepare_data(model, tokenizer, plan: DataPlan, work: Path, documents: list[c
         "sources": sorted({d.source for d in documents}),
     }
     (data_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    ready.write_text(json.dumps({"summary": summary, "train": [p.name for p in paths], "holdout": [p.name for p in holdout_paths]}))
     return {"summary": summary, "train": paths, "holdout": holdout_paths}
 
 
@@ -190,12 +199,17 @@ def agreement(net: DraftNet, tokens: torch.Tensor, hidden: torch.Tensor, argmax:
 def train(target, net: DraftNet, train_paths: list[Path], plan: TrainPlan, work: Path, progress: Progress = no_progress, holdout=None) -> dict:
     device = net.head.device
     tokens, hidden = load_shards(train_paths)
+    if plan.train_tokens:
+        rows = max(1, math.ceil(plan.train_tokens / tokens.shape[1]))
+        keep = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(plan.seed + 1))[:rows].sort().values
+        tokens, hidden = tokens[keep], hidden[keep]
     if device.type == "cuda":
         tokens, hidden = tokens.to(device), hidden.to(device)
     params = [p for n, p in net.named_parameters()]
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0, betas=(0.9, 0.95))
     steps_per_epoch = max(1, len(tokens) // plan.batch_size)
-    total_steps = steps_per_epoch * plan.epochs
+    total_steps = plan.steps or steps_per_epoch * plan.epochs
+    epochs = math.ceil(total_steps / steps_per_epoch)
     checkpoint = work / f"checkpoint-{net.spec.kind}.pt"
     step, seconds, history = 0, 0.0, []
     if checkpoint.exists():
@@ -207,7 +221,7 @@ def train(target, net: DraftNet, train_paths: list[Path], plan: TrainPlan, work:
         step, seconds, history = state["step"], state["seconds"], state["history"]
         log.info("resuming from step %d of %d", step, total_steps)
     generator = torch.Generator().manual_seed(plan.seed)
-    orders = [torch.randperm(len(tokens), generator=generator) for _ in range(plan.epochs)]
+    orders = [torch.randperm(len(tokens), generator=generator) for _ in range(epochs)]
     bar = progress("training", total_steps)
     bar.update(step)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -242,7 +256,7 @@ def train(target, net: DraftNet, train_paths: list[Path], plan: TrainPlan, work:
     bar.close()
     net.eval()
     seconds += time.perf_counter() - began
-    return {"steps": total_steps, "epochs": plan.epochs, "seconds": round(seconds, 1), "train_tokens": int(tokens.numel()), "loss_history": history}
+    return {"steps": total_steps, "epochs": round(total_steps / steps_per_epoch, 2), "seconds": round(seconds, 1), "train_tokens": int(tokens.numel()), "loss_history": history}
 
 
 EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}

@@ -139,6 +139,20 @@ def test_a_missing_source_names_the_package_to_install(monkeypatch):
         corpus.require_sources(["nonsense"])
 
 
+def test_wordnet_without_its_sense_counts_still_gives_prompts(monkeypatch, tmp_path):
+    # Regression: a corpus copy without cntlist.rev made chat_prompts fail with "Cannot choose
+    # from an empty sequence" (no frequent words for the everyday prompts).
+    if not corpus.available_sources()["wordnet"]:
+        pytest.skip("needs wordnet-base")
+    copy = tmp_path / "wordnet"
+    copy.mkdir()
+    for name in ("data.noun", "data.verb", "data.adj", "data.adv"):
+        (copy / name).symlink_to(corpus.WORDNET / name)
+    monkeypatch.setattr(corpus, "WORDNET", copy)
+    prompts = corpus.chat_prompts(40, seed=1)
+    assert len(prompts) == 40 and all(isinstance(p, str) and p for p in prompts)
+
+
 @pytest.mark.parametrize("kind", ["small", "feature"])
 def test_a_drafter_distilled_for_a_random_target_loads_and_drafts(tmp_path, kind):
     target, tokenizer = tiny_target(), CharTokenizer()
@@ -219,3 +233,25 @@ def test_int8_packing_halves_fp16_and_round_trips_within_half_a_step():
     assert int8_bytes < 0.6 * fp16_bytes
     with pytest.raises(ValueError, match="drafter dtype"):
         pack_tensors(state, "int4")
+
+
+def test_a_data_curve_point_trains_on_a_subset_for_fixed_steps_without_redoing_the_data(tmp_path, monkeypatch):
+    target, tokenizer = tiny_target(), CharTokenizer()
+    documents = [corpus.Document("data", f"d{i}", "the quick brown fox jumps over the lazy dog. " * 8) for i in range(6)]
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(8)]
+    plan = DataPlan(text_tokens=1500, chat_prompts=8, answer_tokens=6, seq_len=32, reduced_vocab=40, vocab_corpus_tokens=2000, batch_size=4, generation_batch=3)
+    full = TrainPlan(kind="feature", layers=1, epochs=1, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=5)
+    meta = distill(target, tokenizer, kind="feature", work=tmp_path / "work", out=tmp_path / "out", data_plan=plan, train_plan=full, documents=documents, prompts=prompts)
+    assert (tmp_path / "work" / "data" / "ready.json").exists()
+
+    def no_tokenizing(*_, **__):
+        raise AssertionError("the data was made again")
+
+    monkeypatch.setattr("cosine.distill.train.tokenize_documents", no_tokenizing)
+    point = TrainPlan(kind="feature", layers=1, epochs=1, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=5, train_tokens=100, steps=7)
+    (tmp_path / "point-work").mkdir()
+    (tmp_path / "point-work" / "data").symlink_to(tmp_path / "work" / "data")  # as bench/distill_general.sh shares it
+    curve = distill(target, tokenizer, kind="feature", work=tmp_path / "point-work", out=tmp_path / "point", data_plan=plan, train_plan=point, documents=documents, prompts=prompts)
+    assert curve["training"]["train_tokens"] == 4 * 32 < meta["training"]["train_tokens"]  # ceil(100 / 32) sequences
+    assert curve["training"]["steps"] == 7 and curve["training"]["epochs"] == 7.0  # one step per epoch of 4 rows
+    assert curve["data"] == meta["data"]
