@@ -109,9 +109,12 @@ local function refuse(keys, args)
   return outcome
 end
 
--- KEYS: req, out stream, rounds zset, deadlines zset, job streams...
+-- KEYS: req, out stream, rounds zset, deadlines zset, features string, job streams...
 -- ARGV: expected round, n_fields, pairs..., n_out, per out entry: n_pairs, pairs...; job
--- payload ("" for none), ttl once finished (0 = still active), request id.
+-- payload ("" for none), ttl once finished (0 = still active), request id; feature rows' bytes
+-- ("" for none), the position of their first row, their count. The features string holds rows
+-- 0..feat_n-1 (feat_n in the request hash): rows from feat_n on are appended, rows from an
+-- earlier position replace what follows it, and a gap empties it (the next round ships all).
 -- Output entries get IDs {new round}-{k}: deterministic, so a replayed round never repeats text.
 -- A finished request keeps a small tombstone until the TTL (status, counters), not its tokens.
 local function apply_round(keys, args)
@@ -127,17 +130,36 @@ local function apply_round(keys, args)
     entries[k], i = take_pairs(args, i + 1, tonumber(args[i]))
   end
   local payload, ttl, request_id = args[i], tonumber(args[i + 1]), args[i + 2]
+  local feats, fstart, frows = args[i + 3], tonumber(args[i + 4]), tonumber(args[i + 5])
   if ttl == 0 and redis.call('HGET', req, 'cancel') then return 'cancelled' end
   if n > 0 then redis.call('HSET', req, unpack(fields)) end
   local round = tonumber(args[1]) + 1
   for k = 1, n_out do add_out(keys[2], round .. '-' .. (k - 1), entries[k]) end
+  if ttl == 0 and feats ~= '' and frows > 0 then
+    local have = tonumber(redis.call('HGET', req, 'feat_n') or '0')
+    if have == fstart then
+      redis.call('APPEND', keys[5], feats)
+    elseif have > fstart and fstart == 0 then
+      redis.call('SET', keys[5], feats)
+    elseif have > fstart then
+      local width = string.len(feats) / frows
+      redis.call('SET', keys[5], redis.call('GETRANGE', keys[5], 0, fstart * width - 1) .. feats)
+    end
+    if have >= fstart then
+      redis.call('HSET', req, 'feat_n', tostring(fstart + frows))
+    else
+      redis.call('DEL', keys[5])
+      redis.call('HSET', req, 'feat_n', '0')
+    end
+  end
   if payload ~= '' then
-    for k = 5, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
+    for k = 6, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
   end
   if ttl > 0 then
     redis.call('ZREM', keys[3], request_id)
     redis.call('ZREM', keys[4], request_id)
-    redis.call('HDEL', req, 'prompt_ids', 'output_ids')
+    redis.call('DEL', keys[5])
+    redis.call('HDEL', req, 'prompt_ids', 'output_ids', 'feat_n')
     redis.call('EXPIRE', keys[2], ttl)
     redis.call('EXPIRE', req, ttl)
   elseif payload ~= '' then
@@ -338,14 +360,17 @@ async def finish_request(client: aioredis.Redis, keys: Keys, state, update, ttl_
 async def apply_round(
     client: aioredis.Redis, keys: Keys, *, request_id: str, expected_round: int, fields: Mapping,
     out_entries: Sequence[Mapping], job_streams: Sequence[str] = (), payload: bytes = b"", ttl_s: int = 0,
+    features: bytes = b"", features_start: int = 0, feature_rows: int = 0,
 ) -> str:
     """Apply a round with compare-and-set on its number: ``applied``, ``stale``, ``missing`` or
-    ``cancelled`` (a cancellation is pending and this update does not finish the request)."""
+    ``cancelled`` (a cancellation is pending and this update does not finish the request).
+    ``features``: ``feature_rows`` rows of the target's hidden states from position
+    ``features_start`` on, stored in the request's features key with the round."""
     args: list = [str(expected_round), len(fields), *_flat(fields), len(out_entries)]
     for entry in out_entries:
         args += [len(entry), *_flat(entry)]
-    args += [payload, ttl_s, request_id]
-    key_list = [keys.request(request_id), keys.out(request_id), keys.rounds, keys.deadlines, *job_streams]
+    args += [payload, ttl_s, request_id, features, features_start, feature_rows]
+    key_list = [keys.request(request_id), keys.out(request_id), keys.rounds, keys.deadlines, keys.features(request_id), *job_streams]
     return await _fcall(client, "cosine_apply_round", key_list, args)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 DEMO_TARGET_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = "~/.cache/cosine"
-DRAFTER_KINDS = ("early-exit", "layer-skip", "model", "prompt-lookup", "small")
+DRAFTER_KINDS = ("early-exit", "feature", "layer-skip", "model", "prompt-lookup", "small")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -117,8 +117,8 @@ class DrafterConfig:
             raise ValueError(f"drafter {self.name!r}: kind 'model' needs a model path")
         if self.threads < 1:
             raise ValueError(f"drafter {self.name!r}: threads must be >= 1, got {self.threads}")
-        if self.kind == "small" and not self.path:
-            raise ValueError(f"drafter {self.name!r}: kind 'small' needs path = a directory made by `cosine distill`")
+        if self.kind in ("small", "feature") and not self.path:
+            raise ValueError(f"drafter {self.name!r}: kind {self.kind!r} needs path = a directory made by `cosine distill`")
 
     @property
     def resolved_path(self) -> Path:

@@ -80,6 +80,7 @@ class _Active:
     started: float
     result: GenerationResult
     round_index: int = 0
+    features: torch.Tensor | None = None  # the target's hidden states at positions 0.. (feature drafters)
 
 
 EmissionCallback = Callable[[str, Emission], None]
@@ -141,6 +142,8 @@ class LocalEngine:
         self.max_tree_nodes = max_tree_nodes
         self.context_limit = context_limit or target.model.config.max_position_embeddings
         self.stats = EngineStats()
+        drafting = self.drafters if mode == "tree" else self.drafters[:1]
+        self.needs_features = any(getattr(d, "needs_features", False) for d in drafting)
 
     def generate(self, requests: Sequence[GenerationRequest], on_emission: EmissionCallback | None = None) -> list[GenerationResult]:
         """Run all requests to completion; up to ``max_batch`` share each verification pass."""
@@ -180,13 +183,19 @@ class LocalEngine:
         began = time.perf_counter()
         trees = self._draft(active)
         drafted = time.perf_counter()
-        logits = self.target.forward(
-            [ForwardItem(s.request.request_id, s.context, t.tokens, t.parents) for s, t in zip(active, trees)]
-        )
+        items = [
+            ForwardItem(s.request.request_id, s.context, t.tokens, t.parents, _stored(s.features) if self.needs_features else -1)
+            for s, t in zip(active, trees)
+        ]
+        logits, fed = self.target.forward_with_states(items)
         verified = time.perf_counter()
         finished = []
-        for state, tree, rows in zip(active, trees, logits):
+        for state, tree, rows, states in zip(active, trees, logits, fed):
             verdict = self._verify(state, tree, rows)
+            if self.needs_features:  # the hidden states of every position now committed but the last
+                new = states.committed(len(state.context), verdict.accepted_nodes)
+                kept = state.features[: states.start] if state.features is not None else new[:0]
+                state.features = torch.cat((kept, new))
             self.target.commit(state.request.request_id, verdict.accepted_nodes, verdict.accepted_tokens)
             self.stats.record(tree, verdict.accepted_len)
             if self._apply(state, tree, verdict, on_emission):
@@ -201,7 +210,7 @@ class LocalEngine:
         drafters = self.drafters if self.mode == "tree" else self.drafters[:1]
         room = [min(s.window, s.request.stop.max_tokens - len(s.assembler.token_ids) - 1) for s in active]
         requests = [
-            DraftRequest(s.request.request_id, s.context, max(0, w), s.request.sampling, s.round_index)
+            DraftRequest(s.request.request_id, s.context, max(0, w), s.request.sampling, s.round_index, s.features)
             for s, w in zip(active, room)
         ]
         per_drafter = [drafter.propose(requests) for drafter in drafters]
@@ -241,3 +250,7 @@ class LocalEngine:
         for drafter in self.drafters:
             drafter.release(state.request.request_id)
         return True
+
+
+def _stored(features: torch.Tensor | None) -> int:
+    return 0 if features is None else len(features)

@@ -42,10 +42,11 @@ def load_target(config: Config, threads: int | None = None) -> LoadedModel:
 def build_drafter(spec: DrafterConfig, target: LoadedModel, config: Config) -> Drafter:
     if spec.kind == "prompt-lookup":
         return PromptLookupDrafter(spec.name, max_ngram=spec.max_ngram)
-    if spec.kind == "small":
-        from cosine.drafters.distilled import SmallDrafter
+    if spec.kind in ("small", "feature"):
+        from cosine.drafters.distilled import FeatureDrafter, SmallDrafter
 
-        return SmallDrafter(spec.name, spec.resolved_path, target.model, target.tokenizer)
+        kind = SmallDrafter if spec.kind == "small" else FeatureDrafter
+        return kind(spec.name, spec.resolved_path, target.model, target.tokenizer)
     if spec.kind == "early-exit":
         model = early_exit_model(target.model, spec.layers)
     elif spec.kind == "layer-skip":

@@ -41,6 +41,7 @@ class RequestState:
     created_ms: int = 0
     deadline_ms: int = 0  # epoch ms: the request ends with error_code=deadline then
     cancel_requested: bool = False  # set only by the cancel function (never written back)
+    feature_rows: int = 0  # rows in the features key (kept by the apply-round function; never written back)
 
     @property
     def context(self) -> list[int]:
@@ -100,6 +101,7 @@ class RequestState:
             created_ms=int(f["created_ms"]),
             deadline_ms=int(f.get("deadline_ms", b"0")),
             cancel_requested="cancel" in f,
+            feature_rows=int(f.get("feat_n", b"0")),
         )
 
 

@@ -92,6 +92,11 @@ class Keys:
         """zset: request id -> the epoch ms at which it ends with error_code=deadline."""
         return f"{self.prefix}deadlines"
 
+    def features(self, request_id: str) -> str:
+        """string: the target's hidden states (fp16 rows) at a request's positions 0, 1, ...
+        (feature drafters; appended as rounds are applied, deleted when the request ends)."""
+        return f"{self.prefix}feat:{request_id}"
+
     def fuse(self, request_id: str, round_index: int) -> str:
         """hash: one round's drafts while fusion waits for every cooperating expert."""
         return f"{self.prefix}fuse:{request_id}:{round_index}"
@@ -149,6 +154,11 @@ class DraftJob:
     sampling: Sampling
     experts: list[str]  # every expert cooperating this round (fusion waits for all)
     issued_ms: int = 0
+    # The target's hidden states (fp16 rows) at positions features_start.. that the last round
+    # committed, for feature drafters: a drafter holding rows 0..features_start-1 for the request
+    # appends them; one holding fewer reads the request's features key (``Keys.features``).
+    features: bytes = b""
+    features_start: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +204,7 @@ class VerifyItem:
     tree: Candidate
     sampling: Sampling
     fingerprint: str
+    features_from: int = -1  # >= 0: return the target's hidden states of positions from here on
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +225,8 @@ class VerifiedItem:
     draft_tokens: int
     error: str = ""
     error_code: str = ""
+    features: bytes = b""  # fp16 rows, positions features_start .. L - 1 + len(accepted_tokens)
+    features_start: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,5 +322,7 @@ def _check_types(message: Any) -> None:
             ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         elif kind == "list[str]":
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        elif kind == "bytes":
+            ok = isinstance(value, bytes)
         if not ok:
             raise WireError(f"{type(message).__name__}.{f.name}: expected {kind}, got {type(value).__name__}")

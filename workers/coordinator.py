@@ -56,6 +56,8 @@ class Coordinator(StageWorker):
         self.live_verifiers = 0
         self.fingerprints: set[str] = set()
         self.last_refresh = self.last_trim = 0.0
+        # Experts served by feature drafters: their requests' rounds ship the target's states.
+        self.feature_experts = {d.expert for d in self.config.drafters if d.kind == "feature"}
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         if stream == self.keys.candidates:
@@ -113,7 +115,8 @@ class Coordinator(StageWorker):
             return
         # Drafting is done: the drafter-deadline sweep lets go of this round.
         await self.redis.zrem(self.keys.rounds, state.request_id)
-        item = VerifyItem(state.request_id, state.round, state.context, candidate, wire_sampling(state), state.fingerprint)
+        features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
+        item = VerifyItem(state.request_id, state.round, state.context, candidate, wire_sampling(state), state.fingerprint, features_from)
         self.pool.append(_Waiting(entry_id, item, time.monotonic()))
 
     async def _flush(self, force: bool = False) -> None:
@@ -173,25 +176,28 @@ class Coordinator(StageWorker):
                 update = fail(state, self.tokenizer, item.error, error_code=item.error_code or "internal")
             else:
                 update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, fingerprint)
-            if await self._apply(state, update) != "cancelled":
+            if await self._apply(state, update, item) != "cancelled":
                 return
 
-    async def _apply(self, state: RequestState, update: RoundUpdate) -> str:
+    async def _apply(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None = None) -> str:
         if update.finished:
             return await bus.finish_request(self.redis, self.keys, state, update, self.config.pipeline.output_ttl_s)
-        streams, payload = self._next_round(update.state)
+        features, start = (item.features, item.features_start) if item is not None and item.features else (b"", 0)
+        streams, payload = self._next_round(update.state, features, start)
+        # The round's states cover positions start .. L'-2 (all but the new last token).
+        rows = max(0, len(update.state.context) - 1 - start) if features else 0
         return await bus.apply_round(
             self.redis, self.keys, request_id=state.request_id, expected_round=state.round, fields=update.state.to_fields(),
-            out_entries=update.out_entries, job_streams=streams, payload=payload,
+            out_entries=update.out_entries, job_streams=streams, payload=payload, features=features, features_start=start, feature_rows=rows,
         )
 
-    def _next_round(self, state: RequestState) -> tuple[list[str], bytes]:
+    def _next_round(self, state: RequestState, features: bytes = b"", features_start: int = 0) -> tuple[list[str], bytes]:
         experts = [e for e in state.experts if e in self.live_experts]
         room = state.max_tokens - len(state.output_ids) - 1
         window = min(state.window, max(0, room))
         if not experts or window <= 0:
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
-        job = DraftJob(state.request_id, state.round, state.context, window, wire_sampling(state), experts, int(time.time() * 1000))
+        job = DraftJob(state.request_id, state.round, state.context, window, wire_sampling(state), experts, int(time.time() * 1000), features, features_start)
         return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
 
     # ---- sweeps --------------------------------------------------------------------------

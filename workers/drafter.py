@@ -2,11 +2,18 @@
 
 Reads ``draft:{expert}``, drafts every job it read in one batched ``propose`` call (off the event
 loop), writes one ``Draft`` per job to ``drafts`` and acknowledges, atomically. Soft state: the
-drafter's KV caches, trusted only for the prefix that matches the job's context.
+drafter's KV caches, trusted only for the prefix that matches the job's context, and for a
+feature drafter the target's states per request: each job carries the rows its last round
+committed; a worker without the rows before them reads them from the request's features key,
+so any worker of the expert serves any round.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import numpy as np
+import torch
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.convert import probs_to_bytes
 
@@ -42,14 +49,16 @@ class DrafterWorker(StageWorker):
 
         self.drafter = await self.off_loop(load)
         self.rank = [d.name for d in self.config.drafters].index(self.spec.name)
+        self.features: OrderedDict[str, torch.Tensor] = OrderedDict()  # request id -> states at positions 0..
 
     async def on_connect(self) -> None:
         await self.redis.sadd(self.keys.experts, self.expert)
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         jobs = [decode(fields, DraftJob) for _, fields in entries]
+        features = [await self._features(j) for j in jobs] if self.drafter.needs_features else [None] * len(jobs)
         requests = [
-            DraftRequest(j.request_id, j.context, max(0, j.window), SamplingParams(*_sampling(j)), j.round) for j in jobs
+            DraftRequest(j.request_id, j.context, max(0, j.window), SamplingParams(*_sampling(j)), j.round, f) for j, f in zip(jobs, features)
         ]
         async with self.renewing(stream, [entry_id for entry_id, _ in entries]):
             chains = await self.off_loop(self.drafter.propose, requests)
@@ -69,6 +78,33 @@ class DrafterWorker(StageWorker):
             )
             outputs.append((self.keys.drafts, encode(draft)))
         await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])
+
+
+    async def _features(self, job: DraftJob) -> torch.Tensor | None:
+        """The target's states at positions 0.. for the job's request: what this worker holds plus
+        the job's new rows, or the request's features key when this worker holds too few."""
+        width = self.drafter.net.spec.hidden
+        held = self.features.pop(job.request_id, None)
+        new = _rows(job.features, width)
+        if held is not None and len(held) >= job.features_start:
+            rows = torch.cat((held[: job.features_start], new))
+        else:
+            stored = await self.redis.getrange(self.keys.features(job.request_id), 0, job.features_start * width * 2 - 1) if job.features_start else b""
+            if len(stored) < job.features_start * width * 2:
+                return None  # not there (yet): this round drafts nothing
+            self.log.debug("request %s: %d feature rows read from Redis", job.request_id, job.features_start)
+            rows = torch.cat((_rows(stored, width), new))
+        self.features[job.request_id] = rows
+        while len(self.features) > MAX_HELD_REQUESTS:
+            self.features.popitem(last=False)
+        return rows
+
+
+MAX_HELD_REQUESTS = 256
+
+
+def _rows(data: bytes, width: int) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(data, dtype=np.float16).copy()).view(-1, width).float()
 
 
 def _sampling(job: DraftJob) -> tuple[float, float, int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.convert import candidate_to_tree, sampling_from_wire
 
@@ -152,10 +153,10 @@ class VerifierWorker(StageWorker):
             faults.check("verifier.forward", item.request_id)
             accepted_items.append(item)
             trees.append(tree)
-        logits = self.runner.forward(
-            [ForwardItem(i.request_id, i.context, t.tokens, t.parents) for i, t in zip(accepted_items, trees)]
+        logits, fed = self.runner.forward_with_states(
+            [ForwardItem(i.request_id, i.context, t.tokens, t.parents, i.features_from) for i, t in zip(accepted_items, trees)]
         )
-        for item, tree, rows in zip(accepted_items, trees, logits):
+        for item, tree, rows, states in zip(accepted_items, trees, logits, fed):
             sampling = sampling_from_wire(item.sampling)
             if sampling.greedy:
                 verdict = verify_greedy(tree, rows.argmax(-1).tolist())
@@ -163,8 +164,14 @@ class VerifierWorker(StageWorker):
                 generator = request_generator(sampling.seed, item.round, "verify")
                 verdict = verify_sampling(tree, warp_probs(rows, sampling), generator)
             self.runner.commit(item.request_id, verdict.accepted_nodes, verdict.accepted_tokens)
+            features, start = b"", 0
+            if item.features_from >= 0:  # the states of every position this round commits, from features_from on
+                start = max(states.start, item.features_from)
+                committed = states.committed(len(item.context), verdict.accepted_nodes)[start - states.start :]
+                features = committed.to(torch.float16).cpu().numpy().tobytes()
             results[item.request_id] = VerifiedItem(
-                item.request_id, item.round, list(verdict.accepted_tokens), verdict.next_token, len(tree)
+                item.request_id, item.round, list(verdict.accepted_tokens), verdict.next_token, len(tree),
+                features=features, features_start=start,
             )
         return [results[item.request_id] for item in items]
 

@@ -26,10 +26,14 @@ class DraftRequest:
     window: int
     sampling: SamplingParams
     round_index: int
+    # The target's final hidden states at context positions 0, 1, ... (at least L - 1 rows for
+    # a context of L tokens), for drafters that read them (``needs_features``); else None.
+    features: torch.Tensor | None = None
 
 
 class Drafter(ABC):
     name: str
+    needs_features = False  # True: propose() wants DraftRequest.features
 
     @abstractmethod
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftChain]:

@@ -1,4 +1,5 @@
-"""Drafters made by ``cosine distill``: the ``small`` kind (tokens only).
+"""Drafters made by ``cosine distill``: the ``small`` kind (tokens only) and the ``feature`` kind
+(EAGLE-style: the target's final hidden states and the tokens).
 
 A request's drafter state is a KV cache over its committed tokens (soft state: a drafter
 instance that has none rebuilds it from the context in the job, so any instance serves any
@@ -7,6 +8,13 @@ step; the drafted tokens' cache rows are dropped afterwards (the verifier decide
 The head covers the reduced vocabulary; proposals and their distributions are mapped back to
 target ids (a sampled draft's distribution is zero outside the reduced vocabulary, which the
 verifier's rejection sampling handles like any other draft distribution).
+
+A ``feature`` drafter's input at position j is the pair (token j, the target's hidden state at
+j - 1); its output at j is its guess of the target's state at j and, through the head, of token
+j + 1. Committed positions use the target's own states (``DraftRequest.features``: the verifier
+computes them for every token it commits); each further draft step feeds the drafter's own
+predicted state, as training unrolled it. Its KV cache holds the pairs of committed positions
+only, keyed by the tokens (a committed position's target state depends on the tokens alone).
 """
 
 from __future__ import annotations
@@ -41,11 +49,14 @@ class _State:
 
 
 class SmallDrafter(Drafter):
+    kind = "small"
+
     def __init__(self, name: str, path: str | Path, target, tokenizer=None) -> None:
         self.name = name
         self.net, self.meta = load_drafter_net(Path(path), target)
-        if self.net.spec.kind != "small":
-            raise ValueError(f"drafter {name!r}: {path} holds a {self.net.spec.kind!r} drafter; this kind drafts from tokens alone ('small')")
+        if self.net.spec.kind != self.kind:
+            what = "drafts from tokens alone ('small')" if self.kind == "small" else "reads the target's hidden states ('feature')"
+            raise ValueError(f"drafter {name!r}: {path} holds a {self.net.spec.kind!r} drafter; this kind {what}")
         if tokenizer is not None:
             from cosine.distill.train import tokenizer_digest
 
@@ -121,3 +132,54 @@ class SmallDrafter(Drafter):
     def release(self, key: str) -> None:
         self.states.pop(key, None)
 
+
+
+class FeatureDrafter(SmallDrafter):
+    """The ``feature`` kind: drafts from the target's hidden states (see the module's notes)."""
+
+    kind = "feature"
+    needs_features = True
+
+    def _draft(self, request: DraftRequest) -> DraftChain:
+        context = list(request.context)
+        features = request.features
+        if request.window <= 0 or len(context) < 2 or features is None or len(features) < len(context) - 1:
+            return DraftChain((), (), None, self.name)  # no states for this context: nothing to draft from
+        state = self._state(request.key)
+        # state.tokens: tokens 0..c, whose pairs 1..c are cached; the last context token is always fed.
+        common = common_prefix(state.tokens, context, limit=len(context) - 1)
+        if common == 0:
+            state.tokens, state.past, common = [context[0]], None, 1
+        else:
+            self._crop(state, common)
+        hidden = self._feed_pairs(state, context[common:], features[common - 1 : len(context) - 1], common)
+        generator = None if request.sampling.greedy else self.generator(request)
+        tokens, confidences, rows = [], [], []
+        for step in range(request.window):
+            token, confidence, probs = self._pick(self.net.logits(hidden), request, generator)
+            tokens.append(token)
+            confidences.append(confidence)
+            if probs is not None:
+                rows.append(probs)
+            if step + 1 < request.window:
+                hidden = self._feed_pairs(state, [token], hidden[None], len(context) + step)
+        self._crop(state, len(context))
+        return DraftChain(tuple(tokens), tuple(confidences), torch.stack(rows) if rows else None, self.name)
+
+    def _feed_pairs(self, state: _State, tokens: list[int], features: torch.Tensor, start: int) -> torch.Tensor:
+        """Pairs (tokens[i], features[i]) at positions start + i; the last position's output."""
+        device = self.net.head.device
+        ids = torch.tensor([tokens], device=device)
+        positions = torch.arange(start, start + len(tokens), device=device)[None]
+        hidden, state.past = self.net(ids, positions, features.to(device)[None], past=state.past)
+        state.tokens.extend(tokens)
+        return hidden[0, -1]
+
+    @staticmethod
+    def _crop(state: _State, length: int) -> None:
+        """Keep tokens 0..length-1 and the pairs of positions 1..length-1."""
+        if len(state.tokens) > length:
+            del state.tokens[length:]
+            pairs = max(0, length - 1)
+            if state.past is not None:
+                state.past = [(k[:, :, :pairs], v[:, :, :pairs]) for k, v in state.past] if pairs else None

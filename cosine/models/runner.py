@@ -57,6 +57,25 @@ class ForwardItem:
     context: Sequence[int]
     tree_tokens: tuple[int, ...] = ()
     tree_parents: tuple[int, ...] = ()
+    # >= 0: positions from here on are fed again even when cached, so that their final hidden
+    # states are computed (feature drafters); -1: reuse whatever the cache holds.
+    features_from: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class FedStates:
+    """The final (post-norm) hidden states of what a forward fed for one request: context
+    positions ``start`` .. L-1, then one row per tree node."""
+
+    start: int
+    rows: torch.Tensor  # [L - start + n, d]
+
+    def committed(self, context_len: int, accepted_nodes: Sequence[int]) -> torch.Tensor:
+        """Rows for positions ``start`` .. L-1 + len(accepted_nodes): the context's and the
+        accepted path's (in position order)."""
+        fed = context_len - self.start
+        index = list(range(fed)) + [fed + node for node in accepted_nodes]
+        return self.rows[index]
 
 
 @dataclass(slots=True)
@@ -182,8 +201,13 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, items: Sequence[ForwardItem]) -> list[torch.Tensor]:
         """One model forward call for the whole batch; logits [1 + n_i, vocab] per item."""
+        return self.forward_with_states(items)[0]
+
+    @torch.inference_mode()
+    def forward_with_states(self, items: Sequence[ForwardItem]) -> tuple[list[torch.Tensor], list[FedStates]]:
+        """``forward``, and the final hidden states of every position fed per item."""
         if not items:
-            return []
+            return [], []
         with self._lock:
             began = time.perf_counter()
             segments, input_ids, positions, wanted = self._prepare(items)
@@ -203,7 +227,8 @@ class ModelRunner:
         self.stats.forward_seconds += done - prepared
         self.stats.bookkeeping_seconds += (prepared - began) + (finished - done)
         sizes = [1 + len(item.tree_tokens) for item in items]
-        return list(torch.split(logits, sizes))
+        states = [FedStates(seg.start, hidden[seg.offset : seg.offset + seg.count]) for seg in segments]
+        return list(torch.split(logits, sizes)), states
 
     @torch.inference_mode()
     def commit(self, key: str, accepted_nodes: Sequence[int], accepted_tokens: Sequence[int]) -> None:
@@ -276,7 +301,7 @@ class ModelRunner:
         wanted: list[int] = []
         for item in items:
             tree = list(item.tree_tokens)
-            cache, reused = self._cache_for(item.key, item.context, len(item.context) + len(tree), in_batch)
+            cache, reused = self._cache_for(item.key, item.context, len(item.context) + len(tree), in_batch, item.features_from)
             suffix = list(item.context[reused:])
             count = len(suffix) + len(tree)
             self._ensure_capacity(item.key, cache, reused + count, in_batch)
@@ -295,7 +320,7 @@ class ModelRunner:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         return segments, as_tensor(ids), as_tensor(positions), as_tensor(wanted)
 
-    def _cache_for(self, key: str, context: Sequence[int], rows: int, in_batch: set[str]) -> tuple[_RequestCache, int]:
+    def _cache_for(self, key: str, context: Sequence[int], rows: int, in_batch: set[str], features_from: int = -1) -> tuple[_RequestCache, int]:
         """The request's cache and how many of its rows are reused; a new one fits ``rows``."""
         cache = self._caches.get(key)
         if cache is None:
@@ -307,7 +332,8 @@ class ModelRunner:
             self.stats.cache_rebuilds += 1
             return cache, 0
         self._caches.move_to_end(key)
-        reused = common_prefix(cache.tokens, context, limit=len(context) - 1)
+        limit = len(context) - 1 if features_from < 0 else max(0, min(len(context) - 1, features_from))
+        reused = common_prefix(cache.tokens, context, limit=limit)
         del cache.tokens[reused:]
         return cache, reused
 

@@ -66,3 +66,44 @@ def test_distill_makes_a_drafter_that_drafts_losslessly(tmp_path, demo_target, c
         assert list(result.token_ids) == greedy_references[i][: len(result.token_ids)]
         assert len(result.token_ids) == 40 or result.token_ids[-1] in eos
     assert engine.stats.drafted_at and engine.stats.drafted_at[0] > 0
+
+
+def test_a_feature_drafter_gets_the_target_states_through_the_pipeline(tmp_path, demo_target, greedy_references, pipelines, embedded_url):
+    # A tiny feature drafter for the real target, served by two drafter workers of one expert:
+    # each round's job carries the states the verifier computed for what it committed, a worker
+    # that missed a round reads the rows before it from Redis, and outputs stay the target's.
+    from tests.integration.harness import Pipeline, final_of, read_output, submit, write_config
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"text": "The quick brown fox jumps over the lazy dog. " * 30}] + [{"prompt": p} for p in ("Name three colours.", "Count to five.")]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = tmp_path / "distill.toml"
+    config.write_text(f'[model]\ntarget = "{demo_target.source}"\ncache_dir = "{cache_dir()}"\nthreads = 2\n')
+    out = tmp_path / "feature"
+    command = [
+        sys.executable, "-m", "cosine.cli", "distill", "--config", str(config), "--kind", "feature", "--out", str(out),
+        "--work", str(tmp_path / "work"), "--data", str(data), "--text-tokens", "600", "--chat-prompts", "2", "--answer-tokens", "12",
+        "--seq-len", "64", "--vocab", "2048", "--vocab-corpus-tokens", "2000", "--epochs", "1", "--batch-size", "4", "--unroll", "2",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    drafter = {"name": "feat", "kind": "feature", "path": str(out), "expert": "general"}
+    pipeline = Pipeline(embedded_url, write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=[drafter]))
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        pipeline.start(role)
+    pipeline.start("drafter", "--expert", "general")
+    pipeline.start("drafter", "--expert", "general")
+    pipeline.wait_live("drafter", 2)
+    pipeline.wait_live("verifier", 1)
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    ids = [submit(client, id=f"feat-{i}", messages=json.dumps([{"role": "user", "content": texts[i]}]), max_tokens=24) for i in range(3)]
+    for index, request_id in enumerate(ids):
+        final = final_of(read_output(client, request_id))
+        tokens = json.loads(final["token_ids"])
+        assert tokens == greedy_references[index][: len(tokens)] and (len(tokens) == 24 or tokens[-1] == 2), final
+        assert int(final["draft_tokens"]) > 0, final  # drafted: the states reached the drafters
+        assert client.exists(f"cosine:feat:{request_id}") == 0  # the states go with the request
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("drafter-*.log"))
+    assert "feature rows read from Redis" in logs

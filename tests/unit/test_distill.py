@@ -45,6 +45,9 @@ class CharTokenizer:
             return {"input_ids": [self.encode(t) for t in text]}
         return {"input_ids": self.encode(text)}
 
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return "".join(chr(32 + t % 90) for t in ids)
+
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return [1] + [t for m in messages for t in self.encode(m["content"])] + [1]
 
@@ -255,3 +258,73 @@ def test_a_data_curve_point_trains_on_a_subset_for_fixed_steps_without_redoing_t
     assert curve["training"]["train_tokens"] == 4 * 32 < meta["training"]["train_tokens"]  # ceil(100 / 32) sequences
     assert curve["training"]["steps"] == 7 and curve["training"]["epochs"] == 7.0  # one step per epoch of 4 rows
     assert curve["data"] == meta["data"]
+
+
+class _Recording:
+    """Wraps a drafter and keeps the features each request was given."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.needs_features, self.seen = inner, inner.name, inner.needs_features, []
+
+    def propose(self, requests):
+        self.seen.extend((list(r.context), r.features) for r in requests)
+        return self.inner.propose(requests)
+
+    def observe(self, *args):
+        pass
+
+    def release(self, key):
+        self.inner.release(key)
+
+
+def test_a_feature_drafter_drafts_from_the_target_states_the_engine_gives_it_and_stays_lossless(tmp_path):
+    from cosine.drafters.distilled import FeatureDrafter
+    from cosine.engine import GenerationRequest, LocalEngine
+    from cosine.models.runner import ModelRunner
+    from cosine.spec.stopping import StopRules
+    from cosine.spec.window import WindowPolicy
+
+    target, tokenizer = tiny_target(), CharTokenizer()
+    documents = [corpus.Document("data", f"d{i}", "the quick brown fox jumps over the lazy dog. " * 8) for i in range(6)]
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(8)]
+    plan = DataPlan(text_tokens=1500, chat_prompts=8, answer_tokens=6, seq_len=32, reduced_vocab=40, vocab_corpus_tokens=2000, batch_size=4, generation_batch=3)
+    train_plan = TrainPlan(kind="feature", layers=1, epochs=2, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=5)
+    distill(target, tokenizer, kind="feature", work=tmp_path / "work", out=tmp_path / "out", data_plan=plan, train_plan=train_plan, documents=documents, prompts=prompts)
+    drafter = _Recording(FeatureDrafter("feat", tmp_path / "out", target))
+    engine = LocalEngine(ModelRunner(target), tokenizer, [drafter], mode="chain", window=WindowPolicy(3, 1, 4, True), max_batch=2)
+    contexts = [tokenizer.encode(t) for t in ("the quick brown", "lazy dog jumps over", "fox")]
+    requests = [GenerationRequest(f"r{i}", tuple(c), SamplingParams(), StopRules(12, frozenset(), ())) for i, c in enumerate(contexts)]
+    results = engine.generate(requests)
+    for context, result in zip(contexts, results):
+        with torch.inference_mode():
+            expected = target.generate(torch.tensor([context]), attention_mask=torch.ones(1, len(context), dtype=torch.long), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=2)[0, len(context):].tolist()
+        assert result.token_ids == expected
+    assert engine.stats.rounds > 0 and sum(r.accepted_tokens for r in results) > 0
+    # Every round's features are the target's own final states at positions 0 .. L-2 (at least).
+    assert len(drafter.seen) >= 6
+    for context, features in drafter.seen:
+        if features is None:  # the first round: the prompt's states come with its verification
+            assert context in contexts
+            continue
+        assert len(features) >= len(context) - 1
+        with torch.inference_mode():
+            full = target.get_decoder()(input_ids=torch.tensor([context])).last_hidden_state[0]
+        torch.testing.assert_close(features[: len(context) - 1], full[: len(context) - 1], atol=1e-4, rtol=1e-4)
+    # Its first draft token is the network's choice along the teacher-forced pairs; a cached
+    # state continues exactly as a fresh one; too few features draft nothing.
+    inner = drafter.inner
+    context, features = drafter.seen[-1]
+    with torch.inference_mode():
+        seq = torch.tensor([context])
+        full = target.get_decoder()(input_ids=seq).last_hidden_state
+        h, _ = inner.net(seq[:, 1:], torch.arange(1, len(context))[None], full[:, :-1])
+        first = int(inner.net.vocab[inner.net.logits(h[0, -1]).argmax()])
+    fresh = FeatureDrafter("feat", tmp_path / "out", target)
+    chain = fresh.propose([DraftRequest("x", context, 3, SamplingParams(), 0, full[0])])[0]
+    assert chain.tokens[0] == first and len(chain.tokens) == 3
+    shorter = context[:-2]
+    fresh.propose([DraftRequest("x", shorter, 2, SamplingParams(), 0, full[0])])
+    again = fresh.propose([DraftRequest("x", context, 3, SamplingParams(), 1, full[0])])[0]
+    assert again.tokens == chain.tokens
+    torch.testing.assert_close(torch.tensor(again.confidences), torch.tensor(chain.confidences), atol=1e-4, rtol=1e-4)
+    assert fresh.propose([DraftRequest("y", context, 3, SamplingParams(), 0, full[0, :2])])[0].tokens == ()
