@@ -183,9 +183,12 @@ class Coordinator(StageWorker):
         if update.finished:
             return await bus.finish_request(self.redis, self.keys, state, update, self.config.pipeline.output_ttl_s)
         features, start = (item.features, item.features_start) if item is not None and item.features else (b"", 0)
-        streams, payload = self._next_round(update.state, features, start)
         # The round's states cover positions start .. L'-2 (all but the new last token).
         rows = max(0, len(update.state.context) - 1 - start) if features else 0
+        if features and (rows == 0 or len(features) % rows):
+            self.log.warning("request %s round %d: %d bytes of states for %d positions; dropped", state.request_id, state.round, len(features), rows)
+            features, start, rows = b"", 0, 0
+        streams, payload = self._next_round(update.state, features, start)
         return await bus.apply_round(
             self.redis, self.keys, request_id=state.request_id, expected_round=state.round, fields=update.state.to_fields(),
             out_entries=update.out_entries, job_streams=streams, payload=payload, features=features, features_start=start, feature_rows=rows,

@@ -86,6 +86,9 @@ class DrafterWorker(StageWorker):
         width = self.drafter.net.spec.hidden
         held = self.features.pop(job.request_id, None)
         new = _rows(job.features, width)
+        if new is None:
+            self.log.warning("request %s round %d: states of %d bytes are not rows of %d; drafting without", job.request_id, job.round, len(job.features), width)
+            return None
         if held is not None and len(held) >= job.features_start:
             rows = torch.cat((held[: job.features_start], new))
         else:
@@ -103,7 +106,10 @@ class DrafterWorker(StageWorker):
 MAX_HELD_REQUESTS = 256
 
 
-def _rows(data: bytes, width: int) -> torch.Tensor:
+def _rows(data: bytes, width: int) -> torch.Tensor | None:
+    """fp16 rows of ``width`` as float32 [n, width]; None when the bytes are not whole rows."""
+    if len(data) % (2 * width):
+        return None
     return torch.from_numpy(np.frombuffer(data, dtype=np.float16).copy()).view(-1, width).float()
 
 

@@ -158,6 +158,37 @@ def test_a_finished_request_keeps_a_tombstone_without_its_tokens(server):
     run(scenario())
 
 
+def test_a_requests_states_are_stored_with_its_rounds_and_go_with_it(server):
+    """feat:{id} holds rows 0..feat_n-1: appended from feat_n, replaced from an earlier position,
+    emptied on a gap (the next round ships every row), deleted when the request ends."""
+
+    def rows(*values: int) -> bytes:
+        return b"".join(bytes([v]) * 4 for v in values)  # rows of 4 bytes
+
+    async def scenario():
+        client = await fresh(server)
+        await admit(client, await submit(client, id="r1", prompt="a"))
+        key = KEYS.features("r1")
+
+        async def apply(round_index: int, data: bytes, start: int, count: int, ttl: int = 0) -> str:
+            return await bus.apply_round(client, KEYS, request_id="r1", expected_round=round_index, fields={"round": str(round_index + 1)},
+                                         out_entries=[], features=data, features_start=start, feature_rows=count, ttl_s=ttl)
+
+        assert await apply(0, rows(1, 2, 3), 0, 3) == "applied"  # the prompt's rows
+        assert await client.get(key) == rows(1, 2, 3) and await client.hget(KEYS.request("r1"), "feat_n") == b"3"
+        assert await apply(1, rows(4, 5), 3, 2) == "applied"  # appended
+        assert await client.get(key) == rows(1, 2, 3, 4, 5)
+        assert await apply(2, rows(9, 8), 2, 2) == "applied"  # from an earlier position: replaces what follows
+        assert await client.get(key) == rows(1, 2, 9, 8) and await client.hget(KEYS.request("r1"), "feat_n") == b"4"
+        assert await apply(3, rows(7), 6, 1) == "applied"  # a gap: emptied, the next round asks for all
+        assert not await client.exists(key) and await client.hget(KEYS.request("r1"), "feat_n") == b"0"
+        assert await apply(4, rows(1, 2), 0, 2) == "applied"
+        assert await apply(5, b"", 0, 0, ttl=60) == "applied"  # finished
+        assert not await client.exists(key) and not await client.hexists(KEYS.request("r1"), "feat_n")
+
+    run(scenario())
+
+
 def test_two_fusion_workers_make_one_tree(server):
     async def scenario():
         client = await fresh(server)
