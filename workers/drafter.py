@@ -89,14 +89,17 @@ class DrafterWorker(StageWorker):
         if new is None:
             self.log.warning("request %s round %d: states of %d bytes are not rows of %d; drafting without", job.request_id, job.round, len(job.features), width)
             return None
-        if held is not None and len(held) >= job.features_start:
-            rows = torch.cat((held[: job.features_start], new))
-        else:
-            stored = await self.redis.getrange(self.keys.features(job.request_id), 0, job.features_start * width * 2 - 1) if job.features_start else b""
-            if len(stored) < job.features_start * width * 2:
+        have = 0 if held is None else min(len(held), job.features_start)
+        if have < job.features_start:  # the rows in between: another worker drafted those rounds
+            row_bytes = width * 2
+            stored = await self.redis.getrange(self.keys.features(job.request_id), have * row_bytes, job.features_start * row_bytes - 1)
+            if len(stored) < (job.features_start - have) * row_bytes:
                 return None  # not there (yet): this round drafts nothing
-            self.log.debug("request %s: %d feature rows read from Redis", job.request_id, job.features_start)
-            rows = torch.cat((_rows(stored, width), new))
+            self.log.debug("request %s: %d feature rows read from Redis", job.request_id, job.features_start - have)
+            parts = [_rows(stored, width), new] if held is None else [held[:have], _rows(stored, width), new]
+        else:
+            parts = [held[: job.features_start], new]
+        rows = torch.cat(parts)
         self.features[job.request_id] = rows
         while len(self.features) > MAX_HELD_REQUESTS:
             self.features.popitem(last=False)

@@ -92,8 +92,8 @@ def test_a_feature_drafter_gets_the_target_states_through_the_pipeline(tmp_path,
     pipelines.append(pipeline)
     for role in ("router", "coordinator", "fusion", "verifier"):
         pipeline.start(role)
-    pipeline.start("drafter", "--expert", "general")
-    pipeline.start("drafter", "--expert", "general")
+    pipeline.start("drafter", "--expert", "general", env={"COSINE_DEBUG": "1"})
+    pipeline.start("drafter", "--expert", "general", env={"COSINE_DEBUG": "1"})
     pipeline.wait_live("drafter", 2)
     pipeline.wait_live("verifier", 1)
     client = pipeline.client()
