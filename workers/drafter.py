@@ -98,7 +98,7 @@ class DrafterWorker(StageWorker):
             self.log.debug("request %s: %d feature rows read from Redis", job.request_id, job.features_start - have)
             parts = [_rows(stored, width), new] if held is None else [held[:have], _rows(stored, width), new]
         else:
-            parts = [held[: job.features_start], new]
+            parts = [new] if held is None else [held[: job.features_start], new]
         rows = torch.cat(parts)
         self.features[job.request_id] = rows
         while len(self.features) > MAX_HELD_REQUESTS:

@@ -107,3 +107,5 @@ def test_a_feature_drafter_gets_the_target_states_through_the_pipeline(tmp_path,
         assert client.exists(f"cosine:feat:{request_id}") == 0  # the states go with the request
     logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("drafter-*.log"))
     assert "feature rows read from Redis" in logs
+    # Regression: a first round (no states yet) on a worker holding nothing failed every job.
+    assert "failed to handle" not in logs and "dead-lettering" not in logs, logs[-3000:]
