@@ -56,8 +56,11 @@ class Coordinator(StageWorker):
         self.live_verifiers = 0
         self.fingerprints: set[str] = set()
         self.last_refresh = self.last_trim = 0.0
-        # Experts served by feature drafters: their requests' rounds ship the target's states.
-        self.feature_experts = {d.expert for d in self.config.drafters if d.kind == "feature"}
+
+    @property
+    def feature_experts(self) -> set[str]:
+        """Experts served by feature drafters: their requests' rounds ship the target's states."""
+        return {d.expert for d in self.config.drafters if d.kind == "feature"}
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         if stream == self.keys.candidates:
