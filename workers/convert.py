@@ -28,6 +28,18 @@ def probs_from_bytes(rows: list[bytes], vocab_size: int | None = None) -> torch.
     return torch.from_numpy(array.copy())
 
 
+def states_to_bytes(states: torch.Tensor) -> bytes:
+    """The target's hidden states [n, d] as fp16 rows (little-endian) for the wire."""
+    return states.to(torch.float16).cpu().numpy().astype("<f2").tobytes()
+
+
+def states_from_bytes(data: bytes, width: int) -> torch.Tensor | None:
+    """fp16 rows of ``width`` as float32 [n, width]; None when the bytes are not whole rows."""
+    if len(data) % (2 * width):
+        return None
+    return torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32)).view(-1, width)
+
+
 def draft_to_chain(draft: Draft) -> DraftChain:
     if len(draft.tokens) != len(draft.confidences):
         raise WireError("draft tokens and confidences differ in length")

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
 import torch
 from cosine.workers.base import Entry, StageWorker
-from cosine.workers.convert import probs_to_bytes
+from cosine.workers.convert import probs_to_bytes, states_from_bytes
 
 from cosine.bus import write_and_ack
 from cosine.drafters.base import DraftRequest
@@ -85,21 +84,20 @@ class DrafterWorker(StageWorker):
         the job's new rows, or the request's features key when this worker holds too few."""
         width = self.drafter.net.spec.hidden
         held = self.features.pop(job.request_id, None)
-        new = _rows(job.features, width)
+        new = states_from_bytes(job.features, width)
         if new is None:
             self.log.warning("request %s round %d: states of %d bytes are not rows of %d; drafting without", job.request_id, job.round, len(job.features), width)
             return None
         have = 0 if held is None else min(len(held), job.features_start)
+        parts = [held[:have]] if held is not None else []
         if have < job.features_start:  # the rows in between: another worker drafted those rounds
             row_bytes = width * 2
             stored = await self.redis.getrange(self.keys.features(job.request_id), have * row_bytes, job.features_start * row_bytes - 1)
             if len(stored) < (job.features_start - have) * row_bytes:
                 return None  # not there (yet): this round drafts nothing
             self.log.debug("request %s: %d feature rows read from Redis", job.request_id, job.features_start - have)
-            parts = [_rows(stored, width), new] if held is None else [held[:have], _rows(stored, width), new]
-        else:
-            parts = [new] if held is None else [held[: job.features_start], new]
-        rows = torch.cat(parts)
+            parts.append(states_from_bytes(stored, width))
+        rows = torch.cat([*parts, new])
         self.features[job.request_id] = rows
         while len(self.features) > MAX_HELD_REQUESTS:
             self.features.popitem(last=False)
@@ -107,13 +105,6 @@ class DrafterWorker(StageWorker):
 
 
 MAX_HELD_REQUESTS = 256
-
-
-def _rows(data: bytes, width: int) -> torch.Tensor | None:
-    """fp16 rows of ``width`` as float32 [n, width]; None when the bytes are not whole rows."""
-    if len(data) % (2 * width):
-        return None
-    return torch.from_numpy(np.frombuffer(data, dtype=np.float16).copy()).view(-1, width).float()
 
 
 def _sampling(job: DraftJob) -> tuple[float, float, int]:

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import time
 
-import torch
 from cosine.workers.base import Entry, StageWorker
-from cosine.workers.convert import candidate_to_tree, sampling_from_wire
+from cosine.workers.convert import candidate_to_tree, sampling_from_wire, states_to_bytes
 
 from cosine import bus, faults
 from cosine.factory import load_target
@@ -168,7 +167,7 @@ class VerifierWorker(StageWorker):
             if item.features_from >= 0:  # the states of every position this round commits, from features_from on
                 start = max(states.start, item.features_from)
                 committed = states.committed(len(item.context), verdict.accepted_nodes)[start - states.start :]
-                features = committed.to(torch.float16).cpu().numpy().tobytes()
+                features = states_to_bytes(committed)
             results[item.request_id] = VerifiedItem(
                 item.request_id, item.round, list(verdict.accepted_tokens), verdict.next_token, len(tree),
                 features=features, features_start=start,
