@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cosine.config import load_config  # noqa: E402
+from cosine.distill.data import DataPlan, generate_answers, no_progress  # noqa: E402
 from cosine.distill.train import load_drafter_net  # noqa: E402
 from cosine.factory import load_target  # noqa: E402
 from cosine.requests import prompt_token_ids  # noqa: E402
@@ -41,23 +43,13 @@ def read_prompts(path: Path) -> list[list[dict]]:
     return [r["messages"] if "messages" in r else [{"role": "user", "content": r["prompt"]}] for r in rows]
 
 
-@torch.inference_mode()
 def answers(model, tokenizer, conversations: list[list[dict]], max_tokens: int, batch: int = 32) -> list[tuple[list[int], int]]:
-    """(prompt + greedy answer ids, prompt length) per conversation (batched, left-padded)."""
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    out = []
-    for begin in range(0, len(conversations), batch):
-        prompts = [prompt_token_ids(tokenizer, messages=m) for m in conversations[begin : begin + batch]]
-        width = max(map(len, prompts))
-        x = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
-        rows = model.generate(x, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
-        for ids, row in zip(prompts, rows[:, width:].tolist()):
-            answer = row[: row.index(eos) + 1] if eos in row else row
-            out.append((ids + answer, len(ids)))
-    return out
+    """(prompt + greedy answer ids, prompt length) per conversation: ``cosine distill``'s own
+    batched answering, into a scratch file."""
+    plan = DataPlan(text_tokens=0, chat_prompts=len(conversations), answer_tokens=max_tokens, seq_len=0, reduced_vocab=0, generation_batch=batch)
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = generate_answers(model, tokenizer, conversations, plan, Path(scratch) / "answers.jsonl", no_progress)
+    return [(row, len(prompt_token_ids(tokenizer, messages=m))) for row, m in zip(rows, conversations)]
 
 
 @torch.inference_mode()
