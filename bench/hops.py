@@ -1,8 +1,10 @@
 """Where a round's time goes through ``cosine serve``, one request at a time.
 
 Every Redis stream entry id starts with the server's clock in milliseconds, so the entries a
-request leaves behind (``draft:{expert}`` jobs, ``drafts``, ``candidates``, ``verify*`` batches,
-``verified`` results) give its timeline without instrumenting any worker. Consecutive events are
+request leaves behind (its ``requests`` entry, ``draft:{expert}`` jobs, ``drafts``,
+``candidates``, ``verify*`` batches, ``verified`` results) give its timeline without
+instrumenting any worker; they are read as they are written (the coordinator trims
+acknowledged entries every few seconds). Consecutive events are
 paired into hops (e.g. ``verify -> verified``: the verifier's read, forward and write;
 ``verified -> draft:general``: the coordinator applying a round and asking for the next) and
 summed over the requests; the verifier's own forward time comes from its ``verified`` entries.
@@ -27,7 +29,7 @@ from cosine.client import Client
 from cosine.config import load_config
 from cosine.demo import _wait_for_workers
 from cosine.serve import Supervisor
-from cosine.wire import Keys, VerifiedBatch, VerifyBatch, decode
+from cosine.wire import Draft, Keys, VerifiedBatch, VerifyBatch, decode
 
 
 def stream_names(r: redis.Redis, keys: Keys, experts: list[str]) -> dict[str, str]:
@@ -94,6 +96,66 @@ class RoundRecorder(threading.Thread):
             return [(self.depth[k], a) for k, a in self.accepted.items() if k in self.depth and k[0].startswith(prefix)]
 
 
+class StreamTap(threading.Thread):
+    """Reads the given streams as entries are written (plain ``XREAD`` from their last ids,
+    outside the consumer groups) and keeps every entry's (ms, seq, name): the coordinator trims
+    acknowledged entries every few seconds, so reading them back after a request loses rounds.
+    A pinned ``verify:{digest}`` stream appearing mid-request is picked up on the next scan."""
+
+    def __init__(self, url: str, keys: Keys, names: dict[str, str], positions: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.r, self.keys = redis.Redis.from_url(url), keys
+        self.names = {stream: name for name, stream in names.items()}
+        self.positions = {names[n]: positions[n] for n in names}
+        self.events: list[tuple[int, int, str]] = []
+        self.forward_ms: list[float] = []
+        self.draft_ms: dict[tuple[str, int], float] = {}  # per round: its slowest drafter's compute
+        self.done = threading.Event()
+
+    def _take(self, block: int | None) -> int:
+        got = 0
+        for stream, entries in self.r.xread(self.positions, block=block) or []:
+            stream = stream.decode()
+            name = self.names[stream]
+            for entry_id, fields in entries:
+                self.positions[stream] = entry_id.decode()
+                ms, seq = self.positions[stream].split("-")
+                self.events.append((int(ms), int(seq), "verify" if name.startswith("verify") else name))
+                if name == "verified":
+                    self.forward_ms.append(decode(fields, VerifiedBatch).forward_ms)
+                elif name == "drafts":
+                    draft = decode(fields, Draft)
+                    key = (draft.request_id, draft.round)
+                    self.draft_ms[key] = max(self.draft_ms.get(key, 0.0), draft.draft_ms)
+                got += 1
+        return got
+
+    def run(self) -> None:
+        last_scan = time.monotonic()
+        while not self.done.is_set():
+            if time.monotonic() - last_scan > 0.5:
+                self._scan()
+                last_scan = time.monotonic()
+            self._take(block=100)
+
+    def _scan(self) -> None:
+        for key in self.r.scan_iter(match=self.keys.verify + ":*"):
+            stream = key.decode()
+            if stream not in self.names:
+                self.names[stream] = "verify:pinned"
+                self.positions[stream] = "0-0"
+
+    def finish(self) -> list[tuple[int, int, str]]:
+        """Stops tapping and reads what is left; every event, sorted by time. (A request's
+        ``out:`` stream is not tapped: its entry ids are round numbers, not times.)"""
+        self.done.set()
+        self.join()
+        self._scan()
+        while self._take(block=None):
+            pass
+        return sorted(self.events)
+
+
 def by_position(rounds: list[tuple[int, int]]) -> dict:
     """Acceptance at each draft position: rounds that accepted >= d tokens / rounds that drafted >= d."""
     deepest = max((d for d, _ in rounds), default=0)
@@ -116,6 +178,7 @@ def main() -> None:
     url = supervisor.start()
     hops: dict[str, list[int]] = {}
     forward_ms: list[float] = []
+    draft_ms: list[float] = []
     totals = {"latency_s": 0.0, "rounds": 0, "span_ms": 0}
     try:
         r = redis.Redis.from_url(url)
@@ -125,21 +188,16 @@ def main() -> None:
         client.generate(prompt="warm up", max_tokens=8)
         other = OtherCpu()
         for item in load_prompts(PROMPTS_FILE, limit=args.limit):
-            names = stream_names(r, keys, experts)
-            before = last_ids(r, names)
+            names = stream_names(r, keys, experts) | {"requests": keys.requests}
+            tap = StreamTap(url, keys, names, last_ids(r, names))
+            tap.start()
             began = time.perf_counter()
             final = client.generate(messages=item["messages"], max_tokens=args.max_tokens)
             totals["latency_s"] += time.perf_counter() - began
             totals["rounds"] += int(final["rounds"])
-            names = stream_names(r, keys, experts)  # a pinned verify stream appears after round 1
-            events = []
-            for name, stream in names.items():
-                for entry_id, fields in r.xrange(stream, min="(" + before.get(name, "0-0")):
-                    ms, seq = entry_id.decode().split("-")
-                    events.append((int(ms), int(seq), "verify" if name.startswith("verify") else name))
-                    if name == "verified":
-                        forward_ms.append(decode(fields, VerifiedBatch).forward_ms)
-            events.sort()
+            events = tap.finish()
+            forward_ms.extend(tap.forward_ms)
+            draft_ms.extend(tap.draft_ms.values())
             totals["span_ms"] += events[-1][0] - events[0][0]
             for a, b in zip(events, events[1:]):
                 hops.setdefault(f"{a[2]} -> {b[2]}", []).append(b[0] - a[0])
@@ -151,14 +209,24 @@ def main() -> None:
         hop: {"count": len(v), "ms_per_round": round(sum(v) / rounds, 2), "mean_ms": round(sum(v) / len(v), 2)}
         for hop, v in sorted(hops.items(), key=lambda kv: -sum(kv[1]))
     }
+    per_round = 1000 * totals["latency_s"] / rounds
+    forward, drafting = sum(forward_ms) / rounds, sum(draft_ms) / rounds
     result = {
-        "args": vars(args), "rounds": rounds, "ms_per_round": round(1000 * totals["latency_s"] / rounds, 2),
-        "verifier_forward_ms_per_round": round(sum(forward_ms) / rounds, 2), "hops": table,
+        "args": vars(args), "rounds": rounds, "ms_per_round": round(per_round, 2),
+        "verifier_forward_ms_per_round": round(forward, 2),
+        # Drafting on a round's critical path: the slowest of its drafters' compute (they draft
+        # in parallel); what is left of a round is the control plane (Redis, msgpack, Lua,
+        # detokenization, waking processes).
+        "drafting_ms_per_round": round(drafting, 2),
+        "control_plane_ms_per_round": round(per_round - forward - drafting, 2),
+        "control_plane_share": round((per_round - forward - drafting) / per_round, 4),
+        "span_ms_per_round": round(totals["span_ms"] / rounds, 2), "hops": table,
         "stamp": stamp(), "other_cpu_share": other_share, "config": Path(args.config).read_text(),
     }
     path = write_result("hops", result)
     report_other_cpu(other_share)
-    print(json.dumps({k: result[k] for k in ("rounds", "ms_per_round", "verifier_forward_ms_per_round", "hops")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("rounds", "ms_per_round", "span_ms_per_round", "verifier_forward_ms_per_round", "drafting_ms_per_round",
+                                        "control_plane_ms_per_round", "control_plane_share", "hops")}, indent=1))
     print(f"wrote {path}")
 
 

@@ -36,6 +36,7 @@ from common import BENCH_DIR, OtherCpu, chat_ids, load_prompts, median, report_o
 from hops import RoundRecorder, by_position
 
 from cosine.config import load_config
+from cosine.distill.train import load_drafter_net
 from cosine.engine import GenerationRequest, LocalEngine
 from cosine.factory import build_stack
 from cosine.lossless import TIE_GAP, first_divergence, top2_gap
@@ -60,16 +61,17 @@ def hf_generate(model, ids, max_tokens, temperature, seed, **extra):
     return time.perf_counter() - began, out[0, len(ids) :].tolist()
 
 
-def full_vocab_model(target, drafter):
-    """The small drafter as a standard transformers Llama: its blocks and norm, the target's
-    embedding and (tied) full-vocabulary head."""
+def full_vocab_model(target, net):
+    """A small drafter's network (fp32, as its file holds it: not the served drafter's int8
+    layers) as a standard transformers Llama: its blocks and norm, the target's embedding and
+    (tied) full-vocabulary head."""
     config = copy.deepcopy(target.config)
-    config.num_hidden_layers = drafter.net.spec.layers
+    config.num_hidden_layers = net.spec.layers
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(config).eval()
-    state = {f"model.layers.{i}.{k}": v.to_dense() if v.is_mkldnn else v for i, block in enumerate(drafter.net.blocks) for k, v in block.state_dict().items()}
-    state["model.norm.weight"] = drafter.net.norm.weight.detach()
+    state = {f"model.layers.{i}.{k}": v.to_dense() if v.is_mkldnn else v for i, block in enumerate(net.blocks) for k, v in block.state_dict().items()}
+    state["model.norm.weight"] = net.norm.weight.detach()
     state["model.embed_tokens.weight"] = target.get_input_embeddings().weight.detach()
     model.load_state_dict(state, strict=False)
     model.tie_weights()
@@ -126,8 +128,8 @@ def main() -> None:
         engines["runner"] = LocalEngine(ModelRunner(model), tokenizer, [], mode="chain", max_batch=1, window=WindowPolicy(0, 0, 0, False))
     assistant = None
     if "hf-assisted" in systems:
-        small = next((d for d in stack.drafters if d.__class__.__name__ == "SmallDrafter"), None)
-        assistant = full_vocab_model(plain.model, small) if small else None
+        small = next((d for d in config.drafters if d.kind == "small"), None)
+        assistant = full_vocab_model(plain.model, load_drafter_net(Path(small.resolved_path), plain.model)[0]) if small else None
     supervisor = client = None
     if "pipeline" in systems:
         from cosine.client import Client

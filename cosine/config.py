@@ -105,6 +105,9 @@ class DrafterConfig:
     # model.threads); a drafter and the verifier of one request take turns, so on a small
     # machine the verifier gets every core and a drafter one.
     threads: int = 1
+    # small / feature on a CPU: int8 weights (dynamically quantized linears, ~3x faster drafting
+    # at the same acceptance); false: fp32 (bf16 where the CPU has it). The target is never quantized.
+    int8: bool = True
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -46,7 +46,7 @@ def build_drafter(spec: DrafterConfig, target: LoadedModel, config: Config) -> D
         from cosine.drafters.distilled import FeatureDrafter, SmallDrafter
 
         kind = SmallDrafter if spec.kind == "small" else FeatureDrafter
-        return kind(spec.name, spec.resolved_path, target.model, target.tokenizer)
+        return kind(spec.name, spec.resolved_path, target.model, target.tokenizer, int8=spec.int8)
     if spec.kind == "early-exit":
         model = early_exit_model(target.model, spec.layers)
     elif spec.kind == "layer-skip":

@@ -166,6 +166,8 @@ class Draft:
     """Drafter -> fusion: one drafter's chain for one round.
 
     draft_probs: [k][vocab] float32 bytes (little-endian) per token when sampled, else empty.
+    draft_ms: the drafter's compute time (``propose``) for the batch of jobs this draft came
+    from, for measurements of where a round's time goes.
     """
 
     KIND: ClassVar[str] = "draft"
@@ -179,6 +181,7 @@ class Draft:
     draft_probs: list[bytes] = field(default_factory=list)
     experts: list[str] = field(default_factory=list)
     context_len: int = 0
+    draft_ms: float = 0.0  # the drafter's compute for the batch of jobs this draft came from
 
 
 @dataclass(frozen=True, slots=True)

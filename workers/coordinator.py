@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.convert import empty_candidate, wire_sampling
 from cosine.workers.models import load_tokenizer_and_limits
+from redis.exceptions import ResponseError
 
 from cosine import bus, faults
 from cosine.spec.batching import BatchPolicy
@@ -116,8 +117,6 @@ class Coordinator(StageWorker):
         if any(w.item.request_id == state.request_id for w in self.pool):
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # this round, already pooled
             return
-        # Drafting is done: the drafter-deadline sweep lets go of this round.
-        await self.redis.zrem(self.keys.rounds, state.request_id)
         features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
         item = VerifyItem(state.request_id, state.round, state.context, candidate, wire_sampling(state), state.fingerprint, features_from)
         self.pool.append(_Waiting(entry_id, item, time.monotonic()))
@@ -125,10 +124,9 @@ class Coordinator(StageWorker):
     async def _flush(self, force: bool = False) -> None:
         while self.pool:
             if not force:
-                active = await self.redis.zcard(self.keys.deadlines)
+                active, busy = await self._load()
                 oldest = time.monotonic() - self.pool[0].arrived
                 tokens = sum(len(w.item.tree.tokens) + 1 for w in self.pool)
-                busy = await self._busy_verifiers()
                 if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.live_verifiers, busy):
                     return
             # One batch serves one target: the oldest candidate's.
@@ -137,21 +135,39 @@ class Coordinator(StageWorker):
             taken = same[: self.batch_policy.take(len(same))]
             batch = VerifyBatch(uuid.uuid4().hex[:12], [w.item for w in taken])
             stream = self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
-            await bus.write_and_ack(self.redis, [(stream, encode(batch))], self.keys.candidates, self.group, [w.entry_id for w in taken])
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(stream, encode(batch))
+                # Drafting is done: the drafter-deadline sweep lets go of these rounds.
+                pipe.zrem(self.keys.rounds, *(w.item.request_id for w in taken))
+                pipe.xack(self.keys.candidates, self.group, *(w.entry_id for w in taken))
+                await pipe.execute()
             # Only once written: a failed write keeps the candidates pooled (and pending).
             taken_ids = {w.entry_id for w in taken}
             self.pool = [w for w in self.pool if w.entry_id not in taken_ids]
             self.log.debug("batch %s: %d requests to %s", batch.batch_id, len(taken), stream)
 
-    async def _busy_verifiers(self) -> int:
-        """Batches queued or in verification, over the shared and the per-target streams."""
-        busy = 0
+    async def _load(self) -> tuple[int, int]:
+        """(active requests, batches queued or in verification over the shared and the
+        per-target verify streams), in one round trip: a batch decision sits on every round's
+        path."""
         streams = [self.keys.verify, *(self.keys.verify_for(f) for f in self.fingerprints)]
-        for stream in streams:
-            for group in await self.redis.xinfo_groups(stream) if await self.redis.exists(stream) else []:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.deadlines)
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+            replies = await pipe.execute(raise_on_error=False)
+        active, busy = replies[0], 0
+        if isinstance(active, Exception):
+            raise active
+        for groups in replies[1:]:
+            if isinstance(groups, ResponseError) and "no such key" in str(groups).lower():
+                continue  # a verify stream not created yet: nothing queued on it
+            if isinstance(groups, Exception):
+                raise groups
+            for group in groups:
                 if group["name"].decode() == self.keys.group("verifier"):
                     busy += int(group.get("lag") or 0) + int(group.get("pending") or 0)
-        return busy
+        return int(active), busy
 
     # ---- verified results -> state, output, next round ----------------------------------------
 

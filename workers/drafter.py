@@ -10,6 +10,7 @@ so any worker of the expert serves any round.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import torch
@@ -60,7 +61,9 @@ class DrafterWorker(StageWorker):
             DraftRequest(j.request_id, j.context, max(0, j.window), SamplingParams(*_sampling(j)), j.round, f) for j, f in zip(jobs, features)
         ]
         async with self.renewing(stream, [entry_id for entry_id, _ in entries]):
+            began = time.perf_counter()
             chains = await self.off_loop(self.drafter.propose, requests)
+            draft_ms = (time.perf_counter() - began) * 1000
         outputs = []
         for job, chain in zip(jobs, chains):
             draft = Draft(
@@ -74,6 +77,7 @@ class DrafterWorker(StageWorker):
                 draft_probs=probs_to_bytes(chain.draft_probs),
                 experts=job.experts,
                 context_len=len(job.context),
+                draft_ms=draft_ms,
             )
             outputs.append((self.keys.drafts, encode(draft)))
         await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])

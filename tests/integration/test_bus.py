@@ -410,3 +410,47 @@ def test_entries_waiting_their_turn_are_not_reclaimed_by_their_own_worker(server
         await client.aclose()
 
     run(scenario())
+
+
+def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(server):
+    """The batch decision's load (active requests, batches queued or in verification on the
+    shared and per-target verify streams, one of which may not exist yet) comes from one
+    pipelined read; a flushed batch is written, its candidates acknowledged and its rounds taken
+    off the drafter-deadline set, together."""
+    import time
+
+    from cosine.workers.coordinator import Coordinator, _Waiting
+
+    from cosine.spec.batching import BatchPolicy
+    from cosine.wire import Candidate, Sampling, VerifyBatch, VerifyItem, decode, encode
+
+    async def scenario():
+        client = await fresh(server)
+        coordinator = Coordinator(Config(), server)
+        coordinator.redis, coordinator.pool, coordinator.live_verifiers = client, [], 1
+        coordinator.batch_policy = BatchPolicy(8, max_wait_s=0.1)
+        coordinator.fingerprints = {"target-a"}  # its stream does not exist yet
+        verifier_group = KEYS.group("verifier")
+        assert await coordinator._load() == (0, 0)
+        await client.zadd(KEYS.deadlines, {"r1": 2**40, "r2": 2**40})
+        await bus.ensure_group(client, KEYS.verify, verifier_group)
+        await client.xadd(KEYS.verify, {"m": b"queued"})  # unread: lag 1
+        await client.xadd(KEYS.verify, {"m": b"taken"})
+        await client.xreadgroup(verifier_group, "v1", {KEYS.verify: ">"}, count=1)  # pending 1, lag 1
+        assert await coordinator._load() == (2, 2)
+
+        await bus.ensure_group(client, KEYS.candidates, coordinator.group)
+        await client.zadd(KEYS.rounds, {"r1": 1, "r2": 1})
+        candidate = Candidate("r1", 0, [], [], [], [], [])
+        entry_id = await client.xadd(KEYS.candidates, encode(candidate))
+        await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
+        coordinator.pool.append(_Waiting(entry_id, VerifyItem("r1", 0, [1, 2], candidate, Sampling(), ""), time.monotonic()))
+        await coordinator._flush(force=True)
+        assert coordinator.pool == []
+        assert await client.zrange(KEYS.rounds, 0, -1) == [b"r2"]
+        assert await client.xpending_range(KEYS.candidates, coordinator.group, "-", "+", 10) == []
+        _, fields = (await client.xrange(KEYS.verify))[-1]
+        assert [item.request_id for item in decode(fields, VerifyBatch).items] == ["r1"]
+        await client.aclose()
+
+    run(scenario())

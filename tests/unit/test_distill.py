@@ -185,18 +185,26 @@ def test_a_drafter_distilled_for_a_random_target_loads_and_drafts(tmp_path, kind
         distill(target, tokenizer, kind=kind, work=tmp_path / "work", out=tmp_path / "out3", data_plan=plan, train_plan=replace(train_plan, epochs=3), documents=documents, prompts=prompts)
     assert agreement(net, torch.zeros(0, 4, dtype=torch.int32), torch.zeros(0, 4, 32), torch.zeros(0, 4), 1, 4) == []
     if kind == "small":
-        from cosine.drafters.distilled import SmallDrafter, cpu_bf16
+        from cosine.drafters.distilled import SmallDrafter, cpu_bf16, cpu_int8
 
-        drafter = SmallDrafter("tiny", tmp_path / "out", target)
+        # int8 (the default on a CPU) drafts from the reduced vocabulary, greedy and sampled.
+        quantized = SmallDrafter("tiny", tmp_path / "out", target)
+        assert quantized.int8 == cpu_int8(torch.device("cpu"))
+        context = tokenizer.encode("the quick brown")
+        chain = quantized.propose([DraftRequest("q", context, 4, SamplingParams(), 0)])[0]
+        assert len(chain.tokens) == 4 and all(t in set(net.vocab.tolist()) for t in chain.tokens)
+        sampled = quantized.propose([DraftRequest("s", context, 3, SamplingParams(temperature=0.8, seed=3), 0)])[0]
+        torch.testing.assert_close(sampled.draft_probs.sum(-1), torch.ones(3))
+        # Without int8: the exact paths below (cache continuation equals a fresh start).
+        drafter = SmallDrafter("tiny", tmp_path / "out", target, int8=False)
         if cpu_bf16(torch.device("cpu")):  # bf16 weights where the CPU has native bf16; the shared embedding untouched
             assert drafter.net.head.dtype == torch.bfloat16 and drafter.net.embedding.dtype == torch.float32
-        context = tokenizer.encode("the quick brown")
         greedy = drafter.propose([DraftRequest("a", context, 4, SamplingParams(), 0)])[0]
         assert len(greedy.tokens) == 4 and all(t in set(net.vocab.tolist()) for t in greedy.tokens)
         # The cache continues the context: the same draft after an accepted token as from scratch.
         longer = context + [greedy.tokens[0]]
         continued = drafter.propose([DraftRequest("a", longer, 3, SamplingParams(), 1)])[0]
-        fresh = SmallDrafter("tiny", tmp_path / "out", target).propose([DraftRequest("b", longer, 3, SamplingParams(), 1)])[0]
+        fresh = SmallDrafter("tiny", tmp_path / "out", target, int8=False).propose([DraftRequest("b", longer, 3, SamplingParams(), 1)])[0]
         assert continued.tokens == fresh.tokens
         torch.testing.assert_close(torch.tensor(continued.confidences), torch.tensor(fresh.confidences), atol=1e-5, rtol=1e-4)
         sampled = drafter.propose([DraftRequest("c", context, 3, SamplingParams(temperature=0.8, seed=3), 0)])[0]
