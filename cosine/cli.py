@@ -384,7 +384,9 @@ def distill(
     dtype: str = typer.Option("float16", "--dtype", help="exported tensors: float16, bfloat16 or int8 (per-row scales)"),
     device: str | None = typer.Option(None, "--device", help="default: model.device (cpu, cuda, auto)"),
     seed: int = typer.Option(0, "--seed"),
-    init: Path | None = typer.Option(None, "--init", help="start from this drafter's tensors (same kind and shape), e.g. to adapt a general drafter"),
+    init: Path | None = typer.Option(None, "--init", help="start from this drafter's tensors and vocabulary (same kind and shape), e.g. to adapt a general drafter to a domain"),
+    domain: str | None = typer.Option(None, "--domain", help="an expert's data: code, chat or math prompts (and that domain's text sources) instead of the general mix"),
+    union_of: list[Path] | None = typer.Option(None, "--union-of", help="train on the labelled data of these earlier runs' work directories together (no data of its own; needs --init)"),
     exclude: list[Path] | None = typer.Option(None, "--exclude", help="JSONL prompt files (e.g. evaluation sets): no built-in prompt uses a word of theirs"),
     config_path: Path | None = ConfigOption,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -410,9 +412,16 @@ def distill(
             raise typer.BadParameter("too small", param_hint=name)
     try:
         avoid = tuple(corpus_module.read_eval_prompts(list(exclude))) if exclude else ()
-        if data is not None:
+        if union_of:
+            documents, prompts = [], []
+        elif data is not None:
             documents, prompts = corpus_module.read_jsonl(data)
             prompts = prompts[:chat_prompts] if chat_prompts else []
+        elif domain is not None:
+            domain_sources = list(corpus_module.DOMAIN_SOURCES.get(domain, ()))
+            documents = corpus_module.general_mix(domain_sources, seed=seed) if domain_sources and text_tokens else []
+            excluded = corpus_module.eval_words(list(exclude)) if exclude else set()
+            prompts = [[{"role": "user", "content": p}] for p in corpus_module.domain_prompts(domain, chat_prompts, seed=seed, exclude_words=excluded)] if chat_prompts else []
         else:
             names = [s.strip() for s in sources.split(",") if s.strip()]
             documents = corpus_module.general_mix(names, seed=seed)
@@ -431,6 +440,8 @@ def distill(
     def progress(description: str, total: int):
         return tqdm(total=total, desc=description, unit="", dynamic_ncols=True, leave=True)
 
+    if union_of and init is None:
+        raise typer.BadParameter("training on other runs' data needs --init (their vocabulary)", param_hint="--union-of")
     if init is not None and not (init.expanduser() / "drafter.json").is_file():
         raise typer.BadParameter(f"{init} holds no drafter.json (made by `cosine distill`)", param_hint="--init")
     try:
@@ -439,6 +450,7 @@ def distill(
             data_plan=DataPlan(text_tokens, chat_prompts, answer_tokens, seq_len, vocab, vocab_corpus_tokens, sampled_prompts=sampled_prompts, avoid=avoid, batch_size=label_batch, generation_batch=generation_batch, seed=seed),
             train_plan=TrainPlan(kind=kind, layers=layers, epochs=epochs, batch_size=batch_size, lr=lr, unroll=unroll, dtype=dtype, seed=seed, train_tokens=train_tokens, steps=steps),
             documents=documents, prompts=prompts, progress=progress, init=init.expanduser() if init else None,
+            union_of=[p.expanduser() for p in union_of or []],
         )
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--work / --init") from None

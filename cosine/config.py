@@ -17,7 +17,7 @@ from typing import Any
 
 DEMO_TARGET_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = "~/.cache/cosine"
-DRAFTER_KINDS = ("early-exit", "feature", "layer-skip", "model", "prompt-lookup", "small")
+DRAFTER_KINDS = ("early-exit", "feature", "layer-skip", "model", "prompt-lookup", "small", "suffix")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -74,7 +74,7 @@ class DefaultsConfig:
 
 @dataclass(frozen=True, slots=True)
 class SpeculationConfig:
-    mode: str = "chain"  # "chain": first drafter only; "tree": all drafters fused into a tree
+    mode: str = "chain"  # "chain": first drafter only; "tree": whole chains fused into a tree; "step": fused step by step (local engine)
     window: int = 4
     min_window: int = 1
     max_window: int = 8
@@ -83,8 +83,8 @@ class SpeculationConfig:
     max_tree_nodes: int = 32
 
     def __post_init__(self) -> None:
-        if self.mode not in ("chain", "tree"):
-            raise ValueError(f"speculation.mode must be 'chain' or 'tree', got {self.mode!r}")
+        if self.mode not in ("chain", "tree", "step"):
+            raise ValueError(f"speculation.mode must be 'chain', 'tree' or 'step', got {self.mode!r}")
         if not 0 <= self.min_window <= self.window <= self.max_window:
             raise ValueError("need 0 <= speculation.min_window <= window <= max_window")
         if self.max_batch < 1 or self.max_tree_nodes < 1:
@@ -100,6 +100,8 @@ class DrafterConfig:
     skip: tuple[int, ...] = ()  # layer-skip: the target's layers to leave out
     model: str = ""  # model: path of a small causal LM sharing the target's tokenizer
     max_ngram: int = 3  # prompt-lookup
+    max_depth: int = 8  # suffix: longest context suffix remembered
+    max_tokens: int = 200_000  # suffix: tokens of history kept per domain (oldest sequences forgotten first)
     path: str = ""  # small: directory made by `cosine distill` (relative: to the working directory, else to the package)
     # torch threads of this drafter's own process under `cosine serve` (the verifier takes
     # model.threads); a drafter and the verifier of one request take turns, so on a small
@@ -173,6 +175,15 @@ class RouterConfig:
     max_experts: int = 2  # cooperating experts per request
     # expert -> keywords: a prompt mentioning one is routed to that expert too
     keywords: dict = field(default_factory=dict)
+    # Online routing (the paper's): per request, each expert's score is the harmonic mean of its
+    # drafting confidence and verified consistency (running, weight `decay` per round), started
+    # from the cold-start classifier (drafters' profile.safetensors); an expert cooperates while it
+    # scores at least cooperate_ratio of the best; below explore_below accepted tokens per round an
+    # untried expert gets a turn.
+    online: bool = True
+    decay: float = 0.3
+    explore_below: float = 1.0
+    cooperate_ratio: float = 0.6
 
     def __post_init__(self) -> None:
         if not self.default_experts or self.max_experts < 1:

@@ -1,9 +1,12 @@
 """The single-process reference engine: draft -> verify rounds in one process.
 
 It is the oracle the distributed pipeline is tested against, and the smallest complete picture
-of the algorithm: each round, every drafter proposes a chain per request; chains are used as is
-(chain mode) or fused into a token tree (tree mode); one target forward verifies the whole batch;
-each request keeps its accepted tokens plus one recovered/bonus token; windows are retuned.
+of the algorithm: each round, the request's drafters (all of them, or those its routing state
+chooses) propose; proposals are used as is (chain mode: the first drafter), fused into a token
+tree from whole chains (tree mode) or fused step by step, every drafter continuing from the most
+confident token of each step (step mode); one target forward verifies the whole batch; each
+request keeps its accepted tokens plus one recovered/bonus token; windows and routing scores are
+retuned from what was accepted.
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ import torch
 from cosine.drafters.base import Drafter, DraftRequest
 from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.spec.acceptance import Verdict, verify_greedy, verify_sampling
+from cosine.spec.routing import PromptClassifier, RequestRouting, RoundFeedback, RoutingPolicy
 from cosine.spec.sampling import SamplingParams, request_generator, warp_probs
 from cosine.spec.stopping import FINISH_ERROR, Emission, OutputAssembler, StopRules
-from cosine.spec.tree import DraftChain, DraftTree, merge_chains
+from cosine.spec.tree import DraftChain, DraftTree, fuse_steps, fused_token, merge_chains
 from cosine.spec.window import WindowPolicy
 
 log = logging.getLogger(__name__)
 
-MODES = ("chain", "tree")
+MODES = ("chain", "tree", "step")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,7 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams
     stop: StopRules
+    expert: str | None = None  # pin the request to this drafter (routing on)
 
 
 @dataclass(slots=True)
@@ -52,6 +57,9 @@ class GenerationResult:
     accepted_tokens: int = 0
     seconds: float = 0.0
     first_token_seconds: float = 0.0
+    drafters: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> drafted, accepted
+    first_choice: str = ""  # routing: the cold-start choice
+    chosen: list[tuple[str, ...]] = field(default_factory=list)  # routing: the drafters of each round
 
     def final_entry(self) -> dict:
         entry = {
@@ -65,6 +73,7 @@ class GenerationResult:
             "rounds": self.rounds,
             "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens,
+            "drafters": self.drafters,
         }
         if self.error:
             entry["error"] = self.error
@@ -81,6 +90,10 @@ class _Active:
     result: GenerationResult
     round_index: int = 0
     features: torch.Tensor | None = None  # the target's hidden states at positions 0.. (feature drafters)
+    routing: RequestRouting | None = None
+    drafting: list[str] = field(default_factory=list)  # this round's drafters
+    draws: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)  # this round: drafter -> (depth, token, confidence)
+    chained: bool = True  # this round's draws are whole chains (tree/chain) rather than steps
 
 
 EmissionCallback = Callable[[str, Emission], None]
@@ -126,6 +139,8 @@ class LocalEngine:
         max_batch: int = 8,
         max_tree_nodes: int = 32,
         context_limit: int | None = None,
+        routing: RoutingPolicy | None = None,
+        classifier: PromptClassifier | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -141,6 +156,8 @@ class LocalEngine:
         self.max_batch = max_batch
         self.max_tree_nodes = max_tree_nodes
         self.context_limit = context_limit or target.model.config.max_position_embeddings
+        self.routing = routing  # None: every drafter drafts for every request
+        self.classifier = classifier
         self.stats = EngineStats()
         drafting = self.drafters if mode == "tree" else self.drafters[:1]
         self.needs_features = any(getattr(d, "needs_features", False) for d in drafting)
@@ -177,7 +194,15 @@ class LocalEngine:
             return GenerationResult(request.request_id, FINISH_ERROR, error=reason, prompt_tokens=prompt_len)
         result = GenerationResult(request.request_id, "", prompt_tokens=prompt_len)
         assembler = OutputAssembler(self.tokenizer, request.stop)
-        return _Active(request, assembler, list(request.prompt_ids), self.window.initial, time.perf_counter(), result)
+        state = _Active(request, assembler, list(request.prompt_ids), self.window.initial, time.perf_counter(), result)
+        if self.routing is not None:
+            names = [d.name for d in self.drafters]
+            if request.expert is not None and request.expert not in names:
+                return GenerationResult(request.request_id, FINISH_ERROR, error=f"unknown expert {request.expert!r} (valid: {', '.join(names)})", prompt_tokens=prompt_len)
+            prior = self.classifier.probabilities(request.prompt_ids) if self.classifier else {}
+            state.routing = RequestRouting.start(names, prior, self.routing, request.expert)
+            result.first_choice = state.routing.first_choice
+        return state
 
     def _round(self, active: list[_Active], on_emission: EmissionCallback | None) -> list[_Active]:
         began = time.perf_counter()
@@ -207,15 +232,77 @@ class LocalEngine:
         return finished
 
     def _draft(self, active: list[_Active]) -> list[DraftTree]:
-        drafters = self.drafters if self.mode == "tree" else self.drafters[:1]
-        room = [min(s.window, s.request.stop.max_tokens - len(s.assembler.token_ids) - 1) for s in active]
-        requests = [
-            DraftRequest(s.request.request_id, s.context, max(0, w), s.request.sampling, s.round_index, s.features)
-            for s, w in zip(active, room)
-        ]
-        per_drafter = [drafter.propose(requests) for drafter in drafters]
-        chains_per_request: list[list[DraftChain]] = [list(chains) for chains in zip(*per_drafter)] or [[] for _ in active]
-        return [merge_chains([c for c in chains if len(c)], self.max_tree_nodes) for chains in chains_per_request]
+        for state in active:
+            if state.routing is not None:
+                state.drafting = state.routing.choose(self.routing)
+            else:
+                state.drafting = [d.name for d in (self.drafters if self.mode != "chain" else self.drafters[:1])]
+            if self.mode == "chain":
+                state.drafting = state.drafting[:1]
+            state.draws = {name: [] for name in state.drafting}
+            state.result.chosen.append(tuple(state.drafting))
+        room = [max(0, min(s.window, s.request.stop.max_tokens - len(s.assembler.token_ids) - 1)) for s in active]
+        if self.mode == "step":
+            return self._draft_steps(active, room)
+        chains: list[list[DraftChain]] = [[] for _ in active]
+        for drafter in self.drafters:
+            mine = [i for i, s in enumerate(active) if drafter.name in s.drafting]
+            if not mine:
+                continue
+            requests = [self._draft_request(active[i], room[i]) for i in mine]
+            for i, chain in zip(mine, drafter.propose(requests)):
+                chains[i].append(chain)
+                active[i].draws[drafter.name] = [(d, t, c) for d, (t, c) in enumerate(zip(chain.tokens, chain.confidences))]
+                active[i].chained = True
+        return [merge_chains([c for c in per if len(c)], self.max_tree_nodes) for per in chains]
+
+    def _draft_steps(self, active: list[_Active], room: list[int]) -> list[DraftTree]:
+        """Step mode: each step, every drafting drafter proposes one token after the fused
+        prefix; the most confident one is appended and the next step starts from it."""
+        levels: list[list[list[DraftChain]]] = [[] for _ in active]
+        fused: list[list[int]] = [[] for _ in active]
+        live = [i for i, w in enumerate(room) if w > 0]
+        step = 0
+        budget = [max(1, self.max_tree_nodes // max(1, len(s.drafting))) for s in active]
+        while live:
+            proposals: dict[int, list[DraftChain]] = {i: [] for i in live}
+            for drafter in self.drafters:
+                mine = [i for i in live if drafter.name in active[i].drafting]
+                if not mine:
+                    continue
+                requests = [self._draft_request(active[i], 1, extra=fused[i], step=step) for i in mine]
+                for i, chain in zip(mine, drafter.propose(requests)):
+                    proposals[i].append(chain)
+                    if len(chain):
+                        active[i].draws[drafter.name].append((step, chain.tokens[0], chain.confidences[0]))
+            step += 1
+            still = []
+            for i in live:
+                token = fused_token(proposals[i])
+                levels[i].append(proposals[i])
+                if token is None:
+                    continue
+                fused[i].append(token)
+                if step < room[i] and step < budget[i]:
+                    still.append(i)
+            live = still
+        for state in active:
+            state.chained = False
+        return [fuse_steps(per) for per in levels]
+
+    def _draft_request(self, state: _Active, window: int, extra: list[int] = (), step: int = 0) -> DraftRequest:
+        context = state.context + list(extra) if extra else state.context
+        domain = state.routing.first_choice if state.routing is not None else ""
+        return DraftRequest(state.request.request_id, context, window, state.request.sampling, state.round_index, state.features, domain, step)
+
+    def _account(self, state: _Active, tree: DraftTree, verdict: Verdict) -> None:
+        feedback = drafter_feedback(state.draws, verdict.accepted_tokens, state.chained)
+        for name, fed in feedback.items():
+            counts = state.result.drafters.setdefault(name, {"drafted": 0, "accepted": 0})
+            counts["drafted"] += fed.drafted
+            counts["accepted"] += fed.accepted
+        if state.routing is not None:
+            state.routing.observe(feedback, verdict.accepted_len, self.routing)
 
     def _verify(self, state: _Active, tree: DraftTree, logits: torch.Tensor) -> Verdict:
         sampling = state.request.sampling
@@ -232,10 +319,12 @@ class LocalEngine:
         result.rounds += 1
         result.draft_tokens += len(tree)
         result.accepted_tokens += min(verdict.accepted_len, len(emission.token_ids))
+        self._account(state, tree, verdict)
         state.context.extend(verdict.new_tokens)
         state.round_index += 1
         for drafter in self.drafters:
-            drafter.observe(state.request.request_id, len(tree), verdict.accepted_len)
+            if drafter.name in state.drafting:
+                drafter.observe(state.request.request_id, len(tree), verdict.accepted_len)
         state.window = self.window.next_window(state.window, len(tree), verdict.accepted_len)
         if on_emission is not None and (emission.token_ids or emission.finish_reason):
             on_emission(state.request.request_id, emission)
@@ -250,6 +339,24 @@ class LocalEngine:
         for drafter in self.drafters:
             drafter.release(state.request.request_id)
         return True
+
+
+def drafter_feedback(draws: dict[str, list[tuple[int, int, float]]], accepted_tokens: Sequence[int], chained: bool) -> dict[str, RoundFeedback]:
+    """Per drafter: its drafted tokens this round, how many the target accepted, and the sum of
+    its confidences. A chain's token counts as accepted while the chain follows the accepted path
+    (its tokens after a divergence were drafted after another prefix); a step's token counts when
+    it is the accepted token of its step (every step drafts after the accepted prefix)."""
+    feedback = {}
+    for name, made in draws.items():
+        accepted = 0
+        for depth, token, _ in made:
+            hit = depth < len(accepted_tokens) and accepted_tokens[depth] == token
+            if hit:
+                accepted += 1
+            elif chained:
+                break
+        feedback[name] = RoundFeedback(len(made), accepted, sum(c for _, _, c in made))
+    return feedback
 
 
 def _stored(features: torch.Tensor | None) -> int:

@@ -11,9 +11,11 @@ from cosine.config import Config, DrafterConfig
 from cosine.drafters.base import Drafter
 from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_model
+from cosine.drafters.suffix import SuffixDrafter
 from cosine.engine import LocalEngine
 from cosine.models.loading import LoadedModel, load_model, prepack_cpu_linears
 from cosine.models.runner import ModelRunner
+from cosine.spec.routing import PromptClassifier, routing_policy
 from cosine.spec.window import WindowPolicy
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ def load_target(config: Config, threads: int | None = None) -> LoadedModel:
 def build_drafter(spec: DrafterConfig, target: LoadedModel, config: Config) -> Drafter:
     if spec.kind == "prompt-lookup":
         return PromptLookupDrafter(spec.name, max_ngram=spec.max_ngram)
+    if spec.kind == "suffix":
+        return SuffixDrafter(spec.name, max_depth=spec.max_depth, max_tokens=spec.max_tokens)
     if spec.kind in ("small", "feature"):
         from cosine.drafters.distilled import FeatureDrafter, SmallDrafter
 
@@ -74,8 +78,24 @@ def build_stack(config: Config, drafter_names: list[str] | None = None) -> Stack
     return Stack(target, runner, drafters)
 
 
+def routing_classifier(config: Config, vocab_size: int, names: list[str] | None = None) -> PromptClassifier | None:
+    """The cold-start classifier over the drafters that carry a routing profile (those made by
+    `cosine distill` with chat data), keyed by drafter name; None when none does."""
+    from cosine.distill.train import load_profile
+
+    profiles = {}
+    for spec in config.drafters:
+        if spec.kind in ("small", "feature") and (names is None or spec.name in names):
+            profile = load_profile(spec.resolved_path)
+            if profile:
+                profiles[spec.name] = profile
+    return PromptClassifier(profiles, vocab_size) if profiles else None
+
+
 def build_engine(config: Config, stack: Stack) -> LocalEngine:
     spec = config.speculation
+    names = [d.name for d in stack.drafters]
+    online = config.router.online and len(names) > 1
     return LocalEngine(
         stack.runner,
         stack.target.tokenizer,
@@ -84,4 +104,6 @@ def build_engine(config: Config, stack: Stack) -> LocalEngine:
         window=WindowPolicy(spec.window, spec.min_window, spec.max_window, spec.adaptive_window),
         max_batch=spec.max_batch,
         max_tree_nodes=spec.max_tree_nodes,
+        routing=routing_policy(config) if online else None,
+        classifier=routing_classifier(config, len(stack.target.tokenizer), names) if online else None,
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import msgpack
 
+from cosine.spec.routing import RequestRouting, RoundFeedback, RoutingPolicy, by_expert
 from cosine.spec.sampling import SamplingParams
 from cosine.spec.stopping import FINISH_ERROR, OutputAssembler, StopRules
 from cosine.spec.window import WindowPolicy
@@ -42,6 +43,8 @@ class RequestState:
     deadline_ms: int = 0  # epoch ms: the request ends with error_code=deadline then
     cancel_requested: bool = False  # set only by the cancel function (never written back)
     feature_rows: int = 0  # rows in the features key (kept by the apply-round function; never written back)
+    routing: dict | None = None  # RequestRouting.to_dict(): online routing scores (None: fixed experts)
+    drafters: dict = field(default_factory=dict)  # drafter name -> [drafted, accepted]
 
     @property
     def context(self) -> list[int]:
@@ -71,6 +74,8 @@ class RequestState:
             "fingerprint": self.fingerprint,
             "created_ms": str(self.created_ms),
             "deadline_ms": str(self.deadline_ms),
+            "routing": json.dumps(self.routing) if self.routing is not None else "",
+            "drafters": json.dumps(self.drafters),
         }
 
     @classmethod
@@ -102,7 +107,14 @@ class RequestState:
             deadline_ms=int(f.get("deadline_ms", b"0")),
             cancel_requested="cancel" in f,
             feature_rows=int(f.get("feat_n", b"0")),
+            routing=json.loads(f["routing"]) if f.get("routing") else None,
+            drafters=json.loads(f.get("drafters", b"{}")),
         )
+
+    @property
+    def domain(self) -> str:
+        """The request's first-choice expert (per-domain datastores key on it)."""
+        return self.routing["first"] if self.routing else (self.experts[0] if self.experts else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +137,7 @@ def final_entry(state: RequestState, text: str, finish_reason: str, error: str =
         "rounds": str(state.rounds),
         "draft_tokens": str(state.draft_tokens),
         "accepted_tokens": str(state.accepted_tokens),
+        "drafters": json.dumps({name: {"drafted": d, "accepted": a} for name, (d, a) in state.drafters.items()}),
     }
     if error:
         entry["error"] = error
@@ -135,7 +148,7 @@ def final_entry(state: RequestState, text: str, finish_reason: str, error: str =
 def refusal_entry(error: str, error_code: str, error_param: str = "") -> dict[str, str]:
     """The one final entry of a request refused before it started."""
     entry = {"type": "final", "finish_reason": "error", "text": "", "token_ids": "[]", "prompt_tokens": "0",
-             "generated_tokens": "0", "rounds": "0", "draft_tokens": "0", "accepted_tokens": "0",
+             "generated_tokens": "0", "rounds": "0", "draft_tokens": "0", "accepted_tokens": "0", "drafters": "{}",
              "error": error, "error_code": error_code}
     if error_param:
         entry["error_param"] = error_param
@@ -150,8 +163,13 @@ def advance(
     tokenizer,
     policy: WindowPolicy,
     fingerprint: str = "",
+    feedback: dict[str, RoundFeedback] | None = None,
+    routing_policy: RoutingPolicy | None = None,
+    expert_of: dict[str, str] | None = None,
 ) -> RoundUpdate:
-    """Apply one verified round: clip by the stop rules, emit text, retune the window."""
+    """Apply one verified round: clip by the stop rules, emit text, retune the window, count
+    each drafter's drafted and accepted tokens (``feedback``) and, with online routing, move the
+    routing scores and choose the next round's experts."""
     assembler = OutputAssembler(
         tokenizer,
         state.stop_rules,
@@ -161,6 +179,17 @@ def advance(
     )
     emission = assembler.extend([*accepted_tokens, next_token])
     kept_accepted = min(len(accepted_tokens), len(emission.token_ids))
+    drafters = {name: list(counts) for name, counts in state.drafters.items()}
+    for name, fed in (feedback or {}).items():
+        counts = drafters.setdefault(name, [0, 0])
+        counts[0] += fed.drafted
+        counts[1] += fed.accepted
+    routing, experts = state.routing, state.experts
+    if routing is not None and routing_policy is not None:
+        online = RequestRouting.from_dict(routing)
+        online.observe(by_expert(feedback or {}, expert_of or {}), len(accepted_tokens), routing_policy)
+        experts = online.choose(routing_policy)
+        routing = online.to_dict()
     new_state = replace(
         state,
         round=state.round + 1,
@@ -172,6 +201,9 @@ def advance(
         window=policy.next_window(state.window, draft_tokens, len(accepted_tokens)),
         fingerprint=state.fingerprint or fingerprint,
         status=FINISHED if emission.finish_reason else ACTIVE,
+        drafters=drafters,
+        routing=routing,
+        experts=experts,
     )
     entries = []
     if emission.token_ids or emission.text:

@@ -159,6 +159,7 @@ class DraftJob:
     # appends them; one holding fewer reads the request's features key (``Keys.features``).
     features: bytes = b""
     features_start: int = 0
+    domain: str = ""  # the request's first-choice expert (per-domain suffix datastores key on it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +231,8 @@ class VerifiedItem:
     error_code: str = ""
     features: bytes = b""  # fp16 rows, positions features_start .. L - 1 + len(accepted_tokens)
     features_start: int = 0
+    # Per drafter that proposed nodes of the tree: [name, drafted, accepted, confidence sum].
+    drafters: list = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cosine.spec.routing import RoundFeedback
 from cosine.spec.sampling import SamplingParams
 from cosine.spec.tree import DraftChain, DraftTree, Draw
 from cosine.state import RequestState
@@ -100,3 +101,14 @@ def wire_sampling(state: RequestState) -> Sampling:
 def empty_candidate(state: RequestState) -> Candidate:
     """A round with no drafts: the target alone produces one token."""
     return Candidate(state.request_id, state.round, [], [], [], [], [], [])
+
+
+def feedback_from_wire(rows: list) -> dict[str, RoundFeedback]:
+    """A verified item's per-drafter rows ([name, drafted, accepted, confidence sum]); rows that
+    are not of that shape are left out (accounting is never worth failing a round for)."""
+    feedback = {}
+    for row in rows if isinstance(rows, list) else []:
+        if (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row[1:3])
+                and isinstance(row[3], (int, float))):
+            feedback[row[0]] = RoundFeedback(row[1], min(row[1], row[2]), float(row[3]))
+    return feedback

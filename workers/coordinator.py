@@ -22,12 +22,13 @@ import uuid
 from dataclasses import dataclass
 
 from cosine.workers.base import Entry, StageWorker
-from cosine.workers.convert import empty_candidate, wire_sampling
+from cosine.workers.convert import empty_candidate, feedback_from_wire, wire_sampling
 from cosine.workers.models import load_tokenizer_and_limits
 from redis.exceptions import ResponseError
 
 from cosine import bus, faults
 from cosine.spec.batching import BatchPolicy
+from cosine.spec.routing import routing_policy
 from cosine.spec.window import WindowPolicy
 from cosine.state import ACTIVE, RequestState, RoundUpdate, advance, fail
 from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
@@ -51,6 +52,8 @@ class Coordinator(StageWorker):
         self.tokenizer, _, _ = await self.off_loop(load_tokenizer_and_limits, self.config)
         spec = self.config.speculation
         self.window_policy = WindowPolicy(spec.window, spec.min_window, spec.max_window, spec.adaptive_window)
+        self.routing_policy = routing_policy(self.config)
+        self.expert_of = {d.name: d.expert for d in self.config.drafters}
         self.batch_policy = BatchPolicy(spec.max_batch, max_wait_s=self.config.pipeline.batch_wait_ms / 1000)
         self.pool: list[_Waiting] = []
         self.live_experts: set[str] = set()
@@ -194,7 +197,8 @@ class Coordinator(StageWorker):
             elif item.error:
                 update = fail(state, self.tokenizer, item.error, error_code=item.error_code or "internal")
             else:
-                update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, fingerprint)
+                update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, fingerprint,
+                                 feedback_from_wire(item.drafters), self.routing_policy, self.expert_of)
             if await self._apply(state, update, item) != "cancelled":
                 return
 
@@ -219,7 +223,7 @@ class Coordinator(StageWorker):
         window = min(state.window, max(0, room))
         if not experts or window <= 0:
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
-        job = DraftJob(state.request_id, state.round, state.context, window, wire_sampling(state), experts, int(time.time() * 1000), features, features_start)
+        job = DraftJob(state.request_id, state.round, state.context, window, wire_sampling(state), experts, int(time.time() * 1000), features, features_start, state.domain)
         return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
 
     # ---- sweeps --------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class DrafterWorker(StageWorker):
         jobs = [decode(fields, DraftJob) for _, fields in entries]
         features = [await self._features(j) for j in jobs] if self.drafter.needs_features else [None] * len(jobs)
         requests = [
-            DraftRequest(j.request_id, j.context, max(0, j.window), SamplingParams(*_sampling(j)), j.round, f) for j, f in zip(jobs, features)
+            DraftRequest(j.request_id, j.context, max(0, j.window), SamplingParams(*_sampling(j)), j.round, f, j.domain) for j, f in zip(jobs, features)
         ]
         async with self.renewing(stream, [entry_id for entry_id, _ in entries]):
             began = time.perf_counter()

@@ -16,11 +16,11 @@ import time
 
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.convert import empty_candidate, wire_sampling
-from cosine.workers.models import load_tokenizer_and_limits
+from cosine.workers.models import expert_classifier, load_tokenizer_and_limits
 
 from cosine import bus
 from cosine.requests import RequestError, eos_token_ids, parse_stop, prompt_token_ids, sampling_params
-from cosine.spec.routing import choose_experts
+from cosine.spec.routing import RequestRouting, choose_experts, routing_policy
 from cosine.state import ACTIVE, RequestState, fail, refusal_entry
 from cosine.wire import DraftJob, encode
 
@@ -39,6 +39,8 @@ class Router(StageWorker):
         self.tokenizer, self.context_limit, self.model_config = await self.off_loop(load_tokenizer_and_limits, self.config)
         self.eos_ids = eos_token_ids(self.tokenizer, self.model_config)
         self.experts = sorted({d.expert for d in self.config.drafters})
+        self.routing_policy = routing_policy(self.config)
+        self.classifier = await self.off_loop(expert_classifier, self.config, len(self.tokenizer)) if self.config.router.online else None
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         for entry_id, fields in entries:
@@ -66,7 +68,7 @@ class Router(StageWorker):
         experts = [e for e in state.experts if e in live]  # fusion waits only for experts that can answer
         if experts:
             streams = [self.keys.draft(e) for e in experts]
-            job = DraftJob(state.request_id, 0, state.context, state.window, wire_sampling(state), experts, int(time.time() * 1000))
+            job = DraftJob(state.request_id, 0, state.context, state.window, wire_sampling(state), experts, int(time.time() * 1000), domain=state.domain)
             payload = encode(job)[b"m"]
         else:  # no drafter alive for these experts: start without drafts (window 0)
             streams, payload = [self.keys.candidates], encode(empty_candidate(state))[b"m"]
@@ -100,7 +102,19 @@ class Router(StageWorker):
             raise RequestError(f"unknown expert {pinned!r}; valid experts: {', '.join(self.experts)}", "expert")
         deadline_s = _deadline_field(fields, self.config.pipeline.deadline_s)
         text = fields.get("prompt") or fields.get("messages") or ""
-        experts = choose_experts(text, pinned, self.config.router.default_experts, self.config.router.keywords, self.experts, self.config.router.max_experts)
+        router = self.config.router
+        routing = None
+        if router.online and self.experts:
+            # Every expert is a candidate (keyword matches and the defaults first); the cold-start
+            # classifier orders them and the request's scores take over from its first round.
+            candidates = choose_experts(text, pinned, router.default_experts, router.keywords, self.experts, len(self.experts))
+            candidates += [e for e in self.experts if e not in candidates and pinned is None]
+            prior = self.classifier.probabilities(prompt_ids) if self.classifier else {}
+            online = RequestRouting.start(candidates, prior, self.routing_policy, pinned)
+            experts = online.choose(self.routing_policy)
+            routing = online.to_dict()
+        else:
+            experts = choose_experts(text, pinned, router.default_experts, router.keywords, self.experts, router.max_experts)
         now_ms = int(time.time() * 1000)
         return RequestState(
             request_id=request_id,
@@ -110,6 +124,7 @@ class Router(StageWorker):
             stop=parse_stop(fields.get("stop")),
             eos_ids=tuple(sorted(self.eos_ids)),
             experts=experts,
+            routing=routing,
             window=self.config.speculation.window,
             created_ms=now_ms,
             deadline_ms=now_ms + int(deadline_s * 1000),

@@ -25,6 +25,7 @@ from cosine import bus, faults
 from cosine.factory import load_target
 from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.spec.acceptance import verify_greedy, verify_sampling
+from cosine.spec.routing import tree_feedback
 from cosine.spec.sampling import request_generator, warp_probs
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
 
@@ -168,9 +169,11 @@ class VerifierWorker(StageWorker):
                 start = max(states.start, item.features_from)
                 committed = states.committed(len(item.context), verdict.accepted_nodes)[start - states.start :]
                 features = states_to_bytes(committed)
+            feedback = tree_feedback(tree.sources, tree.confidences, verdict.accepted_nodes)
             results[item.request_id] = VerifiedItem(
                 item.request_id, item.round, list(verdict.accepted_tokens), verdict.next_token, len(tree),
                 features=features, features_start=start,
+                drafters=[[name, f.drafted, f.accepted, round(f.confidence_sum, 5)] for name, f in feedback.items()],
             )
         return [results[item.request_id] for item in items]
 

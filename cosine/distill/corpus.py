@@ -184,6 +184,103 @@ def chat_prompts(count: int, seed: int = 0, exclude_words: set[str] | frozenset[
     return [rng.choices(makers, weights)[0][1]() for _ in range(count)]
 
 
+# The experts' data: which prompt makers and which text sources belong to each domain.
+DOMAINS = ("code", "chat", "math")
+DOMAIN_SOURCES = {"code": ("python-stdlib", "python-docs"), "chat": ("wordnet", "gcide"), "math": ()}
+
+
+def domain_prompts(domain: str, count: int, seed: int = 0, exclude_words: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Chat prompts of one expert's domain, made offline like ``chat_prompts``: ``code``
+    (coding tasks in several languages, programming questions, module explanations, functions
+    described by stdlib docstrings), ``chat`` (everyday questions about frequent WordNet words,
+    definitions, summaries of documentation paragraphs), ``math`` (arithmetic and word problems
+    of kinds the evaluation sets do not use: see ``_math_problem``)."""
+    if domain not in DOMAINS:
+        raise CorpusError(f"unknown domain {domain!r} (known: {', '.join(DOMAINS)})")
+    rng = random.Random(seed)
+    present = available_sources()
+    makers: list[tuple[float, Callable[[], str]]] = []
+    if domain == "code":
+        makers += [(0.4, lambda: _coding_task(rng)), (0.2, lambda: _programming_question(rng))]
+        if present["python-stdlib"]:
+            modules = sorted(p.stem for p in stdlib_dir().glob("*.py") if not p.stem.startswith("_") and p.stem not in exclude_words)
+            functions = _docstring_functions(stdlib_dir(), limit=4000)
+            makers.append((0.2, lambda: _explain_module(rng, modules)))
+            if functions:
+                makers.append((0.2, lambda: _write_function(rng, functions)))
+    elif domain == "math":
+        makers += [(0.3, lambda: _arithmetic(rng)), (0.7, lambda: _math_problem(rng))]
+    else:
+        require_sources(["wordnet"])
+        words = {pos: [w for w in frequent_lemmas(pos) if w not in exclude_words] for pos in ("noun", "verb", "adj")}
+        glosses = [(w, g) for w, g in wordnet_glosses() if len(w) > 3 and " " not in w and w.lower() not in exclude_words]
+        if words["noun"]:
+            makers.append((0.75, lambda: _everyday(rng, words)))
+        makers.append((0.1, lambda: _define(rng, glosses)))
+        root = python_docs_dir()
+        paragraphs = _paragraphs(root) if root else []
+        if paragraphs:
+            makers.append((0.15, lambda: _summarise(rng, paragraphs)))
+    weights = [w for w, _ in makers]
+    return [rng.choices(makers, weights)[0][1]() for _ in range(count)]
+
+
+PROGRAMMING_TOPICS = (
+    "recursion", "a hash map", "a linked list", "binary search", "a closure", "a generator in Python", "exception handling",
+    "unit testing", "a race condition", "a REST API", "garbage collection", "big-O notation", "a queue", "version control with git",
+    "a virtual environment in Python", "type hints in Python", "list comprehensions", "a lambda function", "an iterator",
+    "a context manager", "inheritance", "an interface", "a deadlock", "a database transaction", "a JSON file", "a regular expression",
+)
+QUESTION_TEMPLATES = (
+    "What is {t} in programming? Give a short code example.",
+    "Explain {t} to a beginner programmer.",
+    "When should I use {t}, and when should I avoid it?",
+    "What are common bugs related to {t}, and how do I avoid them?",
+)
+
+
+def _programming_question(rng: random.Random) -> str:
+    return rng.choice(QUESTION_TEMPLATES).format(t=rng.choice(PROGRAMMING_TOPICS))
+
+
+def _math_problem(rng: random.Random) -> str:
+    """Problem kinds apart from the evaluation sets' (no travel times, equations, discounts, dice,
+    areas of rectangles, primes, least common multiples, compound interest, percentage changes,
+    mixtures or average speeds)."""
+    kind = rng.randrange(10)
+    if kind == 0:
+        a, b = rng.randint(12, 180), rng.randint(12, 180)
+        return f"Find the greatest common divisor of {a} and {b}. Show the steps."
+    if kind == 1:
+        values = sorted(rng.randint(1, 60) for _ in range(rng.randint(5, 8)))
+        rng.shuffle(values)
+        return f"Find the mean and the median of these numbers: {', '.join(map(str, values))}."
+    if kind == 2:
+        r = rng.randint(2, 25)
+        return f"What is the area and the circumference of a circle with radius {r} cm? Use pi = 3.14."
+    if kind == 3:
+        total, a, b = rng.randint(3, 40) * 10, rng.randint(1, 6), rng.randint(1, 6)
+        return f"Share {total} apples between two people in the ratio {a}:{b}. How many does each get?"
+    if kind == 4:
+        p, n = rng.randint(5, 60), rng.randint(40, 900)
+        return f"What is {p}% of {n}? Explain how you work it out."
+    if kind == 5:
+        length, width, height = rng.randint(2, 20), rng.randint(2, 20), rng.randint(2, 20)
+        return f"A box is {length} cm long, {width} cm wide and {height} cm high. What is its volume?"
+    if kind == 6:
+        a, b = rng.randint(20, 90), rng.randint(20, 80)
+        return f"Two angles of a triangle are {a} and {b} degrees. What is the third angle? Explain."
+    if kind == 7:
+        principal, rate, years = rng.randint(2, 40) * 100, rng.randint(2, 9), rng.randint(2, 6)
+        return f"What is the simple interest on ${principal} at {rate}% per year for {years} years?"
+    if kind == 8:
+        n = rng.choice([k * k for k in range(4, 40)])
+        return f"What is the square root of {n}? How can you check your answer?"
+    count, price, other = rng.randint(2, 12), rng.randint(2, 30), rng.randint(2, 12)
+    thing = rng.choice(("pencils", "notebooks", "apples", "tickets", "bottles of water"))
+    return f"If {count} {thing} cost ${count * price}, how much do {other} {thing} cost? Explain your reasoning."
+
+
 def frequent_lemmas(pos: str, min_count: int = 3) -> list[str]:
     """Single-word lemmas of a part of speech (noun, verb, adj) used at least ``min_count``
     times in WordNet's sense-tagged corpus (``cntlist.rev``), most frequent first."""

@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -357,15 +358,75 @@ def _start_from(net: DraftNet, init: Path) -> dict:
     return {"path": str(init), "data": meta.get("data"), "training": {k: meta.get("training", {}).get(k) for k in ("steps", "epochs", "seconds", "device_name", "train_tokens")}, "measured": meta.get("measured")}
 
 
-def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_plan: DataPlan, train_plan: TrainPlan, documents, prompts, progress: Progress = no_progress, target_name: str = "", init: Path | None = None) -> dict:
-    """The whole run: data, labels, training, agreement, export. Returns drafter.json's content."""
+def union_data(work_dirs: list[Path]) -> dict:
+    """The labelled data of earlier runs together (their shards in place): for a drafter trained
+    on the union of several experts' data."""
+    train_paths, holdout_paths, argmax, summaries = [], [], [], {}
+    for work in work_dirs:
+        ready = work / "data" / "ready.json"
+        if not ready.is_file():
+            raise ValueError(f"{work}: no finished data (data/ready.json); run its own `cosine distill` first")
+        done = json.loads(ready.read_text())
+        train_paths += [work / "data" / name for name in done["train"]]
+        if done["holdout"]:
+            holdout_paths += [work / "data" / name for name in done["holdout"]]
+            argmax.append(load_file(str(work / "data" / "holdout-argmax.safetensors"))["argmax"])
+        summaries[str(work)] = done["summary"]
+    summary = {"union_of": summaries, "text_tokens": sum(s["text_tokens"] for s in summaries.values()),
+               "chat_tokens": sum(s["chat_tokens"] for s in summaries.values()), "answers": sum(s["answers"] for s in summaries.values())}
+    widths = {load_file(str(p))["tokens"].shape[1] for p in holdout_paths}
+    if len(widths) > 1:  # holdout rows of unequal length cannot be stacked: measure on the first run's
+        holdout_paths, argmax = [p for p in holdout_paths if p.parent == holdout_paths[0].parent], argmax[:1]
+    return {"summary": summary, "train": train_paths, "holdout": holdout_paths, "argmax": torch.cat(argmax) if argmax else None}
+
+
+PROFILE_TOKENS = 8192  # token ids kept in a drafter's routing profile (the most frequent)
+
+
+def write_profile(work_dirs: list[Path], out: Path) -> int:
+    """``out/profile.safetensors``: the token counts of the conversations a drafter was trained
+    on (prompt and answer), its most frequent ``PROFILE_TOKENS`` ids: what the router's
+    cold-start classifier reads to tell which expert a prompt belongs to. Returns the tokens
+    counted (0: no conversations, no file)."""
+    counts: Counter = Counter()
+    for work in work_dirs:
+        answers = work / "data" / "answers.jsonl"
+        if answers.is_file():
+            for line in answers.read_text().splitlines():
+                counts.update(json.loads(line)["ids"])
+    if not counts:
+        return 0
+    kept = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:PROFILE_TOKENS]
+    save_file({"ids": torch.tensor([t for t, _ in kept], dtype=torch.int32), "counts": torch.tensor([c for _, c in kept], dtype=torch.int32)}, str(out / "profile.safetensors"))
+    return sum(counts.values())
+
+
+def load_profile(path: Path) -> dict[int, int] | None:
+    """A drafter directory's routing profile (token id -> count), or None when it has none."""
+    file = Path(path) / "profile.safetensors"
+    if not file.is_file():
+        return None
+    stored = load_file(str(file))
+    return dict(zip(stored["ids"].tolist(), stored["counts"].tolist()))
+
+
+def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_plan: DataPlan, train_plan: TrainPlan, documents, prompts, progress: Progress = no_progress, target_name: str = "", init: Path | None = None, union_of: list[Path] = ()) -> dict:
+    """The whole run: data, labels, training, agreement, export. Returns drafter.json's content.
+
+    ``init``: start from that drafter's tensors and keep its vocabulary (an expert adapted from
+    the general drafter drafts over the same tokens). ``union_of``: train on those runs' labelled
+    data instead of making any."""
     torch.manual_seed(train_plan.seed)
     if next(target_model.parameters()).device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # labels: TF32 is ample for soft targets
     began = time.perf_counter()
-    data = prepare_data(target_model, tokenizer, data_plan, work, documents, prompts, progress)
+    work.mkdir(parents=True, exist_ok=True)
+    data = union_data(list(union_of)) if union_of else prepare_data(target_model, tokenizer, data_plan, work, documents, prompts, progress)
     data_seconds = time.perf_counter() - began
-    vocab = load_file(str(work / "data" / "vocab.safetensors"))["vocab"]
+    if init is not None:
+        vocab = load_file(str(Path(init) / "drafter.safetensors"))["vocab"]
+    else:
+        vocab = load_file(str(work / "data" / "vocab.safetensors"))["vocab"]
     spec = spec_for_target(target_model.config, kind, train_plan.layers, len(vocab))
     net = build_net(target_model, spec, vocab)
     net.init_from_target(target_model)
@@ -376,7 +437,7 @@ def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_p
     measured = {}
     if data["holdout"]:
         tokens, hidden = load_shards(data["holdout"])
-        argmax = load_file(str(work / "data" / "holdout-argmax.safetensors"))["argmax"]
+        argmax = data["argmax"] if union_of else load_file(str(work / "data" / "holdout-argmax.safetensors"))["argmax"]
         measured["holdout_agreement_per_step"] = agreement(net, tokens, hidden, argmax, train_plan.unroll, train_plan.batch_size)
     device = net.head.device
     meta = {
@@ -390,4 +451,5 @@ def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_p
     if started_from:
         meta["init"] = started_from
     export(net, train_plan, out, meta)
+    write_profile(list(union_of) if union_of else [work], out)
     return meta

@@ -29,6 +29,8 @@ class DraftRequest:
     # The target's final hidden states at context positions 0, 1, ... (at least L - 1 rows for
     # a context of L tokens), for drafters that read them (``needs_features``); else None.
     features: torch.Tensor | None = None
+    domain: str = ""  # the request's first-choice expert (per-domain datastores key on it)
+    step: int = 0  # step mode: the draft step this call makes (its draws get their own random stream)
 
 
 class Drafter(ABC):
@@ -46,4 +48,5 @@ class Drafter(ABC):
         """The request is finished: drop soft state kept for it."""
 
     def generator(self, request: DraftRequest) -> torch.Generator:
-        return request_generator(request.sampling.seed, request.round_index, f"draft:{self.name}")
+        purpose = f"draft:{self.name}" if request.step == 0 else f"draft:{self.name}:{request.step}"
+        return request_generator(request.sampling.seed, request.round_index, purpose)

@@ -179,6 +179,65 @@ def merge_chains(chains: list[DraftChain], max_nodes: int | None = None) -> Draf
     )
 
 
+def fuse_steps(levels: list[list[DraftChain]]) -> DraftTree:
+    """Step-mode fusion (the paper's): ``levels[d]`` holds every cooperating drafter's one-token
+    proposal at draft step d, in rank order, each drafted after the fused tokens of steps < d.
+    The fused token of a step is the most confident proposal (ties: the higher-ranked drafter);
+    the other proposals of that step become its siblings, leaves of the tree.
+
+    Lossless at temperature > 0: every draw of a step is kept (none is dropped for its value) and
+    every draw below a node was sampled after that node's prefix, which is what multi-draft
+    rejection sampling needs; only which node has children depends on the draws, and the
+    verifier reaches those children only through that node.
+    """
+    tokens: list[int] = []
+    parents: list[int] = []
+    confidences: list[float] = []
+    sources: list[list[str]] = []
+    draw_list: list[Draw] = []
+    probs_rows: list[torch.Tensor] = []
+    parent = ROOT
+    for proposals in levels:
+        proposals = [c for c in proposals if len(c)]
+        if not proposals:
+            break
+        level: dict[int, int] = {}  # token -> node
+        for chain in proposals:
+            token, confidence = chain.tokens[0], chain.confidences[0]
+            node = level.get(token)
+            if node is None:
+                node = level[token] = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+                confidences.append(confidence)
+                sources.append([chain.drafter])
+            else:
+                confidences[node] = max(confidences[node], confidence)
+                if chain.drafter not in sources[node]:
+                    sources[node].append(chain.drafter)
+            row = None
+            if chain.draft_probs is not None:
+                row = len(probs_rows)
+                probs_rows.append(chain.draft_probs[0])
+            draw_list.append(Draw(node, row))
+        fused = max(proposals, key=lambda c: c.confidences[0])  # max keeps the first of equals: rank
+        parent = level[fused.tokens[0]]
+    return DraftTree(
+        tokens=tuple(tokens),
+        parents=tuple(parents),
+        confidences=tuple(confidences),
+        sources=tuple(tuple(s) for s in sources),
+        draws=tuple(draw_list),
+        draft_probs=torch.stack(probs_rows) if probs_rows else None,
+    )
+
+
+def fused_token(proposals: list[DraftChain]) -> int | None:
+    """The token step mode continues from: the most confident one-token proposal (rank breaks ties)."""
+    proposals = [c for c in proposals if len(c)]
+    return max(proposals, key=lambda c: c.confidences[0]).tokens[0] if proposals else None
+
+
 def _truncate_to_budget(chains: list[DraftChain], max_nodes: int | None) -> list[DraftChain]:
     if max_nodes is None or sum(len(c) for c in chains) <= max_nodes:
         return chains

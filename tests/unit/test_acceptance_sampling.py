@@ -19,7 +19,7 @@ from scipy.stats import chisquare
 
 from cosine.spec.acceptance import _draft_row, _residual, _verdict, verify_greedy, verify_sampling
 from cosine.spec.sampling import SamplingParams, warp_probs
-from cosine.spec.tree import ROOT, DraftChain, DraftTree, merge_chains
+from cosine.spec.tree import ROOT, DraftChain, DraftTree, fuse_steps, merge_chains
 
 N = 20_000
 SEED = 1234
@@ -104,7 +104,19 @@ class Check:
         return self.p_first > ALPHA and self.p_joint > ALPHA and self.max_dev < MAX_DEV
 
 
-def check_sampler(verify, drafters, fixed=(), n=N, seed=SEED) -> Check:
+def step_tree(i: int, drawn: list, generator: torch.Generator) -> DraftTree:
+    """Step mode for trial i: every drafter's first draw, the most confident one fused, then every
+    drafter's second draw after the fused token (drawn now: it depends on the fusion)."""
+    first = [DraftChain((x1[i],), (float(q0[x1[i]]),), q0[None], f"d{rank}") for rank, (x1, _, q0, _) in enumerate(drawn)]
+    fused = max(first, key=lambda c: c.confidences[0]).tokens[0]
+    second = []
+    for rank, (_, _, _, q_rows) in enumerate(drawn):
+        b = int(torch.multinomial(q_rows[fused], 1, generator=generator))
+        second.append(DraftChain((b,), (float(q_rows[fused, b]),), q_rows[fused][None], f"d{rank}"))
+    return fuse_steps([first, second])
+
+
+def check_sampler(verify, drafters, fixed=(), n=N, seed=SEED, fusion="tree") -> Check:
     """Run n trials of drafting + verification and compare the first two emitted tokens with the target."""
     generator = torch.Generator().manual_seed(seed)
     p0, p_rows = TARGET
@@ -117,6 +129,13 @@ def check_sampler(verify, drafters, fixed=(), n=N, seed=SEED) -> Check:
         drawn.append((x1.tolist(), x2.tolist(), q0.float(), q_rows.float()))
     counts = torch.zeros(V, V, dtype=torch.float64)
     for i in range(n):
+        if fusion == "step":
+            tree = step_tree(i, drawn, generator)
+            target_probs = torch.cat([p0_f[None], p_rows_f[list(tree.tokens)]])
+            new = verify(tree, target_probs, generator).new_tokens
+            second = new[1] if len(new) > 1 else int(torch.multinomial(p_rows_f[new[0]], 1, generator=generator))
+            counts[new[0], second] += 1
+            continue
         chains = list(fixed)
         for rank, (x1, x2, q0, q_rows) in enumerate(drawn):
             a, b = x1[i], x2[i]
@@ -136,10 +155,10 @@ def check_sampler(verify, drafters, fixed=(), n=N, seed=SEED) -> Check:
     )
 
 
-def assert_lossless_and_check_can_fail(drafters, fixed=()):
-    good = check_sampler(verify_sampling, drafters, fixed)
+def assert_lossless_and_check_can_fail(drafters, fixed=(), fusion="tree"):
+    good = check_sampler(verify_sampling, drafters, fixed, fusion=fusion)
     assert good.passed, good
-    bad = check_sampler(verify_sampling_broken, drafters, fixed)
+    bad = check_sampler(verify_sampling_broken, drafters, fixed, fusion=fusion)
     assert not bad.passed, bad
     assert min(bad.p_first, bad.p_joint) < 1e-12, bad  # rejected by a wide margin, not by chance
 
@@ -150,6 +169,12 @@ def test_chain_sampling_matches_target():
 
 def test_tree_sampling_matches_target():
     assert_lossless_and_check_can_fail([DRAFT_A, DRAFT_B])
+
+
+def test_step_fusion_sampling_matches_target():
+    # Two drafters, each step's most confident draw continued by both: the step tree's sampled
+    # output follows the target, and the broken verifier is caught on the same trees.
+    assert_lossless_and_check_can_fail([DRAFT_A, DRAFT_B], fusion="step")
 
 
 def test_tree_with_fixed_proposal_matches_target():

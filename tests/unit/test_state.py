@@ -31,8 +31,7 @@ def new_state(max_tokens=100, stop=(), **overrides):
         max_tokens=max_tokens,
         stop=tuple(stop),
         eos_ids=(EOS,),
-        experts=["general"],
-        **overrides,
+        **({"experts": ["general"]} | overrides),
     )
 
 
@@ -249,3 +248,61 @@ def test_fields_round_trip_after_advance():
     assert restored == state
     # The restored state continues exactly like the original.
     assert step(restored, [6], 3, drafted=1) == step(state, [6], 3, drafted=1)
+
+
+# ---- per-drafter accounting and online routing in the request state ---------------------------
+
+from cosine.spec.routing import RequestRouting, RoundFeedback, RoutingPolicy, tree_feedback  # noqa: E402
+from cosine.workers.convert import feedback_from_wire  # noqa: E402
+
+ROUTING = RoutingPolicy(max_experts=1, explore_below=0.0, decay=1.0)
+
+
+def routed_state():
+    routing = RequestRouting.start(["code", "math"], {"code": 0.9, "math": 0.1}, ROUTING)
+    return new_state(routing=routing.to_dict(), experts=routing.choose(ROUTING))
+
+
+def test_drafters_counts_accumulate_into_the_final_entry():
+    state = advance(new_state(), [1], 2, 4, TOKENIZER, POLICY, feedback={"a": RoundFeedback(4, 1, 3.0), "b": RoundFeedback(2, 0, 1.0)}).state
+    update = advance(state, [], EOS, 2, TOKENIZER, POLICY, feedback={"a": RoundFeedback(2, 0, 1.0)})
+    assert update.state.drafters == {"a": [6, 1], "b": [2, 0]}
+    final = entries_of(update, "final")[0]
+    assert json.loads(final["drafters"]) == {"a": {"drafted": 6, "accepted": 1}, "b": {"drafted": 2, "accepted": 0}}
+
+
+def test_routing_and_drafters_survive_the_hash_round_trip():
+    state = advance(routed_state(), [1], 2, 4, TOKENIZER, POLICY, feedback={"code-small": RoundFeedback(4, 1, 2.0)},
+                    routing_policy=ROUTING, expert_of={"code-small": "code"}).state
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in state.to_fields().items()}
+    again = RequestState.from_fields(fields)
+    assert again.routing == state.routing and again.drafters == {"code-small": [4, 1]}
+    assert again.domain == "code"
+
+
+def test_verified_consistency_moves_the_next_rounds_experts():
+    state = routed_state()
+    assert state.experts == ["code"]
+    # code drafts confidently and is never accepted; math (explored) is accepted throughout
+    state = advance(state, [], 1, 4, TOKENIZER, POLICY, feedback={"code-small": RoundFeedback(4, 0, 3.6)}, routing_policy=ROUTING, expert_of={"code-small": "code"}).state
+    state = advance(state, [2, 3], 1, 2, TOKENIZER, POLICY, feedback={"math-small": RoundFeedback(2, 2, 1.0)}, routing_policy=ROUTING, expert_of={"math-small": "math"}).state
+    assert state.experts == ["math"] and state.routing["first"] == "code"
+
+
+def test_state_without_routing_keeps_its_experts():
+    state = advance(new_state(), [1], 2, 4, TOKENIZER, POLICY, feedback={"a": RoundFeedback(4, 1, 3.0)}, routing_policy=ROUTING).state
+    assert state.experts == ["general"] and state.routing is None
+
+
+def test_tree_feedback_credits_every_source_of_a_node():
+    feedback = tree_feedback([("a", "b"), ("a",), ("b",)], [0.9, 0.8, 0.4], accepted_nodes=[0, 1])
+    assert (feedback["a"].drafted, feedback["a"].accepted) == (2, 2)
+    assert (feedback["b"].drafted, feedback["b"].accepted) == (2, 1)
+    assert feedback["b"].confidence_sum == 0.9 + 0.4
+
+
+def test_feedback_rows_of_the_wrong_shape_are_left_out():
+    rows = [["a", 4, 2, 3.0], ["b", -1, 0, 1.0], ["c", 2, 9, 1.0], "junk", ["d", True, 0, 0.0], [1, 2, 3, 4]]
+    feedback = feedback_from_wire(rows)
+    assert set(feedback) == {"a", "c"} and feedback["c"].accepted == 2  # accepted capped at drafted
+    assert feedback_from_wire("not a list") == {}
