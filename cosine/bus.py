@@ -233,6 +233,24 @@ local function fuse_emit(keys, args)
   return 'emitted'
 end
 
+-- Step mode: one step of a round is fused; its drafts join the round's levels and the next
+-- step's jobs go out, in one step (a duplicate completion changes nothing).
+-- KEYS: step hash, fusing zset, levels hash, job streams...  ARGV: member, done ttl ms, step,
+-- level payload, levels ttl ms, job payload.
+local function fuse_next(keys, args)
+  if redis.call('HEXISTS', keys[1], '#done') == 1 then return 'duplicate' end
+  redis.call('DEL', keys[1])
+  redis.call('HSET', keys[1], '#done', '1')
+  redis.call('PEXPIRE', keys[1], tonumber(args[2]))
+  redis.call('ZREM', keys[2], args[1])
+  redis.call('HSET', keys[3], args[3], args[4])
+  redis.call('PEXPIRE', keys[3], tonumber(args[5]))
+  for i = 4, #keys do
+    redis.call('XADD', keys[i], '*', 'm', args[6])
+  end
+  return 'next'
+end
+
 redis.register_function('cosine_admit', admit)
 redis.register_function('cosine_refuse', refuse)
 redis.register_function('cosine_apply_round', apply_round)
@@ -240,6 +258,7 @@ redis.register_function('cosine_cancel', cancel)
 redis.register_function('cosine_fuse_add', fuse_add)
 redis.register_function('cosine_fuse_take', fuse_take)
 redis.register_function('cosine_fuse_emit', fuse_emit)
+redis.register_function('cosine_fuse_next', fuse_next)
 """
 
 
@@ -393,6 +412,14 @@ async def fuse_take(client: aioredis.Redis, keys: Keys, hash_key: str, retake_ms
 
 async def fuse_emit(client: aioredis.Redis, keys: Keys, hash_key: str, payload: bytes, done_ttl_ms: int) -> str:
     return await _fcall(client, "cosine_fuse_emit", [hash_key, keys.fusing, keys.candidates], [hash_key, payload, done_ttl_ms])
+
+
+async def fuse_next(
+    client: aioredis.Redis, keys: Keys, *, hash_key: str, levels_key: str, step: int, level: bytes, job_streams: Sequence[str], job: bytes,
+    done_ttl_ms: int, levels_ttl_ms: int,
+) -> str:
+    """Step mode: close one step (its drafts kept as a level of the round) and send the next."""
+    return await _fcall(client, "cosine_fuse_next", [hash_key, keys.fusing, levels_key, *job_streams], [hash_key, done_ttl_ms, step, level, levels_ttl_ms, job])
 
 
 def _text(value: bytes | str) -> str:

@@ -97,9 +97,14 @@ class Keys:
         (feature drafters; appended as rounds are applied, deleted when the request ends)."""
         return f"{self.prefix}feat:{request_id}"
 
-    def fuse(self, request_id: str, round_index: int) -> str:
-        """hash: one round's drafts while fusion waits for every cooperating expert."""
-        return f"{self.prefix}fuse:{request_id}:{round_index}"
+    def fuse(self, request_id: str, round_index: int, step: int | None = None) -> str:
+        """hash: one round's drafts (step mode: one step's) while fusion waits for every
+        cooperating expert."""
+        return f"{self.prefix}fuse:{request_id}:{round_index}" + ("" if step is None else f":s{step}")
+
+    def fuse_levels(self, request_id: str, round_index: int) -> str:
+        """hash: step mode, one round's fused steps so far (field = step, value = its drafts)."""
+        return f"{self.prefix}fuse:{request_id}:{round_index}:levels"
 
     @property
     def fusing(self) -> str:
@@ -160,6 +165,11 @@ class DraftJob:
     features: bytes = b""
     features_start: int = 0
     domain: str = ""  # the request's first-choice expert (per-domain suffix datastores key on it)
+    # Step mode (speculation.mode = "step"): draft one token after context + prefix (the fused
+    # tokens of steps < step); fusion fuses each step and sends the next step's jobs.
+    step_mode: bool = False
+    step: int = 0
+    prefix: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +193,14 @@ class Draft:
     experts: list[str] = field(default_factory=list)
     context_len: int = 0
     draft_ms: float = 0.0  # the drafter's compute for the batch of jobs this draft came from
+    # Step mode: this draft is step ``step`` (one token after the job's prefix) of a round whose
+    # window is ``window``; the job's fields fusion needs to send the next step.
+    step_mode: bool = False
+    step: int = 0
+    window: int = 0
+    prefix: list[int] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
+    domain: str = ""
 
 
 @dataclass(frozen=True, slots=True)

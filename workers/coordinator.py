@@ -223,7 +223,8 @@ class Coordinator(StageWorker):
         window = min(state.window, max(0, room))
         if not experts or window <= 0:
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
-        job = DraftJob(state.request_id, state.round, state.context, window, wire_sampling(state), experts, int(time.time() * 1000), features, features_start, state.domain)
+        job = DraftJob(state.request_id, state.round, state.context, window, wire_sampling(state), experts, int(time.time() * 1000), features, features_start, state.domain,
+                       step_mode=self.config.speculation.mode == "step")
         return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
 
     # ---- sweeps --------------------------------------------------------------------------

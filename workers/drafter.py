@@ -57,9 +57,7 @@ class DrafterWorker(StageWorker):
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         jobs = [decode(fields, DraftJob) for _, fields in entries]
         features = [await self._features(j) for j in jobs] if self.drafter.needs_features else [None] * len(jobs)
-        requests = [
-            DraftRequest(j.request_id, j.context, max(0, j.window), SamplingParams(*_sampling(j)), j.round, f, j.domain) for j, f in zip(jobs, features)
-        ]
+        requests = [_request(j, f) for j, f in zip(jobs, features)]
         async with self.renewing(stream, [entry_id for entry_id, _ in entries]):
             began = time.perf_counter()
             chains = await self.off_loop(self.drafter.propose, requests)
@@ -78,6 +76,12 @@ class DrafterWorker(StageWorker):
                 experts=job.experts,
                 context_len=len(job.context),
                 draft_ms=draft_ms,
+                step_mode=job.step_mode,
+                step=job.step,
+                window=job.window,
+                prefix=job.prefix,
+                sampling=job.sampling,
+                domain=job.domain,
             )
             outputs.append((self.keys.drafts, encode(draft)))
         await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])
@@ -109,6 +113,14 @@ class DrafterWorker(StageWorker):
 
 
 MAX_HELD_REQUESTS = 256
+
+
+def _request(job: DraftJob, features: torch.Tensor | None) -> DraftRequest:
+    sampling = SamplingParams(*_sampling(job))
+    if job.step_mode:  # one token after the fused prefix; its draws get the step's own random stream
+        window = 1 if job.step < job.window else 0
+        return DraftRequest(job.request_id, [*job.context, *job.prefix], window, sampling, job.round, features, job.domain, job.step)
+    return DraftRequest(job.request_id, job.context, max(0, job.window), sampling, job.round, features, job.domain)
 
 
 def _sampling(job: DraftJob) -> tuple[float, float, int]:

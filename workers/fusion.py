@@ -7,18 +7,26 @@ deadline is taken by whichever fusion worker sweeps first. So any number of fusi
 share the work, two experts' drafts read by two workers still make one tree, and a worker that
 dies (or drains) holds nothing: a round it took but did not emit is taken again after
 ``RETAKE_MS``. The fused ``Candidate`` is written once (a done marker drops late duplicates).
+
+Step mode (``speculation.mode = "step"``, the paper's fusion): drafters draft one token per job;
+each step's drafts are collected the same way (``fuse:{id}:{round}:s{step}``); when a step is
+complete its most confident token is appended to the prefix and the next step's jobs go to every
+cooperating expert, together with the step's drafts kept in the round's levels hash, in one Lua
+call; after the last step (the window, no proposal, or the tree's node cap) the levels become one
+tree (``fuse_steps``). Each step costs a drafter hop and a fusion hop.
 """
 
 from __future__ import annotations
 
 import time
 
+import msgpack
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.convert import draft_to_chain, tree_to_candidate
 
 from cosine import bus
-from cosine.spec.tree import merge_chains
-from cosine.wire import PAYLOAD_FIELD, Draft, decode, encode
+from cosine.spec.tree import fuse_steps, fused_token, merge_chains
+from cosine.wire import PAYLOAD_FIELD, Draft, DraftJob, decode, encode
 
 RETAKE_MS = 2_000
 
@@ -44,7 +52,7 @@ class FusionWorker(StageWorker):
         for entry_id, fields in entries:
             draft = decode(fields, Draft)
             draft_to_chain(draft)  # validate now: a bad draft is dead-lettered alone
-            key = self.keys.fuse(draft.request_id, draft.round)
+            key = self.keys.fuse(draft.request_id, draft.round, draft.step if draft.step_mode else None)
             now_ms = _now_ms()
             payloads = await bus.fuse_add(
                 self.redis, self.keys, group=self.group, entry_id=entry_id, hash_key=key, expert=draft.expert,
@@ -69,10 +77,56 @@ class FusionWorker(StageWorker):
 
     async def _emit(self, key: str, payloads: list[bytes]) -> None:
         drafts = sorted((decode({PAYLOAD_FIELD: p}, Draft) for p in payloads), key=lambda d: d.rank)
+        if drafts and drafts[0].step_mode:
+            await self._step(key, drafts)
+            return
         chains = [draft_to_chain(d) for d in drafts]
         tree = merge_chains([c for c in chains if len(c)], self.max_nodes)
         candidate = tree_to_candidate(drafts[0].request_id, drafts[0].round, tree)
         await bus.fuse_emit(self.redis, self.keys, key, encode(candidate)[PAYLOAD_FIELD], self.done_ttl_ms)
+
+    async def _step(self, key: str, drafts: list[Draft]) -> None:
+        first = drafts[0]
+        levels_key = self.keys.fuse_levels(first.request_id, first.round)
+        levels = _levels(await self.redis.hgetall(levels_key), first.step) if first.step else []
+        level = [draft_to_chain(d) for d in drafts]
+        token = fused_token(level)
+        cooperating = max(1, len(first.experts))
+        last = token is None or first.step + 1 >= first.window or (first.step + 2) * cooperating > self.max_nodes
+        if len(levels) < first.step:  # a level lost (expired): this step hangs from nothing known
+            self.log.warning("request %s round %d: step %d without its earlier steps; fusing those found", first.request_id, first.round, first.step)
+            level, last = [], True
+        context = None if last else await self._committed(first.request_id, first.round)
+        if context is None:  # the last step, or a round already over: the tree as it stands
+            tree = fuse_steps([*levels, level])
+            candidate = tree_to_candidate(first.request_id, first.round, tree)
+            await bus.fuse_emit(self.redis, self.keys, key, encode(candidate)[PAYLOAD_FIELD], self.done_ttl_ms)
+            return
+        job = DraftJob(first.request_id, first.round, context, first.window, first.sampling, first.experts, _now_ms(),
+                       domain=first.domain, step_mode=True, step=first.step + 1, prefix=[*first.prefix, token])
+        stored = msgpack.packb([encode(d)[PAYLOAD_FIELD] for d in drafts])
+        await bus.fuse_next(self.redis, self.keys, hash_key=key, levels_key=levels_key, step=first.step, level=stored,
+                            job_streams=[self.keys.draft(e) for e in first.experts], job=encode(job)[PAYLOAD_FIELD],
+                            done_ttl_ms=self.done_ttl_ms, levels_ttl_ms=self.hash_ttl_ms)
+
+    async def _committed(self, request_id: str, round_index: int) -> list[int] | None:
+        """The request's committed tokens, or None when the round is no longer the request's."""
+        prompt, output, current, status = await self.redis.hmget(self.keys.request(request_id), "prompt_ids", "output_ids", "round", "status")
+        if prompt is None or output is None or current is None or int(current) != round_index or status != b"active":
+            return None
+        return [*msgpack.unpackb(prompt), *msgpack.unpackb(output)]
+
+
+def _levels(stored: dict[bytes, bytes], steps: int) -> list[list]:
+    """The chains of steps 0 .. steps-1 from the round's levels hash (stops at a missing step)."""
+    levels = []
+    for step in range(steps):
+        raw = stored.get(str(step).encode())
+        if raw is None:
+            break
+        drafts = sorted((decode({PAYLOAD_FIELD: p}, Draft) for p in msgpack.unpackb(raw)), key=lambda d: d.rank)
+        levels.append([draft_to_chain(d) for d in drafts])
+    return levels
 
 
 def _now_ms() -> int:

@@ -68,7 +68,8 @@ class Router(StageWorker):
         experts = [e for e in state.experts if e in live]  # fusion waits only for experts that can answer
         if experts:
             streams = [self.keys.draft(e) for e in experts]
-            job = DraftJob(state.request_id, 0, state.context, state.window, wire_sampling(state), experts, int(time.time() * 1000), domain=state.domain)
+            job = DraftJob(state.request_id, 0, state.context, state.window, wire_sampling(state), experts, int(time.time() * 1000), domain=state.domain,
+                           step_mode=self.config.speculation.mode == "step")
             payload = encode(job)[b"m"]
         else:  # no drafter alive for these experts: start without drafts (window 0)
             streams, payload = [self.keys.candidates], encode(empty_candidate(state))[b"m"]

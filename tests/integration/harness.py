@@ -21,7 +21,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_config(path: Path, *, cache_dir: Path, target: str, drafters: list[dict], pipeline: dict | None = None) -> Path:
+def write_config(path: Path, *, cache_dir: Path, target: str, drafters: list[dict], pipeline: dict | None = None, speculation: dict | None = None) -> Path:
     settings = {
         "block_ms": 300,
         "claim_idle_ms": 2000,
@@ -33,6 +33,7 @@ def write_config(path: Path, *, cache_dir: Path, target: str, drafters: list[dic
     }
     lines = ["[model]", f'target = "{target}"', f'cache_dir = "{cache_dir}"', "threads = 1", "[pipeline]"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    lines += ["[speculation]", *(f"{key} = {json.dumps(value)}" for key, value in (speculation or {}).items())]
     lines += ["[router]", 'default_experts = ["general"]', "max_experts = 2", "[router.keywords]", 'lookup = ["summarize"]']
     for drafter in drafters:
         lines.append("[[drafters]]")

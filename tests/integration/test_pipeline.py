@@ -59,8 +59,9 @@ def server(request):
         process.stop()
 
 
-def make_pipeline(tmp_path, url, demo_target, drafters, pipeline=None) -> Pipeline:
-    config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=drafters, pipeline=pipeline)
+def make_pipeline(tmp_path, url, demo_target, drafters, pipeline=None, speculation=None) -> Pipeline:
+    config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=drafters, pipeline=pipeline,
+                          speculation=speculation)
     return Pipeline(url, config)
 
 
@@ -116,6 +117,14 @@ def test_sixteen_concurrent_requests_match_the_reference(server, tmp_path, demo_
         assert_matches(json.loads(final["token_ids"]), tokens)
         assert_text_joins(entries)
         assert int(final["rounds"]) <= int(final["generated_tokens"])
+        # Accounting per drafter: who drafted what, and what of it the target kept.
+        drafters = json.loads(final["drafters"])
+        assert set(drafters) <= {"early-exit-2", "prompt-lookup"}, drafters
+        assert all(0 <= d["accepted"] <= d["drafted"] for d in drafters.values()), drafters
+        assert sum(d["drafted"] for d in drafters.values()) >= int(final["draft_tokens"])  # a shared node counts for each source
+        assert sum(d["accepted"] for d in drafters.values()) >= int(final["accepted_tokens"])
+        if int(final["draft_tokens"]):
+            assert drafters, final
     stats = {k.decode(): int(v) for k, v in client.hgetall("cosine:stats").items()}
     assert stats["verify_items"] / stats["verify_batches"] >= 2, stats
     # Two drafters cooperated on the summary request: its fused trees hold tokens of both.
@@ -124,6 +133,43 @@ def test_sixteen_concurrent_requests_match_the_reference(server, tmp_path, demo_
     assert any({"early-exit-2", "prompt-lookup"} <= s for s in sources), sources
     # Trimming ran: acknowledged entries are gone from the internal streams.
     assert client.xlen("cosine:candidates") < len(watcher.candidates)
+
+
+def test_step_mode_fuses_step_by_step_and_matches_the_reference(server, tmp_path, demo_target, greedy_references, pipelines):
+    # The paper's fusion through the pipeline: each step's drafts are fused, the most confident
+    # token goes back to both drafters, and the next step drafts after it.
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT, LOOKUP], speculation={"mode": "step", "window": 3, "adaptive_window": False})
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        pipeline.start(role)
+    pipeline.start("drafter", "--expert", "general")
+    pipeline.start("drafter", "--expert", "lookup")
+    pipeline.wait_live("drafter", 2)
+    pipeline.wait_live("verifier", 1)
+    pipeline.wait_live("coordinator", 1)
+    client = pipeline.client()
+    watcher = CandidateWatcher(pipeline.client())
+    watcher.start()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    for index in range(3):
+        submit(client, id=f"step-{index}", messages=json.dumps([{"role": "user", "content": texts[index]}]), max_tokens=16)
+    for index in range(3):
+        entries = read_output(client, f"step-{index}")
+        final = final_of(entries)
+        assert_matches(json.loads(final["token_ids"]), greedy_references[index][:16])
+        assert_text_joins(entries)
+        assert set(json.loads(final["drafters"])) <= {"early-exit-2", "prompt-lookup"}
+    watcher.stop()
+    trees = [c for c in watcher.candidates if c.request_id.startswith("step-") and c.tokens]
+    assert trees
+    for tree in trees:  # step shape: every node of a level hangs from the one fused node above it
+        depth = []
+        for parent in tree.parents:
+            depth.append(0 if parent < 0 else depth[parent] + 1)
+        for level in set(depth):
+            assert len({p for p, d in zip(tree.parents, depth) if d == level}) == 1, tree
+    assert max(max(0 if p < 0 else 1 for p in t.parents) for t in trees) == 1  # some step was continued
+    assert any(len(t.tokens) > max(1, len(set(t.parents))) for t in trees)  # some step had two proposals
 
 
 class CandidateWatcher(threading.Thread):

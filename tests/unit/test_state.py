@@ -2,6 +2,9 @@
 
 import json
 
+from cosine.workers.convert import feedback_from_wire
+
+from cosine.spec.routing import RequestRouting, RoundFeedback, RoutingPolicy, tree_feedback
 from cosine.spec.sampling import SamplingParams
 from cosine.spec.stopping import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
 from cosine.spec.window import WindowPolicy
@@ -251,9 +254,6 @@ def test_fields_round_trip_after_advance():
 
 
 # ---- per-drafter accounting and online routing in the request state ---------------------------
-
-from cosine.spec.routing import RequestRouting, RoundFeedback, RoutingPolicy, tree_feedback  # noqa: E402
-from cosine.workers.convert import feedback_from_wire  # noqa: E402
 
 ROUTING = RoutingPolicy(max_experts=1, explore_below=0.0, decay=1.0)
 
