@@ -15,6 +15,8 @@ Systems (fixed windows, so that drafted tokens per round are set by the system, 
 - ``routed``: routing over the three experts, one drafter per round, window 4;
 - ``routed+step`` / ``routed+tree``: routing, up to two cooperating experts fused step by step
   or as whole chains, window 2 (at most 4 drafted tokens per round, as the single drafters);
+- ``union@2`` (any single drafter ``name@W``): that drafter alone at window W — ``union@2``
+  drafts about as many tokens per round as the fused systems (not in the default list);
 - ``all+step`` / ``all+tree``: the three experts, the suffix datastore and prompt lookup, routed
   and fused, window 2; the suffix datastore emptied before the pass; ``all+step-warm`` /
   ``all+tree-warm``: a second pass with the datastore as the first left it (every prompt seen).
@@ -45,6 +47,7 @@ from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.suffix import SuffixDrafter
 from cosine.engine import GenerationRequest, LocalEngine
 from cosine.factory import load_target
+from cosine.lossless import TIE_GAP, first_divergence, top2_gap
 from cosine.models.loading import load_model
 from cosine.models.runner import ModelRunner
 from cosine.requests import eos_token_ids
@@ -76,7 +79,10 @@ def build_engines(systems, runner, tokenizer, weights: Path, target_model):
     team = [drafters[n] for n in EXPERTS]
     made = {}
     for system in systems:
-        if system in drafters:
+        base, _, window = system.partition("@")  # "union@2": that system at window 2
+        if window and base in drafters:
+            made[system] = engine([drafters[base]], window=int(window))
+        elif system in drafters:
             made[system] = engine([drafters[system]])
         elif system == "routed":
             made[system] = engine(team)
@@ -138,10 +144,11 @@ def main() -> None:
         print(f"{system} done at {time.perf_counter() - began:.0f} s", flush=True)
     share = other.share()
     result = report(items, rows)
+    result["divergences"] = divergences(plain.model, items, ids, rows)
     result["stamp"], result["other_cpu_share"], result["config"] = stamp(), share, {"max_tokens": args.max_tokens, "systems": passes}
     path = write_result(args.name, result)
     report_other_cpu(share)
-    print(json.dumps({k: result[k] for k in ("table", "goal", "routing_quality", "identical")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("table", "goal", "routing_quality", "identical", "divergences")}, indent=1))
     print(f"wrote {path}")
 
 
@@ -180,6 +187,25 @@ def report(items, rows) -> dict:
                       for s in table if "union" in table and s != "union" and table["union"]["all"]["accepted_per_round"]}
     result["routing_quality"] = routing_quality(rows, items)
     return result
+
+
+def divergences(model, items, ids, rows) -> list[dict]:
+    """Every output that differs from ``target``'s, with the target's top-2 logit gap where it
+    first diverges (design.md: excused only at a numerical tie, gap < 1e-3)."""
+    found = []
+    target = rows.get("target") or []
+    for system, data in rows.items():
+        if system == "target" or not target:
+            continue
+        for index, row in enumerate(data[:-1]):
+            reference = target[index]["ids"]
+            at = first_divergence(row["ids"], reference)
+            if at is None or not row["ids"]:
+                continue
+            gap = top2_gap(model, list(ids[index]) + reference[:at])
+            found.append({"system": system, "id": items[index][1]["id"], "at": at, "ours": row["ids"][at : at + 1],
+                          "target": reference[at : at + 1], "top2_gap": gap, "tie": gap < TIE_GAP})
+    return found
 
 
 def routing_quality(rows, items) -> dict:

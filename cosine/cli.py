@@ -67,8 +67,8 @@ def generate(
     engine: str = typer.Option("pipeline", "--engine", help="pipeline: submit to a running server over Redis; local: the in-process reference engine"),
     redis_url: str | None = typer.Option(None, "--redis-url", help="server to submit to (default: $COSINE_REDIS_URL, else the URL `cosine serve` wrote)"),
     timeout: float = typer.Option(120.0, "--timeout", help="seconds without output before giving up (pipeline)"),
-    expert: str | None = typer.Option(None, "--expert", help="pin the request to this expert's drafters (pipeline)"),
-    mode: str | None = typer.Option(None, "--mode", help="chain or tree (default: speculation.mode)"),
+    expert: str | None = typer.Option(None, "--expert", help="pin the request to this expert's drafters"),
+    mode: str | None = typer.Option(None, "--mode", help="chain, tree or step (default: speculation.mode)"),
     drafter: list[str] | None = typer.Option(None, "--drafter", "-d", help="use only these configured drafters"),
     window: int | None = typer.Option(None, "--window", help="initial speculation window"),
     as_json: bool = typer.Option(False, "--json", help="print the final entry as JSON on the last line"),
@@ -92,6 +92,12 @@ def generate(
         config = config.replace("speculation", max_window=window)
     stack = build_stack(config, drafter)
     tokenizer = stack.target.tokenizer
+    pinned = None
+    if expert is not None:  # the local engine routes over drafters: the expert's first one
+        loaded = {d.name for d in stack.drafters}
+        pinned = next((d.name for d in config.drafters if d.expert == expert and d.name in loaded), None)
+        if pinned is None:
+            raise typer.BadParameter(f"no loaded drafter of expert {expert!r}", param_hint="--expert")
     try:
         request = GenerationRequest(
             "cli",
@@ -103,6 +109,7 @@ def generate(
                 eos_token_ids(tokenizer, stack.target.model.config),
                 stop,
             ),
+            expert=pinned,
         )
     except RequestError as error:
         raise typer.BadParameter(str(error)) from None

@@ -51,6 +51,7 @@ def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Ca
         _ask(client, "warm-up", DEMO_PROMPTS[0], 4)
         baseline_s = pipeline_s = 0.0
         identical = drafted = accepted = 0
+        by_drafter: dict[str, list[int]] = {}
         for index, prompt in enumerate(DEMO_PROMPTS):
             ids = prompt_token_ids(tokenizer, messages=[{"role": "user", "content": prompt}])
             began = time.perf_counter()
@@ -64,13 +65,18 @@ def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Ca
             identical += tokens == output[0, len(ids) :].tolist()[: len(tokens)]
             drafted += int(final["draft_tokens"])
             accepted += int(final["accepted_tokens"])
+            for name, counts in json.loads(final.get("drafters") or "{}").items():
+                mine = by_drafter.setdefault(name, [0, 0])
+                mine[0] += counts["drafted"]
+                mine[1] += counts["accepted"]
             echo(f"> {prompt[:72]}\n{final['text'].strip()}")
             echo(f"  [{final['generated_tokens']} tokens in {final['rounds']} rounds, {final['accepted_tokens']}/{final['draft_tokens']} drafted tokens accepted]\n")
         echo(
             f"CoSine vs the target alone: {baseline_s / pipeline_s:.2f}x ({baseline_s:.1f}s -> {pipeline_s:.1f}s); "
             f"acceptance {accepted / max(1, drafted):.0%}; outputs identical to the target: {identical}/{len(DEMO_PROMPTS)}"
         )
-        echo("(the default drafter, prompt lookup, only helps where the answer copies the prompt; trained drafters are on the roadmap)")
+        if by_drafter:
+            echo("who drafted what (accepted / drafted tokens): " + ", ".join(f"{name} {a}/{d}" for name, (d, a) in sorted(by_drafter.items())))
     finally:
         supervisor.stop()
 

@@ -450,6 +450,8 @@ def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_p
     }
     if started_from:
         meta["init"] = started_from
+        # The data's own ranked vocabulary (its summary's reduced_vocab, vocab_coverage) is not used.
+        meta["data"] = {**meta["data"], "vocabulary": "the --init drafter's"}
     export(net, train_plan, out, meta)
     write_profile(list(union_of) if union_of else [work], out)
     return meta

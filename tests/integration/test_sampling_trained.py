@@ -26,7 +26,7 @@ from cosine.drafters.distilled import SmallDrafter
 from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.spec.acceptance import verify_sampling
 from cosine.spec.sampling import SamplingParams, request_generator, warp_probs
-from cosine.spec.tree import DraftChain, merge_chains
+from cosine.spec.tree import DraftChain, fuse_steps, fused_token, merge_chains
 from tests.unit.test_acceptance_sampling import verify_sampling_broken
 
 pytestmark = pytest.mark.slow
@@ -112,6 +112,83 @@ def setting(demo_target):
     position = next(i for i, h in enumerate(entropies) if h >= MIN_ENTROPY)
     context = answer[: len(ids) + position]
     return drafter, runner, params, context, entropies[position]
+
+
+def assert_sampling_matches_target(target: Target, trees: list, label: str) -> None:
+    """The first two emitted tokens over ``trees`` (verified with each trial's generator) against
+    the target's exact distribution; the broken verifier must be rejected on the same trees."""
+
+    def run(verify) -> dict:
+        counts_first: dict = {}
+        counts_joint: dict = {}
+        used = 0
+        for i, tree in enumerate(trees):
+            new = verify(tree, target.tree_rows(tree), request_generator(i, 0, "verify")).new_tokens
+            used += len(new) > 1
+            if len(new) < 2:
+                target.prefetch({new[0]})
+                second = int(torch.multinomial(target.rows[(new[0],)], 1, generator=request_generator(i, 0, "second")).item())
+            else:
+                second = new[1]
+            counts_first[new[0]] = counts_first.get(new[0], 0) + 1
+            counts_joint[(new[0], second)] = counts_joint.get((new[0], second), 0) + 1
+        return {"first": counts_first, "joint": counts_joint, "accepted_share": used / len(trees)}
+
+    n = len(trees)
+    p0 = target.rows[()].double()
+    expected_first = {int(t): float(p0[t]) for t in torch.nonzero(p0 * n >= 1).flatten()}
+    good, bad = run(verify_sampling), run(verify_sampling_broken)
+    firsts = {t for t in expected_first if expected_first[t] * n >= 5}
+    target.prefetch(firsts)
+    expected_joint = {}
+    for t in firsts:
+        row = target.rows[(t,)].double()
+        for s in torch.nonzero(row * expected_first[t] * n >= 1).flatten().tolist():
+            expected_joint[(t, s)] = expected_first[t] * float(row[s])
+    assert good["accepted_share"] > 0.2, good["accepted_share"]
+    p_first, dev_first = chi_square(good["first"], expected_first, n)
+    p_joint, dev_joint = chi_square(good["joint"], expected_joint, n)
+    print(f"{label}: drafts accepted in {good['accepted_share']:.1%} of rounds; p_first {p_first:.3g} dev {dev_first:.4f}, p_joint {p_joint:.3g} dev {dev_joint:.4f}")
+    assert p_first > ALPHA and p_joint > ALPHA and max(dev_first, dev_joint) < MAX_DEV
+    bad_first, _ = chi_square(bad["first"], expected_first, n)
+    bad_joint, _ = chi_square(bad["joint"], expected_joint, n)
+    assert min(bad_first, bad_joint) < 1e-12, (bad_first, bad_joint)
+
+
+@pytest.mark.parametrize("fusion", ["tree", "step"])
+def test_cooperating_trained_drafters_sampling_matches_the_target(setting, demo_target, fusion):
+    # Two shipped experts sample at the same high-entropy context and cooperate: whole chains
+    # merged into a tree, or step by step (both continue after the most confident first token,
+    # each draw of step 2 from its own random stream).
+    _, runner, params, context, _ = setting
+    shipped = load_config(Path(__file__).resolve().parents[2] / "config.toml", environ={})
+    specs = [d for d in shipped.drafters if d.expert in ("code", "chat")]
+    experts = [SmallDrafter(d.name, d.resolved_path, demo_target.model, demo_target.tokenizer) for d in specs]
+    assert len(experts) == 2
+    target = Target(runner, context, params)
+    target.prefetch()
+    trees = []
+    for i in range(N):
+        sampling = SamplingParams(temperature=TEMPERATURE, seed=i)
+        if fusion == "tree":
+            chains = [d.propose([DraftRequest(f"t{i % 4}", context, 2, sampling, 0)])[0] for d in experts]
+            trees.append(merge_chains(chains))
+            continue
+        first = [d.propose([DraftRequest(f"t{i % 4}", context, 1, sampling, 0)])[0] for d in experts]
+        prefix = [*context, fused_token(first)]
+        second = [d.propose([DraftRequest(f"t{i % 4}", prefix, 1, sampling, 0, step=1)])[0] for d in experts]
+        trees.append(fuse_steps([first, second]))
+    paths = set()
+    for tree in trees:
+        for node, parent in enumerate(tree.parents):
+            if parent != -1:
+                paths.add((tree.tokens[parent], tree.tokens[node]))
+    firsts = {t for tree in trees for t, p in zip(tree.tokens, tree.parents) if p == -1}
+    pairs = sorted(paths)
+    target.prefetch(firsts)
+    for start in range(0, len(pairs), 1024):
+        target.prefetch(set(), set(pairs[start : start + 1024]))
+    assert_sampling_matches_target(target, trees, fusion)
 
 
 def test_trained_drafter_sampling_matches_the_target(setting):

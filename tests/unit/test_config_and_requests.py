@@ -17,10 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_repository_config_loads():
     config = load_config(ROOT / "config.toml", environ={})
     assert config.model.dtype == "float32" and config.defaults.max_tokens == 128
-    assert [(d.kind, d.expert) for d in config.drafters] == [("small", "general"), ("prompt-lookup", "lookup")]
-    assert config.router.default_experts == ("general", "lookup") and config.speculation.mode == "tree"
-    # The shipped drafter resolves inside the package, whatever the working directory.
-    assert (config.drafters[0].resolved_path / "drafter.safetensors").is_file()
+    assert [(d.kind, d.expert) for d in config.drafters] == [
+        ("small", "general"), ("small", "code"), ("small", "chat"), ("small", "math"), ("prompt-lookup", "lookup"), ("suffix", "suffix"),
+    ]
+    assert config.router.default_experts == ("general", "lookup") and config.router.online
+    # The shipped drafters resolve inside the package, whatever the working directory; the
+    # domain experts carry the routing profile the router's classifier reads.
+    for drafter in config.drafters:
+        if drafter.kind == "small":
+            assert (drafter.resolved_path / "drafter.safetensors").is_file()
+            assert (drafter.resolved_path / "profile.safetensors").is_file() or drafter.expert == "general"
 
 
 def test_environment_overrides_file(tmp_path):
