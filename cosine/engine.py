@@ -24,7 +24,7 @@ from cosine.spec.acceptance import Verdict, verify_greedy, verify_sampling
 from cosine.spec.routing import PromptClassifier, RequestRouting, RoundFeedback, RoutingPolicy
 from cosine.spec.sampling import SamplingParams, request_generator, warp_probs
 from cosine.spec.stopping import FINISH_ERROR, Emission, OutputAssembler, StopRules
-from cosine.spec.tree import DraftChain, DraftTree, fuse_steps, fused_token, merge_chains
+from cosine.spec.tree import DraftChain, DraftTree, fuse_steps, fused_token, merge_chains, truncate_to_budget
 from cosine.spec.window import WindowPolicy
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class LocalEngine:
         self.routing = routing  # None: every drafter drafts for every request
         self.classifier = classifier
         self.stats = EngineStats()
-        drafting = self.drafters if mode == "tree" else self.drafters[:1]
+        drafting = self.drafters if mode != "chain" else self.drafters[:1]
         self.needs_features = any(getattr(d, "needs_features", False) for d in drafting)
 
     def generate(self, requests: Sequence[GenerationRequest], on_emission: EmissionCallback | None = None) -> list[GenerationResult]:
@@ -252,9 +252,12 @@ class LocalEngine:
             requests = [self._draft_request(active[i], room[i]) for i in mine]
             for i, chain in zip(mine, drafter.propose(requests)):
                 chains[i].append(chain)
-                active[i].draws[drafter.name] = [(d, t, c) for d, (t, c) in enumerate(zip(chain.tokens, chain.confidences))]
-                active[i].chained = True
-        return [merge_chains([c for c in per if len(c)], self.max_tree_nodes) for per in chains]
+        for state, per in zip(active, chains):
+            per[:] = truncate_to_budget([c for c in per if len(c)], self.max_tree_nodes)  # what the tree will hold
+            for chain in per:
+                state.draws[chain.drafter] = [(d, t, c) for d, (t, c) in enumerate(zip(chain.tokens, chain.confidences))]
+            state.chained = True
+        return [merge_chains(per, self.max_tree_nodes) for per in chains]
 
     def _draft_steps(self, active: list[_Active], room: list[int]) -> list[DraftTree]:
         """Step mode: each step, every drafting drafter proposes one token after the fused

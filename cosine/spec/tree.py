@@ -137,7 +137,7 @@ def merge_chains(chains: list[DraftChain], max_nodes: int | None = None) -> Draf
     rank and depth, never by a drawn token's own value, keeps sampling lossless (dropping a draw
     because of its value would bias which draws the verifier sees).
     """
-    chains = _truncate_to_budget(chains, max_nodes)
+    chains = truncate_to_budget(chains, max_nodes)
     tokens: list[int] = []
     parents: list[int] = []
     confidences: list[float] = []
@@ -238,7 +238,9 @@ def fused_token(proposals: list[DraftChain]) -> int | None:
     return max(proposals, key=lambda c: c.confidences[0]).tokens[0] if proposals else None
 
 
-def _truncate_to_budget(chains: list[DraftChain], max_nodes: int | None) -> list[DraftChain]:
+def truncate_to_budget(chains: list[DraftChain], max_nodes: int | None) -> list[DraftChain]:
+    """The chains cut to ``max_nodes`` tokens in all, from the last-ranked one up (by rank and
+    depth only: see ``merge_chains``)."""
     if max_nodes is None or sum(len(c) for c in chains) <= max_nodes:
         return chains
     kept: list[DraftChain] = []
