@@ -221,14 +221,20 @@ local function fuse_take(keys, args)
   return draft_payloads(keys[1])
 end
 
+-- Marks a round's (or a step's) fuse hash done and off the fusing set; false if it already was.
+local function mark_fused(hash, fusing, member, done_ttl)
+  if redis.call('HEXISTS', hash, '#done') == 1 then return false end
+  redis.call('DEL', hash)
+  redis.call('HSET', hash, '#done', '1')
+  redis.call('PEXPIRE', hash, done_ttl)
+  redis.call('ZREM', fusing, member)
+  return true
+end
+
 -- KEYS: fuse hash, fusing zset, candidates stream.  ARGV: member, candidate payload, ttl ms of
 -- the done marker (late redeliveries of the round's drafts are dropped while it lives).
 local function fuse_emit(keys, args)
-  if redis.call('HEXISTS', keys[1], '#done') == 1 then return 'duplicate' end
-  redis.call('DEL', keys[1])
-  redis.call('HSET', keys[1], '#done', '1')
-  redis.call('PEXPIRE', keys[1], tonumber(args[3]))
-  redis.call('ZREM', keys[2], args[1])
+  if not mark_fused(keys[1], keys[2], args[1], tonumber(args[3])) then return 'duplicate' end
   redis.call('XADD', keys[3], '*', 'm', args[2])
   return 'emitted'
 end
@@ -238,11 +244,7 @@ end
 -- KEYS: step hash, fusing zset, levels hash, job streams...  ARGV: member, done ttl ms, step,
 -- level payload, levels ttl ms, job payload.
 local function fuse_next(keys, args)
-  if redis.call('HEXISTS', keys[1], '#done') == 1 then return 'duplicate' end
-  redis.call('DEL', keys[1])
-  redis.call('HSET', keys[1], '#done', '1')
-  redis.call('PEXPIRE', keys[1], tonumber(args[2]))
-  redis.call('ZREM', keys[2], args[1])
+  if not mark_fused(keys[1], keys[2], args[1], tonumber(args[2])) then return 'duplicate' end
   redis.call('HSET', keys[3], args[3], args[4])
   redis.call('PEXPIRE', keys[3], tonumber(args[5]))
   for i = 4, #keys do

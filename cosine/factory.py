@@ -79,17 +79,11 @@ def build_stack(config: Config, drafter_names: list[str] | None = None) -> Stack
 
 
 def routing_classifier(config: Config, vocab_size: int, names: list[str] | None = None) -> PromptClassifier | None:
-    """The cold-start classifier over the drafters that carry a routing profile (those made by
-    `cosine distill` with chat data), keyed by drafter name; None when none does."""
-    from cosine.distill.train import load_profile
+    """The cold-start classifier over the loaded drafters (``names``) with a routing profile,
+    keyed by drafter name (the local engine routes over drafters)."""
+    from cosine.distill.train import profile_classifier
 
-    profiles = {}
-    for spec in config.drafters:
-        if spec.kind in ("small", "feature") and (names is None or spec.name in names):
-            profile = load_profile(spec.resolved_path)
-            if profile:
-                profiles[spec.name] = profile
-    return PromptClassifier(profiles, vocab_size) if profiles else None
+    return profile_classifier([d for d in config.drafters if names is None or d.name in names], vocab_size)
 
 
 def build_engine(config: Config, stack: Stack) -> LocalEngine:

@@ -28,16 +28,8 @@ def load_tokenizer_and_limits(config: Config):
 
 
 def expert_classifier(config: Config, vocab_size: int):
-    """The router's cold-start classifier: per expert, the routing profiles of its drafters made
-    by `cosine distill` (profile.safetensors, summed); None when no drafter has one."""
-    from cosine.distill.train import load_profile
-    from cosine.spec.routing import PromptClassifier
+    """The router's cold-start classifier: per expert, the routing profiles of its drafters
+    (profile.safetensors, summed); None when no drafter has one."""
+    from cosine.distill.train import profile_classifier
 
-    profiles: dict[str, dict[int, int]] = {}
-    for spec in config.drafters:
-        if spec.kind in ("small", "feature"):
-            profile = load_profile(spec.resolved_path)
-            for token, count in (profile or {}).items():
-                mine = profiles.setdefault(spec.expert, {})
-                mine[token] = mine.get(token, 0) + count
-    return PromptClassifier(profiles, vocab_size) if profiles else None
+    return profile_classifier(config.drafters, vocab_size, key=lambda spec: spec.expert)

@@ -162,19 +162,14 @@ def chat_prompts(count: int, seed: int = 0, exclude_words: set[str] | frozenset[
     present = available_sources()
     makers: list[tuple[float, Callable[[], str]]] = [(0.12, lambda: _coding_task(rng)), (0.12, lambda: _arithmetic(rng))]
     if present["wordnet"]:
-        words = {pos: [w for w in frequent_lemmas(pos) if w not in exclude_words] for pos in ("noun", "verb", "adj")}
-        glosses = [(w, g) for w, g in wordnet_glosses() if len(w) > 3 and " " not in w and w.lower() not in exclude_words]
+        words, glosses = _wordnet_pools(exclude_words)
         if words["noun"]:
             makers.append((0.5, lambda: _everyday(rng, words)))
         else:  # a copy of WordNet without its sense counts (cntlist.rev): no frequent words to ask about
             log.warning("%s not found: no everyday prompts", WORDNET / "cntlist.rev")
         makers.append((0.05, lambda: _define(rng, glosses)))
     if present["python-stdlib"]:
-        modules = sorted(p.stem for p in stdlib_dir().glob("*.py") if not p.stem.startswith("_") and p.stem not in exclude_words)
-        functions = _docstring_functions(stdlib_dir(), limit=4000)
-        makers.append((0.05, lambda: _explain_module(rng, modules)))
-        if functions:
-            makers.append((0.05, lambda: _write_function(rng, functions)))
+        makers += _stdlib_makers(rng, exclude_words, 0.05)
     root = python_docs_dir()
     if root:
         paragraphs = _paragraphs(root)
@@ -182,6 +177,23 @@ def chat_prompts(count: int, seed: int = 0, exclude_words: set[str] | frozenset[
             makers.append((0.06, lambda: _summarise(rng, paragraphs)))
     weights = [w for w, _ in makers]
     return [rng.choices(makers, weights)[0][1]() for _ in range(count)]
+
+
+def _wordnet_pools(exclude_words) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """Frequent nouns, verbs and adjectives, and (word, gloss) pairs, without ``exclude_words``."""
+    words = {pos: [w for w in frequent_lemmas(pos) if w not in exclude_words] for pos in ("noun", "verb", "adj")}
+    glosses = [(w, g) for w, g in wordnet_glosses() if len(w) > 3 and " " not in w and w.lower() not in exclude_words]
+    return words, glosses
+
+
+def _stdlib_makers(rng: random.Random, exclude_words, weight: float) -> list[tuple[float, Callable[[], str]]]:
+    """Prompt makers from the standard library: explain a module, write a function its docstring describes."""
+    modules = sorted(p.stem for p in stdlib_dir().glob("*.py") if not p.stem.startswith("_") and p.stem not in exclude_words)
+    functions = _docstring_functions(stdlib_dir(), limit=4000)
+    makers = [(weight, lambda: _explain_module(rng, modules))]
+    if functions:
+        makers.append((weight, lambda: _write_function(rng, functions)))
+    return makers
 
 
 # The experts' data: which prompt makers and which text sources belong to each domain.
@@ -203,17 +215,12 @@ def domain_prompts(domain: str, count: int, seed: int = 0, exclude_words: set[st
     if domain == "code":
         makers += [(0.4, lambda: _coding_task(rng)), (0.2, lambda: _programming_question(rng))]
         if present["python-stdlib"]:
-            modules = sorted(p.stem for p in stdlib_dir().glob("*.py") if not p.stem.startswith("_") and p.stem not in exclude_words)
-            functions = _docstring_functions(stdlib_dir(), limit=4000)
-            makers.append((0.2, lambda: _explain_module(rng, modules)))
-            if functions:
-                makers.append((0.2, lambda: _write_function(rng, functions)))
+            makers += _stdlib_makers(rng, exclude_words, 0.2)
     elif domain == "math":
         makers += [(0.3, lambda: _arithmetic(rng)), (0.7, lambda: _math_problem(rng))]
     else:
         require_sources(["wordnet"])
-        words = {pos: [w for w in frequent_lemmas(pos) if w not in exclude_words] for pos in ("noun", "verb", "adj")}
-        glosses = [(w, g) for w, g in wordnet_glosses() if len(w) > 3 and " " not in w and w.lower() not in exclude_words]
+        words, glosses = _wordnet_pools(exclude_words)
         if words["noun"]:
             makers.append((0.75, lambda: _everyday(rng, words)))
         makers.append((0.1, lambda: _define(rng, glosses)))

@@ -410,6 +410,21 @@ def load_profile(path: Path) -> dict[int, int] | None:
     return dict(zip(stored["ids"].tolist(), stored["counts"].tolist()))
 
 
+def profile_classifier(drafters, vocab_size: int, key=lambda spec: spec.name):
+    """The cold-start routing classifier over the configured drafters that carry a routing
+    profile, summed per ``key(spec)`` (drafter name for the local engine, expert for the
+    pipeline's router); None when none does."""
+    from cosine.spec.routing import PromptClassifier
+
+    profiles: dict[str, dict[int, int]] = {}
+    for spec in drafters:
+        if spec.kind in ("small", "feature"):
+            for token, count in (load_profile(spec.resolved_path) or {}).items():
+                mine = profiles.setdefault(key(spec), {})
+                mine[token] = mine.get(token, 0) + count
+    return PromptClassifier(profiles, vocab_size) if profiles else None
+
+
 def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_plan: DataPlan, train_plan: TrainPlan, documents, prompts, progress: Progress = no_progress, target_name: str = "", init: Path | None = None, union_of: list[Path] = ()) -> dict:
     """The whole run: data, labels, training, agreement, export. Returns drafter.json's content.
 

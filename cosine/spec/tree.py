@@ -138,45 +138,12 @@ def merge_chains(chains: list[DraftChain], max_nodes: int | None = None) -> Draf
     because of its value would bias which draws the verifier sees).
     """
     chains = truncate_to_budget(chains, max_nodes)
-    tokens: list[int] = []
-    parents: list[int] = []
-    confidences: list[float] = []
-    sources: list[list[str]] = []
-    draw_list: list[tuple[int, int | None]] = []  # (node, probs row) in rank order
-    probs_rows: list[torch.Tensor] = []
-    index_of: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    nodes = _Nodes()
     for chain in chains:
         parent = ROOT
-        for depth, (token, confidence) in enumerate(zip(chain.tokens, chain.confidences)):
-            node = index_of.get((parent, token))
-            if node is None:
-                node = len(tokens)
-                index_of[(parent, token)] = node
-                tokens.append(token)
-                parents.append(parent)
-                confidences.append(confidence)
-                sources.append([chain.drafter])
-            else:
-                confidences[node] = max(confidences[node], confidence)
-                if chain.drafter not in sources[node]:
-                    sources[node].append(chain.drafter)
-            row = None
-            if chain.draft_probs is not None:
-                row = len(probs_rows)
-                probs_rows.append(chain.draft_probs[depth])
-            draw_list.append((node, row))
-            parent = node
-    order = _confidence_order(parents, confidences)
-    remap = {old: new for new, old in enumerate(order)}
-    remap[ROOT] = ROOT
-    return DraftTree(
-        tokens=tuple(tokens[old] for old in order),
-        parents=tuple(remap[parents[old]] for old in order),
-        confidences=tuple(confidences[old] for old in order),
-        sources=tuple(tuple(sources[old]) for old in order),
-        draws=tuple(Draw(remap[node], row) for node, row in draw_list),
-        draft_probs=torch.stack(probs_rows) if probs_rows else None,
-    )
+        for depth in range(len(chain)):
+            parent = nodes.draw(parent, chain, depth)
+    return nodes.tree(_confidence_order(nodes.parents, nodes.confidences))
 
 
 def fuse_steps(levels: list[list[DraftChain]]) -> DraftTree:
@@ -190,52 +157,72 @@ def fuse_steps(levels: list[list[DraftChain]]) -> DraftTree:
     rejection sampling needs; only which node has children depends on the draws, and the
     verifier reaches those children only through that node.
     """
-    tokens: list[int] = []
-    parents: list[int] = []
-    confidences: list[float] = []
-    sources: list[list[str]] = []
-    draw_list: list[Draw] = []
-    probs_rows: list[torch.Tensor] = []
+    nodes = _Nodes()
     parent = ROOT
     for proposals in levels:
         proposals = [c for c in proposals if len(c)]
         if not proposals:
             break
-        level: dict[int, int] = {}  # token -> node
         for chain in proposals:
-            token, confidence = chain.tokens[0], chain.confidences[0]
-            node = level.get(token)
-            if node is None:
-                node = level[token] = len(tokens)
-                tokens.append(token)
-                parents.append(parent)
-                confidences.append(confidence)
-                sources.append([chain.drafter])
-            else:
-                confidences[node] = max(confidences[node], confidence)
-                if chain.drafter not in sources[node]:
-                    sources[node].append(chain.drafter)
-            row = None
-            if chain.draft_probs is not None:
-                row = len(probs_rows)
-                probs_rows.append(chain.draft_probs[0])
-            draw_list.append(Draw(node, row))
-        fused = max(proposals, key=lambda c: c.confidences[0])  # max keeps the first of equals: rank
-        parent = level[fused.tokens[0]]
-    return DraftTree(
-        tokens=tuple(tokens),
-        parents=tuple(parents),
-        confidences=tuple(confidences),
-        sources=tuple(tuple(s) for s in sources),
-        draws=tuple(draw_list),
-        draft_probs=torch.stack(probs_rows) if probs_rows else None,
-    )
+            nodes.draw(parent, chain, 0)
+        parent = nodes.index_of[(parent, fused_token(proposals))]
+    return nodes.tree()
 
 
 def fused_token(proposals: list[DraftChain]) -> int | None:
     """The token step mode continues from: the most confident one-token proposal (rank breaks ties)."""
     proposals = [c for c in proposals if len(c)]
     return max(proposals, key=lambda c: c.confidences[0]).tokens[0] if proposals else None
+
+
+class _Nodes:
+    """A tree as fusion builds it: a draw of a (parent, token) already there adds its drafter to
+    the node's sources and keeps the node's highest confidence; every draw is recorded, in the
+    order made."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.confidences: list[float] = []
+        self.sources: list[list[str]] = []
+        self.draws: list[Draw] = []
+        self.probs_rows: list[torch.Tensor] = []
+        self.index_of: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+
+    def draw(self, parent: int, chain: DraftChain, depth: int) -> int:
+        """Add ``chain``'s token at ``depth`` below ``parent``; returns its node."""
+        token, confidence = chain.tokens[depth], chain.confidences[depth]
+        node = self.index_of.get((parent, token))
+        if node is None:
+            node = self.index_of[(parent, token)] = len(self.tokens)
+            self.tokens.append(token)
+            self.parents.append(parent)
+            self.confidences.append(confidence)
+            self.sources.append([chain.drafter])
+        else:
+            self.confidences[node] = max(self.confidences[node], confidence)
+            if chain.drafter not in self.sources[node]:
+                self.sources[node].append(chain.drafter)
+        row = None
+        if chain.draft_probs is not None:
+            row = len(self.probs_rows)
+            self.probs_rows.append(chain.draft_probs[depth])
+        self.draws.append(Draw(node, row))
+        return node
+
+    def tree(self, order: list[int] | None = None) -> DraftTree:
+        """The tree, nodes renumbered in ``order`` (a topological order; default: as added)."""
+        order = list(range(len(self.tokens))) if order is None else order
+        remap = {old: new for new, old in enumerate(order)}
+        remap[ROOT] = ROOT
+        return DraftTree(
+            tokens=tuple(self.tokens[old] for old in order),
+            parents=tuple(remap[self.parents[old]] for old in order),
+            confidences=tuple(self.confidences[old] for old in order),
+            sources=tuple(tuple(self.sources[old]) for old in order),
+            draws=tuple(Draw(remap[d.node], d.probs_row) for d in self.draws),
+            draft_probs=torch.stack(self.probs_rows) if self.probs_rows else None,
+        )
 
 
 def truncate_to_budget(chains: list[DraftChain], max_nodes: int | None) -> list[DraftChain]:
