@@ -58,8 +58,11 @@ def server():
 def test_killed_worker_loses_nothing(role, server, tmp_path, demo_target, greedy_references):
     drafters = [{"name": "early-exit-2", "kind": "early-exit", "layers": 2, "expert": "general"}]
     # A long BLOCK keeps a stopped worker's read open on the server, so entries submitted just
-    # after SIGSTOP are delivered to it and sit pending there, as in a crash mid-round.
-    config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=drafters, pipeline={"block_ms": 5000})
+    # after SIGSTOP are delivered to it and sit pending there, as in a crash mid-round. Fusion
+    # blocks for a quarter of its deadline at most (to sweep late rounds), so its deadline is
+    # long here: with one drafter every round is complete at once and never waits for it.
+    pipeline_options = {"block_ms": 5000, "fusion_deadline_ms": 20_000}
+    config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=drafters, pipeline=pipeline_options)
     pipeline = Pipeline(server, config)
     try:
         victim = None
