@@ -79,6 +79,9 @@ class SpeculationConfig:
     min_window: int = 1
     max_window: int = 8
     adaptive_window: bool = True
+    # Windows also follow the verifier's load: per round the window (up to the adaptive one)
+    # with the most expected tokens per ms by the cost model, 0 when speculation does not pay.
+    load_control: bool = True
     max_batch: int = 8
     max_tree_nodes: int = 32
 

@@ -38,6 +38,7 @@ class RequestState:
     rounds: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    drafted_rounds: int = 0  # rounds that verified at least one drafted token
     fingerprint: str = ""
     created_ms: int = 0
     deadline_ms: int = 0  # epoch ms: the request ends with error_code=deadline then
@@ -70,6 +71,7 @@ class RequestState:
             "emitted_chars": str(self.emitted_chars),
             "rounds": str(self.rounds),
             "draft_tokens": str(self.draft_tokens),
+            "drafted_rounds": str(self.drafted_rounds),
             "accepted_tokens": str(self.accepted_tokens),
             "fingerprint": self.fingerprint,
             "created_ms": str(self.created_ms),
@@ -101,6 +103,7 @@ class RequestState:
             emitted_chars=int(f["emitted_chars"]),
             rounds=int(f["rounds"]),
             draft_tokens=int(f["draft_tokens"]),
+            drafted_rounds=int(f.get("drafted_rounds", b"0")),
             accepted_tokens=int(f["accepted_tokens"]),
             fingerprint=text("fingerprint"),
             created_ms=int(f["created_ms"]),
@@ -197,6 +200,7 @@ def advance(
         emitted_chars=assembler.emitted_chars,
         rounds=state.rounds + 1,
         draft_tokens=state.draft_tokens + draft_tokens,
+        drafted_rounds=state.drafted_rounds + (draft_tokens > 0),
         accepted_tokens=state.accepted_tokens + kept_accepted,
         window=policy.next_window(state.window, draft_tokens, len(accepted_tokens)),
         fingerprint=state.fingerprint or fingerprint,

@@ -64,6 +64,11 @@ class Keys:
         digest = hashlib.blake2b(fingerprint.encode(), digest_size=6).hexdigest()
         return f"{self.prefix}verify:{digest}"
 
+    def cost(self, fingerprint: str) -> str:
+        """hash: a verifier's start-up profile of its verification cost (ms = a + b B + c T)."""
+        digest = hashlib.blake2b(fingerprint.encode(), digest_size=6).hexdigest()
+        return f"{self.prefix}cost:{digest}"
+
     @property
     def verified(self) -> str:
         return f"{self.prefix}verified"

@@ -28,6 +28,7 @@ from redis.exceptions import ResponseError
 
 from cosine import bus, faults
 from cosine.spec.batching import BatchPolicy
+from cosine.spec.control import SpeculationControl, acceptance_estimate
 from cosine.spec.routing import routing_policy
 from cosine.spec.window import WindowPolicy
 from cosine.state import ACTIVE, RequestState, RoundUpdate, advance, fail
@@ -44,6 +45,13 @@ class _Waiting:
 class Coordinator(StageWorker):
     role = "coordinator"
     read_count = 64
+
+    def __init__(self, config, redis_url: str, instance: str | None = None) -> None:
+        super().__init__(config, redis_url, instance)
+        spec = config.speculation
+        self.control = SpeculationControl(enabled=spec.load_control and spec.max_window > 0)
+        self.drafting: dict[str, tuple[int, float, int]] = {}  # request -> (round, sent at, window): drafting latency
+        self.active = 1  # active requests, as of the last batch decision
 
     def input_streams(self) -> list[str]:
         return [self.keys.verified, self.keys.candidates]
@@ -120,6 +128,9 @@ class Coordinator(StageWorker):
         if any(w.item.request_id == state.request_id for w in self.pool):
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # this round, already pooled
             return
+        sent = self.drafting.pop(state.request_id, None)
+        if sent is not None and sent[0] == candidate.round and candidate.tokens:
+            self.control.observe_drafting(sent[2], (time.monotonic() - sent[1]) * 1000)
         features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
         item = VerifyItem(state.request_id, state.round, state.context, candidate, wire_sampling(state), state.fingerprint, features_from)
         self.pool.append(_Waiting(entry_id, item, time.monotonic()))
@@ -128,6 +139,7 @@ class Coordinator(StageWorker):
         while self.pool:
             if not force:
                 active, busy = await self._load()
+                self.active = active
                 oldest = time.monotonic() - self.pool[0].arrived
                 tokens = sum(len(w.item.tree.tokens) + 1 for w in self.pool)
                 if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.live_verifiers, busy):
@@ -142,6 +154,8 @@ class Coordinator(StageWorker):
                 pipe.xadd(stream, encode(batch))
                 # Drafting is done: the drafter-deadline sweep lets go of these rounds.
                 pipe.zrem(self.keys.rounds, *(w.item.request_id for w in taken))
+                pipe.hincrby(self.keys.stats, "rounds_sent", len(taken))
+                pipe.hincrby(self.keys.stats, "rounds_window0", sum(1 for w in taken if not w.item.tree.tokens))
                 pipe.xack(self.keys.candidates, self.group, *(w.entry_id for w in taken))
                 await pipe.execute()
             # Only once written: a failed write keeps the candidates pooled (and pending).
@@ -175,6 +189,9 @@ class Coordinator(StageWorker):
     # ---- verified results -> state, output, next round ----------------------------------------
 
     async def _apply_verified(self, entry_id: bytes, batch: VerifiedBatch) -> None:
+        # First rounds feed whole prompts: their batches say nothing of a verification round's cost.
+        if batch.items and batch.forward_ms > 0 and all(item.round > 0 and not item.error for item in batch.items):
+            self.control.observe_verification(len(batch.items), sum(1 + item.draft_tokens for item in batch.items), batch.forward_ms)
         for item in batch.items:
             await self._apply_item(item, batch.fingerprint)
         if faults.enabled():
@@ -221,11 +238,21 @@ class Coordinator(StageWorker):
         experts = [e for e in state.experts if e in self.live_experts]
         room = state.max_tokens - len(state.output_ids) - 1
         window = min(state.window, max(0, room))
+        if experts and window > 0:
+            window = self.control.choose(acceptance_estimate(state.accepted_tokens, state.drafted_rounds), window, self._batch_size())
         if not experts or window <= 0:
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
+        self.drafting[state.request_id] = (state.round, time.monotonic(), window)
+        if len(self.drafting) > 10_000:  # rounds whose candidates went to another coordinator
+            self.drafting.clear()
         job = DraftJob(state.request_id, state.round, state.context, window, wire_sampling(state), experts, int(time.time() * 1000), features, features_start, state.domain,
                        step_mode=self.config.speculation.mode == "step")
         return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
+
+    def _batch_size(self) -> int:
+        """Requests per verification batch at the current load."""
+        share = -(-max(1, self.active) // max(1, self.live_verifiers))
+        return max(1, min(self.batch_policy.max_batch, share))
 
     # ---- sweeps --------------------------------------------------------------------------
 
@@ -269,6 +296,10 @@ class Coordinator(StageWorker):
         self.live_verifiers = len(verifiers)
         found = {p.split("=", 1)[1] for v in verifiers for p in v.split() if p.startswith("fingerprint=")}
         self.fingerprints |= found
+        if found and not self.control.verify.observations:
+            profile = await self.redis.hgetall(self.keys.cost(sorted(found)[0]))
+            if {b"a", b"b", b"c"} <= set(profile):
+                self.control.verify.set_prior([float(profile[k]) for k in (b"a", b"b", b"c")])
 
     async def _state(self, request_id: str) -> RequestState | None:
         fields = await self.redis.hgetall(self.keys.request(request_id))

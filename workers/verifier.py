@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.convert import candidate_to_tree, sampling_from_wire, states_to_bytes
 
@@ -27,6 +28,7 @@ from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.spec.acceptance import verify_greedy, verify_sampling
 from cosine.spec.routing import tree_feedback
 from cosine.spec.sampling import request_generator, warp_probs
+from cosine.spec.tree import ROOT
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
 
 RELEASE_INTERVAL_S = 2.0
@@ -47,14 +49,17 @@ class VerifierWorker(StageWorker):
         self.last_release = 0.0
         await self.off_loop(self.runner.forward, [ForwardItem("warm-up", [1, 2, 3], (4,), (-1,))])
         self.runner.release("warm-up")
+        self.cost_profile = await self.off_loop(profile_cost, self.runner)
+        self.log.info("verification cost profile: %.1f ms + %.2f ms per request + %.2f ms per fed token", *self.cost_profile)
 
     async def on_connect(self) -> None:
         await bus.ensure_group(self.redis, self.keys.verify_for(self.fingerprint), self.group)
         await self.redis.sadd(self.keys.fingerprints, self.fingerprint)
+        await self.redis.hset(self.keys.cost(self.fingerprint), mapping=dict(zip(("a", "b", "c"), map(str, self.cost_profile))))
 
     def liveness_extra(self) -> str:
         # Read without the runner's lock (a forward may hold it): a count off by one is fine here.
-        return f"fingerprint={self.fingerprint} caches={len(self.runner._caches)} cache_bytes={self.runner.allocated_bytes}"
+        return f"fingerprint={self.fingerprint} caches={self.runner.cache_count} cache_bytes={self.runner.allocated_bytes}"
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         for entry_id, fields in entries:
@@ -176,6 +181,26 @@ class VerifierWorker(StageWorker):
                 drafters=[[name, f.drafted, f.accepted, round(f.confidence_sum, 5)] for name, f in feedback.items()],
             )
         return [results[item.request_id] for item in items]
+
+
+def profile_cost(runner: ModelRunner, context: int = 64, repeats: int = 2) -> tuple[float, float, float]:
+    """Fit ms = a + b B + c T to a few timed verification forwards (B requests with a cached
+    ``context``-token prefix, feeding T tokens in all): the prior of the coordinator's cost model."""
+    rows, times = [], []
+    for batch, k in ((1, 1), (1, 5), (4, 1), (4, 5), (8, 3)):
+        keys = [f"cost-profile-{i}" for i in range(batch)]
+        runner.forward([ForwardItem(key, list(range(1, context + 1))) for key in keys])
+        parents = tuple([ROOT] + list(range(k - 2))) if k > 1 else ()
+        items = [ForwardItem(key, list(range(1, context + 2)), tuple(range(2, k + 1)), parents) for key in keys]
+        for _ in range(repeats):
+            began = time.perf_counter()
+            runner.forward(items)
+            rows.append([1.0, batch, batch * k])
+            times.append((time.perf_counter() - began) * 1000)
+        runner.release_many(keys)
+    x, y = torch.tensor(rows, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)[:, None]
+    coef = torch.linalg.lstsq(x, y).solution[:, 0].clamp(min=0.0)
+    return float(coef[0]), float(coef[1]), float(coef[2])
 
 
 def _error(item: VerifyItem, reason: str, code: str) -> VerifiedItem:

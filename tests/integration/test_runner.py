@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
-from cosine.models.runner import ForwardItem, ModelRunner
+from cosine.models.runner import BLOCK_SIZE, ForwardItem, KVBudgetError, ModelRunner
 
 pytestmark = pytest.mark.model
 
@@ -111,8 +109,11 @@ def test_missing_or_stale_cache_is_rebuilt(demo_target, chat_prompts, counter):
     runner.forward([ForwardItem("r", prompt)])
     runner.release("r")
     counter.tokens = 0
-    runner.forward([ForwardItem("r", prompt)])
-    assert counter.tokens == len(prompt)  # rebuilt from the tokens
+    logits = runner.forward([ForwardItem("r", prompt)])
+    # Rebuilt from the tokens, but for the full blocks still registered as a known prefix.
+    shared = (len(prompt) - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert counter.tokens == len(prompt) - shared and runner.stats.prefix_hit_tokens == shared
+    torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, prompt), atol=2e-3, rtol=1e-4)
     # A context that differs from what was cached (another worker ran the last round) reuses
     # only the common prefix.
     counter.tokens = 0
@@ -122,47 +123,52 @@ def test_missing_or_stale_cache_is_rebuilt(demo_target, chat_prompts, counter):
     torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, changed), atol=2e-3, rtol=1e-4)
 
 
-SMALL = 30  # context tokens of a small request: with the growth headroom, a 64-row cache
-SMALL_CAPACITY = 64
+SMALL = 30  # context tokens of a small request: two blocks
 
 
 def small(chat_prompts, index: int) -> list[int]:
-    return list(chat_prompts[index][:SMALL])
+    """The last SMALL tokens of a prompt: no two share a first block (no prefix sharing)."""
+    return list(chat_prompts[index][-SMALL:])
+
+
+def blocks(count: int, runner: ModelRunner) -> int:
+    return count * runner.bytes_per_block
 
 
 def test_cache_bytes_follow_the_model_shape(demo_target, chat_prompts):
-    """Bytes per token = layers x (K and V) x kv_heads x head_dim x 4 (fp32); a cache costs its capacity."""
+    """Bytes per token = layers x (K and V) x kv_heads x head_dim x 4 (fp32); a request holds whole blocks."""
     config = demo_target.model.config
     head_dim = config.hidden_size // config.num_attention_heads
     expected = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 4
-    runner = ModelRunner(demo_target.model)
-    assert runner.bytes_per_token == expected == 46_080
+    runner = ModelRunner(demo_target.model, max_cache_bytes=64 * 2**20)
+    assert runner.bytes_per_token == expected == 46_080 and runner.bytes_per_block == BLOCK_SIZE * expected
+    assert runner.num_blocks == 64 * 2**20 // runner.bytes_per_block and runner.pool_bytes <= runner.max_cache_bytes
     runner.forward([ForwardItem("a", small(chat_prompts, 0))])
-    assert runner.allocated_bytes == SMALL_CAPACITY * expected  # capacity, not the 30 valid rows
+    assert runner.allocated_bytes == blocks(2, runner)  # 30 rows: two blocks
 
 
-def test_lru_eviction_by_allocated_bytes(demo_target, chat_prompts):
-    """The budget fits exactly three caches: the fourth evicts the least recently used one."""
-    one_cache = SMALL_CAPACITY * ModelRunner(demo_target.model).bytes_per_token
-    runner = ModelRunner(demo_target.model, max_cache_bytes=3 * one_cache)
+def test_lru_eviction_when_the_pool_is_full(demo_target, chat_prompts):
+    """The pool holds exactly three small requests: the fourth evicts the least recently used one."""
+    bytes_per_block = ModelRunner(demo_target.model, max_cache_bytes=2**20).bytes_per_block
+    runner = ModelRunner(demo_target.model, max_cache_bytes=6 * bytes_per_block)
     for index, key in enumerate("abc"):
         runner.forward([ForwardItem(key, small(chat_prompts, index))])
-        assert runner.allocated_bytes == (index + 1) * one_cache
+        assert runner.allocated_bytes == blocks(2 * (index + 1), runner)
     assert runner.stats.evictions == 0
     runner.forward([ForwardItem("a", small(chat_prompts, 0))])  # "a" becomes the most recent
     runner.forward([ForwardItem("d", small(chat_prompts, 3))])
     assert runner.cached_keys() == ["c", "a", "d"]
-    assert runner.stats.evictions == 1 and runner.allocated_bytes == 3 * one_cache
+    assert runner.stats.evictions == 1 and runner.allocated_bytes == blocks(6, runner)
     for index, key in enumerate("efg", start=4):
         runner.forward([ForwardItem(key, small(chat_prompts, index))])
-        assert runner.allocated_bytes <= runner.max_cache_bytes
+        assert runner.allocated_bytes <= runner.pool_bytes
     assert runner.cached_keys() == ["e", "f", "g"] and runner.stats.evictions == 4
 
 
 def test_eviction_spares_the_batch_being_prepared(demo_target, chat_prompts):
-    """A new cache in a batch evicts the LRU cache outside the batch, not an older one inside it."""
-    one_cache = SMALL_CAPACITY * ModelRunner(demo_target.model).bytes_per_token
-    runner = ModelRunner(demo_target.model, max_cache_bytes=2 * one_cache)
+    """A new request in a batch evicts the LRU request outside the batch, not an older one inside it."""
+    bytes_per_block = ModelRunner(demo_target.model, max_cache_bytes=2**20).bytes_per_block
+    runner = ModelRunner(demo_target.model, max_cache_bytes=4 * bytes_per_block)
     runner.forward([ForwardItem("a", small(chat_prompts, 0))])
     runner.forward([ForwardItem("b", small(chat_prompts, 1))])
     rebuilds = runner.stats.cache_rebuilds
@@ -170,52 +176,32 @@ def test_eviction_spares_the_batch_being_prepared(demo_target, chat_prompts):
     logits = runner.forward([ForwardItem("c", small(chat_prompts, 2)), ForwardItem("a", a_context)])
     assert runner.cached_keys() == ["c", "a"]
     assert runner.stats.evictions == 1 and runner.stats.cache_rebuilds == rebuilds + 1  # "a" kept its cache
-    assert runner.allocated_bytes == 2 * one_cache
     torch.testing.assert_close(logits[1][0], plain_next_logits(demo_target.model, a_context), atol=2e-3, rtol=1e-4)
 
 
-def test_growth_past_the_budget_evicts_others(demo_target, chat_prompts):
-    """A cache that doubles when the budget is full evicts the LRU cache to make room."""
-    bytes_per_token = ModelRunner(demo_target.model).bytes_per_token
-    runner = ModelRunner(demo_target.model, max_cache_bytes=4 * SMALL_CAPACITY * bytes_per_token)
-    for index, key in enumerate("abcd"):
-        runner.forward([ForwardItem(key, small(chat_prompts, index))])
-    assert runner.allocated_bytes == runner.max_cache_bytes
-    longer = small(chat_prompts, 0) + list(chat_prompts[13][:50])  # 80 rows: "a" grows to 128
-    logits = runner.forward([ForwardItem("a", longer)])
-    assert runner.cached_keys() == ["c", "d", "a"] and runner.stats.evictions == 1
-    assert runner.allocated_bytes == runner.max_cache_bytes
-    assert runner.stats.reused_tokens >= SMALL - 1  # grown in place, not rebuilt
-    torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, longer), atol=2e-3, rtol=1e-4)
+def test_batch_over_the_pool_raises_and_each_request_alone_runs(demo_target, chat_prompts):
+    """Requests that do not fit together raise KVBudgetError (nothing half-done); each alone runs;
+    one request bigger than the whole pool raises alone."""
+    bytes_per_block = ModelRunner(demo_target.model, max_cache_bytes=2**20).bytes_per_block
+    runner = ModelRunner(demo_target.model, max_cache_bytes=3 * bytes_per_block)
+    items = [ForwardItem("a", small(chat_prompts, 0)), ForwardItem("b", small(chat_prompts, 1))]
+    with pytest.raises(KVBudgetError, match="kv_cache_mb"):
+        runner.forward(items)
+    for item in items:
+        logits = runner.forward([item])
+        torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, item.context), atol=2e-3, rtol=1e-4)
+    with pytest.raises(KVBudgetError):
+        runner.forward([ForwardItem("big", list(chat_prompts[13]))])  # 79 tokens: five blocks
+    logits = runner.forward([ForwardItem("a", small(chat_prompts, 0) + [198])])  # the runner still works
+    torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, small(chat_prompts, 0) + [198]), atol=2e-3, rtol=1e-4)
 
 
-def test_request_over_the_whole_budget_runs_alone(demo_target, chat_prompts, caplog):
-    """Bigger than the budget: every other cache goes, it runs over budget, one warning."""
-    bytes_per_token = ModelRunner(demo_target.model).bytes_per_token
-    runner = ModelRunner(demo_target.model, max_cache_bytes=SMALL_CAPACITY * bytes_per_token)
-    runner.forward([ForwardItem("a", small(chat_prompts, 0))])
-    long_prompt = list(chat_prompts[13])  # 79 tokens: a 128-row cache
-    longer = long_prompt + long_prompt  # 158 rows: grows to 256
-    with caplog.at_level(logging.WARNING, logger="cosine.models.runner"):
-        logits = runner.forward([ForwardItem("big", long_prompt)])
-        assert runner.cached_keys() == ["big"] and runner.stats.evictions == 1
-        assert runner.allocated_bytes == 128 * bytes_per_token
-        runner.forward([ForwardItem("big", longer)])
-    assert runner.allocated_bytes == 256 * bytes_per_token
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "big" in warnings[0].getMessage()
-    torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, long_prompt), atol=2e-3, rtol=1e-4)
-    runner.forward([ForwardItem("a", small(chat_prompts, 0))])  # back within budget
-    assert runner.cached_keys() == ["a"] and runner.allocated_bytes == runner.max_cache_bytes
-
-
-def test_release_frees_the_bytes(demo_target, chat_prompts):
+def test_release_frees_the_blocks(demo_target, chat_prompts):
     runner = ModelRunner(demo_target.model)
-    one_cache = SMALL_CAPACITY * runner.bytes_per_token
     runner.forward([ForwardItem(key, small(chat_prompts, index)) for index, key in enumerate("abc")])
-    assert runner.allocated_bytes == 3 * one_cache
+    assert runner.allocated_bytes == blocks(6, runner)
     runner.release("a")
-    assert runner.cached_keys() == ["b", "c"] and runner.allocated_bytes == 2 * one_cache
+    assert runner.cached_keys() == ["b", "c"] and runner.allocated_bytes == blocks(4, runner)
     runner.release_many(["b", "c", "never-cached"])
     assert runner.cached_keys() == [] and runner.allocated_bytes == 0
     assert runner.stats.releases == 3 and runner.stats.evictions == 0
@@ -223,9 +209,10 @@ def test_release_frees_the_bytes(demo_target, chat_prompts):
 
 def test_outputs_after_eviction_match_plain_forward(demo_target, chat_prompts, counter):
     """An evicted request's next round rebuilds its cache from its tokens; logits are exact."""
-    runner = ModelRunner(demo_target.model, max_cache_bytes=SMALL_CAPACITY * ModelRunner(demo_target.model).bytes_per_token)
+    bytes_per_block = ModelRunner(demo_target.model, max_cache_bytes=2**20).bytes_per_block
+    runner = ModelRunner(demo_target.model, max_cache_bytes=2 * bytes_per_block)
     runner.forward([ForwardItem("a", small(chat_prompts, 0))])
-    runner.forward([ForwardItem("b", small(chat_prompts, 1))])
+    runner.forward([ForwardItem("b", small(chat_prompts, 1))])  # takes a's blocks, registered one included
     assert runner.cached_tokens("a") == 0 and runner.stats.evictions == 1
     context = small(chat_prompts, 0) + [198]
     counter.tokens = 0
@@ -233,3 +220,57 @@ def test_outputs_after_eviction_match_plain_forward(demo_target, chat_prompts, c
     assert counter.tokens == len(context) + 1  # every context token fed again, plus the tree
     torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, context), atol=2e-3, rtol=1e-4)
     torch.testing.assert_close(logits[0][1], plain_next_logits(demo_target.model, context + [504]), atol=2e-3, rtol=1e-4)
+
+
+def test_shared_prompt_prefix_is_computed_once(demo_target, chat_prompts, counter):
+    """Requests with the same system prompt: the second feeds only what follows the shared full
+    blocks, holds them without a copy, and both get exact logits, also after the first one's
+    cache diverges inside a block the second one shares."""
+    system = list(chat_prompts[0][:40])  # the chat template's system prompt and more: two full blocks
+    first, second = system + [504, 314, 6147], system + [28, 253]
+    runner = ModelRunner(demo_target.model)
+    runner.forward([ForwardItem("a", first)])
+    held = runner.allocated_bytes
+    counter.tokens = 0
+    logits = runner.forward([ForwardItem("b", second)])
+    assert counter.tokens == len(second) - 2 * BLOCK_SIZE and runner.stats.prefix_hit_tokens == 2 * BLOCK_SIZE
+    assert runner.allocated_bytes == held + blocks(1, runner)  # only b's own third block
+    torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, second), atol=2e-3, rtol=1e-4)
+    # "a" goes back into its second (shared, registered) block: it may not write there.
+    diverged = system[:20] + [9, 10, 11]
+    logits = runner.forward([ForwardItem("a", diverged), ForwardItem("b", second + [42])])
+    torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, diverged), atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(logits[1][0], plain_next_logits(demo_target.model, second + [42]), atol=2e-3, rtol=1e-4)
+
+
+def test_trees_of_several_requests_in_one_attention_group(demo_target, chat_prompts):
+    """Cached requests verifying trees of different shapes together (one padded attention call
+    per layer): every node's logits equal a plain forward of its path."""
+    runner = ModelRunner(demo_target.model)
+    prompts = [list(chat_prompts[i]) for i in (8, 9, 10)]
+    runner.forward([ForwardItem(f"r{i}", p) for i, p in enumerate(prompts)])
+    trees = [((504, 314, 6147, 28), (-1, 0, -1, 2)), ((42,), (-1,)), ((11, 12, 13, 14, 15), (-1, 0, 1, 0, 3))]
+    contexts = [p + [198] for p in prompts]
+    logits = runner.forward([ForwardItem(f"r{i}", c, t, par) for i, (c, (t, par)) in enumerate(zip(contexts, trees))])
+    for rows, context, (tokens, parents) in zip(logits, contexts, trees):
+        torch.testing.assert_close(rows[0], plain_next_logits(demo_target.model, context), atol=2e-3, rtol=1e-4)
+        for node in range(len(tokens)):
+            path, parent = [], node
+            while parent != -1:
+                path.insert(0, tokens[parent])
+                parent = parents[parent]
+            torch.testing.assert_close(rows[node + 1], plain_next_logits(demo_target.model, context + path), atol=2e-3, rtol=1e-4)
+
+
+def test_prefill_chunks_then_the_rest(demo_target, chat_prompts, counter):
+    """A long context sent in chunks (prefixes first) feeds each token once; the last chunk's
+    logits are exact, next to a small request in the same forwards."""
+    runner = ModelRunner(demo_target.model)
+    long_prompt = list(chat_prompts[13]) + list(chat_prompts[14])
+    runner.forward([ForwardItem("s", small(chat_prompts, 0))])
+    counter.tokens = 0
+    assert len(long_prompt) > 100
+    for step, end in enumerate((50, 100, len(long_prompt)), start=1):
+        logits = runner.forward([ForwardItem("long", long_prompt[:end]), ForwardItem("s", small(chat_prompts, 0) + [198] * step)])
+    assert counter.tokens == len(long_prompt) + 3
+    torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, long_prompt), atol=2e-3, rtol=1e-4)

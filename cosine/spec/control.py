@@ -1,0 +1,129 @@
+"""Adaptive speculation control from the verifier's load (the paper's, with a cost model).
+
+A round with window ``w`` for a request whose drafted tokens are accepted with probability
+``alpha`` each yields ``E(w) = (1 - alpha^(w+1)) / (1 - alpha)`` tokens on average (accepted
+prefix plus the target's own token; ``E(0) = 1``). It costs the drafting hop ``D(w)`` (zero at
+window 0: the round goes straight to verification) plus the verification of a batch of ``B``
+requests feeding ``T`` tokens, ``V(B, T) = a + b B + c T``. The controller picks, per request
+and round, the window in ``0 .. limit`` that maximises ``E(w) / (D(w) + V(B, B (1 + w)))``
+(every request of the batch assumed at the same window): at low load the long verification
+of one token makes drafting pay; when the verifier is busy each drafted token costs more than
+its expected yield and the window goes to 0, so the verifier decodes plainly in large batches.
+
+``V`` starts from the verifier's start-up profile and ``D`` from a prior; both are refitted by
+least squares over the most recent observations (with the profile as a ridge prior, so a few
+observations at one batch size do not make the fit wild).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+def expected_tokens(alpha: float, window: int) -> float:
+    """Tokens a round yields on average: accepted drafted tokens plus the target's own."""
+    alpha = min(max(alpha, 0.0), 0.999)
+    return (1 - alpha ** (window + 1)) / (1 - alpha)
+
+
+def acceptance_estimate(accepted: int, drafted_rounds: int) -> float:
+    """Per-token acceptance: accepted tokens / (accepted + rounds that drafted), with a weak
+    prior of one success and one failure (each drafted round ends in at most one rejection)."""
+    return (accepted + 1) / (accepted + drafted_rounds + 2)
+
+
+@dataclass
+class LinearCost:
+    """``y = w . x`` fitted by ridge least squares toward ``prior`` over the last ``keep``
+    observations (features include the constant 1)."""
+
+    prior: Sequence[float]
+    keep: int = 256
+    strength: float = 4.0  # weight of the prior, in observations
+    _rows: deque = field(default_factory=deque)
+    _coef: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        self._rows = deque(maxlen=self.keep)
+        self._coef = [float(p) for p in self.prior]
+
+    def observe(self, features: Sequence[float], value: float) -> None:
+        self._rows.append(([float(f) for f in features], float(value)))
+        self._coef = None
+
+    @property
+    def observations(self) -> int:
+        return len(self._rows)
+
+    @property
+    def coefficients(self) -> list[float]:
+        if self._coef is None:
+            self._coef = self._fit()
+        return self._coef
+
+    def predict(self, features: Sequence[float]) -> float:
+        return max(0.0, sum(c * f for c, f in zip(self.coefficients, features)))
+
+    def set_prior(self, prior: Sequence[float]) -> None:
+        self.prior = [float(p) for p in prior]
+        self._coef = None
+
+    def _fit(self) -> list[float]:
+        prior = torch.tensor(self.prior, dtype=torch.float64)
+        if not self._rows:
+            return prior.tolist()
+        x = torch.tensor([r[0] for r in self._rows], dtype=torch.float64)
+        y = torch.tensor([r[1] for r in self._rows], dtype=torch.float64)
+        # Scale each feature so the prior's pull is comparable across them.
+        scale = x.abs().mean(0).clamp(min=1.0)
+        regulariser = torch.diag(self.strength * scale**2)
+        coef = torch.linalg.solve(x.T @ x + regulariser, x.T @ y + regulariser @ prior)
+        return [max(0.0, float(c)) for c in coef]
+
+
+@dataclass
+class SpeculationControl:
+    """Chooses each round's window from the acceptance estimate and the measured costs (ms)."""
+
+    verify_prior: Sequence[float] = (30.0, 2.0, 1.0)  # a, b (per request), c (per fed token)
+    draft_prior: Sequence[float] = (10.0, 2.0)  # d0, d1 (per drafted token)
+    enabled: bool = True
+    verify: LinearCost = field(init=False)
+    draft: LinearCost = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.verify = LinearCost(self.verify_prior)
+        self.draft = LinearCost(self.draft_prior)
+
+    def observe_verification(self, batch_size: int, fed_tokens: int, ms: float) -> None:
+        self.verify.observe((1.0, batch_size, fed_tokens), ms)
+
+    def observe_drafting(self, window: int, ms: float) -> None:
+        self.draft.observe((1.0, window), ms)
+
+    def verify_ms(self, batch_size: int, fed_tokens: int) -> float:
+        return self.verify.predict((1.0, batch_size, fed_tokens))
+
+    def draft_ms(self, window: int) -> float:
+        return 0.0 if window <= 0 else self.draft.predict((1.0, window))
+
+    def rate(self, alpha: float, window: int, batch_size: int) -> float:
+        """Expected tokens per ms of one request's round at this window and batch size."""
+        batch_size = max(1, batch_size)
+        seconds = self.draft_ms(window) + self.verify_ms(batch_size, batch_size * (1 + window))
+        return expected_tokens(alpha, window) / max(seconds, 1e-6)
+
+    def choose(self, alpha: float, limit: int, batch_size: int) -> int:
+        """The window in 0 .. limit with the highest expected rate (ties: the smaller)."""
+        if not self.enabled or limit <= 0:
+            return max(0, limit)
+        best, best_rate = 0, self.rate(alpha, 0, batch_size)
+        for window in range(1, limit + 1):
+            rate = self.rate(alpha, window, batch_size)
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = window, rate
+        return best
