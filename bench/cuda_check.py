@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 
 from cosine.config import Config, ModelConfig
+from cosine.core.sampling import SamplingParams
+from cosine.core.stopping import StopRules
 from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.model import ModelDrafter, early_exit_model
 from cosine.engine import GenerationRequest, LocalEngine
 from cosine.factory import load_target
 from cosine.models.runner import ModelRunner
+from cosine.policy.window import WindowPolicy
 from cosine.requests import eos_token_ids, prompt_token_ids
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.stopping import StopRules
-from cosine.spec.window import WindowPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -41,6 +41,8 @@ from common import BENCH_DIR, OtherCpu, chat_ids, load_prompts, report_other_cpu
 from speedup import hf_generate
 
 from cosine.config import PACKAGE_DIR, load_config
+from cosine.core.sampling import SamplingParams
+from cosine.core.stopping import StopRules
 from cosine.distill.train import load_profile
 from cosine.drafters.distilled import SmallDrafter
 from cosine.drafters.lookup import PromptLookupDrafter
@@ -50,11 +52,9 @@ from cosine.factory import load_target
 from cosine.lossless import TIE_GAP, first_divergence, top2_gap
 from cosine.models.loading import load_model
 from cosine.models.runner import ModelRunner
+from cosine.policy.routing import PromptClassifier, RoutingPolicy
+from cosine.policy.window import WindowPolicy
 from cosine.requests import eos_token_ids
-from cosine.spec.routing import PromptClassifier, RoutingPolicy
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.stopping import StopRules
-from cosine.spec.window import WindowPolicy
 
 SETS = {"prompts": BENCH_DIR / "prompts.jsonl", "holdout": BENCH_DIR / "prompts_holdout.jsonl"}
 EXPERTS = ("code", "chat", "math")

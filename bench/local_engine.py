@@ -36,14 +36,14 @@ from common import (
     write_result,
 )
 
+from cosine.core.sampling import SamplingParams
+from cosine.core.stopping import StopRules
 from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_model
 from cosine.engine import GenerationRequest, LocalEngine
 from cosine.models.runner import ModelRunner
+from cosine.policy.window import WindowPolicy
 from cosine.requests import eos_token_ids
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.stopping import StopRules
-from cosine.spec.window import WindowPolicy
 
 
 def drafter_sets(model):

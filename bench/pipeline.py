@@ -30,12 +30,12 @@ import torch
 from common import OtherCpu, add_model_options, chat_ids, load_prompts, load_target, median, setup_torch, stamp, write_result
 
 from cosine.config import load_config
-from cosine.engine import GenerationRequest
-from cosine.factory import build_engine, build_stack
+from cosine.core.sampling import SamplingParams
+from cosine.core.stopping import StopRules
+from cosine.engine import GenerationRequest, build_engine
+from cosine.factory import build_stack
 from cosine.requests import eos_token_ids
 from cosine.serve import Supervisor
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.stopping import StopRules
 
 CONFIG = """
 [model]

@@ -36,16 +36,16 @@ from common import BENCH_DIR, OtherCpu, chat_ids, load_prompts, median, report_o
 from hops import RoundRecorder, by_position
 
 from cosine.config import load_config
+from cosine.core.sampling import SamplingParams
+from cosine.core.stopping import StopRules
 from cosine.distill.train import load_drafter_net
 from cosine.engine import GenerationRequest, LocalEngine
 from cosine.factory import build_stack
 from cosine.lossless import TIE_GAP, first_divergence, top2_gap
 from cosine.models.loading import load_model
 from cosine.models.runner import ForwardItem, ModelRunner
+from cosine.policy.window import WindowPolicy
 from cosine.requests import eos_token_ids
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.stopping import StopRules
-from cosine.spec.window import WindowPolicy
 from cosine.wire import Keys
 
 SETS = {"prompts": BENCH_DIR / "prompts.jsonl", "holdout": BENCH_DIR / "prompts_holdout.jsonl"}

@@ -54,9 +54,9 @@ from common import (
 )
 from transformers import DynamicCache
 
+from cosine.core.tree import ROOT
 from cosine.models.loading import prepack_cpu_linears
 from cosine.models.runner import ForwardItem, ModelRunner
-from cosine.spec.tree import ROOT
 
 
 def int_list(text: str) -> list[int]:

@@ -76,8 +76,8 @@ def generate(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Generate one completion and stream it to stdout."""
-    from cosine.engine import GenerationRequest
-    from cosine.factory import build_engine, build_stack
+    from cosine.engine import GenerationRequest, build_engine
+    from cosine.factory import build_stack
     from cosine.requests import RequestError, eos_token_ids, prompt_token_ids, sampling_params, stop_rules
 
     config = _setup(config_path, verbose)

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cosine.core.acceptance import Verdict, verify_greedy, verify_sampling
+from cosine.core.sampling import SamplingParams, request_generator, warp_probs
+from cosine.core.stopping import FINISH_ERROR, Emission, OutputAssembler, StopRules
+from cosine.core.tree import DraftChain, DraftTree, fuse_steps, fused_token, merge_chains, truncate_to_budget
 from cosine.drafters.base import Drafter, DraftRequest
 from cosine.models.runner import ForwardItem, ModelRunner
-from cosine.spec.acceptance import Verdict, verify_greedy, verify_sampling
-from cosine.spec.routing import PromptClassifier, RequestRouting, RoundFeedback, RoutingPolicy
-from cosine.spec.sampling import SamplingParams, request_generator, warp_probs
-from cosine.spec.stopping import FINISH_ERROR, Emission, OutputAssembler, StopRules
-from cosine.spec.tree import DraftChain, DraftTree, fuse_steps, fused_token, merge_chains, truncate_to_budget
-from cosine.spec.window import WindowPolicy
+from cosine.policy.routing import PromptClassifier, RequestRouting, RoundFeedback, RoutingPolicy
+from cosine.policy.window import WindowPolicy
 
 log = logging.getLogger(__name__)
 
@@ -364,3 +364,25 @@ def drafter_feedback(draws: dict[str, list[tuple[int, int, float]]], accepted_to
 
 def _stored(features: torch.Tensor | None) -> int:
     return 0 if features is None else len(features)
+
+
+def build_engine(config, stack) -> LocalEngine:
+    """The local engine over a loaded stack (``cosine.factory.build_stack``), as configured."""
+    from cosine.factory import routing_classifier
+    from cosine.policy.routing import routing_policy
+
+    spec = config.speculation
+    names = [d.name for d in stack.drafters]
+    online = config.router.online and len(names) > 1
+    return LocalEngine(
+        stack.runner,
+        stack.target.tokenizer,
+        stack.drafters,
+        mode=spec.mode,
+        window=WindowPolicy(spec.window, spec.min_window, spec.max_window, spec.adaptive_window),
+        max_batch=spec.max_batch,
+        max_tree_nodes=spec.max_tree_nodes,
+        routing=routing_policy(config) if online else None,
+        classifier=routing_classifier(config, len(stack.target.tokenizer), names) if online else None,
+    )
+

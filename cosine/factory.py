@@ -12,11 +12,9 @@ from cosine.drafters.base import Drafter
 from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_model
 from cosine.drafters.suffix import SuffixDrafter
-from cosine.engine import LocalEngine
 from cosine.models.loading import LoadedModel, load_model, prepack_cpu_linears
 from cosine.models.runner import ModelRunner
-from cosine.spec.routing import PromptClassifier, routing_policy
-from cosine.spec.window import WindowPolicy
+from cosine.policy.routing import PromptClassifier
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +82,3 @@ def routing_classifier(config: Config, vocab_size: int, names: list[str] | None 
     from cosine.distill.train import profile_classifier
 
     return profile_classifier([d for d in config.drafters if names is None or d.name in names], vocab_size)
-
-
-def build_engine(config: Config, stack: Stack) -> LocalEngine:
-    spec = config.speculation
-    names = [d.name for d in stack.drafters]
-    online = config.router.online and len(names) > 1
-    return LocalEngine(
-        stack.runner,
-        stack.target.tokenizer,
-        stack.drafters,
-        mode=spec.mode,
-        window=WindowPolicy(spec.window, spec.min_window, spec.max_window, spec.adaptive_window),
-        max_batch=spec.max_batch,
-        max_tree_nodes=spec.max_tree_nodes,
-        routing=routing_policy(config) if online else None,
-        classifier=routing_classifier(config, len(stack.target.tokenizer), names) if online else None,
-    )

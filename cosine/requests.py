@@ -11,8 +11,8 @@ import json
 import secrets
 from typing import Any
 
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.stopping import StopRules
+from cosine.core.sampling import SamplingParams
+from cosine.core.stopping import StopRules
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 128

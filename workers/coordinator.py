@@ -22,17 +22,18 @@ import uuid
 from dataclasses import dataclass
 
 from cosine.workers.base import Entry, StageWorker
-from cosine.workers.convert import empty_candidate, feedback_from_wire, wire_sampling
 from cosine.workers.models import load_tokenizer_and_limits
 from redis.exceptions import ResponseError
 
 from cosine import bus, faults
-from cosine.spec.batching import BatchPolicy
-from cosine.spec.control import SpeculationControl, acceptance_estimate
-from cosine.spec.routing import routing_policy
-from cosine.spec.window import WindowPolicy
-from cosine.state import ACTIVE, RequestState, RoundUpdate, advance, fail
+from cosine.core.rounds import ACTIVE, RequestState, RoundUpdate, advance, fail
+from cosine.policy.batching import BatchPolicy
+from cosine.policy.control import SpeculationControl, acceptance_estimate
+from cosine.policy.routing import routing_policy
+from cosine.policy.window import WindowPolicy
 from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
+from cosine.wire.convert import empty_candidate, feedback_from_wire
+from cosine.wire.state import state_from_fields, state_to_fields
 
 
 @dataclass
@@ -132,7 +133,7 @@ class Coordinator(StageWorker):
         if sent is not None and sent[0] == candidate.round and candidate.tokens:
             self.control.observe_drafting(sent[2], (time.monotonic() - sent[1]) * 1000)
         features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
-        item = VerifyItem(state.request_id, state.round, state.context, candidate, wire_sampling(state), state.fingerprint, features_from)
+        item = VerifyItem(state.request_id, state.round, state.context, candidate, state.sampling, state.fingerprint, features_from)
         self.pool.append(_Waiting(entry_id, item, time.monotonic()))
 
     async def _flush(self, force: bool = False) -> None:
@@ -230,7 +231,7 @@ class Coordinator(StageWorker):
             features, start, rows = b"", 0, 0
         streams, payload = self._next_round(update.state, features, start)
         return await bus.apply_round(
-            self.redis, self.keys, request_id=state.request_id, expected_round=state.round, fields=update.state.to_fields(),
+            self.redis, self.keys, request_id=state.request_id, expected_round=state.round, fields=state_to_fields(update.state),
             out_entries=update.out_entries, job_streams=streams, payload=payload, features=features, features_start=start, feature_rows=rows,
         )
 
@@ -245,7 +246,7 @@ class Coordinator(StageWorker):
         self.drafting[state.request_id] = (state.round, time.monotonic(), window)
         if len(self.drafting) > 10_000:  # rounds whose candidates went to another coordinator
             self.drafting.clear()
-        job = DraftJob(state.request_id, state.round, state.context, window, wire_sampling(state), experts, int(time.time() * 1000), features, features_start, state.domain,
+        job = DraftJob(state.request_id, state.round, state.context, window, state.sampling, experts, int(time.time() * 1000), features, features_start, state.domain,
                        step_mode=self.config.speculation.mode == "step")
         return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
 
@@ -303,7 +304,7 @@ class Coordinator(StageWorker):
 
     async def _state(self, request_id: str) -> RequestState | None:
         fields = await self.redis.hgetall(self.keys.request(request_id))
-        return RequestState.from_fields(fields) if fields else None
+        return state_from_fields(fields) if fields else None
 
     # ---- housekeeping --------------------------------------------------------------------
 

@@ -15,13 +15,12 @@ from collections import OrderedDict
 
 import torch
 from cosine.workers.base import Entry, StageWorker
-from cosine.workers.convert import probs_to_bytes, states_from_bytes
 
 from cosine.bus import write_and_ack
 from cosine.drafters.base import DraftRequest
 from cosine.factory import build_drafter, load_target
-from cosine.spec.sampling import SamplingParams
 from cosine.wire import Draft, DraftJob, decode, encode
+from cosine.wire.convert import probs_to_bytes, states_from_bytes
 
 
 class DrafterWorker(StageWorker):
@@ -116,12 +115,8 @@ MAX_HELD_REQUESTS = 256
 
 
 def _request(job: DraftJob, features: torch.Tensor | None) -> DraftRequest:
-    sampling = SamplingParams(*_sampling(job))
+    sampling = job.sampling
     if job.step_mode:  # one token after the fused prefix; its draws get the step's own random stream
         window = 1 if job.step < job.window else 0
         return DraftRequest(job.request_id, [*job.context, *job.prefix], window, sampling, job.round, features, job.domain, job.step)
     return DraftRequest(job.request_id, job.context, max(0, job.window), sampling, job.round, features, job.domain)
-
-
-def _sampling(job: DraftJob) -> tuple[float, float, int]:
-    return job.sampling.temperature, job.sampling.top_p, job.sampling.seed

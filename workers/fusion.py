@@ -22,11 +22,11 @@ import time
 
 import msgpack
 from cosine.workers.base import Entry, StageWorker
-from cosine.workers.convert import draft_to_chain, tree_to_candidate
 
 from cosine import bus
-from cosine.spec.tree import fuse_steps, fused_token, merge_chains
+from cosine.core.tree import fuse_steps, fused_token, merge_chains
 from cosine.wire import PAYLOAD_FIELD, Draft, DraftJob, decode, encode
+from cosine.wire.convert import draft_to_chain, tree_to_candidate
 
 RETAKE_MS = 2_000
 

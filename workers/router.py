@@ -15,14 +15,16 @@ from __future__ import annotations
 import time
 
 from cosine.workers.base import Entry, StageWorker
-from cosine.workers.convert import empty_candidate, wire_sampling
 from cosine.workers.models import expert_classifier, load_tokenizer_and_limits
 
 from cosine import bus
+from cosine.core.rounds import ACTIVE, RequestState, fail
+from cosine.policy.routing import RequestRouting, choose_experts, routing_policy
 from cosine.requests import RequestError, eos_token_ids, parse_stop, prompt_token_ids, sampling_params
-from cosine.spec.routing import RequestRouting, choose_experts, routing_policy
-from cosine.state import ACTIVE, RequestState, fail, refusal_entry
 from cosine.wire import DraftJob, encode
+from cosine.wire.convert import empty_candidate
+from cosine.wire.output import refusal_entry
+from cosine.wire.state import state_from_fields, state_to_fields
 
 MAX_ID_LENGTH = 200
 MAX_DEADLINE_S = 7 * 24 * 3600
@@ -68,14 +70,14 @@ class Router(StageWorker):
         experts = [e for e in state.experts if e in live]  # fusion waits only for experts that can answer
         if experts:
             streams = [self.keys.draft(e) for e in experts]
-            job = DraftJob(state.request_id, 0, state.context, state.window, wire_sampling(state), experts, int(time.time() * 1000), domain=state.domain,
+            job = DraftJob(state.request_id, 0, state.context, state.window, state.sampling, experts, int(time.time() * 1000), domain=state.domain,
                            step_mode=self.config.speculation.mode == "step")
             payload = encode(job)[b"m"]
         else:  # no drafter alive for these experts: start without drafts (window 0)
             streams, payload = [self.keys.candidates], encode(empty_candidate(state))[b"m"]
         outcome = await bus.admit_request(
             self.redis, self.keys, group=self.group, entry_id=entry_id, request_id=state.request_id,
-            deadline_ms=state.deadline_ms, ttl_s=self.config.pipeline.output_ttl_s, fields=state.to_fields(),
+            deadline_ms=state.deadline_ms, ttl_s=self.config.pipeline.output_ttl_s, fields=state_to_fields(state),
             job_streams=streams, payload=payload,
             refusal=refusal_entry(f"request id {state.request_id!r} is already in use", "invalid", "id"),
         )
@@ -144,7 +146,7 @@ class Router(StageWorker):
         if request_id and await bus.flag_cancel(self.redis, self.keys, request_id) == "flagged":
             for _ in range(5):  # a round applied in between makes the attempt stale: read again
                 fields = await self.redis.hgetall(self.keys.request(request_id))
-                state = RequestState.from_fields(fields) if fields else None
+                state = state_from_fields(fields) if fields else None
                 if state is None or state.status != ACTIVE:
                     break
                 update = fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")

@@ -20,16 +20,16 @@ import time
 
 import torch
 from cosine.workers.base import Entry, StageWorker
-from cosine.workers.convert import candidate_to_tree, sampling_from_wire, states_to_bytes
 
 from cosine import bus, faults
+from cosine.core.acceptance import verify_greedy, verify_sampling
+from cosine.core.sampling import request_generator, warp_probs
+from cosine.core.tree import ROOT
 from cosine.factory import load_target
 from cosine.models.runner import ForwardItem, ModelRunner
-from cosine.spec.acceptance import verify_greedy, verify_sampling
-from cosine.spec.routing import tree_feedback
-from cosine.spec.sampling import request_generator, warp_probs
-from cosine.spec.tree import ROOT
+from cosine.policy.routing import tree_feedback
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
+from cosine.wire.convert import candidate_to_tree, states_to_bytes
 
 RELEASE_INTERVAL_S = 2.0
 
@@ -151,7 +151,6 @@ class VerifierWorker(StageWorker):
                 tree = candidate_to_tree(item.tree, self.runner.vocab_size)
                 if not item.context or any(not 0 <= t < self.runner.vocab_size for t in [*item.context, *tree.tokens]):
                     raise WireError("token id out of the vocabulary")
-                sampling_from_wire(item.sampling)
             except WireError as error:
                 results[item.request_id] = _error(item, f"invalid verification item: {error}", "internal")
                 continue
@@ -162,7 +161,7 @@ class VerifierWorker(StageWorker):
             [ForwardItem(i.request_id, i.context, t.tokens, t.parents, i.features_from) for i, t in zip(accepted_items, trees)]
         )
         for item, tree, rows, states in zip(accepted_items, trees, logits, fed):
-            sampling = sampling_from_wire(item.sampling)
+            sampling = item.sampling
             if sampling.greedy:
                 verdict = verify_greedy(tree, rows.argmax(-1).tolist())
             else:

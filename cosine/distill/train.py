@@ -414,7 +414,7 @@ def profile_classifier(drafters, vocab_size: int, key=lambda spec: spec.name):
     """The cold-start routing classifier over the configured drafters that carry a routing
     profile, summed per ``key(spec)`` (drafter name for the local engine, expert for the
     pipeline's router); None when none does."""
-    from cosine.spec.routing import PromptClassifier
+    from cosine.policy.routing import PromptClassifier
 
     profiles: dict[str, dict[int, int]] = {}
     for spec in drafters:

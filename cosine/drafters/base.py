@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cosine.spec.sampling import SamplingParams, request_generator
-from cosine.spec.tree import DraftChain
+from cosine.core.sampling import SamplingParams, request_generator
+from cosine.core.tree import DraftChain
 
 
 @dataclass(frozen=True, slots=True)

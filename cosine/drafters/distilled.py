@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from cosine.core.sampling import sample, warp_probs
+from cosine.core.tree import DraftChain
 from cosine.distill.train import load_drafter_net
 from cosine.drafters.base import Drafter, DraftRequest
 from cosine.models.loading import prepack_cpu_linears
 from cosine.models.runner import common_prefix
-from cosine.spec.sampling import sample, warp_probs
-from cosine.spec.tree import DraftChain
 
 MAX_CACHED_REQUESTS = 256
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cosine.core.tree import DraftChain
 from cosine.drafters.base import Drafter, DraftRequest
-from cosine.spec.tree import DraftChain
 
 
 class PromptLookupDrafter(Drafter):

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from cosine.core.sampling import sample, warp_probs
+from cosine.core.tree import DraftChain
 from cosine.drafters.base import Drafter, DraftRequest
 from cosine.models.runner import ForwardItem, ModelRunner
-from cosine.spec.sampling import sample, warp_probs
-from cosine.spec.tree import DraftChain
 
 
 class ModelDrafter(Drafter):

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
+from cosine.core.tree import DraftChain
 from cosine.drafters.base import Drafter, DraftRequest
-from cosine.spec.tree import DraftChain
 
 MAX_TRACKED_REQUESTS = 1024
 

@@ -47,7 +47,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from cosine.spec.tree import ROOT
+from cosine.core.tree import ROOT
 
 ATTN_IMPLEMENTATION = "cosine_packed"
 _BATCH_KWARG = "cosine_batch"

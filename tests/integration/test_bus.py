@@ -11,8 +11,9 @@ import redis.asyncio as aioredis
 from cosine import bus
 from cosine.config import Config, PipelineConfig
 from cosine.embedded import EmbeddedRedis
-from cosine.state import refusal_entry
 from cosine.wire import Keys
+from cosine.wire.output import refusal_entry
+from cosine.wire.state import state_to_fields
 
 KEYS = Keys()
 GROUP = "cosine:router"
@@ -134,17 +135,17 @@ def test_a_finished_request_keeps_a_tombstone_without_its_tokens(server):
     for output_ttl_s, so Redis memory followed how many long prompts had ended recently."""
     from dataclasses import replace
 
-    from cosine.spec.sampling import SamplingParams
-    from cosine.state import FINISHED, RequestState
+    from cosine.core.rounds import FINISHED, RequestState
+    from cosine.core.sampling import SamplingParams
 
     async def scenario():
         client = await fresh(server)
         state = RequestState("r1", list(range(3000)), SamplingParams(), 8, (), (2,), ["general"], output_ids=[5, 6])
-        await admit(client, await submit(client, id="r1", prompt="a"), fields=state.to_fields())
+        await admit(client, await submit(client, id="r1", prompt="a"), fields=state_to_fields(state))
         finished = replace(state, round=1, status=FINISHED)
         final = {"type": "final", "finish_reason": "cancelled", "error_code": "cancelled"}
         assert await bus.apply_round(
-            client, KEYS, request_id="r1", expected_round=0, fields=finished.to_fields(), out_entries=[final], ttl_s=60,
+            client, KEYS, request_id="r1", expected_round=0, fields=state_to_fields(finished), out_entries=[final], ttl_s=60,
         ) == "applied"
         key = KEYS.request("r1")
         assert await client.hget(key, "status") == FINISHED.encode()
@@ -289,8 +290,8 @@ def test_a_stale_pooled_round_does_not_swallow_the_next_one(server):
 
     from cosine.workers.coordinator import Coordinator, _Waiting
 
-    from cosine.spec.sampling import SamplingParams
-    from cosine.state import RequestState
+    from cosine.core.rounds import RequestState
+    from cosine.core.sampling import SamplingParams
     from cosine.wire import Candidate, VerifyItem, encode
 
     async def scenario():
@@ -298,7 +299,7 @@ def test_a_stale_pooled_round_does_not_swallow_the_next_one(server):
         coordinator = Coordinator(Config(), server)
         coordinator.redis, coordinator.pool = client, []
         state = RequestState("r1", [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=4, output_ids=[5, 6, 7, 8])
-        await client.hset(KEYS.request("r1"), mapping=state.to_fields())
+        await client.hset(KEYS.request("r1"), mapping=state_to_fields(state))
         await bus.ensure_group(client, KEYS.candidates, coordinator.group)
         old = Candidate("r1", 3, [], [], [], [], [])
         new = Candidate("r1", 4, [], [], [], [], [])
@@ -353,19 +354,19 @@ def test_a_cancellation_turned_into_a_redis_error_still_cancels(server):
 def test_a_verifier_spends_no_forward_on_rounds_already_applied(server):
     from cosine.workers.verifier import VerifierWorker
 
-    from cosine.spec.sampling import SamplingParams
-    from cosine.state import RequestState
-    from cosine.wire import Candidate, Sampling, VerifyItem
+    from cosine.core.rounds import RequestState
+    from cosine.core.sampling import SamplingParams
+    from cosine.wire import Candidate, VerifyItem
 
     async def scenario():
         client = await fresh(server)
         verifier = VerifierWorker(Config(), server)
         verifier.redis = client
         state = RequestState("r1", [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=4)
-        await client.hset(KEYS.request("r1"), mapping=state.to_fields())
+        await client.hset(KEYS.request("r1"), mapping=state_to_fields(state))
 
         def item(round_index: int, request_id: str = "r1") -> VerifyItem:
-            return VerifyItem(request_id, round_index, [1, 2], Candidate(request_id, round_index, [], [], [], [], []), Sampling(), "")
+            return VerifyItem(request_id, round_index, [1, 2], Candidate(request_id, round_index, [], [], [], [], []), SamplingParams(), "")
 
         kept = await verifier._still_open([item(3), item(4), item(4, "gone")])
         assert [(i.request_id, i.round) for i in kept] == [("r1", 4)]
@@ -421,8 +422,9 @@ def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(se
 
     from cosine.workers.coordinator import Coordinator, _Waiting
 
-    from cosine.spec.batching import BatchPolicy
-    from cosine.wire import Candidate, Sampling, VerifyBatch, VerifyItem, decode, encode
+    from cosine.core.sampling import SamplingParams
+    from cosine.policy.batching import BatchPolicy
+    from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
 
     async def scenario():
         client = await fresh(server)
@@ -444,7 +446,7 @@ def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(se
         candidate = Candidate("r1", 0, [], [], [], [], [])
         entry_id = await client.xadd(KEYS.candidates, encode(candidate))
         await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
-        coordinator.pool.append(_Waiting(entry_id, VerifyItem("r1", 0, [1, 2], candidate, Sampling(), ""), time.monotonic()))
+        coordinator.pool.append(_Waiting(entry_id, VerifyItem("r1", 0, [1, 2], candidate, SamplingParams(), ""), time.monotonic()))
         await coordinator._flush(force=True)
         assert coordinator.pool == []
         assert await client.zrange(KEYS.rounds, 0, -1) == [b"r2"]

@@ -21,12 +21,12 @@ import torch
 from scipy.stats import chisquare
 
 from cosine.config import load_config
+from cosine.core.acceptance import verify_sampling
+from cosine.core.sampling import SamplingParams, request_generator, warp_probs
+from cosine.core.tree import DraftChain, fuse_steps, fused_token, merge_chains
 from cosine.drafters.base import DraftRequest
 from cosine.drafters.distilled import SmallDrafter
 from cosine.models.runner import ForwardItem, ModelRunner
-from cosine.spec.acceptance import verify_sampling
-from cosine.spec.sampling import SamplingParams, request_generator, warp_probs
-from cosine.spec.tree import DraftChain, fuse_steps, fused_token, merge_chains
 from tests.unit.test_acceptance_sampling import verify_sampling_broken
 
 pytestmark = pytest.mark.slow

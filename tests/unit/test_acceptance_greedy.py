@@ -6,8 +6,8 @@ the committed context), row i + 1 its prediction after tree node i.
 
 import torch
 
-from cosine.spec.acceptance import verify_greedy
-from cosine.spec.tree import DraftChain, chain_tree, merge_chains
+from cosine.core.acceptance import verify_greedy
+from cosine.core.tree import DraftChain, chain_tree, merge_chains
 
 
 def chain(*tokens):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import chisquare
 
-from cosine.spec.acceptance import _draft_row, _residual, _verdict, verify_greedy, verify_sampling
-from cosine.spec.sampling import SamplingParams, warp_probs
-from cosine.spec.tree import ROOT, DraftChain, DraftTree, fuse_steps, merge_chains
+from cosine.core.acceptance import _draft_row, _residual, _verdict, verify_greedy, verify_sampling
+from cosine.core.sampling import SamplingParams, warp_probs
+from cosine.core.tree import ROOT, DraftChain, DraftTree, fuse_steps, merge_chains
 
 N = 20_000
 SEED = 1234

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cosine.spec.batching import BatchPolicy
+from cosine.policy.batching import BatchPolicy
 
 
 def flush(policy, pool_size=1, pool_tokens=4, oldest_wait_s=0.0, active_requests=8, live_verifiers=2, busy_verifiers=2):

@@ -3,13 +3,13 @@ per-drafter accounting of a round."""
 
 import pytest
 
+from cosine.core.acceptance import verify_greedy
+from cosine.core.sampling import SamplingParams
+from cosine.core.tree import ROOT, DraftChain, fuse_steps, fused_token
 from cosine.drafters.base import DraftRequest
 from cosine.drafters.suffix import SuffixDrafter, SuffixStore
 from cosine.engine import drafter_feedback
-from cosine.spec.acceptance import verify_greedy
-from cosine.spec.routing import PromptClassifier, RequestRouting, RoundFeedback, RoutingPolicy
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.tree import ROOT, DraftChain, fuse_steps, fused_token
+from cosine.policy.routing import PromptClassifier, RequestRouting, RoundFeedback, RoutingPolicy
 
 
 def one(token, confidence, drafter):

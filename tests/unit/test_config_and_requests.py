@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from cosine.config import load_config
+from cosine.core.sampling import SamplingParams
 from cosine.drafters.base import DraftRequest
 from cosine.drafters.lookup import PromptLookupDrafter
+from cosine.policy.window import WindowPolicy
 from cosine.requests import RequestError, parse_stop, sampling_params, stop_rules
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.window import WindowPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cosine.spec.control import LinearCost, SpeculationControl, acceptance_estimate, expected_tokens
+from cosine.policy.control import LinearCost, SpeculationControl, acceptance_estimate, expected_tokens
 
 
 def test_expected_tokens_of_a_round():

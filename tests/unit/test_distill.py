@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from cosine.core.sampling import SamplingParams
 from cosine.distill import corpus
 from cosine.distill.data import DataPlan, pack_conversations, reduced_vocabulary
 from cosine.distill.model import DraftNet, spec_for_target
 from cosine.distill.train import TrainPlan, agreement, distill, load_drafter_net, pack_tensors, step_losses, unpack_tensors
 from cosine.drafters.base import DraftRequest
 from cosine.models.loading import prepack_cpu_linears
-from cosine.spec.sampling import SamplingParams
 
 VOCAB = 96
 
@@ -286,11 +286,11 @@ class _Recording:
 
 
 def test_a_feature_drafter_drafts_from_the_target_states_the_engine_gives_it_and_stays_lossless(tmp_path):
+    from cosine.core.stopping import StopRules
     from cosine.drafters.distilled import FeatureDrafter
     from cosine.engine import GenerationRequest, LocalEngine
     from cosine.models.runner import ModelRunner
-    from cosine.spec.stopping import StopRules
-    from cosine.spec.window import WindowPolicy
+    from cosine.policy.window import WindowPolicy
 
     target, tokenizer = tiny_target(), CharTokenizer()
     documents = [corpus.Document("data", f"d{i}", "the quick brown fox jumps over the lazy dog. " * 8) for i in range(6)]

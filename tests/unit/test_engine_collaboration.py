@@ -5,14 +5,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from cosine.core.sampling import SamplingParams
+from cosine.core.stopping import StopRules
+from cosine.core.tree import DraftChain
 from cosine.drafters.base import Drafter
 from cosine.engine import GenerationRequest, LocalEngine
 from cosine.models.runner import ModelRunner
-from cosine.spec.routing import RoutingPolicy
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.stopping import StopRules
-from cosine.spec.tree import DraftChain
-from cosine.spec.window import WindowPolicy
+from cosine.policy.routing import RoutingPolicy
+from cosine.policy.window import WindowPolicy
 
 EOS = 127
 

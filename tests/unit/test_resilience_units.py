@@ -8,10 +8,11 @@ import pytest
 
 from cosine.bus import trim_floor
 from cosine.config import Config
+from cosine.core.sampling import SamplingParams
 from cosine.models.loading import _directory_hash
 from cosine.requests import MAX_STOP_CHARS, MAX_STOP_STRINGS, RequestError, parse_stop, sampling_params
-from cosine.state import RequestState
-from cosine.wire import Candidate, Keys, Sampling, VerifyBatch, VerifyItem
+from cosine.wire import Candidate, Keys, VerifyBatch, VerifyItem
+from cosine.wire.state import state_from_fields
 
 
 def test_trim_floor_when_pending_was_acknowledged_meanwhile():
@@ -65,7 +66,7 @@ def test_fingerprint_hashes_weights_not_names_and_sizes(tmp_path):
 
 
 def _item(request_id: str, fingerprint: str) -> VerifyItem:
-    return VerifyItem(request_id, 3, [1, 2], Candidate(request_id, 3, [], [], [], [], []), Sampling(), fingerprint)
+    return VerifyItem(request_id, 3, [1, 2], Candidate(request_id, 3, [], [], [], [], []), SamplingParams(), fingerprint)
 
 
 def test_a_verifier_hands_foreign_rounds_to_their_own_target():
@@ -80,7 +81,7 @@ def test_a_verifier_hands_foreign_rounds_to_their_own_target():
 
 
 def test_a_refused_requests_tombstone_is_not_a_state():
-    assert RequestState.from_fields({b"source": b"1-0", b"status": b"finished", b"round": b"-1"}) is None
+    assert state_from_fields({b"source": b"1-0", b"status": b"finished", b"round": b"-1"}) is None
 
 
 def test_fault_points_parse_and_fire(monkeypatch):

@@ -1,6 +1,6 @@
 """choose_experts: pinned expert, keyword matches, defaults, availability, cap and fallback."""
 
-from cosine.spec.routing import choose_experts
+from cosine.policy.routing import choose_experts
 
 KEYWORDS = {
     "code": ["python", "function", "bug"],

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cosine.spec.sampling import MAX_TEMPERATURE, SamplingParams, request_generator, sample, warp_probs
+from cosine.core.sampling import MAX_TEMPERATURE, SamplingParams, request_generator, sample, warp_probs
 
 
 def logits_of(*probs):
@@ -116,8 +116,8 @@ def test_sample_draws_from_row():
 def test_cuda_rows_are_drawn_with_the_cpu_request_generator():
     """Regression (bench/cuda_check.py on an H100): a CUDA probability row met the CPU request
     generator in torch.multinomial and sampled requests failed on a GPU."""
-    from cosine.spec.acceptance import verify_sampling
-    from cosine.spec.tree import DraftChain, merge_chains
+    from cosine.core.acceptance import verify_sampling
+    from cosine.core.tree import DraftChain, merge_chains
 
     probs = torch.softmax(torch.randn(3, 50), -1)
     on_cpu = sample(probs[0], request_generator(7, 0, "t"))

@@ -2,13 +2,13 @@
 
 import json
 
-from cosine.workers.convert import feedback_from_wire
-
-from cosine.spec.routing import RequestRouting, RoundFeedback, RoutingPolicy, tree_feedback
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.stopping import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
-from cosine.spec.window import WindowPolicy
-from cosine.state import ACTIVE, FINISHED, RequestState, advance, fail
+from cosine.core.rounds import ACTIVE, FINISHED, RequestState, advance, fail
+from cosine.core.sampling import SamplingParams
+from cosine.core.stopping import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
+from cosine.policy.routing import RequestRouting, RoundFeedback, RoutingPolicy, tree_feedback
+from cosine.policy.window import WindowPolicy
+from cosine.wire.convert import feedback_from_wire
+from cosine.wire.state import state_from_fields, state_to_fields
 
 EOS = 0
 
@@ -232,7 +232,7 @@ def test_fields_round_trip():
         fingerprint="target:abc123",
         created_ms=1_700_000_000_123,
     )
-    restored = RequestState.from_fields(as_redis_hash(state.to_fields()))
+    restored = state_from_fields(as_redis_hash(state_to_fields(state)))
     assert restored == state
     assert restored.stop == ("\n\n", "END", "é")
     assert restored.sampling == SamplingParams(0.7, 0.9, 2**40)
@@ -240,14 +240,14 @@ def test_fields_round_trip():
 
 def test_fields_round_trip_of_a_new_request():
     state = new_state()
-    restored = RequestState.from_fields(as_redis_hash(state.to_fields()))
+    restored = state_from_fields(as_redis_hash(state_to_fields(state)))
     assert restored == state
     assert (restored.round, restored.output_ids, restored.status) == (0, [], ACTIVE)
 
 
 def test_fields_round_trip_after_advance():
     state = step(new_state(stop=[" END"]), [1, 2], 5, drafted=3).state
-    restored = RequestState.from_fields(as_redis_hash(state.to_fields()))
+    restored = state_from_fields(as_redis_hash(state_to_fields(state)))
     assert restored == state
     # The restored state continues exactly like the original.
     assert step(restored, [6], 3, drafted=1) == step(state, [6], 3, drafted=1)
@@ -274,8 +274,8 @@ def test_drafters_counts_accumulate_into_the_final_entry():
 def test_routing_and_drafters_survive_the_hash_round_trip():
     state = advance(routed_state(), [1], 2, 4, TOKENIZER, POLICY, feedback={"code-small": RoundFeedback(4, 1, 2.0)},
                     routing_policy=ROUTING, expert_of={"code-small": "code"}).state
-    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in state.to_fields().items()}
-    again = RequestState.from_fields(fields)
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in state_to_fields(state).items()}
+    again = state_from_fields(fields)
     assert again.routing == state.routing and again.drafters == {"code-small": [4, 1]}
     assert again.domain == "code"
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from cosine.spec.stopping import FINISH_LENGTH, FINISH_STOP, OutputAssembler, StopRules
+from cosine.core.stopping import FINISH_LENGTH, FINISH_STOP, OutputAssembler, StopRules
 
 EOS = 0
 E_ACUTE_1, E_ACUTE_2 = 8, 9  # "é" is b"\xc3\xa9": split over two tokens

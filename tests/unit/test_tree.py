@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cosine.spec.tree import ROOT, DraftChain, DraftTree, Draw, chain_tree, merge_chains, tree_attention_mask
+from cosine.core.tree import ROOT, DraftChain, DraftTree, Draw, chain_tree, merge_chains, tree_attention_mask
 
 V = 10
 

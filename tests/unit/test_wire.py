@@ -4,13 +4,13 @@ import msgpack
 import pytest
 
 from cosine import wire
+from cosine.core.sampling import SamplingParams
 from cosine.wire import (
     PAYLOAD_FIELD,
     SCHEMA_VERSION,
     Candidate,
     Draft,
     DraftJob,
-    Sampling,
     VerifiedBatch,
     VerifiedItem,
     VerifyBatch,
@@ -27,7 +27,7 @@ def draft_job():
         round=3,
         context=[1, 2, 3, 70000],
         window=4,
-        sampling=Sampling(temperature=0.8, top_p=0.95, seed=7),
+        sampling=SamplingParams(temperature=0.8, top_p=0.95, seed=7),
         experts=["general", "code"],
         issued_ms=1_700_000_000_000,
     )
@@ -63,8 +63,8 @@ def candidate():
 
 def verify_batch():
     items = [
-        VerifyItem("req-1", 3, [1, 2, 3], candidate(), Sampling(0.0, 1.0, 0), "fp-1"),
-        VerifyItem("req-2", 9, [4], Candidate("req-2", 9, [7], [-1], [1.0], [["smol"]], [[0, -1]]), Sampling(), "fp-1"),
+        VerifyItem("req-1", 3, [1, 2, 3], candidate(), SamplingParams(0.0, 1.0, 0), "fp-1"),
+        VerifyItem("req-2", 9, [4], Candidate("req-2", 9, [7], [-1], [1.0], [["smol"]], [[0, -1]]), SamplingParams(), "fp-1"),
     ]
     return VerifyBatch(batch_id="batch-17", items=items)
 
@@ -112,7 +112,7 @@ def test_round_trip_keeps_nested_types():
     batch = decode(encode(verify_batch()), expected=VerifyBatch)
     assert isinstance(batch.items[0], VerifyItem)
     assert isinstance(batch.items[0].tree, Candidate)
-    assert isinstance(batch.items[0].sampling, Sampling)
+    assert isinstance(batch.items[0].sampling, SamplingParams)
     assert batch.items[0].tree.draft_probs == [b"\x01\x02", b"\x03\x04"]
     assert batch.items[1].tree.draws == [[0, -1]]
     verified = decode(encode(verified_batch()), expected=VerifiedBatch)
@@ -349,3 +349,15 @@ def test_oversized_payload_checked_before_parsing(monkeypatch):
 def test_wire_error_is_a_value_error():
     with pytest.raises(ValueError):
         decode({})
+
+
+def test_stage_workers_do_not_import_the_local_engine():
+    """Workers import the models and the wire, not the single-process engine (nor its factory
+    path into it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport cosine.workers.coordinator, cosine.workers.verifier, cosine.workers.drafter, "
+            "cosine.workers.router, cosine.workers.fusion\nprint('cosine.engine' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

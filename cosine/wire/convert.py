@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cosine.spec.routing import RoundFeedback
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.tree import DraftChain, DraftTree, Draw
-from cosine.state import RequestState
-from cosine.wire import Candidate, Draft, Sampling, WireError
+from cosine.core.rounds import RequestState
+from cosine.core.tree import DraftChain, DraftTree, Draw
+from cosine.policy.routing import RoundFeedback
+from cosine.wire.messages import Candidate, Draft, WireError
 
 
 def probs_to_bytes(probs: torch.Tensor | None) -> list[bytes]:
@@ -85,17 +84,6 @@ def candidate_to_tree(candidate: Candidate, vocab_size: int | None = None) -> Dr
         )
     except (ValueError, TypeError) as error:
         raise WireError(f"bad tree: {error}") from None
-
-
-def sampling_from_wire(sampling: Sampling) -> SamplingParams:
-    try:
-        return SamplingParams(float(sampling.temperature), float(sampling.top_p), int(sampling.seed))
-    except (TypeError, ValueError) as error:
-        raise WireError(f"bad sampling parameters: {error}") from None
-
-
-def wire_sampling(state: RequestState) -> Sampling:
-    return Sampling(state.sampling.temperature, state.sampling.top_p, state.sampling.seed)
 
 
 def empty_candidate(state: RequestState) -> Candidate:

@@ -1,4 +1,4 @@
-"""Authoritative request state (a Redis hash per request) and how a verified round advances it.
+"""Request state and how a verified round advances it (pure: no I/O).
 
 Workers keep no request state of their own: everything needed to continue a request after any
 worker dies is here. ``advance`` is pure given a tokenizer: the coordinator reads the state,
@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 
-import msgpack
-
-from cosine.spec.routing import RequestRouting, RoundFeedback, RoutingPolicy, by_expert
-from cosine.spec.sampling import SamplingParams
-from cosine.spec.stopping import FINISH_ERROR, OutputAssembler, StopRules
-from cosine.spec.window import WindowPolicy
+from cosine.core.sampling import SamplingParams
+from cosine.core.stopping import FINISH_ERROR, OutputAssembler, StopRules
+from cosine.policy.routing import RequestRouting, RoundFeedback, RoutingPolicy, by_expert
+from cosine.policy.window import WindowPolicy
+from cosine.wire.output import final_entry
 
 ACTIVE = "active"
 FINISHED = "finished"
@@ -55,65 +54,6 @@ class RequestState:
     def stop_rules(self) -> StopRules:
         return StopRules(self.max_tokens, frozenset(self.eos_ids), self.stop)
 
-    def to_fields(self) -> dict[str, bytes | str]:
-        return {
-            "id": self.request_id,
-            "prompt_ids": msgpack.packb(self.prompt_ids),
-            "sampling": json.dumps([self.sampling.temperature, self.sampling.top_p, self.sampling.seed]),
-            "max_tokens": str(self.max_tokens),
-            "stop": json.dumps(list(self.stop)),
-            "eos_ids": json.dumps(list(self.eos_ids)),
-            "experts": json.dumps(self.experts),
-            "status": self.status,
-            "round": str(self.round),
-            "window": str(self.window),
-            "output_ids": msgpack.packb(self.output_ids),
-            "emitted_chars": str(self.emitted_chars),
-            "rounds": str(self.rounds),
-            "draft_tokens": str(self.draft_tokens),
-            "drafted_rounds": str(self.drafted_rounds),
-            "accepted_tokens": str(self.accepted_tokens),
-            "fingerprint": self.fingerprint,
-            "created_ms": str(self.created_ms),
-            "deadline_ms": str(self.deadline_ms),
-            "routing": json.dumps(self.routing) if self.routing is not None else "",
-            "drafters": json.dumps(self.drafters),
-        }
-
-    @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> RequestState | None:
-        """The state in a request hash; None for a refused request's tombstone."""
-        f = {k.decode(): v for k, v in fields.items()}
-        if "prompt_ids" not in f:
-            return None
-        text = lambda name: f[name].decode()  # noqa: E731
-        temperature, top_p, seed = json.loads(f["sampling"])
-        return cls(
-            request_id=text("id"),
-            prompt_ids=list(msgpack.unpackb(f["prompt_ids"])),
-            sampling=SamplingParams(temperature, top_p, seed),
-            max_tokens=int(f["max_tokens"]),
-            stop=tuple(json.loads(f["stop"])),
-            eos_ids=tuple(json.loads(f["eos_ids"])),
-            experts=json.loads(f["experts"]),
-            status=text("status"),
-            round=int(f["round"]),
-            window=int(f["window"]),
-            output_ids=list(msgpack.unpackb(f["output_ids"])),
-            emitted_chars=int(f["emitted_chars"]),
-            rounds=int(f["rounds"]),
-            draft_tokens=int(f["draft_tokens"]),
-            drafted_rounds=int(f.get("drafted_rounds", b"0")),
-            accepted_tokens=int(f["accepted_tokens"]),
-            fingerprint=text("fingerprint"),
-            created_ms=int(f["created_ms"]),
-            deadline_ms=int(f.get("deadline_ms", b"0")),
-            cancel_requested="cancel" in f,
-            feature_rows=int(f.get("feat_n", b"0")),
-            routing=json.loads(f["routing"]) if f.get("routing") else None,
-            drafters=json.loads(f.get("drafters", b"{}")),
-        )
-
     @property
     def domain(self) -> str:
         """The request's first-choice expert (per-domain datastores key on it)."""
@@ -127,35 +67,6 @@ class RoundUpdate:
     state: RequestState
     out_entries: list[dict[str, str]]
     finished: bool
-
-
-def final_entry(state: RequestState, text: str, finish_reason: str, error: str = "", error_code: str = "") -> dict[str, str]:
-    entry = {
-        "type": "final",
-        "finish_reason": finish_reason,
-        "text": text,
-        "token_ids": json.dumps(state.output_ids),
-        "prompt_tokens": str(len(state.prompt_ids)),
-        "generated_tokens": str(len(state.output_ids)),
-        "rounds": str(state.rounds),
-        "draft_tokens": str(state.draft_tokens),
-        "accepted_tokens": str(state.accepted_tokens),
-        "drafters": json.dumps({name: {"drafted": d, "accepted": a} for name, (d, a) in state.drafters.items()}),
-    }
-    if error:
-        entry["error"] = error
-        entry["error_code"] = error_code or "internal"
-    return entry
-
-
-def refusal_entry(error: str, error_code: str, error_param: str = "") -> dict[str, str]:
-    """The one final entry of a request refused before it started."""
-    entry = {"type": "final", "finish_reason": "error", "text": "", "token_ids": "[]", "prompt_tokens": "0",
-             "generated_tokens": "0", "rounds": "0", "draft_tokens": "0", "accepted_tokens": "0", "drafters": "{}",
-             "error": error, "error_code": error_code}
-    if error_param:
-        entry["error_param"] = error_param
-    return entry
 
 
 def advance(

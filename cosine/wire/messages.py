@@ -1,4 +1,4 @@
-"""The wire: every stream and key name, the internal message types, encode/decode.
+"""The internal message types between stages, and their encode/decode.
 
 Internal messages travel as msgpack in one stream field (``m``) with a schema version; never
 pickle. Client-facing streams (``requests``, ``cancel``, ``out:{id}``) use flat string fields so
@@ -9,11 +9,12 @@ any Redis client can speak them. An unknown version or a malformed message raise
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
+
+from cosine.core.sampling import SamplingParams
 
 SCHEMA_VERSION = 1
 PAYLOAD_FIELD = b"m"
@@ -24,132 +25,7 @@ class WireError(ValueError):
     """A message that cannot be decoded: wrong type, version or shape."""
 
 
-@dataclass(frozen=True, slots=True)
-class Keys:
-    """All stream and key names, under one namespace prefix (default ``cosine:``)."""
-
-    prefix: str = "cosine:"
-
-    # client-facing streams
-    @property
-    def requests(self) -> str:
-        return f"{self.prefix}requests"
-
-    @property
-    def cancel(self) -> str:
-        return f"{self.prefix}cancel"
-
-    def out(self, request_id: str) -> str:
-        return f"{self.prefix}out:{request_id}"
-
-    # internal streams
-    def draft(self, expert: str) -> str:
-        return f"{self.prefix}draft:{expert}"
-
-    @property
-    def drafts(self) -> str:
-        return f"{self.prefix}drafts"
-
-    @property
-    def candidates(self) -> str:
-        return f"{self.prefix}candidates"
-
-    @property
-    def verify(self) -> str:
-        return f"{self.prefix}verify"
-
-    def verify_for(self, fingerprint: str) -> str:
-        """Verification batches of requests pinned to one target fingerprint (after their first
-        round): only verifiers of that target read it, so a rolling upgrade errors nothing."""
-        digest = hashlib.blake2b(fingerprint.encode(), digest_size=6).hexdigest()
-        return f"{self.prefix}verify:{digest}"
-
-    def cost(self, fingerprint: str) -> str:
-        """hash: a verifier's start-up profile of its verification cost (ms = a + b B + c T)."""
-        digest = hashlib.blake2b(fingerprint.encode(), digest_size=6).hexdigest()
-        return f"{self.prefix}cost:{digest}"
-
-    @property
-    def verified(self) -> str:
-        return f"{self.prefix}verified"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.prefix}dead"
-
-    # state
-    def request(self, request_id: str) -> str:
-        return f"{self.prefix}req:{request_id}"
-
-    def live(self, role: str, instance: str) -> str:
-        return f"{self.prefix}live:{role}:{instance}"
-
-    def live_pattern(self, role: str = "*") -> str:
-        return f"{self.prefix}live:{role}:*"
-
-    @property
-    def rounds(self) -> str:
-        """zset: request id -> when its round was sent to drafting (the drafter-deadline sweep)."""
-        return f"{self.prefix}rounds"
-
-    @property
-    def deadlines(self) -> str:
-        """zset: request id -> the epoch ms at which it ends with error_code=deadline."""
-        return f"{self.prefix}deadlines"
-
-    def features(self, request_id: str) -> str:
-        """string: the target's hidden states (fp16 rows) at a request's positions 0, 1, ...
-        (feature drafters; appended as rounds are applied, deleted when the request ends)."""
-        return f"{self.prefix}feat:{request_id}"
-
-    def fuse(self, request_id: str, round_index: int, step: int | None = None) -> str:
-        """hash: one round's drafts (step mode: one step's) while fusion waits for every
-        cooperating expert."""
-        return f"{self.prefix}fuse:{request_id}:{round_index}" + ("" if step is None else f":s{step}")
-
-    def fuse_levels(self, request_id: str, round_index: int) -> str:
-        """hash: step mode, one round's fused steps so far (field = step, value = its drafts)."""
-        return f"{self.prefix}fuse:{request_id}:{round_index}:levels"
-
-    @property
-    def fusing(self) -> str:
-        """zset: fuse hash key -> when fusion must emit it (deadline, or retake after a crash)."""
-        return f"{self.prefix}fusing"
-
-    @property
-    def fingerprints(self) -> str:
-        """set: target fingerprints verifiers have announced (their verify streams exist)."""
-        return f"{self.prefix}fingerprints"
-
-    @property
-    def restarts(self) -> str:
-        return f"{self.prefix}restarts"
-
-    @property
-    def test_phase(self) -> str:
-        """hash: instance -> the fault point it is in (only with COSINE_TEST_FAULTS)."""
-        return f"{self.prefix}test:phase"
-
-    @property
-    def stats(self) -> str:
-        return f"{self.prefix}stats"
-
-    @property
-    def experts(self) -> str:
-        return f"{self.prefix}experts"
-
-    def group(self, role: str) -> str:
-        return f"{self.prefix}{role}"
-
-
 # ---- internal messages -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +37,7 @@ class DraftJob:
     round: int
     context: list[int]  # committed tokens (prompt + output so far)
     window: int
-    sampling: Sampling
+    sampling: SamplingParams
     experts: list[str]  # every expert cooperating this round (fusion waits for all)
     issued_ms: int = 0
     # The target's hidden states (fp16 rows) at positions features_start.. that the last round
@@ -204,7 +80,7 @@ class Draft:
     step: int = 0
     window: int = 0
     prefix: list[int] = field(default_factory=list)
-    sampling: Sampling = field(default_factory=Sampling)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     domain: str = ""
 
 
@@ -229,7 +105,7 @@ class VerifyItem:
     round: int
     context: list[int]
     tree: Candidate
-    sampling: Sampling
+    sampling: SamplingParams
     fingerprint: str
     features_from: int = -1  # >= 0: return the target's hidden states of positions from here on
 
@@ -322,7 +198,7 @@ def _from_plain(cls: type, body: Any) -> Any:
     values = dict(body)
     try:
         if "sampling" in values:
-            values["sampling"] = _from_plain(Sampling, values["sampling"])
+            values["sampling"] = _sampling(values["sampling"])
         if "tree" in values:
             values["tree"] = _from_plain(Candidate, values["tree"])
         if cls in _ITEM_TYPES:
@@ -332,6 +208,22 @@ def _from_plain(cls: type, body: Any) -> Any:
         raise WireError(f"{cls.__name__}: {error}") from None
     _check_types(message)
     return message
+
+
+def _sampling(body: Any) -> SamplingParams:
+    """The core's sampling parameters, checked: the one conversion from the wire."""
+    if not isinstance(body, dict):
+        raise WireError("sampling: body is not a map")
+    unknown = set(body) - {"temperature", "top_p", "seed"}
+    if unknown:
+        raise WireError(f"sampling: unknown fields {sorted(map(str, unknown))}")
+    numbers = {k: v for k, v in body.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if len(numbers) != len(body) or not isinstance(body.get("seed", 0), int):
+        raise WireError("sampling: temperature and top_p must be numbers, seed an integer")
+    try:
+        return SamplingParams(float(body.get("temperature", 0.0)), float(body.get("top_p", 1.0)), int(body.get("seed", 0)))
+    except ValueError as error:
+        raise WireError(f"bad sampling parameters: {error}") from None
 
 
 def _check_types(message: Any) -> None:

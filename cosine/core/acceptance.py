@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cosine.spec.tree import ROOT, DraftTree
+from cosine.core.tree import ROOT, DraftTree
 
 
 @dataclass(frozen=True, slots=True)

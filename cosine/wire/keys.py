@@ -1,0 +1,124 @@
+"""Every stream and key name, derived from one namespace prefix and the request id."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """All stream and key names, under one namespace prefix (default ``cosine:``)."""
+
+    prefix: str = "cosine:"
+
+    # client-facing streams
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}requests"
+
+    @property
+    def cancel(self) -> str:
+        return f"{self.prefix}cancel"
+
+    def out(self, request_id: str) -> str:
+        return f"{self.prefix}out:{request_id}"
+
+    # internal streams
+    def draft(self, expert: str) -> str:
+        return f"{self.prefix}draft:{expert}"
+
+    @property
+    def drafts(self) -> str:
+        return f"{self.prefix}drafts"
+
+    @property
+    def candidates(self) -> str:
+        return f"{self.prefix}candidates"
+
+    @property
+    def verify(self) -> str:
+        return f"{self.prefix}verify"
+
+    def verify_for(self, fingerprint: str) -> str:
+        """Verification batches of requests pinned to one target fingerprint (after their first
+        round): only verifiers of that target read it, so a rolling upgrade errors nothing."""
+        digest = hashlib.blake2b(fingerprint.encode(), digest_size=6).hexdigest()
+        return f"{self.prefix}verify:{digest}"
+
+    def cost(self, fingerprint: str) -> str:
+        """hash: a verifier's start-up profile of its verification cost (ms = a + b B + c T)."""
+        digest = hashlib.blake2b(fingerprint.encode(), digest_size=6).hexdigest()
+        return f"{self.prefix}cost:{digest}"
+
+    @property
+    def verified(self) -> str:
+        return f"{self.prefix}verified"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}dead"
+
+    # state
+    def request(self, request_id: str) -> str:
+        return f"{self.prefix}req:{request_id}"
+
+    def live(self, role: str, instance: str) -> str:
+        return f"{self.prefix}live:{role}:{instance}"
+
+    def live_pattern(self, role: str = "*") -> str:
+        return f"{self.prefix}live:{role}:*"
+
+    @property
+    def rounds(self) -> str:
+        """zset: request id -> when its round was sent to drafting (the drafter-deadline sweep)."""
+        return f"{self.prefix}rounds"
+
+    @property
+    def deadlines(self) -> str:
+        """zset: request id -> the epoch ms at which it ends with error_code=deadline."""
+        return f"{self.prefix}deadlines"
+
+    def features(self, request_id: str) -> str:
+        """string: the target's hidden states (fp16 rows) at a request's positions 0, 1, ...
+        (feature drafters; appended as rounds are applied, deleted when the request ends)."""
+        return f"{self.prefix}feat:{request_id}"
+
+    def fuse(self, request_id: str, round_index: int, step: int | None = None) -> str:
+        """hash: one round's drafts (step mode: one step's) while fusion waits for every
+        cooperating expert."""
+        return f"{self.prefix}fuse:{request_id}:{round_index}" + ("" if step is None else f":s{step}")
+
+    def fuse_levels(self, request_id: str, round_index: int) -> str:
+        """hash: step mode, one round's fused steps so far (field = step, value = its drafts)."""
+        return f"{self.prefix}fuse:{request_id}:{round_index}:levels"
+
+    @property
+    def fusing(self) -> str:
+        """zset: fuse hash key -> when fusion must emit it (deadline, or retake after a crash)."""
+        return f"{self.prefix}fusing"
+
+    @property
+    def fingerprints(self) -> str:
+        """set: target fingerprints verifiers have announced (their verify streams exist)."""
+        return f"{self.prefix}fingerprints"
+
+    @property
+    def restarts(self) -> str:
+        return f"{self.prefix}restarts"
+
+    @property
+    def test_phase(self) -> str:
+        """hash: instance -> the fault point it is in (only with COSINE_TEST_FAULTS)."""
+        return f"{self.prefix}test:phase"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}stats"
+
+    @property
+    def experts(self) -> str:
+        return f"{self.prefix}experts"
+
+    def group(self, role: str) -> str:
+        return f"{self.prefix}{role}"
