@@ -27,8 +27,9 @@ from redis.exceptions import ResponseError
 
 from cosine import bus, faults
 from cosine.core.rounds import ACTIVE, RequestState, RoundUpdate, advance, fail
-from cosine.policy.batching import BatchPolicy
-from cosine.policy.control import SpeculationControl, acceptance_estimate
+from cosine.core.tree import tree_depth
+from cosine.policy.batching import BatchPolicy, Pending
+from cosine.policy.control import SpeculationControl, acceptance_estimate, expected_tokens
 from cosine.policy.routing import routing_policy
 from cosine.policy.window import WindowPolicy
 from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
@@ -41,6 +42,8 @@ class _Waiting:
     entry_id: bytes
     item: VerifyItem
     arrived: float
+    fed_tokens: int = 1  # what the verifier feeds: the tree and the new token, the prompt in a first round
+    expected: float = 1.0  # tokens the round is expected to commit
 
 
 class Coordinator(StageWorker):
@@ -134,7 +137,9 @@ class Coordinator(StageWorker):
             self.control.observe_drafting(sent[2], (time.monotonic() - sent[1]) * 1000)
         features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
         item = VerifyItem(state.request_id, state.round, state.context, candidate, state.sampling, state.fingerprint, features_from)
-        self.pool.append(_Waiting(entry_id, item, time.monotonic()))
+        fed = len(candidate.tokens) + (len(state.context) if state.round == 0 else 1)
+        alpha = acceptance_estimate(state.accepted_tokens, state.drafted_rounds)
+        self.pool.append(_Waiting(entry_id, item, time.monotonic(), fed, expected_tokens(alpha, tree_depth(candidate.parents))))
 
     async def _flush(self, force: bool = False) -> None:
         while self.pool:
@@ -145,10 +150,15 @@ class Coordinator(StageWorker):
                 tokens = sum(len(w.item.tree.tokens) + 1 for w in self.pool)
                 if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.live_verifiers, busy):
                     return
-            # One batch serves one target: the oldest candidate's.
+            # One batch serves one target: the oldest candidate's; which of its candidates, by
+            # the cost model (value per verification ms, none passed over past batch_starve_ms).
             fingerprint = self.pool[0].item.fingerprint
             same = [w for w in self.pool if w.item.fingerprint == fingerprint]
-            taken = same[: self.batch_policy.take(len(same))]
+            now = time.monotonic()
+            pending = [Pending(now - w.arrived, w.fed_tokens, w.expected) for w in same]
+            pipeline = self.config.pipeline
+            chosen = self.batch_policy.select(pending, self.control.verify_ms, pipeline.batch_latency_weight, pipeline.batch_starve_ms / 1000)
+            taken = [same[i] for i in chosen]
             batch = VerifyBatch(uuid.uuid4().hex[:12], [w.item for w in taken])
             stream = self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -329,4 +339,3 @@ class Coordinator(StageWorker):
         floor = bus.trim_floor(groups)
         if floor:
             await self.redis.xtrim(stream, minid=floor, approximate=False)
-

@@ -267,3 +267,11 @@ def tree_attention_mask(parents: tuple[int, ...] | list[int]) -> torch.Tensor:
             mask[node] = mask[parent]
         mask[node, node] = True
     return mask
+
+
+def tree_depth(parents: list[int]) -> int:
+    """Longest root-to-node path of a candidate tree (parents precede children)."""
+    depth: list[int] = []
+    for parent in parents:
+        depth.append(1 if parent < 0 or parent >= len(depth) else depth[parent] + 1)
+    return max(depth, default=0)

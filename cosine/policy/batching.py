@@ -11,6 +11,7 @@ prepare the next batch (the paper's pipelining), and batches grow with load.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -42,3 +43,45 @@ class BatchPolicy:
 
     def take(self, pool_size: int) -> int:
         return min(pool_size, self.max_batch)
+
+    def select(self, pool: Sequence[Pending], cost_ms: Callable[[int, int], float], latency_weight: float = 0.0, starve_s: float = 1.0) -> list[int]:
+        """Which pooled candidates (indices, in pool order) form the next batch.
+
+        Maximises ``sum(expected + latency_weight * age) / cost_ms(batch size, fed tokens)``
+        over the batch, greedily: candidates waiting ``starve_s`` or more go first (oldest
+        first), then the others by their value per fed token, each kept only if it raises the
+        ratio; at most ``max_batch`` candidates and ``max_tokens`` fed tokens (a starved
+        candidate bigger than the budget still goes, alone). ``latency_weight`` is in tokens
+        per second of waiting: 0 is throughput-first; large values favour the oldest
+        candidates in small, quick batches.
+        """
+        if not pool:
+            return []
+        value = [p.expected + latency_weight * p.age_s for p in pool]
+        starved = sorted((i for i, p in enumerate(pool) if p.age_s >= starve_s), key=lambda i: -pool[i].age_s)
+        others = sorted((i for i, p in enumerate(pool) if p.age_s < starve_s), key=lambda i: -value[i] / max(1, pool[i].tokens))
+        chosen: list[int] = []
+        tokens, total = 0, 0.0
+        for i in starved + others:
+            if len(chosen) >= self.max_batch:
+                break
+            if chosen and tokens + pool[i].tokens > self.max_tokens:
+                continue
+            if chosen and i not in starved:
+                before = total / max(cost_ms(len(chosen), tokens), 1e-9)
+                after = (total + value[i]) / max(cost_ms(len(chosen) + 1, tokens + pool[i].tokens), 1e-9)
+                if after < before:
+                    continue
+            chosen.append(i)
+            tokens += pool[i].tokens
+            total += value[i]
+        return sorted(chosen)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A pooled candidate as the batch policy sees it."""
+
+    age_s: float  # time waited in the pool
+    tokens: int  # tokens the verifier feeds for it: drafted nodes + 1, plus an uncached prompt
+    expected: float  # tokens its round is expected to commit

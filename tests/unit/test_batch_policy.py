@@ -110,3 +110,47 @@ def test_smallest_valid_policy():
     policy = BatchPolicy(max_batch=1, max_tokens=1, max_wait_s=0.0)
     assert (policy.max_batch, policy.max_tokens, policy.max_wait_s) == (1, 1, 0.0)
     assert policy.fair_share(10, 1) == 1
+
+
+# ---- select: which candidates, by the cost model ---------------------------------------------
+
+from cosine.policy.batching import Pending  # noqa: E402
+
+
+def linear_cost(a=30.0, b=1.0, c=1.0):
+    return lambda batch, tokens: a + b * batch + c * tokens
+
+
+def test_select_fills_the_batch_when_every_candidate_pays_its_way():
+    policy = BatchPolicy(max_batch=8, max_tokens=512)
+    pool = [Pending(0.01 * i, 5, 2.0) for i in range(6)]
+    assert policy.select(pool, linear_cost()) == list(range(6))
+
+
+def test_select_leaves_a_long_prefill_out_of_a_decoding_batch_until_it_starves():
+    policy = BatchPolicy(max_batch=8, max_tokens=2048)
+    decoding = [Pending(0.02, 5, 2.0) for _ in range(6)]
+    prefill = Pending(0.3, 900, 1.0)
+    assert policy.select([prefill, *decoding], linear_cost()) == [1, 2, 3, 4, 5, 6]
+    starved = Pending(1.5, 900, 1.0)
+    assert 0 in policy.select([starved, *decoding], linear_cost(), starve_s=1.0)
+
+
+def test_select_respects_max_batch_and_the_token_budget():
+    policy = BatchPolicy(max_batch=3, max_tokens=12)
+    pool = [Pending(0.0, 5, 2.0) for _ in range(5)]
+    assert len(policy.select(pool, linear_cost())) == 2  # 3 x 5 tokens > 12
+    alone = [Pending(2.0, 40, 1.0)]
+    assert policy.select(alone, linear_cost()) == [0]  # over the budget, but alone: it goes
+
+
+def test_latency_weight_favours_the_oldest_in_a_smaller_batch():
+    policy = BatchPolicy(max_batch=8, max_tokens=512)
+    pool = [Pending(0.9, 9, 1.2), *[Pending(0.0, 9, 1.2) for _ in range(5)]]
+    throughput_first = policy.select(pool, linear_cost(a=5.0, c=3.0))
+    latency_first = policy.select(pool, linear_cost(a=5.0, c=3.0), latency_weight=50.0)
+    assert 0 in latency_first and len(latency_first) < len(throughput_first)
+
+
+def test_select_of_an_empty_pool():
+    assert BatchPolicy().select([], linear_cost()) == []

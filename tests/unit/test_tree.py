@@ -153,3 +153,11 @@ def test_chain_validation():
         DraftChain((1, 2), (0.5,))
     with pytest.raises(ValueError):
         DraftChain((1, 2), (0.5, 0.5), torch.zeros(3, V))
+
+
+def test_tree_depth_is_the_longest_path():
+    from cosine.core.tree import tree_depth
+
+    assert tree_depth([]) == 0
+    assert tree_depth([-1, 0, 1]) == 3
+    assert tree_depth([-1, -1, 0, 2, 1]) == 3

@@ -3,6 +3,7 @@
 import msgpack
 import pytest
 
+import cosine.wire.messages  # noqa: F401  (patched below)
 from cosine import wire
 from cosine.core.sampling import SamplingParams
 from cosine.wire import (
@@ -333,15 +334,15 @@ def test_missing_required_field_in_nested_tree():
 def test_oversized_payload(monkeypatch):
     fields = encode(verify_batch())
     size = len(fields[PAYLOAD_FIELD])
-    monkeypatch.setattr(wire, "MAX_PAYLOAD_BYTES", size)
+    monkeypatch.setattr(wire.messages, "MAX_PAYLOAD_BYTES", size)
     assert decode(fields) == verify_batch()  # exactly at the limit is fine
-    monkeypatch.setattr(wire, "MAX_PAYLOAD_BYTES", size - 1)
+    monkeypatch.setattr(wire.messages, "MAX_PAYLOAD_BYTES", size - 1)
     with pytest.raises(WireError, match="exceeds"):
         decode(fields)
 
 
 def test_oversized_payload_checked_before_parsing(monkeypatch):
-    monkeypatch.setattr(wire, "MAX_PAYLOAD_BYTES", 8)
+    monkeypatch.setattr(wire.messages, "MAX_PAYLOAD_BYTES", 8)
     with pytest.raises(WireError, match="exceeds"):
         decode({PAYLOAD_FIELD: b"\xc1" * 9})  # garbage, but the size check comes first
 
