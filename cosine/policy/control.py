@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 
 def expected_tokens(alpha: float, window: int) -> float:
@@ -39,7 +39,11 @@ def acceptance_estimate(accepted: int, drafted_rounds: int) -> float:
 @dataclass
 class LinearCost:
     """``y = w . x`` fitted by ridge least squares toward ``prior`` over the last ``keep``
-    observations (features include the constant 1)."""
+    observations (features include the constant 1).
+
+    The normal equations are kept as running sums (a row in, the oldest row out), so an
+    observation costs O(features^2) and a refit one small solve, whatever ``keep`` is.
+    """
 
     prior: Sequence[float]
     keep: int = 256
@@ -48,12 +52,27 @@ class LinearCost:
     _coef: list[float] | None = None
 
     def __post_init__(self) -> None:
-        self._rows = deque(maxlen=self.keep)
-        self._coef = [float(p) for p in self.prior]
+        self.prior = [float(p) for p in self.prior]
+        n = len(self.prior)
+        self._rows = deque()
+        self._xtx = np.zeros((n, n))
+        self._xty = np.zeros(n)
+        self._abs = np.zeros(n)  # sum of |x| per feature: the prior's scale
+        self._coef = list(self.prior)
 
     def observe(self, features: Sequence[float], value: float) -> None:
-        self._rows.append(([float(f) for f in features], float(value)))
+        x = np.asarray(features, dtype=np.float64)
+        self._rows.append((x, float(value)))
+        self._add(x, float(value), 1.0)
+        if len(self._rows) > self.keep:
+            old, old_value = self._rows.popleft()
+            self._add(old, old_value, -1.0)
         self._coef = None
+
+    def _add(self, x: np.ndarray, value: float, sign: float) -> None:
+        self._xtx += sign * np.outer(x, x)
+        self._xty += sign * value * x
+        self._abs += sign * np.abs(x)
 
     @property
     def observations(self) -> int:
@@ -73,15 +92,13 @@ class LinearCost:
         self._coef = None
 
     def _fit(self) -> list[float]:
-        prior = torch.tensor(self.prior, dtype=torch.float64)
         if not self._rows:
-            return prior.tolist()
-        x = torch.tensor([r[0] for r in self._rows], dtype=torch.float64)
-        y = torch.tensor([r[1] for r in self._rows], dtype=torch.float64)
+            return list(self.prior)
+        prior = np.asarray(self.prior, dtype=np.float64)
         # Scale each feature so the prior's pull is comparable across them.
-        scale = x.abs().mean(0).clamp(min=1.0)
-        regulariser = torch.diag(self.strength * scale**2)
-        coef = torch.linalg.solve(x.T @ x + regulariser, x.T @ y + regulariser @ prior)
+        scale = np.maximum(self._abs / len(self._rows), 1.0)
+        regulariser = np.diag(self.strength * scale**2)
+        coef = np.linalg.solve(self._xtx + regulariser, self._xty + regulariser @ prior)
         return [max(0.0, float(c)) for c in coef]
 
 

@@ -69,3 +69,14 @@ def test_disabled_control_keeps_the_limit():
     ctl = SpeculationControl(enabled=False)
     assert ctl.choose(0.01, 5, 32) == 5
     assert ctl.choose(0.9, 0, 1) == 0
+
+
+def test_old_observations_leave_the_fit():
+    cost = LinearCost(prior=(1.0, 1.0, 1.0), keep=256)
+    for i in range(200):
+        cost.observe((1.0, i % 8, i % 20), 100.0 + i % 8)  # an old regime
+    for i in range(256):
+        cost.observe((1.0, i % 8, i % 20), 10.0 + 2 * (i % 8) + 0.5 * (i % 20))
+    assert cost.observations == 256
+    for batch, tokens in ((1, 2), (4, 10), (7, 19)):  # the old regime (over 100) is gone
+        assert cost.predict((1.0, batch, tokens)) == pytest.approx(10 + 2 * batch + 0.5 * tokens, rel=0.05)
