@@ -92,6 +92,8 @@ class Coordinator(StageWorker):
         if now - self.last_refresh > 0.25:
             self.last_refresh = now
             await self._refresh_liveness()
+            limit = now - self.config.pipeline.drafter_deadline_ms / 1000
+            self.drafting = {k: v for k, v in self.drafting.items() if v[1] >= limit}  # rounds that never came back here
             await self.guarded(self._fallback_overdue_rounds)
             await self.guarded(self._expire_deadlines)
         if now - self.last_trim > self.config.pipeline.trim_interval_s:
@@ -119,6 +121,11 @@ class Coordinator(StageWorker):
     async def _pool_candidate(self, entry_id: bytes, candidate: Candidate) -> None:
         if any(w.entry_id == entry_id for w in self.pool):
             return  # handled again after an error: already pooled
+        sent = self.drafting.get(candidate.request_id)
+        if sent is not None and sent[0] <= candidate.round:
+            del self.drafting[candidate.request_id]  # back from drafting (or gone past it)
+            if sent[0] == candidate.round and candidate.tokens:
+                self.control.observe_drafting(sent[2], (time.monotonic() - sent[1]) * 1000)
         state = await self._state(candidate.request_id)
         if state is None or state.status != ACTIVE or state.round != candidate.round:
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # stale
@@ -132,9 +139,6 @@ class Coordinator(StageWorker):
         if any(w.item.request_id == state.request_id for w in self.pool):
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # this round, already pooled
             return
-        sent = self.drafting.pop(state.request_id, None)
-        if sent is not None and sent[0] == candidate.round and candidate.tokens:
-            self.control.observe_drafting(sent[2], (time.monotonic() - sent[1]) * 1000)
         features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
         item = VerifyItem(state.request_id, state.round, state.context, candidate, state.sampling, state.fingerprint, features_from)
         fed = len(candidate.tokens) + (len(state.context) if state.round == 0 else 1)
@@ -148,7 +152,7 @@ class Coordinator(StageWorker):
                 self.active = active
                 oldest = time.monotonic() - self.pool[0].arrived
                 tokens = sum(len(w.item.tree.tokens) + 1 for w in self.pool)
-                if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.live_verifiers, busy):
+                if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.live_verifiers, busy, len(self.drafting)):
                     return
             # One batch serves one target: the oldest candidate's; which of its candidates, by
             # the cost model (value per verification ms, none passed over past batch_starve_ms).
@@ -254,8 +258,6 @@ class Coordinator(StageWorker):
         if not experts or window <= 0:
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
         self.drafting[state.request_id] = (state.round, time.monotonic(), window)
-        if len(self.drafting) > 10_000:  # rounds whose candidates went to another coordinator
-            self.drafting.clear()
         job = DraftJob(state.request_id, state.round, state.context, window, state.sampling, experts, int(time.time() * 1000), features, features_start, state.domain,
                        step_mode=self.config.speculation.mode == "step")
         return [self.keys.draft(e) for e in experts], encode(job)[b"m"]

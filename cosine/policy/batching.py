@@ -31,15 +31,23 @@ class BatchPolicy:
         return max(1, min(self.max_batch, share))
 
     def should_flush(
-        self, pool_size: int, pool_tokens: int, oldest_wait_s: float, active_requests: int, live_verifiers: int, busy_verifiers: int
+        self, pool_size: int, pool_tokens: int, oldest_wait_s: float, active_requests: int, live_verifiers: int, busy_verifiers: int,
+        drafting: int = 0,
     ) -> bool:
-        """busy_verifiers: batches queued or in verification (the verify group's lag + pending)."""
+        """busy_verifiers: batches queued or in verification (the verify group's lag + pending);
+        drafting: active requests whose round is with the drafters.
+
+        An idle verifier waits (up to ``max_wait_s``) only for candidates about to come back from
+        verification; when every request missing from the pool is drafting, the pool goes now and
+        the drafted rounds join the next batch (waiting would idle the verifier for a hop)."""
         if pool_size == 0:
             return False
         if pool_size >= self.fair_share(active_requests, live_verifiers) or pool_tokens >= self.max_tokens:
             return True
         idle_verifier = busy_verifiers < max(1, live_verifiers)
-        return idle_verifier and oldest_wait_s >= self.max_wait_s
+        if not idle_verifier:
+            return False
+        return oldest_wait_s >= self.max_wait_s or pool_size + drafting >= active_requests
 
     def take(self, pool_size: int) -> int:
         return min(pool_size, self.max_batch)

@@ -5,9 +5,9 @@ import pytest
 from cosine.policy.batching import BatchPolicy
 
 
-def flush(policy, pool_size=1, pool_tokens=4, oldest_wait_s=0.0, active_requests=8, live_verifiers=2, busy_verifiers=2):
+def flush(policy, pool_size=1, pool_tokens=4, oldest_wait_s=0.0, active_requests=8, live_verifiers=2, busy_verifiers=2, drafting=0):
     """should_flush with keyword defaults: a small pool, every verifier busy, nothing waited yet."""
-    return policy.should_flush(pool_size, pool_tokens, oldest_wait_s, active_requests, live_verifiers, busy_verifiers)
+    return policy.should_flush(pool_size, pool_tokens, oldest_wait_s, active_requests, live_verifiers, busy_verifiers, drafting)
 
 
 def test_fair_share_is_ceiling_of_requests_over_verifiers():
@@ -154,3 +154,14 @@ def test_latency_weight_favours_the_oldest_in_a_smaller_batch():
 
 def test_select_of_an_empty_pool():
     assert BatchPolicy().select([], linear_cost()) == []
+
+
+def test_idle_verifier_does_not_wait_for_drafting_requests():
+    policy = BatchPolicy(max_batch=8, max_tokens=512, max_wait_s=0.1)
+    # 8 active, 5 pooled, the verifier idle: 3 missing still drafting -> go now.
+    assert flush(policy, pool_size=5, active_requests=8, live_verifiers=1, busy_verifiers=0, drafting=3)
+    # 3 missing, only 1 drafting: 2 are about to come back from verification -> wait (a while).
+    assert not flush(policy, pool_size=5, active_requests=8, live_verifiers=1, busy_verifiers=0, drafting=1)
+    assert flush(policy, pool_size=5, oldest_wait_s=0.1, active_requests=8, live_verifiers=1, busy_verifiers=0, drafting=1)
+    # A busy verifier: a small batch would only queue, drafting or not.
+    assert not flush(policy, pool_size=5, active_requests=8, live_verifiers=1, busy_verifiers=1, drafting=3)
