@@ -68,12 +68,16 @@ class Router(StageWorker):
             return
         live = await self.live_drafter_experts()
         experts = [e for e in state.experts if e in live]  # fusion waits only for experts that can answer
-        if experts:
+        # Under load control the first round goes straight to verification: the verifier reads
+        # the prompt anyway, drafters would too (a prefill each) before anything is known of the
+        # request's acceptance; the coordinator decides from the next round on.
+        speculation = self.config.speculation
+        if experts and state.window > 0 and not speculation.load_control:
             streams = [self.keys.draft(e) for e in experts]
             job = DraftJob(state.request_id, 0, state.context, state.window, state.sampling, experts, int(time.time() * 1000), domain=state.domain,
                            step_mode=self.config.speculation.mode == "step")
             payload = encode(job)[b"m"]
-        else:  # no drafter alive for these experts: start without drafts (window 0)
+        else:  # no drafter alive for these experts, window 0, or load control: start without drafts
             streams, payload = [self.keys.candidates], encode(empty_candidate(state))[b"m"]
         outcome = await bus.admit_request(
             self.redis, self.keys, group=self.group, entry_id=entry_id, request_id=state.request_id,

@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from cosine.wire import Candidate, decode
+from cosine.wire import Candidate, DraftJob, decode
 from tests.conftest import cache_dir
 from tests.integration.harness import (
     ROOT,
@@ -293,3 +293,30 @@ def test_generate_times_out_clearly_without_a_server_behind_redis(server, tmp_pa
     )
     assert completed.returncode == 2
     assert "no output" in completed.stderr and "cosine serve" in completed.stderr
+
+
+def test_load_control_starts_without_drafts_and_stays_lossless(server, tmp_path, demo_target, greedy_references, pipelines):
+    """With load control on, the first round goes straight to verification (nothing is known of
+    the request yet), the verifier publishes its cost profile, later rounds draft or not as the
+    cost model says, and the output is the target's."""
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT], pipeline={"trim_interval_s": 3600.0}, speculation={"load_control": True})
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        pipeline.start(role)
+    pipeline.start("drafter", "--expert", "general")
+    pipeline.wait_live("verifier", 1)
+    pipeline.wait_live("drafter", 1)
+    pipeline.wait_live("coordinator", 1)
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    for index in range(3):
+        submit(client, id=f"lc-{index}", messages=json.dumps([{"role": "user", "content": texts[index]}]), max_tokens=MAX_TOKENS)
+    for index in range(3):
+        final = final_of(read_output(client, f"lc-{index}", timeout=180))
+        assert_matches(json.loads(final["token_ids"]), greedy_references[index][:MAX_TOKENS])
+    stats = {k.decode(): int(v) for k, v in client.hgetall("cosine:stats").items()}
+    assert stats["rounds_window0"] >= 3 and stats["rounds_sent"] >= stats["rounds_window0"], stats
+    jobs = [decode(fields, DraftJob) for _, fields in client.xrange("cosine:draft:general")]
+    assert all(job.round > 0 for job in jobs), [(j.request_id, j.round) for j in jobs]  # no first round was drafted
+    profiles = [client.hgetall(key) for key in client.scan_iter("cosine:cost:*")]
+    assert len(profiles) == 1 and {b"a", b"b", b"c"} <= set(profiles[0]) and float(profiles[0][b"a"]) > 0, profiles
