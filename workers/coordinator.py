@@ -29,12 +29,14 @@ from cosine import bus, faults
 from cosine.core.rounds import ACTIVE, RequestState, RoundUpdate, advance, fail
 from cosine.core.tree import tree_depth
 from cosine.policy.batching import BatchPolicy, Pending
-from cosine.policy.control import SpeculationControl, acceptance_estimate, expected_tokens
+from cosine.policy.control import SpeculationControl, expected_tokens
 from cosine.policy.routing import routing_policy
 from cosine.policy.window import WindowPolicy
 from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
 from cosine.wire.convert import empty_candidate, feedback_from_wire
 from cosine.wire.state import state_from_fields, state_to_fields
+
+CONTROL_LOG_S = 30.0  # how often the cost model's state is logged (INFO)
 
 
 @dataclass
@@ -71,7 +73,7 @@ class Coordinator(StageWorker):
         self.live_experts: set[str] = set()
         self.live_verifiers = 0
         self.fingerprints: set[str] = set()
-        self.last_refresh = self.last_trim = 0.0
+        self.last_refresh = self.last_trim = self.last_control_log = 0.0
 
     @property
     def feature_experts(self) -> set[str]:
@@ -96,6 +98,9 @@ class Coordinator(StageWorker):
             self.drafting = {k: v for k, v in self.drafting.items() if v[1] >= limit}  # rounds that never came back here
             await self.guarded(self._fallback_overdue_rounds)
             await self.guarded(self._expire_deadlines)
+        if self.control.enabled and now - self.last_control_log > CONTROL_LOG_S:
+            self.last_control_log = now
+            self.log.info("load control: %s", self.control.describe())
         if now - self.last_trim > self.config.pipeline.trim_interval_s:
             self.last_trim = now
             await self.guarded(self._trim)
@@ -142,7 +147,7 @@ class Coordinator(StageWorker):
         features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
         item = VerifyItem(state.request_id, state.round, state.context, candidate, state.sampling, state.fingerprint, features_from)
         fed = len(candidate.tokens) + (len(state.context) if state.round == 0 else 1)
-        alpha = acceptance_estimate(state.accepted_tokens, state.drafted_rounds)
+        alpha = self.control.acceptance(state.accepted_tokens, state.drafted_rounds)
         self.pool.append(_Waiting(entry_id, item, time.monotonic(), fed, expected_tokens(alpha, tree_depth(candidate.parents))))
 
     async def _flush(self, force: bool = False) -> None:
@@ -208,6 +213,8 @@ class Coordinator(StageWorker):
         if batch.items and batch.forward_ms > 0 and all(item.round > 0 and not item.error for item in batch.items):
             self.control.observe_verification(len(batch.items), sum(1 + item.draft_tokens for item in batch.items), batch.forward_ms)
         for item in batch.items:
+            if not item.error:
+                self.control.observe_round(item.draft_tokens, len(item.accepted_tokens))
             await self._apply_item(item, batch.fingerprint)
         if faults.enabled():
             await self.mark_phase("after_apply")
@@ -254,7 +261,7 @@ class Coordinator(StageWorker):
         room = state.max_tokens - len(state.output_ids) - 1
         window = min(state.window, max(0, room))
         if experts and window > 0:
-            window = self.control.choose(acceptance_estimate(state.accepted_tokens, state.drafted_rounds), window, self._batch_size())
+            window = self.control.choose(self.control.acceptance(state.accepted_tokens, state.drafted_rounds), window, self._batch_size())
         if not experts or window <= 0:
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
         self.drafting[state.request_id] = (state.round, time.monotonic(), window)

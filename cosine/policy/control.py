@@ -30,10 +30,13 @@ def expected_tokens(alpha: float, window: int) -> float:
     return (1 - alpha ** (window + 1)) / (1 - alpha)
 
 
-def acceptance_estimate(accepted: int, drafted_rounds: int) -> float:
-    """Per-token acceptance: accepted tokens / (accepted + rounds that drafted), with a weak
-    prior of one success and one failure (each drafted round ends in at most one rejection)."""
-    return (accepted + 1) / (accepted + drafted_rounds + 2)
+def acceptance_estimate(accepted: float, drafted_rounds: float, prior: float = 0.5, prior_rounds: float = 2.0) -> float:
+    """Per-token acceptance, the geometric estimate: accepted tokens / (accepted + rounds that
+    drafted; each drafted round ends in at most one rejection), with ``prior_rounds`` pseudo
+    rounds at acceptance ``prior`` (all requests' so far, for a request that has drafted little)."""
+    prior = min(max(prior, 0.0), 0.95)
+    pseudo_accepted = prior_rounds * prior / (1 - prior)
+    return (accepted + pseudo_accepted) / (accepted + drafted_rounds + pseudo_accepted + prior_rounds)
 
 
 @dataclass
@@ -109,18 +112,43 @@ class SpeculationControl:
     verify_prior: Sequence[float] = (30.0, 2.0, 1.0)  # a, b (per request), c (per fed token)
     draft_prior: Sequence[float] = (10.0, 2.0)  # d0, d1 (per drafted token)
     enabled: bool = True
+    decay: float = 0.995  # of the shared acceptance sums, per drafted round
+    prior_rounds: float = 4.0  # weight of the shared prior in a request's estimate, in rounds
     verify: LinearCost = field(init=False)
     draft: LinearCost = field(init=False)
 
     def __post_init__(self) -> None:
         self.verify = LinearCost(self.verify_prior)
         self.draft = LinearCost(self.draft_prior)
+        self._accepted = 0.0
+        self._rounds = 0.0
 
     def observe_verification(self, batch_size: int, fed_tokens: int, ms: float) -> None:
         self.verify.observe((1.0, batch_size, fed_tokens), ms)
 
     def observe_drafting(self, window: int, ms: float) -> None:
         self.draft.observe((1.0, window), ms)
+
+    def observe_round(self, drafted: int, accepted: int) -> None:
+        """A verified round of any request: the shared acceptance prior (decayed sums)."""
+        if drafted > 0:
+            self._accepted = self._accepted * self.decay + accepted
+            self._rounds = self._rounds * self.decay + 1
+
+    @property
+    def acceptance_prior(self) -> float:
+        """All requests' recent per-token acceptance (0.5 before any drafted round)."""
+        return acceptance_estimate(self._accepted, self._rounds)
+
+    def acceptance(self, accepted: int, drafted_rounds: int) -> float:
+        """A request's per-token acceptance, its own rounds on top of the shared prior."""
+        return acceptance_estimate(accepted, drafted_rounds, self.acceptance_prior, self.prior_rounds)
+
+    def describe(self) -> str:
+        a, b, c = self.verify.coefficients
+        d0, d1 = self.draft.coefficients
+        return (f"verify {a:.1f} ms + {b:.2f}/request + {c:.2f}/token ({self.verify.observations} batches); "
+                f"draft {d0:.1f} ms + {d1:.2f}/token ({self.draft.observations} rounds); acceptance prior {self.acceptance_prior:.2f}")
 
     def verify_ms(self, batch_size: int, fed_tokens: int) -> float:
         return self.verify.predict((1.0, batch_size, fed_tokens))

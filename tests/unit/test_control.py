@@ -18,7 +18,8 @@ def test_expected_tokens_of_a_round():
 
 def test_acceptance_estimate_counts_one_failure_per_drafted_round():
     assert acceptance_estimate(0, 0) == pytest.approx(0.5)  # the prior alone
-    assert acceptance_estimate(30, 10) == pytest.approx(31 / 42)
+    assert acceptance_estimate(30, 10) == pytest.approx(32 / 44)  # two pseudo rounds at 0.5: 2 accepted, 2 failures
+    assert acceptance_estimate(0, 0, prior=0.3, prior_rounds=4) == pytest.approx(0.3)
     assert acceptance_estimate(0, 20) < 0.05
 
 
@@ -80,3 +81,18 @@ def test_old_observations_leave_the_fit():
     assert cost.observations == 256
     for batch, tokens in ((1, 2), (4, 10), (7, 19)):  # the old regime (over 100) is gone
         assert cost.predict((1.0, batch, tokens)) == pytest.approx(10 + 2 * batch + 0.5 * tokens, rel=0.05)
+
+
+def test_acceptance_prior_is_all_requests_recent_rounds():
+    ctl = SpeculationControl()
+    assert ctl.acceptance_prior == pytest.approx(0.5)
+    for _ in range(200):  # every drafted round accepts 1 token, then one is rejected
+        ctl.observe_round(drafted=4, accepted=1)
+    ctl.observe_round(drafted=0, accepted=0)  # a round at window 0 says nothing
+    assert ctl.acceptance_prior == pytest.approx(0.5, abs=0.02)
+    for _ in range(2000):
+        ctl.observe_round(drafted=4, accepted=0)
+    assert ctl.acceptance_prior < 0.05  # old rounds decay away
+    # A new request starts at the prior; its own rounds take over.
+    assert ctl.acceptance(0, 0) == pytest.approx(ctl.acceptance_prior, abs=0.01)
+    assert ctl.acceptance(60, 20) > 0.6
