@@ -20,7 +20,7 @@ def test_acceptance_estimate_counts_one_failure_per_drafted_round():
     assert acceptance_estimate(0, 0) == pytest.approx(0.5)  # the prior alone
     assert acceptance_estimate(30, 10) == pytest.approx(32 / 44)  # two pseudo rounds at 0.5: 2 accepted, 2 failures
     assert acceptance_estimate(0, 0, prior=0.3, prior_rounds=4) == pytest.approx(0.3)
-    assert acceptance_estimate(0, 20) < 0.05
+    assert acceptance_estimate(0, 20) < 0.1
 
 
 def test_cost_fit_recovers_the_coefficients_from_noisy_batches():
