@@ -7,10 +7,11 @@ One command, one run, every system on the same requests and the same commit:
 - ``target-batched``: transformers ``generate`` on ``c`` requests in one left-padded batch,
   closed loop (the next ``c`` when the batch ends); greedy for every row (generate has one
   temperature per call; sampling costs the same).
-- ``plain``: ``cosine serve`` with speculation off (window 0): the project's runner batching.
+- ``plain``: ``cosine serve`` with speculation off (window 0), first-come batches: the
+  project's runner batching.
 - ``vanilla``: ``cosine serve`` with the best single trained drafter (``general-small``), chain
   mode, no routing, at the best fixed window of a sweep run first (``--vanilla-windows``, at
-  ``--sweep-concurrency`` clients), first-come batches.
+  ``--sweep-concurrency`` clients), first-come batches, no load control.
 - ``cosine``: ``cosine serve`` with the repository's ``config.toml`` (everything on).
 
 Pipeline systems differ only in config (``[model]`` points at the same target and cache).
@@ -203,6 +204,9 @@ def pipeline_config(system: str, base: dict, args, window: int | None = None) ->
     pipeline = config.setdefault("pipeline", {})
     pipeline["output_ttl_s"] = max(int(pipeline.get("output_ttl_s", 0)), 600)
     speculation = config.setdefault("speculation", {})
+    if system in ("plain", "vanilla"):  # the baselines: no load control, first-come batches
+        speculation["load_control"] = False
+        pipeline["batch_choice"] = "fifo"
     if system == "plain":
         speculation.update(window=0, min_window=0, max_window=0, adaptive_window=False)
         config["drafters"] = [{"name": "prompt-lookup", "kind": "prompt-lookup", "expert": "lookup"}]  # never asked: window 0

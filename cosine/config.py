@@ -155,6 +155,7 @@ class PipelineConfig:
     max_deliveries: int = 5  # then the entry goes to the dead-letter stream
     heartbeat_ms: int = 1_000  # liveness keys live 3x this
     batch_wait_ms: int = 100  # coordinator: longest wait for a batch to reach its fair share
+    batch_choice: str = "cost"  # cost: by the cost model (below); fifo: the oldest candidates first
     batch_latency_weight: float = 0.0  # batch choice: tokens a second of waiting is worth (0: throughput first)
     batch_starve_ms: int = 1_000  # a candidate pooled this long goes in the next batch, whatever it costs
     fusion_deadline_ms: int = 1_500  # fusion: emit with the drafts that arrived by then
@@ -172,6 +173,8 @@ class PipelineConfig:
             raise ValueError("pipeline.deadline_s must be > 0")
         if self.block_ms > 20_000:
             raise ValueError("pipeline.block_ms must be <= 20000 (a blocking read must end before the socket time-out)")
+        if self.batch_choice not in ("cost", "fifo"):
+            raise ValueError(f"pipeline.batch_choice must be 'cost' or 'fifo', got {self.batch_choice!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -166,8 +166,11 @@ class Coordinator(StageWorker):
             now = time.monotonic()
             pending = [Pending(now - w.arrived, w.fed_tokens, w.expected) for w in same]
             pipeline = self.config.pipeline
-            chosen = self.batch_policy.select(pending, self.control.verify_ms, pipeline.batch_latency_weight, pipeline.batch_starve_ms / 1000)
-            taken = [same[i] for i in chosen]
+            if pipeline.batch_choice == "fifo":
+                taken = same[: self.batch_policy.take(len(same))]
+            else:
+                chosen = self.batch_policy.select(pending, self.control.verify_ms, pipeline.batch_latency_weight, pipeline.batch_starve_ms / 1000)
+                taken = [same[i] for i in chosen]
             batch = VerifyBatch(uuid.uuid4().hex[:12], [w.item for w in taken])
             stream = self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
             async with self.redis.pipeline(transaction=True) as pipe:

@@ -97,3 +97,11 @@ def test_prompt_lookup_confidence_is_agreement_among_matches():
 
 def test_prompt_lookup_without_match_proposes_nothing():
     assert len(lookup([1, 2, 3, 4])) == 0
+
+
+def test_batch_choice_is_checked():
+    from cosine.config import PipelineConfig
+
+    assert PipelineConfig(batch_choice="fifo").batch_choice == "fifo"
+    with pytest.raises(ValueError, match="batch_choice"):
+        PipelineConfig(batch_choice="random")
