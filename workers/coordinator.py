@@ -264,7 +264,8 @@ class Coordinator(StageWorker):
         room = state.max_tokens - len(state.output_ids) - 1
         window = min(state.window, max(0, room))
         if experts and window > 0:
-            window = self.control.choose(self.control.acceptance(state.accepted_tokens, state.drafted_rounds), window, self._batch_size())
+            if not self.control.explore(state.request_id, state.round):
+                window = self.control.choose(self.control.acceptance(state.accepted_tokens, state.drafted_rounds), window, self._batch_size())
         if not experts or window <= 0:
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
         self.drafting[state.request_id] = (state.round, time.monotonic(), window)

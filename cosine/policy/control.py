@@ -17,6 +17,7 @@ observations at one batch size do not make the fit wild).
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,8 @@ class SpeculationControl:
     enabled: bool = True
     decay: float = 0.995  # of the shared acceptance sums, per drafted round
     prior_rounds: float = 4.0  # weight of the shared prior in a request's estimate, in rounds
+    explore_until: int = 32  # drafted rounds observed before the model alone decides
+    explore_every: int = 50  # then one round in this many drafts at its adaptive window
     verify: LinearCost = field(init=False)
     draft: LinearCost = field(init=False)
 
@@ -161,6 +164,16 @@ class SpeculationControl:
         batch_size = max(1, batch_size)
         seconds = self.draft_ms(window) + self.verify_ms(batch_size, batch_size * (1 + window))
         return expected_tokens(alpha, window) / max(seconds, 1e-6)
+
+    def explore(self, key: str, round_index: int) -> bool:
+        """Whether this round drafts at its adaptive window whatever the model says: until the
+        drafting model has ``explore_until`` observations, then one round in ``explore_every``
+        (chosen by a hash of the request and round, so every coordinator agrees) — at window 0
+        the model would otherwise never learn that drafting got cheaper or better."""
+        if self.draft.observations < self.explore_until:
+            return True
+        digest = hashlib.blake2b(f"{key}:{round_index}".encode(), digest_size=4).digest()
+        return int.from_bytes(digest, "little") % self.explore_every == 0
 
     def choose(self, alpha: float, limit: int, batch_size: int) -> int:
         """The window in 0 .. limit with the highest expected rate (ties: the smaller)."""

@@ -96,3 +96,13 @@ def test_acceptance_prior_is_all_requests_recent_rounds():
     # A new request starts at the prior; its own rounds take over.
     assert ctl.acceptance(0, 0) == pytest.approx(ctl.acceptance_prior, abs=0.01)
     assert ctl.acceptance(60, 20) > 0.6
+
+
+def test_exploration_until_drafting_is_measured_then_now_and_then():
+    ctl = SpeculationControl(explore_until=3, explore_every=10)
+    assert all(ctl.explore("r", i) for i in range(5))  # nothing measured yet: every round drafts
+    for _ in range(3):
+        ctl.observe_drafting(4, 20.0)
+    share = sum(ctl.explore(f"r{i}", j) for i in range(100) for j in range(20)) / 2000
+    assert 0.06 < share < 0.14  # about one round in ten
+    assert ctl.explore("r7", 3) == ctl.explore("r7", 3)  # the same answer for the same round
