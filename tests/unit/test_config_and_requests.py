@@ -105,3 +105,14 @@ def test_batch_choice_is_checked():
     assert PipelineConfig(batch_choice="fifo").batch_choice == "fifo"
     with pytest.raises(ValueError, match="batch_choice"):
         PipelineConfig(batch_choice="random")
+
+
+def test_every_package_directory_is_installed():
+    """A non-editable install takes only the packages pyproject.toml lists."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"cosine." + p.parent.name for p in (root / "cosine").glob("*/__init__.py") if p.parent.name != "workers"}
+    assert found | {"cosine", "cosine.workers"} <= listed, sorted(found - listed)
