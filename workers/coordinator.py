@@ -164,12 +164,12 @@ class Coordinator(StageWorker):
             # the cost model (value per verification ms, none passed over past batch_starve_ms).
             fingerprint = self.pool[0].item.fingerprint
             same = [w for w in self.pool if w.item.fingerprint == fingerprint]
-            now = time.monotonic()
-            pending = [Pending(now - w.arrived, w.fed_tokens, w.expected) for w in same]
             pipeline = self.config.pipeline
             if pipeline.batch_choice == "fifo":
                 taken = same[: self.batch_policy.take(len(same))]
             else:
+                now = time.monotonic()
+                pending = [Pending(now - w.arrived, w.fed_tokens, w.expected) for w in same]
                 chosen = self.batch_policy.select(pending, self.control.verify_ms, pipeline.batch_latency_weight, pipeline.batch_starve_ms / 1000)
                 taken = [same[i] for i in chosen]
             batch = VerifyBatch(uuid.uuid4().hex[:12], [w.item for w in taken])
@@ -265,7 +265,7 @@ class Coordinator(StageWorker):
         room = state.max_tokens - len(state.output_ids) - 1
         window = min(state.window, max(0, room))
         if experts and window > 0:
-            batch_size = self._batch_size()
+            batch_size = self.batch_policy.fair_share(self.active, self.live_verifiers)  # requests per batch at this load
             # Exploration only at low load: under load a drafted round costs its batch-mates too
             # (measured: one round in 50 drafted cost a fifth of the throughput at 16 requests).
             if not (batch_size <= EXPLORE_MAX_BATCH and self.control.explore(state.request_id, state.round)):
@@ -276,11 +276,6 @@ class Coordinator(StageWorker):
         job = DraftJob(state.request_id, state.round, state.context, window, state.sampling, experts, int(time.time() * 1000), features, features_start, state.domain,
                        step_mode=self.config.speculation.mode == "step")
         return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
-
-    def _batch_size(self) -> int:
-        """Requests per verification batch at the current load."""
-        share = -(-max(1, self.active) // max(1, self.live_verifiers))
-        return max(1, min(self.batch_policy.max_batch, share))
 
     # ---- sweeps --------------------------------------------------------------------------
 

@@ -43,13 +43,11 @@ class Keys:
     def verify_for(self, fingerprint: str) -> str:
         """Verification batches of requests pinned to one target fingerprint (after their first
         round): only verifiers of that target read it, so a rolling upgrade errors nothing."""
-        digest = hashlib.blake2b(fingerprint.encode(), digest_size=6).hexdigest()
-        return f"{self.prefix}verify:{digest}"
+        return f"{self.prefix}verify:{_target_digest(fingerprint)}"
 
     def cost(self, fingerprint: str) -> str:
         """hash: a verifier's start-up profile of its verification cost (ms = a + b B + c T)."""
-        digest = hashlib.blake2b(fingerprint.encode(), digest_size=6).hexdigest()
-        return f"{self.prefix}cost:{digest}"
+        return f"{self.prefix}cost:{_target_digest(fingerprint)}"
 
     @property
     def verified(self) -> str:
@@ -122,3 +120,8 @@ class Keys:
 
     def group(self, role: str) -> str:
         return f"{self.prefix}{role}"
+
+
+def _target_digest(fingerprint: str) -> str:
+    """A short, key-safe name for a target fingerprint."""
+    return hashlib.blake2b(fingerprint.encode(), digest_size=6).hexdigest()
