@@ -322,6 +322,7 @@ def run_pipeline(system: str, config: dict, workload: list[tuple[str, float, lis
             sent = after.get("rounds_sent", 0) - before.get("rounds_sent", 0)
             zero = after.get("rounds_window0", 0) - before.get("rounds_window0", 0)
             row = {"system": system, "kind": kind, "load": load, **summarise(outcomes), "rounds": sent, "window0_share": zero / sent if sent else None}
+            row.update(round_figures(before, after))
             row["outputs"] = {o.key: o.tokens for o in outcomes if o.key.endswith(":greedy") and not o.error}
             print(line(row), flush=True)
             rows.append(row)
@@ -335,10 +336,33 @@ def run_pipeline(system: str, config: dict, workload: list[tuple[str, float, lis
     return rows
 
 
+def round_figures(before: dict[str, int], after: dict[str, int]) -> dict:
+    """The coordinator's counters over one load: rounds' tokens per ms of wall time, drafted and
+    at window 0 (what speculation earned at this load), and the cost model's error on batches
+    it had not been fitted on."""
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    out: dict = {}
+    for kind in ("drafted", "window0"):
+        rounds = delta.get(f"rounds_timed_{kind}", 0)
+        wall_ms = delta.get(f"round_wall_us_{kind}", 0) / 1000
+        out[f"rounds_{kind}"] = rounds
+        out[f"round_ms_{kind}"] = wall_ms / rounds if rounds else None
+        out[f"round_tokens_{kind}"] = delta.get(f"round_tokens_{kind}", 0) / rounds if rounds else None
+    batches = delta.get("cost_model_batches", 0)
+    out["cost_model_batches"] = batches
+    out["cost_model_error"] = delta.get("cost_model_error_ppm", 0) / 1e6 / batches if batches else None
+    return out
+
+
 def line(row: dict) -> str:
     load = f"c={int(row['load'])}" if row["kind"] == "closed" else f"poisson {row['load']:.1f}x"
     zero = f"  window0 {row['window0_share']:.0%}" if row.get("window0_share") is not None else ""
     errors = f"  errors {row['errors']}" if row["errors"] else ""
+    for kind in ("drafted", "window0"):
+        if row.get(f"round_ms_{kind}"):
+            errors += f"  {kind} {row[f'round_tokens_{kind}']:.2f} tok/{row[f'round_ms_{kind}']:.0f} ms"
+    if row.get("cost_model_error") is not None:
+        errors += f"  cost err {row['cost_model_error']:.0%}"
     ttft = f"{row['p50_ttft_s']:.2f}" if row["p50_ttft_s"] is not None else "-"
     return (f"{row['system']:>15} {load:>13}: {row['tokens_per_s']:6.1f} tok/s  p50 {row['p50_latency_s']:6.2f} s  p99 {row['p99_latency_s']:6.2f} s"
             f"  ttft p50 {ttft} s{zero}{errors}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 from cosine.workers.base import Entry, StageWorker
@@ -29,7 +30,7 @@ from cosine import bus, faults
 from cosine.core.rounds import ACTIVE, RequestState, RoundUpdate, advance, fail
 from cosine.core.tree import tree_depth
 from cosine.policy.batching import BatchPolicy, Pending
-from cosine.policy.control import SpeculationControl, expected_tokens
+from cosine.policy.control import SpeculationControl
 from cosine.policy.routing import routing_policy
 from cosine.policy.window import WindowPolicy
 from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
@@ -38,6 +39,8 @@ from cosine.wire.state import state_from_fields, state_to_fields
 
 CONTROL_LOG_S = 30.0  # how often the cost model's state is logged (INFO)
 EXPLORE_MAX_BATCH = 2  # load control explores drafting only while batches are this small
+COST_WARM = 16  # verification batches observed before the cost model's error is counted
+TRACKED = 4096  # batches and rounds whose timing is remembered (oldest forgotten first)
 
 
 @dataclass
@@ -47,6 +50,18 @@ class _Waiting:
     arrived: float
     fed_tokens: int = 1  # what the verifier feeds: the tree and the new token, the prompt in a first round
     expected: float = 1.0  # tokens the round is expected to commit
+    depth: int = 0  # of the drafted tree
+
+
+@dataclass
+class _SentBatch:
+    """What the cost model needs of a batch this coordinator formed, until its result is back."""
+
+    size: int
+    fed_tokens: int
+    longest_context: int
+    first_round: bool  # holds a request's first round (a prompt's prefill: not a round's cost)
+    depths: dict[str, int]  # request -> its drafted tree's depth
 
 
 class Coordinator(StageWorker):
@@ -57,7 +72,13 @@ class Coordinator(StageWorker):
         super().__init__(config, redis_url, instance)
         spec = config.speculation
         self.control = SpeculationControl(enabled=spec.load_control and spec.max_window > 0)
-        self.drafting: dict[str, tuple[int, float, int]] = {}  # request -> (round, sent at, window): drafting latency
+        self.drafting: dict[str, tuple[int, float, int, int]] = {}  # request -> (round, sent at, window, drafting at once)
+        self.round_began: dict[str, tuple[int, float, float]] = {}  # request -> (round, began at, drafting ms): overhead
+        self.sent_batches: dict[str, _SentBatch] = {}
+        self.planned: dict[str, tuple[int, int, int]] = {}  # request -> (round, window, drafting at once) planned with its batch-mates
+        # Rounds' wall times and tokens, drafted or not (what speculation earns at this load):
+        # added to the stats hash with each verified batch.
+        self.round_times: Counter[str] = Counter()
         self.active = 1  # active requests, as of the last batch decision
 
     def input_streams(self) -> list[str]:
@@ -97,6 +118,7 @@ class Coordinator(StageWorker):
             await self._refresh_liveness()
             limit = now - self.config.pipeline.drafter_deadline_ms / 1000
             self.drafting = {k: v for k, v in self.drafting.items() if v[1] >= limit}  # rounds that never came back here
+            self.round_began = {k: v for k, v in self.round_began.items() if v[1] >= now - 60}
             await self.guarded(self._fallback_overdue_rounds)
             await self.guarded(self._expire_deadlines)
         if self.control.enabled and now - self.last_control_log > CONTROL_LOG_S:
@@ -131,7 +153,11 @@ class Coordinator(StageWorker):
         if sent is not None and sent[0] <= candidate.round:
             del self.drafting[candidate.request_id]  # back from drafting (or gone past it)
             if sent[0] == candidate.round and candidate.tokens:
-                self.control.observe_drafting(sent[2], (time.monotonic() - sent[1]) * 1000)
+                drafting_ms = (time.monotonic() - sent[1]) * 1000
+                self.control.observe_drafting(sent[2], drafting_ms, sent[3])
+                began = self.round_began.get(candidate.request_id)
+                if began is not None and began[0] == candidate.round:
+                    self.round_began[candidate.request_id] = (began[0], began[1], drafting_ms)
         state = await self._state(candidate.request_id)
         if state is None or state.status != ACTIVE or state.round != candidate.round:
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # stale
@@ -148,8 +174,9 @@ class Coordinator(StageWorker):
         features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
         item = VerifyItem(state.request_id, state.round, state.context, candidate, state.sampling, state.fingerprint, features_from)
         fed = len(candidate.tokens) + (len(state.context) if state.round == 0 else 1)
-        alpha = self.control.acceptance(state.accepted_tokens, state.drafted_rounds)
-        self.pool.append(_Waiting(entry_id, item, time.monotonic(), fed, expected_tokens(alpha, tree_depth(candidate.parents))))
+        depth = tree_depth(candidate.parents)
+        expected = self.control.expected(depth, state.accepted_tokens, state.drafted_rounds)
+        self.pool.append(_Waiting(entry_id, item, time.monotonic(), fed, expected, depth))
 
     async def _flush(self, force: bool = False) -> None:
         while self.pool:
@@ -158,7 +185,10 @@ class Coordinator(StageWorker):
                 self.active = active
                 oldest = time.monotonic() - self.pool[0].arrived
                 tokens = sum(len(w.item.tree.tokens) + 1 for w in self.pool)
-                if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.live_verifiers, busy, len(self.drafting)):
+                now = time.monotonic()
+                due = max((sent + self.control.draft_ms(window, k) / 1000 - now for _, sent, window, k in self.drafting.values()), default=0.0)
+                split = self.control.verify.coefficients[0] / 1000  # a verification's fixed cost
+                if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.live_verifiers, busy, len(self.drafting), due, split):
                     return
             # One batch serves one target: the oldest candidate's; which of its candidates, by
             # the cost model (value per verification ms, none passed over past batch_starve_ms).
@@ -185,6 +215,12 @@ class Coordinator(StageWorker):
             # Only once written: a failed write keeps the candidates pooled (and pending).
             taken_ids = {w.entry_id for w in taken}
             self.pool = [w for w in self.pool if w.entry_id not in taken_ids]
+            self.sent_batches[batch.batch_id] = _SentBatch(
+                len(taken), sum(w.fed_tokens for w in taken), max(len(w.item.context) for w in taken),
+                any(w.item.round == 0 for w in taken), {w.item.request_id: w.depth for w in taken},
+            )
+            while len(self.sent_batches) > TRACKED:  # results that never came back here
+                del self.sent_batches[next(iter(self.sent_batches))]
             self.log.debug("batch %s: %d requests to %s", batch.batch_id, len(taken), stream)
 
     async def _load(self) -> tuple[int, int]:
@@ -213,26 +249,84 @@ class Coordinator(StageWorker):
     # ---- verified results -> state, output, next round ----------------------------------------
 
     async def _apply_verified(self, entry_id: bytes, batch: VerifiedBatch) -> None:
-        # First rounds feed whole prompts: their batches say nothing of a verification round's cost.
-        if batch.items and batch.forward_ms > 0 and all(item.round > 0 and not item.error for item in batch.items):
-            self.control.observe_verification(len(batch.items), sum(1 + item.draft_tokens for item in batch.items), batch.forward_ms)
-        for item in batch.items:
-            if not item.error:
-                self.control.observe_round(item.draft_tokens, len(item.accepted_tokens))
-            await self._apply_item(item, batch.fingerprint)
+        cost_error = self._observe(batch)
+        states = await self._states([item.request_id for item in batch.items])
+        self._plan(batch, states)
+        for item, state in zip(batch.items, states):
+            await self._apply_item(item, batch.fingerprint, state)
         if faults.enabled():
             await self.mark_phase("after_apply")
             await asyncio.sleep(faults.delay("coordinator.after_apply"))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hincrby(self.keys.stats, "verify_batches", 1)
             pipe.hincrby(self.keys.stats, "verify_items", batch.batch_size)
+            for name, value in self.round_times.items():
+                pipe.hincrby(self.keys.stats, name, value)
+            if cost_error is not None:  # the cost model's error on batches it had not seen
+                pipe.hincrby(self.keys.stats, "cost_model_batches", 1)
+                pipe.hincrby(self.keys.stats, "cost_model_error_ppm", round(cost_error * 1e6))
             pipe.xack(self.keys.verified, self.group, entry_id)
             await pipe.execute()
+        self.round_times.clear()
         await self.mark_phase("idle")
 
-    async def _apply_item(self, item: VerifiedItem, fingerprint: str) -> None:
-        for _ in range(3):  # a cancellation flagged while we computed: read again, apply it instead
-            state = await self._state(item.request_id)
+    def _observe(self, batch: VerifiedBatch) -> float | None:
+        """What a verified batch tells the load control: the verification's cost (returns the
+        model's relative error on it, once warm), each round's acceptance by tree depth, and
+        the rounds' overhead (wall time less drafting and verification; only where the batch
+        held every active request, so that no other batch's verification is in it)."""
+        sent = self.sent_batches.pop(batch.batch_id, None)
+        if sent is None or not batch.items:
+            return None  # formed by another coordinator
+        now = time.monotonic()
+        whole = len(batch.items) >= self.active
+        for item in batch.items:
+            if item.error:
+                continue
+            depth = sent.depths.get(item.request_id, 0)
+            self.control.observe_round(depth, len(item.accepted_tokens))
+            began = self.round_began.pop(item.request_id, None)
+            if began is None or began[0] != item.round or batch.forward_ms <= 0:
+                continue
+            wall_ms = (now - began[1]) * 1000
+            kind = "drafted" if depth else "window0"
+            self.round_times[f"rounds_timed_{kind}"] += 1
+            self.round_times[f"round_wall_us_{kind}"] += round(wall_ms * 1000)
+            self.round_times[f"round_tokens_{kind}"] += len(item.accepted_tokens) + 1
+            if whole:
+                self.control.observe_overhead(wall_ms - began[2] - batch.forward_ms)
+        # First rounds feed whole prompts: their batches say nothing of a verification round's cost.
+        if sent.first_round or batch.forward_ms <= 0 or any(item.error for item in batch.items) or sent.size != len(batch.items):
+            return None
+        warm = self.control.verify.observations >= COST_WARM
+        error = self.control.observe_verification(sent.size, sent.fed_tokens, batch.forward_ms, sent.longest_context)
+        return error if warm else None
+
+    def _plan(self, batch: VerifiedBatch, states: list[RequestState | None]) -> None:
+        """The next round's windows of a verified batch's requests, decided together: they
+        will most likely be verified together again (load control; the plan caps each window)."""
+        if not self.control.enabled:
+            return
+        ids, rows = [], []
+        for item, state in zip(batch.items, states):
+            if item.error or state is None or state.status != ACTIVE or state.round != item.round:
+                continue
+            drafted = item.draft_tokens > 0
+            ids.append((item.request_id, item.round + 1))
+            rows.append((state.window, state.accepted_tokens + (len(item.accepted_tokens) if drafted else 0), state.drafted_rounds + drafted))
+        if not rows:
+            return
+        windows = self.control.plan(rows, self.batch_policy.fair_share(self.active, self.live_verifiers))
+        together = sum(1 for w in windows if w > 0)
+        for (request_id, next_round), window in zip(ids, windows):
+            self.planned[request_id] = (next_round, window, together)
+        while len(self.planned) > TRACKED:
+            del self.planned[next(iter(self.planned))]
+
+    async def _apply_item(self, item: VerifiedItem, fingerprint: str, state: RequestState | None = None) -> None:
+        for attempt in range(3):  # a cancellation flagged while we computed: read again, apply it instead
+            if attempt or state is None:
+                state = await self._state(item.request_id)
             if state is None or state.status != ACTIVE or state.round != item.round:
                 return  # a duplicate, or a result another coordinator applied
             if state.cancel_requested:
@@ -264,15 +358,22 @@ class Coordinator(StageWorker):
         experts = [e for e in state.experts if e in self.live_experts]
         room = state.max_tokens - len(state.output_ids) - 1
         window = min(state.window, max(0, room))
+        together = len(self.drafting) + 1  # requests drafting at once with this one
+        planned = self.planned.pop(state.request_id, None)
         if experts and window > 0:
             batch_size = self.batch_policy.fair_share(self.active, self.live_verifiers)  # requests per batch at this load
             # Exploration only at low load: under load a drafted round costs its batch-mates too
             # (measured: one round in 50 drafted cost a fifth of the throughput at 16 requests).
-            if not (batch_size <= EXPLORE_MAX_BATCH and self.control.explore(state.request_id, state.round)):
-                window = self.control.choose(self.control.acceptance(state.accepted_tokens, state.drafted_rounds), window, batch_size)
+            if batch_size <= EXPLORE_MAX_BATCH and self.control.explore(state.request_id, state.round, state.drafted_rounds):
+                pass  # drafts at its adaptive window
+            elif planned is not None and planned[0] == state.round:
+                window, together = min(window, planned[1]), max(1, planned[2])
+            else:
+                window = self.control.choose(window, batch_size, state.accepted_tokens, state.drafted_rounds)
+        self.round_began[state.request_id] = (state.round, time.monotonic(), 0.0)
         if not experts or window <= 0:
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
-        self.drafting[state.request_id] = (state.round, time.monotonic(), window)
+        self.drafting[state.request_id] = (state.round, time.monotonic(), window, together)
         job = DraftJob(state.request_id, state.round, state.context, window, state.sampling, experts, int(time.time() * 1000), features, features_start, state.domain,
                        step_mode=self.config.speculation.mode == "step")
         return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
@@ -322,7 +423,15 @@ class Coordinator(StageWorker):
         if found and not self.control.verify.observations:
             profile = await self.redis.hgetall(self.keys.cost(sorted(found)[0]))
             if {b"a", b"b", b"c"} <= set(profile):
-                self.control.verify.set_prior([float(profile[k]) for k in (b"a", b"b", b"c")])
+                self.control.verify.set_prior([float(profile.get(k, 0.0)) for k in (b"a", b"b", b"c", b"e")])
+
+    async def _states(self, request_ids: list[str]) -> list[RequestState | None]:
+        """Several requests' states in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.hgetall(self.keys.request(request_id))
+            replies = await pipe.execute()
+        return [state_from_fields(fields) if fields else None for fields in replies]
 
     async def _state(self, request_id: str) -> RequestState | None:
         fields = await self.redis.hgetall(self.keys.request(request_id))

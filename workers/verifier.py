@@ -50,12 +50,13 @@ class VerifierWorker(StageWorker):
         await self.off_loop(self.runner.forward, [ForwardItem("warm-up", [1, 2, 3], (4,), (-1,))])
         self.runner.release("warm-up")
         self.cost_profile = await self.off_loop(profile_cost, self.runner)
-        self.log.info("verification cost profile: %.1f ms + %.2f ms per request + %.2f ms per fed token", *self.cost_profile)
+        self.log.info("verification cost profile: %.1f ms + %.2f ms per request + %.2f ms per fed token + %.2f ms per request per 1000 context rows",
+                      *self.cost_profile)
 
     async def on_connect(self) -> None:
         await bus.ensure_group(self.redis, self.keys.verify_for(self.fingerprint), self.group)
         await self.redis.sadd(self.keys.fingerprints, self.fingerprint)
-        await self.redis.hset(self.keys.cost(self.fingerprint), mapping=dict(zip(("a", "b", "c"), map(str, self.cost_profile))))
+        await self.redis.hset(self.keys.cost(self.fingerprint), mapping=dict(zip(("a", "b", "c", "e"), map(str, self.cost_profile))))
 
     def liveness_extra(self) -> str:
         # Read without the runner's lock (a forward may hold it): a count off by one is fine here.
@@ -182,11 +183,12 @@ class VerifierWorker(StageWorker):
         return [results[item.request_id] for item in items]
 
 
-def profile_cost(runner: ModelRunner, context: int = 64, repeats: int = 2) -> tuple[float, float, float]:
-    """Fit ms = a + b B + c T to a few timed verification forwards (B requests with a cached
-    ``context``-token prefix, feeding T tokens in all): the prior of the coordinator's cost model."""
+def profile_cost(runner: ModelRunner, repeats: int = 2) -> tuple[float, float, float, float]:
+    """Fit ms = a + b B + c T + e B L / 1000 to a few timed verification forwards (B requests
+    with a cached L-token prefix, feeding T tokens in all): the prior of the coordinator's cost
+    model."""
     rows, times = [], []
-    for batch, k in ((1, 1), (1, 5), (4, 1), (4, 5), (8, 3)):
+    for batch, k, context in ((1, 1, 64), (1, 5, 64), (4, 1, 64), (4, 5, 64), (8, 3, 64), (2, 1, 448), (2, 5, 448)):
         keys = [f"cost-profile-{i}" for i in range(batch)]
         runner.forward([ForwardItem(key, list(range(1, context + 1))) for key in keys])
         parents = tuple([ROOT] + list(range(k - 2))) if k > 1 else ()
@@ -194,12 +196,12 @@ def profile_cost(runner: ModelRunner, context: int = 64, repeats: int = 2) -> tu
         for _ in range(repeats):
             began = time.perf_counter()
             runner.forward(items)
-            rows.append([1.0, batch, batch * k])
+            rows.append([1.0, batch, batch * k, batch * (context + 1) / 1000])
             times.append((time.perf_counter() - began) * 1000)
         runner.release_many(keys)
     x, y = torch.tensor(rows, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)[:, None]
     coef = torch.linalg.lstsq(x, y).solution[:, 0].clamp(min=0.0)
-    return float(coef[0]), float(coef[1]), float(coef[2])
+    return tuple(float(c) for c in coef)  # type: ignore[return-value]
 
 
 def _error(item: VerifyItem, reason: str, code: str) -> VerifiedItem:

@@ -32,14 +32,18 @@ class BatchPolicy:
 
     def should_flush(
         self, pool_size: int, pool_tokens: int, oldest_wait_s: float, active_requests: int, live_verifiers: int, busy_verifiers: int,
-        drafting: int = 0,
+        drafting: int = 0, drafting_due_s: float = 0.0, split_cost_s: float = 0.0,
     ) -> bool:
         """busy_verifiers: batches queued or in verification (the verify group's lag + pending);
-        drafting: active requests whose round is with the drafters.
+        drafting: active requests whose round is with the drafters, expected back within
+        ``drafting_due_s``; split_cost_s: what verifying them in a batch of their own would
+        cost over joining this one (the fixed part of a verification).
 
-        An idle verifier waits (up to ``max_wait_s``) only for candidates about to come back from
-        verification; when every request missing from the pool is drafting, the pool goes now and
-        the drafted rounds join the next batch (waiting would idle the verifier for a hop)."""
+        An idle verifier waits (up to ``max_wait_s``) for candidates about to come back from
+        verification. When every request missing from the pool is drafting, it waits for them
+        only while they are due back sooner than a batch of their own would cost: going now
+        splits the requests into two batches that go on alternating, each paying the fixed
+        cost; waiting keeps them in one."""
         if pool_size == 0:
             return False
         if pool_size >= self.fair_share(active_requests, live_verifiers) or pool_tokens >= self.max_tokens:
@@ -47,7 +51,9 @@ class BatchPolicy:
         idle_verifier = busy_verifiers < max(1, live_verifiers)
         if not idle_verifier:
             return False
-        return oldest_wait_s >= self.max_wait_s or pool_size + drafting >= active_requests
+        if oldest_wait_s >= self.max_wait_s:
+            return True
+        return pool_size + drafting >= active_requests and drafting_due_s > split_cost_s
 
     def take(self, pool_size: int) -> int:
         return min(pool_size, self.max_batch)

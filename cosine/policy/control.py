@@ -1,12 +1,19 @@
 """Adaptive speculation control from the verifier's load (the paper's, with a cost model).
 
-A round with window ``w`` for a request whose drafted tokens are accepted with probability
-``alpha`` each yields ``E(w) = (1 - alpha^(w+1)) / (1 - alpha)`` tokens on average (accepted
-prefix plus the target's own token; ``E(0) = 1``). It costs the drafting hop ``D(w)`` (zero at
-window 0: the round goes straight to verification) plus the verification of a batch of ``B``
-requests feeding ``T`` tokens, ``V(B, T) = a + b B + c T``. The controller picks, per request
-and round, the window in ``0 .. limit`` that maximises ``E(w) / (D(w) + V(B, B (1 + w)))``
-(every request of the batch assumed at the same window): at low load the long verification
+A round with window ``w`` yields ``E(w) = 1 + p1 + p1 p2 + ... + p1 ... pw`` tokens on average
+(the accepted prefix plus the target's own token; ``E(0) = 1``), where ``p_i`` is the chance
+that draft position ``i`` is accepted once the positions before it were: measured over all
+requests' recent rounds (``AcceptanceCurve``; positions are far from equally likely: here about
+0.5, 0.35, 0.3, then higher), scaled for a request by how its own acceptance compares.
+
+A round costs a fixed overhead ``R`` (the hops through Redis, the coordinator, batch forming:
+measured, per round, as what the round's wall time leaves over after drafting and verifying),
+the drafting hop ``D(w, k) = d0 + d1 w + d2 k w`` for ``k`` requests drafting at once (zero at
+window 0: the round goes straight to verification) and the verification of a batch of ``B`` requests feeding ``T`` tokens with the
+longest context ``L``, ``V = a + b B + c T + e B L / 1000``. The controller picks, per request
+and round, the window in ``0 .. limit`` that maximises ``E(w) / (R + D(w, B) + V(B, B (1 + w), L))``
+(every request of the batch assumed at the same window; ``plan`` decides a batch's requests
+together): at low load the long verification
 of one token makes drafting pay; when the verifier is busy each drafted token costs more than
 its expected yield and the window goes to 0, so the verifier decodes plainly in large batches.
 
@@ -24,9 +31,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+POSITIONS = 16  # draft positions the acceptance curve tracks (deeper ones reuse the last)
+
 
 def expected_tokens(alpha: float, window: int) -> float:
-    """Tokens a round yields on average: accepted drafted tokens plus the target's own."""
+    """Tokens a round yields on average with every position accepted at ``alpha``."""
     alpha = min(max(alpha, 0.0), 0.999)
     return (1 - alpha ** (window + 1)) / (1 - alpha)
 
@@ -38,6 +47,60 @@ def acceptance_estimate(accepted: float, drafted_rounds: float, prior: float = 0
     prior = min(max(prior, 0.0), 0.95)
     pseudo_accepted = prior_rounds * prior / (1 - prior)
     return (accepted + pseudo_accepted) / (accepted + drafted_rounds + pseudo_accepted + prior_rounds)
+
+
+@dataclass
+class AcceptanceCurve:
+    """Acceptance per draft position given the earlier positions were accepted, from decayed
+    counts over all requests' drafted rounds.
+
+    A round whose tree is ``depth`` deep and accepts ``k`` tokens reached positions 1 .. k + 1
+    (up to ``depth``) and accepted 1 .. k. A position never reached takes the estimate of the
+    one before it (the first: ``prior``) as its prior, ``prior_weight`` rounds strong.
+    """
+
+    decay: float = 0.995  # per drafted round
+    prior: float = 0.5
+    prior_weight: float = 2.0
+
+    def __post_init__(self) -> None:
+        self.reached = np.zeros(POSITIONS)
+        self.accepted = np.zeros(POSITIONS)
+        self.tokens = 0.0  # decayed accepted tokens (all positions, also past POSITIONS)
+        self.rounds = 0.0  # decayed drafted rounds
+
+    def observe(self, depth: int, accepted: int) -> None:
+        if depth <= 0:
+            return
+        self.reached *= self.decay
+        self.accepted *= self.decay
+        self.tokens = self.tokens * self.decay + accepted
+        self.rounds = self.rounds * self.decay + 1
+        k = min(accepted, depth)
+        self.reached[: min(k + 1, depth, POSITIONS)] += 1
+        self.accepted[: min(k, POSITIONS)] += 1
+
+    def conditional(self) -> list[float]:
+        """p_1 .. p_POSITIONS."""
+        out, prior = [], self.prior
+        for reached, accepted in zip(self.reached, self.accepted):
+            prior = (accepted + self.prior_weight * prior) / (reached + self.prior_weight)
+            out.append(prior)
+        return out
+
+    @property
+    def geometric(self) -> float:
+        """One acceptance for all positions (the geometric estimate over the same rounds)."""
+        return acceptance_estimate(self.tokens, self.rounds, self.prior, self.prior_weight)
+
+    def expected(self, window: int, scale: float = 1.0) -> float:
+        """Expected tokens of a round at ``window``, each position's acceptance times ``scale``."""
+        total, reach = 1.0, 1.0
+        p = self.conditional()
+        for i in range(max(0, window)):
+            reach *= min(0.98, p[min(i, POSITIONS - 1)] * scale)
+            total += reach
+        return total
 
 
 @dataclass
@@ -108,80 +171,141 @@ class LinearCost:
 
 @dataclass
 class SpeculationControl:
-    """Chooses each round's window from the acceptance estimate and the measured costs (ms)."""
+    """Chooses each round's window from the acceptance curve and the measured costs (ms)."""
 
-    verify_prior: Sequence[float] = (30.0, 2.0, 1.0)  # a, b (per request), c (per fed token)
-    draft_prior: Sequence[float] = (10.0, 2.0)  # d0, d1 (per drafted token)
+    verify_prior: Sequence[float] = (30.0, 2.0, 1.0, 0.0)  # a, b (per request), c (per fed token), e (per request per 1000 context rows)
+    draft_prior: Sequence[float] = (10.0, 1.0, 1.0)  # d0, d1 (per drafted token), d2 (per token per request drafting at once)
+    overhead_prior: float = 10.0  # R: a round's time outside drafting and verification
     enabled: bool = True
-    decay: float = 0.995  # of the shared acceptance sums, per drafted round
-    prior_rounds: float = 4.0  # weight of the shared prior in a request's estimate, in rounds
+    decay: float = 0.995  # of the shared acceptance counts, per drafted round
+    prior_rounds: float = 4.0  # weight of the shared estimate in a request's own, in rounds
     explore_until: int = 32  # drafted rounds observed before the model alone decides
     explore_every: int = 50  # then one round in this many drafts at its adaptive window
+    explore_rounds: int = 2  # a request's first drafted rounds, whatever the model says
+    smoothing: float = 0.05  # of the running means (overhead, batch context)
     verify: LinearCost = field(init=False)
     draft: LinearCost = field(init=False)
+    curve: AcceptanceCurve = field(init=False)
 
     def __post_init__(self) -> None:
         self.verify = LinearCost(self.verify_prior)
         self.draft = LinearCost(self.draft_prior)
-        self._accepted = 0.0
-        self._rounds = 0.0
+        self.curve = AcceptanceCurve(decay=self.decay)
+        self.overhead_ms = float(self.overhead_prior)
+        self.context_rows = 0.0  # running mean of a batch's longest context
 
-    def observe_verification(self, batch_size: int, fed_tokens: int, ms: float) -> None:
-        self.verify.observe((1.0, batch_size, fed_tokens), ms)
+    # ---- observations --------------------------------------------------------------------
 
-    def observe_drafting(self, window: int, ms: float) -> None:
-        self.draft.observe((1.0, window), ms)
+    def observe_verification(self, batch_size: int, fed_tokens: int, ms: float, longest_context: int = 0) -> float:
+        """A timed verification batch; returns the prediction's relative error before this
+        batch entered the fit (the cost model's error on a batch it was not fitted on)."""
+        features = self._verify_features(batch_size, fed_tokens, longest_context)
+        error = abs(self.verify.predict(features) - ms) / max(ms, 1e-6)
+        self.verify.observe(features, ms)
+        self.context_rows += self.smoothing * (longest_context - self.context_rows)
+        return error
 
-    def observe_round(self, drafted: int, accepted: int) -> None:
-        """A verified round of any request: the shared acceptance prior (decayed sums)."""
-        if drafted > 0:
-            self._accepted = self._accepted * self.decay + accepted
-            self._rounds = self._rounds * self.decay + 1
+    def observe_drafting(self, window: int, ms: float, together: int = 1) -> None:
+        """A drafting hop's time at ``window``, with ``together`` requests drafting at once (the
+        drafters draft them in one batch: the hop grows with it)."""
+        self.draft.observe((1.0, window, max(1, together) * window), ms)
+
+    def observe_overhead(self, ms: float) -> None:
+        """A round's wall time less its drafting and verification (hops, batch forming)."""
+        self.overhead_ms += self.smoothing * (max(0.0, ms) - self.overhead_ms)
+
+    def observe_round(self, depth: int, accepted: int) -> None:
+        """A verified round of any request (``depth``: its draft tree's depth; 0 at window 0)."""
+        self.curve.observe(depth, accepted)
+
+    # ---- estimates -----------------------------------------------------------------------
 
     @property
     def acceptance_prior(self) -> float:
-        """All requests' recent per-token acceptance (0.5 before any drafted round)."""
-        return acceptance_estimate(self._accepted, self._rounds)
+        """All requests' recent per-token acceptance (geometric; 0.5 before any drafted round)."""
+        return self.curve.geometric
 
     def acceptance(self, accepted: int, drafted_rounds: int) -> float:
-        """A request's per-token acceptance, its own rounds on top of the shared prior."""
+        """A request's per-token acceptance (geometric), its own rounds on top of the shared estimate."""
         return acceptance_estimate(accepted, drafted_rounds, self.acceptance_prior, self.prior_rounds)
 
+    def expected(self, window: int, accepted: int = 0, drafted_rounds: int = 0) -> float:
+        """Expected tokens of a request's round at ``window``: the shared curve, scaled by the
+        request's own acceptance against everyone's."""
+        shared = self.acceptance_prior
+        scale = self.acceptance(accepted, drafted_rounds) / max(shared, 1e-6)
+        return self.curve.expected(window, scale)
+
+    def _verify_features(self, batch_size: int, fed_tokens: int, longest_context: float) -> tuple[float, ...]:
+        return (1.0, batch_size, fed_tokens, batch_size * longest_context / 1000)
+
+    def verify_ms(self, batch_size: int, fed_tokens: int, longest_context: float | None = None) -> float:
+        context = self.context_rows if longest_context is None else longest_context
+        return self.verify.predict(self._verify_features(batch_size, fed_tokens, context))
+
+    def draft_ms(self, window: int, together: int = 1) -> float:
+        return 0.0 if window <= 0 else self.draft.predict((1.0, window, max(1, together) * window))
+
     def describe(self) -> str:
-        a, b, c = self.verify.coefficients
-        d0, d1 = self.draft.coefficients
-        return (f"verify {a:.1f} ms + {b:.2f}/request + {c:.2f}/token ({self.verify.observations} batches); "
-                f"draft {d0:.1f} ms + {d1:.2f}/token ({self.draft.observations} rounds); acceptance prior {self.acceptance_prior:.2f}")
+        a, b, c, e = self.verify.coefficients
+        d0, d1, d2 = self.draft.coefficients
+        p = ", ".join(f"{x:.2f}" for x in self.curve.conditional()[:4])
+        return (f"verify {a:.1f} ms + {b:.2f}/request + {c:.2f}/token + {e:.2f}/request/1000 rows ({self.verify.observations} batches); "
+                f"draft {d0:.1f} ms + {d1:.2f}/token + {d2:.2f}/token/request ({self.draft.observations} rounds); round overhead {self.overhead_ms:.1f} ms; "
+                f"acceptance by position {p} ({self.curve.rounds:.0f} recent rounds)")
 
-    def verify_ms(self, batch_size: int, fed_tokens: int) -> float:
-        return self.verify.predict((1.0, batch_size, fed_tokens))
-
-    def draft_ms(self, window: int) -> float:
-        return 0.0 if window <= 0 else self.draft.predict((1.0, window))
-
-    def rate(self, alpha: float, window: int, batch_size: int) -> float:
-        """Expected tokens per ms of one request's round at this window and batch size."""
+    def round_ms(self, window: int, batch_size: int) -> float:
+        """A round's time with the whole batch at ``window``."""
         batch_size = max(1, batch_size)
-        seconds = self.draft_ms(window) + self.verify_ms(batch_size, batch_size * (1 + window))
-        return expected_tokens(alpha, window) / max(seconds, 1e-6)
+        return self.overhead_ms + self.draft_ms(window, batch_size) + self.verify_ms(batch_size, batch_size * (1 + window))
 
-    def explore(self, key: str, round_index: int) -> bool:
+    def explore(self, key: str, round_index: int, drafted_rounds: int = 0) -> bool:
         """Whether this round drafts at its adaptive window whatever the model says: until the
-        drafting model has ``explore_until`` observations, then one round in ``explore_every``
-        (chosen by a hash of the request and round, so every coordinator agrees) — at window 0
-        the model would otherwise never learn that drafting got cheaper or better."""
-        if self.draft.observations < self.explore_until:
+        drafting model has ``explore_until`` observations, a request's first ``explore_rounds``
+        drafted rounds (its own acceptance), then one round in ``explore_every`` (chosen by a
+        hash of the request and round, so every coordinator agrees) — at window 0 the model
+        would otherwise never learn that drafting got cheaper or better."""
+        if self.draft.observations < self.explore_until or drafted_rounds < self.explore_rounds:
             return True
         digest = hashlib.blake2b(f"{key}:{round_index}".encode(), digest_size=4).digest()
         return int.from_bytes(digest, "little") % self.explore_every == 0
 
-    def choose(self, alpha: float, limit: int, batch_size: int) -> int:
-        """The window in 0 .. limit with the highest expected rate (ties: the smaller)."""
+    def choose(self, limit: int, batch_size: int, accepted: int = 0, drafted_rounds: int = 0) -> int:
+        """The window in 0 .. limit with the most expected tokens per ms of round (ties: the
+        smaller), for a request in a batch of ``batch_size`` whose batch-mates are alike."""
         if not self.enabled or limit <= 0:
             return max(0, limit)
-        best, best_rate = 0, self.rate(alpha, 0, batch_size)
-        for window in range(1, limit + 1):
-            rate = self.rate(alpha, window, batch_size)
-            if rate > best_rate * (1 + 1e-9):
-                best, best_rate = window, rate
-        return best
+        if batch_size > 1:  # batch-mates alike: all at the shared estimate, at one window
+            return self.plan([(limit, 0, 0)] * batch_size)[0]
+        return self.plan([(limit, accepted, drafted_rounds)])[0]
+
+    def plan(self, requests: Sequence[tuple[int, int, int]], batch_size: int = 0) -> list[int]:
+        """Windows for requests verified together, each ``(limit, accepted, drafted_rounds)``,
+        in a batch of ``max(batch_size, len(requests))`` (the others at window 0).
+
+        The batch's round costs ``R + D(w, k) + V(B, T)`` whoever drafts (batch-mates wait for the
+        slowest draft), so drafting is decided for the batch: the ``k`` requests with the best
+        acceptance draft at window ``w`` (each within its limit), the rest at 0, for the ``k``
+        and ``w`` with the most expected tokens per ms; no drafting when none beats that."""
+        n = len(requests)
+        if not self.enabled:
+            return [max(0, limit) for limit, _, _ in requests]
+        batch = max(batch_size, n, 1)
+        shared = max(self.acceptance_prior, 1e-6)
+        scales = [self.acceptance(accepted, rounds) / shared for _, accepted, rounds in requests]
+        order = sorted((i for i in range(n) if requests[i][0] > 0), key=lambda i: -scales[i])
+        best = (batch / max(self.round_ms(0, batch), 1e-6), 0, 0)  # (rate, k, w)
+        most = max((requests[i][0] for i in order), default=0)
+        for window in range(1, most + 1):
+            tokens, fed = float(batch), batch
+            for k, i in enumerate(order, start=1):
+                w = min(window, requests[i][0])
+                tokens += self.curve.expected(w, scales[i]) - 1
+                fed += w
+                ms = self.overhead_ms + self.draft_ms(window, k) + self.verify_ms(batch, fed)
+                rate = tokens / max(ms, 1e-6)
+                if rate > best[0] * (1 + 1e-9):
+                    best = (rate, k, window)
+        _, k, window = best
+        drafting = set(order[:k])
+        return [min(window, requests[i][0]) if i in drafting else 0 for i in range(n)]

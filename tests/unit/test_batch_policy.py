@@ -5,9 +5,9 @@ import pytest
 from cosine.policy.batching import BatchPolicy
 
 
-def flush(policy, pool_size=1, pool_tokens=4, oldest_wait_s=0.0, active_requests=8, live_verifiers=2, busy_verifiers=2, drafting=0):
+def flush(policy, pool_size=1, pool_tokens=4, oldest_wait_s=0.0, active_requests=8, live_verifiers=2, busy_verifiers=2, drafting=0, due=1.0, split=0.03):
     """should_flush with keyword defaults: a small pool, every verifier busy, nothing waited yet."""
-    return policy.should_flush(pool_size, pool_tokens, oldest_wait_s, active_requests, live_verifiers, busy_verifiers, drafting)
+    return policy.should_flush(pool_size, pool_tokens, oldest_wait_s, active_requests, live_verifiers, busy_verifiers, drafting, due, split)
 
 
 def test_fair_share_is_ceiling_of_requests_over_verifiers():
@@ -165,3 +165,14 @@ def test_idle_verifier_does_not_wait_for_drafting_requests():
     assert flush(policy, pool_size=5, oldest_wait_s=0.1, active_requests=8, live_verifiers=1, busy_verifiers=0, drafting=1)
     # A busy verifier: a small batch would only queue, drafting or not.
     assert not flush(policy, pool_size=5, active_requests=8, live_verifiers=1, busy_verifiers=1, drafting=3)
+
+
+def test_idle_verifier_waits_for_drafts_due_sooner_than_a_batch_of_their_own_costs():
+    policy = BatchPolicy(max_batch=8, max_wait_s=0.05)
+    # Drafts due in 10 ms, a verification's fixed cost 30 ms: one batch later beats two now.
+    assert not flush(policy, pool_size=2, active_requests=4, live_verifiers=1, busy_verifiers=0, drafting=2, due=0.01, split=0.03)
+    assert flush(policy, pool_size=2, oldest_wait_s=0.05, active_requests=4, live_verifiers=1, busy_verifiers=0, drafting=2, due=0.01, split=0.03)
+    # Overdue drafts (a slow drafter): wait no longer than max_wait_s either.
+    assert not flush(policy, pool_size=2, active_requests=4, live_verifiers=1, busy_verifiers=0, drafting=2, due=-0.5, split=0.03)
+    # Drafts due later than the fixed cost: go now.
+    assert flush(policy, pool_size=2, active_requests=4, live_verifiers=1, busy_verifiers=0, drafting=2, due=0.08, split=0.03)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cosine.policy.control import LinearCost, SpeculationControl, acceptance_estimate, expected_tokens
+from cosine.policy.control import AcceptanceCurve, LinearCost, SpeculationControl, acceptance_estimate, expected_tokens
 
 
 def test_expected_tokens_of_a_round():
@@ -41,35 +41,76 @@ def test_prior_holds_until_observations_say_otherwise():
     assert cost.predict((1.0, 4, 8)) == pytest.approx(46.0, rel=0.01)
 
 
-def control(a: float, b: float, c: float, d0: float, d1: float) -> SpeculationControl:
-    control = SpeculationControl(verify_prior=(a, b, c), draft_prior=(d0, d1))
-    return control
+def control(a: float, b: float, c: float, d0: float, d1: float, alpha: float, overhead: float = 0.0, d2: float = 0.0) -> SpeculationControl:
+    """A controller whose curve says ``alpha`` at every position (2000 rounds of a chain of 8)."""
+    ctl = SpeculationControl(verify_prior=(a, b, c, 0.0), draft_prior=(d0, d1, d2), overhead_prior=overhead)
+    rng = random.Random(0)
+    for _ in range(2000):
+        accepted = 0
+        while accepted < 8 and rng.random() < alpha:
+            accepted += 1
+        ctl.observe_round(8, accepted)
+    return ctl
 
 
 def test_drafting_pays_when_one_verification_is_long_and_tokens_are_cheap():
     # One request: 33 ms to verify 1 token, +1 ms per extra token, drafting 10 ms + 2 ms per token.
-    ctl = control(30, 2, 1, 10, 2)
-    assert ctl.choose(alpha=0.7, limit=8, batch_size=1) >= 3
-    assert ctl.choose(alpha=0.05, limit=8, batch_size=1) == 0  # nothing is accepted: never draft
+    assert control(30, 2, 1, 10, 2, alpha=0.7).choose(limit=8, batch_size=1) >= 3
+    assert control(30, 2, 1, 10, 2, alpha=0.05).choose(limit=8, batch_size=1) == 0  # nothing is accepted: never draft
 
 
 def test_window_goes_to_zero_when_the_verifier_is_loaded():
     # Per-token cost dominates at a large batch: each drafted token costs a whole batch more
     # time than its expected yield, so the verifier decodes plainly.
-    ctl = control(30, 1, 4, 10, 2)
-    assert ctl.choose(alpha=0.6, limit=8, batch_size=1) > 0
-    assert ctl.choose(alpha=0.6, limit=8, batch_size=16) == 0
+    ctl = control(30, 1, 4, 10, 2, alpha=0.6)
+    assert ctl.choose(limit=8, batch_size=1) > 0
+    assert ctl.choose(limit=8, batch_size=16) == 0
 
 
 def test_window_shrinks_as_drafting_gets_slower():
-    fast, slow = control(30, 2, 1, 2, 1), control(30, 2, 1, 60, 10)
-    assert fast.choose(0.6, 8, 4) > slow.choose(0.6, 8, 4)
+    fast, slow = control(30, 2, 1, 2, 1, alpha=0.6), control(30, 2, 1, 60, 10, alpha=0.6)
+    assert fast.choose(8, 4) > slow.choose(8, 4)
+
+
+def test_round_overhead_makes_drafting_pay():
+    # Without overhead one drafted token does not pay for its drafting hop; a round's fixed
+    # overhead (hops, batch forming) is paid at window 0 too, so the extra token tips it.
+    assert control(30, 2, 1, 20, 2, alpha=0.5).choose(8, 1) == 0
+    ctl = control(30, 2, 1, 20, 2, alpha=0.5)
+    for _ in range(200):
+        ctl.observe_overhead(40.0)
+    assert ctl.overhead_ms == pytest.approx(40.0, rel=0.01)
+    assert ctl.choose(8, 1) > 0
+
+
+def test_a_request_that_accepts_more_than_the_others_drafts_longer():
+    ctl = control(30, 2, 1, 10, 3, alpha=0.4)
+    assert ctl.choose(8, 1, accepted=400, drafted_rounds=100) > ctl.choose(8, 1)
+    assert ctl.choose(8, 1, accepted=0, drafted_rounds=100) == 0
+    # In a batch every request gets the batch's window: the shared estimate decides.
+    assert ctl.choose(8, 4, accepted=400, drafted_rounds=100) == ctl.choose(8, 4, accepted=0, drafted_rounds=100)
 
 
 def test_disabled_control_keeps_the_limit():
     ctl = SpeculationControl(enabled=False)
-    assert ctl.choose(0.01, 5, 32) == 5
-    assert ctl.choose(0.9, 0, 1) == 0
+    assert ctl.choose(5, 32, accepted=0, drafted_rounds=100) == 5
+    assert ctl.choose(0, 1) == 0
+
+
+def test_acceptance_curve_is_by_position():
+    curve = AcceptanceCurve()
+    assert curve.expected(0) == pytest.approx(1.0)
+    assert curve.expected(2) == pytest.approx(1 + 0.5 + 0.25)  # the prior
+    for _ in range(3000):  # position 1 accepted half the time; position 2 always once reached
+        curve.observe(depth=2, accepted=0)
+        curve.observe(depth=2, accepted=2)
+    p = curve.conditional()
+    assert p[0] == pytest.approx(0.5, abs=0.01) and p[1] == pytest.approx(1.0, abs=0.01)
+    assert p[2] == pytest.approx(p[1], abs=0.01)  # never reached: the position before it
+    assert curve.expected(2) == pytest.approx(2.0, abs=0.02)  # 1 + 0.5 + 0.5 * 1
+    # The geometric estimate of the same rounds would say otherwise: 2 tokens per 2 rounds.
+    assert curve.geometric == pytest.approx(0.5, abs=0.01)
+    assert expected_tokens(curve.geometric, 2) == pytest.approx(1.75, abs=0.02)
 
 
 def test_old_observations_leave_the_fit():
@@ -83,15 +124,24 @@ def test_old_observations_leave_the_fit():
         assert cost.predict((1.0, batch, tokens)) == pytest.approx(10 + 2 * batch + 0.5 * tokens, rel=0.05)
 
 
+def test_verification_error_is_measured_before_the_batch_is_fitted():
+    ctl = SpeculationControl(verify_prior=(30.0, 2.0, 1.0, 0.0))
+    assert ctl.observe_verification(1, 1, 66.0) == pytest.approx(0.5)  # predicted 33 ms
+    for _ in range(100):
+        ctl.observe_verification(4, 8, 40 + 2 * 4 + 1 * 8 + 3 * 4 * 0.5, longest_context=500)
+    assert ctl.observe_verification(4, 8, 62.0, longest_context=500) < 0.05
+    assert ctl.verify_ms(4, 8) == pytest.approx(62.0, rel=0.05)  # the running mean of the batches' context
+
+
 def test_acceptance_prior_is_all_requests_recent_rounds():
     ctl = SpeculationControl()
     assert ctl.acceptance_prior == pytest.approx(0.5)
     for _ in range(200):  # every drafted round accepts 1 token, then one is rejected
-        ctl.observe_round(drafted=4, accepted=1)
-    ctl.observe_round(drafted=0, accepted=0)  # a round at window 0 says nothing
+        ctl.observe_round(depth=4, accepted=1)
+    ctl.observe_round(depth=0, accepted=0)  # a round at window 0 says nothing
     assert ctl.acceptance_prior == pytest.approx(0.5, abs=0.02)
     for _ in range(2000):
-        ctl.observe_round(drafted=4, accepted=0)
+        ctl.observe_round(depth=4, accepted=0)
     assert ctl.acceptance_prior < 0.05  # old rounds decay away
     # A new request starts at the prior; its own rounds take over.
     assert ctl.acceptance(0, 0) == pytest.approx(ctl.acceptance_prior, abs=0.01)
@@ -103,6 +153,34 @@ def test_exploration_until_drafting_is_measured_then_now_and_then():
     assert all(ctl.explore("r", i) for i in range(5))  # nothing measured yet: every round drafts
     for _ in range(3):
         ctl.observe_drafting(4, 20.0)
-    share = sum(ctl.explore(f"r{i}", j) for i in range(100) for j in range(20)) / 2000
-    assert 0.06 < share < 0.14  # about one round in ten
+    assert ctl.explore("r", 9, drafted_rounds=0) and ctl.explore("r", 9, drafted_rounds=1)  # a request's first drafted rounds
+    share = sum(ctl.explore(f"r{i}", j, drafted_rounds=5) for i in range(100) for j in range(20)) / 2000
+    assert 0.06 < share < 0.14  # then about one round in ten
     assert ctl.explore("r7", 3) == ctl.explore("r7", 3)  # the same answer for the same round
+
+
+def test_a_batch_drafts_for_the_requests_that_accept_most():
+    ctl = control(30, 2, 1, 10, 2, alpha=0.4, overhead=5)
+    # Four requests verified together: two accept far more than the rest.
+    windows = ctl.plan([(6, 400, 100), (6, 0, 100), (6, 380, 100), (6, 2, 100)])
+    assert windows[0] > 0 and windows[2] > 0 and windows[1] == windows[3] == 0
+    assert windows[0] == windows[2]  # one drafting hop for the batch: one window
+    # Limits hold; nobody drafts when nobody accepts.
+    assert ctl.plan([(1, 400, 100), (6, 380, 100)])[0] <= 1
+    assert ctl.plan([(6, 0, 100), (6, 1, 100)]) == [0, 0]
+    # A larger batch of alike requests: the per-token verification cost decides.
+    assert ctl.plan([(6, 0, 0)] * 4, batch_size=16) == ctl.plan([(6, 0, 0)] * 4, batch_size=16)[:1] * 4
+
+
+def test_drafting_for_many_requests_at_once_costs_more():
+    # Drafters draft a batch's requests together: 3 ms per token per request drafting at once.
+    ctl = control(30, 2, 0.5, 5, 0, alpha=0.6, overhead=5, d2=3)
+    assert ctl.draft_ms(4, together=4) == pytest.approx(5 + 3 * 16)
+    assert ctl.choose(8, 1) > 0
+    assert ctl.plan([(8, 0, 0)] * 8) == [0] * 8
+    for _ in range(300):  # measured: the hop does not grow with the requests after all
+        ctl.observe_drafting(4, 9.0, together=8)
+        ctl.observe_drafting(2, 7.0, together=1)
+        ctl.observe_drafting(4, 8.5, together=1)
+    assert ctl.draft_ms(4, together=8) == pytest.approx(9.0, rel=0.1)
+    assert ctl.plan([(8, 0, 0)] * 8)[0] > 0
