@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=6)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=int, default=100)
+    parser.add_argument("--instant-only", action="store_true", help="the control plane alone (pipeline-instant), with --max-tokens per request")
+    parser.add_argument("--name", default="pipeline")
     args = parser.parse_args()
     setup_torch(args.threads)
     loaded = load_target(args)
@@ -200,6 +202,15 @@ def main() -> None:
     del loaded
     other = OtherCpu()
     result = {"stamp": stamp(), "args": vars(args)}
+    if args.instant_only:
+        result["pipeline-instant"] = runs = pipeline_runs(instant, prompts, args.max_tokens, args.concurrency)
+        runs.pop("outputs")
+        result["other_cpu_share"] = other.share()
+        for mode in ("single", "concurrent"):
+            row = runs[mode]
+            print(f"instant {mode}: {row['rounds_per_s']:.0f} rounds/s, {1000 / row['rounds_per_s']:.2f} ms per round ({row['rounds']} rounds)")
+        print(f"wrote {write_result(args.name, result)}")
+        return
     result["local"] = local_run(real, prompt_ids, args.max_tokens)
     print(f"local engine: median TTFT {result['local']['median_ttft_s'] * 1000:.0f} ms, median latency {result['local']['median_latency_s']:.2f} s")
     result["pipeline"] = pipeline_runs(real, prompts, args.max_tokens, args.concurrency)
@@ -225,7 +236,7 @@ def main() -> None:
     for key, value in result["summary"].items():
         print(f"{key:40s} {value if isinstance(value, str) else round(value, 3)}")
     print(f"CPU used by other processes, this run's own pipeline workers included: {result['other_cpu_share']:.0%}")
-    print(f"wrote {write_result('pipeline', result)}")
+    print(f"wrote {write_result(args.name, result)}")
 
 
 if __name__ == "__main__":

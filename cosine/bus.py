@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from cosine.wire import Keys
-from cosine.wire.state import state_to_fields
+from cosine.wire.state import round_fields
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ async def finish_request(client: aioredis.Redis, keys: Keys, state, update, ttl_
     """Apply a finishing update (``state.fail`` or a last round) to the request in ``state``:
     its final entry, the tombstone and the TTL. Outcomes as ``apply_round``."""
     return await apply_round(
-        client, keys, request_id=state.request_id, expected_round=state.round, fields=state_to_fields(update.state),
+        client, keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
         out_entries=update.out_entries, ttl_s=ttl_s,
     )
 

@@ -72,6 +72,9 @@ def _needs_setup_again(error: RedisError) -> bool:
     return "NOGROUP" in text or "Function not found" in text or "NOSCRIPT" in text
 
 
+ROSTER_FORGET_MS = 60_000  # a roster entry expired this long is removed
+
+
 class StageWorker:
     role: str = "worker"
     read_count: int = 16
@@ -155,6 +158,7 @@ class StageWorker:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.redis.delete(self.keys.live(self.role, self.instance)), 2.0)
+                    await asyncio.wait_for(self.redis.hdel(self.keys.roster(self.role), self.instance), 2.0)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.redis.aclose(), 2.0)
@@ -340,14 +344,27 @@ class StageWorker:
                 await asyncio.wait_for(task, 10)
 
     async def live_values(self, role: str, max_age_s: float = 0.25) -> list[str]:
-        """The liveness values of a role's live workers (cached briefly, one SCAN per role)."""
+        """The liveness values of a role's live workers (cached briefly): one read of the role's
+        roster, whatever the keyspace holds; entries long expired are removed on the way."""
         now = time.monotonic()
         cache = self.__dict__.setdefault("_live_cache", {})
         cached = cache.get(role)
         if cached is not None and now - cached[0] < max_age_s:
             return cached[1]
-        keys = [key async for key in self.redis.scan_iter(match=self.keys.live_pattern(role), count=500)]
-        values = [v.decode() for v in (await self.redis.mget(keys) if keys else []) if v]
+        now_ms = time.time() * 1000
+        values, gone = [], []
+        for instance, entry in (await self.redis.hgetall(self.keys.roster(role))).items():
+            expires, _, value = entry.decode().partition(" ")
+            try:
+                expired_for = now_ms - float(expires)
+            except ValueError:
+                expired_for = ROSTER_FORGET_MS
+            if expired_for < 0:
+                values.append(value)
+            elif expired_for >= ROSTER_FORGET_MS:
+                gone.append(instance)
+        if gone:
+            await self.redis.hdel(self.keys.roster(role), *gone)
         cache[role] = (now, values)
         return values
 
@@ -367,8 +384,16 @@ class StageWorker:
         period = self.config.pipeline.heartbeat_ms
         key = self.keys.live(self.role, self.instance)
         while True:
-            await self.guarded(self.redis.set, key, f"{time.time():.3f} {self.liveness_extra()}", px=3 * period)
+            await self.guarded(self._beat, key, 3 * period)
             await asyncio.sleep(period / 1000)
+
+    async def _beat(self, key: str, ttl_ms: int) -> None:
+        now = time.time()
+        value = f"{now:.3f} {self.liveness_extra()}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, value, px=ttl_ms)  # for `cosine status` and the supervisor
+            pipe.hset(self.keys.roster(self.role), self.instance, f"{now * 1000 + ttl_ms:.0f} {value}")
+            await pipe.execute()
 
     async def _reclaimer(self) -> None:
         idle = self.config.pipeline.claim_idle_ms

@@ -35,7 +35,7 @@ from cosine.policy.routing import routing_policy
 from cosine.policy.window import WindowPolicy
 from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
 from cosine.wire.convert import empty_candidate, feedback_from_wire
-from cosine.wire.state import state_from_fields, state_to_fields
+from cosine.wire.state import round_fields, state_from_fields
 
 CONTROL_LOG_S = 30.0  # how often the cost model's state is logged (INFO)
 EXPLORE_MAX_BATCH = 2  # load control explores drafting only while batches are this small
@@ -79,6 +79,7 @@ class Coordinator(StageWorker):
         # Rounds' wall times and tokens, drafted or not (what speculation earns at this load):
         # added to the stats hash with each verified batch.
         self.round_times: Counter[str] = Counter()
+        self.texts: dict[str, tuple[int, tuple[int, ...], str]] = {}  # request -> its output's text (incremental detokenization)
         self.active = 1  # active requests, as of the last batch decision
 
     def input_streams(self) -> list[str]:
@@ -104,8 +105,10 @@ class Coordinator(StageWorker):
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         if stream == self.keys.candidates:
-            for entry_id, fields in entries:
-                await self._pool_candidate(entry_id, decode(fields, Candidate))
+            candidates = [(entry_id, decode(fields, Candidate)) for entry_id, fields in entries]
+            states = await self._states([c.request_id for _, c in candidates])  # one round trip for all
+            for (entry_id, candidate), state in zip(candidates, states):
+                await self._pool_candidate(entry_id, candidate, state)
             await self._flush()
         else:
             for entry_id, fields in entries:
@@ -146,7 +149,7 @@ class Coordinator(StageWorker):
 
     # ---- candidates -> verification batches -------------------------------------------------
 
-    async def _pool_candidate(self, entry_id: bytes, candidate: Candidate) -> None:
+    async def _pool_candidate(self, entry_id: bytes, candidate: Candidate, state: RequestState | None) -> None:
         if any(w.entry_id == entry_id for w in self.pool):
             return  # handled again after an error: already pooled
         sent = self.drafting.get(candidate.request_id)
@@ -158,7 +161,6 @@ class Coordinator(StageWorker):
                 began = self.round_began.get(candidate.request_id)
                 if began is not None and began[0] == candidate.round:
                     self.round_began[candidate.request_id] = (began[0], began[1], drafting_ms)
-        state = await self._state(candidate.request_id)
         if state is None or state.status != ACTIVE or state.round != candidate.round:
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # stale
             return
@@ -335,7 +337,9 @@ class Coordinator(StageWorker):
                 update = fail(state, self.tokenizer, item.error, error_code=item.error_code or "internal")
             else:
                 update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, fingerprint,
-                                 feedback_from_wire(item.drafters), self.routing_policy, self.expert_of)
+                                 feedback_from_wire(item.drafters), self.routing_policy, self.expert_of, self.texts)
+                while len(self.texts) > TRACKED:  # requests that ended elsewhere
+                    del self.texts[next(iter(self.texts))]
             if await self._apply(state, update, item) != "cancelled":
                 return
 
@@ -350,7 +354,7 @@ class Coordinator(StageWorker):
             features, start, rows = b"", 0, 0
         streams, payload = self._next_round(update.state, features, start)
         return await bus.apply_round(
-            self.redis, self.keys, request_id=state.request_id, expected_round=state.round, fields=state_to_fields(update.state),
+            self.redis, self.keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
             out_entries=update.out_entries, job_streams=streams, payload=payload, features=features, features_start=start, feature_rows=rows,
         )
 

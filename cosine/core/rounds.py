@@ -8,6 +8,7 @@ calls it, and applies the result atomically (compare-and-set on ``round``).
 from __future__ import annotations
 
 import json
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 
 from cosine.core.sampling import SamplingParams
@@ -80,18 +81,28 @@ def advance(
     feedback: dict[str, RoundFeedback] | None = None,
     routing_policy: RoutingPolicy | None = None,
     expert_of: dict[str, str] | None = None,
+    text_cache: MutableMapping[str, tuple[int, tuple[int, ...], str]] | None = None,
 ) -> RoundUpdate:
     """Apply one verified round: clip by the stop rules, emit text, retune the window, count
     each drafter's drafted and accepted tokens (``feedback``) and, with online routing, move the
-    routing scores and choose the next round's experts."""
+    routing scores and choose the next round's experts.
+
+    ``text_cache`` (request -> output length, its last tokens, its text), kept by the caller
+    across rounds, spares decoding the whole output again each round: an entry is used only
+    when it matches the state's output (another worker may have applied rounds since)."""
     assembler = OutputAssembler(
         tokenizer,
         state.stop_rules,
         token_ids=list(state.output_ids),
-        text=tokenizer.decode(state.output_ids, skip_special_tokens=True) if state.output_ids else "",
+        text=_output_text(state, tokenizer, text_cache),
         emitted_chars=state.emitted_chars,
     )
     emission = assembler.extend([*accepted_tokens, next_token])
+    if text_cache is not None:
+        if emission.finish_reason:
+            text_cache.pop(state.request_id, None)
+        else:
+            text_cache[state.request_id] = (len(assembler.token_ids), tuple(assembler.token_ids[-TEXT_CHECK_TOKENS:]), assembler.text)
     kept_accepted = min(len(accepted_tokens), len(emission.token_ids))
     drafters = {name: list(counts) for name, counts in state.drafters.items()}
     for name, fed in (feedback or {}).items():
@@ -126,6 +137,18 @@ def advance(
     if emission.finish_reason:
         entries.append(final_entry(new_state, assembler.text, emission.finish_reason))
     return RoundUpdate(new_state, entries, emission.finish_reason is not None)
+
+
+TEXT_CHECK_TOKENS = 8  # a cached text is the state's when the length and these last tokens match
+
+
+def _output_text(state: RequestState, tokenizer, text_cache) -> str:
+    if not state.output_ids:
+        return ""
+    cached = text_cache.get(state.request_id) if text_cache is not None else None
+    if cached is not None and cached[0] == len(state.output_ids) and cached[1] == tuple(state.output_ids[-TEXT_CHECK_TOKENS:]):
+        return cached[2]
+    return tokenizer.decode(state.output_ids, skip_special_tokens=True)
 
 
 def fail(state: RequestState, tokenizer, reason: str, finish_reason: str = FINISH_ERROR, error_code: str = "internal") -> RoundUpdate:

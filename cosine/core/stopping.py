@@ -18,6 +18,8 @@ class Detokenizer(Protocol):
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
 
 
+DECODE_OVERLAP = 6  # tokens decoded again before a round's new ones (incremental detokenization)
+
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ERROR = "error"
@@ -63,7 +65,7 @@ class OutputAssembler:
         start = len(self.token_ids)
         accepted, finish = self._clip_by_tokens(new_tokens)
         self.token_ids.extend(accepted)
-        self.text = self._decode(self.token_ids)
+        self.text = self._text_with_appended(start)
         stop_at = self._find_stop(self.text)
         if stop_at is not None:
             self._clip_to_stop(start, stop_at)
@@ -86,6 +88,21 @@ class OutputAssembler:
 
     def _decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def _text_with_appended(self, start: int) -> str:
+        """The text of all tokens, given ``self.text`` is that of the first ``start``: decodes
+        only the new tokens with a few before them (a token's text can depend on its
+        neighbours: spaces, bytes of one character), so a round costs what it adds, not the
+        whole output. Where the splice is not certain (a character left incomplete, the
+        overlap decoding differently alone), the whole output is decoded."""
+        if start == 0 or start == len(self.token_ids):
+            return self._decode(self.token_ids) if start == 0 else self.text
+        low = max(0, start - DECODE_OVERLAP)
+        before = self._decode(self.token_ids[low:start])
+        after = self._decode(self.token_ids[low:])
+        if "\ufffd" in before or not after.startswith(before) or not self.text.endswith(before):
+            return self._decode(self.token_ids)
+        return self.text + after[len(before) :]
 
     def _find_stop(self, text: str) -> int | None:
         # Only text not yet emitted can hold a new stop string (emitted text was checked).

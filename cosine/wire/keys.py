@@ -67,6 +67,10 @@ class Keys:
     def live_pattern(self, role: str = "*") -> str:
         return f"{self.prefix}live:{role}:*"
 
+    def roster(self, role: str) -> str:
+        """hash: instance -> "expires_ms liveness value": a role's workers read without a SCAN."""
+        return f"{self.prefix}roster:{role}"
+
     @property
     def rounds(self) -> str:
         """zset: request id -> when its round was sent to drafting (the drafter-deadline sweep)."""

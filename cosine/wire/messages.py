@@ -178,11 +178,19 @@ def decode(fields: dict[bytes, bytes], expected: type[Message] | None = None) ->
     return _from_plain(cls, envelope.get("body"))
 
 
+_PLAIN = (int, float, str, bytes, bool, type(None))
+
+
 def _to_plain(value: Any) -> Any:
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (list, tuple)):
+        # Token lists are most of a message: copied whole when they hold only plain values.
+        if all(type(v) in _PLAIN for v in value):
+            return value
+        return [_to_plain(v) for v in value]
     if dataclasses.is_dataclass(value):
         return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
     return value
 
 

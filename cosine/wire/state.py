@@ -14,21 +14,36 @@ import msgpack
 from cosine.core.rounds import RequestState
 from cosine.core.sampling import SamplingParams
 
+# What applying a round may change; the rest (the prompt above all) is written once, at admission.
+ROUND_FIELDS = frozenset({
+    "status", "round", "window", "output_ids", "emitted_chars", "rounds", "draft_tokens", "drafted_rounds", "accepted_tokens",
+    "fingerprint", "routing", "drafters", "experts",
+})
+
+
+def round_fields(state: RequestState) -> dict[str, bytes | str]:
+    """The fields a round may change: what the coordinator writes back (not the prompt again)."""
+    return _fields(state, ROUND_FIELDS)
+
 
 def state_to_fields(state: RequestState) -> dict[str, bytes | str]:
     """The request hash's fields."""
-    return {
+    return _fields(state, None)
+
+
+def _fields(state: RequestState, only: frozenset[str] | None) -> dict[str, bytes | str]:
+    fields = {
         "id": state.request_id,
-        "prompt_ids": msgpack.packb(state.prompt_ids),
-        "sampling": json.dumps([state.sampling.temperature, state.sampling.top_p, state.sampling.seed]),
+        "prompt_ids": lambda: msgpack.packb(state.prompt_ids),
+        "sampling": lambda: json.dumps([state.sampling.temperature, state.sampling.top_p, state.sampling.seed]),
         "max_tokens": str(state.max_tokens),
-        "stop": json.dumps(list(state.stop)),
-        "eos_ids": json.dumps(list(state.eos_ids)),
-        "experts": json.dumps(state.experts),
+        "stop": lambda: json.dumps(list(state.stop)),
+        "eos_ids": lambda: json.dumps(list(state.eos_ids)),
+        "experts": lambda: json.dumps(state.experts),
         "status": state.status,
         "round": str(state.round),
         "window": str(state.window),
-        "output_ids": msgpack.packb(state.output_ids),
+        "output_ids": lambda: msgpack.packb(state.output_ids),
         "emitted_chars": str(state.emitted_chars),
         "rounds": str(state.rounds),
         "draft_tokens": str(state.draft_tokens),
@@ -37,9 +52,10 @@ def state_to_fields(state: RequestState) -> dict[str, bytes | str]:
         "fingerprint": state.fingerprint,
         "created_ms": str(state.created_ms),
         "deadline_ms": str(state.deadline_ms),
-        "routing": json.dumps(state.routing) if state.routing is not None else "",
-        "drafters": json.dumps(state.drafters),
+        "routing": lambda: json.dumps(state.routing) if state.routing is not None else "",
+        "drafters": lambda: json.dumps(state.drafters),
     }
+    return {k: v() if callable(v) else v for k, v in fields.items() if only is None or k in only}
 
 
 def state_from_fields(fields: dict[bytes, bytes]) -> RequestState | None:

@@ -306,7 +306,7 @@ def test_a_stale_pooled_round_does_not_swallow_the_next_one(server):
         ids = [await client.xadd(KEYS.candidates, encode(c)) for c in (old, new)]
         await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
         coordinator.pool.append(_Waiting(ids[0], VerifyItem("r1", 3, [1, 2], old, None, ""), time.monotonic()))
-        await coordinator._pool_candidate(ids[1], new)
+        await coordinator._pool_candidate(ids[1], new, state)
         assert [(w.entry_id, w.item.round) for w in coordinator.pool] == [(ids[1], 4)]
         pending = await client.xpending_range(KEYS.candidates, coordinator.group, "-", "+", 10)
         assert [p["message_id"] for p in pending] == [ids[1]]  # the new round stays claimed

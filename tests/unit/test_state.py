@@ -8,7 +8,7 @@ from cosine.core.stopping import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, 
 from cosine.policy.routing import RequestRouting, RoundFeedback, RoutingPolicy, tree_feedback
 from cosine.policy.window import WindowPolicy
 from cosine.wire.convert import feedback_from_wire
-from cosine.wire.state import state_from_fields, state_to_fields
+from cosine.wire.state import round_fields, state_from_fields, state_to_fields
 
 EOS = 0
 
@@ -306,3 +306,41 @@ def test_feedback_rows_of_the_wrong_shape_are_left_out():
     feedback = feedback_from_wire(rows)
     assert set(feedback) == {"a", "c"} and feedback["c"].accepted == 2  # accepted capped at drafted
     assert feedback_from_wire("not a list") == {}
+
+
+class CountingTokenizer(FakeTokenizer):
+    def __init__(self) -> None:
+        self.decoded = 0
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        self.decoded += len(token_ids)
+        return super().decode(token_ids, skip_special_tokens)
+
+
+def test_text_cache_spares_decoding_the_whole_output_and_is_used_only_when_it_matches():
+    tok, cache = CountingTokenizer(), {}
+    state, cached_state = new_state(max_tokens=400), new_state(max_tokens=400)
+    for i in range(100):
+        plain = advance(state, [1 + i % 7], 2, 1, tok, POLICY)
+        with_cache = advance(cached_state, [1 + i % 7], 2, 1, tok, POLICY, text_cache=cache)
+        assert with_cache.out_entries == plain.out_entries
+        state, cached_state = plain.state, with_cache.state
+    before = tok.decoded
+    advance(cached_state, [3], 2, 1, tok, POLICY, text_cache=cache)
+    assert tok.decoded - before < 20  # the round's tokens and a few before them
+    # Another worker applied a round since: the cache no longer matches, the output is decoded.
+    elsewhere = advance(cached_state, [4], 7, 1, TOKENIZER, POLICY).state  # same length as the cached output, other tokens
+    before = tok.decoded
+    update = advance(elsewhere, [1], 2, 1, tok, POLICY, text_cache=cache)
+    assert tok.decoded - before >= len(elsewhere.output_ids)
+    assert update.out_entries == advance(elsewhere, [1], 2, 1, TOKENIZER, POLICY).out_entries
+
+
+def test_a_round_writes_back_only_what_a_round_changes():
+    state = new_state(stop=["x"])
+    after = step(state, [1, 2], 3, drafted=4).state
+    written = round_fields(after)
+    assert "prompt_ids" not in written and "stop" not in written and "sampling" not in written
+    # Written over the admission's hash, they give the advanced state.
+    merged = {**state_to_fields(state), **written}
+    assert state_from_fields(as_redis_hash(merged)) == state_from_fields(as_redis_hash(state_to_fields(after)))

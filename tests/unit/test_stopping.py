@@ -181,3 +181,33 @@ def test_round_boundaries_do_not_matter():
                     pos += size
             results.append((out.text, out.token_ids, out.finish_reason))
         assert results[0] == results[1], (stream, max_tokens, stop)
+
+
+class CountingTokenizer(FakeTokenizer):
+    """Counts the tokens it is asked to decode."""
+
+    def __init__(self) -> None:
+        self.decoded = 0
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        self.decoded += len(token_ids)
+        return super().decode(token_ids, skip_special_tokens)
+
+
+def test_incremental_text_equals_a_whole_decode_and_costs_what_a_round_adds():
+    rng = random.Random(3)
+    tokens = []
+    while len(tokens) < 3000:  # text with an "é" (two tokens, one character) now and then
+        tokens += [E_ACUTE_1, E_ACUTE_2] if rng.random() < 0.1 else [rng.choice([1, 2, 3, 5, 6, 7, 10])]
+    tok = CountingTokenizer()
+    out = OutputAssembler(tok, StopRules(10_000, frozenset({EOS})))
+    i = 0
+    while i < len(tokens):
+        step = rng.randint(1, 6)
+        out.extend(tokens[i : i + step])
+        i += step
+        assert out.text == FakeTokenizer().decode(out.token_ids)
+    # A whole decode per round would be ~1.5 million tokens; the spliced ones decode the
+    # new tokens and a few before them (the whole text again only after a round that ended
+    # inside a character).
+    assert tok.decoded < 300_000
