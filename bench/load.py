@@ -13,6 +13,9 @@ One command, one run, every system on the same requests and the same commit:
   mode, no routing, at the best fixed window of a sweep run first (``--vanilla-windows``, at
   ``--sweep-concurrency`` clients), first-come batches, no load control.
 - ``cosine``: ``cosine serve`` with the repository's ``config.toml`` (everything on).
+- the ablation, closed loop at ``--ablation-concurrency``: ``cosine-fifo`` (batch scheduling
+  off: first-come batches) and ``cosine-fixed`` (adaptive speculation control off: every round
+  drafts at the request's adaptive window).
 
 Pipeline systems differ only in config (``[model]`` points at the same target and cache).
 
@@ -56,7 +59,12 @@ from soak import Serve, long_messages
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "cosine:"
 PIPELINE_SYSTEMS = ("plain", "vanilla", "cosine")
-ALL_SYSTEMS = ("target", "target-batched", *PIPELINE_SYSTEMS)
+# The ablation: cosine with one part turned off (config only), at --ablation-concurrency.
+ABLATIONS = {
+    "cosine-fifo": "batch scheduling off: first-come batches (pipeline.batch_choice = fifo)",
+    "cosine-fixed": "adaptive control off: the adaptive window alone (speculation.load_control = false)",
+}
+ALL_SYSTEMS = ("target", "target-batched", *PIPELINE_SYSTEMS, *ABLATIONS)
 LONG_TOKENS = 1_000
 STALL_S = 300.0
 
@@ -207,6 +215,10 @@ def pipeline_config(system: str, base: dict, args, window: int | None = None) ->
     if system in ("plain", "vanilla"):  # the baselines: no load control, first-come batches
         speculation["load_control"] = False
         pipeline["batch_choice"] = "fifo"
+    elif system == "cosine-fifo":
+        pipeline["batch_choice"] = "fifo"
+    elif system == "cosine-fixed":
+        speculation["load_control"] = False
     if system == "plain":
         speculation.update(window=0, min_window=0, max_window=0, adaptive_window=False)
         config["drafters"] = [{"name": "prompt-lookup", "kind": "prompt-lookup", "expert": "lookup"}]  # never asked: window 0
@@ -323,6 +335,8 @@ def run_pipeline(system: str, config: dict, workload: list[tuple[str, float, lis
             zero = after.get("rounds_window0", 0) - before.get("rounds_window0", 0)
             row = {"system": system, "kind": kind, "load": load, **summarise(outcomes), "rounds": sent, "window0_share": zero / sent if sent else None}
             row.update(round_figures(before, after))
+            if row.get("wall_s"):
+                row["verifier_busy_share"] = row["verifier_forward_s"] / row["wall_s"]
             row["outputs"] = {o.key: o.tokens for o in outcomes if o.key.endswith(":greedy") and not o.error}
             print(line(row), flush=True)
             rows.append(row)
@@ -348,6 +362,10 @@ def round_figures(before: dict[str, int], after: dict[str, int]) -> dict:
         out[f"rounds_{kind}"] = rounds
         out[f"round_ms_{kind}"] = wall_ms / rounds if rounds else None
         out[f"round_tokens_{kind}"] = delta.get(f"round_tokens_{kind}", 0) / rounds if rounds else None
+    timed = sum(out[f"rounds_{kind}"] for kind in ("drafted", "window0"))
+    if timed:  # where a round's time goes, per round (ms)
+        out["round_breakdown_ms"] = {part: delta.get(f"round_{part}_us", 0) / 1000 / timed for part in ("to_pool", "in_pool", "verify_wait", "forward")}
+    out["verifier_forward_s"] = delta.get("verify_forward_us", 0) / 1e6
     batches = delta.get("cost_model_batches", 0)
     out["cost_model_batches"] = batches
     out["cost_model_error"] = delta.get("cost_model_error_ppm", 0) / 1e6 / batches if batches else None
@@ -363,6 +381,11 @@ def line(row: dict) -> str:
             errors += f"  {kind} {row[f'round_tokens_{kind}']:.2f} tok/{row[f'round_ms_{kind}']:.0f} ms"
     if row.get("cost_model_error") is not None:
         errors += f"  cost err {row['cost_model_error']:.0%}"
+    if row.get("round_breakdown_ms"):
+        b = row["round_breakdown_ms"]
+        errors += f"  round: to pool {b['to_pool']:.0f} / pool {b['in_pool']:.0f} / verify queue {b['verify_wait']:.0f} / forward {b['forward']:.0f} ms"
+    if row.get("verifier_busy_share") is not None:
+        errors += f"  verifier busy {row['verifier_busy_share']:.0%}"
     ttft = f"{row['p50_ttft_s']:.2f}" if row["p50_ttft_s"] is not None else "-"
     return (f"{row['system']:>15} {load:>13}: {row['tokens_per_s']:6.1f} tok/s  p50 {row['p50_latency_s']:6.2f} s  p99 {row['p99_latency_s']:6.2f} s"
             f"  ttft p50 {ttft} s{zero}{errors}")
@@ -388,6 +411,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "config.toml"), help="the cosine system's config (default: the repository's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="c=1,4 only, 6 Poisson requests, 32 tokens, one vanilla window")
+    parser.add_argument("--ablation-concurrency", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 4, 16])
     parser.add_argument("--name", default="load")
     args = parser.parse_args()
     if args.quick:
@@ -464,6 +488,10 @@ def main() -> None:
     if "cosine" in systems:
         work = closed_work + list(poisson_work)
         rows += run_pipeline("cosine", pipeline_config("cosine", base, args), work, scratch, "cosine")
+    for system in ABLATIONS:
+        work = [w for w in closed_work if int(w[1]) in args.ablation_concurrency]
+        if system in systems and work:
+            rows += run_pipeline(system, pipeline_config(system, base, args), work, scratch, system)
 
     # Lossless: every greedy output of a pipeline system equals target's (a prefix of the same
     # length: both stop at max_tokens or EOS).
@@ -488,7 +516,7 @@ def compare(rows: list[dict]) -> dict:
             continue
         label = f"{kind}-{load:g}"
         entry = {}
-        for other in ("target-batched", "plain", "vanilla", "target"):
+        for other in ("target-batched", "plain", "vanilla", "target", *ABLATIONS):
             base = by.get((other, kind, load)) or (by.get((other, "closed", 1.0)) if other == "target" else None)
             if base:
                 entry[f"throughput_vs_{other}"] = row["tokens_per_s"] / base["tokens_per_s"]

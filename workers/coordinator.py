@@ -54,6 +54,17 @@ class _Waiting:
 
 
 @dataclass
+class _RoundClock:
+    """One round of a request as this coordinator saw it (monotonic seconds)."""
+
+    round: int
+    began: float  # next round asked for (drafting jobs or the direct candidate written)
+    pooled: float = 0.0  # its candidate pooled
+    sent: float = 0.0  # its batch written to a verify stream
+    drafting_ms: float = 0.0  # began -> pooled, when it drafted
+
+
+@dataclass
 class _SentBatch:
     """What the cost model needs of a batch this coordinator formed, until its result is back."""
 
@@ -73,7 +84,7 @@ class Coordinator(StageWorker):
         spec = config.speculation
         self.control = SpeculationControl(enabled=spec.load_control and spec.max_window > 0)
         self.drafting: dict[str, tuple[int, float, int, int]] = {}  # request -> (round, sent at, window, drafting at once)
-        self.round_began: dict[str, tuple[int, float, float]] = {}  # request -> (round, began at, drafting ms): overhead
+        self.round_began: dict[str, _RoundClock] = {}  # request -> its round's timeline (overhead, where the time goes)
         self.sent_batches: dict[str, _SentBatch] = {}
         self.planned: dict[str, tuple[int, int, int]] = {}  # request -> (round, window, drafting at once) planned with its batch-mates
         # Rounds' wall times and tokens, drafted or not (what speculation earns at this load):
@@ -121,7 +132,7 @@ class Coordinator(StageWorker):
             await self._refresh_liveness()
             limit = now - self.config.pipeline.drafter_deadline_ms / 1000
             self.drafting = {k: v for k, v in self.drafting.items() if v[1] >= limit}  # rounds that never came back here
-            self.round_began = {k: v for k, v in self.round_began.items() if v[1] >= now - 60}
+            self.round_began = {k: v for k, v in self.round_began.items() if v.began >= now - 60}
             await self.guarded(self._fallback_overdue_rounds)
             await self.guarded(self._expire_deadlines)
         if self.control.enabled and now - self.last_control_log > CONTROL_LOG_S:
@@ -152,15 +163,16 @@ class Coordinator(StageWorker):
     async def _pool_candidate(self, entry_id: bytes, candidate: Candidate, state: RequestState | None) -> None:
         if any(w.entry_id == entry_id for w in self.pool):
             return  # handled again after an error: already pooled
+        now = time.monotonic()
         sent = self.drafting.get(candidate.request_id)
         if sent is not None and sent[0] <= candidate.round:
             del self.drafting[candidate.request_id]  # back from drafting (or gone past it)
             if sent[0] == candidate.round and candidate.tokens:
-                drafting_ms = (time.monotonic() - sent[1]) * 1000
-                self.control.observe_drafting(sent[2], drafting_ms, sent[3])
-                began = self.round_began.get(candidate.request_id)
-                if began is not None and began[0] == candidate.round:
-                    self.round_began[candidate.request_id] = (began[0], began[1], drafting_ms)
+                self.control.observe_drafting(sent[2], (now - sent[1]) * 1000, sent[3])
+        clock = self.round_began.get(candidate.request_id)
+        if clock is not None and clock.round == candidate.round and not clock.pooled:
+            clock.pooled = now
+            clock.drafting_ms = (now - clock.began) * 1000 if candidate.tokens else 0.0
         if state is None or state.status != ACTIVE or state.round != candidate.round:
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # stale
             return
@@ -217,6 +229,11 @@ class Coordinator(StageWorker):
             # Only once written: a failed write keeps the candidates pooled (and pending).
             taken_ids = {w.entry_id for w in taken}
             self.pool = [w for w in self.pool if w.entry_id not in taken_ids]
+            sent_at = time.monotonic()
+            for w in taken:
+                clock = self.round_began.get(w.item.request_id)
+                if clock is not None and clock.round == w.item.round:
+                    clock.sent = sent_at
             self.sent_batches[batch.batch_id] = _SentBatch(
                 len(taken), sum(w.fed_tokens for w in taken), max(len(w.item.context) for w in taken),
                 any(w.item.round == 0 for w in taken), {w.item.request_id: w.depth for w in taken},
@@ -262,6 +279,7 @@ class Coordinator(StageWorker):
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hincrby(self.keys.stats, "verify_batches", 1)
             pipe.hincrby(self.keys.stats, "verify_items", batch.batch_size)
+            pipe.hincrby(self.keys.stats, "verify_forward_us", round(batch.forward_ms * 1000))  # verifiers' busy time
             for name, value in self.round_times.items():
                 pipe.hincrby(self.keys.stats, name, value)
             if cost_error is not None:  # the cost model's error on batches it had not seen
@@ -287,16 +305,24 @@ class Coordinator(StageWorker):
                 continue
             depth = sent.depths.get(item.request_id, 0)
             self.control.observe_round(depth, len(item.accepted_tokens))
-            began = self.round_began.pop(item.request_id, None)
-            if began is None or began[0] != item.round or batch.forward_ms <= 0:
+            clock = self.round_began.pop(item.request_id, None)
+            if clock is None or clock.round != item.round or batch.forward_ms <= 0 or not clock.pooled or not clock.sent:
                 continue
-            wall_ms = (now - began[1]) * 1000
+            wall_ms = (now - clock.began) * 1000
             kind = "drafted" if depth else "window0"
-            self.round_times[f"rounds_timed_{kind}"] += 1
-            self.round_times[f"round_wall_us_{kind}"] += round(wall_ms * 1000)
-            self.round_times[f"round_tokens_{kind}"] += len(item.accepted_tokens) + 1
+            times = self.round_times
+            times[f"rounds_timed_{kind}"] += 1
+            times[f"round_wall_us_{kind}"] += round(wall_ms * 1000)
+            times[f"round_tokens_{kind}"] += len(item.accepted_tokens) + 1
+            # Where the round's time went: the hop to the pool (writing the round, drafting and
+            # fusion when it drafted), the pool (batch forming, waiting for a free verifier), the
+            # verify stream (queued behind other batches, the hops) and the forward itself.
+            times["round_to_pool_us"] += round((clock.pooled - clock.began) * 1e6)
+            times["round_in_pool_us"] += round((clock.sent - clock.pooled) * 1e6)
+            times["round_verify_wait_us"] += round(max(0.0, (now - clock.sent) * 1000 - batch.forward_ms) * 1000)
+            times["round_forward_us"] += round(batch.forward_ms * 1000)
             if whole:
-                self.control.observe_overhead(wall_ms - began[2] - batch.forward_ms)
+                self.control.observe_overhead(wall_ms - clock.drafting_ms - batch.forward_ms)
         # First rounds feed whole prompts: their batches say nothing of a verification round's cost.
         if sent.first_round or batch.forward_ms <= 0 or any(item.error for item in batch.items) or sent.size != len(batch.items):
             return None
@@ -374,7 +400,7 @@ class Coordinator(StageWorker):
                 window, together = min(window, planned[1]), max(1, planned[2])
             else:
                 window = self.control.choose(window, batch_size, state.accepted_tokens, state.drafted_rounds)
-        self.round_began[state.request_id] = (state.round, time.monotonic(), 0.0)
+        self.round_began[state.request_id] = _RoundClock(state.round, time.monotonic())
         if not experts or window <= 0:
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
         self.drafting[state.request_id] = (state.round, time.monotonic(), window, together)
