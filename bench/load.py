@@ -13,9 +13,10 @@ One command, one run, every system on the same requests and the same commit:
   mode, no routing, at the best fixed window of a sweep run first (``--vanilla-windows``, at
   ``--sweep-concurrency`` clients), first-come batches, no load control.
 - ``cosine``: ``cosine serve`` with the repository's ``config.toml`` (everything on).
-- the ablation, closed loop at ``--ablation-concurrency``: ``cosine-fifo`` (batch scheduling
-  off: first-come batches) and ``cosine-fixed`` (adaptive speculation control off: every round
-  drafts at the request's adaptive window).
+- the ablation, closed loop at ``--ablation-concurrency``: ``cosine`` with its batch choice
+  flipped (``cosine-fifo``: first-come batches, or ``cosine-cost``: batches chosen by the cost
+  model, whichever ``cosine``'s config does not use) and ``cosine-fixed`` (adaptive speculation
+  control off: every round drafts at the request's adaptive window).
 
 Pipeline systems differ only in config (``[model]`` points at the same target and cache).
 
@@ -60,8 +61,10 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "cosine:"
 PIPELINE_SYSTEMS = ("plain", "vanilla", "cosine")
 # The ablation: cosine with one part turned off (config only), at --ablation-concurrency.
+# An ablation whose config equals cosine's (the part is already off there) is skipped.
 ABLATIONS = {
-    "cosine-fifo": "batch scheduling off: first-come batches (pipeline.batch_choice = fifo)",
+    "cosine-fifo": "first-come batches (pipeline.batch_choice = fifo)",
+    "cosine-cost": "batches chosen by the cost model (pipeline.batch_choice = cost)",
     "cosine-fixed": "adaptive control off: the adaptive window alone (speculation.load_control = false)",
 }
 ALL_SYSTEMS = ("target", "target-batched", *PIPELINE_SYSTEMS, *ABLATIONS)
@@ -217,6 +220,8 @@ def pipeline_config(system: str, base: dict, args, window: int | None = None) ->
         pipeline["batch_choice"] = "fifo"
     elif system == "cosine-fifo":
         pipeline["batch_choice"] = "fifo"
+    elif system == "cosine-cost":
+        pipeline["batch_choice"] = "cost"
     elif system == "cosine-fixed":
         speculation["load_control"] = False
     if system == "plain":
@@ -490,7 +495,7 @@ def main() -> None:
         rows += run_pipeline("cosine", pipeline_config("cosine", base, args), work, scratch, "cosine")
     for system in ABLATIONS:
         work = [w for w in closed_work if int(w[1]) in args.ablation_concurrency]
-        if system in systems and work:
+        if system in systems and work and pipeline_config(system, base, args) != pipeline_config("cosine", base, args):
             rows += run_pipeline(system, pipeline_config(system, base, args), work, scratch, system)
 
     # Lossless: every greedy output of a pipeline system equals target's (a prefix of the same

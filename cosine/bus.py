@@ -370,30 +370,55 @@ async def refuse_request(client: aioredis.Redis, keys: Keys, *, group: str, entr
     return await _fcall(client, "cosine_refuse", key_list, [group, entry_text, ttl_s, len(entry), *_flat(entry)])
 
 
+def finish_call(keys: Keys, state, update, ttl_s: int) -> tuple[list[str], list]:
+    """``apply_rounds``' call for a finishing update (``state.fail`` or a last round) of the
+    request in ``state``: its final entry, the tombstone and the TTL."""
+    return apply_round_call(keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
+                            out_entries=update.out_entries, ttl_s=ttl_s)
+
+
 async def finish_request(client: aioredis.Redis, keys: Keys, state, update, ttl_s: int) -> str:
     """Apply a finishing update (``state.fail`` or a last round) to the request in ``state``:
     its final entry, the tombstone and the TTL. Outcomes as ``apply_round``."""
-    return await apply_round(
-        client, keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
-        out_entries=update.out_entries, ttl_s=ttl_s,
-    )
+    return (await apply_rounds(client, [finish_call(keys, state, update, ttl_s)]))[0]
 
 
-async def apply_round(
-    client: aioredis.Redis, keys: Keys, *, request_id: str, expected_round: int, fields: Mapping,
+def apply_round_call(
+    keys: Keys, *, request_id: str, expected_round: int, fields: Mapping,
     out_entries: Sequence[Mapping], job_streams: Sequence[str] = (), payload: bytes = b"", ttl_s: int = 0,
     features: bytes = b"", features_start: int = 0, feature_rows: int = 0,
-) -> str:
-    """Apply a round with compare-and-set on its number: ``applied``, ``stale``, ``missing`` or
-    ``cancelled`` (a cancellation is pending and this update does not finish the request).
-    ``features``: ``feature_rows`` rows of the target's hidden states from position
-    ``features_start`` on, stored in the request's features key with the round."""
+) -> tuple[list[str], list]:
+    """The keys and arguments of one round's ``cosine_apply_round`` (see ``apply_round``)."""
     args: list = [str(expected_round), len(fields), *_flat(fields), len(out_entries)]
     for entry in out_entries:
         args += [len(entry), *_flat(entry)]
     args += [payload, ttl_s, request_id, features, features_start, feature_rows]
     key_list = [keys.request(request_id), keys.out(request_id), keys.rounds, keys.deadlines, keys.features(request_id), *job_streams]
-    return await _fcall(client, "cosine_apply_round", key_list, args)
+    return key_list, args
+
+
+async def apply_round(client: aioredis.Redis, keys: Keys, **call) -> str:
+    """Apply a round with compare-and-set on its number: ``applied``, ``stale``, ``missing`` or
+    ``cancelled`` (a cancellation is pending and this update does not finish the request).
+    ``features``: ``feature_rows`` rows of the target's hidden states from position
+    ``features_start`` on, stored in the request's features key with the round."""
+    return (await apply_rounds(client, [apply_round_call(keys, **call)]))[0]
+
+
+async def apply_rounds(client: aioredis.Redis, calls: Sequence[tuple[list[str], list]]) -> list[str]:
+    """Several requests' rounds in one round trip: each call is its own atomic function call
+    (compare-and-set on its request's round), so one request's outcome never depends on
+    another's; outcomes in order."""
+    if not calls:
+        return []
+    if len(calls) == 1:
+        key_list, args = calls[0]
+        return [await _fcall(client, "cosine_apply_round", key_list, args)]
+    async with client.pipeline(transaction=False) as pipe:
+        for key_list, args in calls:
+            pipe.fcall("cosine_apply_round", len(key_list), *key_list, *args)
+        replies = await pipe.execute()
+    return [r.decode() if isinstance(r, bytes) else r for r in replies]
 
 
 async def flag_cancel(client: aioredis.Redis, keys: Keys, request_id: str) -> str:

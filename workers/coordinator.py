@@ -271,8 +271,16 @@ class Coordinator(StageWorker):
         cost_error = self._observe(batch)
         states = await self._states([item.request_id for item in batch.items])
         self._plan(batch, states)
+        # Every request's round in one round trip (each its own compare-and-set).
+        calls, applied = [], []
         for item, state in zip(batch.items, states):
-            await self._apply_item(item, batch.fingerprint, state)
+            update = self._update(item, state, batch.fingerprint)
+            if update is not None:
+                calls.append(self._apply_call(state, update, item))
+                applied.append(item)
+        for item, outcome in zip(applied, await bus.apply_rounds(self.redis, calls)):
+            if outcome == "cancelled":  # flagged while we computed: read again, the cancellation wins
+                await self._apply_item(item, batch.fingerprint)
         if faults.enabled():
             await self.mark_phase("after_apply")
             await asyncio.sleep(faults.delay("coordinator.after_apply"))
@@ -355,23 +363,32 @@ class Coordinator(StageWorker):
         for attempt in range(3):  # a cancellation flagged while we computed: read again, apply it instead
             if attempt or state is None:
                 state = await self._state(item.request_id)
-            if state is None or state.status != ACTIVE or state.round != item.round:
-                return  # a duplicate, or a result another coordinator applied
-            if state.cancel_requested:
-                update = fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
-            elif item.error:
-                update = fail(state, self.tokenizer, item.error, error_code=item.error_code or "internal")
-            else:
-                update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, fingerprint,
-                                 feedback_from_wire(item.drafters), self.routing_policy, self.expert_of, self.texts)
-                while len(self.texts) > TRACKED:  # requests that ended elsewhere
-                    del self.texts[next(iter(self.texts))]
-            if await self._apply(state, update, item) != "cancelled":
+            update = self._update(item, state, fingerprint)
+            if update is None or await self._apply(state, update, item) != "cancelled":
                 return
 
+    def _update(self, item: VerifiedItem, state: RequestState | None, fingerprint: str) -> RoundUpdate | None:
+        """What a verified round does to its request; None for a duplicate, or a result another
+        coordinator applied."""
+        if state is None or state.status != ACTIVE or state.round != item.round:
+            return None
+        if state.cancel_requested:
+            return fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
+        if item.error:
+            return fail(state, self.tokenizer, item.error, error_code=item.error_code or "internal")
+        update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, fingerprint,
+                         feedback_from_wire(item.drafters), self.routing_policy, self.expert_of, self.texts)
+        while len(self.texts) > TRACKED:  # requests that ended elsewhere
+            del self.texts[next(iter(self.texts))]
+        return update
+
     async def _apply(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None = None) -> str:
+        return (await bus.apply_rounds(self.redis, [self._apply_call(state, update, item)]))[0]
+
+    def _apply_call(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None = None) -> tuple[list[str], list]:
+        """The compare-and-set call that applies ``update`` (and asks for the next round)."""
         if update.finished:
-            return await bus.finish_request(self.redis, self.keys, state, update, self.config.pipeline.output_ttl_s)
+            return bus.finish_call(self.keys, state, update, self.config.pipeline.output_ttl_s)
         features, start = (item.features, item.features_start) if item is not None and item.features else (b"", 0)
         # The round's states cover positions start .. L'-2 (all but the new last token).
         rows = max(0, len(update.state.context) - 1 - start) if features else 0
@@ -379,8 +396,8 @@ class Coordinator(StageWorker):
             self.log.warning("request %s round %d: %d bytes of states for %d positions; dropped", state.request_id, state.round, len(features), rows)
             features, start, rows = b"", 0, 0
         streams, payload = self._next_round(update.state, features, start)
-        return await bus.apply_round(
-            self.redis, self.keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
+        return bus.apply_round_call(
+            self.keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
             out_entries=update.out_entries, job_streams=streams, payload=payload, features=features, features_start=start, feature_rows=rows,
         )
 

@@ -93,10 +93,11 @@ class AcceptanceCurve:
         """One acceptance for all positions (the geometric estimate over the same rounds)."""
         return acceptance_estimate(self.tokens, self.rounds, self.prior, self.prior_weight)
 
-    def expected(self, window: int, scale: float = 1.0) -> float:
-        """Expected tokens of a round at ``window``, each position's acceptance times ``scale``."""
+    def expected(self, window: int, scale: float = 1.0, conditional: Sequence[float] | None = None) -> float:
+        """Expected tokens of a round at ``window``, each position's acceptance times ``scale``
+        (``conditional``: the curve's ``conditional()``, when the caller has it already)."""
         total, reach = 1.0, 1.0
-        p = self.conditional()
+        p = self.conditional() if conditional is None else conditional
         for i in range(max(0, window)):
             reach *= min(0.98, p[min(i, POSITIONS - 1)] * scale)
             total += reach
@@ -296,11 +297,12 @@ class SpeculationControl:
         order = sorted((i for i in range(n) if requests[i][0] > 0), key=lambda i: -scales[i])
         best = (batch / max(self.round_ms(0, batch), 1e-6), 0, 0)  # (rate, k, w)
         most = max((requests[i][0] for i in order), default=0)
+        conditional = self.curve.conditional()  # once per plan: the coordinator's CPU is the verifier's too
         for window in range(1, most + 1):
             tokens, fed = float(batch), batch
             for k, i in enumerate(order, start=1):
                 w = min(window, requests[i][0])
-                tokens += self.curve.expected(w, scales[i]) - 1
+                tokens += self.curve.expected(w, scales[i], conditional) - 1
                 fed += w
                 ms = self.overhead_ms + self.draft_ms(window, k) + self.verify_ms(batch, fed)
                 rate = tokens / max(ms, 1e-6)

@@ -115,6 +115,33 @@ def test_cancellation_wins_over_a_round_in_flight(server):
     run(scenario())
 
 
+def test_a_batch_of_rounds_in_one_round_trip_keeps_each_requests_outcome(server):
+    """apply_rounds pipelines one compare-and-set per request: a stale, a cancelled and a
+    missing request do not stop the others, and the outcomes come back in order."""
+
+    async def scenario():
+        client = await fresh(server)
+        for rid in ("r1", "r2", "r3"):
+            await admit(client, await submit(client, id=rid, prompt="a"), request_id=rid)
+        assert await bus.flag_cancel(client, KEYS, "r2") == "flagged"
+        tokens = {"type": "tokens", "text": "x", "token_ids": "[1]"}
+        calls = [
+            bus.apply_round_call(KEYS, request_id="r1", expected_round=0, fields={"round": "1"}, out_entries=[tokens], job_streams=[KEYS.candidates], payload=b"next"),
+            bus.apply_round_call(KEYS, request_id="r2", expected_round=0, fields={"round": "1"}, out_entries=[tokens]),
+            bus.apply_round_call(KEYS, request_id="r3", expected_round=5, fields={"round": "6"}, out_entries=[tokens]),
+            bus.apply_round_call(KEYS, request_id="nobody", expected_round=0, fields={"round": "1"}, out_entries=[tokens]),
+            bus.apply_round_call(KEYS, request_id="r3", expected_round=0, fields={"round": "1"}, out_entries=[tokens]),
+        ]
+        assert await bus.apply_rounds(client, calls) == ["applied", "cancelled", "stale", "missing", "applied"]
+        assert await client.xlen(KEYS.out("r1")) == 1 and await client.xlen(KEYS.out("r3")) == 1
+        assert not await client.exists(KEYS.out("r2"))
+        assert await client.hget(KEYS.request("r2"), "round") == b"0"
+        assert await client.xlen(KEYS.candidates) == 1  # r1's next round
+        assert await bus.apply_rounds(client, []) == []
+
+    run(scenario())
+
+
 def test_a_replayed_round_does_not_repeat_output(server):
     async def scenario():
         client = await fresh(server)
