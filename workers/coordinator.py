@@ -213,7 +213,7 @@ class Coordinator(StageWorker):
                 taken = same[: self.batch_policy.take(len(same))]
             else:
                 now = time.monotonic()
-                pending = [Pending(now - w.arrived, w.fed_tokens, w.expected) for w in same]
+                pending = [Pending(now - w.arrived, w.fed_tokens, w.expected, w.item.round == 0) for w in same]
                 chosen = self.batch_policy.select(pending, self.control.verify_ms, pipeline.batch_latency_weight, pipeline.batch_starve_ms / 1000)
                 taken = [same[i] for i in chosen]
             batch = VerifyBatch(uuid.uuid4().hex[:12], [w.item for w in taken])

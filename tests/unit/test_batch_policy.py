@@ -127,13 +127,24 @@ def test_select_fills_the_batch_when_every_candidate_pays_its_way():
     assert policy.select(pool, linear_cost()) == list(range(6))
 
 
-def test_select_leaves_a_long_prefill_out_of_a_decoding_batch_until_it_starves():
+def test_select_leaves_a_costly_round_out_of_a_decoding_batch_until_it_starves():
     policy = BatchPolicy(max_batch=8, max_tokens=2048)
     decoding = [Pending(0.02, 5, 2.0) for _ in range(6)]
-    prefill = Pending(0.3, 900, 1.0)
-    assert policy.select([prefill, *decoding], linear_cost()) == [1, 2, 3, 4, 5, 6]
+    costly = Pending(0.3, 900, 1.0)  # a huge tree yielding little
+    assert policy.select([costly, *decoding], linear_cost()) == [1, 2, 3, 4, 5, 6]
     starved = Pending(1.5, 900, 1.0)
     assert 0 in policy.select([starved, *decoding], linear_cost(), starve_s=1.0)
+
+
+def test_select_admits_first_rounds_at_once_outside_the_token_budget():
+    # Regression (bench/load.py ablation): held back until they starved, new requests' prefills
+    # left batches short of requests, and the cost-based choice lost 7-13% to first-come.
+    policy = BatchPolicy(max_batch=8, max_tokens=64)
+    decoding = [Pending(0.02, 5, 2.0) for _ in range(6)]
+    prefill = Pending(0.01, 900, 1.0, first=True)
+    assert policy.select([prefill, *decoding], linear_cost()) == list(range(7))
+    # max_batch still holds: the first rounds go first, then the best of the rest.
+    assert len(BatchPolicy(max_batch=3, max_tokens=64).select([prefill, *decoding], linear_cost())) == 3
 
 
 def test_select_respects_max_batch_and_the_token_budget():
