@@ -68,3 +68,21 @@ def greedy_references(demo_target, chat_prompts) -> list[list[int]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(references))
     return references
+
+
+class CountingDecoder:
+    """Wraps a tokenizer and counts the tokens it is asked to decode (incremental
+    detokenization checks)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.decoded = inner, 0
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        self.decoded += len(token_ids)
+        return self.inner.decode(token_ids, skip_special_tokens)
+
+
+@pytest.fixture
+def counting():
+    """``counting(tokenizer)``: the tokenizer, counting what it decodes."""
+    return CountingDecoder

@@ -75,6 +75,12 @@ class _SentBatch:
     depths: dict[str, int]  # request -> its drafted tree's depth
 
 
+def _current(item: VerifiedItem, state: RequestState | None) -> bool:
+    """Whether a verified round is its active request's current one (not a duplicate, nor a
+    result another coordinator applied)."""
+    return state is not None and state.status == ACTIVE and state.round == item.round
+
+
 class Coordinator(StageWorker):
     role = "coordinator"
     read_count = 64
@@ -345,7 +351,7 @@ class Coordinator(StageWorker):
             return
         ids, rows = [], []
         for item, state in zip(batch.items, states):
-            if item.error or state is None or state.status != ACTIVE or state.round != item.round:
+            if item.error or not _current(item, state):
                 continue
             drafted = item.draft_tokens > 0
             ids.append((item.request_id, item.round + 1))
@@ -370,7 +376,7 @@ class Coordinator(StageWorker):
     def _update(self, item: VerifiedItem, state: RequestState | None, fingerprint: str) -> RoundUpdate | None:
         """What a verified round does to its request; None for a duplicate, or a result another
         coordinator applied."""
-        if state is None or state.status != ACTIVE or state.round != item.round:
+        if not _current(item, state):
             return None
         if state.cancel_requested:
             return fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
@@ -481,8 +487,7 @@ class Coordinator(StageWorker):
         return [state_from_fields(fields) if fields else None for fields in replies]
 
     async def _state(self, request_id: str) -> RequestState | None:
-        fields = await self.redis.hgetall(self.keys.request(request_id))
-        return state_from_fields(fields) if fields else None
+        return (await self._states([request_id]))[0]
 
     # ---- housekeeping --------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from cosine.core.sampling import request_generator, warp_probs
 from cosine.core.tree import ROOT
 from cosine.factory import load_target
 from cosine.models.runner import ForwardItem, ModelRunner
+from cosine.policy.control import verify_features
 from cosine.policy.routing import tree_feedback
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
 from cosine.wire.convert import candidate_to_tree, states_to_bytes
@@ -196,7 +197,7 @@ def profile_cost(runner: ModelRunner, repeats: int = 2) -> tuple[float, float, f
         for _ in range(repeats):
             began = time.perf_counter()
             runner.forward(items)
-            rows.append([1.0, batch, batch * k, batch * (context + 1) / 1000])
+            rows.append(list(verify_features(batch, batch * k, context + 1)))
             times.append((time.perf_counter() - began) * 1000)
         runner.release_many(keys)
     x, y = torch.tensor(rows, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)[:, None]

@@ -95,8 +95,10 @@ class OutputAssembler:
         neighbours: spaces, bytes of one character), so a round costs what it adds, not the
         whole output. Where the splice is not certain (a character left incomplete, the
         overlap decoding differently alone), the whole output is decoded."""
-        if start == 0 or start == len(self.token_ids):
-            return self._decode(self.token_ids) if start == 0 else self.text
+        if start == len(self.token_ids):
+            return self.text  # nothing appended
+        if start == 0:
+            return self._decode(self.token_ids)
         low = max(0, start - DECODE_OVERLAP)
         before = self._decode(self.token_ids[low:start])
         after = self._decode(self.token_ids[low:])

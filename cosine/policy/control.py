@@ -34,6 +34,12 @@ import numpy as np
 POSITIONS = 16  # draft positions the acceptance curve tracks (deeper ones reuse the last)
 
 
+def verify_features(batch_size: int, fed_tokens: int, longest_context: float) -> tuple[float, ...]:
+    """The verification cost model's features: ``V = a + b B + c T + e B L / 1000`` (the
+    verifier's start-up profile fits the same)."""
+    return (1.0, batch_size, fed_tokens, batch_size * longest_context / 1000)
+
+
 def expected_tokens(alpha: float, window: int) -> float:
     """Tokens a round yields on average with every position accepted at ``alpha``."""
     alpha = min(max(alpha, 0.0), 0.999)
@@ -200,7 +206,7 @@ class SpeculationControl:
     def observe_verification(self, batch_size: int, fed_tokens: int, ms: float, longest_context: int = 0) -> float:
         """A timed verification batch; returns the prediction's relative error before this
         batch entered the fit (the cost model's error on a batch it was not fitted on)."""
-        features = self._verify_features(batch_size, fed_tokens, longest_context)
+        features = verify_features(batch_size, fed_tokens, longest_context)
         error = abs(self.verify.predict(features) - ms) / max(ms, 1e-6)
         self.verify.observe(features, ms)
         self.context_rows += self.smoothing * (longest_context - self.context_rows)
@@ -230,19 +236,18 @@ class SpeculationControl:
         """A request's per-token acceptance (geometric), its own rounds on top of the shared estimate."""
         return acceptance_estimate(accepted, drafted_rounds, self.acceptance_prior, self.prior_rounds)
 
+    def scale(self, accepted: int, drafted_rounds: int) -> float:
+        """How a request's own acceptance compares with everyone's (what the curve is scaled by)."""
+        return self.acceptance(accepted, drafted_rounds) / max(self.acceptance_prior, 1e-6)
+
     def expected(self, window: int, accepted: int = 0, drafted_rounds: int = 0) -> float:
         """Expected tokens of a request's round at ``window``: the shared curve, scaled by the
         request's own acceptance against everyone's."""
-        shared = self.acceptance_prior
-        scale = self.acceptance(accepted, drafted_rounds) / max(shared, 1e-6)
-        return self.curve.expected(window, scale)
-
-    def _verify_features(self, batch_size: int, fed_tokens: int, longest_context: float) -> tuple[float, ...]:
-        return (1.0, batch_size, fed_tokens, batch_size * longest_context / 1000)
+        return self.curve.expected(window, self.scale(accepted, drafted_rounds))
 
     def verify_ms(self, batch_size: int, fed_tokens: int, longest_context: float | None = None) -> float:
         context = self.context_rows if longest_context is None else longest_context
-        return self.verify.predict(self._verify_features(batch_size, fed_tokens, context))
+        return self.verify.predict(verify_features(batch_size, fed_tokens, context))
 
     def draft_ms(self, window: int, together: int = 1) -> float:
         return 0.0 if window <= 0 else self.draft.predict((1.0, window, max(1, together) * window))
@@ -292,8 +297,7 @@ class SpeculationControl:
         if not self.enabled:
             return [max(0, limit) for limit, _, _ in requests]
         batch = max(batch_size, n, 1)
-        shared = max(self.acceptance_prior, 1e-6)
-        scales = [self.acceptance(accepted, rounds) / shared for _, accepted, rounds in requests]
+        scales = [self.scale(accepted, rounds) for _, accepted, rounds in requests]
         order = sorted((i for i in range(n) if requests[i][0] > 0), key=lambda i: -scales[i])
         best = (batch / max(self.round_ms(0, batch), 1e-6), 0, 0)  # (rate, k, w)
         most = max((requests[i][0] for i in order), default=0)

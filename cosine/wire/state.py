@@ -14,48 +14,39 @@ import msgpack
 from cosine.core.rounds import RequestState
 from cosine.core.sampling import SamplingParams
 
-# What applying a round may change; the rest (the prompt above all) is written once, at admission.
-ROUND_FIELDS = frozenset({
-    "status", "round", "window", "output_ids", "emitted_chars", "rounds", "draft_tokens", "drafted_rounds", "accepted_tokens",
-    "fingerprint", "routing", "drafters", "experts",
-})
-
 
 def round_fields(state: RequestState) -> dict[str, bytes | str]:
     """The fields a round may change: what the coordinator writes back (not the prompt again)."""
-    return _fields(state, ROUND_FIELDS)
-
-
-def state_to_fields(state: RequestState) -> dict[str, bytes | str]:
-    """The request hash's fields."""
-    return _fields(state, None)
-
-
-def _fields(state: RequestState, only: frozenset[str] | None) -> dict[str, bytes | str]:
-    fields = {
-        "id": state.request_id,
-        "prompt_ids": lambda: msgpack.packb(state.prompt_ids),
-        "sampling": lambda: json.dumps([state.sampling.temperature, state.sampling.top_p, state.sampling.seed]),
-        "max_tokens": str(state.max_tokens),
-        "stop": lambda: json.dumps(list(state.stop)),
-        "eos_ids": lambda: json.dumps(list(state.eos_ids)),
-        "experts": lambda: json.dumps(state.experts),
+    return {
         "status": state.status,
         "round": str(state.round),
         "window": str(state.window),
-        "output_ids": lambda: msgpack.packb(state.output_ids),
+        "output_ids": msgpack.packb(state.output_ids),
         "emitted_chars": str(state.emitted_chars),
         "rounds": str(state.rounds),
         "draft_tokens": str(state.draft_tokens),
         "drafted_rounds": str(state.drafted_rounds),
         "accepted_tokens": str(state.accepted_tokens),
         "fingerprint": state.fingerprint,
+        "routing": json.dumps(state.routing) if state.routing is not None else "",
+        "drafters": json.dumps(state.drafters),
+        "experts": json.dumps(state.experts),
+    }
+
+
+def state_to_fields(state: RequestState) -> dict[str, bytes | str]:
+    """The request hash's fields: those written once, at admission, and the round's."""
+    return {
+        "id": state.request_id,
+        "prompt_ids": msgpack.packb(state.prompt_ids),
+        "sampling": json.dumps([state.sampling.temperature, state.sampling.top_p, state.sampling.seed]),
+        "max_tokens": str(state.max_tokens),
+        "stop": json.dumps(list(state.stop)),
+        "eos_ids": json.dumps(list(state.eos_ids)),
         "created_ms": str(state.created_ms),
         "deadline_ms": str(state.deadline_ms),
-        "routing": lambda: json.dumps(state.routing) if state.routing is not None else "",
-        "drafters": lambda: json.dumps(state.drafters),
+        **round_fields(state),
     }
-    return {k: v() if callable(v) else v for k, v in fields.items() if only is None or k in only}
 
 
 def state_from_fields(fields: dict[bytes, bytes]) -> RequestState | None:

@@ -308,17 +308,8 @@ def test_feedback_rows_of_the_wrong_shape_are_left_out():
     assert feedback_from_wire("not a list") == {}
 
 
-class CountingTokenizer(FakeTokenizer):
-    def __init__(self) -> None:
-        self.decoded = 0
-
-    def decode(self, token_ids, skip_special_tokens=True):
-        self.decoded += len(token_ids)
-        return super().decode(token_ids, skip_special_tokens)
-
-
-def test_text_cache_spares_decoding_the_whole_output_and_is_used_only_when_it_matches():
-    tok, cache = CountingTokenizer(), {}
+def test_text_cache_spares_decoding_the_whole_output_and_is_used_only_when_it_matches(counting):
+    tok, cache = counting(FakeTokenizer()), {}
     state, cached_state = new_state(max_tokens=400), new_state(max_tokens=400)
     for i in range(100):
         plain = advance(state, [1 + i % 7], 2, 1, tok, POLICY)

@@ -183,23 +183,12 @@ def test_round_boundaries_do_not_matter():
         assert results[0] == results[1], (stream, max_tokens, stop)
 
 
-class CountingTokenizer(FakeTokenizer):
-    """Counts the tokens it is asked to decode."""
-
-    def __init__(self) -> None:
-        self.decoded = 0
-
-    def decode(self, token_ids, skip_special_tokens=True):
-        self.decoded += len(token_ids)
-        return super().decode(token_ids, skip_special_tokens)
-
-
-def test_incremental_text_equals_a_whole_decode_and_costs_what_a_round_adds():
+def test_incremental_text_equals_a_whole_decode_and_costs_what_a_round_adds(counting):
     rng = random.Random(3)
     tokens = []
     while len(tokens) < 3000:  # text with an "é" (two tokens, one character) now and then
         tokens += [E_ACUTE_1, E_ACUTE_2] if rng.random() < 0.1 else [rng.choice([1, 2, 3, 5, 6, 7, 10])]
-    tok = CountingTokenizer()
+    tok = counting(FakeTokenizer())
     out = OutputAssembler(tok, StopRules(10_000, frozenset({EOS})))
     i = 0
     while i < len(tokens):
