@@ -76,6 +76,14 @@ class Pipeline:
             time.sleep(0.2)
         raise TimeoutError(f"{count} live {role} workers not seen within {timeout}s")
 
+    def log_tails(self, lines: int = 15) -> str:
+        """The last lines of every worker's log, for a failing test's message."""
+        parts = []
+        for path in sorted(self.config_path.parent.glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
     def kill(self, process: subprocess.Popen) -> None:
         process.send_signal(signal.SIGKILL)
         process.wait(10)
