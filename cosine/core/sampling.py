@@ -60,6 +60,22 @@ def _restrict_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
+def restrict_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """A distribution ([vocab]) cut to its ``k`` most likely tokens and renormalized.
+
+    Drafters sample from the cut distribution and send exactly it (sparse, a few hundred bytes
+    instead of the whole vocabulary): rejection sampling is lossless for any proposal
+    distribution the draft was drawn from, so the cut changes acceptance, never the output.
+    ``k`` <= 0 or >= the vocabulary leaves the row as it is.
+    """
+    if k <= 0 or k >= probs.shape[-1]:
+        return probs
+    values, indices = torch.topk(probs, k)
+    cut = torch.zeros_like(probs)
+    cut[indices] = values / values.sum()
+    return cut
+
+
 def request_generator(seed: int, round_index: int, purpose: str, device: str | torch.device = "cpu") -> torch.Generator:
     """A generator determined by (request seed, round, purpose).
 

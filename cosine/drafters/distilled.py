@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from cosine.core.sampling import sample, warp_probs
+from cosine.core.sampling import restrict_top_k, sample, warp_probs
 from cosine.core.tree import DraftChain
 from cosine.distill.train import load_drafter_net
-from cosine.drafters.base import Drafter, DraftRequest
+from cosine.drafters.base import DRAFT_SUPPORT, Drafter, DraftRequest
 from cosine.models.loading import prepack_cpu_linears
 from cosine.models.runner import common_prefix
 
@@ -120,7 +120,7 @@ class SmallDrafter(Drafter):
         if request.sampling.greedy:
             index = int(logits.argmax())
             return int(self.net.vocab[index]), float(torch.softmax(logits.float(), -1)[index]), None
-        reduced = warp_probs(logits[None], request.sampling)[0]
+        reduced = restrict_top_k(warp_probs(logits[None], request.sampling)[0], DRAFT_SUPPORT)
         index = sample(reduced, generator)
         full = torch.zeros(self.vocab_size, dtype=torch.float32, device=reduced.device)
         full[self.net.vocab] = reduced

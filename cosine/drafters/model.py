@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from cosine.core.sampling import sample, warp_probs
+from cosine.core.sampling import restrict_top_k, sample, warp_probs
 from cosine.core.tree import DraftChain
-from cosine.drafters.base import Drafter, DraftRequest
+from cosine.drafters.base import DRAFT_SUPPORT, Drafter, DraftRequest
 from cosine.models.runner import ForwardItem, ModelRunner
 
 
@@ -20,8 +20,8 @@ class ModelDrafter(Drafter):
 
     All requests of a call advance together: each step is one packed forward over every request
     that still has window left. At temperature 0 drafts are the drafter's argmax (fixed
-    proposals); otherwise they are sampled from the warped distribution, which is kept for
-    lossless verification. Confidence is the drafter's probability for its token.
+    proposals); otherwise they are sampled from the warped distribution cut to its
+    ``DRAFT_SUPPORT`` most likely tokens, which is kept for lossless verification. Confidence is the drafter's probability for its token.
     """
 
     def __init__(self, name: str, runner: ModelRunner) -> None:
@@ -54,7 +54,7 @@ class ModelDrafter(Drafter):
         if request.sampling.greedy:
             token = int(logits.argmax())
             return token, float(torch.softmax(logits.float(), -1)[token]), None
-        probs = warp_probs(logits[None], request.sampling)[0]
+        probs = restrict_top_k(warp_probs(logits[None], request.sampling)[0], DRAFT_SUPPORT)
         token = sample(probs, generator)
         return token, float(probs[token]), probs
 

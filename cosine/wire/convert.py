@@ -12,20 +12,42 @@ from cosine.wire.messages import Candidate, Draft, WireError
 
 
 def probs_to_bytes(probs: torch.Tensor | None) -> list[bytes]:
+    """Draft distributions [k, vocab] as sparse rows: the vocabulary size (uint32), then the
+    indices of the tokens with nonzero probability (int32, increasing), then their
+    probabilities (float32), all little-endian. A drafter's cut distribution
+    (``DRAFT_SUPPORT`` tokens) takes a few hundred bytes instead of 4 bytes per vocabulary entry."""
     if probs is None:
         return []
-    return [row.astype("<f4").tobytes() for row in probs.float().cpu().numpy()]
+    rows = []
+    for row in probs.float().cpu().numpy():
+        (indices,) = np.nonzero(row)
+        rows.append(np.uint32(row.shape[0]).astype("<u4").tobytes() + indices.astype("<i4").tobytes() + row[indices].astype("<f4").tobytes())
+    return rows
 
 
 def probs_from_bytes(rows: list[bytes], vocab_size: int | None = None) -> torch.Tensor | None:
+    """Sparse rows (``probs_to_bytes``) as a dense float32 [k, vocab] tensor."""
     if not rows:
         return None
-    if any(not isinstance(r, bytes) or len(r) % 4 for r in rows):
-        raise WireError("draft_probs rows must be float32 bytes")
-    array = np.stack([np.frombuffer(r, dtype="<f4") for r in rows])
-    if vocab_size is not None and array.shape[1] != vocab_size:
-        raise WireError(f"draft_probs rows have {array.shape[1]} entries, the vocabulary has {vocab_size}")
-    return torch.from_numpy(array.copy())
+    if any(not isinstance(r, bytes) or len(r) < 4 or (len(r) - 4) % 8 for r in rows):
+        raise WireError("draft_probs rows must be a uint32 vocabulary size and (int32 index, float32 probability) pairs")
+    widths = {int(np.frombuffer(r[:4], dtype="<u4")[0]) for r in rows}
+    if len(widths) != 1:
+        raise WireError("draft_probs rows differ in vocabulary size")
+    width = widths.pop()
+    if vocab_size is not None and width != vocab_size:
+        raise WireError(f"draft_probs rows have {width} entries, the vocabulary has {vocab_size}")
+    dense = np.zeros((len(rows), width), dtype=np.float32)
+    for i, row in enumerate(rows):
+        n = (len(row) - 4) // 8
+        indices = np.frombuffer(row, dtype="<i4", count=n, offset=4)
+        values = np.frombuffer(row, dtype="<f4", count=n, offset=4 + 4 * n)
+        if n and (indices[0] < 0 or indices[-1] >= width or np.any(np.diff(indices) <= 0)):
+            raise WireError(f"draft_probs indices must be increasing and in [0, {width})")
+        if not np.all(np.isfinite(values)) or np.any(values < 0):
+            raise WireError("draft_probs probabilities must be finite and >= 0")
+        dense[i, indices] = values
+    return torch.from_numpy(dense)
 
 
 def states_to_bytes(states: torch.Tensor) -> bytes:

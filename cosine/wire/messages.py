@@ -57,7 +57,8 @@ class DraftJob:
 class Draft:
     """Drafter -> fusion: one drafter's chain for one round.
 
-    draft_probs: [k][vocab] float32 bytes (little-endian) per token when sampled, else empty.
+    draft_probs: per token when sampled, else empty: the distribution it was drawn from as a
+    sparse row (``cosine.wire.convert.probs_to_bytes``: vocabulary size, indices, probabilities).
     draft_ms: the drafter's compute time (``propose``) for the batch of jobs this draft came
     from, for measurements of where a round's time goes.
     """

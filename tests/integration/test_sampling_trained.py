@@ -2,7 +2,8 @@
 
 At a chat context where the target's sampling distribution has at least 2 nats of entropy, the
 shipped ``small`` drafter drafts N two-token chains by sampling (its own ``propose``, seeded per
-trial, over its reduced vocabulary: zero probability elsewhere), fused with a fixed prompt-lookup
+trial, from its distribution cut to its ``DRAFT_SUPPORT`` most likely tokens: zero probability
+elsewhere; the distributions then cross their sparse wire form as in the pipeline), fused with a fixed prompt-lookup
 style proposal into a tree as the fusion stage does; the target's rows for every tree come from
 the real runner (one tree forward per distinct path) and the verifier's own acceptance
 (``verify_sampling`` with its per-round generator) picks the tokens. The first two emitted
@@ -24,9 +25,10 @@ from cosine.config import load_config
 from cosine.core.acceptance import verify_sampling
 from cosine.core.sampling import SamplingParams, request_generator, warp_probs
 from cosine.core.tree import DraftChain, fuse_steps, fused_token, merge_chains
-from cosine.drafters.base import DraftRequest
+from cosine.drafters.base import DRAFT_SUPPORT, DraftRequest
 from cosine.drafters.distilled import SmallDrafter
 from cosine.models.runner import ForwardItem, ModelRunner
+from cosine.wire.convert import probs_from_bytes, probs_to_bytes
 from tests.unit.test_acceptance_sampling import verify_sampling_broken
 
 pytestmark = pytest.mark.slow
@@ -205,7 +207,9 @@ def test_trained_drafter_sampling_matches_the_target(setting):
         request = DraftRequest(f"t{i % 4}", context, 2, SamplingParams(temperature=TEMPERATURE, seed=i), 0)
         chain = drafter.propose([request])[0]
         assert chain.draft_probs is not None and chain.draft_probs.shape[0] == 2
-        chains.append(chain)
+        sent = probs_from_bytes(probs_to_bytes(chain.draft_probs), chain.draft_probs.shape[1])
+        assert torch.equal(sent, chain.draft_probs) and int((sent > 0).sum(-1).max()) <= DRAFT_SUPPORT
+        chains.append(DraftChain(chain.tokens, chain.confidences, sent, chain.drafter))
     pairs = sorted({c.tokens[:2] for c in chains})
     for start in range(0, len(pairs), 1024):  # trees of at most ~2K nodes per forward
         target.prefetch({fixed_token}, set(pairs[start : start + 1024]))

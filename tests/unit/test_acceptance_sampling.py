@@ -18,8 +18,9 @@ import torch
 from scipy.stats import chisquare
 
 from cosine.core.acceptance import _draft_row, _residual, _verdict, verify_greedy, verify_sampling
-from cosine.core.sampling import SamplingParams, warp_probs
+from cosine.core.sampling import SamplingParams, restrict_top_k, warp_probs
 from cosine.core.tree import ROOT, DraftChain, DraftTree, fuse_steps, merge_chains
+from cosine.wire.convert import probs_from_bytes, probs_to_bytes
 
 N = 20_000
 SEED = 1234
@@ -116,8 +117,9 @@ def step_tree(i: int, drawn: list, generator: torch.Generator) -> DraftTree:
     return fuse_steps([first, second])
 
 
-def check_sampler(verify, drafters, fixed=(), n=N, seed=SEED, fusion="tree") -> Check:
-    """Run n trials of drafting + verification and compare the first two emitted tokens with the target."""
+def check_sampler(verify, drafters, fixed=(), n=N, seed=SEED, fusion="tree", wire=False) -> Check:
+    """Run n trials of drafting + verification and compare the first two emitted tokens with the
+    target; ``wire``: each chain's distributions cross the wire form (sparse rows) on the way."""
     generator = torch.Generator().manual_seed(seed)
     p0, p_rows = TARGET
     p0_f, p_rows_f = p0.float(), p_rows.float()
@@ -140,6 +142,8 @@ def check_sampler(verify, drafters, fixed=(), n=N, seed=SEED, fusion="tree") -> 
         for rank, (x1, x2, q0, q_rows) in enumerate(drawn):
             a, b = x1[i], x2[i]
             probs = torch.stack([q0, q_rows[a]])
+            if wire:
+                probs = probs_from_bytes(probs_to_bytes(probs), V)
             chains.append(DraftChain((a, b), (float(q0[a]), float(q_rows[a, b])), probs, f"d{rank}"))
         tree = merge_chains(chains)
         target_probs = torch.cat([p0_f[None], p_rows_f[list(tree.tokens)]])  # row i + 1: after node i
@@ -155,10 +159,10 @@ def check_sampler(verify, drafters, fixed=(), n=N, seed=SEED, fusion="tree") -> 
     )
 
 
-def assert_lossless_and_check_can_fail(drafters, fixed=(), fusion="tree"):
-    good = check_sampler(verify_sampling, drafters, fixed, fusion=fusion)
+def assert_lossless_and_check_can_fail(drafters, fixed=(), fusion="tree", wire=False):
+    good = check_sampler(verify_sampling, drafters, fixed, fusion=fusion, wire=wire)
     assert good.passed, good
-    bad = check_sampler(verify_sampling_broken, drafters, fixed, fusion=fusion)
+    bad = check_sampler(verify_sampling_broken, drafters, fixed, fusion=fusion, wire=wire)
     assert not bad.passed, bad
     assert min(bad.p_first, bad.p_joint) < 1e-12, bad  # rejected by a wide margin, not by chance
 
@@ -175,6 +179,21 @@ def test_step_fusion_sampling_matches_target():
     # Two drafters, each step's most confident draw continued by both: the step tree's sampled
     # output follows the target, and the broken verifier is caught on the same trees.
     assert_lossless_and_check_can_fail([DRAFT_A, DRAFT_B], fusion="step")
+
+
+def cut(drafter, k: int = 3):
+    """A drafter whose every distribution is cut to its k most likely tokens (as DRAFT_SUPPORT)."""
+    q0, q_rows = drafter
+    return restrict_top_k(q0, k), torch.stack([restrict_top_k(row, k) for row in q_rows])
+
+
+def test_cut_distributions_through_the_wire_match_target():
+    # The sparse form drafters send: draws from distributions cut to half the vocabulary (zero
+    # probability on tokens the target likes), the rows through their wire encoding, fused
+    # into a tree with a fixed proposal.
+    drafters = [cut(DRAFT_A), cut(DRAFT_B)]
+    assert all(int((q0 > 0).sum()) == 3 for q0, _ in drafters)
+    assert_lossless_and_check_can_fail(drafters, fixed=[FIXED], wire=True)
 
 
 def test_tree_with_fixed_proposal_matches_target():

@@ -18,7 +18,7 @@ from cosine.distill import corpus
 from cosine.distill.data import DataPlan, pack_conversations, reduced_vocabulary
 from cosine.distill.model import DraftNet, spec_for_target
 from cosine.distill.train import TrainPlan, agreement, distill, load_drafter_net, pack_tensors, step_losses, unpack_tensors
-from cosine.drafters.base import DraftRequest
+from cosine.drafters.base import DRAFT_SUPPORT, DraftRequest
 from cosine.models.loading import prepack_cpu_linears
 
 VOCAB = 96
@@ -212,6 +212,11 @@ def test_a_drafter_distilled_for_a_random_target_loads_and_drafts(tmp_path, kind
         outside = torch.ones(VOCAB, dtype=torch.bool)
         outside[net.vocab] = False
         assert float(sampled.draft_probs[:, outside].abs().sum()) == 0.0
+        # Cut to the DRAFT_SUPPORT most likely of the 40 reduced-vocabulary tokens: the draws
+        # come from the distribution that travels.
+        support = (sampled.draft_probs > 0).sum(-1)
+        assert support.tolist() == [DRAFT_SUPPORT] * 3 and DRAFT_SUPPORT < 40
+        assert all(float(row[t]) > 0 for row, t in zip(sampled.draft_probs, sampled.tokens))
         torch.testing.assert_close(sampled.draft_probs.sum(-1), torch.ones(3))
         with pytest.raises(ValueError, match="made for another tokenizer"):
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cosine.core.sampling import MAX_TEMPERATURE, SamplingParams, request_generator, sample, warp_probs
+from cosine.core.sampling import MAX_TEMPERATURE, SamplingParams, request_generator, restrict_top_k, sample, warp_probs
 
 
 def logits_of(*probs):
@@ -125,3 +125,12 @@ def test_cuda_rows_are_drawn_with_the_cpu_request_generator():
     tree = merge_chains([DraftChain((3, 4), (0.5, 0.5), probs[:2].cuda(), "d")])
     verdict = verify_sampling(tree, probs.cuda(), request_generator(7, 0, "verify"))
     assert verdict == verify_sampling(merge_chains([DraftChain((3, 4), (0.5, 0.5), probs[:2], "d")]), probs, request_generator(7, 0, "verify"))
+
+
+def test_restrict_top_k_keeps_the_k_most_likely_renormalized():
+    probs = torch.tensor([0.1, 0.4, 0.05, 0.3, 0.15])
+    cut = restrict_top_k(probs, 2)
+    torch.testing.assert_close(cut, torch.tensor([0.0, 0.4 / 0.7, 0.0, 0.3 / 0.7, 0.0]))
+    assert restrict_top_k(probs, 0) is probs and restrict_top_k(probs, 5) is probs
+    generator = torch.Generator().manual_seed(0)
+    assert {sample(cut, generator) for _ in range(200)} == {1, 3}

@@ -1,7 +1,10 @@
 """Wire encode/decode: every message kind round-trips; malformed entries raise WireError."""
 
+import struct
+
 import msgpack
 import pytest
+import torch
 
 import cosine.wire.messages  # noqa: F401  (patched below)
 from cosine import wire
@@ -362,3 +365,38 @@ def test_stage_workers_do_not_import_the_local_engine():
             "cosine.workers.router, cosine.workers.fusion\nprint('cosine.engine' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_draft_distributions_travel_sparse_and_come_back_exact():
+    from cosine.wire.convert import probs_from_bytes, probs_to_bytes
+
+    vocab = 49_152
+    probs = torch.zeros(3, vocab)
+    probs[0, [7, 300, 49_151]] = torch.tensor([0.5, 0.25, 0.25])
+    probs[1, 11] = 1.0
+    probs[2, torch.arange(0, 64, 2)] = 1 / 32
+    rows = probs_to_bytes(probs)
+    assert [len(r) for r in rows] == [4 + 8 * 3, 4 + 8, 4 + 8 * 32]  # against 4 * vocab bytes dense
+    assert torch.equal(probs_from_bytes(rows, vocab), probs)
+    assert probs_to_bytes(None) == [] and probs_from_bytes([]) is None
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        ([b"\x00\x01"], "uint32 vocabulary size"),
+        ([struct.pack("<I", 10) + b"\x00" * 5], "uint32 vocabulary size"),
+        ([struct.pack("<I", 10) + struct.pack("<i", 10) + struct.pack("<f", 1.0)], "increasing and in"),
+        ([struct.pack("<I", 10) + struct.pack("<i", -1) + struct.pack("<f", 1.0)], "increasing and in"),
+        ([struct.pack("<I", 10) + struct.pack("<2i", 3, 3) + struct.pack("<2f", 0.5, 0.5)], "increasing and in"),
+        ([struct.pack("<I", 10) + struct.pack("<i", 3) + struct.pack("<f", -0.5)], "finite and >= 0"),
+        ([struct.pack("<I", 10) + struct.pack("<i", 3) + struct.pack("<f", float("nan"))], "finite and >= 0"),
+        ([struct.pack("<I", 10) + struct.pack("<i", 3) + struct.pack("<f", 1.0), struct.pack("<I", 11)], "differ in vocabulary size"),
+        ([struct.pack("<I", 11) + struct.pack("<i", 3) + struct.pack("<f", 1.0)], "the vocabulary has 10"),
+    ],
+)
+def test_malformed_draft_distributions_are_refused(rows, match):
+    from cosine.wire.convert import probs_from_bytes
+
+    with pytest.raises(WireError, match=match):
+        probs_from_bytes(rows, 10)
