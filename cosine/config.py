@@ -158,6 +158,9 @@ class PipelineConfig:
     batch_choice: str = "cost"  # cost: first rounds first-come, then by the cost model (README: Load control); fifo: the oldest first
     batch_latency_weight: float = 0.0  # batch choice: tokens a second of waiting is worth (0: throughput first)
     batch_starve_ms: int = 1_000  # a candidate pooled this long goes in the next batch, whatever it costs
+    # A prompt's prefill goes to the verifier this many uncached tokens per batch, so that a long
+    # prompt shares batches with decoding requests instead of stalling them; 0: all at once.
+    prefill_chunk: int = 128
     fusion_deadline_ms: int = 1_500  # fusion: emit with the drafts that arrived by then
     drafter_deadline_ms: int = 5_000  # no draft by then: the round falls back to window 0
     output_ttl_s: int = 3_600  # finished requests' out: streams and state expire
@@ -175,6 +178,8 @@ class PipelineConfig:
             raise ValueError("pipeline.block_ms must be <= 20000 (a blocking read must end before the socket time-out)")
         if self.batch_choice not in ("cost", "fifo"):
             raise ValueError(f"pipeline.batch_choice must be 'cost' or 'fifo', got {self.batch_choice!r}")
+        if self.prefill_chunk < 0:
+            raise ValueError("pipeline.prefill_chunk must be >= 0 (0: prefill at once)")
 
 
 @dataclass(frozen=True, slots=True)

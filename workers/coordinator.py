@@ -98,6 +98,9 @@ class Coordinator(StageWorker):
         self.round_times: Counter[str] = Counter()
         self.texts: dict[str, tuple[int, tuple[int, ...], str]] = {}  # request -> its output's text (incremental detokenization)
         self.active = 1  # active requests, as of the last batch decision
+        # request -> prompt positions the verifier holds after its last prefill chunk (-1: a chunk
+        # made no progress, e.g. the cache was evicted meanwhile: the rest goes at once)
+        self.prefilled: dict[str, int] = {}
 
     def input_streams(self) -> list[str]:
         return [self.keys.verified, self.keys.candidates]
@@ -192,8 +195,13 @@ class Coordinator(StageWorker):
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # this round, already pooled
             return
         features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
-        item = VerifyItem(state.request_id, state.round, state.context, candidate, state.sampling, state.fingerprint, features_from)
-        fed = len(candidate.tokens) + (len(state.context) if state.round == 0 else 1)
+        chunk, fed = 0, len(candidate.tokens) + (len(state.context) if state.round == 0 else 1)
+        if state.round == 0 and features_from < 0:  # a prompt's prefill, chunked unless it stalls
+            prefilled = self.prefilled.get(state.request_id, 0)
+            chunk = 0 if prefilled < 0 else self.config.pipeline.prefill_chunk
+            if chunk:
+                fed = len(candidate.tokens) + min(chunk, max(1, len(state.context) - prefilled))
+        item = VerifyItem(state.request_id, state.round, state.context, candidate, state.sampling, state.fingerprint, features_from, chunk)
         depth = tree_depth(candidate.parents)
         expected = self.control.expected(depth, state.accepted_tokens, state.drafted_rounds)
         self.pool.append(_Waiting(entry_id, item, time.monotonic(), fed, expected, depth))
@@ -278,8 +286,17 @@ class Coordinator(StageWorker):
         states = await self._states([item.request_id for item in batch.items])
         self._plan(batch, states)
         # Every request's round in one round trip (each its own compare-and-set).
-        calls, applied = [], []
+        calls, applied, chunked = [], [], []
         for item, state in zip(batch.items, states):
+            if item.prefilled > 0 and not item.error:  # a prefill chunk: the same round again
+                if _current(item, state):
+                    progress = item.prefilled > self.prefilled.get(item.request_id, 0)
+                    self.prefilled[item.request_id] = item.prefilled if progress else -1
+                    chunked.append(state)
+                    while len(self.prefilled) > TRACKED:  # requests that ended elsewhere
+                        del self.prefilled[next(iter(self.prefilled))]
+                continue
+            self.prefilled.pop(item.request_id, None)
             update = self._update(item, state, batch.fingerprint)
             if update is not None:
                 calls.append(self._apply_call(state, update, item))
@@ -299,6 +316,10 @@ class Coordinator(StageWorker):
             if cost_error is not None:  # the cost model's error on batches it had not seen
                 pipe.hincrby(self.keys.stats, "cost_model_batches", 1)
                 pipe.hincrby(self.keys.stats, "cost_model_error_ppm", round(cost_error * 1e6))
+            for state in chunked:  # with the acknowledgement: a crash cannot lose the round
+                pipe.xadd(self.keys.candidates, encode(empty_candidate(state)))
+            if chunked:
+                pipe.hincrby(self.keys.stats, "prefill_chunks", len(chunked))
             pipe.xack(self.keys.verified, self.group, entry_id)
             await pipe.execute()
         self.round_times.clear()
@@ -315,7 +336,7 @@ class Coordinator(StageWorker):
         now = time.monotonic()
         whole = len(batch.items) >= self.active
         for item in batch.items:
-            if item.error:
+            if item.error or item.prefilled > 0:
                 continue
             depth = sent.depths.get(item.request_id, 0)
             self.control.observe_round(depth, len(item.accepted_tokens))
@@ -351,7 +372,7 @@ class Coordinator(StageWorker):
             return
         ids, rows = [], []
         for item, state in zip(batch.items, states):
-            if item.error or not _current(item, state):
+            if item.error or item.prefilled > 0 or not _current(item, state):
                 continue
             drafted = item.draft_tokens > 0
             ids.append((item.request_id, item.round + 1))

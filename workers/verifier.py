@@ -159,10 +159,22 @@ class VerifierWorker(StageWorker):
             faults.check("verifier.forward", item.request_id)
             accepted_items.append(item)
             trees.append(tree)
-        logits, fed = self.runner.forward_with_states(
-            [ForwardItem(i.request_id, i.context, t.tokens, t.parents, i.features_from) for i, t in zip(accepted_items, trees)]
-        )
+        # Chunked prefill: an item with more uncached context than its chunk feeds one chunk of
+        # it (cached for the next time) and comes back as a partial result, no round verified.
+        forward_items, chunked = [], {}
+        for item, tree in zip(accepted_items, trees):
+            if item.prefill_chunk > 0 and item.features_from < 0:
+                end = self.runner.reusable_tokens(item.request_id, item.context) + item.prefill_chunk
+                if end < len(item.context):
+                    chunked[item.request_id] = end
+                    forward_items.append(ForwardItem(item.request_id, item.context[:end]))
+                    continue
+            forward_items.append(ForwardItem(item.request_id, item.context, tree.tokens, tree.parents, item.features_from))
+        logits, fed = self.runner.forward_with_states(forward_items)
         for item, tree, rows, states in zip(accepted_items, trees, logits, fed):
+            if item.request_id in chunked:
+                results[item.request_id] = VerifiedItem(item.request_id, item.round, [], -1, 0, prefilled=chunked[item.request_id])
+                continue
             sampling = item.sampling
             if sampling.greedy:
                 verdict = verify_greedy(tree, rows.argmax(-1).tolist())

@@ -376,6 +376,22 @@ class ModelRunner:
         """Bytes of the whole preallocated pool."""
         return self.num_blocks * self.bytes_per_block
 
+    def reusable_tokens(self, key: str, context: Sequence[int]) -> int:
+        """Context rows a forward for ``key`` would take from cache (its own, or registered
+        prefix blocks for a request with none), not counting the last token (always fed)."""
+        limit = len(context) - 1
+        with self._lock:
+            sequence = self._sequences.get(key)
+            if sequence is not None:
+                return common_prefix(sequence.tokens, context, limit=limit)
+            digest, count = 0, 0
+            for index in range(limit // BLOCK_SIZE):
+                digest = hash((digest, tuple(context[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE])))
+                if digest not in self._blocks.by_digest:
+                    break
+                count += BLOCK_SIZE
+            return count
+
     def cached_tokens(self, key: str) -> int:
         sequence = self._sequences.get(key)
         return len(sequence.tokens) if sequence is not None else 0

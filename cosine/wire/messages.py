@@ -109,6 +109,9 @@ class VerifyItem:
     sampling: SamplingParams
     fingerprint: str
     features_from: int = -1  # >= 0: return the target's hidden states of positions from here on
+    # > 0: feed at most this many uncached context tokens now (chunked prefill); when more are
+    # left, the result is a partial one (``VerifiedItem.prefilled``) and the round comes again.
+    prefill_chunk: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,9 @@ class VerifiedItem:
     features_start: int = 0
     # Per drafter that proposed nodes of the tree: [name, drafted, accepted, confidence sum].
     drafters: list = field(default_factory=list)
+    # > 0: a chunk of the prefill, not a round: the verifier holds the context's first
+    # ``prefilled`` positions; the round is to be verified again (no tokens here).
+    prefilled: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -320,3 +320,32 @@ def test_load_control_starts_without_drafts_and_stays_lossless(server, tmp_path,
     assert all(job.round > 0 for job in jobs), [(j.request_id, j.round) for j in jobs]  # no first round was drafted
     profiles = [client.hgetall(key) for key in client.scan_iter("cosine:cost:*")]
     assert len(profiles) == 1 and {b"a", b"b", b"c"} <= set(profiles[0]) and float(profiles[0][b"a"]) > 0, profiles
+
+
+def test_a_long_prompt_prefills_in_chunks_beside_decoding_requests(server, tmp_path, demo_target, pipelines):
+    """A prompt longer than ``prefill_chunk`` reaches the verifier a chunk per batch (its first
+    round drafted: the drafts wait until the prompt is in), short requests decode meanwhile,
+    and every output is the target's."""
+    chunk = 64
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT], pipeline={"prefill_chunk": chunk, "batch_wait_ms": 50})
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        pipeline.start(role)
+    pipeline.start("drafter", "--expert", "general")
+    for role in ("verifier", "drafter", "coordinator", "router"):
+        pipeline.wait_live(role, 1)
+    client = pipeline.client()
+    long_prompt = " ".join(RAW_PROMPTS) * 4
+    prompts = [long_prompt, RAW_PROMPTS[0], RAW_PROMPTS[2]]
+    ids = [demo_target.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert len(ids[0]) > 4 * chunk
+    expected = {submit(client, id=f"long-{i}", prompt=p, max_tokens=MAX_TOKENS): reference(demo_target, tokens, MAX_TOKENS)
+                for i, (p, tokens) in enumerate(zip(prompts, ids))}
+    for request_id, tokens in expected.items():
+        entries = read_output(client, request_id, timeout=180)
+        assert_matches(json.loads(final_of(entries)["token_ids"]), tokens)
+        assert_text_joins(entries)
+    stats = {k.decode(): int(v) for k, v in client.hgetall("cosine:stats").items()}
+    # At least one partial result per chunk but the last (shared prefix blocks may skip none here:
+    # the prompts differ from their first tokens on).
+    assert stats.get("prefill_chunks", 0) >= (len(ids[0]) - 1) // chunk, stats

@@ -230,6 +230,9 @@ def test_shared_prompt_prefix_is_computed_once(demo_target, chat_prompts, counte
     first, second = system + [504, 314, 6147], system + [28, 253]
     runner = ModelRunner(demo_target.model)
     runner.forward([ForwardItem("a", first)])
+    # What a forward would reuse: a's own rows (all but the last token, always fed), b's shared blocks.
+    assert runner.reusable_tokens("a", first) == len(first) - 1 and runner.reusable_tokens("a", first[:30]) == 29
+    assert runner.reusable_tokens("b", second) == 2 * BLOCK_SIZE and runner.reusable_tokens("c", [7] + second) == 0
     held = runner.allocated_bytes
     counter.tokens = 0
     logits = runner.forward([ForwardItem("b", second)])
@@ -271,6 +274,7 @@ def test_prefill_chunks_then_the_rest(demo_target, chat_prompts, counter):
     counter.tokens = 0
     assert len(long_prompt) > 100
     for step, end in enumerate((50, 100, len(long_prompt)), start=1):
+        assert runner.reusable_tokens("long", long_prompt) == (0 if step == 1 else (50, 100)[step - 2])
         logits = runner.forward([ForwardItem("long", long_prompt[:end]), ForwardItem("s", small(chat_prompts, 0) + [198] * step)])
     assert counter.tokens == len(long_prompt) + 3
     torch.testing.assert_close(logits[0][0], plain_next_logits(demo_target.model, long_prompt), atol=2e-3, rtol=1e-4)
