@@ -15,8 +15,9 @@ One command, one run, every system on the same requests and the same commit:
 - ``cosine``: ``cosine serve`` with the repository's ``config.toml`` (everything on).
 - the ablation, closed loop at ``--ablation-concurrency``: ``cosine`` with its batch choice
   flipped (``cosine-fifo``: first-come batches, or ``cosine-cost``: batches chosen by the cost
-  model, whichever ``cosine``'s config does not use) and ``cosine-fixed`` (adaptive speculation
-  control off: every round drafts at the request's adaptive window).
+  model, whichever ``cosine``'s config does not use), ``cosine-fixed`` (adaptive speculation
+  control off: every round drafts at the request's adaptive window) and, with ``--verifiers``
+  >= 2, ``cosine-no-affinity`` (every round to the shared stream, whichever verifier is free).
 
 Pipeline systems differ only in config (``[model]`` points at the same target and cache).
 
@@ -66,9 +67,11 @@ ABLATIONS = {
     "cosine-fifo": "first-come batches (pipeline.batch_choice = fifo)",
     "cosine-cost": "batches chosen by the cost model (pipeline.batch_choice = cost)",
     "cosine-fixed": "adaptive control off: the adaptive window alone (speculation.load_control = false)",
+    "cosine-no-affinity": "cache affinity off: every round to the shared stream, any verifier (pipeline.affinity = false; with --verifiers >= 2)",
 }
 ALL_SYSTEMS = ("target", "target-batched", *PIPELINE_SYSTEMS, *ABLATIONS)
 LONG_TOKENS = 1_000
+VERIFIERS = 1  # verifier processes of every pipeline system (--verifiers)
 STALL_S = 300.0
 
 
@@ -224,6 +227,8 @@ def pipeline_config(system: str, base: dict, args, window: int | None = None) ->
         pipeline["batch_choice"] = "cost"
     elif system == "cosine-fixed":
         speculation["load_control"] = False
+    elif system == "cosine-no-affinity":
+        pipeline["affinity"] = False
     if system == "plain":
         speculation.update(window=0, min_window=0, max_window=0, adaptive_window=False)
         config["drafters"] = [{"name": "prompt-lookup", "kind": "prompt-lookup", "expert": "lookup"}]  # never asked: window 0
@@ -325,7 +330,7 @@ def wait_live(url: str) -> None:
 def run_pipeline(system: str, config: dict, workload: list[tuple[str, float, list[Plan], list[float] | None]], scratch: Path, tag: str) -> list[dict]:
     path = scratch / f"{tag}.toml"
     path.write_text(dump_toml(config))
-    serve = Serve(path, scratch / f"{tag}.log")
+    serve = Serve(path, scratch / f"{tag}.log", ["--verifiers", str(VERIFIERS)])
     url = serve.start()
     rows = []
     try:
@@ -417,8 +422,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="c=1,4 only, 6 Poisson requests, 32 tokens, one vanilla window")
     parser.add_argument("--ablation-concurrency", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 4, 16])
+    parser.add_argument("--verifiers", type=int, default=1, help="verifier processes of every pipeline system (they share the threads)")
     parser.add_argument("--name", default="load")
     args = parser.parse_args()
+    global VERIFIERS
+    VERIFIERS = args.verifiers
     if args.quick:
         args.concurrency, args.poisson_requests, args.max_tokens, args.vanilla_windows, args.min_requests = [1, 4], 6, 32, [4], 4
     systems = [s for s in args.systems.split(",") if s]
@@ -495,6 +503,8 @@ def main() -> None:
         rows += run_pipeline("cosine", pipeline_config("cosine", base, args), work, scratch, "cosine")
     for system in ABLATIONS:
         work = [w for w in closed_work if int(w[1]) in args.ablation_concurrency]
+        if system == "cosine-no-affinity" and args.verifiers < 2:
+            continue  # one verifier holds every cache: nothing to ablate
         if system in systems and work and pipeline_config(system, base, args) != pipeline_config("cosine", base, args):
             rows += run_pipeline(system, pipeline_config(system, base, args), work, scratch, system)
 

@@ -172,8 +172,8 @@ def long_messages(tokenizer, target_tokens: int) -> list[dict[str, str]]:
 class Serve:
     """``cosine serve -v`` as a subprocess, its stdout and stderr in ``log_path``."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
-        self.config_path, self.log_path = config_path, log_path
+    def __init__(self, config_path: Path, log_path: Path, extra_args: list[str] | None = None) -> None:
+        self.config_path, self.log_path, self.extra_args = config_path, log_path, list(extra_args or [])
         self.process: subprocess.Popen | None = None
         self.url = ""
         self.seen_pids: set[int] = set()
@@ -182,7 +182,7 @@ class Serve:
         # The config file is authoritative: no COSINE_* variable (a COSINE_REDIS_URL would
         # replace the embedded server) leaks in from the caller's environment.
         env = {k: v for k, v in os.environ.items() if not k.startswith("COSINE_")}
-        command = [sys.executable, "-m", "cosine.cli", "serve", "--config", str(self.config_path), "-v"]
+        command = [sys.executable, "-m", "cosine.cli", "serve", "--config", str(self.config_path), "-v", *self.extra_args]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())
         deadline = time.monotonic() + timeout_s

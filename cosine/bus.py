@@ -324,18 +324,19 @@ def trim_floor(groups: Sequence[tuple[bytes | str, bytes | str | None]]) -> byte
     for last_delivered, oldest_pending in groups:
         group_floor = _next_id(last_delivered)
         if oldest_pending is not None:
-            group_floor = min(group_floor, _parse_id(oldest_pending))
+            group_floor = min(group_floor, stream_id(oldest_pending))
         floor = group_floor if floor is None else min(floor, group_floor)
     return None if floor is None else f"{floor[0]}-{floor[1]}".encode()
 
 
-def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
+def stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry ID as (milliseconds, sequence), for comparisons."""
     ms, _, seq = _text(entry_id).partition("-")
     return int(ms), int(seq or 0)
 
 
 def _next_id(entry_id: bytes | str) -> tuple[int, int]:
-    ms, seq = _parse_id(entry_id)
+    ms, seq = stream_id(entry_id)
     return ms, seq + 1
 
 

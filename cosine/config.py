@@ -161,6 +161,9 @@ class PipelineConfig:
     # A prompt's prefill goes to the verifier this many uncached tokens per batch, so that a long
     # prompt shares batches with decoding requests instead of stalling them; 0: all at once.
     prefill_chunk: int = 128
+    # A request's rounds go to the verifier that holds its caches while it is live (its own
+    # stream); false: every round to the shared stream, any verifier (the ablation).
+    affinity: bool = True
     fusion_deadline_ms: int = 1_500  # fusion: emit with the drafts that arrived by then
     drafter_deadline_ms: int = 5_000  # no draft by then: the round falls back to window 0
     output_ttl_s: int = 3_600  # finished requests' out: streams and state expire

@@ -344,15 +344,19 @@ class StageWorker:
                 await asyncio.wait_for(task, 10)
 
     async def live_values(self, role: str, max_age_s: float = 0.25) -> list[str]:
-        """The liveness values of a role's live workers (cached briefly): one read of the role's
-        roster, whatever the keyspace holds; entries long expired are removed on the way."""
+        """The liveness values of a role's live workers (cached briefly)."""
+        return list((await self.live_roster(role, max_age_s)).values())
+
+    async def live_roster(self, role: str, max_age_s: float = 0.25) -> dict[str, str]:
+        """A role's live workers, instance -> liveness value (cached briefly): one read of the
+        role's roster, whatever the keyspace holds; entries long expired are removed on the way."""
         now = time.monotonic()
         cache = self.__dict__.setdefault("_live_cache", {})
         cached = cache.get(role)
         if cached is not None and now - cached[0] < max_age_s:
             return cached[1]
         now_ms = time.time() * 1000
-        values, gone = [], []
+        live, gone = {}, []
         for instance, entry in (await self.redis.hgetall(self.keys.roster(role))).items():
             expires, _, value = entry.decode().partition(" ")
             try:
@@ -360,13 +364,13 @@ class StageWorker:
             except ValueError:
                 expired_for = ROSTER_FORGET_MS
             if expired_for < 0:
-                values.append(value)
+                live[instance.decode()] = value
             elif expired_for >= ROSTER_FORGET_MS:
                 gone.append(instance)
         if gone:
             await self.redis.hdel(self.keys.roster(role), *gone)
-        cache[role] = (now, values)
-        return values
+        cache[role] = (now, live)
+        return live
 
     async def live_drafter_experts(self, max_age_s: float = 0.25) -> set[str]:
         """Experts with at least one live drafter (cached briefly)."""

@@ -33,13 +33,14 @@ from cosine.policy.batching import BatchPolicy, Pending
 from cosine.policy.control import SpeculationControl
 from cosine.policy.routing import routing_policy
 from cosine.policy.window import WindowPolicy
-from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
+from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
 from cosine.wire.convert import empty_candidate, feedback_from_wire
 from cosine.wire.state import round_fields, state_from_fields
 
 CONTROL_LOG_S = 30.0  # how often the cost model's state is logged (INFO)
 EXPLORE_MAX_BATCH = 2  # load control explores drafting only while batches are this small
 COST_WARM = 16  # verification batches observed before the cost model's error is counted
+SWEEP_S = 1.0  # how often gone verifiers' own streams are looked for
 TRACKED = 4096  # batches and rounds whose timing is remembered (oldest forgotten first)
 
 
@@ -98,6 +99,10 @@ class Coordinator(StageWorker):
         self.round_times: Counter[str] = Counter()
         self.texts: dict[str, tuple[int, tuple[int, ...], str]] = {}  # request -> its output's text (incremental detokenization)
         self.active = 1  # active requests, as of the last batch decision
+        self.verifier_ids: set[str] = set()  # live verifier instances
+        self.home: dict[str, str] = {}  # request -> the verifier instance that verified its last round (holds its caches)
+        self.busy_at: dict[str, int] = {}  # verifier instance -> batches of its own stream queued or in hand (last read)
+        self.steal = False  # some verifier is free (last read): busy homes' requests go to the shared stream
         # request -> prompt positions the verifier holds after its last prefill chunk (-1: a chunk
         # made no progress, e.g. the cache was evicted meanwhile: the rest goes at once)
         self.prefilled: dict[str, int] = {}
@@ -116,7 +121,7 @@ class Coordinator(StageWorker):
         self.live_experts: set[str] = set()
         self.live_verifiers = 0
         self.fingerprints: set[str] = set()
-        self.last_refresh = self.last_trim = self.last_control_log = 0.0
+        self.last_refresh = self.last_trim = self.last_control_log = self.last_sweep = 0.0
 
     @property
     def feature_experts(self) -> set[str]:
@@ -143,6 +148,9 @@ class Coordinator(StageWorker):
             self.drafting = {k: v for k, v in self.drafting.items() if v[1] >= limit}  # rounds that never came back here
             self.round_began = {k: v for k, v in self.round_began.items() if v.began >= now - 60}
             await self.guarded(self._fallback_overdue_rounds)
+            if now - self.last_sweep > SWEEP_S:
+                self.last_sweep = now
+                await self.guarded(self._move_gone_verifier_streams)
             await self.guarded(self._expire_deadlines)
         if self.control.enabled and now - self.last_control_log > CONTROL_LOG_S:
             self.last_control_log = now
@@ -211,6 +219,10 @@ class Coordinator(StageWorker):
             if not force:
                 active, busy = await self._load()
                 self.active = active
+                # A home verifier with work queued or in hand while another one is free: its
+                # requests' next batch goes to the shared stream, to the first verifier free
+                # (which rebuilds their caches) instead of queueing behind the home's work.
+                self.steal = busy < self.live_verifiers
                 oldest = time.monotonic() - self.pool[0].arrived
                 tokens = sum(len(w.item.tree.tokens) + 1 for w in self.pool)
                 now = time.monotonic()
@@ -221,7 +233,9 @@ class Coordinator(StageWorker):
             # One batch serves one target: the oldest candidate's; which of its candidates, by
             # the cost model (value per verification ms, none passed over past batch_starve_ms).
             fingerprint = self.pool[0].item.fingerprint
-            same = [w for w in self.pool if w.item.fingerprint == fingerprint]
+            home = self._home(self.pool[0].item.request_id)
+            # Cache affinity: a batch goes to one verifier; requests new to every verifier join any.
+            same = [w for w in self.pool if w.item.fingerprint == fingerprint and self._home(w.item.request_id) in (home, "")]
             pipeline = self.config.pipeline
             if pipeline.batch_choice == "fifo":
                 taken = same[: self.batch_policy.take(len(same))]
@@ -231,7 +245,7 @@ class Coordinator(StageWorker):
                 chosen = self.batch_policy.select(pending, self.control.verify_ms, pipeline.batch_latency_weight, pipeline.batch_starve_ms / 1000)
                 taken = [same[i] for i in chosen]
             batch = VerifyBatch(uuid.uuid4().hex[:12], [w.item for w in taken])
-            stream = self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
+            stream = self.keys.verify_at(home) if home else self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(stream, encode(batch))
                 # Drafting is done: the drafter-deadline sweep lets go of these rounds.
@@ -256,33 +270,50 @@ class Coordinator(StageWorker):
                 del self.sent_batches[next(iter(self.sent_batches))]
             self.log.debug("batch %s: %d requests to %s", batch.batch_id, len(taken), stream)
 
+    def _home(self, request_id: str) -> str:
+        """The live verifier instance that holds a request's caches, or "" (any verifier): also
+        when that one has work while another is free."""
+        home = self.home.get(request_id, "")
+        if home not in self.verifier_ids or not self.config.pipeline.affinity:
+            return ""
+        return "" if self.steal and self.busy_at.get(home, 0) else home
+
     async def _load(self) -> tuple[int, int]:
         """(active requests, batches queued or in verification over the shared and the
         per-target verify streams), in one round trip: a batch decision sits on every round's
         path."""
-        streams = [self.keys.verify, *(self.keys.verify_for(f) for f in self.fingerprints)]
+        streams = [self.keys.verify, *(self.keys.verify_for(f) for f in self.fingerprints), *(self.keys.verify_at(i) for i in sorted(self.verifier_ids))]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.deadlines)
             for stream in streams:
                 pipe.xinfo_groups(stream)
             replies = await pipe.execute(raise_on_error=False)
-        active, busy = replies[0], 0
+        active, busy, own = replies[0], 0, {}
         if isinstance(active, Exception):
             raise active
-        for groups in replies[1:]:
+        instances = {self.keys.verify_at(i): i for i in self.verifier_ids}
+        for stream, groups in zip(streams, replies[1:]):
             if isinstance(groups, ResponseError) and "no such key" in str(groups).lower():
                 continue  # a verify stream not created yet: nothing queued on it
             if isinstance(groups, Exception):
                 raise groups
             for group in groups:
                 if group["name"].decode() == self.keys.group("verifier"):
-                    busy += int(group.get("lag") or 0) + int(group.get("pending") or 0)
+                    queued = int(group.get("lag") or 0) + int(group.get("pending") or 0)
+                    busy += queued
+                    if stream in instances:
+                        own[instances[stream]] = queued
+        self.busy_at = own  # per verifier: batches of its own stream queued or in hand
         return int(active), busy
 
     # ---- verified results -> state, output, next round ----------------------------------------
 
     async def _apply_verified(self, entry_id: bytes, batch: VerifiedBatch) -> None:
         cost_error = self._observe(batch)
+        for item in batch.items:  # the verifier now holds these requests' caches
+            self.home[item.request_id] = batch.verifier
+        while len(self.home) > TRACKED:  # requests that ended elsewhere
+            del self.home[next(iter(self.home))]
         states = await self._states([item.request_id for item in batch.items])
         self._plan(batch, states)
         # Every request's round in one round trip (each its own compare-and-set).
@@ -474,6 +505,40 @@ class Coordinator(StageWorker):
             self.log.warning("request %s round %d: no draft after %d ms, verifying without drafts", request_id, state.round, deadline_ms)
             await self.redis.xadd(self.keys.candidates, encode(empty_candidate(state)))
 
+    async def _move_gone_verifier_streams(self) -> None:
+        """A verifier that is gone leaves batches in its own stream (unread, or read and not
+        acknowledged): they go to the shared streams, for any verifier. The stream is renamed
+        first, so only one coordinator moves it; a verifier that was only slow finds its group
+        gone and makes its stream again (at most a batch verified twice: the compare-and-set
+        applies it once)."""
+        registered = {m.decode() for m in await self.redis.smembers(self.keys.verifier_streams)}
+        group = self.keys.group("verifier")
+        for instance in sorted(registered - self.verifier_ids):
+            source, moving = self.keys.verify_at(instance), f"{self.keys.verify_at(instance)}:gone"
+            try:
+                await self.redis.rename(source, moving)
+            except ResponseError:  # no such key: moved by another coordinator
+                await self.redis.srem(self.keys.verifier_streams, instance)
+                continue
+            last, pending = b"0-0", set()
+            for info in await self.redis.xinfo_groups(moving):
+                if info["name"].decode() == group:
+                    last = info["last-delivered-id"]
+                    pending = {e["message_id"] for e in await self.redis.xpending_range(moving, group, "-", "+", 10_000)}
+            entries = [(i, f) for i, f in await self.redis.xrange(moving) if i in pending or bus.stream_id(i) > bus.stream_id(last)]
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for _, fields in entries:
+                    try:
+                        items = decode(fields, VerifyBatch).items
+                    except WireError:
+                        continue  # nothing a verifier could read either
+                    fingerprint = items[0].fingerprint if items else ""
+                    pipe.xadd(self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify, fields)
+                pipe.delete(moving)
+                pipe.srem(self.keys.verifier_streams, instance)
+                await pipe.execute()
+            self.log.warning("verifier %s is gone: %d batches of its stream moved to the shared streams", instance, len(entries))
+
     async def _expire_deadlines(self) -> None:
         """Requests past their deadline (an abandoned client, a stalled pipeline) end now."""
         now_ms = int(time.time() * 1000)
@@ -490,7 +555,9 @@ class Coordinator(StageWorker):
 
     async def _refresh_liveness(self) -> None:
         self.live_experts = await self.live_drafter_experts()
-        verifiers = await self.live_values("verifier")
+        roster = await self.live_roster("verifier")
+        verifiers = list(roster.values())
+        self.verifier_ids = set(roster)
         self.live_verifiers = len(verifiers)
         found = {p.split("=", 1)[1] for v in verifiers for p in v.split() if p.startswith("fingerprint=")}
         self.fingerprints |= found
@@ -517,6 +584,7 @@ class Coordinator(StageWorker):
         streams = [self.keys.requests, self.keys.cancel, self.keys.drafts, self.keys.candidates, self.keys.verify, self.keys.verified]
         streams += [self.keys.draft(e.decode()) for e in await self.redis.smembers(self.keys.experts)]
         streams += [self.keys.verify_for(f.decode()) for f in await self.redis.smembers(self.keys.fingerprints)]
+        streams += [self.keys.verify_at(i.decode()) for i in await self.redis.smembers(self.keys.verifier_streams)]
         for stream in streams:
             await self.guarded(self._trim_stream, stream)
 

@@ -41,7 +41,9 @@ class VerifierWorker(StageWorker):
 
     def input_streams(self) -> list[str]:
         fingerprint = getattr(self, "fingerprint", None)
-        return [self.keys.verify] + ([self.keys.verify_for(fingerprint)] if fingerprint else [])
+        # Its own stream first: rounds of requests whose caches it holds (cache affinity).
+        own = [self.keys.verify_at(self.instance), self.keys.verify_for(fingerprint)] if fingerprint else []
+        return own + [self.keys.verify]
 
     async def setup(self) -> None:
         self.target = await self.off_loop(load_target, self.config)
@@ -56,6 +58,11 @@ class VerifierWorker(StageWorker):
 
     async def on_connect(self) -> None:
         await bus.ensure_group(self.redis, self.keys.verify_for(self.fingerprint), self.group)
+        await bus.ensure_group(self.redis, self.keys.verify_at(self.instance), self.group)
+        # In the roster before the registry: a coordinator moves the streams of registered
+        # instances that are not live (and would take a new one's for gone).
+        await self._beat(self.keys.live(self.role, self.instance), 3 * self.config.pipeline.heartbeat_ms)
+        await self.redis.sadd(self.keys.verifier_streams, self.instance)
         await self.redis.sadd(self.keys.fingerprints, self.fingerprint)
         await self.redis.hset(self.keys.cost(self.fingerprint), mapping=dict(zip(("a", "b", "c", "e"), map(str, self.cost_profile))))
 

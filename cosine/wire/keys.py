@@ -45,6 +45,16 @@ class Keys:
         round): only verifiers of that target read it, so a rolling upgrade errors nothing."""
         return f"{self.prefix}verify:{_target_digest(fingerprint)}"
 
+    def verify_at(self, instance: str) -> str:
+        """Verification batches for one verifier instance: rounds of requests whose caches it
+        holds (cache affinity). Moved to the shared streams when the instance is gone."""
+        return f"{self.prefix}verify:at:{instance}"
+
+    @property
+    def verifier_streams(self) -> str:
+        """set: verifier instances that have a ``verify_at`` stream (for the sweep of gone ones)."""
+        return f"{self.prefix}verifier-streams"
+
     def cost(self, fingerprint: str) -> str:
         """hash: a verifier's start-up profile of its verification cost (ms = a + b B + c T)."""
         return f"{self.prefix}cost:{_target_digest(fingerprint)}"

@@ -483,3 +483,44 @@ def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(se
         await client.aclose()
 
     run(scenario())
+
+
+def test_a_gone_verifiers_own_stream_goes_to_the_shared_streams(server):
+    """Cache affinity: batches left in a verifier's own stream (one unread, one read and not
+    acknowledged) go to the shared streams when the verifier is no longer live; what it had
+    acknowledged is not verified again; a live verifier's stream stays."""
+    from cosine.workers.coordinator import Coordinator
+
+    from cosine.core.sampling import SamplingParams
+    from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
+
+    def batch(name: str, fingerprint: str) -> dict:
+        return encode(VerifyBatch(name, [VerifyItem(name, 1, [1, 2], Candidate(name, 1, [], [], [], [], []), SamplingParams(), fingerprint)]))
+
+    async def scenario():
+        client = await fresh(server)
+        coordinator = Coordinator(Config(), server)
+        coordinator.redis = client
+        group = KEYS.group("verifier")
+        for instance in ("gone", "alive"):
+            await bus.ensure_group(client, KEYS.verify_at(instance), group)
+            await client.sadd(KEYS.verifier_streams, instance)
+        await client.xadd(KEYS.verify_at("gone"), batch("done", "fp"))
+        await client.xadd(KEYS.verify_at("gone"), batch("held", "fp"))
+        await client.xadd(KEYS.verify_at("gone"), batch("unread", ""))
+        read = await client.xreadgroup(group, "gone", {KEYS.verify_at("gone"): ">"}, count=2)
+        await client.xack(KEYS.verify_at("gone"), group, read[0][1][0][0])  # "done" verified
+        await client.xadd(KEYS.verify_at("alive"), batch("kept", "fp"))
+        coordinator.verifier_ids = {"alive"}
+        await coordinator._move_gone_verifier_streams()
+        moved = [decode(f, VerifyBatch).batch_id for _, f in await client.xrange(KEYS.verify_for("fp"))]
+        assert moved == ["held"]
+        assert [decode(f, VerifyBatch).batch_id for _, f in await client.xrange(KEYS.verify)] == ["unread"]
+        assert not await client.exists(KEYS.verify_at("gone"), f"{KEYS.verify_at('gone')}:gone")
+        assert await client.smembers(KEYS.verifier_streams) == {b"alive"}
+        assert await client.xlen(KEYS.verify_at("alive")) == 1
+        await coordinator._move_gone_verifier_streams()  # nothing left to move
+        assert await client.xlen(KEYS.verify_for("fp")) == 1
+        await client.aclose()
+
+    run(scenario())

@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from cosine.wire import Candidate, DraftJob, decode
+from cosine.wire import Candidate, DraftJob, VerifiedBatch, decode
 from tests.conftest import cache_dir
 from tests.integration.harness import (
     ROOT,
@@ -349,3 +349,38 @@ def test_a_long_prompt_prefills_in_chunks_beside_decoding_requests(server, tmp_p
     # At least one partial result per chunk but the last (shared prefix blocks may skip none here:
     # the prompts differ from their first tokens on).
     assert stats.get("prefill_chunks", 0) >= (len(ids[0]) - 1) // chunk, stats
+
+
+def test_rounds_stay_with_the_verifier_that_holds_their_caches(server, tmp_path, demo_target, greedy_references, pipelines):
+    """Two verifiers: a request's rounds go to the one that verified its round before (its own
+    stream), which holds its caches; another one only when that one has work queued while the
+    other is free."""
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT], pipeline={"trim_interval_s": 3600.0})
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "fusion", "verifier", "verifier"):
+        pipeline.start(role)
+    pipeline.start("drafter", "--expert", "general")
+    pipeline.wait_live("verifier", 2)
+    pipeline.wait_live("drafter", 1)
+    pipeline.wait_live("coordinator", 1)
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    ids = [submit(client, id=f"aff-{i}", messages=json.dumps([{"role": "user", "content": texts[i]}]), max_tokens=MAX_TOKENS) for i in range(6)]
+    for index, request_id in enumerate(ids):
+        final = final_of(read_output(client, request_id, timeout=180))
+        assert_matches(json.loads(final["token_ids"]), greedy_references[index][:MAX_TOKENS])
+    # Each round's verifier against the one of the request's round before: the same unless the
+    # home verifier had work queued while the other was free (then the first free one takes it).
+    last: dict[str, str] = {}
+    stayed = moved = 0
+    for _, fields in client.xrange("cosine:verified"):
+        batch = decode(fields, VerifiedBatch)
+        for item in batch.items:
+            if item.request_id in last:
+                stayed += last[item.request_id] == batch.verifier
+                moved += last[item.request_id] != batch.verifier
+            last[item.request_id] = batch.verifier
+    print(f"rounds on the verifier of the round before: {stayed}, elsewhere: {moved}")
+    assert set(last) == set(ids) and stayed >= 3 * moved, (stayed, moved)
+    own = [key.decode() for key in client.scan_iter("cosine:verify:at:*")]
+    assert len(own) == 2 and sum(client.xlen(key) for key in own) > 0, own
