@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
+import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
@@ -298,6 +299,16 @@ async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
     except ResponseError as error:
         if "BUSYGROUP" not in str(error):
             raise
+
+
+async def committed_tokens(client: aioredis.Redis, keys: Keys, request_ids: Sequence[str]) -> list[list[int] | None]:
+    """Several requests' committed tokens (prompt + output) from their hashes, in one round
+    trip; None for a request that is gone."""
+    async with client.pipeline(transaction=False) as pipe:
+        for request_id in request_ids:
+            pipe.hmget(keys.request(request_id), "prompt_ids", "output_ids")
+        replies = await pipe.execute()
+    return [None if prompt is None or output is None else [*msgpack.unpackb(prompt), *msgpack.unpackb(output)] for prompt, output in replies]
 
 
 async def write_and_ack(

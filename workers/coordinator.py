@@ -34,6 +34,7 @@ from cosine.policy.control import SpeculationControl
 from cosine.policy.routing import routing_policy
 from cosine.policy.window import WindowPolicy
 from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
+from cosine.wire.context import by_reference
 from cosine.wire.convert import empty_candidate, feedback_from_wire
 from cosine.wire.state import round_fields, state_from_fields
 
@@ -209,7 +210,9 @@ class Coordinator(StageWorker):
             chunk = 0 if prefilled < 0 else self.config.pipeline.prefill_chunk
             if chunk:
                 fed = len(candidate.tokens) + min(chunk, max(1, len(state.context) - prefilled))
-        item = VerifyItem(state.request_id, state.round, state.context, candidate, state.sampling, state.fingerprint, features_from, chunk)
+        # Later rounds reference the context (the verifier keeps it); a first round carries the prompt.
+        start, prefix_digest, tail = by_reference(state.context) if state.round else (0, b"", state.context)
+        item = VerifyItem(state.request_id, state.round, tail, candidate, state.sampling, state.fingerprint, features_from, chunk, start, prefix_digest)
         depth = tree_depth(candidate.parents)
         expected = self.control.expected(depth, state.accepted_tokens, state.drafted_rounds)
         self.pool.append(_Waiting(entry_id, item, time.monotonic(), fed, expected, depth))
@@ -263,7 +266,7 @@ class Coordinator(StageWorker):
                 if clock is not None and clock.round == w.item.round:
                     clock.sent = sent_at
             self.sent_batches[batch.batch_id] = _SentBatch(
-                len(taken), sum(w.fed_tokens for w in taken), max(len(w.item.context) for w in taken),
+                len(taken), sum(w.fed_tokens for w in taken), max(w.item.context_len for w in taken),
                 any(w.item.round == 0 for w in taken), {w.item.request_id: w.depth for w in taken},
             )
             while len(self.sent_batches) > TRACKED:  # results that never came back here
@@ -479,8 +482,9 @@ class Coordinator(StageWorker):
         if not experts or window <= 0:
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
         self.drafting[state.request_id] = (state.round, time.monotonic(), window, together)
-        job = DraftJob(state.request_id, state.round, state.context, window, state.sampling, experts, int(time.time() * 1000), features, features_start, state.domain,
-                       step_mode=self.config.speculation.mode == "step")
+        start, prefix_digest, tail = by_reference(state.context)
+        job = DraftJob(state.request_id, state.round, tail, window, state.sampling, experts, int(time.time() * 1000), features, features_start, state.domain,
+                       step_mode=self.config.speculation.mode == "step", context_start=start, context_digest=prefix_digest)
         return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
 
     # ---- sweeps --------------------------------------------------------------------------

@@ -16,10 +16,12 @@ from collections import OrderedDict
 import torch
 from cosine.workers.base import Entry, StageWorker
 
-from cosine.bus import write_and_ack
+from cosine.bus import committed_tokens, write_and_ack
+from cosine.core.tree import DraftChain
 from cosine.drafters.base import DraftRequest
 from cosine.factory import build_drafter, load_target
 from cosine.wire import Draft, DraftJob, decode, encode
+from cosine.wire.context import check_stored, resolve
 from cosine.wire.convert import probs_to_bytes, states_from_bytes
 
 
@@ -49,18 +51,26 @@ class DrafterWorker(StageWorker):
         self.drafter = await self.off_loop(load)
         self.rank = [d.name for d in self.config.drafters].index(self.spec.name)
         self.features: OrderedDict[str, torch.Tensor] = OrderedDict()  # request id -> states at positions 0..
+        self.contexts: OrderedDict[str, list[int]] = OrderedDict()  # request id -> the context of its last job here
 
     async def on_connect(self) -> None:
         await self.redis.sadd(self.keys.experts, self.expert)
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         jobs = [decode(fields, DraftJob) for _, fields in entries]
+        contexts = await self._contexts(jobs)
         features = [await self._features(j) for j in jobs] if self.drafter.needs_features else [None] * len(jobs)
-        requests = [_request(j, f) for j, f in zip(jobs, features)]
+        # A job whose request moved on since it was written (its context is no longer the
+        # request's) drafts nothing: its round is over.
+        live = [i for i, context in enumerate(contexts) if context is not None]
+        requests = [_request(jobs[i], contexts[i], features[i]) for i in live]
         async with self.renewing(stream, [entry_id for entry_id, _ in entries]):
             began = time.perf_counter()
-            chains = await self.off_loop(self.drafter.propose, requests)
+            drafted = await self.off_loop(self.drafter.propose, requests) if requests else []
             draft_ms = (time.perf_counter() - began) * 1000
+        chains = [DraftChain((), (), None, self.spec.name)] * len(jobs)
+        for i, chain in zip(live, drafted):
+            chains[i] = chain
         outputs = []
         for job, chain in zip(jobs, chains):
             draft = Draft(
@@ -73,7 +83,7 @@ class DrafterWorker(StageWorker):
                 confidences=[float(c) for c in chain.confidences],
                 draft_probs=probs_to_bytes(chain.draft_probs),
                 experts=job.experts,
-                context_len=len(job.context),
+                context_len=job.context_len,
                 draft_ms=draft_ms,
                 step_mode=job.step_mode,
                 step=job.step,
@@ -85,6 +95,23 @@ class DrafterWorker(StageWorker):
             outputs.append((self.keys.drafts, encode(draft)))
         await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])
 
+
+    async def _contexts(self, jobs: list[DraftJob]) -> list[list[int] | None]:
+        """Each job's whole context: the referenced prefix from this worker's copy of the
+        request's last context, else from the request's hash (one round trip for all)."""
+        contexts = [resolve(self.contexts.get(j.request_id), j.context_start, j.context_digest, j.context) for j in jobs]
+        missing = [i for i, context in enumerate(contexts) if context is None]
+        if missing:
+            stored = await committed_tokens(self.redis, self.keys, [jobs[i].request_id for i in missing])
+            for i, tokens in zip(missing, stored):
+                contexts[i] = None if tokens is None else check_stored(tokens, jobs[i].context_start, jobs[i].context)
+        for job, context in zip(jobs, contexts):
+            if context is not None:
+                self.contexts.pop(job.request_id, None)
+                self.contexts[job.request_id] = context
+        while len(self.contexts) > MAX_HELD_REQUESTS:
+            self.contexts.popitem(last=False)
+        return contexts
 
     async def _features(self, job: DraftJob) -> torch.Tensor | None:
         """The target's states at positions 0.. for the job's request: what this worker holds plus
@@ -114,9 +141,9 @@ class DrafterWorker(StageWorker):
 MAX_HELD_REQUESTS = 256
 
 
-def _request(job: DraftJob, features: torch.Tensor | None) -> DraftRequest:
+def _request(job: DraftJob, context: list[int], features: torch.Tensor | None) -> DraftRequest:
     sampling = job.sampling
     if job.step_mode:  # one token after the fused prefix; its draws get the step's own random stream
         window = 1 if job.step < job.window else 0
-        return DraftRequest(job.request_id, [*job.context, *job.prefix], window, sampling, job.round, features, job.domain, job.step)
-    return DraftRequest(job.request_id, job.context, max(0, job.window), sampling, job.round, features, job.domain)
+        return DraftRequest(job.request_id, [*context, *job.prefix], window, sampling, job.round, features, job.domain, job.step)
+    return DraftRequest(job.request_id, context, max(0, job.window), sampling, job.round, features, job.domain)

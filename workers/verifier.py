@@ -16,7 +16,9 @@ are released.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import OrderedDict
 
 import torch
 from cosine.workers.base import Entry, StageWorker
@@ -30,9 +32,11 @@ from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.policy.control import verify_features
 from cosine.policy.routing import tree_feedback
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
+from cosine.wire.context import check_stored, resolve
 from cosine.wire.convert import candidate_to_tree, states_to_bytes
 
 RELEASE_INTERVAL_S = 2.0
+MAX_HELD_CONTEXTS = 4096  # requests whose committed tokens a verifier keeps (oldest forgotten first)
 
 
 class VerifierWorker(StageWorker):
@@ -50,6 +54,7 @@ class VerifierWorker(StageWorker):
         self.runner = ModelRunner(self.target.model, max_cache_bytes=self.config.model.kv_cache_bytes)
         self.fingerprint = self.target.fingerprint
         self.last_release = 0.0
+        self.contexts: OrderedDict[str, list[int]] = OrderedDict()  # request -> its committed tokens after the round it last verified
         await self.off_loop(self.runner.forward, [ForwardItem("warm-up", [1, 2, 3], (4,), (-1,))])
         self.runner.release("warm-up")
         self.cost_profile = await self.off_loop(profile_cost, self.runner)
@@ -75,6 +80,7 @@ class VerifierWorker(StageWorker):
             batch = decode(fields, VerifyBatch)
             outputs = self._hand_on_foreign(batch)
             items = await self._still_open([i for i in batch.items if i.fingerprint in ("", self.fingerprint)])
+            items = await self._whole_contexts(items)
             results: list[VerifiedItem] = []
             forward_ms = 0.0
             if items:
@@ -84,6 +90,7 @@ class VerifierWorker(StageWorker):
                     results = await self.off_loop(self._verify_isolating, items)
                     forward_ms = (time.perf_counter() - began) * 1000
                     await self.mark_phase("idle")
+                self._remember(items, results)
                 out = VerifiedBatch(batch.batch_id, self.instance, results, len(items), forward_ms, self.fingerprint)
                 outputs.append((self.keys.verified, encode(out)))
             await self.retrying(bus.write_and_ack, self.redis, outputs, stream, self.group, [entry_id])
@@ -129,6 +136,36 @@ class VerifierWorker(StageWorker):
             replies = await pipe.execute()
         return [item for item, (round_, status) in zip(items, replies) if round_ == str(item.round).encode() and status == b"active"]
 
+    async def _whole_contexts(self, items: list[VerifyItem]) -> list[VerifyItem]:
+        """Items with their whole contexts: the referenced prefix from what this verifier keeps
+        of each request, else from the request's hash (one round trip for all); an item whose
+        request has moved on since is dropped (stale)."""
+        whole: dict[str, list[int] | None] = {}
+        missing = []
+        for item in items:
+            whole[item.request_id] = resolve(self.contexts.get(item.request_id), item.context_start, item.context_digest, item.context)
+            if whole[item.request_id] is None:
+                missing.append(item)
+        if missing:
+            stored = await bus.committed_tokens(self.redis, self.keys, [i.request_id for i in missing])
+            for item, tokens in zip(missing, stored):
+                whole[item.request_id] = None if tokens is None else check_stored(tokens, item.context_start, item.context)
+            self.log.debug("%d of %d contexts read from Redis", len(missing), len(items))
+        return [dataclasses.replace(i, context=whole[i.request_id], context_start=0, context_digest=b"") for i in items if whole[i.request_id] is not None]
+
+    def _remember(self, items: list[VerifyItem], results: list[VerifiedItem]) -> None:
+        """Each request's committed tokens after this round: what its next round references."""
+        for item, result in zip(items, results):
+            self.contexts.pop(item.request_id, None)
+            if result.error:
+                continue
+            if result.prefilled:
+                self.contexts[item.request_id] = list(item.context)
+            else:
+                self.contexts[item.request_id] = [*item.context, *result.accepted_tokens, result.next_token]
+        while len(self.contexts) > MAX_HELD_CONTEXTS:
+            self.contexts.popitem(last=False)
+
     async def _release_finished(self) -> None:
         keys = await self.off_loop(self.runner.cached_keys)
         if not keys:
@@ -140,6 +177,8 @@ class VerifierWorker(StageWorker):
         done = [key for key, status in zip(keys, statuses) if status != b"active"]
         if done:
             await self.off_loop(self.runner.release_many, done)
+            for key in done:
+                self.contexts.pop(key, None)
 
     def _verify_isolating(self, items: list[VerifyItem]) -> list[VerifiedItem]:
         """The batch in one forward; if that raises, each request alone, so one bad request

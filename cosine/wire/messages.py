@@ -35,7 +35,7 @@ class DraftJob:
     KIND: ClassVar[str] = "draft_job"
     request_id: str
     round: int
-    context: list[int]  # committed tokens (prompt + output so far)
+    context: list[int]  # committed tokens (prompt + output so far) from position context_start on
     window: int
     sampling: SamplingParams
     experts: list[str]  # every expert cooperating this round (fusion waits for all)
@@ -51,6 +51,14 @@ class DraftJob:
     step_mode: bool = False
     step: int = 0
     prefix: list[int] = field(default_factory=list)
+    # > 0: ``context`` holds the committed tokens from here on; the ones before are referenced
+    # by their blake2b digest (``cosine.wire.context``): the worker's own copy, or the request's hash.
+    context_start: int = 0
+    context_digest: bytes = b""
+
+    @property
+    def context_len(self) -> int:
+        return self.context_start + len(self.context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +120,13 @@ class VerifyItem:
     # > 0: feed at most this many uncached context tokens now (chunked prefill); when more are
     # left, the result is a partial one (``VerifiedItem.prefilled``) and the round comes again.
     prefill_chunk: int = 0
+    # As DraftJob's: ``context`` from context_start on, the tokens before it by digest.
+    context_start: int = 0
+    context_digest: bytes = b""
+
+    @property
+    def context_len(self) -> int:
+        return self.context_start + len(self.context)
 
 
 @dataclass(frozen=True, slots=True)

@@ -524,3 +524,42 @@ def test_a_gone_verifiers_own_stream_goes_to_the_shared_streams(server):
         await client.aclose()
 
     run(scenario())
+
+
+def test_a_verifier_resolves_contexts_by_reference_from_what_it_keeps_or_from_redis(server):
+    """Items carry the context's tail and a digest of the rest: a verifier that kept nothing
+    reads the committed tokens from the request's hash, drops an item whose request moved on,
+    and after verifying keeps the context that the next round references."""
+    from collections import OrderedDict
+
+    from cosine.workers.verifier import VerifierWorker
+
+    from cosine.core.rounds import RequestState
+    from cosine.core.sampling import SamplingParams
+    from cosine.wire import Candidate, VerifiedItem, VerifyItem
+    from cosine.wire.context import by_reference
+
+    def item(request_id: str, context: list[int]) -> VerifyItem:
+        start, prefix_digest, tail = by_reference(context)
+        assert start > 0
+        return VerifyItem(request_id, 4, tail, Candidate(request_id, 4, [], [], [], [], []), SamplingParams(), "", context_start=start, context_digest=prefix_digest)
+
+    async def scenario():
+        client = await fresh(server)
+        verifier = VerifierWorker(Config(), server)
+        verifier.redis, verifier.contexts = client, OrderedDict()
+        prompt = list(range(10, 110))
+        for request_id, output in (("r1", [5, 6]), ("r2", [5, 6, 7])):
+            state = RequestState(request_id, prompt, SamplingParams(), 8, (), (2,), ["general"], round=4, output_ids=output)
+            await client.hset(KEYS.request(request_id), mapping=state_to_fields(state))
+        context = prompt + [5, 6]
+        # r2 moved on (one more output token than its item's context): stale, dropped.
+        resolved = await verifier._whole_contexts([item("r1", context), item("r2", context)])
+        assert [(i.request_id, i.context, i.context_start) for i in resolved] == [("r1", context, 0)]
+        verifier._remember(resolved, [VerifiedItem("r1", 4, [7], 8, 1)])
+        await client.delete(KEYS.request("r1"))  # from now on only what the verifier kept
+        again = await verifier._whole_contexts([item("r1", context + [7, 8])])
+        assert [i.context for i in again] == [context + [7, 8]]
+        await client.aclose()
+
+    run(scenario())

@@ -400,3 +400,31 @@ def test_malformed_draft_distributions_are_refused(rows, match):
 
     with pytest.raises(WireError, match=match):
         probs_from_bytes(rows, 10)
+
+
+def test_a_context_by_reference_is_its_tail_and_a_digest_of_the_rest():
+    from cosine.wire.context import TAIL, by_reference, check_stored, digest, resolve
+
+    context = list(range(1000, 1000 + 3 * TAIL))
+    start, prefix_digest, tail = by_reference(context)
+    assert start == 2 * TAIL and tail == context[start:] and prefix_digest == digest(context[:start])
+    # A worker that holds the request's last context (shorter, or longer: its own draft) resolves it.
+    assert resolve(context[: start + 3], start, prefix_digest, tail) == context
+    assert resolve(context + [7, 8], start, prefix_digest, tail) == context
+    # Not what it holds: too short, another prefix, nothing held.
+    assert resolve(context[: start - 1], start, prefix_digest, tail) is None
+    assert resolve([0] + context[1:], start, prefix_digest, tail) is None
+    assert resolve(None, start, prefix_digest, tail) is None
+    # Short contexts travel whole.
+    assert by_reference(context[:TAIL]) == (0, b"", context[:TAIL]) and resolve(None, 0, b"", [5, 6]) == [5, 6]
+    # Read back from the request's hash: the referenced context, unless the request moved on.
+    assert check_stored(context, start, tail) == context
+    assert check_stored(context + [9], start, tail) is None and check_stored(context[:-1] + [0], start, tail) is None
+    assert digest([1, 2]) != digest([2, 1]) and len(digest([])) == 8
+
+
+def test_jobs_and_items_say_their_whole_context_length():
+    job = DraftJob("r", 2, [5, 6, 7], 4, SamplingParams(), ["general"], context_start=100, context_digest=b"\x01" * 8)
+    assert job.context_len == 103 and decode(encode(job)) == job
+    item = VerifyItem("r", 2, [5], Candidate("r", 2, [], [], [], [], []), SamplingParams(), "", context_start=10, context_digest=b"\x02" * 8)
+    assert item.context_len == 11 and decode(encode(VerifyBatch("b", [item]))).items[0] == item
