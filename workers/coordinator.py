@@ -516,8 +516,13 @@ class Coordinator(StageWorker):
         gone and makes its stream again (at most a batch verified twice: the compare-and-set
         applies it once)."""
         registered = {m.decode() for m in await self.redis.smembers(self.keys.verifier_streams)}
+        if not registered - self.verifier_ids:
+            return
+        # A roster read after the registry's, not the cached one: a verifier joins the roster
+        # before the registry, so one that just started is not taken for gone.
+        live = set(await self.live_roster("verifier", max_age_s=0.0))
         group = self.keys.group("verifier")
-        for instance in sorted(registered - self.verifier_ids):
+        for instance in sorted(registered - live):
             source, moving = self.keys.verify_at(instance), f"{self.keys.verify_at(instance)}:gone"
             try:
                 await self.redis.rename(source, moving)

@@ -489,6 +489,8 @@ def test_a_gone_verifiers_own_stream_goes_to_the_shared_streams(server):
     """Cache affinity: batches left in a verifier's own stream (one unread, one read and not
     acknowledged) go to the shared streams when the verifier is no longer live; what it had
     acknowledged is not verified again; a live verifier's stream stays."""
+    import time
+
     from cosine.workers.coordinator import Coordinator
 
     from cosine.core.sampling import SamplingParams
@@ -511,7 +513,10 @@ def test_a_gone_verifiers_own_stream_goes_to_the_shared_streams(server):
         read = await client.xreadgroup(group, "gone", {KEYS.verify_at("gone"): ">"}, count=2)
         await client.xack(KEYS.verify_at("gone"), group, read[0][1][0][0])  # "done" verified
         await client.xadd(KEYS.verify_at("alive"), batch("kept", "fp"))
-        coordinator.verifier_ids = {"alive"}
+        # "alive" is in the roster, not yet in the coordinator's cached view of it (it just
+        # started): it must not be taken for gone.
+        await client.hset(KEYS.roster("verifier"), "alive", f"{time.time() * 1000 + 60_000:.0f} 0 fingerprint=fp")
+        coordinator.verifier_ids = set()
         await coordinator._move_gone_verifier_streams()
         moved = [decode(f, VerifyBatch).batch_id for _, f in await client.xrange(KEYS.verify_for("fp"))]
         assert moved == ["held"]
