@@ -25,16 +25,17 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from cosine import faults
-from cosine.bus import connect, ensure_group, load_functions
+from cosine.bus import committed_tokens, connect, ensure_group, load_functions
 from cosine.config import Config
 from cosine.wire import PAYLOAD_FIELD, Keys, WireError
+from cosine.wire.context import check_stored, resolve
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +372,20 @@ class StageWorker:
             await self.redis.hdel(self.keys.roster(role), *gone)
         cache[role] = (now, live)
         return live
+
+    async def whole_contexts(self, held: Mapping[str, list[int]], refs: Sequence[Any]) -> list[list[int] | None]:
+        """Whole contexts of jobs or items that reference theirs (``context_start``,
+        ``context_digest``, ``context``): the prefix from what this worker ``held`` of each
+        request, else from the request's hash (one round trip for all); None where the request
+        has moved on since (a stale round) or is gone."""
+        contexts = [resolve(held.get(r.request_id), r.context_start, r.context_digest, r.context) for r in refs]
+        missing = [i for i, context in enumerate(contexts) if context is None]
+        if missing:
+            stored = await committed_tokens(self.redis, self.keys, [refs[i].request_id for i in missing])
+            for i, tokens in zip(missing, stored):
+                contexts[i] = None if tokens is None else check_stored(tokens, refs[i].context_start, refs[i].context)
+            self.log.debug("%d of %d contexts read from Redis", len(missing), len(refs))
+        return contexts
 
     async def live_drafter_experts(self, max_age_s: float = 0.25) -> set[str]:
         """Experts with at least one live drafter (cached briefly)."""

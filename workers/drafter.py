@@ -16,12 +16,11 @@ from collections import OrderedDict
 import torch
 from cosine.workers.base import Entry, StageWorker
 
-from cosine.bus import committed_tokens, write_and_ack
+from cosine.bus import write_and_ack
 from cosine.core.tree import DraftChain
 from cosine.drafters.base import DraftRequest
 from cosine.factory import build_drafter, load_target
 from cosine.wire import Draft, DraftJob, decode, encode
-from cosine.wire.context import check_stored, resolve
 from cosine.wire.convert import probs_to_bytes, states_from_bytes
 
 
@@ -97,14 +96,8 @@ class DrafterWorker(StageWorker):
 
 
     async def _contexts(self, jobs: list[DraftJob]) -> list[list[int] | None]:
-        """Each job's whole context: the referenced prefix from this worker's copy of the
-        request's last context, else from the request's hash (one round trip for all)."""
-        contexts = [resolve(self.contexts.get(j.request_id), j.context_start, j.context_digest, j.context) for j in jobs]
-        missing = [i for i, context in enumerate(contexts) if context is None]
-        if missing:
-            stored = await committed_tokens(self.redis, self.keys, [jobs[i].request_id for i in missing])
-            for i, tokens in zip(missing, stored):
-                contexts[i] = None if tokens is None else check_stored(tokens, jobs[i].context_start, jobs[i].context)
+        """Each job's whole context (``whole_contexts``), kept as the request's last one here."""
+        contexts = await self.whole_contexts(self.contexts, jobs)
         for job, context in zip(jobs, contexts):
             if context is not None:
                 self.contexts.pop(job.request_id, None)

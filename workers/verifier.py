@@ -32,7 +32,6 @@ from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.policy.control import verify_features
 from cosine.policy.routing import tree_feedback
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
-from cosine.wire.context import check_stored, resolve
 from cosine.wire.convert import candidate_to_tree, states_to_bytes
 
 RELEASE_INTERVAL_S = 2.0
@@ -137,21 +136,10 @@ class VerifierWorker(StageWorker):
         return [item for item, (round_, status) in zip(items, replies) if round_ == str(item.round).encode() and status == b"active"]
 
     async def _whole_contexts(self, items: list[VerifyItem]) -> list[VerifyItem]:
-        """Items with their whole contexts: the referenced prefix from what this verifier keeps
-        of each request, else from the request's hash (one round trip for all); an item whose
-        request has moved on since is dropped (stale)."""
-        whole: dict[str, list[int] | None] = {}
-        missing = []
-        for item in items:
-            whole[item.request_id] = resolve(self.contexts.get(item.request_id), item.context_start, item.context_digest, item.context)
-            if whole[item.request_id] is None:
-                missing.append(item)
-        if missing:
-            stored = await bus.committed_tokens(self.redis, self.keys, [i.request_id for i in missing])
-            for item, tokens in zip(missing, stored):
-                whole[item.request_id] = None if tokens is None else check_stored(tokens, item.context_start, item.context)
-            self.log.debug("%d of %d contexts read from Redis", len(missing), len(items))
-        return [dataclasses.replace(i, context=whole[i.request_id], context_start=0, context_digest=b"") for i in items if whole[i.request_id] is not None]
+        """Items with their whole contexts (``whole_contexts``); an item whose request has moved
+        on since is dropped (stale)."""
+        contexts = await self.whole_contexts(self.contexts, items)
+        return [dataclasses.replace(i, context=c, context_start=0, context_digest=b"") for i, c in zip(items, contexts) if c is not None]
 
     def _remember(self, items: list[VerifyItem], results: list[VerifiedItem]) -> None:
         """Each request's committed tokens after this round: what its next round references."""
