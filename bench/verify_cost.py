@@ -55,7 +55,7 @@ from common import (
 from transformers import DynamicCache
 
 from cosine.core.tree import ROOT
-from cosine.models.loading import prepack_cpu_linears
+from cosine.models.loading import choose_cpu_linears, prepack_cpu_linears
 from cosine.models.runner import ForwardItem, ModelRunner
 
 
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per configuration (default: %(default)s)")
     parser.add_argument("--no-hf", action="store_true", help="skip the plain transformers forward comparison")
     parser.add_argument("--name", default="verify_cost", help="result file name prefix (default: %(default)s)")
-    parser.add_argument("--cpu-linear", choices=("onednn", "plain"), default="onednn", help="the runner's linear layers, as model.cpu_linear (the transformers comparison always runs plain, before)")
+    parser.add_argument("--cpu-linear", choices=("auto", "onednn", "plain"), default="auto", help="the runner's linear layers, as model.cpu_linear (default: %(default)s, as served; the transformers comparison always runs plain, before)")
     args = parser.parse_args()
     if args.repeats < 7:
         parser.error("--repeats must be at least 7")
@@ -176,6 +176,8 @@ def main() -> None:
 
     if args.cpu_linear == "onednn":
         prepack_cpu_linears(model)
+    elif args.cpu_linear == "auto":
+        args.cpu_linear = f"auto: {choose_cpu_linears(model)}"
     runner = ModelRunner(model)
     runner.forward([ForwardItem(f"r{i}", tuple(seq[:prefix])) for i, seq in enumerate(sequences)])  # build caches
     assert all(runner.cached_tokens(f"r{i}") == prefix for i in range(len(sequences)))

@@ -32,14 +32,15 @@ class ModelConfig:
     # runner per verifier and per model drafter process, so the default keeps a few of them far
     # below the memory of a small machine (SmolLM2-135M fp32: 45 KiB per token, ~23k tokens).
     kv_cache_mb: int = 1024
-    # CPU only: "onednn" runs the linear layers on weights reordered once for oneDNN, whose
-    # kernels keep a pass over k new tokens close to the cost of one (plain PyTorch GEMMs on a
-    # few rows cost up to twice a single-row pass); "plain" keeps transformers' own layers.
-    cpu_linear: str = "onednn"
+    # CPU only: "onednn" runs the linear layers on weights reordered once for oneDNN (on some
+    # CPUs a pass over k new tokens then costs about one token's; on others each call carries
+    # a fixed overhead that makes decoding 1.7x slower), "plain" keeps transformers' own layers,
+    # "auto" times both at start-up and keeps the faster.
+    cpu_linear: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.cpu_linear not in ("onednn", "plain"):
-            raise ValueError(f"model.cpu_linear must be 'onednn' or 'plain', got {self.cpu_linear!r}")
+        if self.cpu_linear not in ("auto", "onednn", "plain"):
+            raise ValueError(f"model.cpu_linear must be 'auto', 'onednn' or 'plain', got {self.cpu_linear!r}")
         if self.threads < 1:
             raise ValueError(f"model.threads must be >= 1, got {self.threads}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

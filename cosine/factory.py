@@ -12,7 +12,7 @@ from cosine.drafters.base import Drafter
 from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_model
 from cosine.drafters.suffix import SuffixDrafter
-from cosine.models.loading import LoadedModel, load_model, prepack_cpu_linears
+from cosine.models.loading import LoadedModel, choose_cpu_linears, load_model, prepack_cpu_linears
 from cosine.models.runner import ModelRunner
 from cosine.policy.routing import PromptClassifier
 
@@ -27,8 +27,8 @@ class Stack:
 
 
 def load_target(config: Config, threads: int | None = None) -> LoadedModel:
-    """The target as the verifier runs it (on CPU with oneDNN linears unless model.cpu_linear
-    is "plain"), with ``threads`` torch threads (default model.threads). Baselines that must be
+    """The target as the verifier runs it (on a CPU with oneDNN linears or plain ones as
+    model.cpu_linear says; "auto" measures both), with ``threads`` torch threads (default model.threads). Baselines that must be
     plain transformers load with ``load_model``."""
     torch.set_num_threads(threads or config.model.threads)
     loaded = load_model(
@@ -36,6 +36,8 @@ def load_target(config: Config, threads: int | None = None) -> LoadedModel:
     )
     if config.model.cpu_linear == "onednn":
         prepack_cpu_linears(loaded.model)
+    elif config.model.cpu_linear == "auto" and loaded.model.device.type == "cpu":
+        choose_cpu_linears(loaded.model)
     return loaded
 
 

@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,18 +151,68 @@ def prepack_cpu_linears(model: torch.nn.Module) -> int:
     reordered once (``torch.utils.mkldnn.MkldnnLinear``); returns how many were replaced.
 
     Inference only (the reordered weights take no gradient). The results match the plain layers
-    to float rounding; what changes is speed on a few rows: a forward over 2-8 new tokens costs
-    about what one costs, where plain GEMMs cost up to twice as much.
+    to float rounding; what changes is speed, and which is faster depends on the CPU: on one
+    machine of this project a forward over 2-8 new tokens cost about one token's with them where
+    plain GEMMs cost up to twice as much; on another (Sapphire Rapids, 2 threads) each oneDNN
+    call carried ~50-150 us more and a decoding step took 1.7x as long. ``choose_cpu_linears``
+    measures instead of guessing.
     """
+    return len(_prepack(model))
+
+
+def _prepack(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+    """``prepack_cpu_linears``, returning (parent, attribute, original layer) of each swap."""
     from torch.utils.mkldnn import MkldnnLinear
 
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu" or first.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
-        return 0
-    replaced = 0
+        return []
+    swapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
                 setattr(parent, name, MkldnnLinear(child, child.weight.dtype))
-                replaced += 1
-    return replaced
+                swapped.append((parent, name, child))
+    return swapped
+
+
+Measure = Callable[[torch.nn.Module], float]
+
+
+def choose_cpu_linears(model: PreTrainedModel, measure: Measure | None = None) -> str:
+    """Keep oneDNN's linears (``prepack_cpu_linears``) only where they make the model faster on
+    this machine; returns what the model runs: ``"onednn"`` or ``"plain"``.
+
+    ``measure(model)`` gives a cost in seconds (default ``time_short_forwards``: the verifier's
+    typical passes of 1 and 4 new tokens); oneDNN must beat plain by 3% to be kept, and a model
+    that cannot take it stays plain.
+    """
+    measure = measure or time_short_forwards
+    plain = measure(model)
+    swapped = _prepack(model)
+    if not swapped:
+        return "plain"
+    onednn = measure(model)
+    keep = onednn < 0.97 * plain
+    if not keep:
+        for parent, name, original in swapped:
+            setattr(parent, name, original)
+    log.info("CPU linears: %s (oneDNN %.1f ms, plain %.1f ms for a 1- and a 4-token pass)", "onednn" if keep else "plain", onednn * 1e3, plain * 1e3)
+    return "onednn" if keep else "plain"
+
+
+@torch.inference_mode()
+def time_short_forwards(model: torch.nn.Module, lengths: tuple[int, ...] = (1, 4), repeats: int = 7) -> float:
+    """Sum over ``lengths`` of the median wall time of a forward over that many tokens (no
+    cache; linear layers dominate such passes), after two untimed calls each."""
+    total = 0.0
+    for length in lengths:
+        ids = torch.arange(10, 10 + length, device=next(model.parameters()).device)[None]
+        times = []
+        for i in range(repeats + 2):
+            began = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            if i >= 2:
+                times.append(time.perf_counter() - began)
+        total += sorted(times)[len(times) // 2]
+    return total

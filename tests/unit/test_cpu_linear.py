@@ -1,4 +1,5 @@
-"""oneDNN linears on a CPU target: same results as the plain layers, within float rounding."""
+"""oneDNN linears on a CPU target: same results as the plain layers, within float rounding; the
+start-up choice between them keeps the faster and leaves the other untouched."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cosine.config import ModelConfig
-from cosine.models.loading import prepack_cpu_linears
+from cosine.models.loading import choose_cpu_linears, prepack_cpu_linears, time_short_forwards
 from cosine.models.runner import ForwardItem, ModelRunner
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
@@ -47,8 +48,46 @@ def test_models_that_cannot_take_them_are_left_alone():
     assert prepack_cpu_linears(torch.nn.Module()) == 0
 
 
+def _costs(plain: float, onednn: float):
+    """A measure that reports ``plain`` for a model with plain linears, ``onednn`` otherwise."""
+    seen = []
+
+    def measure(model):
+        packed = not any(type(m) is torch.nn.Linear for m in model.modules())
+        seen.append("onednn" if packed else "plain")
+        return onednn if packed else plain
+
+    return measure, seen
+
+
+@pytest.mark.parametrize(("plain_s", "onednn_s", "kept"), [(0.040, 0.030, "onednn"), (0.035, 0.060, "plain"), (0.040, 0.0395, "plain")])
+def test_the_faster_linears_are_kept(plain_s, onednn_s, kept):
+    model = tiny()
+    originals = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    measure, seen = _costs(plain_s, onednn_s)
+    assert choose_cpu_linears(model, measure) == kept
+    assert seen == ["plain", "onednn"]  # each measured once, on what it claims to be
+    now = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    if kept == "plain":  # the very same layers back in place (a 1% gain is not worth a swap)
+        assert now.keys() == originals.keys() and all(now[n] is originals[n] for n in now)
+    else:
+        assert not now
+
+
+def test_a_model_that_cannot_take_onednn_stays_plain():
+    half = tiny().to(torch.float16)
+    measure, seen = _costs(1.0, 0.001)
+    assert choose_cpu_linears(half, measure) == "plain"
+    assert seen == ["plain"]
+
+
+def test_short_forwards_are_timed():
+    assert time_short_forwards(tiny(), lengths=(1, 2), repeats=3) > 0
+
+
 def test_the_setting_is_checked():
-    assert ModelConfig().cpu_linear == "onednn"
+    assert ModelConfig().cpu_linear == "auto"
     assert ModelConfig(cpu_linear="plain").cpu_linear == "plain"
-    with pytest.raises(ValueError, match="model.cpu_linear must be 'onednn' or 'plain'"):
+    assert ModelConfig(cpu_linear="onednn").cpu_linear == "onednn"
+    with pytest.raises(ValueError, match="model.cpu_linear must be 'auto', 'onednn' or 'plain'"):
         ModelConfig(cpu_linear="fast")
