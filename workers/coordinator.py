@@ -77,6 +77,24 @@ class _SentBatch:
     depths: dict[str, int]  # request -> its drafted tree's depth
 
 
+def roster_int(value: str, name: str) -> int:
+    """An integer ``name=N`` field of a roster value (0 when absent or malformed)."""
+    for part in value.split():
+        key, _, number = part.partition("=")
+        if key == name:
+            try:
+                return int(number)
+            except ValueError:
+                return 0
+    return 0
+
+
+def kv_rows_of(item: VerifyItem, block: int) -> int:
+    """K/V pool rows a verification item holds: its context and tree, in whole blocks."""
+    rows = item.context_len + len(item.tree.tokens)
+    return -(-rows // max(1, block)) * max(1, block)
+
+
 def _current(item: VerifiedItem, state: RequestState | None) -> bool:
     """Whether a verified round is its active request's current one (not a duplicate, nor a
     result another coordinator applied)."""
@@ -101,6 +119,8 @@ class Coordinator(StageWorker):
         self.texts: dict[str, tuple[int, tuple[int, ...], str]] = {}  # request -> its output's text (incremental detokenization)
         self.active = 1  # active requests, as of the last batch decision
         self.verifier_ids: set[str] = set()  # live verifier instances
+        self.kv_rows: dict[str, int] = {}  # verifier instance -> rows of its K/V pool (from the roster)
+        self.kv_block = 1  # rows per pool block (from the roster)
         self.home: dict[str, str] = {}  # request -> the verifier instance that verified its last round (holds its caches)
         self.busy_at: dict[str, int] = {}  # verifier instance -> batches of its own stream queued or in hand (last read)
         self.steal = False  # some verifier is free (last read): busy homes' requests go to the shared stream
@@ -240,13 +260,14 @@ class Coordinator(StageWorker):
             # Cache affinity: a batch goes to one verifier; requests new to every verifier join any.
             same = [w for w in self.pool if w.item.fingerprint == fingerprint and self._home(w.item.request_id) in (home, "")]
             pipeline = self.config.pipeline
+            now = time.monotonic()
+            pending = [Pending(now - w.arrived, w.fed_tokens, w.expected, w.item.round == 0, kv_rows_of(w.item, self.kv_block)) for w in same]
+            kv_rows = self.kv_rows.get(home) or min(self.kv_rows.values(), default=0)  # the home's pool, else the smallest
             if pipeline.batch_choice == "fifo":
-                taken = same[: self.batch_policy.take(len(same))]
+                chosen = self.batch_policy.first_come(pending, kv_rows)
             else:
-                now = time.monotonic()
-                pending = [Pending(now - w.arrived, w.fed_tokens, w.expected, w.item.round == 0) for w in same]
-                chosen = self.batch_policy.select(pending, self.control.verify_ms, pipeline.batch_latency_weight, pipeline.batch_starve_ms / 1000)
-                taken = [same[i] for i in chosen]
+                chosen = self.batch_policy.select(pending, self.control.verify_ms, pipeline.batch_latency_weight, pipeline.batch_starve_ms / 1000, kv_rows)
+            taken = [same[i] for i in chosen]
             batch = VerifyBatch(uuid.uuid4().hex[:12], [w.item for w in taken])
             stream = self.keys.verify_at(home) if home else self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -470,6 +491,7 @@ class Coordinator(StageWorker):
         planned = self.planned.pop(state.request_id, None)
         if experts and window > 0:
             batch_size = self.batch_policy.fair_share(self.active, self.live_verifiers)  # requests per batch at this load
+            experts = experts[: self.control.cooperating(len(experts), batch_size)]  # the best ranked first
             # Exploration only at low load: under load a drafted round costs its batch-mates too
             # (measured: one round in 50 drafted cost a fifth of the throughput at 16 requests).
             if batch_size <= EXPLORE_MAX_BATCH and self.control.explore(state.request_id, state.round, state.drafted_rounds):
@@ -568,6 +590,8 @@ class Coordinator(StageWorker):
         verifiers = list(roster.values())
         self.verifier_ids = set(roster)
         self.live_verifiers = len(verifiers)
+        self.kv_rows = {instance: rows for instance, value in roster.items() if (rows := roster_int(value, "kv_rows"))}
+        self.kv_block = max((roster_int(value, "kv_block") for value in verifiers), default=1) or 1
         found = {p.split("=", 1)[1] for v in verifiers for p in v.split() if p.startswith("fingerprint=")}
         self.fingerprints |= found
         if found and not self.control.verify.observations:

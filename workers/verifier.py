@@ -28,7 +28,7 @@ from cosine.core.acceptance import verify_greedy, verify_sampling
 from cosine.core.sampling import request_generator, warp_probs
 from cosine.core.tree import ROOT
 from cosine.factory import load_target
-from cosine.models.runner import ForwardItem, ModelRunner
+from cosine.models.runner import BLOCK_SIZE, ForwardItem, ModelRunner
 from cosine.policy.control import verify_features
 from cosine.policy.routing import tree_feedback
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
@@ -72,7 +72,8 @@ class VerifierWorker(StageWorker):
 
     def liveness_extra(self) -> str:
         # Read without the runner's lock (a forward may hold it): a count off by one is fine here.
-        return f"fingerprint={self.fingerprint} caches={self.runner.cache_count} cache_bytes={self.runner.allocated_bytes}"
+        return (f"fingerprint={self.fingerprint} caches={self.runner.cache_count} cache_bytes={self.runner.allocated_bytes} "
+                f"kv_rows={self.runner.num_blocks * BLOCK_SIZE} kv_block={BLOCK_SIZE}")
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         for entry_id, fields in entries:

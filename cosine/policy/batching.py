@@ -58,7 +58,24 @@ class BatchPolicy:
     def take(self, pool_size: int) -> int:
         return min(pool_size, self.max_batch)
 
-    def select(self, pool: Sequence[Pending], cost_ms: Callable[[int, int], float], latency_weight: float = 0.0, starve_s: float = 1.0) -> list[int]:
+    def first_come(self, pool: Sequence[Pending], kv_rows: int = 0) -> list[int]:
+        """The first-come batch: pool order, at most ``max_batch`` candidates, only those whose
+        K/V rows still fit the verifier's pool (``kv_rows``; 0 = not bounded), the first
+        always."""
+        chosen: list[int] = []
+        rows = 0
+        for i, p in enumerate(pool):
+            if len(chosen) >= self.max_batch:
+                break
+            if chosen and kv_rows and rows + p.kv_rows > kv_rows:
+                continue
+            chosen.append(i)
+            rows += p.kv_rows
+        return chosen
+
+    def select(
+        self, pool: Sequence[Pending], cost_ms: Callable[[int, int], float], latency_weight: float = 0.0, starve_s: float = 1.0, kv_rows: int = 0,
+    ) -> list[int]:
         """Which pooled candidates (indices, in pool order) form the next batch.
 
         Maximises ``sum(expected + latency_weight * age) / cost_ms(batch size, fed tokens)``
@@ -68,7 +85,9 @@ class BatchPolicy:
         throughput in bench/load.py's ablation), then the others by their value per fed token,
         each kept only if it raises the ratio; at most ``max_batch`` candidates and
         ``max_tokens`` fed tokens of rounds after the first (a starved candidate bigger than
-        the budget still goes, alone). ``latency_weight`` is in tokens per second of waiting:
+        the budget still goes, alone), and only candidates whose K/V rows together fit the
+        verifier's pool (``kv_rows``, 0 = not bounded: a batch that does not fit would be
+        served one request at a time; the first candidate always goes). ``latency_weight`` is in tokens per second of waiting:
         0 is throughput-first; large values favour the oldest candidates in small, quick
         batches.
         """
@@ -79,11 +98,13 @@ class BatchPolicy:
         firsts = sorted((i for i, p in enumerate(pool) if p.first and p.age_s < starve_s), key=lambda i: -pool[i].age_s)
         others = sorted((i for i, p in enumerate(pool) if not p.first and p.age_s < starve_s), key=lambda i: -value[i] / max(1, pool[i].tokens))
         chosen: list[int] = []
-        tokens, budget, total = 0, 0, 0.0  # budget: fed tokens of rounds after the first
+        tokens, budget, total, rows = 0, 0, 0.0, 0  # budget: fed tokens of rounds after the first
         for i in starved + firsts + others:
             if len(chosen) >= self.max_batch:
                 break
             if chosen and not pool[i].first and budget + pool[i].tokens > self.max_tokens:
+                continue
+            if chosen and kv_rows and rows + pool[i].kv_rows > kv_rows:
                 continue
             if chosen and i not in starved and not pool[i].first:
                 before = total / max(cost_ms(len(chosen), tokens), 1e-9)
@@ -91,6 +112,7 @@ class BatchPolicy:
                 if after < before:
                     continue
             chosen.append(i)
+            rows += pool[i].kv_rows
             tokens += pool[i].tokens
             budget += 0 if pool[i].first else pool[i].tokens
             total += value[i]
@@ -105,3 +127,4 @@ class Pending:
     tokens: int  # tokens the verifier feeds for it: drafted nodes + 1, plus an uncached prompt
     expected: float  # tokens its round is expected to commit
     first: bool = False  # a request's first round (its prompt's prefill)
+    kv_rows: int = 0  # K/V pool rows it holds during its verification (context + tree, in whole blocks)

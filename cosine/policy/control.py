@@ -285,6 +285,15 @@ class SpeculationControl:
             return self.plan([(limit, 0, 0)] * batch_size)[0]
         return self.plan([(limit, accepted, drafted_rounds)])[0]
 
+    def cooperating(self, count: int, batch_size: int) -> int:
+        """How many of a request's ``count`` ranked drafters draft its round when batches hold
+        ``batch_size`` requests: all while the verifier takes one request at a time, fewer as
+        batches grow (the drafting work per verification batch stays about the same; the
+        drafters share the machine with the verifier), at least one."""
+        if not self.enabled:
+            return count
+        return max(1, count // max(1, batch_size)) if count else 0
+
     def plan(self, requests: Sequence[tuple[int, int, int]], batch_size: int = 0) -> list[int]:
         """Windows for requests verified together, each ``(limit, accepted, drafted_rounds)``,
         in a batch of ``max(batch_size, len(requests))`` (the others at window 0).

@@ -485,6 +485,54 @@ def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(se
     run(scenario())
 
 
+def test_batches_fit_the_verifiers_kv_pool(server):
+    """A verifier's K/V pool (kv_rows and kv_block in its roster value) bounds the batches the
+    coordinator forms: two requests whose contexts do not fit it together go in two batches,
+    with first-come and with cost-based batch choice alike (a batch that does not fit would
+    make the verifier serve its requests one at a time)."""
+    import time
+
+    from cosine.workers.coordinator import Coordinator, _Waiting, kv_rows_of, roster_int
+
+    from cosine.config import PipelineConfig
+    from cosine.core.sampling import SamplingParams
+    from cosine.policy.batching import BatchPolicy
+    from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
+
+    assert roster_int("fingerprint=x kv_rows=4096 kv_block=16", "kv_rows") == 4096
+    assert roster_int("kv_rows=lots", "kv_rows") == 0 and roster_int("caches=3", "kv_rows") == 0
+    item = VerifyItem("r", 1, list(range(40)), Candidate("r", 1, [5, 6], [-1, 0], [], [], []), SamplingParams(), "")
+    assert kv_rows_of(item, 16) == 48 and kv_rows_of(item, 1) == 42
+
+    async def scenario(choice: str):
+        client = await fresh(server)
+        coordinator = Coordinator(Config(pipeline=PipelineConfig(batch_choice=choice)), server)
+        coordinator.redis, coordinator.pool, coordinator.live_verifiers = client, [], 1
+        coordinator.batch_policy = BatchPolicy(8, max_wait_s=0.1)
+        coordinator.kv_rows, coordinator.kv_block = {"v1": 64}, 16
+        await bus.ensure_group(client, KEYS.candidates, coordinator.group)
+        for name in ("r1", "r2"):
+            candidate = Candidate(name, 1, [], [], [], [], [])
+            entry_id = await client.xadd(KEYS.candidates, encode(candidate))
+            coordinator.pool.append(_Waiting(entry_id, VerifyItem(name, 1, list(range(40)), candidate, SamplingParams(), ""), time.monotonic(), 1, 1.0))
+        await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
+        await coordinator._flush(force=True)
+        batches = [decode(fields, VerifyBatch) for _, fields in await client.xrange(KEYS.verify)]
+        assert [[i.request_id for i in b.items] for b in batches] == [["r1"], ["r2"]]
+        coordinator.kv_rows = {"v1": 4096}
+        for name in ("r3", "r4"):
+            candidate = Candidate(name, 1, [], [], [], [], [])
+            entry_id = await client.xadd(KEYS.candidates, encode(candidate))
+            coordinator.pool.append(_Waiting(entry_id, VerifyItem(name, 1, list(range(40)), candidate, SamplingParams(), ""), time.monotonic(), 1, 1.0))
+        await coordinator._flush(force=True)
+        batches = [decode(fields, VerifyBatch) for _, fields in await client.xrange(KEYS.verify)]
+        assert [i.request_id for i in batches[-1].items] == ["r3", "r4"]
+        await client.aclose()
+
+    for choice in ("fifo", "cost"):
+        run(scenario(choice))
+
+
 def test_a_gone_verifiers_own_stream_goes_to_the_shared_streams(server):
     """Cache affinity: batches left in a verifier's own stream (one unread, one read and not
     acknowledged) go to the shared streams when the verifier is no longer live; what it had

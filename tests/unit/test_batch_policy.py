@@ -187,3 +187,27 @@ def test_idle_verifier_waits_for_drafts_due_sooner_than_a_batch_of_their_own_cos
     assert not flush(policy, pool_size=2, active_requests=4, live_verifiers=1, busy_verifiers=0, drafting=2, due=-0.5, split=0.03)
     # Drafts due later than the fixed cost: go now.
     assert flush(policy, pool_size=2, active_requests=4, live_verifiers=1, busy_verifiers=0, drafting=2, due=0.08, split=0.03)
+
+
+# ---- the verifier's K/V pool bounds a batch --------------------------------------------------
+
+
+def test_select_keeps_a_batch_within_the_verifiers_kv_pool():
+    policy = BatchPolicy(max_batch=8, max_tokens=512)
+    pool = [Pending(0.01 * (5 - i), 5, 2.0, kv_rows=400) for i in range(5)]
+    assert len(policy.select(pool, linear_cost())) == 5  # not bounded
+    assert len(policy.select(pool, linear_cost(), kv_rows=1000)) == 2  # 3 x 400 rows > 1000
+    long_one = Pending(0.5, 5, 2.0, kv_rows=900)
+    chosen = policy.select([long_one, *pool], linear_cost(), kv_rows=1000)
+    assert sum([long_one, *pool][i].kv_rows for i in chosen) <= 1000
+    # A candidate bigger than the whole pool still goes, alone (it fails alone at the verifier).
+    assert policy.select([Pending(2.0, 5, 2.0, kv_rows=5000), *pool], linear_cost(), kv_rows=1000, starve_s=1.0) == [0]
+
+
+def test_first_come_batches_skip_what_does_not_fit_the_kv_pool():
+    policy = BatchPolicy(max_batch=3)
+    pool = [Pending(0.0, 5, 2.0, kv_rows=rows) for rows in (600, 500, 300, 100, 50)]
+    assert policy.first_come(pool) == [0, 1, 2]  # max_batch only
+    assert policy.first_come(pool, kv_rows=1000) == [0, 2, 3]  # the second does not fit beside the first
+    assert policy.first_come([Pending(0.0, 5, 2.0, kv_rows=4000)], kv_rows=1000) == [0]
+    assert policy.first_come([]) == []

@@ -184,3 +184,11 @@ def test_drafting_for_many_requests_at_once_costs_more():
         ctl.observe_drafting(4, 8.5, together=1)
     assert ctl.draft_ms(4, together=8) == pytest.approx(9.0, rel=0.1)
     assert ctl.plan([(8, 0, 0)] * 8)[0] > 0
+
+
+def test_fewer_drafters_cooperate_as_batches_grow():
+    ctl = SpeculationControl()
+    assert [ctl.cooperating(4, b) for b in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
+    assert ctl.cooperating(2, 1) == 2 and ctl.cooperating(2, 2) == 1
+    assert ctl.cooperating(0, 1) == 0
+    assert SpeculationControl(enabled=False).cooperating(3, 16) == 3  # load control off: all of them
