@@ -26,17 +26,19 @@ class Stack:
     drafters: list[Drafter]
 
 
-def load_target(config: Config, threads: int | None = None) -> LoadedModel:
-    """The target as the verifier runs it (on a CPU with oneDNN linears or plain ones as
-    model.cpu_linear says; "auto" measures both), with ``threads`` torch threads (default model.threads). Baselines that must be
-    plain transformers load with ``load_model``."""
+def load_target(config: Config, threads: int | None = None, cpu_linear: str | None = None) -> LoadedModel:
+    """The target as the verifier runs it, with ``threads`` torch threads (default
+    model.threads) and on a CPU with oneDNN linears or plain ones as ``cpu_linear`` (default
+    model.cpu_linear) says; "auto" measures both. Baselines that must be plain transformers
+    load with ``load_model``."""
     torch.set_num_threads(threads or config.model.threads)
     loaded = load_model(
         config.model.target_path, cache_dir=config.model.cache_path, device=config.model.device, dtype=config.model.dtype
     )
-    if config.model.cpu_linear == "onednn":
+    cpu_linear = cpu_linear or config.model.cpu_linear
+    if cpu_linear == "onednn":
         prepack_cpu_linears(loaded.model)
-    elif config.model.cpu_linear == "auto" and loaded.model.device.type == "cpu":
+    elif cpu_linear == "auto" and loaded.model.device.type == "cpu":
         choose_cpu_linears(loaded.model)
     return loaded
 

@@ -43,8 +43,11 @@ class DrafterWorker(StageWorker):
 
     async def setup(self) -> None:
         def load():
-            # A drafter's process takes its own thread count (drafters.threads), not the verifier's.
-            target = load_target(self.config, threads=self.spec.threads) if self.spec.kind != "prompt-lookup" else None
+            # A drafter's process takes its own thread count (drafters.threads), not the verifier's;
+            # only drafters made of the target's layers run them (the others borrow its embedding
+            # or tokenizer): no start-up timing of its linears for those.
+            layers = "auto" if self.spec.kind in ("early-exit", "layer-skip") else "plain"
+            target = load_target(self.config, threads=self.spec.threads, cpu_linear=layers) if self.spec.kind != "prompt-lookup" else None
             return build_drafter(self.spec, target, self.config)
 
         self.drafter = await self.off_loop(load)
