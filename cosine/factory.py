@@ -12,7 +12,7 @@ from cosine.drafters.base import Drafter
 from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_model
 from cosine.drafters.suffix import SuffixDrafter
-from cosine.models.loading import LoadedModel, choose_cpu_linears, load_model, prepack_cpu_linears
+from cosine.models.loading import LoadedModel, cpu_key, load_model, prepack_cpu_linears, remembered_cpu_linears
 from cosine.models.runner import ModelRunner
 from cosine.policy.routing import PromptClassifier
 
@@ -39,7 +39,8 @@ def load_target(config: Config, threads: int | None = None, cpu_linear: str | No
     if cpu_linear == "onednn":
         prepack_cpu_linears(loaded.model)
     elif cpu_linear == "auto" and loaded.model.device.type == "cpu":
-        choose_cpu_linears(loaded.model)
+        record = config.model.cache_path / "cpu_linear.json"
+        remembered_cpu_linears(loaded.model, record, cpu_key(loaded.model, loaded.fingerprint))
     return loaded
 
 

@@ -212,18 +212,59 @@ def choose_cpu_linears(model: PreTrainedModel, measure: Measure | None = None, r
     return "onednn" if keep else "plain"
 
 
+def remembered_cpu_linears(model: PreTrainedModel, record: Path, key: str, measure: Measure | None = None) -> str:
+    """``choose_cpu_linears`` once per ``key`` (the model, torch, threads, CPU): the choice is
+    kept in the JSON file ``record``, and processes starting together wait on a lock beside it
+    while one of them measures (a pipeline starts several at once; their measurements would
+    slow each other and cost seconds of CPU each)."""
+    import fcntl
+
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with open(record.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            known = json.loads(record.read_text()) if record.is_file() else {}
+        except (OSError, ValueError):
+            known = {}
+        choice = known.get(key)
+        if choice == "onednn":
+            prepack_cpu_linears(model)
+        elif choice != "plain":
+            choice = choose_cpu_linears(model, measure)
+            known[key] = choice
+            partial = record.with_suffix(".tmp")
+            partial.write_text(json.dumps(known, indent=1, sort_keys=True))
+            partial.replace(record)
+        else:
+            log.info("CPU linears: plain (measured before on this machine: %s)", record)
+    return choice
+
+
+def cpu_key(model: PreTrainedModel, fingerprint: str) -> str:
+    """What the linears' speed depends on: weights, dtype, torch, threads and the CPU."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{fingerprint} torch {torch.__version__} threads {torch.get_num_threads()} cpus {os.cpu_count()} {cpu}"
+
+
 @torch.inference_mode()
-def time_short_forwards(model: torch.nn.Module, lengths: tuple[int, ...] = (1, 4), repeats: int = 5) -> float:
+def time_short_forwards(model: torch.nn.Module, lengths: tuple[int, ...] = (1, 4), repeats: int = 3) -> float:
     """Sum over ``lengths`` of the median wall time of a forward over that many tokens (no
-    cache; linear layers dominate such passes), after two untimed calls each."""
+    cache; linear layers dominate such passes), after one untimed call each."""
     total = 0.0
     for length in lengths:
         ids = torch.arange(10, 10 + length, device=next(model.parameters()).device)[None]
         times = []
-        for i in range(repeats + 2):
+        for i in range(repeats + 1):
             began = time.perf_counter()
             model(input_ids=ids, use_cache=False)
-            if i >= 2:
+            if i >= 1:
                 times.append(time.perf_counter() - began)
         total += sorted(times)[len(times) // 2]
     return total

@@ -4,13 +4,14 @@ start-up choice between them keeps the faster and leaves the other untouched."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cosine.config import ModelConfig
-from cosine.models.loading import choose_cpu_linears, prepack_cpu_linears, time_short_forwards
+from cosine.models.loading import choose_cpu_linears, cpu_key, prepack_cpu_linears, remembered_cpu_linears, time_short_forwards
 from cosine.models.runner import ForwardItem, ModelRunner
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
@@ -89,6 +90,23 @@ def test_the_best_of_each_decides_so_a_busy_start_does_not():
     times = iter([2.2, 0.12, 0.07, 0.12, 0.07, 0.12])  # plain, onednn, plain, ...
     assert choose_cpu_linears(model, lambda m: next(times), rounds=3) == "plain"
     assert any(type(m) is torch.nn.Linear for m in model.modules())
+
+
+def test_the_choice_is_measured_once_per_machine_and_model(tmp_path):
+    """A pipeline starts several processes loading the target: the first measures, the others
+    read its choice (another key measures again)."""
+    record = tmp_path / "cpu_linear.json"
+    measure, seen = _costs(0.050, 0.030)
+    assert remembered_cpu_linears(tiny(), record, "key-a", measure) == "onednn"
+    assert len(seen) == 6
+    later = tiny()
+    assert remembered_cpu_linears(later, record, "key-a", measure) == "onednn"
+    assert len(seen) == 6  # not measured again
+    assert not any(type(m) is torch.nn.Linear for m in later.modules())  # but given the choice
+    slow_onednn, seen_b = _costs(0.030, 0.050)
+    assert remembered_cpu_linears(tiny(), record, "key-b", slow_onednn) == "plain" and len(seen_b) == 6
+    assert json.loads(record.read_text()) == {"key-a": "onednn", "key-b": "plain"}
+    assert "threads" in cpu_key(tiny(), "weights-x") and cpu_key(tiny(), "a") != cpu_key(tiny(), "b")
 
 
 def test_short_forwards_are_timed():
