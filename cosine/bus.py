@@ -68,24 +68,61 @@ local function refuse_in_use(req, out_entry, entry_id, ttl, entry)
   return 'in_use'
 end
 
--- KEYS: req, requests stream, rounds zset, deadlines zset, out:{entry id}, job streams...
+-- Whether admitting one more request reserving `tokens` K/V rows would go past the bounds:
+-- 'requests' (max_requests active requests), 'tokens' (the reserved rows of the active ones
+-- plus these over `budget`; a request alone is always let in, it fails alone if it cannot fit),
+-- or false. Reservations of requests no longer active are dropped here, as they are met.
+local function admission_full(deadlines, reserved, max_requests, budget, tokens)
+  if max_requests > 0 and redis.call('ZCARD', deadlines) >= max_requests then return 'requests' end
+  if budget > 0 then
+    local held, sum = redis.call('HGETALL', reserved), 0
+    for j = 1, #held, 2 do
+      if redis.call('ZSCORE', deadlines, held[j]) then
+        sum = sum + tonumber(held[j + 1])
+      else
+        redis.call('HDEL', reserved, held[j])
+      end
+    end
+    if sum > 0 and sum + tokens > budget then return 'tokens' end
+  end
+  return false
+end
+
+-- A refused request's one error final on out:{id}, and a finished tombstone that keeps the id
+-- taken for the TTL (a redelivery writes nothing twice).
+local function tombstone(req, out, entry_id, ttl, entry)
+  redis.call('HSET', req, 'source', entry_id, 'status', 'finished', 'round', '-1')
+  redis.call('EXPIRE', req, ttl)
+  add_out(out, '0-1', entry)
+  redis.call('EXPIRE', out, ttl)
+end
+
+-- KEYS: req, requests stream, rounds zset, deadlines zset, out:{entry id}, reserved hash,
+--       out:{id}, job streams...
 -- ARGV: group, entry id, request id, deadline ms, ttl, n_fields, pairs..., job payload,
---       n_refusal, refusal pairs (used when the id is in use)
+--       n_refusal, refusal pairs (used when the id is in use), max_requests, token budget,
+--       tokens reserved, n_busy, busy pairs (used when admission is full)
 local function admit(keys, args)
   local req = keys[1]
   local n = tonumber(args[6])
   local fields, i = take_pairs(args, 7, n)
   local payload = args[i]
-  local refusal = take_pairs(args, i + 2, tonumber(args[i + 1]))
+  local refusal, j = take_pairs(args, i + 2, tonumber(args[i + 1]))
+  local max_requests, budget, tokens = tonumber(args[j]), tonumber(args[j + 1]), tonumber(args[j + 2])
+  local busy = take_pairs(args, j + 4, tonumber(args[j + 3]))
   local outcome = 'created'
   if redis.call('EXISTS', req) == 1 then
     outcome = refuse_in_use(req, keys[5], args[2], tonumber(args[5]), refusal)
+  elseif admission_full(keys[4], keys[6], max_requests, budget, tokens) then
+    tombstone(req, keys[7], args[2], tonumber(args[5]), busy)
+    outcome = 'busy'
   else
     fields[#fields + 1] = 'source'; fields[#fields + 1] = args[2]
     redis.call('HSET', req, unpack(fields))
-    for k = 6, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
+    for k = 8, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
     redis.call('ZADD', keys[3], now_ms(), args[3])
     redis.call('ZADD', keys[4], tonumber(args[4]), args[3])
+    if budget > 0 then redis.call('HSET', keys[6], args[3], tokens) end
   end
   redis.call('XACK', keys[2], args[1], args[2])
   return outcome
@@ -102,10 +139,7 @@ local function refuse(keys, args)
   if redis.call('EXISTS', req) == 1 then
     outcome = refuse_in_use(req, keys[4], args[2], ttl, entry)
   else
-    redis.call('HSET', req, 'source', args[2], 'status', 'finished', 'round', '-1')
-    redis.call('EXPIRE', req, ttl)
-    add_out(keys[3], '0-1', entry)
-    redis.call('EXPIRE', keys[3], ttl)
+    tombstone(req, keys[3], args[2], ttl, entry)
   end
   redis.call('XACK', keys[2], args[1], args[2])
   return outcome
@@ -363,23 +397,47 @@ async def _fcall(client: aioredis.Redis, name: str, keys: Sequence[str], args: S
 async def admit_request(
     client: aioredis.Redis, keys: Keys, *, group: str, entry_id: bytes | str, request_id: str, deadline_ms: int, ttl_s: int,
     fields: Mapping, job_streams: Sequence[str], payload: bytes, refusal: Mapping,
+    max_requests: int = 0, token_budget: int = 0, tokens: int = 0, busy: Mapping | None = None,
 ) -> str:
     """Create the request (state, first job, liveness and deadline entries) and ack its entry.
 
-    Returns ``created``, ``duplicate`` (this entry already created it) or ``in_use`` (another
-    entry holds the id: ``refusal`` went to ``out:{entry id}``).
+    Admission: with ``max_requests`` requests active, or when the K/V rows they reserve plus
+    this one's ``tokens`` pass ``token_budget`` (0: no bound; a request alone always goes in),
+    the request is refused with ``busy`` as its one final on ``out:{id}`` instead.
+
+    Returns ``created``, ``busy``, ``duplicate`` (this entry already created it) or ``in_use``
+    (another entry holds the id: ``refusal`` went to ``out:{entry id}``).
     """
     entry = _text(entry_id)
-    key_list = [keys.request(request_id), keys.requests, keys.rounds, keys.deadlines, keys.out(entry), *job_streams]
-    args = [group, entry, request_id, deadline_ms, ttl_s, len(fields), *_flat(fields), payload, len(refusal), *_flat(refusal)]
+    busy = busy or {}
+    key_list = [keys.request(request_id), keys.requests, keys.rounds, keys.deadlines, keys.out(entry), keys.reserved, keys.out(request_id), *job_streams]
+    args = [group, entry, request_id, deadline_ms, ttl_s, len(fields), *_flat(fields), payload, len(refusal), *_flat(refusal),
+            max_requests, token_budget, tokens, len(busy), *_flat(busy)]
     return await _fcall(client, "cosine_admit", key_list, args)
 
 
 async def refuse_request(client: aioredis.Redis, keys: Keys, *, group: str, entry_id: bytes | str, request_id: str, ttl_s: int, entry: Mapping) -> str:
     """A bad request's one error final on ``out:{id}`` (or ``out:{entry id}`` if the id is in use)."""
-    entry_text = _text(entry_id)
-    key_list = [keys.request(request_id), keys.requests, keys.out(request_id), keys.out(entry_text)]
-    return await _fcall(client, "cosine_refuse", key_list, [group, entry_text, ttl_s, len(entry), *_flat(entry)])
+    return (await refuse_requests(client, keys, group=group, refusals=[(entry_id, request_id)], ttl_s=ttl_s, entry=entry))[0]
+
+
+async def refuse_requests(
+    client: aioredis.Redis, keys: Keys, *, group: str, refusals: Sequence[tuple[bytes | str, str]], ttl_s: int, entry: Mapping,
+) -> list[str]:
+    """``refuse_request`` for several (entry id, request id) pairs with the same final entry, in
+    one round trip (each its own atomic call); outcomes in order."""
+    calls = []
+    for entry_id, request_id in refusals:
+        entry_text = _text(entry_id)
+        calls.append(([keys.request(request_id), keys.requests, keys.out(request_id), keys.out(entry_text)],
+                      [group, entry_text, ttl_s, len(entry), *_flat(entry)]))
+    if len(calls) == 1:
+        return [await _fcall(client, "cosine_refuse", *calls[0])]
+    async with client.pipeline(transaction=False) as pipe:
+        for key_list, args in calls:
+            pipe.fcall("cosine_refuse", len(key_list), *key_list, *args)
+        replies = await pipe.execute()
+    return [r.decode() if isinstance(r, bytes) else r for r in replies]
 
 
 def finish_call(keys: Keys, state, update, ttl_s: int) -> tuple[list[str], list]:

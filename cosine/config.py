@@ -171,8 +171,16 @@ class PipelineConfig:
     trim_interval_s: float = 5.0
     max_prompt_chars: int = 200_000
     deadline_s: float = 600.0  # a request without its own deadline_s ends (error_code=deadline) after this
+    # Admission: at most this many requests active at once; past it a new request gets an
+    # immediate error final with error_code=busy (0: no bound).
+    max_requests: int = 256
+    # Admission by memory: the active requests' prompt + max_tokens rows must fit in the live
+    # verifiers' K/V pools together (model.kv_cache_mb each), else error_code=busy.
+    admission_kv: bool = True
 
     def __post_init__(self) -> None:
+        if self.max_requests < 0:
+            raise ValueError("pipeline.max_requests must be >= 0 (0: no bound)")
         for name in ("block_ms", "claim_idle_ms", "max_deliveries", "heartbeat_ms", "output_ttl_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pipeline.{name} must be >= 1")

@@ -373,6 +373,10 @@ class StageWorker:
         cache[role] = (now, live)
         return live
 
+    async def verifier_kv_rows(self) -> int:
+        """Rows of the live verifiers' K/V pools together (their roster values' ``kv_rows``)."""
+        return sum(roster_int(value, "kv_rows") for value in (await self.live_roster("verifier")).values())
+
     async def whole_contexts(self, held: Mapping[str, list[int]], refs: Sequence[Any]) -> list[list[int] | None]:
         """Whole contexts of jobs or items that reference theirs (``context_start``,
         ``context_digest``, ``context``): the prefix from what this worker ``held`` of each
@@ -483,3 +487,15 @@ def run_worker(worker: StageWorker, *, burst: bool = False) -> None:
         uvloop.run(worker.run(burst=burst))
     except ImportError:  # pragma: no cover - uvloop is a dependency, but not on Windows
         asyncio.run(worker.run(burst=burst))
+
+
+def roster_int(value: str, name: str) -> int:
+    """An integer ``name=N`` field of a roster value (0 when absent or malformed)."""
+    for part in value.split():
+        key, _, number = part.partition("=")
+        if key == name:
+            try:
+                return int(number)
+            except ValueError:
+                return 0
+    return 0

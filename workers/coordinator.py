@@ -22,7 +22,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-from cosine.workers.base import Entry, StageWorker
+from cosine.workers.base import Entry, StageWorker, roster_int
 from cosine.workers.models import load_tokenizer_and_limits
 from redis.exceptions import ResponseError
 
@@ -75,18 +75,6 @@ class _SentBatch:
     longest_context: int
     first_round: bool  # holds a request's first round (a prompt's prefill: not a round's cost)
     depths: dict[str, int]  # request -> its drafted tree's depth
-
-
-def roster_int(value: str, name: str) -> int:
-    """An integer ``name=N`` field of a roster value (0 when absent or malformed)."""
-    for part in value.split():
-        key, _, number = part.partition("=")
-        if key == name:
-            try:
-                return int(number)
-            except ValueError:
-                return 0
-    return 0
 
 
 def kv_rows_of(item: VerifyItem, block: int) -> int:

@@ -13,6 +13,7 @@ call; so does refusing (the one ``error`` final). Where an answer goes:
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.models import expert_classifier, load_tokenizer_and_limits
@@ -33,6 +34,7 @@ KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p"
 
 class Router(StageWorker):
     role = "router"
+    read_count = 128  # a burst past the admission bound is refused a read at a time
 
     def input_streams(self) -> list[str]:
         return [self.keys.requests, self.keys.cancel]
@@ -45,11 +47,31 @@ class Router(StageWorker):
         self.classifier = await self.off_loop(expert_classifier, self.config, len(self.tokenizer)) if self.config.router.online else None
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
-        for entry_id, fields in entries:
-            if stream == self.keys.cancel:
+        if stream == self.keys.cancel:
+            for entry_id, fields in entries:
                 await self._cancel(entry_id, fields)
-            else:
-                await self._admit(entry_id, fields)
+            return
+        # Past the request bound, or once an admission of this read was refused for memory, the
+        # rest are refused without tokenizing (a burst is answered in milliseconds); the
+        # admission call checks again, atomically, for what gets this far.
+        bound = self.config.pipeline.max_requests
+        active = await self.redis.zcard(self.keys.deadlines) if bound else 0
+        full = bool(bound) and active >= bound
+        turned_away = []
+        for entry_id, fields in entries:
+            if full:
+                turned_away.append((entry_id, request_id_of(fields, entry_id)))
+                continue
+            outcome = await self._admit(entry_id, fields)
+            active += outcome == "created"
+            full = outcome == "busy" or (bool(bound) and active >= bound)
+        if turned_away:  # one round trip for all of them
+            outcomes = await bus.refuse_requests(self.redis, self.keys, group=self.group, refusals=turned_away,
+                                                 ttl_s=self.config.pipeline.output_ttl_s, entry=refusal_entry(self._busy_reason(), "busy"))
+            self.log.info("%d requests refused (busy): %s", len(turned_away), dict(Counter(outcomes)))
+
+    def _busy_reason(self) -> str:
+        return f"the server is at capacity ({self.config.pipeline.max_requests} requests or its K/V memory); retry later, with a new id"
 
     async def reject(self, stream: str, entry: Entry, reason: str) -> None:
         """An entry the router failed on (a bug, not the client's input): one internal error final."""
@@ -57,15 +79,16 @@ class Router(StageWorker):
             entry_id, raw = entry
             await self._refuse(entry_id, request_id_of(raw, entry_id), reason, "internal")
 
-    async def _admit(self, entry_id: bytes, raw: dict[bytes, bytes]) -> None:
+    async def _admit(self, entry_id: bytes, raw: dict[bytes, bytes]) -> str:
+        """Admit or refuse one client entry; returns the outcome (``created``, ``busy``,
+        ``refused``, ``duplicate``, ``in_use``)."""
         request_id = request_id_of(raw, entry_id)
         try:
             if request_id == entry_id.decode() and b"id" in raw:
                 raise RequestError(f"'id' must be 1-{MAX_ID_LENGTH} UTF-8 characters without spaces or braces", "id")
             state = self._build_state(request_id, _text_fields(raw))
         except RequestError as error:
-            await self._refuse(entry_id, request_id, str(error), error.code, error.param)
-            return
+            return await self._refuse(entry_id, request_id, str(error), error.code, error.param)
         live = await self.live_drafter_experts()
         experts = [e for e in state.experts if e in live]  # fusion waits only for experts that can answer
         # Under load control the first round goes straight to verification: the verifier reads
@@ -79,13 +102,17 @@ class Router(StageWorker):
             payload = encode(job)[b"m"]
         else:  # no drafter alive for these experts, window 0, or load control: start without drafts
             streams, payload = [self.keys.candidates], encode(empty_candidate(state))[b"m"]
+        pipeline = self.config.pipeline
         outcome = await bus.admit_request(
             self.redis, self.keys, group=self.group, entry_id=entry_id, request_id=state.request_id,
-            deadline_ms=state.deadline_ms, ttl_s=self.config.pipeline.output_ttl_s, fields=state_to_fields(state),
+            deadline_ms=state.deadline_ms, ttl_s=pipeline.output_ttl_s, fields=state_to_fields(state),
             job_streams=streams, payload=payload,
             refusal=refusal_entry(f"request id {state.request_id!r} is already in use", "invalid", "id"),
+            max_requests=pipeline.max_requests, token_budget=await self.verifier_kv_rows() if pipeline.admission_kv else 0,
+            tokens=len(state.prompt_ids) + state.max_tokens, busy=refusal_entry(self._busy_reason(), "busy"),
         )
         self.log.info("request %s: %s (%d prompt tokens, experts %s)", state.request_id, outcome, len(state.prompt_ids), state.experts)
+        return outcome
 
     def _build_state(self, request_id: str, fields: dict[str, str]) -> RequestState:
         unknown = set(fields) - KNOWN_FIELDS
@@ -137,12 +164,15 @@ class Router(StageWorker):
             deadline_ms=now_ms + int(deadline_s * 1000),
         )
 
-    async def _refuse(self, entry_id: bytes, request_id: str, reason: str, code: str, param: str = "") -> None:
+    async def _refuse(self, entry_id: bytes, request_id: str, reason: str, code: str, param: str = "") -> str:
         outcome = await bus.refuse_request(
             self.redis, self.keys, group=self.group, entry_id=entry_id, request_id=request_id,
             ttl_s=self.config.pipeline.output_ttl_s, entry=refusal_entry(reason, code, param),
         )
-        self.log.info("request %s refused (%s, %s): %s", request_id, code, outcome, reason)
+        # The reason goes to the client only: it may quote what the client sent (a message's
+        # role, a field's value), and logs hold no prompt or output text.
+        self.log.info("request %s refused (%s, %s%s)", request_id, code, outcome, f", param {param}" if param else "")
+        return outcome
 
     async def _cancel(self, entry_id: bytes, raw: dict[bytes, bytes]) -> None:
         """Flag the request (the next round application ends it), then try to end it at once."""

@@ -91,6 +91,12 @@ class Keys:
         """zset: request id -> the epoch ms at which it ends with error_code=deadline."""
         return f"{self.prefix}deadlines"
 
+    @property
+    def reserved(self) -> str:
+        """hash: request id -> K/V rows it reserved at admission (prompt + max_tokens); entries
+        of requests no longer in ``deadlines`` are dropped by the next admission."""
+        return f"{self.prefix}reserved"
+
     def features(self, request_id: str) -> str:
         """string: the target's hidden states (fp16 rows) at a request's positions 0, 1, ...
         (feature drafters; appended as rounds are applied, deleted when the request ends)."""

@@ -45,12 +45,61 @@ async def submit(client, **fields) -> bytes:
     return entry_id
 
 
-async def admit(client, entry_id, request_id="r1", fields=None) -> str:
+async def admit(client, entry_id, request_id="r1", fields=None, **admission) -> str:
     return await bus.admit_request(
         client, KEYS, group=GROUP, entry_id=entry_id, request_id=request_id, deadline_ms=2**40, ttl_s=60,
         fields=fields or {"round": "0", "status": "active", "id": request_id}, job_streams=[KEYS.draft("general")],
         payload=b"job", refusal=refusal_entry(f"request id {request_id!r} is already in use", "invalid", "id"),
+        busy=refusal_entry("at capacity", "busy"), **admission,
     )
+
+
+def test_admission_refuses_past_the_request_bound_with_one_busy_final(server):
+    """max_requests active requests: the next is refused (busy) in the same atomic call that
+    would have created it; its id stays taken; once one ends, a new request gets in."""
+
+    async def scenario():
+        client = await fresh(server)
+        outcomes = []
+        for name in ("r1", "r2", "r3"):
+            entry_id = await submit(client, prompt="hi")
+            outcomes.append(await admit(client, entry_id, name, max_requests=2))
+        assert outcomes == ["created", "created", "busy"]
+        assert [(f["finish_reason"], f["error_code"]) for f in await finals(client, KEYS.out("r3"))] == [("error", "busy")]
+        assert await client.zrange(KEYS.deadlines, 0, -1) == [b"r1", b"r2"]
+        assert await client.xlen(KEYS.draft("general")) == 2  # no job for the refused one
+        assert (await client.xpending(KEYS.requests, GROUP))["pending"] == 0  # every entry acknowledged
+        again = await submit(client, prompt="hi")
+        assert await admit(client, again, "r3", max_requests=2) == "in_use"  # a busy id is spent
+        await client.zrem(KEYS.deadlines, "r1")  # r1 ended
+        assert await admit(client, await submit(client, prompt="hi"), "r4", max_requests=2) == "created"
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_admission_keeps_reserved_rows_within_the_kv_budget(server):
+    """Each admitted request reserves prompt + max_tokens rows; past the live verifiers' pools
+    a request is refused (busy), except one alone; reservations of ended requests are dropped."""
+
+    async def scenario():
+        client = await fresh(server)
+
+        async def go(name, tokens, budget=100):
+            return await admit(client, await submit(client, prompt="hi"), name, token_budget=budget, tokens=tokens)
+
+        assert await go("big", 500) == "created"  # alone: let in (it fails alone if it cannot fit)
+        assert await go("r1", 10) == "busy"
+        await client.zrem(KEYS.deadlines, "big")  # ended: its reservation goes at the next admission
+        assert await go("r2", 60) == "created"
+        assert await go("r3", 50) == "busy"  # 60 + 50 > 100
+        assert await go("r4", 40) == "created"  # 60 + 40 fits
+        assert await client.hgetall(KEYS.reserved) == {b"r2": b"60", b"r4": b"40"}
+        assert await go("r5", 50, budget=0) == "created"  # no budget: not bounded, not reserved
+        assert await client.hexists(KEYS.reserved, "r5") == 0
+        await client.aclose()
+
+    run(scenario())
 
 
 async def finals(client, stream: str) -> list[dict]:
@@ -492,7 +541,8 @@ def test_batches_fit_the_verifiers_kv_pool(server):
     make the verifier serve its requests one at a time)."""
     import time
 
-    from cosine.workers.coordinator import Coordinator, _Waiting, kv_rows_of, roster_int
+    from cosine.workers.base import roster_int
+    from cosine.workers.coordinator import Coordinator, _Waiting, kv_rows_of
 
     from cosine.config import PipelineConfig
     from cosine.core.sampling import SamplingParams

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -284,6 +285,82 @@ def test_no_live_drafter_falls_back_to_the_target_alone(server, tmp_path, demo_t
     import asyncio
 
     assert json.loads(asyncio.run(ask())["token_ids"]) == greedy_references[1][:6]
+
+
+def test_admission_refuses_a_burst_past_its_bound_at_once(server, tmp_path, demo_target, greedy_references, pipelines):
+    """pipeline.max_requests = 2: of a burst of six, two are admitted and finish with the
+    reference output; each of the others gets one busy final, quickly; admitted requests reserve
+    their rows against the verifier's K/V pool (its roster value); afterwards a request gets in."""
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT], pipeline={"max_requests": 2})
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "verifier"):
+        pipeline.start(role)
+    for role in ("verifier", "coordinator", "router"):
+        pipeline.wait_live(role, 1)
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    messages = json.dumps([{"role": "user", "content": texts[0]}])
+    sent = time.monotonic()
+    with client.pipeline(transaction=True) as pipe:  # one burst, read by the router together
+        for i in range(6):
+            pipe.xadd("cosine:requests", {"id": f"burst-{i}", "messages": messages, "max_tokens": "24"})
+        pipe.execute()
+    finals, answered = {}, {}  # request -> its final entry, seconds from the burst to it
+    last = {f"cosine:out:burst-{i}": "0-0" for i in range(6)}
+    deadline = time.monotonic() + 120
+    while len(finals) < 6 and time.monotonic() < deadline:
+        for key, items in client.xread(last, block=200) or []:
+            for entry_id, fields in items:
+                last[key.decode()] = entry_id
+                if fields[b"type"] == b"final":
+                    i = int(key.decode().rsplit("-", 1)[1])
+                    finals[i] = {k.decode(): v.decode() for k, v in fields.items()}
+                    answered[i] = time.monotonic() - sent
+    assert len(finals) == 6, finals
+    assert all([f[b"type"] for _, f in client.xrange(key)].count(b"final") == 1 for key in last)
+    busy = [i for i, f in finals.items() if f["finish_reason"] == "error"]
+    done = [i for i, f in finals.items() if f["finish_reason"] == "length"]
+    assert len(done) == 2 and len(busy) == 4, finals
+    assert all(finals[i]["error_code"] == "busy" and "capacity" in finals[i]["error"] for i in busy)
+    assert all(json.loads(finals[i]["token_ids"]) == greedy_references[0][:24] for i in done)
+    assert max(answered[i] for i in busy) < min(answered[i] for i in done), answered  # refusals do not wait for the work
+    reserved = {k.decode(): int(v) for k, v in client.hgetall("cosine:reserved").items()}
+    assert set(reserved) == {f"burst-{i}" for i in done} and all(v > 24 for v in reserved.values()), reserved
+    submit(client, id="after-burst", messages=messages, max_tokens=4)
+    assert final_of(read_output(client, "after-burst", timeout=120))["finish_reason"] == "length"
+
+
+def test_logs_hold_no_prompt_and_no_output(server, tmp_path, demo_target, pipelines):
+    """Every worker's log of a run (debug level, as the harness starts them) is searched for a
+    canary prompt, the output it got, and canaries a client put where refusal reasons quote it
+    (a message role, a field value) or in garbage on an internal stream: none is there."""
+    pipeline = make_pipeline(tmp_path, server, demo_target, [LOOKUP])
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        pipeline.start(role)
+    pipeline.start("drafter", "--expert", "lookup")
+    for role in ("verifier", "drafter", "coordinator", "router"):
+        pipeline.wait_live(role, 1)
+    client = pipeline.client()
+    canary = "Quokkaberry Zanzibarino"
+    submit(client, id="canary", messages=json.dumps([{"role": "user", "content": f"Say {canary} twice, then explain the name."}]), max_tokens=24)
+    submit(client, id="canary-role", messages=json.dumps([{"role": f"{canary}-role", "content": "hi"}]))
+    submit(client, id="canary-value", prompt="hi", temperature=f"{canary}-value")
+    client.xadd("cosine:drafts", {"m": f"{canary}-garbage".encode()})
+    output = final_of(read_output(client, "canary", timeout=120))
+    assert output["finish_reason"] == "length" and len(output["text"]) > 20, output
+    for refused in ("canary-role", "canary-value"):
+        assert final_of(read_output(client, refused, timeout=60))["error_code"] == "invalid"
+    deadline = time.monotonic() + 30
+    while not client.xlen("cosine:dead") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.xlen("cosine:dead") >= 1
+    logs = {path.name: path.read_text(errors="replace") for path in sorted(tmp_path.glob("*.log"))}
+    assert len(logs) >= 5 and all(logs.values()), list(logs)
+    needles = [canary, canary.lower(), "Quokka", "Zanzibar", output["text"].strip(), *[line for line in output["text"].splitlines() if len(line) >= 12]]
+    for name, text in logs.items():
+        for needle in needles:
+            assert needle not in text, f"{needle!r} in {name}"
 
 
 def test_generate_times_out_clearly_without_a_server_behind_redis(server, tmp_path):
