@@ -16,6 +16,7 @@ from cosine.core.stopping import StopRules
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 128
+MAX_MESSAGES = 512
 
 
 class RequestError(ValueError):
@@ -52,6 +53,8 @@ def _parse_messages(messages: str | list) -> list[dict[str, str]]:
             raise RequestError(f"'messages' is not valid JSON: {error}", "messages") from None
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty JSON list", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"'messages' holds {len(messages)} messages; at most {MAX_MESSAGES}", "messages")
     for message in messages:
         if not isinstance(message, dict) or set(message) != {"role", "content"}:
             raise RequestError("each message must be an object with exactly 'role' and 'content'", "messages")

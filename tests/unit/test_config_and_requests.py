@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,13 @@ def test_every_package_directory_is_installed():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {"cosine." + p.parent.name for p in (root / "cosine").glob("*/__init__.py") if p.parent.name != "workers"}
     assert found | {"cosine", "cosine.workers"} <= listed, sorted(found - listed)
+
+
+def test_messages_are_bounded_in_count():
+    from cosine.requests import MAX_MESSAGES, _parse_messages
+
+    many = [{"role": "user", "content": "hi"}] * (MAX_MESSAGES + 1)
+    with pytest.raises(RequestError, match="at most") as refused:
+        _parse_messages(json.dumps(many))
+    assert refused.value.param == "messages"
+    assert len(_parse_messages(json.dumps(many[:MAX_MESSAGES]))) == MAX_MESSAGES

@@ -1,0 +1,34 @@
+"""Redis ACL rules for a CoSine deployment (README: "Threat model"): what a worker user and a
+client user may run, on which keys. The namespace (``redis.namespace``, default ``cosine:``)
+prefixes every key pattern.
+
+- **worker**: every key of the namespace; reading, writing, streams, hashes, sorted sets,
+  sets, strings, key expiry and renames, and the server-side functions (``FCALL``, and
+  ``FUNCTION LOAD`` at start-up); none of the dangerous or administrative commands
+  (``FLUSHALL``, ``CONFIG``, ``KEYS``, ``DEBUG``, ``SHUTDOWN``, ``ACL`` ...).
+- **client**: ``XADD`` to the ``requests`` and ``cancel`` streams and reading ``out:*``
+  (``XREAD``, ``XRANGE``, ``XREVRANGE``) — nothing else: no request state, no internal stream.
+
+Apply with ``ACL SETUSER name on >password <rules...>`` (``acl_setuser_rules``).
+"""
+
+from __future__ import annotations
+
+WORKER_COMMANDS = ("-@all", "+@read", "+@write", "+@stream", "+@hash", "+@sortedset", "+@set", "+@string", "+@keyspace",
+                   "+@scripting", "+@connection", "+@transaction", "-@dangerous", "-@admin")
+CLIENT_COMMANDS = ("-@all", "+xadd", "+xread", "+xrange", "+xrevrange", "+ping", "+hello", "+auth")
+
+
+def worker_rules(namespace: str = "cosine:") -> list[str]:
+    """ACL rules of the user the workers (and ``cosine serve``'s supervisor) connect as."""
+    return ["resetkeys", f"~{namespace}*", "resetchannels", *WORKER_COMMANDS]
+
+
+def client_rules(namespace: str = "cosine:") -> list[str]:
+    """ACL rules of a user that may submit, cancel and read outputs, and nothing else."""
+    return ["resetkeys", f"%W~{namespace}requests", f"%W~{namespace}cancel", f"%R~{namespace}out:*", "resetchannels", *CLIENT_COMMANDS]
+
+
+def acl_setuser_rules(password: str, rules: list[str]) -> list[str]:
+    """The arguments of ``ACL SETUSER <name>`` after the name: enabled, one password, the rules."""
+    return ["reset", "on", f">{password}", *rules]
