@@ -8,8 +8,8 @@ pipeline holds as many requests as it admits and the verifier is saturated. Then
 
 - how many requests were admitted and whether every admitted one finished (``length``/``stop``),
 - for every refused request (``error_code=busy``), the time from the moment its XADD was sent
-  to the moment its output stream exists (polled every ``--poll-ms``; the refusal is the
-  stream's only entry), p50 / p99 / max,
+  (its chunk of pipelined XADDs) to the moment its refusal was read (16 connections blocking in
+  ``XREAD`` on the burst's output streams, started before the burst), p50 / p99 / max,
 - every final's ``error_code`` counts (nothing but ``busy`` expected),
 - the peak resident memory of every process of the serve tree and the server's ``used_memory``
   (sampled every second), against the same figures before the burst.
@@ -58,22 +58,22 @@ async def submit_all(client: aioredis.Redis, requests: list[dict[str, str]], chu
     return sent
 
 
-async def first_seen(client: aioredis.Redis, ids: list[str], poll_s: float, timeout_s: float) -> dict[str, float]:
-    """Request id -> when its output stream was first seen (EXISTS, pipelined, every poll)."""
+async def first_seen(client: aioredis.Redis, ids: list[str], timeout_s: float, readers: int = 16) -> dict[str, float]:
+    """Request id -> when its output stream's first entry was read: ``readers`` connections
+    each block in ``XREAD`` on their share of the streams (woken by the first entry of any),
+    started before the requests are sent."""
     seen: dict[str, float] = {}
     deadline = time.monotonic() + timeout_s
-    waiting = list(ids)
-    while waiting and time.monotonic() < deadline:
-        async with client.pipeline(transaction=False) as pipe:
-            for request_id in waiting:
-                pipe.exists(f"{NAMESPACE}out:{request_id}")
-            replies = await pipe.execute()
-        now = time.monotonic()
-        for request_id, exists in zip(waiting, replies):
-            if exists:
-                seen[request_id] = now
-        waiting = [r for r in waiting if r not in seen]
-        await asyncio.sleep(poll_s)
+
+    async def reader(share: list[str]) -> None:
+        waiting = {f"{NAMESPACE}out:{r}": r for r in share}
+        while waiting and time.monotonic() < deadline:  # concurrent commands take a pooled connection each
+            reply = await client.xread({key: "0-0" for key in waiting}, count=1, block=100)
+            now = time.monotonic()
+            for key, _ in reply or []:
+                seen[waiting.pop(key)] = now
+
+    await asyncio.gather(*(reader(ids[i::readers]) for i in range(readers)))
     return seen
 
 
@@ -129,17 +129,20 @@ async def run(args: argparse.Namespace) -> dict:
         await asyncio.sleep(3.0)
         idle = peaks(sampler.samples)
         fill_requests = [request(i, "fill") for i in range(fill)]
-        await submit_all(client, fill_requests)
         fill_ids = [r["id"] for r in fill_requests]
-        await first_seen(client, fill_ids, 0.05, 120.0)  # every fill request admitted or refused
+        watching = asyncio.create_task(first_seen(client, fill_ids, 120.0))
+        await submit_all(client, fill_requests)
+        await watching  # every fill request started or refused
         await asyncio.sleep(2.0)  # the verifier busy with what was admitted
         active_before = await client.zcard(f"{NAMESPACE}deadlines")
         saturated = peaks(sampler.samples)
         print(f"filled: {active_before} active of {fill} submitted (bound {bound}); bursting {burst}", flush=True)
         burst_requests = [request(i, "burst") for i in range(burst)]
-        sent = await submit_all(client, burst_requests)
         burst_ids = [r["id"] for r in burst_requests]
-        seen = await first_seen(client, burst_ids, args.poll_ms / 1000, 120.0)
+        watching = asyncio.create_task(first_seen(client, burst_ids, 120.0))
+        await asyncio.sleep(0.5)  # the readers blocking
+        sent = await submit_all(client, burst_requests)
+        seen = await watching
         print(f"burst answered or started: {len(seen)}/{burst}", flush=True)
         all_ids = fill_ids + burst_ids
         ended = await finals(client, all_ids, args.timeout_s)
@@ -167,7 +170,7 @@ async def run(args: argparse.Namespace) -> dict:
         "without_final": len(all_ids) - len(ended),
         "final_codes": dict(codes),
         "refusal_ms": {"p50": percentile(refusal_ms, 0.5), "p99": percentile(refusal_ms, 0.99), "max": max(refusal_ms, default=float("nan")),
-                       "mean": statistics.fmean(refusal_ms) if refusal_ms else float("nan"), "poll_ms": args.poll_ms},
+                       "mean": statistics.fmean(refusal_ms) if refusal_ms else float("nan")},
         "memory_idle": idle,
         "memory_saturated": saturated,
         "memory_peak": final_peaks,
@@ -184,7 +187,6 @@ def main() -> None:
     parser.add_argument("--fill", type=int, default=0, help="requests submitted before the burst (default: the bound)")
     parser.add_argument("--burst-factor", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--poll-ms", type=float, default=5.0)
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="how long admitted requests may take to finish")
     parser.add_argument("--name", default="overload")
     args = parser.parse_args()

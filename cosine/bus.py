@@ -128,21 +128,28 @@ local function admit(keys, args)
   return outcome
 end
 
--- A request refused at admission (bad input): its error final goes to out:{id}, and a
--- finished tombstone keeps the id taken for the TTL, so a redelivery writes nothing twice.
--- KEYS: req, requests stream, out:{id}, out:{entry id}.  ARGV: group, entry id, ttl, n, pairs...
+-- Requests refused at admission (bad input, or busy), the same final entry for each: it goes to
+-- out:{id}, and a finished tombstone keeps the id taken for the TTL, so a redelivery writes
+-- nothing twice; the entries are acknowledged together.
+-- KEYS: requests stream, then per request: req, out:{id}, out:{entry id}.
+-- ARGV: group, ttl, n, pairs..., then the requests' entry ids.  Returns the outcomes in order.
 local function refuse(keys, args)
-  local req = keys[1]
-  local ttl = tonumber(args[3])
-  local entry = take_pairs(args, 5, tonumber(args[4]))
-  local outcome = 'refused'
-  if redis.call('EXISTS', req) == 1 then
-    outcome = refuse_in_use(req, keys[4], args[2], ttl, entry)
-  else
-    tombstone(req, keys[3], args[2], ttl, entry)
+  local ttl = tonumber(args[2])
+  local entry, i = take_pairs(args, 4, tonumber(args[3]))
+  local outcomes, acked = {}, {}
+  for k = 2, #keys, 3 do
+    local req, entry_id = keys[k], args[i]
+    if redis.call('EXISTS', req) == 1 then
+      outcomes[#outcomes + 1] = refuse_in_use(req, keys[k + 2], entry_id, ttl, entry)
+    else
+      tombstone(req, keys[k + 1], entry_id, ttl, entry)
+      outcomes[#outcomes + 1] = 'refused'
+    end
+    acked[#acked + 1] = entry_id
+    i = i + 1
   end
-  redis.call('XACK', keys[2], args[1], args[2])
-  return outcome
+  if #acked > 0 then redis.call('XACK', keys[1], args[1], unpack(acked)) end
+  return outcomes
 end
 
 -- KEYS: req, out stream, rounds zset, deadlines zset, features string, job streams...
@@ -425,18 +432,16 @@ async def refuse_requests(
     client: aioredis.Redis, keys: Keys, *, group: str, refusals: Sequence[tuple[bytes | str, str]], ttl_s: int, entry: Mapping,
 ) -> list[str]:
     """``refuse_request`` for several (entry id, request id) pairs with the same final entry, in
-    one round trip (each its own atomic call); outcomes in order."""
-    calls = []
+    one atomic call (a burst past the admission bound is refused a read at a time); outcomes in
+    order."""
+    if not refusals:
+        return []
+    key_list, entry_ids = [keys.requests], []
     for entry_id, request_id in refusals:
         entry_text = _text(entry_id)
-        calls.append(([keys.request(request_id), keys.requests, keys.out(request_id), keys.out(entry_text)],
-                      [group, entry_text, ttl_s, len(entry), *_flat(entry)]))
-    if len(calls) == 1:
-        return [await _fcall(client, "cosine_refuse", *calls[0])]
-    async with client.pipeline(transaction=False) as pipe:
-        for key_list, args in calls:
-            pipe.fcall("cosine_refuse", len(key_list), *key_list, *args)
-        replies = await pipe.execute()
+        key_list += [keys.request(request_id), keys.out(request_id), keys.out(entry_text)]
+        entry_ids.append(entry_text)
+    replies = await _fcall(client, "cosine_refuse", key_list, [group, ttl_s, len(entry), *_flat(entry), *entry_ids])
     return [r.decode() if isinstance(r, bytes) else r for r in replies]
 
 

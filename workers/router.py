@@ -34,7 +34,7 @@ KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p"
 
 class Router(StageWorker):
     role = "router"
-    read_count = 128  # a burst past the admission bound is refused a read at a time
+    read_count = 256  # a burst past the admission bound is refused a read at a time
 
     def input_streams(self) -> list[str]:
         return [self.keys.requests, self.keys.cancel]

@@ -141,6 +141,28 @@ def test_a_refusal_is_written_once_and_keeps_the_id(server):
     run(scenario())
 
 
+def test_a_burst_is_refused_in_one_call_each_entry_on_its_own(server):
+    """refuse_requests: many entries, one atomic call: a busy final on each free id, the
+    in-use id's refusal on its entry's stream, outcomes in order, every entry acknowledged."""
+
+    async def scenario():
+        client = await fresh(server)
+        assert await admit(client, await submit(client, prompt="x"), "taken") == "created"
+        entries = [await submit(client, prompt="y") for _ in range(4)]
+        names = ["b0", "b1", "taken", "b3"]
+        busy = refusal_entry("at capacity", "busy")
+        outcomes = await bus.refuse_requests(client, KEYS, group=GROUP, refusals=list(zip(entries, names)), ttl_s=60, entry=busy)
+        assert outcomes == ["refused", "refused", "in_use", "refused"]
+        for name in ("b0", "b1", "b3"):
+            assert [f["error_code"] for f in await finals(client, KEYS.out(name))] == ["busy"]
+        assert await client.xlen(KEYS.out("taken")) == 0
+        assert [f["error_code"] for f in await finals(client, KEYS.out(entries[2].decode()))] == ["busy"]
+        assert (await client.xpending(KEYS.requests, GROUP))["pending"] == 0
+        assert await bus.refuse_requests(client, KEYS, group=GROUP, refusals=[], ttl_s=60, entry=busy) == []
+
+    run(scenario())
+
+
 def test_cancellation_wins_over_a_round_in_flight(server):
     async def scenario():
         client = await fresh(server)
