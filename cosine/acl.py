@@ -5,7 +5,12 @@ prefixes every key pattern.
 - **worker**: every key of the namespace; reading, writing, streams, hashes, sorted sets,
   sets, strings, key expiry and renames, and the server-side functions (``FCALL``, and
   ``FUNCTION LOAD`` at start-up); none of the dangerous or administrative commands
-  (``FLUSHALL``, ``CONFIG``, ``KEYS``, ``DEBUG``, ``SHUTDOWN``, ``ACL`` ...).
+  (``FLUSHALL``, ``CONFIG``, ``KEYS``, ``DEBUG``, ``SHUTDOWN``, ``ACL`` ...). What ``cosine
+  serve`` needs (it starts every role with one URL).
+- **one user per role** (``role_rules``), for workers started with ``cosine worker
+  --redis-url``: the worker commands on only the keys that role reads or writes. The
+  coordinator's are every key (it applies rounds, sweeps, trims, moves verify streams);
+  the router, fusion, drafters and verifiers get their own streams and hashes.
 - **client**: ``XADD`` to the ``requests`` and ``cancel`` streams and reading ``out:*``
   (``XREAD``, ``XRANGE``, ``XREVRANGE``) — nothing else: no request state, no internal stream.
 
@@ -22,6 +27,26 @@ CLIENT_COMMANDS = ("-@all", "+xadd", "+xread", "+xrange", "+xrevrange", "+ping",
 def worker_rules(namespace: str = "cosine:") -> list[str]:
     """ACL rules of the user the workers (and ``cosine serve``'s supervisor) connect as."""
     return ["resetkeys", f"~{namespace}*", "resetchannels", *WORKER_COMMANDS]
+
+
+# Keys every worker uses: the dead-letter stream, liveness keys and rosters, the stats hash,
+# the fault-injection phase key (tests).
+_COMMON_KEYS = ("dead", "live:*", "roster:*", "stats", "test:phase")
+ROLE_KEYS = {
+    "router": ("requests", "cancel", "req:*", "out:*", "draft:*", "candidates", "rounds", "deadlines", "reserved", "feat:*"),
+    "fusion": ("drafts", "draft:*", "fuse:*", "fusing", "candidates", "req:*"),
+    "drafter": ("draft:*", "drafts", "experts", "feat:*", "req:*"),
+    "verifier": ("verify", "verify:*", "verified", "req:*", "cost:*", "fingerprints", "verifier-streams"),
+    "coordinator": ("*",),
+}
+
+
+def role_rules(role: str, namespace: str = "cosine:") -> list[str]:
+    """ACL rules of a user for one role's workers: the worker commands, that role's keys."""
+    if role not in ROLE_KEYS:
+        raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLE_KEYS)}")
+    keys = ROLE_KEYS[role] if role == "coordinator" else (*ROLE_KEYS[role], *_COMMON_KEYS)
+    return ["resetkeys", *(f"~{namespace}{k}" for k in keys), "resetchannels", *WORKER_COMMANDS]
 
 
 def client_rules(namespace: str = "cosine:") -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from cosine.acl import acl_setuser_rules, client_rules, worker_rules
+from cosine.acl import ROLE_KEYS, acl_setuser_rules, client_rules, role_rules, worker_rules
 from tests.conftest import cache_dir
 from tests.integration.harness import Pipeline, final_of, read_output, write_config
 
@@ -106,3 +106,57 @@ def test_workers_over_tls_as_the_worker_user_and_a_client_that_can_only_submit_a
         with pytest.raises(redis.exceptions.NoPermissionError):
             forbidden()
     assert all(p.poll() is None for p in pipeline.processes), pipeline.log_tails()
+
+
+def test_a_user_per_role(tls_server, tmp_path, demo_target, greedy_references, pipelines):
+    """Each role's workers connect as a user of their own (``role_rules``): a request drafted
+    (prompt lookup), fused, verified and applied, a cancellation, a bad request and garbage on
+    internal streams all go through; a role's user may not touch another role's keys."""
+    admin = tls_server["admin"]
+    urls = {}
+    for role in ROLE_KEYS:
+        admin.execute_command("ACL", "SETUSER", f"cosine-{role}", *acl_setuser_rules(f"{role}-secret", role_rules(role)))
+        urls[role] = f"rediss://cosine-{role}:{role}-secret@{tls_server['base']}"
+    lookup = {"name": "prompt-lookup", "kind": "prompt-lookup", "expert": "lookup"}
+    config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=[lookup])
+    by_role = {role: Pipeline(url, config) for role, url in urls.items()}
+    pipelines.extend(by_role.values())
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        by_role[role].start(role)
+    by_role["drafter"].start("drafter", "--expert", "lookup")
+    watcher = by_role["coordinator"]  # every key: it can see everyone's liveness
+    for role in ("verifier", "drafter", "coordinator", "router", "fusion"):
+        watcher.wait_live(role, 1)
+
+    client = redis.Redis.from_url(f"rediss://:{ADMIN_PASSWORD}@{tls_server['base']}")
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    repeat = "Summarize: " + texts[0] + " " + texts[0]  # prompt lookup finds n-grams to draft
+    client.xadd("cosine:requests", {"id": "per-role", "messages": json.dumps([{"role": "user", "content": texts[0]}]), "max_tokens": "8"})
+    client.xadd("cosine:requests", {"id": "per-role-lookup", "prompt": repeat, "max_tokens": "24"})
+    client.xadd("cosine:requests", {"id": "per-role-bad", "prompt": "hi", "max_tokens": "0"})
+    client.xadd("cosine:requests", {"id": "per-role-cancel", "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": "400"})
+    client.xadd("cosine:drafts", {"m": b"garbage"})
+    client.xadd("cosine:verified", {"m": b"garbage"})
+    client.xadd("cosine:draft:lookup", {"m": b"garbage"})
+    client.xadd("cosine:verify", {"m": b"garbage"})
+    first = final_of(read_output(client, "per-role", timeout=120))
+    assert json.loads(first["token_ids"]) == greedy_references[0][:8], first
+    drafted = final_of(read_output(client, "per-role-lookup", timeout=120))
+    assert drafted["finish_reason"] in ("length", "stop") and int(drafted["draft_tokens"]) > 0, drafted
+    assert final_of(read_output(client, "per-role-bad", timeout=60))["error_code"] == "invalid"
+    client.xadd("cosine:cancel", {"id": "per-role-cancel"})
+    assert final_of(read_output(client, "per-role-cancel", timeout=120))["finish_reason"] in ("cancelled", "length")
+    deadline = time.monotonic() + 30
+    while client.xlen("cosine:dead") < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.xlen("cosine:dead") >= 4
+    errors = {name: [line for line in path.read_text(errors="replace").splitlines() if "NOPERM" in line or "no permissions" in line]
+              for name, path in ((p.name, p) for p in tmp_path.glob("*.log"))}
+    assert not any(errors.values()), errors
+    router = redis.Redis.from_url(urls["router"])
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        router.xadd("cosine:verified", {"m": b"x"})
+    verifier = redis.Redis.from_url(urls["verifier"])
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        verifier.hgetall("cosine:reserved")
+    assert all(p.poll() is None for pipeline in by_role.values() for p in pipeline.processes)
