@@ -8,8 +8,9 @@ pipeline holds as many requests as it admits and the verifier is saturated. Then
 
 - how many requests were admitted and whether every admitted one finished (``length``/``stop``),
 - for every refused request (``error_code=busy``), the time from the moment its XADD was sent
-  (its chunk of pipelined XADDs) to the moment its refusal was read (16 connections blocking in
-  ``XREAD`` on the burst's output streams, started before the burst), p50 / p99 / max,
+  (its chunk of pipelined XADDs) to the moment its refusal was written (the server's keyspace
+  notification of the XADD on its output stream, one subscriber started before the burst),
+  p50 / p99 / max,
 - every final's ``error_code`` counts (nothing but ``busy`` expected),
 - the peak resident memory of every process of the serve tree and the server's ``used_memory``
   (sampled every second), against the same figures before the burst.
@@ -58,22 +59,29 @@ async def submit_all(client: aioredis.Redis, requests: list[dict[str, str]], chu
     return sent
 
 
-async def first_seen(client: aioredis.Redis, ids: list[str], timeout_s: float, readers: int = 16) -> dict[str, float]:
-    """Request id -> when its output stream's first entry was read: ``readers`` connections
-    each block in ``XREAD`` on their share of the streams (woken by the first entry of any),
-    started before the requests are sent."""
+async def first_seen(client: aioredis.Redis, ids: list[str], timeout_s: float, started: asyncio.Event) -> dict[str, float]:
+    """Request id -> when the first entry of its output stream was written, from the server's
+    keyspace notifications of stream commands (one subscriber; no polling, no blocking reads on
+    thousands of keys competing with the router for the server). ``started`` is set once
+    subscribed."""
+    await client.config_set("notify-keyspace-events", "Kt")
+    prefix = f"__keyspace@0__:{NAMESPACE}out:"
+    wanted = set(ids)
     seen: dict[str, float] = {}
+    pubsub = client.pubsub()
+    await pubsub.psubscribe(f"{prefix}*")
+    started.set()
     deadline = time.monotonic() + timeout_s
-
-    async def reader(share: list[str]) -> None:
-        waiting = {f"{NAMESPACE}out:{r}": r for r in share}
-        while waiting and time.monotonic() < deadline:  # concurrent commands take a pooled connection each
-            reply = await client.xread({key: "0-0" for key in waiting}, count=1, block=100)
-            now = time.monotonic()
-            for key, _ in reply or []:
-                seen[waiting.pop(key)] = now
-
-    await asyncio.gather(*(reader(ids[i::readers]) for i in range(readers)))
+    try:
+        while wanted - seen.keys() and time.monotonic() < deadline:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+            if message and message.get("data") == "xadd":
+                request_id = message["channel"][len(prefix):]
+                if request_id in wanted and request_id not in seen:
+                    seen[request_id] = time.monotonic()
+    finally:
+        await pubsub.punsubscribe()
+        await pubsub.aclose()
     return seen
 
 
@@ -130,7 +138,9 @@ async def run(args: argparse.Namespace) -> dict:
         idle = peaks(sampler.samples)
         fill_requests = [request(i, "fill") for i in range(fill)]
         fill_ids = [r["id"] for r in fill_requests]
-        watching = asyncio.create_task(first_seen(client, fill_ids, 120.0))
+        started = asyncio.Event()
+        watching = asyncio.create_task(first_seen(client, fill_ids, 120.0, started))
+        await started.wait()
         await submit_all(client, fill_requests)
         await watching  # every fill request started or refused
         await asyncio.sleep(2.0)  # the verifier busy with what was admitted
@@ -139,8 +149,9 @@ async def run(args: argparse.Namespace) -> dict:
         print(f"filled: {active_before} active of {fill} submitted (bound {bound}); bursting {burst}", flush=True)
         burst_requests = [request(i, "burst") for i in range(burst)]
         burst_ids = [r["id"] for r in burst_requests]
-        watching = asyncio.create_task(first_seen(client, burst_ids, 120.0))
-        await asyncio.sleep(0.5)  # the readers blocking
+        started = asyncio.Event()
+        watching = asyncio.create_task(first_seen(client, burst_ids, 120.0, started))
+        await started.wait()
         sent = await submit_all(client, burst_requests)
         seen = await watching
         print(f"burst answered or started: {len(seen)}/{burst}", flush=True)
