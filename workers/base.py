@@ -489,13 +489,18 @@ def run_worker(worker: StageWorker, *, burst: bool = False) -> None:
         asyncio.run(worker.run(burst=burst))
 
 
+def roster_field(value: str, name: str) -> str | None:
+    """The ``name=...`` field of a roster value (None when absent)."""
+    for part in value.split():
+        key, _, text = part.partition("=")
+        if key == name:
+            return text
+    return None
+
+
 def roster_int(value: str, name: str) -> int:
     """An integer ``name=N`` field of a roster value (0 when absent or malformed)."""
-    for part in value.split():
-        key, _, number = part.partition("=")
-        if key == name:
-            try:
-                return int(number)
-            except ValueError:
-                return 0
-    return 0
+    try:
+        return int(roster_field(value, name) or 0)
+    except ValueError:
+        return 0

@@ -22,7 +22,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-from cosine.workers.base import Entry, StageWorker, roster_int
+from cosine.workers.base import Entry, StageWorker, roster_field, roster_int
 from cosine.workers.models import load_tokenizer_and_limits
 from redis.exceptions import ResponseError
 
@@ -580,7 +580,7 @@ class Coordinator(StageWorker):
         self.live_verifiers = len(verifiers)
         self.kv_rows = {instance: rows for instance, value in roster.items() if (rows := roster_int(value, "kv_rows"))}
         self.kv_block = max((roster_int(value, "kv_block") for value in verifiers), default=1) or 1
-        found = {p.split("=", 1)[1] for v in verifiers for p in v.split() if p.startswith("fingerprint=")}
+        found = {f for v in verifiers if (f := roster_field(v, "fingerprint"))}
         self.fingerprints |= found
         if found and not self.control.verify.observations:
             profile = await self.redis.hgetall(self.keys.cost(sorted(found)[0]))

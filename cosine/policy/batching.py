@@ -55,9 +55,6 @@ class BatchPolicy:
             return True
         return pool_size + drafting >= active_requests and drafting_due_s > split_cost_s
 
-    def take(self, pool_size: int) -> int:
-        return min(pool_size, self.max_batch)
-
     def first_come(self, pool: Sequence[Pending], kv_rows: int = 0) -> list[int]:
         """The first-come batch: pool order, at most ``max_batch`` candidates, only those whose
         K/V rows still fit the verifier's pool (``kv_rows``; 0 = not bounded), the first

@@ -61,6 +61,17 @@ class Pipeline:
         self.processes.append(process)
         return process
 
+    def start_stages(self, *drafter_experts: str) -> None:
+        """A router, coordinator, fusion and verifier, and a drafter for each expert given;
+        returns once every one of them is live."""
+        roles = ["router", "coordinator", "fusion", "verifier"]
+        for role in roles:
+            self.start(role)
+        for expert in drafter_experts:
+            self.start("drafter", "--expert", expert)
+        for role in ("verifier", *(["drafter"] if drafter_experts else []), "coordinator", "router", "fusion"):
+            self.wait_live(role, len(drafter_experts) if role == "drafter" else 1)
+
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)
 

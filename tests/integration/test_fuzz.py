@@ -137,11 +137,7 @@ def test_ten_thousand_malformed_requests_and_internal_garbage(embedded_url, tmp_
     config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=[LOOKUP])
     pipeline = Pipeline(embedded_url, config)
     pipelines.append(pipeline)
-    for role in ("router", "coordinator", "fusion", "verifier"):
-        pipeline.start(role)
-    pipeline.start("drafter", "--expert", "lookup")
-    for role in ("verifier", "drafter", "coordinator", "router", "fusion"):
-        pipeline.wait_live(role, 1)
+    pipeline.start_stages("lookup")
     client = pipeline.client()
 
     entries = generate(malformed_client_entry(), CLIENT_ENTRIES)

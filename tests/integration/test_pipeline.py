@@ -336,11 +336,7 @@ def test_logs_hold_no_prompt_and_no_output(server, tmp_path, demo_target, pipeli
     (a message role, a field value) or in garbage on an internal stream: none is there."""
     pipeline = make_pipeline(tmp_path, server, demo_target, [LOOKUP])
     pipelines.append(pipeline)
-    for role in ("router", "coordinator", "fusion", "verifier"):
-        pipeline.start(role)
-    pipeline.start("drafter", "--expert", "lookup")
-    for role in ("verifier", "drafter", "coordinator", "router"):
-        pipeline.wait_live(role, 1)
+    pipeline.start_stages("lookup")
     client = pipeline.client()
     canary = "Quokkaberry Zanzibarino"
     submit(client, id="canary", messages=json.dumps([{"role": "user", "content": f"Say {canary} twice, then explain the name."}]), max_tokens=24)
@@ -406,11 +402,7 @@ def test_a_long_prompt_prefills_in_chunks_beside_decoding_requests(server, tmp_p
     chunk = 64
     pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT], pipeline={"prefill_chunk": chunk, "batch_wait_ms": 50})
     pipelines.append(pipeline)
-    for role in ("router", "coordinator", "fusion", "verifier"):
-        pipeline.start(role)
-    pipeline.start("drafter", "--expert", "general")
-    for role in ("verifier", "drafter", "coordinator", "router"):
-        pipeline.wait_live(role, 1)
+    pipeline.start_stages("general")
     client = pipeline.client()
     long_prompt = " ".join(RAW_PROMPTS) * 4
     prompts = [long_prompt, RAW_PROMPTS[0], RAW_PROMPTS[2]]

@@ -84,12 +84,12 @@ def test_zero_max_wait_flushes_at_once_to_an_idle_verifier():
     assert not flush(policy, pool_size=1, oldest_wait_s=0.0, active_requests=8, live_verifiers=2, busy_verifiers=2)
 
 
-def test_take_caps_at_max_batch():
+def test_first_come_caps_at_max_batch():
+    from cosine.policy.batching import Pending
+
     policy = BatchPolicy(max_batch=4)
-    assert policy.take(0) == 0
-    assert policy.take(3) == 3
-    assert policy.take(4) == 4
-    assert policy.take(11) == 4
+    for size, taken in ((0, 0), (3, 3), (4, 4), (11, 4)):
+        assert policy.first_come([Pending(0.0, 1, 1.0)] * size) == list(range(taken))
 
 
 @pytest.mark.parametrize(
