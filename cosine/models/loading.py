@@ -219,8 +219,13 @@ def remembered_cpu_linears(model: PreTrainedModel, record: Path, key: str, measu
     slow each other and cost seconds of CPU each)."""
     import fcntl
 
-    record.parent.mkdir(parents=True, exist_ok=True)
-    with open(record.with_suffix(".lock"), "w") as lock:
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(record.with_suffix(".lock"), "w")  # closed by the with below
+    except OSError as error:  # a read-only cache: measure, remember nothing
+        log.warning("cannot keep the CPU linears' choice in %s (%s); measuring in this process", record, error)
+        return choose_cpu_linears(model, measure)
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             known = json.loads(record.read_text()) if record.is_file() else {}
@@ -233,8 +238,11 @@ def remembered_cpu_linears(model: PreTrainedModel, record: Path, key: str, measu
             choice = choose_cpu_linears(model, measure)
             known[key] = choice
             partial = record.with_suffix(".tmp")
-            partial.write_text(json.dumps(known, indent=1, sort_keys=True))
-            partial.replace(record)
+            try:
+                partial.write_text(json.dumps(known, indent=1, sort_keys=True))
+                partial.replace(record)
+            except OSError as error:
+                log.warning("cannot keep the CPU linears' choice in %s (%s)", record, error)
         else:
             log.info("CPU linears: plain (measured before on this machine: %s)", record)
     return choice

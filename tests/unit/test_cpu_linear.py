@@ -109,6 +109,16 @@ def test_the_choice_is_measured_once_per_machine_and_model(tmp_path):
     assert "threads" in cpu_key(tiny(), "weights-x") and cpu_key(tiny(), "a") != cpu_key(tiny(), "b")
 
 
+def test_a_cache_it_cannot_write_only_costs_a_measurement(tmp_path):
+    """Regression: a read-only cache directory made the verifier's start-up raise (and the
+    supervisor restart it over and over); now it measures and remembers nothing."""
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    measure, seen = _costs(0.050, 0.030)
+    assert remembered_cpu_linears(tiny(), blocked / "cpu_linear.json", "k", measure) == "onednn"
+    assert len(seen) == 6
+
+
 def test_short_forwards_are_timed():
     assert time_short_forwards(tiny(), lengths=(1, 2), repeats=3) > 0
 
