@@ -33,7 +33,7 @@ def worker_rules(namespace: str = "cosine:") -> list[str]:
 # the fault-injection phase key (tests).
 _COMMON_KEYS = ("dead", "live:*", "roster:*", "stats", "test:phase")
 ROLE_KEYS = {
-    "router": ("requests", "cancel", "req:*", "out:*", "draft:*", "candidates", "rounds", "deadlines", "reserved", "feat:*"),
+    "router": ("requests", "cancel", "req:*", "out:*", "draft:*", "candidates", "rounds", "deadlines", "reserved", "waiting", "feat:*"),
     "fusion": ("drafts", "draft:*", "fuse:*", "fusing", "candidates", "req:*"),
     "drafter": ("draft:*", "drafts", "experts", "feat:*", "req:*"),
     "verifier": ("verify", "verify:*", "verified", "req:*", "cost:*", "fingerprints", "verifier-streams"),

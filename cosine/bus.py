@@ -68,12 +68,14 @@ local function refuse_in_use(req, out_entry, entry_id, ttl, entry)
   return 'in_use'
 end
 
--- Whether admitting one more request reserving `tokens` K/V rows would go past the bounds:
--- 'requests' (max_requests active requests), 'tokens' (the reserved rows of the active ones
--- plus these over `budget`; a request alone is always let in, it fails alone if it cannot fit),
--- or false. Reservations of requests no longer active are dropped here, as they are met.
-local function admission_full(deadlines, reserved, max_requests, budget, tokens)
-  if max_requests > 0 and redis.call('ZCARD', deadlines) >= max_requests then return 'requests' end
+-- Whether starting one more request reserving `tokens` K/V rows would go past the bounds:
+-- 'requests' (max_requests requests started: those in `deadlines` but not `waiting`), 'tokens'
+-- (the reserved rows of the started ones plus these over `budget`; a request alone is always let
+-- in, it fails alone if it cannot fit), or false. Reservations of requests no longer in
+-- `deadlines` are dropped here, as they are met (waiting ones reserve nothing yet).
+local function admission_full(deadlines, waiting, reserved, max_requests, budget, tokens)
+  local started = redis.call('ZCARD', deadlines) - redis.call('ZCARD', waiting)
+  if max_requests > 0 and started >= max_requests then return 'requests' end
   if budget > 0 then
     local held, sum = redis.call('HGETALL', reserved), 0
     for j = 1, #held, 2 do
@@ -98,10 +100,13 @@ local function tombstone(req, out, entry_id, ttl, entry)
 end
 
 -- KEYS: req, requests stream, rounds zset, deadlines zset, out:{entry id}, reserved hash,
---       out:{id}, job streams...
+--       out:{id}, waiting zset, job streams...
 -- ARGV: group, entry id, request id, deadline ms, ttl, n_fields, pairs..., job payload,
 --       n_refusal, refusal pairs (used when the id is in use), max_requests, token budget,
---       tokens reserved, n_busy, busy pairs (used when admission is full)
+--       tokens reserved, max_waiting, n_busy, busy pairs (used when admission is full)
+-- Past the bounds, or behind requests already waiting (first come, first started), a request
+-- waits if fewer than max_waiting do: its state and deadline are written, not its first job
+-- ('waiting'; `start_waiting` starts it); else it is refused with `busy`.
 local function admit(keys, args)
   local req = keys[1]
   local n = tonumber(args[6])
@@ -109,23 +114,55 @@ local function admit(keys, args)
   local payload = args[i]
   local refusal, j = take_pairs(args, i + 2, tonumber(args[i + 1]))
   local max_requests, budget, tokens = tonumber(args[j]), tonumber(args[j + 1]), tonumber(args[j + 2])
-  local busy = take_pairs(args, j + 4, tonumber(args[j + 3]))
+  local max_waiting = tonumber(args[j + 3])
+  local busy = take_pairs(args, j + 5, tonumber(args[j + 4]))
   local outcome = 'created'
+  local queued = redis.call('ZCARD', keys[8])
+  fields[#fields + 1] = 'source'; fields[#fields + 1] = args[2]
   if redis.call('EXISTS', req) == 1 then
     outcome = refuse_in_use(req, keys[5], args[2], tonumber(args[5]), refusal)
-  elseif admission_full(keys[4], keys[6], max_requests, budget, tokens) then
-    tombstone(req, keys[7], args[2], tonumber(args[5]), busy)
-    outcome = 'busy'
+  elseif queued > 0 or admission_full(keys[4], keys[8], keys[6], max_requests, budget, tokens) then
+    if queued < max_waiting then
+      redis.call('HSET', req, unpack(fields))
+      redis.call('ZADD', keys[4], tonumber(args[4]), args[3])
+      redis.call('ZADD', keys[8], now_ms(), args[3])
+      outcome = 'waiting'
+    else
+      tombstone(req, keys[7], args[2], tonumber(args[5]), busy)
+      outcome = 'busy'
+    end
   else
-    fields[#fields + 1] = 'source'; fields[#fields + 1] = args[2]
     redis.call('HSET', req, unpack(fields))
-    for k = 8, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
+    for k = 9, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
     redis.call('ZADD', keys[3], now_ms(), args[3])
     redis.call('ZADD', keys[4], tonumber(args[4]), args[3])
     if budget > 0 then redis.call('HSET', keys[6], args[3], tokens) end
   end
   redis.call('XACK', keys[2], args[1], args[2])
   return outcome
+end
+
+-- Starts a waiting request (its first job) when it is the first waiting and the bounds allow.
+-- KEYS: req, rounds zset, deadlines zset, waiting zset, reserved hash, job streams...
+-- ARGV: request id, max_requests, token budget, tokens reserved, job payload.
+-- Returns 'created', 'busy' (still full), 'later' (not the first waiting) or 'gone' (it ended
+-- while waiting: cancelled, or past its deadline).
+local function start_waiting(keys, args)
+  local id = args[1]
+  if not redis.call('ZSCORE', keys[4], id) then return 'gone' end
+  if redis.call('HGET', keys[1], 'status') ~= 'active' or not redis.call('ZSCORE', keys[3], id) then
+    redis.call('ZREM', keys[4], id)
+    return 'gone'
+  end
+  if redis.call('ZRANGE', keys[4], 0, 0)[1] ~= id then return 'later' end
+  local budget, tokens = tonumber(args[3]), tonumber(args[4])
+  -- It counts among the waiting, not the started, while the bounds are checked.
+  if admission_full(keys[3], keys[4], keys[5], tonumber(args[2]), budget, tokens) then return 'busy' end
+  redis.call('ZREM', keys[4], id)
+  for k = 6, #keys do redis.call('XADD', keys[k], '*', 'm', args[5]) end
+  redis.call('ZADD', keys[2], now_ms(), id)
+  if budget > 0 then redis.call('HSET', keys[5], id, tokens) end
+  return 'created'
 end
 
 -- Requests refused at admission (bad input, or busy), the same final entry for each: it goes to
@@ -152,7 +189,7 @@ local function refuse(keys, args)
   return outcomes
 end
 
--- KEYS: req, out stream, rounds zset, deadlines zset, features string, job streams...
+-- KEYS: req, out stream, rounds zset, deadlines zset, features string, waiting zset, job streams...
 -- ARGV: expected round, n_fields, pairs..., n_out, per out entry: n_pairs, pairs...; job
 -- payload ("" for none), ttl once finished (0 = still active), request id; feature rows' bytes
 -- ("" for none), the position of their first row, their count. The features string holds rows
@@ -196,11 +233,12 @@ local function apply_round(keys, args)
     end
   end
   if payload ~= '' then
-    for k = 6, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
+    for k = 7, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
   end
   if ttl > 0 then
     redis.call('ZREM', keys[3], request_id)
     redis.call('ZREM', keys[4], request_id)
+    redis.call('ZREM', keys[6], request_id)
     redis.call('DEL', keys[5])
     redis.call('HDEL', req, 'prompt_ids', 'output_ids', 'feat_n')
     redis.call('EXPIRE', keys[2], ttl)
@@ -297,6 +335,7 @@ local function fuse_next(keys, args)
 end
 
 redis.register_function('cosine_admit', admit)
+redis.register_function('cosine_start_waiting', start_waiting)
 redis.register_function('cosine_refuse', refuse)
 redis.register_function('cosine_apply_round', apply_round)
 redis.register_function('cosine_cancel', cancel)
@@ -404,23 +443,37 @@ async def _fcall(client: aioredis.Redis, name: str, keys: Sequence[str], args: S
 async def admit_request(
     client: aioredis.Redis, keys: Keys, *, group: str, entry_id: bytes | str, request_id: str, deadline_ms: int, ttl_s: int,
     fields: Mapping, job_streams: Sequence[str], payload: bytes, refusal: Mapping,
-    max_requests: int = 0, token_budget: int = 0, tokens: int = 0, busy: Mapping | None = None,
+    max_requests: int = 0, token_budget: int = 0, tokens: int = 0, max_waiting: int = 0, busy: Mapping | None = None,
 ) -> str:
     """Create the request (state, first job, liveness and deadline entries) and ack its entry.
 
-    Admission: with ``max_requests`` requests active, or when the K/V rows they reserve plus
+    Admission: with ``max_requests`` requests started, or when the K/V rows they reserve plus
     this one's ``tokens`` pass ``token_budget`` (0: no bound; a request alone always goes in),
-    the request is refused with ``busy`` as its one final on ``out:{id}`` instead.
+    or while others wait, the request waits if fewer than ``max_waiting`` do (its state and
+    deadline written, its first job sent by ``start_waiting``), else it is refused with
+    ``busy`` as its one final on ``out:{id}``.
 
-    Returns ``created``, ``busy``, ``duplicate`` (this entry already created it) or ``in_use``
-    (another entry holds the id: ``refusal`` went to ``out:{entry id}``).
+    Returns ``created``, ``waiting``, ``busy``, ``duplicate`` (this entry already created it) or
+    ``in_use`` (another entry holds the id: ``refusal`` went to ``out:{entry id}``).
     """
     entry = _text(entry_id)
     busy = busy or {}
-    key_list = [keys.request(request_id), keys.requests, keys.rounds, keys.deadlines, keys.out(entry), keys.reserved, keys.out(request_id), *job_streams]
+    key_list = [keys.request(request_id), keys.requests, keys.rounds, keys.deadlines, keys.out(entry), keys.reserved, keys.out(request_id),
+                keys.waiting, *job_streams]
     args = [group, entry, request_id, deadline_ms, ttl_s, len(fields), *_flat(fields), payload, len(refusal), *_flat(refusal),
-            max_requests, token_budget, tokens, len(busy), *_flat(busy)]
+            max_requests, token_budget, tokens, max_waiting, len(busy), *_flat(busy)]
     return await _fcall(client, "cosine_admit", key_list, args)
+
+
+async def start_waiting(
+    client: aioredis.Redis, keys: Keys, *, request_id: str, job_streams: Sequence[str], payload: bytes,
+    max_requests: int = 0, token_budget: int = 0, tokens: int = 0,
+) -> str:
+    """Send a waiting request's first job if it is the first waiting and the admission bounds
+    (as ``admit_request``'s) allow: ``created``, ``busy``, ``later`` (others wait before it) or
+    ``gone`` (it ended while waiting)."""
+    key_list = [keys.request(request_id), keys.rounds, keys.deadlines, keys.waiting, keys.reserved, *job_streams]
+    return await _fcall(client, "cosine_start_waiting", key_list, [request_id, max_requests, token_budget, tokens, payload])
 
 
 async def refuse_request(client: aioredis.Redis, keys: Keys, *, group: str, entry_id: bytes | str, request_id: str, ttl_s: int, entry: Mapping) -> str:
@@ -468,7 +521,8 @@ def apply_round_call(
     for entry in out_entries:
         args += [len(entry), *_flat(entry)]
     args += [payload, ttl_s, request_id, features, features_start, feature_rows]
-    key_list = [keys.request(request_id), keys.out(request_id), keys.rounds, keys.deadlines, keys.features(request_id), *job_streams]
+    key_list = [keys.request(request_id), keys.out(request_id), keys.rounds, keys.deadlines, keys.features(request_id), keys.waiting,
+                *job_streams]
     return key_list, args
 
 

@@ -177,10 +177,15 @@ class PipelineConfig:
     # Admission by memory: the active requests' prompt + max_tokens rows must fit in the live
     # verifiers' K/V pools together (model.kv_cache_mb each), else error_code=busy.
     admission_kv: bool = True
+    # Past the bounds above, up to this many requests wait (first come, first started) instead
+    # of getting error_code=busy; the wait counts against their deadline (0: refuse at once).
+    max_waiting: int = 0
 
     def __post_init__(self) -> None:
         if self.max_requests < 0:
             raise ValueError("pipeline.max_requests must be >= 0 (0: no bound)")
+        if self.max_waiting < 0:
+            raise ValueError("pipeline.max_waiting must be >= 0 (0: refuse at once when full)")
         for name in ("block_ms", "claim_idle_ms", "max_deliveries", "heartbeat_ms", "output_ttl_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pipeline.{name} must be >= 1")

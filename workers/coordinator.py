@@ -297,14 +297,16 @@ class Coordinator(StageWorker):
         streams = [self.keys.verify, *(self.keys.verify_for(f) for f in self.fingerprints), *(self.keys.verify_at(i) for i in sorted(self.verifier_ids))]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.deadlines)
+            pipe.zcard(self.keys.waiting)
             for stream in streams:
                 pipe.xinfo_groups(stream)
             replies = await pipe.execute(raise_on_error=False)
-        active, busy, own = replies[0], 0, {}
-        if isinstance(active, Exception):
-            raise active
+        for reply in replies[:2]:
+            if isinstance(reply, Exception):
+                raise reply
+        active, busy, own = replies[0] - replies[1], 0, {}  # started requests: waiting ones are in no batch
         instances = {self.keys.verify_at(i): i for i in self.verifier_ids}
-        for stream, groups in zip(streams, replies[1:]):
+        for stream, groups in zip(streams, replies[2:]):
             if isinstance(groups, ResponseError) and "no such key" in str(groups).lower():
                 continue  # a verify stream not created yet: nothing queued on it
             if isinstance(groups, Exception):

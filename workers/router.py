@@ -29,6 +29,7 @@ from cosine.wire.state import state_from_fields, state_to_fields
 
 MAX_ID_LENGTH = 200
 MAX_DEADLINE_S = 7 * 24 * 3600
+WAITING_POLL_MS = 10
 KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert", "deadline_s"}
 
 
@@ -38,6 +39,8 @@ class Router(StageWorker):
 
     def input_streams(self) -> list[str]:
         return [self.keys.requests, self.keys.cancel]
+
+    waiting = False  # requests were waiting at the last look (pipeline.max_waiting)
 
     async def setup(self) -> None:
         self.tokenizer, self.context_limit, self.model_config = await self.off_loop(load_tokenizer_and_limits, self.config)
@@ -54,24 +57,33 @@ class Router(StageWorker):
         # Past the request bound, or once an admission of this read was refused for memory, the
         # rest are refused without tokenizing (a burst is answered in milliseconds); the
         # admission call checks again, atomically, for what gets this far.
-        bound = self.config.pipeline.max_requests
-        active = await self.redis.zcard(self.keys.deadlines) if bound else 0
-        full = bool(bound) and active >= bound
+        bound, room = self.config.pipeline.max_requests, self.config.pipeline.max_waiting
+        started = queued = 0
+        if bound:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zcard(self.keys.deadlines)
+                pipe.zcard(self.keys.waiting)
+                in_deadlines, queued = await pipe.execute()
+            started = in_deadlines - queued
+        full = bool(bound) and started >= bound and queued >= room
         turned_away = []
         for entry_id, fields in entries:
             if full:
                 turned_away.append((entry_id, request_id_of(fields, entry_id)))
                 continue
             outcome = await self._admit(entry_id, fields)
-            active += outcome == "created"
-            full = outcome == "busy" or (bool(bound) and active >= bound)
+            started += outcome == "created"
+            queued += outcome == "waiting"
+            full = outcome == "busy" or (bool(bound) and started >= bound and queued >= room)
         if turned_away:  # one round trip for all of them
             outcomes = await bus.refuse_requests(self.redis, self.keys, group=self.group, refusals=turned_away,
                                                  ttl_s=self.config.pipeline.output_ttl_s, entry=refusal_entry(self._busy_reason(), "busy"))
             self.log.info("%d requests refused (busy): %s", len(turned_away), dict(Counter(outcomes)))
 
     def _busy_reason(self) -> str:
-        return f"the server is at capacity ({self.config.pipeline.max_requests} requests or its K/V memory); retry later, with a new id"
+        pipeline = self.config.pipeline
+        waiting = f", {pipeline.max_waiting} waiting" if pipeline.max_waiting else ""
+        return f"the server is at capacity ({pipeline.max_requests} requests or its K/V memory{waiting}); retry later, with a new id"
 
     async def reject(self, stream: str, entry: Entry, reason: str) -> None:
         """An entry the router failed on (a bug, not the client's input): one internal error final."""
@@ -89,19 +101,7 @@ class Router(StageWorker):
             state = self._build_state(request_id, _text_fields(raw))
         except RequestError as error:
             return await self._refuse(entry_id, request_id, str(error), error.code, error.param)
-        live = await self.live_drafter_experts()
-        experts = [e for e in state.experts if e in live]  # fusion waits only for experts that can answer
-        # Under load control the first round goes straight to verification: the verifier reads
-        # the prompt anyway, drafters would too (a prefill each) before anything is known of the
-        # request's acceptance; the coordinator decides from the next round on.
-        speculation = self.config.speculation
-        if experts and state.window > 0 and not speculation.load_control:
-            streams = [self.keys.draft(e) for e in experts]
-            job = DraftJob(state.request_id, 0, state.context, state.window, state.sampling, experts, int(time.time() * 1000), domain=state.domain,
-                           step_mode=self.config.speculation.mode == "step")
-            payload = encode(job)[b"m"]
-        else:  # no drafter alive for these experts, window 0, or load control: start without drafts
-            streams, payload = [self.keys.candidates], encode(empty_candidate(state))[b"m"]
+        streams, payload = await self._first_job(state)
         pipeline = self.config.pipeline
         outcome = await bus.admit_request(
             self.redis, self.keys, group=self.group, entry_id=entry_id, request_id=state.request_id,
@@ -109,10 +109,59 @@ class Router(StageWorker):
             job_streams=streams, payload=payload,
             refusal=refusal_entry(f"request id {state.request_id!r} is already in use", "invalid", "id"),
             max_requests=pipeline.max_requests, token_budget=await self.verifier_kv_rows() if pipeline.admission_kv else 0,
-            tokens=len(state.prompt_ids) + state.max_tokens, busy=refusal_entry(self._busy_reason(), "busy"),
+            tokens=len(state.prompt_ids) + state.max_tokens, max_waiting=pipeline.max_waiting, busy=refusal_entry(self._busy_reason(), "busy"),
         )
+        self.waiting |= outcome == "waiting"
         self.log.info("request %s: %s (%d prompt tokens, experts %s)", state.request_id, outcome, len(state.prompt_ids), state.experts)
         return outcome
+
+    async def _first_job(self, state: RequestState) -> tuple[list[str], bytes]:
+        """The streams and payload of a request's round 0."""
+        live = await self.live_drafter_experts()
+        experts = [e for e in state.experts if e in live]  # fusion waits only for experts that can answer
+        # Under load control the first round goes straight to verification: the verifier reads
+        # the prompt anyway, drafters would too (a prefill each) before anything is known of the
+        # request's acceptance; the coordinator decides from the next round on.
+        speculation = self.config.speculation
+        if experts and state.window > 0 and not speculation.load_control:
+            job = DraftJob(state.request_id, 0, state.context, state.window, state.sampling, experts, int(time.time() * 1000), domain=state.domain,
+                           step_mode=speculation.mode == "step")
+            return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
+        # no drafter alive for these experts, window 0, or load control: start without drafts
+        return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
+
+    async def tick(self) -> None:
+        if self.config.pipeline.max_waiting:
+            await self._start_waiting()
+
+    def block_ms(self) -> int:
+        # Requests waiting: look again soon (a slot frees when any request ends, and nothing
+        # the router reads says so).
+        return min(super().block_ms(), WAITING_POLL_MS) if self.waiting else super().block_ms()
+
+    async def _start_waiting(self) -> None:
+        """Start waiting requests, first come first, while the admission bounds allow."""
+        pipeline = self.config.pipeline
+        heads = await self.redis.zrange(self.keys.waiting, 0, 15)
+        self.waiting = bool(heads)
+        budget = await self.verifier_kv_rows() if heads and pipeline.admission_kv else 0
+        for raw_id in heads:
+            request_id = raw_id.decode()
+            fields = await self.redis.hgetall(self.keys.request(request_id))
+            state = state_from_fields(fields) if fields else None
+            if state is None or state.status != ACTIVE:  # ended while waiting; the call drops it
+                streams, payload = [], b""
+            else:
+                streams, payload = await self._first_job(state)
+            outcome = await bus.start_waiting(
+                self.redis, self.keys, request_id=request_id, job_streams=streams, payload=payload,
+                max_requests=pipeline.max_requests, token_budget=budget,
+                tokens=len(state.prompt_ids) + state.max_tokens if state else 0,
+            )
+            if outcome == "created":
+                self.log.info("request %s: started after waiting %d ms", request_id, int(time.time() * 1000) - state.created_ms)
+            elif outcome in ("busy", "later"):
+                break
 
     def _build_state(self, request_id: str, fields: dict[str, str]) -> RequestState:
         unknown = set(fields) - KNOWN_FIELDS

@@ -97,6 +97,13 @@ class Keys:
         of requests no longer in ``deadlines`` are dropped by the next admission."""
         return f"{self.prefix}reserved"
 
+    @property
+    def waiting(self) -> str:
+        """zset: request id -> when it arrived, for requests admitted to wait (``pipeline.max_waiting``):
+        their state and deadline are written, their first round is not sent yet. A member of
+        ``deadlines`` too, so the deadline sweep and cancellation end it like any request."""
+        return f"{self.prefix}waiting"
+
     def features(self, request_id: str) -> str:
         """string: the target's hidden states (fp16 rows) at a request's positions 0, 1, ...
         (feature drafters; appended as rounds are applied, deleted when the request ends)."""

@@ -102,6 +102,47 @@ def test_admission_keeps_reserved_rows_within_the_kv_budget(server):
     run(scenario())
 
 
+def test_past_the_bounds_requests_wait_in_a_bounded_queue_first_come_first_started(server):
+    """max_waiting: past the bound a request waits (state and deadline written, no job) while
+    fewer than max_waiting do, else it is refused; a new request never starts ahead of one
+    waiting; the first waiting starts when a slot frees; one that ended while waiting (cancelled,
+    past its deadline) is dropped from the queue and the next one starts."""
+
+    async def scenario():
+        client = await fresh(server)
+        bounds = {"max_requests": 1, "max_waiting": 2}
+        outcomes = [await admit(client, await submit(client, prompt="hi"), f"r{i}", **bounds) for i in range(4)]
+        assert outcomes == ["created", "waiting", "waiting", "busy"]
+        assert await client.zrange(KEYS.waiting, 0, -1) == [b"r1", b"r2"]
+        assert sorted(await client.zrange(KEYS.deadlines, 0, -1)) == [b"r0", b"r1", b"r2"]  # waiting ones can expire
+        assert await client.xlen(KEYS.draft("general")) == 1  # only r0 has a job
+        assert [f["error_code"] for f in await finals(client, KEYS.out("r3"))] == ["busy"]
+        assert (await client.xpending(KEYS.requests, GROUP))["pending"] == 0
+
+        async def start(name):
+            return await bus.start_waiting(client, KEYS, request_id=name, job_streams=[KEYS.draft("general")], payload=b"job", max_requests=1)
+
+        assert await start("r2") == "later"  # r1 is first
+        assert await start("r1") == "busy"  # r0 still holds the only slot
+        await client.zrem(KEYS.deadlines, "r0")  # r0 ended
+        assert await start("r1") == "created"
+        assert await client.xlen(KEYS.draft("general")) == 2 and await client.zrange(KEYS.waiting, 0, -1) == [b"r2"]
+        assert await client.zscore(KEYS.rounds, "r1") is not None
+        await client.zrem(KEYS.deadlines, "r1")  # a slot is free, but r2 waits: a newcomer queues behind it
+        assert await admit(client, await submit(client, prompt="hi"), "r4", **bounds) == "waiting"
+        # r2 ends while waiting (a cancellation or its deadline: the finishing round application).
+        ended = bus.apply_round_call(KEYS, request_id="r2", expected_round=0, fields={"status": "finished"},
+                                     out_entries=[{"type": "final", "finish_reason": "cancelled"}], ttl_s=60)
+        assert await bus.apply_rounds(client, [ended]) == ["applied"]
+        assert await client.zrange(KEYS.waiting, 0, -1) == [b"r4"]
+        assert await start("r2") == "gone"
+        assert await start("r4") == "created"
+        assert await client.zcard(KEYS.waiting) == 0
+        await client.aclose()
+
+    run(scenario())
+
+
 async def finals(client, stream: str) -> list[dict]:
     return [{k.decode(): v.decode() for k, v in f.items()} for _, f in await client.xrange(stream) if f[b"type"] == b"final"]
 

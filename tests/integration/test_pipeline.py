@@ -330,6 +330,58 @@ def test_admission_refuses_a_burst_past_its_bound_at_once(server, tmp_path, demo
     assert final_of(read_output(client, "after-burst", timeout=120))["finish_reason"] == "length"
 
 
+def test_past_the_bound_requests_wait_their_turn_within_their_deadline(server, tmp_path, demo_target, greedy_references, pipelines):
+    """pipeline.max_requests = 1, max_waiting = 2: of a burst of four, one starts, two wait and
+    finish after it in arrival order with the reference output, the fourth is refused (busy) at
+    once; a waiting request whose deadline passes ends with error_code=deadline, and one whose
+    client cancels it ends cancelled, both without ever starting."""
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT], pipeline={"max_requests": 1, "max_waiting": 2})
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "verifier"):
+        pipeline.start(role)
+    for role in ("verifier", "coordinator", "router"):
+        pipeline.wait_live(role, 1)
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    messages = json.dumps([{"role": "user", "content": texts[0]}])
+    sent = time.monotonic()
+    with client.pipeline(transaction=True) as pipe:
+        for i in range(4):
+            pipe.xadd("cosine:requests", {"id": f"queue-{i}", "messages": messages, "max_tokens": "24"})
+        pipe.execute()
+    finals, answered = {}, {}  # request -> its final entry, seconds from the burst to it
+    last = {f"cosine:out:queue-{i}": "0-0" for i in range(4)}
+    deadline = time.monotonic() + 120
+    while len(finals) < 4 and time.monotonic() < deadline:
+        for key, items in client.xread(last, block=200) or []:
+            for entry_id, fields in items:
+                last[key.decode()] = entry_id
+                if fields[b"type"] == b"final":
+                    i = int(key.decode().rsplit("-", 1)[1])
+                    finals[i] = {k.decode(): v.decode() for k, v in fields.items()}
+                    answered[i] = time.monotonic() - sent
+    assert len(finals) == 4, finals
+    assert finals[3]["error_code"] == "busy" and "2 waiting" in finals[3]["error"], finals[3]
+    assert all(finals[i]["finish_reason"] == "length" and json.loads(finals[i]["token_ids"]) == greedy_references[0][:24] for i in range(3))
+    assert answered[3] < answered[0] < answered[1] < answered[2], answered  # refused at once; the rest in arrival order
+
+    # While a long request holds the slot: one waits past its deadline, one is cancelled waiting.
+    submit(client, id="holder", messages=messages, max_tokens=64)
+    settle_by = time.monotonic() + 60
+    while not client.zscore("cosine:rounds", "holder") and time.monotonic() < settle_by:
+        time.sleep(0.01)
+    submit(client, id="too-late", messages=messages, max_tokens=4, deadline_s=0.2)
+    submit(client, id="cancelled", messages=messages, max_tokens=4)
+    while client.zcard("cosine:waiting") < 2 and time.monotonic() < settle_by:
+        time.sleep(0.01)
+    client.xadd("cosine:cancel", {"id": "cancelled"})
+    late, cancelled = final_of(read_output(client, "too-late", timeout=60)), final_of(read_output(client, "cancelled", timeout=60))
+    assert late["error_code"] == "deadline" and cancelled["finish_reason"] == "cancelled", (late, cancelled)
+    assert int(late["rounds"]) == 0 and int(cancelled["rounds"]) == 0  # never started
+    assert final_of(read_output(client, "holder", timeout=120))["finish_reason"] == "length"
+    assert client.zcard("cosine:waiting") == 0 and client.zcard("cosine:deadlines") == 0
+
+
 def test_logs_hold_no_prompt_and_no_output(server, tmp_path, demo_target, pipelines):
     """Every worker's log of a run (debug level, as the harness starts them) is searched for a
     canary prompt, the output it got, and canaries a client put where refusal reasons quote it
