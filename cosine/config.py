@@ -180,6 +180,10 @@ class PipelineConfig:
     # Past the bounds above, up to this many requests wait (first come, first started) instead
     # of getting error_code=busy; the wait counts against their deadline (0: refuse at once).
     max_waiting: int = 0
+    # Ids are capabilities (whoever knows one reads the output and may cancel): a request
+    # without an `id` is refused (invalid, error_param id) rather than answered on out:{entry
+    # ID}, which anyone can guess (entry IDs are timestamps). false: the entry ID is its id.
+    require_id: bool = True
 
     def __post_init__(self) -> None:
         if self.max_requests < 0:

@@ -7,7 +7,8 @@ call; so does refusing (the one ``error`` final). Where an answer goes:
 - the request's id is readable and free: ``out:{id}`` (its output, or its one error final);
 - the id is in use by another request: the refusal goes to ``out:{entry ID}`` (the ID ``XADD``
   returned), never to the other request's stream;
-- the ``id`` field is unreadable (not UTF-8, too long, spaces or braces): ``out:{entry ID}``.
+- the ``id`` field is unreadable (not UTF-8, too long, spaces or braces), or missing while
+  ``pipeline.require_id`` (the default) asks for one: ``out:{entry ID}``.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ class Router(StageWorker):
         try:
             if request_id == entry_id.decode() and b"id" in raw:
                 raise RequestError(f"'id' must be 1-{MAX_ID_LENGTH} UTF-8 characters without spaces or braces", "id")
+            if b"id" not in raw and self.config.pipeline.require_id:
+                raise RequestError("'id' is required: give each request a random one (a UUID4, say); whoever knows it can read "
+                                   "the output, and an entry ID can be guessed", "id")
             state = self._build_state(request_id, _text_fields(raw))
         except RequestError as error:
             return await self._refuse(entry_id, request_id, str(error), error.code, error.param)

@@ -86,8 +86,10 @@ def malformed_client_entry(draw) -> tuple[dict, str]:
         del fields["prompt"]
         fields["messages"] = draw(bad_messages)
         return fields, "messages"
-    if kind == "id":
-        fields["id"] = draw(bad_id)
+    if kind == "id":  # unreadable, or missing (pipeline.require_id)
+        value = draw(st.one_of(st.none(), bad_id))
+        if value is not None:
+            fields["id"] = value
         return fields, "id"
     if kind == "utf8":
         name = draw(st.sampled_from(["prompt", "max_tokens", "stop"]))

@@ -88,7 +88,8 @@ def assert_text_joins(entries: list[dict]) -> None:
 @pytest.mark.parametrize("server", redis_server_binaries(), indirect=True)
 def test_sixteen_concurrent_requests_match_the_reference(server, tmp_path, demo_target, chat_prompts, greedy_references, pipelines):
     # Trimming stays on (every second): the fused trees are watched by a plain XREAD reader.
-    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT, LOOKUP], pipeline={"trim_interval_s": 1.0})
+    # require_id off: the completion-form requests are answered under their entry IDs.
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT, LOOKUP], pipeline={"trim_interval_s": 1.0, "require_id": False})
     pipelines.append(pipeline)
     # two coordinators share the work: rounds are applied with a compare-and-set
     for role in ("router", "coordinator", "coordinator", "fusion", "verifier", "verifier"):

@@ -75,6 +75,11 @@ def test_without_a_verifier_nothing_piles_up_and_deadlines_end_requests(server, 
     entry_id = client.xadd("cosine:requests", {"id": b"\xff\xfe", "prompt": "hi"}).decode()
     final = final_of(read_output(client, entry_id, timeout=30))
     assert (final["error_code"], final["error_param"]) == ("invalid", "id"), final
+    # No id at all (pipeline.require_id, the default): refused on the entry ID, nothing started.
+    entry_id = client.xadd("cosine:requests", {"prompt": "hi", "max_tokens": "2"}).decode()
+    final = final_of(read_output(client, entry_id, timeout=30))
+    assert (final["error_code"], final["error_param"]) == ("invalid", "id") and "required" in final["error"], final
+    assert client.zcard("cosine:deadlines") == 0
     # The client library hears the refusal of an id in use (on out:{entry ID}).
     from cosine.client import Client
 
