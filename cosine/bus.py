@@ -346,6 +346,26 @@ redis.register_function('cosine_fuse_next', fuse_next)
 """
 
 
+ROSTER_FORGET_MS = 60_000  # a roster entry expired this long is removed
+
+
+def split_roster(entries: Mapping[bytes, bytes], now_ms: float) -> tuple[dict[str, str], list[bytes]]:
+    """A role's roster hash (instance -> "{expires ms} {liveness value}") -> (the live
+    workers, instance -> liveness value; the instances expired long enough to remove)."""
+    live, gone = {}, []
+    for instance, entry in entries.items():
+        expires, _, value = entry.decode().partition(" ")
+        try:
+            expired_for = now_ms - float(expires)
+        except ValueError:
+            expired_for = ROSTER_FORGET_MS
+        if expired_for < 0:
+            live[instance.decode()] = value
+        elif expired_for >= ROSTER_FORGET_MS:
+            gone.append(instance)
+    return live, gone
+
+
 def redis_url_from_env(url: str | None) -> str | None:
     return url or os.environ.get("COSINE_REDIS_URL") or None
 

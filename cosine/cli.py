@@ -23,6 +23,7 @@ drafters_app = typer.Typer(no_args_is_help=True, help="Drafters made by `cosine 
 app.add_typer(drafters_app, name="drafters")
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config.toml to read (default: $COSINE_CONFIG or ./config.toml)")
+RedisUrlOption = typer.Option(None, "--redis-url", help="default: $COSINE_REDIS_URL, redis.url, else the URL `cosine serve` wrote")
 
 
 def _setup(config_path: Path | None, verbose: bool = False) -> Config:
@@ -253,6 +254,8 @@ def serve(
     replicas: int = typer.Option(1, "--replicas", min=0, help="processes of each of router, coordinator and fusion"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="embedded server: its data directory (default: a fresh temporary one, removed at stop)"),
     fsync: str = typer.Option("everysec", "--fsync", help="embedded server: appendfsync policy of its append-only file (always | everysec | no)"),
+    http_port: int | None = typer.Option(None, "--http-port", min=0, max=65535, help="also run the HTTP gateway (cosine gateway) on this port"),
+    http_host: str = typer.Option("127.0.0.1", "--http-host", help="the gateway's address"),
     config_path: Path | None = ConfigOption,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -263,7 +266,8 @@ def serve(
     config = _setup(config_path, verbose)
     try:
         supervisor = Supervisor(config, redis_url or config.redis.url or None, config_path, verifiers, drafters_per_expert, verbose,
-                                replicas=replicas, data_dir=data_dir, fsync=fsync)
+                                replicas=replicas, data_dir=data_dir, fsync=fsync,
+                                gateway=None if http_port is None else ("--port", str(http_port), "--host", http_host))
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     try:
@@ -279,6 +283,39 @@ def serve(
         supervisor.stop()
         if supervisor.url and _url_file(config).is_file() and _url_file(config).read_text().strip() == supervisor.url:
             _url_file(config).unlink()
+
+
+@app.command()
+def gateway(
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
+    served_model_name: list[str] = typer.Option([], "--served-model-name", help="model names /v1/models lists and requests may ask for (default: the target's name)"),
+    api_key: list[str] = typer.Option([], "--api-key", envvar="COSINE_API_KEY", help="require this key (Authorization: Bearer ...); repeatable"),
+    api_key_file: Path | None = typer.Option(None, "--api-key-file", help="a file of API keys, one per line"),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help="allow browser requests from this origin; repeatable (* for any)"),
+    grace_s: float = typer.Option(30.0, "--grace-s", help="on SIGTERM: how long open requests may take to finish"),
+    redis_url: str | None = RedisUrlOption,
+    config_path: Path | None = ConfigOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health, /ready) as one more client of the pipeline's Redis."""
+    import uvicorn
+
+    from cosine.gateway import Gateway, GatewaySettings, default_model_name, read_api_keys
+
+    config = _setup(config_path, verbose)
+    try:
+        keys = read_api_keys(api_key_file, api_key)
+    except OSError as error:
+        raise typer.BadParameter(str(error), param_hint="--api-key-file") from None
+    settings = GatewaySettings(tuple(served_model_name) or (default_model_name(config),), keys, tuple(cors_origin),
+                               answer_timeout_s=config.pipeline.deadline_s + 60)
+    app_ = Gateway(config, _client_url(config, redis_url), settings).app()
+    typer.echo(f"cosine gateway on http://{host}:{port} (models: {', '.join(settings.served_model_names)}; "
+               f"API keys: {'required' if keys else 'none'})", err=True)
+    uvicorn.run(app_, host=host, port=port, timeout_graceful_shutdown=grace_s, log_level="info" if verbose else "warning",
+                access_log=verbose, loop="uvloop" if sys.platform != "win32" else "auto")
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -315,7 +352,6 @@ def status(
     typer.echo("restarts: " + (", ".join(f"{k}={v}" for k, v in report["restarts"].items()) or "none"))
 
 
-RedisUrlOption = typer.Option(None, "--redis-url", help="default: $COSINE_REDIS_URL, redis.url, else the URL `cosine serve` wrote")
 
 
 @dead_app.command("list")

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +95,7 @@ class Supervisor:
         replicas: int = 1,
         data_dir: Path | None = None,
         fsync: str = "everysec",
+        gateway: Sequence[str] | None = None,
     ) -> None:
         self.config = config
         self.redis_url = redis_url
@@ -102,6 +103,7 @@ class Supervisor:
         self.verifiers = verifiers
         self.drafters_per_expert = drafters_per_expert
         self.replicas = replicas
+        self.gateway = tuple(gateway) if gateway is not None else None  # `cosine gateway` arguments
         self.verbose = verbose
         self.keys = Keys(config.redis.namespace)
         self.embedded = None if redis_url else EmbeddedRedis(data_dir, fsync=fsync)
@@ -133,6 +135,8 @@ class Supervisor:
         plan += [["verifier"]] * self.verifiers
         for spec in self.config.drafters:
             plan += [["drafter", "--drafter", spec.name, "--expert", spec.expert]] * self.drafters_per_expert
+        if self.gateway is not None:
+            plan.append(["gateway", *self.gateway])
         return plan
 
     def _worker_env(self, args: tuple[str, ...] = ()) -> dict[str, str]:
@@ -150,7 +154,8 @@ class Supervisor:
         return max(1, self.config.model.threads // self.verifiers)
 
     def _spawn(self, slot: WorkerSlot) -> None:
-        command = [sys.executable, "-m", "cosine.cli", "worker", *slot.args]
+        # The gateway is a command of its own; every other slot is a `cosine worker`.
+        command = [sys.executable, "-m", "cosine.cli", *(() if slot.role == "gateway" else ("worker",)), *slot.args]
         if self.config_path:
             command += ["--config", str(self.config_path)]
         if self.verbose:
@@ -239,17 +244,20 @@ class Supervisor:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM every worker (they drain), kill those still running after ``grace_s``, then
-        stop the embedded server."""
-        running = [slot.process for slot in self.slots if slot.process is not None and slot.process.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for process in running:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop the embedded server. A gateway goes first: its open streams finish while the
+        pipeline still runs."""
+        first = [slot for slot in self.slots if slot.role == "gateway"]
+        for group in (first, [slot for slot in self.slots if slot not in first]):
+            running = [slot.process for slot in group if slot.process is not None and slot.process.poll() is None]
+            for process in running:
+                process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for process in running:
+                try:
+                    process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
         for slot in self.slots:
             slot.process, slot.restart_at = None, None
         if self.counter is not None:

@@ -32,7 +32,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from cosine import faults
-from cosine.bus import committed_tokens, connect, ensure_group, load_functions
+from cosine.bus import committed_tokens, connect, ensure_group, load_functions, split_roster
 from cosine.config import Config
 from cosine.wire import PAYLOAD_FIELD, Keys, WireError
 from cosine.wire.context import check_stored, resolve
@@ -73,7 +73,6 @@ def _needs_setup_again(error: RedisError) -> bool:
     return "NOGROUP" in text or "Function not found" in text or "NOSCRIPT" in text
 
 
-ROSTER_FORGET_MS = 60_000  # a roster entry expired this long is removed
 
 
 class StageWorker:
@@ -356,18 +355,7 @@ class StageWorker:
         cached = cache.get(role)
         if cached is not None and now - cached[0] < max_age_s:
             return cached[1]
-        now_ms = time.time() * 1000
-        live, gone = {}, []
-        for instance, entry in (await self.redis.hgetall(self.keys.roster(role))).items():
-            expires, _, value = entry.decode().partition(" ")
-            try:
-                expired_for = now_ms - float(expires)
-            except ValueError:
-                expired_for = ROSTER_FORGET_MS
-            if expired_for < 0:
-                live[instance.decode()] = value
-            elif expired_for >= ROSTER_FORGET_MS:
-                gone.append(instance)
+        live, gone = split_roster(await self.redis.hgetall(self.keys.roster(role)), time.time() * 1000)
         if gone:
             await self.redis.hdel(self.keys.roster(role), *gone)
         cache[role] = (now, live)

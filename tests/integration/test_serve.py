@@ -119,7 +119,7 @@ def test_an_evicting_external_server_gets_a_warning_and_a_refused_config_get_is_
 class Served:
     """A `cosine serve` process with its own cache directory (so its serve.url) and data dir."""
 
-    def __init__(self, tmp_path: Path, target: str) -> None:
+    def __init__(self, tmp_path: Path, target: str, extra_args: tuple[str, ...] = ()) -> None:
         self.cache = tmp_path / "cache"
         self.cache.mkdir()
         for name in ("models", "converted"):  # the real model files, without converting again
@@ -135,7 +135,8 @@ class Served:
         # No COSINE_* from outside (CI sets COSINE_CACHE_DIR, which would outrank this config's
         # cache_dir and move serve.url elsewhere).
         env = {k: v for k, v in os.environ.items() if not k.startswith("COSINE_")}
-        command = [sys.executable, "-m", "cosine.cli", "serve", "--config", str(config), "--data-dir", str(tmp_path / "data"), "-v"]
+        self.config_path = config
+        command = [sys.executable, "-m", "cosine.cli", "serve", "--config", str(config), "--data-dir", str(tmp_path / "data"), "-v", *extra_args]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=dict(env, PYTHONUNBUFFERED="1"), stdout=log, stderr=subprocess.STDOUT)
 

@@ -1,0 +1,283 @@
+"""The OpenAI API's shapes, translated to and from the CoSine protocol (no I/O).
+
+Requests: a ``/v1/chat/completions`` or ``/v1/completions`` body becomes the flat fields of a
+``requests`` entry (``chat_fields``, ``completion_fields``), or an ``ApiError`` naming the
+parameter. Responses: a request's final entry becomes a completion object, its ``tokens``
+entries become stream chunks, and an ``error`` final becomes the OpenAI error body with the
+HTTP status its ``error_code`` maps to. The router checks the fields again (ranges, the
+context limit, the chat template's roles): what it refuses comes back as the same 400.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Parameters we do not implement, accepted at their neutral values only.
+NEUTRAL = {
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logprobs": (False, None, 0),
+    "n": (1, None),
+    "best_of": (1, None),
+    "echo": (False, None),
+    "logit_bias": (None,),
+    "suffix": (None, ""),
+    "tools": (None,),
+    "tool_choice": (None, "none"),
+    "functions": (None,),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True),
+    "response_format": (None, {"type": "text"}),
+    "store": (None, False),
+    "metadata": (None,),
+    "service_tier": (None, "auto", "default"),
+}
+SAMPLING = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "user", "stream", "stream_options")
+CHAT_PARAMS = {"model", "messages", *SAMPLING, *NEUTRAL, "top_logprobs"}
+COMPLETION_PARAMS = {"model", "prompt", *SAMPLING, *NEUTRAL}
+ROLES = ("system", "developer", "user", "assistant")
+# A CoSine field an `invalid` final names -> the OpenAI parameter (chat, completion).
+PARAM_NAMES = {"messages": "messages", "prompt": "prompt", "max_tokens": "max_tokens", "temperature": "temperature",
+               "top_p": "top_p", "seed": "seed", "stop": "stop"}
+ERROR_STATUS = {"invalid": 400, "busy": 503, "deadline": 504, "internal": 500, "cancelled": 499}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 503: "server_error",
+              504: "timeout", 500: "server_error", 499: "cancelled"}
+
+
+class ApiError(Exception):
+    """An OpenAI-shaped error: HTTP ``status``, a message, the parameter it is about."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPE.get(self.status, "server_error"), "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """What the gateway submits and how it answers."""
+
+    fields: dict[str, str]
+    model: str
+    stream: bool = False
+    include_usage: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """``value == neutral`` without booleans standing for numbers (``n: true`` is not ``n: 1``)."""
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
+
+
+def _invalid(message: str, param: str) -> ApiError:
+    return ApiError(400, message, param, "invalid_value")
+
+
+def _object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None, "invalid_body")
+    return body
+
+
+def _number(body: dict, name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise _invalid(f"'{name}' must be a number in [{low:g}, {high:g}], got {json.dumps(value)[:40]}", name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _invalid(f"'{name}' must be an integer in [{low}, {high}], got {json.dumps(value)[:40]}", name)
+    return value
+
+
+def _common(body: dict, known: set[str], served: tuple[str, ...]) -> tuple[dict[str, str], str, bool, bool]:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise _invalid(f"unsupported parameter: '{unknown[0]}'", unknown[0])
+    for name, neutral in NEUTRAL.items():
+        if name in body and not any(_same(body[name], value) for value in neutral):
+            raise _invalid(f"'{name}' is not supported (only {', '.join(json.dumps(v) for v in neutral)})", name)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _invalid("'model' is required", "model")
+    if served and model not in served:
+        raise ApiError(404, f"the model '{model[:100]}' does not exist; served: {', '.join(served)}", "model", "model_not_found")
+    fields: dict[str, str] = {}
+    tokens = _integer(body, "max_completion_tokens", 1, 2**31) or _integer(body, "max_tokens", 1, 2**31)
+    if tokens is not None:
+        fields["max_tokens"] = str(tokens)
+    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+        value = _number(body, name, low, high)
+        if value is not None:
+            fields[name] = repr(value)
+    seed = _integer(body, "seed", -(2**63), 2**64 - 1)
+    if seed is not None:
+        fields["seed"] = str(seed % 2**63)  # the pipeline seeds with [0, 2**63)
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            fields["stop"] = json.dumps([stop])
+        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            if stop:
+                fields["stop"] = json.dumps(stop)
+        else:
+            raise _invalid("'stop' must be a string or a list of strings", "stop")
+    if "user" in body and not isinstance(body["user"], str):
+        raise _invalid("'user' must be a string", "user")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise _invalid("'stream' must be a boolean", "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise _invalid("'stream_options' is only allowed with 'stream': true", "stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+            raise _invalid("'stream_options' supports only 'include_usage'", "stream_options")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise _invalid("'stream_options.include_usage' must be a boolean", "stream_options")
+    return fields, model, bool(stream), include_usage
+
+
+def _content(content: Any, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _invalid(f"messages[{index}].content: only text parts are supported", "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    if content is None:
+        return ""
+    raise _invalid(f"messages[{index}].content must be a string or a list of text parts", "messages")
+
+
+def chat_fields(body: Any, served: tuple[str, ...] = ()) -> ParsedRequest:
+    """A ``/v1/chat/completions`` body -> the request's fields."""
+    body = _object(body)
+    fields, model, stream, include_usage = _common(body, CHAT_PARAMS, served)
+    if body.get("top_logprobs") not in (None, 0):
+        raise _invalid("'top_logprobs' is not supported", "top_logprobs")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("'messages' must be a non-empty list", "messages")
+    plain = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _invalid(f"messages[{index}] must be an object with a 'role'", "messages")
+        extra = set(message) - {"role", "content", "name"}
+        if extra:
+            raise _invalid(f"messages[{index}]: unsupported key '{sorted(extra)[0]}'", "messages")
+        role = message["role"]
+        if role not in ROLES:
+            raise _invalid(f"messages[{index}].role must be one of {', '.join(ROLES)}", "messages")
+        plain.append({"role": "system" if role == "developer" else role, "content": _content(message.get("content"), index)})
+    fields["messages"] = json.dumps(plain)
+    return ParsedRequest(fields, model, stream, include_usage)
+
+
+def completion_fields(body: Any, served: tuple[str, ...] = ()) -> ParsedRequest:
+    """A ``/v1/completions`` body -> the request's fields."""
+    body = _object(body)
+    fields, model, stream, include_usage = _common(body, COMPLETION_PARAMS, served)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _invalid("'prompt' must be a string (one prompt per request)", "prompt")
+    fields["prompt"] = prompt
+    return ParsedRequest(fields, model, stream, include_usage)
+
+
+def error_from_final(final: dict[str, str], kind: str) -> ApiError:
+    """The HTTP error of an ``error`` (or ``cancelled``) final."""
+    code = final.get("error_code") or ("cancelled" if final.get("finish_reason") == "cancelled" else "internal")
+    status = ERROR_STATUS.get(code, 500)
+    param = PARAM_NAMES.get(final.get("error_param", ""), final.get("error_param") or None)
+    if kind == "completion" and param == "messages":
+        param = "prompt"
+    return ApiError(status, final.get("error") or code, param, code)
+
+
+def usage(final: dict[str, str]) -> dict[str, int]:
+    prompt, completion = int(final.get("prompt_tokens", 0)), int(final.get("generated_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def speculation(final: dict[str, str]) -> dict[str, Any]:
+    """The documented extra field: what speculation did for this request."""
+    rounds, generated = int(final.get("rounds", 0)), int(final.get("generated_tokens", 0))
+    drafters = json.loads(final.get("drafters") or "{}")
+    return {
+        "num_draft_tokens": int(final.get("draft_tokens", 0)),
+        "num_accepted_tokens": int(final.get("accepted_tokens", 0)),
+        "num_verification_rounds": rounds,
+        "mean_acceptance_length": round(generated / rounds, 4) if rounds else 0.0,
+        "drafters": {name: {"num_draft_tokens": d["drafted"], "num_accepted_tokens": d["accepted"]} for name, d in drafters.items()},
+    }
+
+
+def finish_reason(final: dict[str, str]) -> str:
+    return final.get("finish_reason") or "stop"
+
+
+def completion_object(kind: str, request_id: str, created: int, model: str, fingerprint: str, final: dict[str, str]) -> dict:
+    """The non-streaming response: ``chat.completion`` or ``text_completion``."""
+    text = final.get("text", "")
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason(final)}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(final)}
+        obj = "text_completion"
+    return {"id": request_id, "object": obj, "created": created, "model": model, "system_fingerprint": fingerprint,
+            "choices": [choice], "usage": usage(final), "cosine": speculation(final)}
+
+
+def chunk(kind: str, request_id: str, created: int, model: str, fingerprint: str, *, text: str | None = None, role: bool = False,
+          finish: str | None = None, include_usage: bool = False) -> dict:
+    """One streaming chunk: ``chat.completion.chunk`` (a delta) or ``text_completion``."""
+    if kind == "chat":
+        delta: dict[str, str] = {}
+        if role:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    out = {"id": request_id, "object": obj, "created": created, "model": model, "system_fingerprint": fingerprint, "choices": [choice]}
+    if include_usage:
+        out["usage"] = None
+    return out
+
+
+def usage_chunk(kind: str, request_id: str, created: int, model: str, fingerprint: str, final: dict[str, str]) -> dict:
+    """The last chunk when ``stream_options.include_usage``: no choices, the usage and the
+    speculation statistics."""
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {"id": request_id, "object": obj, "created": created, "model": model, "system_fingerprint": fingerprint,
+            "choices": [], "usage": usage(final), "cosine": speculation(final)}
+
+
+def sse(data: dict | str) -> bytes:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n".encode()

@@ -1,0 +1,250 @@
+"""The HTTP gateway against a real ``cosine serve --http-port`` (embedded server, real workers,
+the demo target), with the official ``openai`` package as the client, raw HTTP for the
+stream's shape, and a second ``cosine gateway`` process with an API key."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import redis
+import torch
+
+from cosine.config import DEMO_TARGET_FILE
+from tests.conftest import cache_dir
+from tests.integration.harness import ROOT
+from tests.integration.test_serve import Served, wait_for
+
+MODEL = "SmolLM2-135M-Instruct"
+TEXTS = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+
+
+# ---- the gateway alone, on a real server without workers --------------------------------------
+
+
+def test_without_workers_the_gateway_is_healthy_not_ready_and_checks_keys_and_bodies():
+    from starlette.testclient import TestClient
+
+    from cosine.config import load_config
+    from cosine.embedded import EmbeddedRedis
+    from cosine.gateway import Gateway, GatewaySettings
+
+    embedded = EmbeddedRedis(persistence=False)
+    url = embedded.start()
+    try:
+        gateway = Gateway(load_config(None, environ={}), url, GatewaySettings((MODEL,), api_keys=("k1", "k2")))
+        with TestClient(gateway.app()) as http:
+            assert http.get("/health").json() == {"status": "ok"}
+            not_ready = http.get("/ready")
+            assert not_ready.status_code == 503 and not_ready.json()["missing"] == ["router", "coordinator", "verifier"]
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+            assert http.post("/v1/chat/completions", json=body).status_code == 401
+            assert http.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer k3"}).status_code == 401
+            auth = {"Authorization": "Bearer k2"}
+            assert http.get("/v1/models", headers=auth).json()["data"][0]["id"] == MODEL
+            bad = http.post("/v1/chat/completions", content=b"{not json", headers=auth)
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+            bad = http.post("/v1/chat/completions", json={**body, "top_p": 7}, headers=auth)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
+            # Nothing was submitted for refused requests.
+            assert redis.Redis.from_url(url).exists("cosine:requests") == 0
+    finally:
+        embedded.stop()
+
+
+# ---- a real `cosine serve --http-port` --------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    target = cache_dir() / "models" / DEMO_TARGET_FILE
+    if not target.is_file():
+        pytest.skip("the demo target is not in the model cache (run `cosine models pull`)")
+    port = free_port()
+    serve = Served(tmp_path_factory.mktemp("gateway"), str(target), ("--http-port", str(port)))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: ready(base), 240, "the gateway ready", serve)
+        yield base, serve
+    finally:
+        serve.stop()
+
+
+def greedy_text(demo_target, ids: list[int], max_tokens: int) -> tuple[str, list[int]]:
+    with torch.inference_mode():
+        out = demo_target.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                         max_new_tokens=max_tokens, do_sample=False)
+    new = out[0, len(ids):].tolist()
+    return demo_target.tokenizer.decode(new, skip_special_tokens=True), new
+
+
+@pytest.mark.model
+def test_the_openai_client_gets_the_targets_greedy_output_with_usage(served, demo_target, chat_prompts, greedy_references):
+    base, _ = served
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    messages = [{"role": "user", "content": TEXTS[0]}]
+    expected = demo_target.tokenizer.decode(greedy_references[0][:16], skip_special_tokens=True)
+
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(chat_prompts[0]), 16)
+    assert reply.id.startswith("chatcmpl-") and reply.system_fingerprint.startswith("fp_")
+    statistics = reply.model_extra["cosine"]
+    assert statistics["num_verification_rounds"] >= 1 and 0 <= statistics["num_accepted_tokens"] <= statistics["num_draft_tokens"]
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+    prompt = "The capital of France is"
+    text, _ = greedy_text(demo_target, demo_target.tokenizer(prompt, add_special_tokens=False)["input_ids"], 8)
+    completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    assert completion.choices[0].text == text and completion.usage.completion_tokens == 8
+    pieces = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in pieces) == text
+
+
+@pytest.mark.model
+def test_bad_requests_get_400_naming_the_parameter(served):
+    base, _ = served
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Hi"}]
+    for params, param in (({"temperature": 5}, "temperature"), ({"n": 2}, "n"), ({"presence_penalty": 1.0}, "presence_penalty"),
+                          ({"max_tokens": 10**6}, "max_tokens"), ({"stop": ["x"] * 40}, "stop")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=MODEL, messages=messages, **params)
+        assert caught.value.param == param, (params, caught.value.body)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=messages)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="x" * 300_000)
+    assert caught.value.param == "prompt"
+
+
+def events(response: httpx.Response) -> list:
+    found = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            found.append(data if data == "[DONE]" else json.loads(data))
+    return found
+
+
+@pytest.mark.model
+def test_the_stream_has_the_openai_shape(served):
+    base, _ = served
+    body = {"model": MODEL, "messages": [{"role": "user", "content": TEXTS[1]}], "max_tokens": 8, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        request_id = response.headers["x-request-id"]
+        found = events(response)
+    assert found[-1] == "[DONE]"
+    chunks = found[:-1]
+    assert all(c["id"] == request_id and c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = chunks[1:-2]
+    assert content and all(set(c["choices"][0]["delta"]) == {"content"} and c["choices"][0]["finish_reason"] is None for c in content)
+    assert all(c["usage"] is None for c in chunks[:-1])
+    finish = chunks[-2]["choices"][0]
+    assert finish["delta"] == {} and finish["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.model
+def test_a_client_that_disconnects_cancels_its_request(served):
+    base, serve = served
+    store = serve.client()
+    body = {"model": MODEL, "prompt": ", ".join(str(i) for i in range(1, 40)), "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as response:
+        request_id = response.headers["x-request-id"]
+        lines = response.iter_lines()
+        seen = 0
+        while seen < 3:
+            seen += next(lines).startswith("data: ")
+    # The connection is closed: the request ends cancelled, and its rounds stop.
+    key = f"cosine:req:{request_id}"
+    wait_for(lambda: store.hget(key, "status") == b"finished", 30, "the request ended")
+    rounds = store.hget(key, "round")
+    final = [f for _, f in store.xrange(f"cosine:out:{request_id}") if f[b"type"] == b"final"]
+    assert len(final) == 1 and final[0][b"finish_reason"] == b"cancelled", final
+    assert int(final[0][b"generated_tokens"]) < 400
+    time.sleep(1.0)
+    assert store.hget(key, "round") == rounds
+    # Not streaming: a client that gives up waiting cancels too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(60, read=1.5))
+    (_, fields), = store.xrevrange("cosine:requests", count=1)
+    key = f"cosine:req:{fields[b'id'].decode()}"
+    wait_for(lambda: store.hget(key, "status") == b"finished", 30, "the abandoned request ended")
+    final = [f for _, f in store.xrange(f"cosine:out:{fields[b'id'].decode()}") if f[b"type"] == b"final"]
+    assert final[0][b"finish_reason"] == b"cancelled", final
+
+
+@pytest.mark.model
+def test_health_ready_api_keys_and_a_graceful_stop(served, tmp_path):
+    base, serve = served
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+    workers = httpx.get(f"{base}/ready").json()["workers"]
+    assert all(workers[role] >= 1 for role in ("router", "coordinator", "verifier"))
+    # A second gateway on the same pipeline, with API keys from a file.
+    keys = tmp_path / "keys"
+    keys.write_text("# gateway keys\nsecret-one\nsecret-two\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSINE_")}
+    env.update(COSINE_REDIS_URL=serve.url(), PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "cosine.cli", "gateway", "--port", str(port), "--api-key-file", str(keys), "--grace-s", "60",
+               "--config", str(serve.config_path)]
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        gateway = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    other = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: ready(other), 60, "the second gateway")
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+        denied = httpx.post(f"{other}/v1/completions", json=body, headers={"Authorization": "Bearer wrong"})
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(f"{other}/v1/completions", json=body).status_code == 401
+        assert httpx.get(f"{other}/v1/models").status_code == 401
+        allowed = httpx.post(f"{other}/v1/completions", json=body, headers={"Authorization": "Bearer secret-two"}, timeout=60)
+        assert allowed.status_code == 200 and allowed.json()["usage"]["completion_tokens"] == 2
+        # SIGTERM while a stream is open: the stream finishes, then the gateway exits.
+        long = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{other}/v1/completions", json=long, headers={"Authorization": "Bearer secret-one"},
+                          timeout=120) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            gateway.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert sum(json.loads(line[6:])["choices"][0]["finish_reason"] == "length" for line in rest[:-1]) == 1
+        assert gateway.wait(30) in (0, -signal.SIGTERM)  # uvicorn ends by the signal it stopped on, after the drain
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()
+    assert "Traceback" not in log.read_text(errors="replace")

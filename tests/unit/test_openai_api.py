@@ -1,0 +1,128 @@
+"""The OpenAI shapes: request bodies to CoSine fields (or a 400 naming the parameter), finals
+to responses and errors, stream chunks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cosine import openai_api as api
+
+SERVED = ("SmolLM2-135M-Instruct",)
+
+
+def chat(**body):
+    return api.chat_fields({"model": SERVED[0], "messages": [{"role": "user", "content": "Hi"}], **body}, SERVED)
+
+
+def refused(parse, body) -> api.ApiError:
+    with pytest.raises(api.ApiError) as caught:
+        parse(body, SERVED)
+    return caught.value
+
+
+def test_a_chat_body_becomes_the_request_fields():
+    parsed = chat(max_completion_tokens=12, temperature=0.7, top_p=0.9, seed=-1, stop="\n", user="u1", stream=True,
+                  stream_options={"include_usage": True}, presence_penalty=0, frequency_penalty=0.0, n=1, logprobs=False)
+    assert parsed.fields == {"max_tokens": "12", "temperature": "0.7", "top_p": "0.9", "seed": str(2**63 - 1), "stop": '["\\n"]',
+                             "messages": '[{"role": "user", "content": "Hi"}]'}
+    assert parsed.stream and parsed.include_usage and parsed.model == SERVED[0]
+
+
+def test_message_content_parts_and_roles():
+    body = {"model": SERVED[0], "messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}], "name": "ann"},
+        {"role": "assistant", "content": None},
+    ]}
+    messages = json.loads(api.chat_fields(body, SERVED).fields["messages"])
+    assert messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world"},
+                        {"role": "assistant", "content": ""}]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"temperature": 5}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"top_p": -0.1}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 1.5}, "max_tokens"),
+    ({"seed": "7"}, "seed"),
+    ({"stop": [1, 2]}, "stop"),
+    ({"n": 2}, "n"),
+    ({"n": True}, "n"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": "yes"}, "stream"),
+    ({"mirostat": 2}, "mirostat"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages"),
+    ({"model": None}, "model"),
+])
+def test_bad_chat_parameters_get_400_naming_them(body, param):
+    base = {"model": SERVED[0], "messages": [{"role": "user", "content": "Hi"}]}
+    error = refused(api.chat_fields, {**base, **body})
+    assert (error.status, error.param) == (400, param), error.message
+    assert error.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_unknown_model_is_404_and_a_body_that_is_not_an_object_400():
+    error = refused(api.chat_fields, {"model": "gpt-9", "messages": [{"role": "user", "content": "Hi"}]})
+    assert (error.status, error.param, error.code) == (404, "model", "model_not_found")
+    assert refused(api.chat_fields, [1, 2]).status == 400
+
+
+def test_a_completion_body_takes_one_prompt():
+    parsed = api.completion_fields({"model": SERVED[0], "prompt": ["Once upon"], "max_tokens": 5, "echo": False, "best_of": 1}, SERVED)
+    assert parsed.fields == {"prompt": "Once upon", "max_tokens": "5"}
+    assert refused(api.completion_fields, {"model": SERVED[0], "prompt": ["a", "b"]}).param == "prompt"
+    assert refused(api.completion_fields, {"model": SERVED[0], "prompt": "a", "echo": True}).param == "echo"
+    assert refused(api.completion_fields, {"model": SERVED[0], "prompt": "a", "messages": []}).param == "messages"
+
+
+FINAL = {"type": "final", "finish_reason": "length", "text": "Hello there", "token_ids": "[1, 2, 3, 4]", "prompt_tokens": "10",
+         "generated_tokens": "4", "rounds": "2", "draft_tokens": "6", "accepted_tokens": "2",
+         "drafters": '{"chat-small": {"drafted": 6, "accepted": 2}}'}
+
+
+def test_a_final_becomes_a_completion_with_usage_and_speculation_statistics():
+    body = api.completion_object("chat", "chatcmpl-1", 100, SERVED[0], "fp_x", FINAL)
+    assert body["object"] == "chat.completion" and body["system_fingerprint"] == "fp_x"
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello there"}, "logprobs": None,
+                                "finish_reason": "length"}]
+    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
+    assert body["cosine"] == {"num_draft_tokens": 6, "num_accepted_tokens": 2, "num_verification_rounds": 2, "mean_acceptance_length": 2.0,
+                              "drafters": {"chat-small": {"num_draft_tokens": 6, "num_accepted_tokens": 2}}}
+    text = api.completion_object("completion", "cmpl-1", 100, SERVED[0], "fp_x", FINAL)
+    assert text["object"] == "text_completion" and text["choices"][0]["text"] == "Hello there"
+
+
+@pytest.mark.parametrize(("code", "status"), [("invalid", 400), ("busy", 503), ("deadline", 504), ("internal", 500)])
+def test_error_finals_map_to_http_statuses(code, status):
+    final = {"type": "final", "finish_reason": "error", "error": "why", "error_code": code, "error_param": "max_tokens"}
+    error = api.error_from_final(final, "chat")
+    assert (error.status, error.code, error.message) == (status, code, "why")
+    assert error.param == "max_tokens"
+
+
+def test_a_refused_prompt_is_named_as_the_endpoint_names_it():
+    final = {"type": "final", "finish_reason": "error", "error": "too long", "error_code": "invalid", "error_param": "messages"}
+    assert api.error_from_final(final, "chat").param == "messages"
+    assert api.error_from_final(final, "completion").param == "prompt"
+
+
+def test_stream_chunks_and_events():
+    first = api.chunk("chat", "c", 1, "m", "fp", role=True, text="", include_usage=True)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""} and first["usage"] is None
+    last = api.chunk("chat", "c", 1, "m", "fp", finish="stop")
+    assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"} and "usage" not in last
+    usage = api.usage_chunk("chat", "c", 1, "m", "fp", FINAL)
+    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 14
+    assert api.sse("[DONE]") == b"data: [DONE]\n\n"
+    assert json.loads(api.sse({"a": 1})[6:]) == {"a": 1}
