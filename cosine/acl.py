@@ -31,7 +31,7 @@ def worker_rules(namespace: str = "cosine:") -> list[str]:
 
 # Keys every worker uses: the dead-letter stream, liveness keys and rosters, the stats hash,
 # the fault-injection phase key (tests).
-_COMMON_KEYS = ("dead", "live:*", "roster:*", "stats", "test:phase")
+_COMMON_KEYS = ("dead", "live:*", "roster:*", "stats", "metrics", "test:phase")
 ROLE_KEYS = {
     "router": ("requests", "cancel", "req:*", "out:*", "draft:*", "candidates", "rounds", "deadlines", "reserved", "waiting", "feat:*"),
     "fusion": ("drafts", "draft:*", "fuse:*", "fusing", "candidates", "req:*"),

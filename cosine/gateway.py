@@ -8,7 +8,8 @@ a gateway keeps nothing but its Redis connections.
 - ``POST /v1/chat/completions``, ``POST /v1/completions``: OpenAI's request and response
   shapes (``cosine.openai_api``), ``stream: true`` as server-sent events.
 - ``GET /v1/models``, ``GET /health`` (the gateway and its Redis), ``GET /ready`` (a router, a
-  coordinator and a verifier live; drafters are optional).
+  coordinator and a verifier live; drafters are optional), ``GET /metrics`` (Prometheus: the
+  whole pipeline's counters, kept in Redis by the workers, ``cosine.metrics``).
 - A client that disconnects cancels its request (``XADD cancel``), streaming or not.
 - Optional API keys (``Authorization: Bearer …``, compared in constant time) on ``/v1/``.
 """
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -39,11 +41,13 @@ from starlette.types import Receive, Scope, Send
 from cosine import openai_api as api
 from cosine.bus import split_roster
 from cosine.config import DEMO_TARGET_FILE, Config
+from cosine.metrics import render
 from cosine.wire import Keys
 
 log = logging.getLogger("cosine.gateway")
 
 READY_ROLES = ("router", "coordinator", "verifier")
+ROLES = ("router", "coordinator", "fusion", "verifier", "drafter")
 FINGERPRINT_TTL_S = 5.0
 
 
@@ -95,6 +99,7 @@ class Gateway:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
         ]
         middleware = []
         if self.settings.cors_origins:
@@ -168,6 +173,41 @@ class Gateway:
         status = 503 if missing else 200
         return JSONResponse({"status": "not ready" if missing else "ready", "workers": live, "missing": missing}, status_code=status)
 
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus exposition of the whole pipeline's metrics (any gateway reports the same)."""
+        return Response(await self.scrape(), media_type=CONTENT_TYPE_LATEST)
+
+    async def scrape(self) -> bytes:
+        keys = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in (keys.metrics, keys.stats, keys.restarts):
+                pipe.hgetall(name)
+            for name in (keys.experts, keys.fingerprints, keys.verifier_streams):
+                pipe.smembers(name)
+            pipe.zcard(keys.deadlines)
+            pipe.zcard(keys.waiting)
+            for role in ROLES:
+                pipe.hgetall(keys.roster(role))
+            (stored, stats, restarts, experts, fingerprints, instances, in_deadlines, waiting, *rosters) = await pipe.execute()
+        streams = [keys.requests, keys.cancel, keys.drafts, keys.candidates, keys.verify, keys.verified, keys.dead]
+        streams += [keys.draft(e.decode()) for e in sorted(experts)]
+        streams += [keys.verify_for(f.decode()) for f in sorted(fingerprints)]
+        streams += [keys.verify_at(i.decode()) for i in sorted(instances)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+            replies = await pipe.execute(raise_on_error=False)
+        groups = {}
+        for stream, reply in zip(streams, replies):
+            if isinstance(reply, Exception):
+                continue  # a stream not created yet
+            groups[stream.removeprefix(keys.prefix)] = [{"group": g["name"].decode().removeprefix(keys.prefix), "pending": g.get("pending"),
+                                                         "lag": g.get("lag")} for g in reply]
+        now_ms = time.time() * 1000
+        live = {role: len(split_roster(roster, now_ms)[0]) for role, roster in zip(ROLES, rosters)}
+        return render(_floats(stored), _floats(stats), {k.decode(): int(v) for k, v in restarts.items()}, groups, live,
+                      int(in_deadlines) - int(waiting), int(waiting))
+
     # ---- pipeline ------------------------------------------------------------------------------
 
     async def live(self, role: str) -> dict[str, str]:
@@ -209,6 +249,16 @@ class Gateway:
                     yield entry
                     if entry.get("type") == "final":
                         return
+
+
+def _floats(hash_: dict[bytes, bytes]) -> dict[str, float]:
+    values = {}
+    for key, value in hash_.items():
+        try:
+            values[key.decode()] = float(value)
+        except ValueError:
+            continue
+    return values
 
 
 @dataclass

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from cosine import faults
 from cosine.bus import committed_tokens, connect, ensure_group, load_functions, split_roster
 from cosine.config import Config
+from cosine.metrics import Tally
 from cosine.wire import PAYLOAD_FIELD, Keys, WireError
 from cosine.wire.context import check_stored, resolve
 
@@ -96,6 +97,7 @@ class StageWorker:
         # One logger per stage (cosine.workers.router, ...): every line names the stage it came from.
         self.log = logging.getLogger(f"{__name__.rsplit('.', 1)[0]}.{self.role}")
         self._in_hand: dict[str, list[bytes]] = {}  # read, not yet handled (renewed, never reclaimed)
+        self.tally = Tally()  # metrics counted here, written after each read and tick
 
     # ---- what a stage defines ----------------------------------------------------------------
 
@@ -198,6 +200,7 @@ class StageWorker:
                 backoff = 0.1
                 await self.guarded(self._dispatch, replies)
                 await self.guarded(self.tick)
+                await self.guarded(self.write_tally)
                 if burst and not replies and await self._idle():
                     return
         finally:
@@ -307,6 +310,17 @@ class StageWorker:
             _raise_if_cancelling()
             self.log.exception("%s failed", getattr(fn, "__name__", fn))
         return None
+
+    async def write_tally(self) -> None:
+        """The metrics counted since the last write, one ``HINCRBYFLOAT`` each, in one round trip."""
+        if not self.tally:
+            return
+        fields = self.tally.fields()
+        self.tally.clear()  # a failed write loses these counts, never counts them twice
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for field, value in fields.items():
+                pipe.hincrbyfloat(self.keys.metrics, field, value)
+            await pipe.execute()
 
     async def _after_data_loss(self) -> None:
         self.log.warning("the server lost functions or groups (restarted without persistence?): installing them again")

@@ -115,6 +115,7 @@ class Coordinator(StageWorker):
         # request -> prompt positions the verifier holds after its last prefill chunk (-1: a chunk
         # made no progress, e.g. the cache was evicted meanwhile: the rest goes at once)
         self.prefilled: dict[str, int] = {}
+        self.last_output: dict[str, int] = {}  # request -> epoch ms of its last output applied here (inter-token latency)
 
     def input_streams(self) -> list[str]:
         return [self.keys.verified, self.keys.candidates]
@@ -331,7 +332,7 @@ class Coordinator(StageWorker):
         states = await self._states([item.request_id for item in batch.items])
         self._plan(batch, states)
         # Every request's round in one round trip (each its own compare-and-set).
-        calls, applied, chunked = [], [], []
+        calls, applied, chunked = [], [], []  # applied: (item, state, update) of each call
         for item, state in zip(batch.items, states):
             if item.prefilled > 0 and not item.error:  # a prefill chunk: the same round again
                 if _current(item, state):
@@ -345,10 +346,13 @@ class Coordinator(StageWorker):
             update = self._update(item, state, batch.fingerprint)
             if update is not None:
                 calls.append(self._apply_call(state, update, item))
-                applied.append(item)
-        for item, outcome in zip(applied, await bus.apply_rounds(self.redis, calls)):
-            if outcome == "cancelled":  # flagged while we computed: read again, the cancellation wins
+                applied.append((item, state, update))
+        for (item, state, update), outcome in zip(applied, await bus.apply_rounds(self.redis, calls)):
+            if outcome == "applied":
+                self._count(state, update, item)
+            elif outcome == "cancelled":  # flagged while we computed: read again, the cancellation wins
                 await self._apply_item(item, batch.fingerprint)
+        self.tally.observe("verification_batch_size", batch.batch_size)
         if faults.enabled():
             await self.mark_phase("after_apply")
             await asyncio.sleep(faults.delay("coordinator.after_apply"))
@@ -455,7 +459,27 @@ class Coordinator(StageWorker):
         return update
 
     async def _apply(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None = None) -> str:
-        return (await bus.apply_rounds(self.redis, [self._apply_call(state, update, item)]))[0]
+        outcome = (await bus.apply_rounds(self.redis, [self._apply_call(state, update, item)]))[0]
+        if outcome == "applied":
+            self._count(state, update, item)
+        return outcome
+
+    def _count(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None) -> None:
+        """Metrics of an applied update: tokens, latencies, speculation, a request's end."""
+        now_ms = int(time.time() * 1000)
+        new_tokens = len(update.state.output_ids) - len(state.output_ids)
+        since_ms = self.last_output.pop(state.request_id, None)  # None: its previous round was applied elsewhere
+        if not update.finished:
+            self.last_output[state.request_id] = now_ms if new_tokens else since_ms if since_ms is not None else now_ms
+            while len(self.last_output) > TRACKED:  # requests that ended elsewhere
+                del self.last_output[next(iter(self.last_output))]
+        if item is not None and update.state.rounds > state.rounds:  # a verified round (not a failure or cancellation)
+            drafters = {name: (f.drafted, f.accepted) for name, f in feedback_from_wire(item.drafters).items()}
+            self.tally.round_applied(new_tokens=new_tokens, first=not state.output_ids, created_ms=state.created_ms, since_ms=since_ms,
+                                     now_ms=now_ms, draft_tokens=item.draft_tokens, accepted=len(item.accepted_tokens), drafters=drafters)
+        if update.finished:
+            final = next((e for e in reversed(update.out_entries) if e.get("type") == "final"), {})
+            self.tally.request_ended(final.get("finish_reason", ""), final.get("error_code", ""), state.created_ms, now_ms)
 
     def _apply_call(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None = None) -> tuple[list[str], list]:
         """The compare-and-set call that applies ``update`` (and asks for the next round)."""

@@ -79,6 +79,7 @@ class Router(StageWorker):
         if turned_away:  # one round trip for all of them
             outcomes = await bus.refuse_requests(self.redis, self.keys, group=self.group, refusals=turned_away,
                                                  ttl_s=self.config.pipeline.output_ttl_s, entry=refusal_entry(self._busy_reason(), "busy"))
+            self.tally.count("requests", sum(o in ("refused", "in_use") for o in outcomes), finish_reason="error", error_code="busy")
             self.log.info("%d requests refused (busy): %s", len(turned_away), dict(Counter(outcomes)))
 
     def _busy_reason(self) -> str:
@@ -116,6 +117,10 @@ class Router(StageWorker):
             tokens=len(state.prompt_ids) + state.max_tokens, max_waiting=pipeline.max_waiting, busy=refusal_entry(self._busy_reason(), "busy"),
         )
         self.waiting |= outcome == "waiting"
+        if outcome in ("created", "waiting"):
+            self.tally.count("prompt_tokens", len(state.prompt_ids))
+        elif outcome in ("busy", "in_use"):
+            self.tally.request_ended("error", "busy" if outcome == "busy" else "invalid")
         self.log.info("request %s: %s (%d prompt tokens, experts %s)", state.request_id, outcome, len(state.prompt_ids), state.experts)
         return outcome
 
@@ -222,6 +227,8 @@ class Router(StageWorker):
             self.redis, self.keys, group=self.group, entry_id=entry_id, request_id=request_id,
             ttl_s=self.config.pipeline.output_ttl_s, entry=refusal_entry(reason, code, param),
         )
+        if outcome in ("refused", "in_use"):
+            self.tally.request_ended("error", code)
         # The reason goes to the client only: it may quote what the client sent (a message's
         # role, a field's value), and logs hold no prompt or output text.
         self.log.info("request %s refused (%s, %s%s)", request_id, code, outcome, f", param {param}" if param else "")
@@ -238,6 +245,8 @@ class Router(StageWorker):
                     break
                 update = fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
                 outcome = await bus.finish_request(self.redis, self.keys, state, update, self.config.pipeline.output_ttl_s)
+                if outcome == "applied":
+                    self.tally.request_ended("cancelled", "cancelled", state.created_ms)
                 if outcome != "stale":
                     break
             self.log.info("request %s cancelled", request_id)

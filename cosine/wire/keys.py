@@ -138,6 +138,11 @@ class Keys:
         return f"{self.prefix}test:phase"
 
     @property
+    def metrics(self) -> str:
+        """hash: the workers' metrics for Prometheus (``cosine.metrics``)."""
+        return f"{self.prefix}metrics"
+
+    @property
     def stats(self) -> str:
         return f"{self.prefix}stats"
 

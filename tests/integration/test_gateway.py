@@ -205,6 +205,18 @@ def test_a_client_that_disconnects_cancels_its_request(served):
     assert final[0][b"finish_reason"] == b"cancelled", final
 
 
+def start_gateway(serve: Served, tmp_path, *args: str) -> tuple[subprocess.Popen, str, object]:
+    """One more `cosine gateway` process on the served pipeline: (process, base URL, log path)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSINE_")}
+    env.update(COSINE_REDIS_URL=serve.url(), PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "cosine.cli", "gateway", "--port", str(port), "--config", str(serve.config_path), *args]
+    log = tmp_path / f"gateway-{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{port}", log
+
+
 @pytest.mark.model
 def test_health_ready_api_keys_and_a_graceful_stop(served, tmp_path):
     base, serve = served
@@ -214,15 +226,7 @@ def test_health_ready_api_keys_and_a_graceful_stop(served, tmp_path):
     # A second gateway on the same pipeline, with API keys from a file.
     keys = tmp_path / "keys"
     keys.write_text("# gateway keys\nsecret-one\nsecret-two\n")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COSINE_")}
-    env.update(COSINE_REDIS_URL=serve.url(), PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "cosine.cli", "gateway", "--port", str(port), "--api-key-file", str(keys), "--grace-s", "60",
-               "--config", str(serve.config_path)]
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        gateway = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    other = f"http://127.0.0.1:{port}"
+    gateway, other, log = start_gateway(serve, tmp_path, "--api-key-file", str(keys), "--grace-s", "60")
     try:
         wait_for(lambda: ready(other), 60, "the second gateway")
         body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
@@ -248,3 +252,69 @@ def test_health_ready_api_keys_and_a_graceful_stop(served, tmp_path):
             gateway.kill()
             gateway.wait()
     assert "Traceback" not in log.read_text(errors="replace")
+
+
+def scrape(base: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{base}/metrics", timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(response.text) for s in f.samples}
+
+
+@pytest.mark.model
+def test_metrics_from_two_gateways_agree_with_the_final_entries_through_a_verifier_restart(served, tmp_path):
+    """Counters are kept by the workers in Redis: any gateway reports the whole pipeline, and
+    drafted / accepted tokens per drafter add up to what the requests' final entries say, also
+    when a verifier was killed (and restarted by serve) while requests were in flight."""
+    import concurrent.futures
+
+    base, serve = served
+    gateway, other, _ = start_gateway(serve, tmp_path)
+    store = serve.client()
+    try:
+        wait_for(lambda: ready(other), 60, "the second gateway")
+        repeat = "Summarize: the cat sat on the mat. " * 6
+
+        def ask(index: int) -> dict:
+            url = (base, other)[index % 2]
+            body = {"model": MODEL, "prompt": repeat, "max_tokens": 48, "temperature": 0}
+            return httpx.post(f"{url}/v1/completions", json=body, timeout=240).json()
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(ask, i) for i in range(6)]
+            time.sleep(1.0)
+            for pid in serve.worker_pids("verifier"):
+                os.kill(pid, signal.SIGKILL)
+            replies = [f.result() for f in futures]
+        assert all(r["choices"][0]["finish_reason"] == "length" for r in replies), replies
+        wait_for(lambda: int(store.hget("cosine:restarts", "verifier") or 0) >= 1, 60, "the verifier's restart counted")
+        # Every request this pipeline ever ended, as its final entry says.
+        drafted, accepted, per_drafter = 0, 0, {}
+        for key in store.scan_iter(match="cosine:out:*"):
+            for _, fields in store.xrange(key):
+                if fields[b"type"] != b"final" or fields[b"finish_reason"] == b"error" and fields[b"rounds"] == b"0":
+                    continue
+                drafted += int(fields[b"draft_tokens"])
+                accepted += int(fields[b"accepted_tokens"])
+                for name, counts in json.loads(fields[b"drafters"]).items():
+                    total = per_drafter.setdefault(name, [0, 0])
+                    total[0] += counts["drafted"]
+                    total[1] += counts["accepted"]
+        assert per_drafter and drafted > 0
+        first, second = scrape(base), scrape(other)
+        for metrics in (first, second):
+            assert metrics[("cosine:spec_decode_num_draft_tokens_total", (("drafter", "all"),))] == drafted
+            assert metrics[("cosine:spec_decode_num_accepted_tokens_total", (("drafter", "all"),))] == accepted
+            for name, (d, a) in per_drafter.items():
+                assert metrics[("cosine:spec_decode_num_draft_tokens_total", (("drafter", name),))] == d
+                assert metrics[("cosine:spec_decode_num_accepted_tokens_total", (("drafter", name),))] == a
+            assert metrics[("cosine:worker_restarts_total", (("role", "verifier"),))] >= 1
+            assert metrics[("cosine:time_to_first_token_seconds_count", ())] > 0
+        def counted(metrics):  # counters and histograms (gauges move with the pipeline)
+            return {k: v for k, v in metrics.items() if k[0].endswith(("_total", "_bucket", "_sum", "_count"))}
+
+        assert counted(first) == counted(second)
+    finally:
+        gateway.terminate()
+        gateway.wait(30)

@@ -126,3 +126,44 @@ def test_stream_chunks_and_events():
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 14
     assert api.sse("[DONE]") == b"data: [DONE]\n\n"
     assert json.loads(api.sse({"a": 1})[6:]) == {"a": 1}
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+
+def test_tallied_metrics_render_as_prometheus_counters_and_histograms():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cosine.metrics import Tally, render
+
+    tally = Tally()
+    tally.round_applied(new_tokens=3, first=True, created_ms=1_000, since_ms=None, now_ms=1_250, draft_tokens=4, accepted=2,
+                        drafters={"chat-small": (4, 2), "prompt-lookup": (1, 0)})
+    tally.round_applied(new_tokens=2, first=False, created_ms=1_000, since_ms=1_250, now_ms=1_290, draft_tokens=0, accepted=0, drafters={})
+    tally.request_ended("length", "", created_ms=1_000, now_ms=1_290)
+    tally.request_ended("error", "busy")
+    tally.observe("verification_batch_size", 3)
+    stored = tally.fields()
+    text = render(stored, {"dead_lettered": 2, "verify_forward_us": 1_500_000}, {"verifier": 1},
+                  {"requests": [{"group": "router", "pending": 1, "lag": 5}]}, {"router": 1, "verifier": 2}, 3, 1).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("cosine:spec_decode_num_draft_tokens_total", (("drafter", "all"),))] == 4
+    assert samples[("cosine:spec_decode_num_accepted_tokens_total", (("drafter", "chat-small"),))] == 2
+    assert samples[("cosine:spec_decode_num_drafts_total", (("drafter", "prompt-lookup"),))] == 1
+    assert samples[("cosine:spec_decode_num_accepted_tokens_per_pos_total", (("drafter", "all"), ("position", "1")))] == 1
+    assert samples[("cosine:generation_tokens_total", ())] == 5
+    assert samples[("cosine:requests_total", (("error_code", "busy"), ("finish_reason", "error")))] == 1
+    assert samples[("cosine:requests_total", (("error_code", ""), ("finish_reason", "length")))] == 1
+    # Histograms: cumulative buckets, sum and count (inter-token latency weighted by tokens).
+    assert samples[("cosine:time_to_first_token_seconds_bucket", (("le", "0.2"),))] == 0
+    assert samples[("cosine:time_to_first_token_seconds_bucket", (("le", "0.3"),))] == 1
+    assert samples[("cosine:time_to_first_token_seconds_bucket", (("le", "+Inf"),))] == 1
+    assert samples[("cosine:inter_token_latency_seconds_count", ())] == 2
+    assert samples[("cosine:inter_token_latency_seconds_sum", ())] == pytest.approx(0.04)
+    assert samples[("cosine:verification_batch_size_bucket", (("le", "4.0"),))] == 1
+    assert samples[("cosine:verifier_busy_seconds_total", ())] == 1.5
+    assert samples[("cosine:dead_letters_total", ())] == 2
+    assert samples[("cosine:worker_restarts_total", (("role", "verifier"),))] == 1
+    assert samples[("cosine:queue_depth", (("group", "router"), ("stream", "requests")))] == 5
+    assert samples[("cosine:live_workers", (("role", "verifier"),))] == 2
+    assert (samples[("cosine:requests_running", ())], samples[("cosine:requests_waiting", ())]) == (3, 1)
