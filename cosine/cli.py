@@ -331,13 +331,32 @@ def _write_private(path: Path, text: str) -> None:
 def status(
     redis_url: str | None = typer.Option(None, "--redis-url"),
     as_json: bool = typer.Option(False, "--json"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="a live view, refreshed every --interval seconds, until Ctrl-C"),
+    interval: float = typer.Option(1.0, "--interval", min=0.1),
     config_path: Path | None = ConfigOption,
 ) -> None:
-    """Queue depths, pending entries, live workers, counters and worker restarts."""
-    from cosine.status import read_status
+    """Queue depths, pending entries, live workers, counters and worker restarts (--watch: live,
+    with tokens/s, acceptance per drafter and expert, and the verifiers' busy share)."""
+    from cosine.status import read_snapshot, read_status, view
 
     config = _setup(config_path)
-    report = read_status(_client_url(config, redis_url), config.redis.namespace)
+    url = _client_url(config, redis_url)
+    if watch:
+        import time
+
+        from rich.live import Live
+
+        before = read_snapshot(url, config.redis.namespace)
+        with Live(view(before), refresh_per_second=4, screen=False) as live:
+            try:
+                while True:
+                    time.sleep(interval)
+                    now = read_snapshot(url, config.redis.namespace)
+                    live.update(view(now, before))
+                    before = now
+            except KeyboardInterrupt:
+                return
+    report = read_status(url, config.redis.namespace)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -318,3 +318,29 @@ def test_metrics_from_two_gateways_agree_with_the_final_entries_through_a_verifi
     finally:
         gateway.terminate()
         gateway.wait(30)
+
+
+@pytest.mark.model
+def test_the_status_view_lists_every_live_worker(served):
+    import io
+
+    from rich.console import Console
+
+    from cosine.status import ROLES, host_of, read_snapshot, view
+
+    base, serve = served
+    body = {"model": MODEL, "prompt": "Summarize: the cat sat on the mat. " * 6, "max_tokens": 24, "temperature": 0}
+    assert httpx.post(f"{base}/v1/completions", json=body, timeout=120).json()["cosine"]["num_draft_tokens"] > 0
+    before = read_snapshot(serve.url(), "cosine:")
+    time.sleep(0.5)
+    now = read_snapshot(serve.url(), "cosine:")
+    assert all(now.workers[role] for role in ROLES), now.workers  # serve runs one of each
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(view(now, before))
+    text = out.getvalue()
+    for role in ROLES:
+        hosts = {host_of(instance) for instance in now.workers[role]}
+        cells = [[c.strip() for c in line.split("│")] for line in text.splitlines()]
+        rows = [c for c in cells if len(c) == 7 and c[1] == role and c[2] in hosts]  # the workers table's rows
+        assert rows and sum(int(c[3]) for c in rows) == len(now.workers[role]), (role, text)
+    assert "prompt-lookup (general)" in text and "output tokens/s" in text and "verifier busy" in text
