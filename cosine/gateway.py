@@ -24,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +86,9 @@ class Gateway:
         self.config = config
         self.keys = Keys(config.redis.namespace)
         self.settings = settings
+        self.redis_url = redis_url
         self.redis = aioredis.Redis.from_url(redis_url)
+        self.readers: list[OutputReader] = []
         self._fingerprint = ("", 0.0)
         self._api_keys = [k.encode() for k in settings.api_keys]
 
@@ -111,6 +113,8 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette):
         yield
+        for reader in self.readers:
+            await reader.close()
         await self.redis.aclose()
 
     async def _error_response(self, request: Request, error: Exception) -> Response:
@@ -223,32 +227,114 @@ class Gateway:
             self._fingerprint = (value, time.monotonic())
         return value
 
-    async def submit(self, request_id: str, fields: dict[str, str]) -> str:
-        entry_id = await self.redis.xadd(self.keys.requests, {"id": request_id, **fields})
-        return entry_id.decode()
+    def reader(self) -> OutputReader:
+        """The output reader a new request is read by: the least loaded, or a new one when
+        every reader has ``OutputReader.MAX_STREAMS`` streams."""
+        reader = min(self.readers, key=lambda r: len(r.owners), default=None)
+        if reader is None or len(reader.owners) >= OutputReader.MAX_STREAMS:
+            reader = OutputReader(self.redis_url, self.keys, self.settings.answer_timeout_s)
+            self.readers.append(reader)
+        return reader
+
+    async def submit(self, request_id: str, fields: dict[str, str], reader: OutputReader) -> None:
+        """The request's entry, and a wake-up for its reader, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(self.keys.requests, {"id": request_id, **fields})
+            reader.wake(pipe)
+            await pipe.execute()
 
     async def cancel(self, request_id: str) -> None:
         await self.redis.xadd(self.keys.cancel, {"id": request_id})
 
-    async def read(self, request_id: str, entry_id: str) -> AsyncIterator[dict[str, str]]:
-        """The request's output entries up to its final one (a refusal may come on the entry's
-        own stream); ``TimeoutError`` when nothing comes for ``answer_timeout_s``."""
-        cursors = {self.keys.out(request_id): "0-0", self.keys.out(entry_id): "0-0"}
-        quiet_since = time.monotonic()
-        while True:
-            reply = await self.redis.xread(cursors, block=1000)
-            if not reply:
-                if time.monotonic() - quiet_since > self.settings.answer_timeout_s:
-                    raise TimeoutError(request_id)
+
+class Listener:
+    """One request's output entries as its reader finds them (None: nothing came in time)."""
+
+    __slots__ = ("heard", "queue")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, str] | None] = asyncio.Queue()
+        self.heard = time.monotonic()
+
+    async def next(self) -> dict[str, str]:
+        entry = await self.queue.get()
+        if entry is None:
+            raise TimeoutError("no output from the pipeline in time")
+        return entry
+
+
+class OutputReader:
+    """Reads the output streams of many requests with one blocking ``XREAD`` on its own
+    connection, and hands each entry to its request. A request that starts wakes the reader
+    (an entry on the reader's own wake stream, written with the request), so that its stream is
+    in the next read at once. The gateway adds readers as requests grow in number."""
+
+    MAX_STREAMS = 128
+    BLOCK_MS = 1000
+
+    def __init__(self, url: str, keys: Keys, timeout_s: float) -> None:
+        self.redis = aioredis.Redis.from_url(url)
+        self.wake_key = keys.wake(uuid.uuid4().hex[:16])
+        self.wake_cursor = "0-0"
+        self.timeout_s = timeout_s
+        self.cursors: dict[str, str] = {}  # output stream -> the last entry ID read
+        self.owners: dict[str, Listener] = {}
+        self.task: asyncio.Task | None = None
+
+    def register(self, stream: str) -> Listener:
+        listener = Listener()
+        self.cursors[stream], self.owners[stream] = "0-0", listener
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run())
+        return listener
+
+    def unregister(self, stream: str) -> None:
+        self.cursors.pop(stream, None)
+        self.owners.pop(stream, None)
+
+    def wake(self, pipe) -> None:
+        pipe.xadd(self.wake_key, {"w": "1"}, maxlen=8, approximate=False)
+        pipe.pexpire(self.wake_key, 300_000)
+
+    async def _run(self) -> None:
+        checked = time.monotonic()
+        while self.owners:
+            try:
+                reply = await self.redis.xread({self.wake_key: self.wake_cursor, **self.cursors}, block=self.BLOCK_MS)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the server restarting: the requests' own time-outs bound the wait
+                log.warning("reading outputs failed (%s: %s); retrying", type(error).__name__, error)
+                await asyncio.sleep(0.5)
                 continue
-            quiet_since = time.monotonic()
-            for stream, entries in reply:
-                for stream_entry_id, raw in entries:
-                    cursors[stream.decode()] = stream_entry_id
-                    entry = {k.decode(): v.decode() for k, v in raw.items()}
-                    yield entry
-                    if entry.get("type") == "final":
-                        return
+            now = time.monotonic()
+            for raw_stream, entries in reply or []:
+                stream = raw_stream.decode()
+                if stream == self.wake_key:
+                    self.wake_cursor = entries[-1][0]
+                    continue
+                listener = self.owners.get(stream)
+                if listener is None:
+                    continue
+                self.cursors[stream] = entries[-1][0]
+                listener.heard = now
+                for _, fields in entries:
+                    listener.queue.put_nowait({k.decode(): v.decode() for k, v in fields.items()})
+            if now - checked > 1.0:
+                checked = now
+                for listener in self.owners.values():
+                    if now - listener.heard > self.timeout_s:
+                        listener.heard = now
+                        listener.queue.put_nowait(None)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+        with contextlib.suppress(Exception):
+            await self.redis.delete(self.wake_key)
+        await self.redis.aclose()
 
 
 def _floats(hash_: dict[bytes, bytes]) -> dict[str, float]:
@@ -278,8 +364,9 @@ class Call:
 
 
 class CallResponse(Response):
-    """Submits the request and answers it, as one JSON body or as server-sent events, while
-    watching for the client to go away (then the request is cancelled)."""
+    """Submits the request and answers it, as one JSON body or as server-sent events. A task
+    watches the connection meanwhile: when the client goes away it cancels the answering (and
+    the request is cancelled in the pipeline)."""
 
     def __init__(self, call: Call, request_id: str) -> None:
         self.call = call
@@ -289,27 +376,37 @@ class CallResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call, gateway = self.call, self.call.gateway
-        gone = asyncio.Event()
+        task, gone = asyncio.current_task(), asyncio.Event()
 
         async def watch() -> None:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     gone.set()
+                    task.cancel()
                     return
 
+        reader = gateway.reader()
+        stream = gateway.keys.out(call.request_id)
+        listener = reader.register(stream)
         watcher = asyncio.create_task(watch())
         finished = False
         try:
-            entry_id = await gateway.submit(call.request_id, call.parsed.fields)
-            entries = gateway.read(call.request_id, entry_id)
-            if call.parsed.stream:
-                finished = await self._stream(entries, gone, send)
-            else:
-                finished = await self._whole(entries, gone, send)
+            await gateway.submit(call.request_id, call.parsed.fields, reader)
+            answer = self._stream if call.parsed.stream else self._whole
+            finished = await answer(listener, send)
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise  # the server is stopping
+            task.uncancel()
+        except OSError:  # the client went away while we wrote
+            pass
         finally:
             watcher.cancel()
-            if not finished:  # the client left (or the gateway is stopping): nobody will read it
+            reader.unregister(stream)
+            if gone.is_set() and task.cancelling():
+                task.uncancel()  # a disconnect that came as we finished
+            if not finished:  # nobody will read it: stop the work
                 with contextlib.suppress(Exception):
                     await asyncio.shield(gateway.cancel(call.request_id))
                 log.info("request %s: client gone, cancelled", call.request_id)
@@ -317,31 +414,14 @@ class CallResponse(Response):
     def _headers(self, content_type: str) -> list[tuple[bytes, bytes]]:
         return [(b"content-type", content_type.encode()), (b"x-request-id", self.request_id.encode())]
 
-    async def _next(self, entries: AsyncIterator[dict[str, str]], gone: asyncio.Event) -> dict[str, str] | None:
-        """The next output entry, or None when the client went away first."""
-        step = asyncio.ensure_future(anext(entries))
-        waiter = asyncio.ensure_future(gone.wait())
-        try:
-            await asyncio.wait({step, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if not step.done():
-            step.cancel()
-            with contextlib.suppress(BaseException):
-                await step
-            return None
-        return step.result()
-
-    async def _whole(self, entries, gone: asyncio.Event, send: Send) -> bool:
+    async def _whole(self, listener: Listener, send: Send) -> bool:
         call = self.call
         while True:
             try:
-                entry = await self._next(entries, gone)
+                entry = await listener.next()
             except TimeoutError:
                 error = api.ApiError(504, "the pipeline gave no answer in time (is a verifier running?)", None, "timeout")
                 await self._send_json(send, error.status, error.body())
-                return False
-            if entry is None:
                 return False
             if entry.get("type") == "final":
                 break
@@ -359,56 +439,48 @@ class CallResponse(Response):
                                                                                   (b"content-length", str(len(data)).encode())]})
         await send({"type": "http.response.body", "body": data})
 
-    async def _stream(self, entries, gone: asyncio.Event, send: Send) -> bool:
+    async def _stream(self, listener: Listener, send: Send) -> bool:
         """Server-sent events: errors before the first output entry are plain HTTP errors;
         after it, an error is an event. Returns whether the request reached its final."""
         call = self.call
+        content = api.ContentChunks(call.kind, call.request_id, call.created, call.parsed.model, call.fingerprint, call.parsed.include_usage)
         started = False
-
-        async def start() -> None:
-            nonlocal started
-            headers = [*self._headers("text/event-stream"), (b"cache-control", b"no-cache")]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            started = True
 
         async def event(data) -> None:
             await send({"type": "http.response.body", "body": api.sse(data), "more_body": True})
 
-        try:
-            while True:
-                try:
-                    entry = await self._next(entries, gone)
-                except TimeoutError:
-                    error = api.ApiError(504, "the pipeline gave no answer in time (is a verifier running?)", None, "timeout")
-                    if not started:
-                        await self._send_json(send, error.status, error.body())
-                        return False
-                    await event(error.body())
-                    break
-                if entry is None:
-                    return False
-                final = entry.get("type") == "final"
-                failed = final and entry.get("finish_reason") in ("error", "cancelled")
+        while True:
+            try:
+                entry = await listener.next()
+            except TimeoutError:
+                error = api.ApiError(504, "the pipeline gave no answer in time (is a verifier running?)", None, "timeout")
                 if not started:
-                    if failed:
-                        error = api.error_from_final(entry, call.kind)
-                        await self._send_json(send, error.status, error.body())
-                        return True
-                    await start()
-                    if call.kind == "chat":
-                        await event(call.chunk(role=True, text=""))
+                    await self._send_json(send, error.status, error.body())
+                    return False
+                await event(error.body())
+                break
+            final = entry.get("type") == "final"
+            failed = final and entry.get("finish_reason") in ("error", "cancelled")
+            if not started:
                 if failed:
-                    await event(api.error_from_final(entry, call.kind).body())
-                    break
-                if not final and entry.get("text"):  # a final's text is the whole completion, already sent
-                    await event(call.chunk(text=entry["text"]))
-                if final:
-                    await event(call.chunk(text=None if call.kind == "chat" else "", finish=api.finish_reason(entry)))
-                    if call.parsed.include_usage:
-                        await event(api.usage_chunk(call.kind, call.request_id, call.created, call.parsed.model, call.fingerprint, entry))
-                    break
-            await event("[DONE]")
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return True
-        except OSError:  # the client went away while we wrote
-            return False
+                    error = api.error_from_final(entry, call.kind)
+                    await self._send_json(send, error.status, error.body())
+                    return True
+                headers = [*self._headers("text/event-stream"), (b"cache-control", b"no-cache")]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                started = True
+                if call.kind == "chat":
+                    await event(call.chunk(role=True, text=""))
+            if failed:
+                await event(api.error_from_final(entry, call.kind).body())
+                break
+            if not final and entry.get("text"):  # a final's text is the whole completion, already sent
+                await send({"type": "http.response.body", "body": content.event(entry["text"]), "more_body": True})
+            if final:
+                await event(call.chunk(text=None if call.kind == "chat" else "", finish=api.finish_reason(entry)))
+                if call.parsed.include_usage:
+                    await event(api.usage_chunk(call.kind, call.request_id, call.created, call.parsed.model, call.fingerprint, entry))
+                break
+        await event("[DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True

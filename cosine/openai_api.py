@@ -270,6 +270,20 @@ def chunk(kind: str, request_id: str, created: int, model: str, fingerprint: str
     return out
 
 
+class ContentChunks:
+    """``chunk(text=...)`` events of one response, made by pasting the text's JSON between two
+    parts made once (a stream sends one per output entry)."""
+
+    def __init__(self, kind: str, request_id: str, created: int, model: str, fingerprint: str, include_usage: bool) -> None:
+        marker = "\u0000marker\u0000"
+        whole = json.dumps(chunk(kind, request_id, created, model, fingerprint, text=marker, include_usage=include_usage), separators=(",", ":"))
+        head, _, tail = whole.partition(json.dumps(marker))
+        self.head, self.tail = ("data: " + head).encode(), (tail + "\n\n").encode()
+
+    def event(self, text: str) -> bytes:
+        return self.head + json.dumps(text).encode() + self.tail
+
+
 def usage_chunk(kind: str, request_id: str, created: int, model: str, fingerprint: str, final: dict[str, str]) -> dict:
     """The last chunk when ``stream_options.include_usage``: no choices, the usage and the
     speculation statistics."""

@@ -137,6 +137,10 @@ class Keys:
         """hash: instance -> the fault point it is in (only with COSINE_TEST_FAULTS)."""
         return f"{self.prefix}test:phase"
 
+    def wake(self, reader: str) -> str:
+        """stream: wake-ups of one gateway output reader (written with each request it reads)."""
+        return f"{self.prefix}wake:{reader}"
+
     @property
     def metrics(self) -> str:
         """hash: the workers' metrics for Prometheus (``cosine.metrics``)."""

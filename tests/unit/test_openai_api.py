@@ -167,3 +167,13 @@ def test_tallied_metrics_render_as_prometheus_counters_and_histograms():
     assert samples[("cosine:queue_depth", (("group", "router"), ("stream", "requests")))] == 5
     assert samples[("cosine:live_workers", (("role", "verifier"),))] == 2
     assert (samples[("cosine:requests_running", ())], samples[("cosine:requests_waiting", ())]) == (3, 1)
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_content_chunks_made_from_parts_equal_the_chunk(kind, include_usage):
+    chunks = api.ContentChunks(kind, "id-1", 7, "m", "fp_1", include_usage)
+    for text in ("Hello", 'quote " and \\ and \n', "é 😀", ""):
+        event = chunks.event(text)
+        assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+        assert json.loads(event[6:]) == api.chunk(kind, "id-1", 7, "m", "fp_1", text=text, include_usage=include_usage)
