@@ -11,6 +11,9 @@ prefixes every key pattern.
   --redis-url``: the worker commands on only the keys that role reads or writes. The
   coordinator's are every key (it applies rounds, sweeps, trims, moves verify streams);
   the router, fusion, drafters and verifiers get their own streams and hashes.
+- **gateway** (``gateway_rules``): what ``cosine gateway`` needs — ``XADD`` to ``requests``,
+  ``cancel`` and its readers' ``wake:*`` streams, reading every key of the namespace (outputs,
+  rosters, metrics, stream groups for ``/metrics``).
 - **client**: ``XADD`` to the ``requests`` and ``cancel`` streams and reading ``out:*``
   (``XREAD``, ``XRANGE``, ``XREVRANGE``) — nothing else: no request state, no internal stream.
 
@@ -52,6 +55,17 @@ def role_rules(role: str, namespace: str = "cosine:") -> list[str]:
 def client_rules(namespace: str = "cosine:") -> list[str]:
     """ACL rules of a user that may submit, cancel and read outputs, and nothing else."""
     return ["resetkeys", f"%W~{namespace}requests", f"%W~{namespace}cancel", f"%R~{namespace}out:*", "resetchannels", *CLIENT_COMMANDS]
+
+
+GATEWAY_COMMANDS = ("-@all", "+xadd", "+xread", "+xrange", "+xinfo|groups", "+hgetall", "+smembers", "+zcard", "+del", "+pexpire",
+                    "+ping", "+hello", "+auth")
+
+
+def gateway_rules(namespace: str = "cosine:") -> list[str]:
+    """ACL rules of the user an HTTP gateway connects as: submit and cancel, its readers' wake
+    streams, and reading the rest (outputs, rosters, metrics, queue depths); nothing else."""
+    return ["resetkeys", f"%R~{namespace}*", f"%W~{namespace}requests", f"%W~{namespace}cancel", f"~{namespace}wake:*",
+            "resetchannels", *GATEWAY_COMMANDS]
 
 
 def acl_setuser_rules(password: str, rules: list[str]) -> list[str]:

@@ -60,6 +60,39 @@ def test_without_workers_the_gateway_is_healthy_not_ready_and_checks_keys_and_bo
         embedded.stop()
 
 
+def test_the_gateway_acl_user_can_do_what_the_gateway_does():
+    """As the ACL user of cosine.acl.gateway_rules: health, readiness, metrics, a submitted
+    request (with its reader's wake entry) that nobody answers (a 504 after the answer
+    time-out, then its cancellation) — and no permission error on the way."""
+    from starlette.testclient import TestClient
+
+    from cosine.acl import acl_setuser_rules, gateway_rules
+    from cosine.config import load_config
+    from cosine.embedded import EmbeddedRedis
+    from cosine.gateway import Gateway, GatewaySettings
+
+    embedded = EmbeddedRedis(persistence=False)
+    url = embedded.start()
+    try:
+        admin = redis.Redis.from_url(url)
+        admin.execute_command("ACL", "SETUSER", "gw", *acl_setuser_rules("gw-secret", gateway_rules()))
+        gw_url = f"redis://gw:gw-secret@127.0.0.1:{embedded.port}"
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            redis.Redis.from_url(gw_url).hset("cosine:req:x", "status", "finished")
+        gateway = Gateway(load_config(None, environ={}), gw_url, GatewaySettings((MODEL,), answer_timeout_s=1.0))
+        with TestClient(gateway.app()) as http:
+            assert http.get("/health").status_code == 200
+            assert http.get("/ready").status_code == 503 and "redis" not in http.get("/ready").json()
+            assert http.get("/metrics").status_code == 200
+            reply = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+            assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"
+        request_id = reply.headers["x-request-id"]
+        assert [f[b"id"] for _, f in admin.xrange("cosine:requests")] == [request_id.encode()]
+        assert [f[b"id"] for _, f in admin.xrange("cosine:cancel")] == [request_id.encode()]
+    finally:
+        embedded.stop()
+
+
 # ---- a real `cosine serve --http-port` --------------------------------------------------------
 
 
