@@ -177,3 +177,24 @@ def test_content_chunks_made_from_parts_equal_the_chunk(kind, include_usage):
         event = chunks.event(text)
         assert event.startswith(b"data: ") and event.endswith(b"\n\n")
         assert json.loads(event[6:]) == api.chunk(kind, "id-1", 7, "m", "fp_1", text=text, include_usage=include_usage)
+
+
+def test_the_grafana_dashboard_queries_only_metrics_that_exist():
+    import re
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cosine.metrics import Tally, render
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "cosine" / "dashboards" / "grafana.json").read_text())
+    tally = Tally()
+    tally.round_applied(new_tokens=2, first=True, created_ms=1, since_ms=None, now_ms=2, draft_tokens=2, accepted=1, drafters={"d": (2, 1)})
+    tally.round_applied(new_tokens=1, first=False, created_ms=1, since_ms=2, now_ms=3, draft_tokens=0, accepted=0, drafters={})
+    tally.request_ended("length", "", 1, 3)
+    tally.observe("verification_batch_size", 1)
+    tally.count("prompt_tokens", 5)
+    text = render(tally.fields(), {}, {"router": 0}, {"requests": [{"group": "router", "pending": 0, "lag": 0}]}, {"verifier": 1}, 0, 0).decode()
+    exposed = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"] for name in re.findall(r"cosine:[a-z0-9_]+", target["expr"])}
+    assert queried and queried <= exposed, queried - exposed
