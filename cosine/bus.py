@@ -121,7 +121,7 @@ local function admit(keys, args)
   fields[#fields + 1] = 'source'; fields[#fields + 1] = args[2]
   if redis.call('EXISTS', req) == 1 then
     outcome = refuse_in_use(req, keys[5], args[2], tonumber(args[5]), refusal)
-  elseif queued > 0 or admission_full(keys[4], keys[8], keys[6], max_requests, budget, tokens) then
+  elseif (queued > 0 and max_waiting > 0) or admission_full(keys[4], keys[8], keys[6], max_requests, budget, tokens) then
     if queued < max_waiting then
       redis.call('HSET', req, unpack(fields))
       redis.call('ZADD', keys[4], tonumber(args[4]), args[3])
@@ -249,10 +249,17 @@ local function apply_round(keys, args)
   return 'applied'
 end
 
--- KEYS: req.  Flags an active request for cancellation; the next round application ends it.
+-- KEYS: req, out:{id}.  ARGV: ttl, n, final pairs.  Flags an active request for cancellation;
+-- the next round application ends it. A request not created yet (its cancel overtook it: two
+-- routers, a backlog) gets its tombstone and cancelled final now, so it never starts: its entry
+-- is then refused as an id in use.
 local function cancel(keys, args)
   local status = redis.call('HGET', keys[1], 'status')
-  if not status then return 'missing' end
+  if not status then
+    if #keys < 2 then return 'missing' end
+    tombstone(keys[1], keys[2], 'cancel', tonumber(args[1]), take_pairs(args, 3, tonumber(args[2])))
+    return 'early'
+  end
   if status ~= 'active' then return 'finished' end
   redis.call('HSET', keys[1], 'cancel', '1')
   return 'flagged'
@@ -570,8 +577,12 @@ async def apply_rounds(client: aioredis.Redis, calls: Sequence[tuple[list[str], 
     return [r.decode() if isinstance(r, bytes) else r for r in replies]
 
 
-async def flag_cancel(client: aioredis.Redis, keys: Keys, request_id: str) -> str:
-    return await _fcall(client, "cosine_cancel", [keys.request(request_id)], [])
+async def flag_cancel(client: aioredis.Redis, keys: Keys, request_id: str, *, ttl_s: int = 0, final: Mapping | None = None) -> str:
+    """``flagged``, ``finished``, ``missing``; with ``final`` (and ``ttl_s``) a request not
+    created yet is ended before it starts instead (``early``: its tombstone and ``final``)."""
+    if final is None:
+        return await _fcall(client, "cosine_cancel", [keys.request(request_id)], [])
+    return await _fcall(client, "cosine_cancel", [keys.request(request_id), keys.out(request_id)], [ttl_s, len(final), *_flat(final)])
 
 
 async def fuse_add(

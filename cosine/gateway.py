@@ -1,9 +1,9 @@
 """The HTTP gateway: an OpenAI-compatible API that is one more Redis client of the pipeline.
 
 Each HTTP request becomes a ``requests`` entry with a random id (``chatcmpl-…`` / ``cmpl-…``,
-122 random bits: the capability to read its output); the answer is read from ``out:{id}`` (and
-``out:{entry ID}``, where a refusal can go). Any number of gateways can run beside the workers:
-a gateway keeps nothing but its Redis connections.
+128 random bits: the capability to read its output; never in use, so its answer always comes on
+``out:{id}``), read by an ``OutputReader`` that reads many requests' streams at once. Any number
+of gateways can run beside the workers: a gateway keeps nothing but its Redis connections.
 
 - ``POST /v1/chat/completions``, ``POST /v1/completions``: OpenAI's request and response
   shapes (``cosine.openai_api``), ``stream: true`` as server-sent events.
@@ -91,6 +91,9 @@ class Gateway:
         self.readers: list[OutputReader] = []
         self._fingerprint = ("", 0.0)
         self._api_keys = [k.encode() for k in settings.api_keys]
+        # A body can hold a prompt of pipeline.max_prompt_chars characters, JSON-escaped (up to
+        # 6 bytes each), and the rest of the request.
+        self.max_body_bytes = 6 * config.pipeline.max_prompt_chars + 65_536
 
     # ---- app -----------------------------------------------------------------------------------
 
@@ -144,8 +147,15 @@ class Gateway:
 
     async def _completion(self, request: Request, kind: str) -> Response:
         self._authorize(request)
+        limit = self.max_body_bytes
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise api.ApiError(413, f"the request body is larger than {limit} bytes", None, "body_too_large")
+            chunks.append(chunk)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError):
             raise api.ApiError(400, "the request body is not valid JSON", None, "invalid_json") from None
         parse = api.chat_fields if kind == "chat" else api.completion_fields
@@ -230,6 +240,9 @@ class Gateway:
     def reader(self) -> OutputReader:
         """The output reader a new request is read by: the least loaded, or a new one when
         every reader has ``OutputReader.MAX_STREAMS`` streams."""
+        for idle in [r for r in self.readers[1:] if not r.owners]:  # after a burst: keep one
+            self.readers.remove(idle)
+            asyncio.get_running_loop().create_task(idle.close())
         reader = min(self.readers, key=lambda r: len(r.owners), default=None)
         if reader is None or len(reader.owners) >= OutputReader.MAX_STREAMS:
             reader = OutputReader(self.redis_url, self.keys, self.settings.answer_timeout_s)
@@ -301,31 +314,34 @@ class OutputReader:
         while self.owners:
             try:
                 reply = await self.redis.xread({self.wake_key: self.wake_cursor, **self.cursors}, block=self.BLOCK_MS)
+                self._hand_out(reply)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # the server restarting: the requests' own time-outs bound the wait
+            except Exception as error:  # the server restarting, a permission missing: the time-outs below still run
                 log.warning("reading outputs failed (%s: %s); retrying", type(error).__name__, error)
                 await asyncio.sleep(0.5)
-                continue
             now = time.monotonic()
-            for raw_stream, entries in reply or []:
-                stream = raw_stream.decode()
-                if stream == self.wake_key:
-                    self.wake_cursor = entries[-1][0]
-                    continue
-                listener = self.owners.get(stream)
-                if listener is None:
-                    continue
-                self.cursors[stream] = entries[-1][0]
-                listener.heard = now
-                for _, fields in entries:
-                    listener.queue.put_nowait({k.decode(): v.decode() for k, v in fields.items()})
             if now - checked > 1.0:
                 checked = now
                 for listener in self.owners.values():
                     if now - listener.heard > self.timeout_s:
                         listener.heard = now
                         listener.queue.put_nowait(None)
+
+    def _hand_out(self, reply) -> None:
+        now = time.monotonic()
+        for raw_stream, entries in reply or []:
+            stream = raw_stream.decode()
+            if stream == self.wake_key:
+                self.wake_cursor = entries[-1][0]
+                continue
+            listener = self.owners.get(stream)
+            if listener is None:
+                continue
+            self.cursors[stream] = entries[-1][0]
+            listener.heard = now
+            for _, fields in entries:
+                listener.queue.put_nowait({k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()})
 
     async def close(self) -> None:
         if self.task is not None:
@@ -458,7 +474,9 @@ class CallResponse(Response):
                     await self._send_json(send, error.status, error.body())
                     return False
                 await event(error.body())
-                break
+                await event("[DONE]")
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return False  # not finished: the request is cancelled
             final = entry.get("type") == "final"
             failed = final and entry.get("finish_reason") in ("error", "cancelled")
             if not started:

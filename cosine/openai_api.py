@@ -43,7 +43,7 @@ ROLES = ("system", "developer", "user", "assistant")
 PARAM_NAMES = {"messages": "messages", "prompt": "prompt", "max_tokens": "max_tokens", "temperature": "temperature",
                "top_p": "top_p", "seed": "seed", "stop": "stop"}
 ERROR_STATUS = {"invalid": 400, "busy": 503, "deadline": 504, "internal": 500, "cancelled": 499}
-ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 503: "server_error",
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
               504: "timeout", 500: "server_error", 499: "cancelled"}
 
 
@@ -201,6 +201,10 @@ def completion_fields(body: Any, served: tuple[str, ...] = ()) -> ParsedRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise _invalid("'prompt' must be a string (one prompt per request)", "prompt")
+    try:
+        prompt.encode()
+    except UnicodeEncodeError:
+        raise _invalid("'prompt' is not valid Unicode text (a lone surrogate)", "prompt") from None
     fields["prompt"] = prompt
     return ParsedRequest(fields, model, stream, include_usage)
 

@@ -352,7 +352,6 @@ class Coordinator(StageWorker):
                 self._count(state, update, item)
             elif outcome == "cancelled":  # flagged while we computed: read again, the cancellation wins
                 await self._apply_item(item, batch.fingerprint)
-        self.tally.observe("verification_batch_size", batch.batch_size)
         if faults.enabled():
             await self.mark_phase("after_apply")
             await asyncio.sleep(faults.delay("coordinator.after_apply"))
@@ -381,7 +380,8 @@ class Coordinator(StageWorker):
         held every active request, so that no other batch's verification is in it)."""
         sent = self.sent_batches.pop(batch.batch_id, None)
         if sent is None or not batch.items:
-            return None  # formed by another coordinator
+            return None  # formed by another coordinator (or seen before: a redelivery)
+        self.tally.observe("verification_batch_size", batch.batch_size)
         now = time.monotonic()
         whole = len(batch.items) >= self.active
         for item in batch.items:

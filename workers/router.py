@@ -140,8 +140,9 @@ class Router(StageWorker):
         return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
 
     async def tick(self) -> None:
-        if self.config.pipeline.max_waiting:
-            await self._start_waiting()
+        # Also with max_waiting = 0 here: requests may wait from before a change of the config,
+        # or from another router's.
+        await self._start_waiting()
 
     def block_ms(self) -> int:
         # Requests waiting: look again soon (a slot frees when any request ends, and nothing
@@ -151,8 +152,13 @@ class Router(StageWorker):
     async def _start_waiting(self) -> None:
         """Start waiting requests, first come first, while the admission bounds allow."""
         pipeline = self.config.pipeline
-        heads = await self.redis.zrange(self.keys.waiting, 0, 15)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(self.keys.waiting, 0, 15)
+            pipe.zcard(self.keys.deadlines)
+            heads, in_deadlines = await pipe.execute()
         self.waiting = bool(heads)
+        if not heads or (pipeline.max_requests and in_deadlines - len(heads) >= pipeline.max_requests and len(heads) < 16):
+            return  # nobody waits, or every slot is taken (the start call checks again, exactly)
         budget = await self.verifier_kv_rows() if heads and pipeline.admission_kv else 0
         for raw_id in heads:
             request_id = raw_id.decode()
@@ -237,7 +243,15 @@ class Router(StageWorker):
     async def _cancel(self, entry_id: bytes, raw: dict[bytes, bytes]) -> None:
         """Flag the request (the next round application ends it), then try to end it at once."""
         request_id = raw.get(b"id", b"").decode(errors="replace")
-        if request_id and await bus.flag_cancel(self.redis, self.keys, request_id) == "flagged":
+        outcome = ""
+        if request_id:
+            final = refusal_entry("cancelled by client before it started", "cancelled")
+            final["finish_reason"] = "cancelled"
+            outcome = await bus.flag_cancel(self.redis, self.keys, request_id, ttl_s=self.config.pipeline.output_ttl_s, final=final)
+        if outcome == "early":  # the cancel overtook its request: that one will never start
+            self.tally.request_ended("cancelled", "cancelled")
+            self.log.info("request %s cancelled before it started", request_id)
+        if outcome == "flagged":
             for _ in range(5):  # a round applied in between makes the attempt stale: read again
                 fields = await self.redis.hgetall(self.keys.request(request_id))
                 state = state_from_fields(fields) if fields else None

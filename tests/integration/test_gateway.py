@@ -54,6 +54,8 @@ def test_without_workers_the_gateway_is_healthy_not_ready_and_checks_keys_and_bo
             assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
             bad = http.post("/v1/chat/completions", json={**body, "top_p": 7}, headers=auth)
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
+            huge = http.post("/v1/completions", content=b'{"model": "x", "prompt": "' + b"a" * 1_400_000 + b'"}', headers=auth)
+            assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
             # Nothing was submitted for refused requests.
             assert redis.Redis.from_url(url).exists("cosine:requests") == 0
     finally:

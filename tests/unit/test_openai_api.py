@@ -78,6 +78,14 @@ def test_an_unknown_model_is_404_and_a_body_that_is_not_an_object_400():
     assert refused(api.chat_fields, [1, 2]).status == 400
 
 
+def test_a_prompt_that_is_not_unicode_text_is_400_not_500():
+    """Regression (review): a lone surrogate (valid JSON) made the Redis client's encoder raise
+    inside the submission: a 500 and a traceback."""
+    body = {"model": SERVED[0], "prompt": json.loads('"a\\ud800b"')}
+    error = refused(api.completion_fields, body)
+    assert (error.status, error.param) == (400, "prompt")
+
+
 def test_a_completion_body_takes_one_prompt():
     parsed = api.completion_fields({"model": SERVED[0], "prompt": ["Once upon"], "max_tokens": 5, "echo": False, "best_of": 1}, SERVED)
     assert parsed.fields == {"prompt": "Once upon", "max_tokens": "5"}
