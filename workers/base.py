@@ -157,7 +157,11 @@ class StageWorker:
             finally:
                 for task in tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                # Bounded: a cancellation that the Redis client swallowed (it can turn into a
+                # time-out that is retried) must not keep the worker from exiting.
+                _, running = await asyncio.wait(tasks, timeout=5.0)
+                if running:
+                    self.log.warning("%d background tasks did not stop; exiting without them", len(running))
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.redis.delete(self.keys.live(self.role, self.instance)), 2.0)
                     await asyncio.wait_for(self.redis.hdel(self.keys.roster(self.role), self.instance), 2.0)
@@ -410,6 +414,7 @@ class StageWorker:
         key = self.keys.live(self.role, self.instance)
         while True:
             await self.guarded(self._beat, key, 3 * period)
+            _raise_if_cancelling()  # a cancellation the call swallowed still ends the loop
             await asyncio.sleep(period / 1000)
 
     async def _beat(self, key: str, ttl_ms: int) -> None:
@@ -427,6 +432,7 @@ class StageWorker:
             await self.guarded(self._renew_held)
             for stream in self.input_streams():
                 await self.guarded(self._reclaim, stream, idle)
+            _raise_if_cancelling()  # a cancellation the calls swallowed still ends the loop
 
     def _not_to_reclaim(self) -> dict[str, set[bytes]]:
         """Entries this worker holds or has read and not yet handled."""

@@ -11,7 +11,7 @@ import json
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 
-from cosine.core.sampling import SamplingParams
+from cosine.core.params import SamplingParams
 from cosine.core.stopping import FINISH_ERROR, OutputAssembler, StopRules
 from cosine.policy.routing import RequestRouting, RoundFeedback, RoutingPolicy, by_expert
 from cosine.policy.window import WindowPolicy

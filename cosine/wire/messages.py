@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-from cosine.core.sampling import SamplingParams
+from cosine.core.params import SamplingParams
 
 SCHEMA_VERSION = 1
 PAYLOAD_FIELD = b"m"

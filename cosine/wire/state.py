@@ -11,8 +11,8 @@ import json
 
 import msgpack
 
+from cosine.core.params import SamplingParams
 from cosine.core.rounds import RequestState
-from cosine.core.sampling import SamplingParams
 
 
 def round_fields(state: RequestState) -> dict[str, bytes | str]:

@@ -206,3 +206,14 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist():
     exposed = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     queried = {name for panel in dashboard["panels"] for target in panel["targets"] for name in re.findall(r"cosine:[a-z0-9_]+", target["expr"])}
     assert queried and queried <= exposed, queried - exposed
+
+
+def test_the_gateway_does_not_load_torch():
+    """Regression (bench/gateway.py's p99 tail): the gateway imported torch through the wire
+    format's SamplingParams, a 185,000-object heap whose full garbage collections (45 ms here)
+    stalled every open stream at once."""
+    import subprocess
+    import sys
+
+    code = "import sys, cosine.gateway, cosine.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
