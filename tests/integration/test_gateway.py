@@ -230,13 +230,15 @@ def test_a_client_that_disconnects_cancels_its_request(served):
     assert int(final[0][b"generated_tokens"]) < 400
     time.sleep(1.0)
     assert store.hget(key, "round") == rounds
-    # Not streaming: a client that gives up waiting cancels too.
+    # Not streaming: a client that gives up waiting cancels too. (Its id is found as the new
+    # request state: the requests stream is trimmed once entries are acknowledged.)
+    before = set(store.scan_iter(match="cosine:req:cmpl-*"))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base}/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(60, read=1.5))
-    (_, fields), = store.xrevrange("cosine:requests", count=1)
-    key = f"cosine:req:{fields[b'id'].decode()}"
+    wait_for(lambda: set(store.scan_iter(match="cosine:req:cmpl-*")) - before, 30, "the abandoned request's state")
+    (key,) = set(store.scan_iter(match="cosine:req:cmpl-*")) - before
     wait_for(lambda: store.hget(key, "status") == b"finished", 30, "the abandoned request ended")
-    final = [f for _, f in store.xrange(f"cosine:out:{fields[b'id'].decode()}") if f[b"type"] == b"final"]
+    final = [f for _, f in store.xrange(key.replace(b":req:", b":out:")) if f[b"type"] == b"final"]
     assert final[0][b"finish_reason"] == b"cancelled", final
 
 
