@@ -95,6 +95,47 @@ def test_the_gateway_acl_user_can_do_what_the_gateway_does():
         embedded.stop()
 
 
+def test_a_stream_that_goes_quiet_after_it_started_ends_with_an_error_event_and_is_cancelled():
+    """Regression (review): a stream whose output stopped after its first entry ended with the
+    error event and [DONE] but counted as finished, so the request was never cancelled. Here
+    the test writes the request's first output entry itself (no workers run) and then nothing."""
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from cosine.config import load_config
+    from cosine.embedded import EmbeddedRedis
+    from cosine.gateway import Gateway, GatewaySettings
+
+    embedded = EmbeddedRedis(persistence=False)
+    url = embedded.start()
+    try:
+        store = redis.Redis.from_url(url)
+
+        def first_entry() -> None:  # as the pipeline would: one tokens entry, then silence
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                entries = store.xrange("cosine:requests") if store.exists("cosine:requests") else []
+                if entries:
+                    request_id = entries[0][1][b"id"].decode()
+                    store.xadd(f"cosine:out:{request_id}", {"type": "tokens", "text": "Hi", "token_ids": "[1]"}, id="1-0")
+                    return
+                time.sleep(0.02)
+
+        writer = threading.Thread(target=first_entry)
+        writer.start()
+        gateway = Gateway(load_config(None, environ={}), url, GatewaySettings((MODEL,), answer_timeout_s=1.0))
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+        with TestClient(gateway.app()) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
+            request_id = response.headers["x-request-id"]
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        writer.join()
+        assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "timeout", lines
+        assert [f[b"id"] for _, f in store.xrange("cosine:cancel")] == [request_id.encode()]
+    finally:
+        embedded.stop()
+
+
 # ---- a real `cosine serve --http-port` --------------------------------------------------------
 
 
