@@ -136,6 +136,33 @@ def test_a_stream_that_goes_quiet_after_it_started_ends_with_an_error_event_and_
         embedded.stop()
 
 
+def test_the_output_reader_still_times_requests_out_while_redis_is_gone():
+    """Regression (review): while reads failed (the server gone, a permission missing) the
+    reader skipped its time-outs, so a client waited for as long as the outage lasted."""
+    import asyncio
+
+    from cosine.embedded import EmbeddedRedis
+    from cosine.gateway import OutputReader
+    from cosine.wire import Keys
+
+    embedded = EmbeddedRedis(persistence=False)
+    url = embedded.start()
+
+    async def scenario() -> None:
+        reader = OutputReader(url, Keys(), timeout_s=1.0)
+        listener = reader.register("cosine:out:gone")
+        await asyncio.sleep(0.3)
+        embedded.stop()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(listener.next(), 15)
+        await reader.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        embedded.stop()
+
+
 # ---- a real `cosine serve --http-port` --------------------------------------------------------
 
 
