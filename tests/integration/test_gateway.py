@@ -153,7 +153,7 @@ def test_the_output_reader_still_times_requests_out_while_redis_is_gone():
         listener = reader.register("cosine:out:gone")
         await asyncio.sleep(0.3)
         embedded.stop()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match="no output"):  # the listener's own, not wait_for's
             await asyncio.wait_for(listener.next(), 15)
         await reader.close()
 
