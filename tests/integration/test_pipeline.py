@@ -288,6 +288,29 @@ def test_no_live_drafter_falls_back_to_the_target_alone(server, tmp_path, demo_t
     assert json.loads(asyncio.run(ask())["token_ids"]) == greedy_references[1][:6]
 
 
+def burst_finals(client, prefix: str, count: int, messages: str) -> tuple[dict[int, dict], dict[int, float]]:
+    """Submit ``count`` requests {prefix}-{i} in one transaction (read by the router together)
+    and read every final: request index -> its final entry, and -> seconds from the burst to it."""
+    sent = time.monotonic()
+    with client.pipeline(transaction=True) as pipe:
+        for i in range(count):
+            pipe.xadd("cosine:requests", {"id": f"{prefix}-{i}", "messages": messages, "max_tokens": "24"})
+        pipe.execute()
+    finals, answered = {}, {}
+    last = {f"cosine:out:{prefix}-{i}": "0-0" for i in range(count)}
+    deadline = time.monotonic() + 120
+    while len(finals) < count and time.monotonic() < deadline:
+        for key, items in client.xread(last, block=200) or []:
+            for entry_id, fields in items:
+                last[key.decode()] = entry_id
+                if fields[b"type"] == b"final":
+                    i = int(key.decode().rsplit("-", 1)[1])
+                    finals[i] = {k.decode(): v.decode() for k, v in fields.items()}
+                    answered[i] = time.monotonic() - sent
+    assert len(finals) == count, finals
+    return finals, answered
+
+
 def test_admission_refuses_a_burst_past_its_bound_at_once(server, tmp_path, demo_target, greedy_references, pipelines):
     """pipeline.max_requests = 2: of a burst of six, two are admitted and finish with the
     reference output; each of the others gets one busy final, quickly; admitted requests reserve
@@ -301,24 +324,8 @@ def test_admission_refuses_a_burst_past_its_bound_at_once(server, tmp_path, demo
     client = pipeline.client()
     texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
     messages = json.dumps([{"role": "user", "content": texts[0]}])
-    sent = time.monotonic()
-    with client.pipeline(transaction=True) as pipe:  # one burst, read by the router together
-        for i in range(6):
-            pipe.xadd("cosine:requests", {"id": f"burst-{i}", "messages": messages, "max_tokens": "24"})
-        pipe.execute()
-    finals, answered = {}, {}  # request -> its final entry, seconds from the burst to it
-    last = {f"cosine:out:burst-{i}": "0-0" for i in range(6)}
-    deadline = time.monotonic() + 120
-    while len(finals) < 6 and time.monotonic() < deadline:
-        for key, items in client.xread(last, block=200) or []:
-            for entry_id, fields in items:
-                last[key.decode()] = entry_id
-                if fields[b"type"] == b"final":
-                    i = int(key.decode().rsplit("-", 1)[1])
-                    finals[i] = {k.decode(): v.decode() for k, v in fields.items()}
-                    answered[i] = time.monotonic() - sent
-    assert len(finals) == 6, finals
-    assert all([f[b"type"] for _, f in client.xrange(key)].count(b"final") == 1 for key in last)
+    finals, answered = burst_finals(client, "burst", 6, messages)
+    assert all([f[b"type"] for _, f in client.xrange(f"cosine:out:burst-{i}")].count(b"final") == 1 for i in range(6))
     busy = [i for i, f in finals.items() if f["finish_reason"] == "error"]
     done = [i for i, f in finals.items() if f["finish_reason"] == "length"]
     assert len(done) == 2 and len(busy) == 4, finals
@@ -345,23 +352,7 @@ def test_past_the_bound_requests_wait_their_turn_within_their_deadline(server, t
     client = pipeline.client()
     texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
     messages = json.dumps([{"role": "user", "content": texts[0]}])
-    sent = time.monotonic()
-    with client.pipeline(transaction=True) as pipe:
-        for i in range(4):
-            pipe.xadd("cosine:requests", {"id": f"queue-{i}", "messages": messages, "max_tokens": "24"})
-        pipe.execute()
-    finals, answered = {}, {}  # request -> its final entry, seconds from the burst to it
-    last = {f"cosine:out:queue-{i}": "0-0" for i in range(4)}
-    deadline = time.monotonic() + 120
-    while len(finals) < 4 and time.monotonic() < deadline:
-        for key, items in client.xread(last, block=200) or []:
-            for entry_id, fields in items:
-                last[key.decode()] = entry_id
-                if fields[b"type"] == b"final":
-                    i = int(key.decode().rsplit("-", 1)[1])
-                    finals[i] = {k.decode(): v.decode() for k, v in fields.items()}
-                    answered[i] = time.monotonic() - sent
-    assert len(finals) == 4, finals
+    finals, answered = burst_finals(client, "queue", 4, messages)
     assert finals[3]["error_code"] == "busy" and "2 waiting" in finals[3]["error"], finals[3]
     assert all(finals[i]["finish_reason"] == "length" and json.loads(finals[i]["token_ids"]) == greedy_references[0][:24] for i in range(3))
     assert answered[3] < answered[0] < answered[1] < answered[2], answered  # refused at once; the rest in arrival order
