@@ -37,6 +37,12 @@ class Piece:
     def finish_reason(self) -> str | None:
         return self.fields.get("finish_reason")
 
+    @property
+    def logprobs(self) -> list[dict]:
+        """A tokens entry's log-probabilities (asked for with ``logprobs=N``), one per token id:
+        ``{"id", "token", "bytes", "logprob", "top_logprobs": [...]}``."""
+        return json.loads(self.fields.get("logprobs") or "[]")
+
 
 def request_fields(prompt=None, messages=None, request_id=None, **params) -> dict[str, str]:
     fields = {"id": request_id or uuid.uuid4().hex}

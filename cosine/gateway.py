@@ -432,6 +432,7 @@ class CallResponse(Response):
 
     async def _whole(self, listener: Listener, send: Send) -> bool:
         call = self.call
+        logprobs: list[dict] | None = [] if call.parsed.logprobs >= 0 else None
         while True:
             try:
                 entry = await listener.next()
@@ -441,11 +442,13 @@ class CallResponse(Response):
                 return False
             if entry.get("type") == "final":
                 break
+            if logprobs is not None:
+                logprobs.extend(api.entry_logprobs(entry))
         if entry.get("finish_reason") in ("error", "cancelled"):
             error = api.error_from_final(entry, call.kind)
             await self._send_json(send, error.status, error.body())
             return True
-        body = api.completion_object(call.kind, call.request_id, call.created, call.parsed.model, call.fingerprint, entry)
+        body = api.completion_object(call.kind, call.request_id, call.created, call.parsed.model, call.fingerprint, entry, logprobs)
         await self._send_json(send, 200, body)
         return True
 
@@ -460,6 +463,7 @@ class CallResponse(Response):
         after it, an error is an event. Returns whether the request reached its final."""
         call = self.call
         content = api.ContentChunks(call.kind, call.request_id, call.created, call.parsed.model, call.fingerprint, call.parsed.include_usage)
+        with_logprobs, offset = call.parsed.logprobs >= 0, 0
         started = False
 
         async def event(data) -> None:
@@ -492,7 +496,14 @@ class CallResponse(Response):
             if failed:
                 await event(api.error_from_final(entry, call.kind).body())
                 break
-            if not final and entry.get("text"):  # a final's text is the whole completion, already sent
+            if final:
+                pass  # its text is the whole completion, already sent
+            elif with_logprobs:  # a chunk per entry with tokens, even while their text is held back
+                tokens = api.entry_logprobs(entry)
+                if tokens or entry.get("text"):
+                    await event(call.chunk(text=entry.get("text", ""), logprobs=tokens, offset=offset))
+                    offset += sum(len(t["token"]) for t in tokens)
+            elif entry.get("text"):
                 await send({"type": "http.response.body", "body": content.event(entry["text"]), "more_body": True})
             if final:
                 await event(call.chunk(text=None if call.kind == "chat" else "", finish=api.finish_reason(entry)))

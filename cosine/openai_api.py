@@ -19,7 +19,6 @@ from typing import Any
 NEUTRAL = {
     "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0),
-    "logprobs": (False, None, 0),
     "n": (1, None),
     "best_of": (1, None),
     "echo": (False, None),
@@ -36,12 +35,13 @@ NEUTRAL = {
     "service_tier": (None, "auto", "default"),
 }
 SAMPLING = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "user", "stream", "stream_options")
-CHAT_PARAMS = {"model", "messages", *SAMPLING, *NEUTRAL, "top_logprobs"}
-COMPLETION_PARAMS = {"model", "prompt", *SAMPLING, *NEUTRAL}
+CHAT_PARAMS = {"model", "messages", *SAMPLING, *NEUTRAL, "logprobs", "top_logprobs"}
+COMPLETION_PARAMS = {"model", "prompt", *SAMPLING, *NEUTRAL, "logprobs"}
+MAX_TOP_LOGPROBS = 20  # the pipeline's bound (cosine.core.logprobs), as OpenAI's top_logprobs
 ROLES = ("system", "developer", "user", "assistant")
 # A CoSine field an `invalid` final names -> the OpenAI parameter (chat, completion).
 PARAM_NAMES = {"messages": "messages", "prompt": "prompt", "max_tokens": "max_tokens", "temperature": "temperature",
-               "top_p": "top_p", "seed": "seed", "stop": "stop"}
+               "top_p": "top_p", "seed": "seed", "stop": "stop", "logprobs": "logprobs"}
 ERROR_STATUS = {"invalid": 400, "busy": 503, "deadline": 504, "internal": 500, "cancelled": 499}
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
               504: "timeout", 500: "server_error", 499: "cancelled"}
@@ -68,6 +68,7 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    logprobs: int = -1  # >= 0: answer with log-probabilities and this many alternatives per token
 
 
 def _same(value: Any, neutral: Any) -> bool:
@@ -172,8 +173,15 @@ def chat_fields(body: Any, served: tuple[str, ...] = ()) -> ParsedRequest:
     """A ``/v1/chat/completions`` body -> the request's fields."""
     body = _object(body)
     fields, model, stream, include_usage = _common(body, CHAT_PARAMS, served)
-    if body.get("top_logprobs") not in (None, 0):
-        raise _invalid("'top_logprobs' is not supported", "top_logprobs")
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise _invalid("'logprobs' must be a boolean", "logprobs")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top and not wanted:
+        raise _invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    logprobs = (top or 0) if wanted else -1
+    if logprobs >= 0:
+        fields["logprobs"] = str(logprobs)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _invalid("'messages' must be a non-empty list", "messages")
@@ -189,7 +197,7 @@ def chat_fields(body: Any, served: tuple[str, ...] = ()) -> ParsedRequest:
             raise _invalid(f"messages[{index}].role must be one of {', '.join(ROLES)}", "messages")
         plain.append({"role": "system" if role == "developer" else role, "content": _content(message.get("content"), index)})
     fields["messages"] = json.dumps(plain)
-    return ParsedRequest(fields, model, stream, include_usage)
+    return ParsedRequest(fields, model, stream, include_usage, logprobs=logprobs)
 
 
 def completion_fields(body: Any, served: tuple[str, ...] = ()) -> ParsedRequest:
@@ -206,7 +214,10 @@ def completion_fields(body: Any, served: tuple[str, ...] = ()) -> ParsedRequest:
     except UnicodeEncodeError:
         raise _invalid("'prompt' is not valid Unicode text (a lone surrogate)", "prompt") from None
     fields["prompt"] = prompt
-    return ParsedRequest(fields, model, stream, include_usage)
+    logprobs = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    if logprobs is not None:
+        fields["logprobs"] = str(logprobs)
+    return ParsedRequest(fields, model, stream, include_usage, logprobs=-1 if logprobs is None else logprobs)
 
 
 def error_from_final(final: dict[str, str], kind: str) -> ApiError:
@@ -241,32 +252,74 @@ def finish_reason(final: dict[str, str]) -> str:
     return final.get("finish_reason") or "stop"
 
 
-def completion_object(kind: str, request_id: str, created: int, model: str, fingerprint: str, final: dict[str, str]) -> dict:
-    """The non-streaming response: ``chat.completion`` or ``text_completion``."""
+def entry_logprobs(entry: dict[str, str]) -> list[dict]:
+    """The log-probability entries of a ``tokens`` entry (none when it has no such field)."""
+    raw = entry.get("logprobs")
+    return json.loads(raw) if raw else []
+
+
+def _plain(token: dict) -> dict:
+    return {"token": token["token"], "logprob": token["logprob"], "bytes": token["bytes"]}
+
+
+def chat_logprobs(tokens: list[dict]) -> dict:
+    """``choices[].logprobs`` of a chat response or chunk."""
+    return {"content": [{**_plain(t), "top_logprobs": [_plain(a) for a in t["top_logprobs"]]} for t in tokens], "refusal": None}
+
+
+def completion_logprobs(tokens: list[dict], offset: int = 0) -> dict:
+    """``choices[].logprobs`` of a legacy completion or chunk: parallel lists, the alternatives
+    as token -> logprob maps holding the chosen token too; ``offset``: the text offset of the
+    first token (the characters of the tokens before it)."""
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token["token"])
+    return {
+        "tokens": [t["token"] for t in tokens],
+        "token_logprobs": [t["logprob"] for t in tokens],
+        "top_logprobs": [{**{a["token"]: a["logprob"] for a in t["top_logprobs"]}, t["token"]: t["logprob"]} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def choice_logprobs(kind: str, tokens: list[dict] | None, offset: int = 0) -> dict | None:
+    if tokens is None:
+        return None
+    return chat_logprobs(tokens) if kind == "chat" else completion_logprobs(tokens, offset)
+
+
+def completion_object(kind: str, request_id: str, created: int, model: str, fingerprint: str, final: dict[str, str],
+                      logprobs: list[dict] | None = None) -> dict:
+    """The non-streaming response: ``chat.completion`` or ``text_completion``; ``logprobs``: the
+    log-probability entries of the whole completion, when asked for."""
     text = final.get("text", "")
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason(final)}
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": choice_logprobs(kind, logprobs),
+                  "finish_reason": finish_reason(final)}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(final)}
+        choice = {"index": 0, "text": text, "logprobs": choice_logprobs(kind, logprobs), "finish_reason": finish_reason(final)}
         obj = "text_completion"
     return {"id": request_id, "object": obj, "created": created, "model": model, "system_fingerprint": fingerprint,
             "choices": [choice], "usage": usage(final), "cosine": speculation(final)}
 
 
 def chunk(kind: str, request_id: str, created: int, model: str, fingerprint: str, *, text: str | None = None, role: bool = False,
-          finish: str | None = None, include_usage: bool = False) -> dict:
-    """One streaming chunk: ``chat.completion.chunk`` (a delta) or ``text_completion``."""
+          finish: str | None = None, include_usage: bool = False, logprobs: list[dict] | None = None, offset: int = 0) -> dict:
+    """One streaming chunk: ``chat.completion.chunk`` (a delta) or ``text_completion``;
+    ``logprobs``: the log-probability entries of the chunk's tokens (``offset``: as in
+    ``completion_logprobs``)."""
     if kind == "chat":
         delta: dict[str, str] = {}
         if role:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "delta": delta, "logprobs": choice_logprobs(kind, logprobs), "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text or "", "logprobs": choice_logprobs(kind, logprobs, offset), "finish_reason": finish}
         obj = "text_completion"
     out = {"id": request_id, "object": obj, "created": created, "model": model, "system_fingerprint": fingerprint, "choices": [choice]}
     if include_usage:

@@ -11,6 +11,7 @@ import json
 import secrets
 from typing import Any
 
+from cosine.core.logprobs import MAX_TOP_LOGPROBS
 from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import StopRules
 
@@ -122,3 +123,17 @@ def stop_rules(max_tokens: Any, limit: int, eos_ids: frozenset[int], stop: str |
     if not 1 <= max_tokens <= limit:
         raise RequestError(f"'max_tokens' must be in [1, {limit}], got {max_tokens}", "max_tokens")
     return StopRules(max_tokens, eos_ids, parse_stop(stop))
+
+
+def logprobs_count(value: Any) -> int:
+    """The ``logprobs`` field: how many most likely alternatives to report with each token's
+    log-probability (0: the token's own only); absent (None) is -1, no log-probabilities."""
+    if value is None:
+        return -1
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"'logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {str(value)[:40]!r}", "logprobs") from None
+    if not 0 <= count <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"'logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {count}", "logprobs")
+    return count

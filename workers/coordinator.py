@@ -27,6 +27,7 @@ from cosine.workers.models import load_tokenizer_and_limits
 from redis.exceptions import ResponseError
 
 from cosine import bus, faults
+from cosine.core.logprobs import LogprobsError
 from cosine.core.rounds import ACTIVE, RequestState, RoundUpdate, advance, fail
 from cosine.core.tree import tree_depth
 from cosine.policy.batching import BatchPolicy, Pending
@@ -221,7 +222,8 @@ class Coordinator(StageWorker):
                 fed = len(candidate.tokens) + min(chunk, max(1, len(state.context) - prefilled))
         # Later rounds reference the context (the verifier keeps it); a first round carries the prompt.
         start, prefix_digest, tail = by_reference(state.context) if state.round else (0, b"", state.context)
-        item = VerifyItem(state.request_id, state.round, tail, candidate, state.sampling, state.fingerprint, features_from, chunk, start, prefix_digest)
+        item = VerifyItem(state.request_id, state.round, tail, candidate, state.sampling, state.fingerprint, features_from, chunk, start, prefix_digest,
+                          state.logprobs)
         depth = tree_depth(candidate.parents)
         expected = self.control.expected(depth, state.accepted_tokens, state.drafted_rounds)
         self.pool.append(_Waiting(entry_id, item, time.monotonic(), fed, expected, depth))
@@ -452,8 +454,12 @@ class Coordinator(StageWorker):
             return fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
         if item.error:
             return fail(state, self.tokenizer, item.error, error_code=item.error_code or "internal")
-        update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, fingerprint,
-                         feedback_from_wire(item.drafters), self.routing_policy, self.expert_of, self.texts)
+        try:
+            update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, fingerprint,
+                             feedback_from_wire(item.drafters), self.routing_policy, self.expert_of, self.texts, item.logprobs)
+        except LogprobsError as error:  # asked for, but the verifier's rows do not fit: the request ends, loudly
+            self.log.warning("request %s round %d: %s", state.request_id, state.round, error)
+            return fail(state, self.tokenizer, f"the verifier's log-probabilities did not fit the round: {error}")
         while len(self.texts) > TRACKED:  # requests that ended elsewhere
             del self.texts[next(iter(self.texts))]
         return update

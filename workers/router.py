@@ -22,7 +22,7 @@ from cosine.workers.models import expert_classifier, load_tokenizer_and_limits
 from cosine import bus
 from cosine.core.rounds import ACTIVE, RequestState, fail
 from cosine.policy.routing import RequestRouting, choose_experts, routing_policy
-from cosine.requests import RequestError, eos_token_ids, parse_stop, prompt_token_ids, sampling_params
+from cosine.requests import RequestError, eos_token_ids, logprobs_count, parse_stop, prompt_token_ids, sampling_params
 from cosine.wire import DraftJob, encode
 from cosine.wire.convert import empty_candidate
 from cosine.wire.output import refusal_entry
@@ -31,7 +31,7 @@ from cosine.wire.state import state_from_fields, state_to_fields
 MAX_ID_LENGTH = 200
 MAX_DEADLINE_S = 7 * 24 * 3600
 WAITING_POLL_MS = 10
-KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert", "deadline_s"}
+KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert", "deadline_s", "logprobs"}
 
 
 class Router(StageWorker):
@@ -226,6 +226,7 @@ class Router(StageWorker):
             window=self.config.speculation.window,
             created_ms=now_ms,
             deadline_ms=now_ms + int(deadline_s * 1000),
+            logprobs=logprobs_count(fields.get("logprobs")),
         )
 
     async def _refuse(self, entry_id: bytes, request_id: str, reason: str, code: str, param: str = "") -> str:

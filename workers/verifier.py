@@ -24,7 +24,7 @@ import torch
 from cosine.workers.base import Entry, StageWorker
 
 from cosine import bus, faults
-from cosine.core.acceptance import verify_greedy, verify_sampling
+from cosine.core.acceptance import emitted_logprobs, verify_greedy, verify_sampling
 from cosine.core.sampling import request_generator, warp_probs
 from cosine.core.tree import ROOT
 from cosine.factory import load_target
@@ -227,6 +227,7 @@ class VerifierWorker(StageWorker):
                 item.request_id, item.round, list(verdict.accepted_tokens), verdict.next_token, len(tree),
                 features=features, features_start=start,
                 drafters=[[name, f.drafted, f.accepted, round(f.confidence_sum, 5)] for name, f in feedback.items()],
+                logprobs=emitted_logprobs(rows, verdict, item.logprobs) if item.logprobs >= 0 else [],
             )
         return [results[item.request_id] for item in items]
 

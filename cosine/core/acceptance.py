@@ -15,6 +15,7 @@ row ``i + 1`` the distribution after tree node ``i``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -114,3 +115,28 @@ def _verdict(tree: DraftTree, path: list[int], next_token: int) -> Verdict:
         accepted_tokens=tuple(tree.tokens[n] for n in path),
         next_token=int(next_token),
     )
+
+
+def emitted_logprobs(logits: torch.Tensor, verdict: Verdict, top: int) -> list[list]:
+    """Per emitted token (``verdict.new_tokens``): ``[logprob, [top ids], [top logprobs]]`` under
+    the target's raw distribution (before temperature and top-p, as vLLM reports by default).
+
+    logits: [n + 1, vocab] in the verifier's layout (row 0 after the committed context, row
+    ``i + 1`` after tree node ``i``); the token emitted after node ``j`` was drawn at row ``j + 1``.
+    """
+    rows = torch.tensor([node + 1 for node in (ROOT, *verdict.accepted_nodes)], device=logits.device)
+    logprobs = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
+    tokens = torch.tensor(verdict.new_tokens, device=logits.device)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    if top > 0:
+        values, indices = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        top_ids, top_values = indices.tolist(), values.tolist()
+    else:
+        top_ids = top_values = [[] for _ in chosen]
+    return [[_finite(c), ids, [_finite(v) for v in values]] for c, ids, values in zip(chosen, top_ids, top_values)]
+
+
+def _finite(value: float) -> float:
+    # A token the target gives probability 0 (a masked logit) has log-probability -inf, which
+    # JSON cannot carry: -9999 stands for it, as in OpenAI's responses.
+    return value if math.isfinite(value) else -9999.0

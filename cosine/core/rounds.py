@@ -11,6 +11,7 @@ import json
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 
+from cosine.core.logprobs import token_logprobs
 from cosine.core.params import SamplingParams
 from cosine.core.stopping import FINISH_ERROR, OutputAssembler, StopRules
 from cosine.policy.routing import RequestRouting, RoundFeedback, RoutingPolicy, by_expert
@@ -46,6 +47,7 @@ class RequestState:
     feature_rows: int = 0  # rows in the features key (kept by the apply-round function; never written back)
     routing: dict | None = None  # RequestRouting.to_dict(): online routing scores (None: fixed experts)
     drafters: dict = field(default_factory=dict)  # drafter name -> [drafted, accepted]
+    logprobs: int = -1  # >= 0: tokens entries carry log-probabilities with this many alternatives
 
     @property
     def context(self) -> list[int]:
@@ -82,10 +84,12 @@ def advance(
     routing_policy: RoutingPolicy | None = None,
     expert_of: dict[str, str] | None = None,
     text_cache: MutableMapping[str, tuple[int, tuple[int, ...], str]] | None = None,
+    logprobs: list | None = None,
 ) -> RoundUpdate:
     """Apply one verified round: clip by the stop rules, emit text, retune the window, count
     each drafter's drafted and accepted tokens (``feedback``) and, with online routing, move the
-    routing scores and choose the next round's experts.
+    routing scores and choose the next round's experts. ``logprobs`` (the verifier's rows for
+    the round's tokens, when the request asked for them) go into the tokens entry, one per token.
 
     ``text_cache`` (request -> output length, its last tokens, its text), kept by the caller
     across rounds, spares decoding the whole output again each round: an entry is used only
@@ -133,7 +137,10 @@ def advance(
     )
     entries = []
     if emission.token_ids or emission.text:
-        entries.append({"type": "tokens", "text": emission.text, "token_ids": json.dumps(list(emission.token_ids))})
+        entry = {"type": "tokens", "text": emission.text, "token_ids": json.dumps(list(emission.token_ids))}
+        if state.logprobs >= 0:
+            entry["logprobs"] = json.dumps(token_logprobs(tokenizer, emission.token_ids, logprobs or []), ensure_ascii=False)
+        entries.append(entry)
     if emission.finish_reason:
         entries.append(final_entry(new_state, assembler.text, emission.finish_reason))
     return RoundUpdate(new_state, entries, emission.finish_reason is not None)

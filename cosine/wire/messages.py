@@ -123,6 +123,8 @@ class VerifyItem:
     # As DraftJob's: ``context`` from context_start on, the tokens before it by digest.
     context_start: int = 0
     context_digest: bytes = b""
+    # >= 0: return each emitted token's log-probability and this many most likely alternatives.
+    logprobs: int = -1
 
     @property
     def context_len(self) -> int:
@@ -154,6 +156,9 @@ class VerifiedItem:
     # > 0: a chunk of the prefill, not a round: the verifier holds the context's first
     # ``prefilled`` positions; the round is to be verified again (no tokens here).
     prefilled: int = 0
+    # When asked (``VerifyItem.logprobs``): per emitted token (accepted, then next),
+    # [logprob, [top ids], [top logprobs]] under the target (``cosine.core.logprobs``).
+    logprobs: list = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

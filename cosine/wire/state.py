@@ -45,6 +45,7 @@ def state_to_fields(state: RequestState) -> dict[str, bytes | str]:
         "eos_ids": json.dumps(list(state.eos_ids)),
         "created_ms": str(state.created_ms),
         "deadline_ms": str(state.deadline_ms),
+        "logprobs": str(state.logprobs),
         **round_fields(state),
     }
 
@@ -80,4 +81,5 @@ def state_from_fields(fields: dict[bytes, bytes]) -> RequestState | None:
         feature_rows=int(f.get("feat_n", b"0")),
         routing=json.loads(f["routing"]) if f.get("routing") else None,
         drafters=json.loads(f.get("drafters", b"{}")),
+        logprobs=int(f.get("logprobs", b"-1")),
     )

@@ -26,7 +26,7 @@ CLIENT_ENTRIES = 10_000
 INTERNAL_ENTRIES = 2_000  # per internal stream
 INTERNAL_STREAMS = ("cosine:drafts", "cosine:candidates", "cosine:verify", "cosine:verified", "cosine:draft:lookup")
 LOOKUP = {"name": "prompt-lookup", "kind": "prompt-lookup", "expert": "lookup"}
-NUMBERS = ("max_tokens", "temperature", "top_p", "seed", "deadline_s")
+NUMBERS = ("max_tokens", "temperature", "top_p", "seed", "deadline_s", "logprobs")
 
 text = st.text(max_size=40)
 not_a_number = st.one_of(
@@ -39,6 +39,7 @@ bad_value = {
     "top_p": st.one_of(not_a_number, st.floats(max_value=0.0, allow_nan=False).map(repr), st.floats(min_value=1.0001).map(repr)),
     "seed": st.one_of(not_a_number, st.integers(max_value=-1).map(str), st.integers(min_value=2**63).map(str), st.just("2.5")),
     "deadline_s": st.one_of(not_a_number, st.floats(max_value=0.0, allow_nan=False).map(repr), st.floats(min_value=7 * 24 * 3600 + 1).map(repr)),
+    "logprobs": st.one_of(not_a_number, st.integers(max_value=-1).map(str), st.integers(min_value=21).map(str), st.just("2.5")),
 }
 bad_stop = st.one_of(
     st.lists(st.text(min_size=1, max_size=5), min_size=17, max_size=40).map(json.dumps),

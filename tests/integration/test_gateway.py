@@ -232,6 +232,34 @@ def test_the_openai_client_gets_the_targets_greedy_output_with_usage(served, dem
 
 
 @pytest.mark.model
+def test_logprobs_through_the_openai_client(served, demo_target):
+    base, _ = served
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": TEXTS[0]}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 12
+    assert b"".join(bytes(t.bytes) for t in content).decode() == reply.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token and t.logprob <= 0 for t in content)
+
+    prompt = "The capital of France is"
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=1, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    tokens = [t for part in streamed for t in part.tokens]
+    assert len(tokens) == 8 and "".join(tokens) == "".join(c.choices[0].text for c in chunks)
+    offsets = [o for part in streamed for o in part.text_offset]
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    # Greedy: the one alternative asked for is the chosen token itself.
+    assert all(top == {t: v} for part in streamed for t, v, top in zip(part.tokens, part.token_logprobs, part.top_logprobs))
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=1)
+    assert whole.choices[0].logprobs.tokens == tokens
+    assert whole.choices[0].logprobs.token_logprobs == pytest.approx([v for part in streamed for v in part.token_logprobs])
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=messages, top_logprobs=2)
+    assert caught.value.param == "top_logprobs"
+
+
+@pytest.mark.model
 def test_bad_requests_get_400_naming_the_parameter(served):
     base, _ = served
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)

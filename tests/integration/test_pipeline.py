@@ -497,3 +497,43 @@ def test_rounds_stay_with_the_verifier_that_holds_their_caches(server, tmp_path,
     assert set(last) == set(ids) and stayed >= 3 * moved, (stayed, moved)
     own = [key.decode() for key in client.scan_iter("cosine:verify:at:*")]
     assert len(own) == 2 and sum(client.xlen(key) for key in own) > 0, own
+
+
+def test_logprobs_are_the_targets_for_every_token_under_speculation(server, tmp_path, demo_target, pipelines):
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT, LOOKUP])
+    pipelines.append(pipeline)
+    pipeline.start_stages("general", "lookup")
+    client = pipeline.client()
+    tokenizer = demo_target.tokenizer
+    prompt = RAW_PROMPTS[5]  # repetitive: drafted tokens are accepted, so rows past the root are read
+    submit(client, id="greedy", prompt=prompt, max_tokens=MAX_TOKENS, logprobs=3)
+    submit(client, id="sampled", prompt=prompt, max_tokens=MAX_TOKENS, logprobs=0, temperature=0.8, seed=11)
+    submit(client, id="plain", prompt=prompt, max_tokens=4)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for request_id, top in (("greedy", 3), ("sampled", 0)):
+        entries = read_output(client, request_id, timeout=240)
+        final = final_of(entries)
+        output = json.loads(final["token_ids"])
+        rows = []
+        for entry in entries[:-1]:
+            logprobs = json.loads(entry["logprobs"])
+            assert [row["id"] for row in logprobs] == json.loads(entry["token_ids"])
+            rows += logprobs
+        assert [row["id"] for row in rows] == output and output
+        with torch.inference_mode():  # the target over prompt + output in one forward: the reference
+            logits = demo_target.model(torch.tensor([prompt_ids + output])).logits[0, len(prompt_ids) - 1 : -1]
+        reference = torch.log_softmax(logits.float(), -1)
+        for position, row in enumerate(rows):
+            assert row["logprob"] == pytest.approx(reference[position, row["id"]].item(), abs=0.02), (request_id, position)
+            assert len(row["top_logprobs"]) == top
+            assert [a["logprob"] for a in row["top_logprobs"]] == sorted((a["logprob"] for a in row["top_logprobs"]), reverse=True)
+            for alternative in row["top_logprobs"]:
+                assert alternative["logprob"] == pytest.approx(reference[position, alternative["id"]].item(), abs=0.02)
+            if request_id == "greedy":
+                assert row["top_logprobs"][0]["id"] == row["id"]
+        assert b"".join(bytes(row["bytes"]) for row in rows).decode(errors="replace").startswith(final["text"])
+        if request_id == "greedy":
+            assert int(final["accepted_tokens"]) > 0, final
+    assert all("logprobs" not in e for e in read_output(client, "plain", timeout=120))
+    submit(client, id="bad", prompt=prompt, logprobs=21)
+    assert final_of(read_output(client, "bad", timeout=60))["error_param"] == "logprobs"

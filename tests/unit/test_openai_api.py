@@ -53,8 +53,10 @@ def test_message_content_parts_and_roles():
     ({"n": 2}, "n"),
     ({"n": True}, "n"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": 1}, "logprobs"),
     ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"stream": "yes"}, "stream"),
@@ -92,6 +94,41 @@ def test_a_completion_body_takes_one_prompt():
     assert refused(api.completion_fields, {"model": SERVED[0], "prompt": ["a", "b"]}).param == "prompt"
     assert refused(api.completion_fields, {"model": SERVED[0], "prompt": "a", "echo": True}).param == "echo"
     assert refused(api.completion_fields, {"model": SERVED[0], "prompt": "a", "messages": []}).param == "messages"
+
+
+def test_logprobs_become_the_request_field():
+    assert chat(logprobs=True, top_logprobs=3).fields["logprobs"] == "3" and chat(logprobs=True).logprobs == 0
+    assert "logprobs" not in chat(logprobs=False, top_logprobs=0).fields and chat().logprobs == -1
+    completion = api.completion_fields({"model": SERVED[0], "prompt": "a", "logprobs": 2}, SERVED)
+    assert (completion.fields["logprobs"], completion.logprobs) == ("2", 2)
+    assert refused(api.completion_fields, {"model": SERVED[0], "prompt": "a", "logprobs": True}).param == "logprobs"
+    assert refused(api.completion_fields, {"model": SERVED[0], "prompt": "a", "logprobs": 21}).param == "logprobs"
+
+
+TOKENS = [{"id": 5, "token": " Hi", "bytes": [32, 72, 105], "logprob": -0.5,
+           "top_logprobs": [{"id": 5, "token": " Hi", "bytes": [32, 72, 105], "logprob": -0.5},
+                            {"id": 6, "token": " Yo", "bytes": [32, 89, 111], "logprob": -1.5}]},
+          {"id": 7, "token": "!", "bytes": [33], "logprob": -2.0,
+           "top_logprobs": [{"id": 8, "token": ".", "bytes": [46], "logprob": -0.25}, {"id": 7, "token": "!", "bytes": [33], "logprob": -2.0}]}]
+
+
+def test_logprobs_take_the_shape_of_each_endpoint():
+    final = {**FINAL, "text": " Hi!", "generated_tokens": "2"}
+    chat_body = api.completion_object("chat", "c", 1, SERVED[0], "fp", final, TOKENS)
+    content = chat_body["choices"][0]["logprobs"]["content"]
+    assert content[0] == {"token": " Hi", "logprob": -0.5, "bytes": [32, 72, 105],
+                          "top_logprobs": [{"token": " Hi", "logprob": -0.5, "bytes": [32, 72, 105]},
+                                           {"token": " Yo", "logprob": -1.5, "bytes": [32, 89, 111]}]}
+    assert [t["token"] for t in content] == [" Hi", "!"]
+    legacy = api.completion_object("completion", "c", 1, SERVED[0], "fp", final, TOKENS)["choices"][0]["logprobs"]
+    assert legacy == {"tokens": [" Hi", "!"], "token_logprobs": [-0.5, -2.0], "top_logprobs": [{" Hi": -0.5, " Yo": -1.5}, {".": -0.25, "!": -2.0}],
+                      "text_offset": [0, 3]}
+    piece = api.chunk("completion", "c", 1, "m", "fp", text="!", logprobs=TOKENS[1:], offset=3)
+    assert piece["choices"][0]["logprobs"]["text_offset"] == [3]
+    delta = api.chunk("chat", "c", 1, "m", "fp", text="", logprobs=TOKENS[:1])
+    assert delta["choices"][0]["logprobs"]["content"][0]["token"] == " Hi"
+    assert api.entry_logprobs({"type": "tokens", "logprobs": json.dumps(TOKENS)}) == TOKENS
+    assert api.entry_logprobs({"type": "tokens", "text": "x"}) == []
 
 
 FINAL = {"type": "final", "finish_reason": "length", "text": "Hello there", "token_ids": "[1, 2, 3, 4]", "prompt_tokens": "10",

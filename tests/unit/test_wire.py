@@ -67,7 +67,7 @@ def candidate():
 
 def verify_batch():
     items = [
-        VerifyItem("req-1", 3, [1, 2, 3], candidate(), SamplingParams(0.0, 1.0, 0), "fp-1"),
+        VerifyItem("req-1", 3, [1, 2, 3], candidate(), SamplingParams(0.0, 1.0, 0), "fp-1", logprobs=2),
         VerifyItem("req-2", 9, [4], Candidate("req-2", 9, [7], [-1], [1.0], [["smol"]], [[0, -1]]), SamplingParams(), "fp-1"),
     ]
     return VerifyBatch(batch_id="batch-17", items=items)
@@ -75,7 +75,8 @@ def verify_batch():
 
 def verified_batch():
     items = [
-        VerifiedItem("req-1", 3, accepted_tokens=[5, 6], next_token=9, draft_tokens=3),
+        VerifiedItem("req-1", 3, accepted_tokens=[5, 6], next_token=9, draft_tokens=3,
+                     logprobs=[[-0.5, [5, 7], [-0.5, -1.25]], [-0.125, [6, 5], [-0.125, -3.0]], [-2.0, [8, 9], [-1.0, -2.0]]]),
         VerifiedItem("req-2", 9, accepted_tokens=[], next_token=0, draft_tokens=1, error="out of memory"),
     ]
     return VerifiedBatch(
@@ -238,8 +239,8 @@ def test_unknown_field_in_nested_sampling():
 
 def test_unknown_field_in_batch_item():
     envelope = envelope_of(verified_batch())
-    envelope["body"]["items"][1]["logprobs"] = [0.1]
-    with pytest.raises(WireError, match="logprobs"):
+    envelope["body"]["items"][1]["entropy"] = [0.1]
+    with pytest.raises(WireError, match="entropy"):
         decode(entry(envelope))
 
 
