@@ -11,7 +11,8 @@ opening, every client's first request at once) and then ``--seconds``; first str
 keep-alive connections), then both again in the same order (``--repeats``, medians reported).
 Reported for each: verification
 rounds per second (the requests' ``rounds``, of requests finished in the window), time to first
-token (the first ``tokens`` entry / the first content chunk) p50 and p99, tokens per second.
+token (the first ``tokens`` entry with text / the first content chunk) p50 and p99, split at the
+router's admission into ``intake`` and ``after`` (``ttft_parts``), tokens per second.
 Goals (issue "What serving users expect"): through the gateway at least 90% of the rounds per
 second, and at most 5 ms p50 / 20 ms p99 added to the time to first token.
 
@@ -61,7 +62,7 @@ async def direct_client(url: str, prompts: list, max_tokens: int, until: float, 
             messages = prompts[index % len(prompts)]
             index += 1
             request_id = uuid.uuid4().hex
-            sent = time.perf_counter()
+            sent, sent_wall = time.perf_counter(), time.time()
             await client.xadd("cosine:requests", {"id": request_id, "messages": json.dumps(messages), "max_tokens": str(max_tokens)})
             cursor, first = "0-0", None
             while True:
@@ -71,13 +72,14 @@ async def direct_client(url: str, prompts: list, max_tokens: int, until: float, 
                 for _, entries in reply or []:
                     for entry_id, fields in entries:
                         cursor = entry_id
-                        if fields[b"type"] == b"tokens" and first is None:
-                            first = now
+                        if fields[b"type"] == b"tokens" and fields.get(b"text") and first is None:
+                            first, first_wall = now, time.time()
                         if fields[b"type"] == b"final":
                             done = fields
                 if done is not None:
                     out.append({"sent": sent, "ttft_s": (first or now) - sent, "end": now, "rounds": int(done[b"rounds"]), "tokens": int(done[b"generated_tokens"]),
-                                "ok": done[b"finish_reason"] in (b"length", b"stop")})
+                                "ok": done[b"finish_reason"] in (b"length", b"stop"), "id": request_id, "sent_wall": sent_wall,
+                                "first_wall": first_wall if first else None})
                     break
     finally:
         await client.aclose()
@@ -90,9 +92,10 @@ async def gateway_client(http: httpx.AsyncClient, base: str, prompts: list, max_
         index += 1
         body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
-        sent = time.perf_counter()
+        sent, sent_wall = time.perf_counter(), time.time()
         first, usage = None, None
         async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+            request_id = response.headers.get("x-request-id")
             if response.status_code != 200:
                 await response.aread()
                 out.append({"sent": sent, "ttft_s": 0.0, "end": time.perf_counter(), "rounds": 0, "tokens": 0, "ok": False})
@@ -102,18 +105,47 @@ async def gateway_client(http: httpx.AsyncClient, base: str, prompts: list, max_
                     continue
                 chunk = json.loads(line[6:])
                 if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    first = time.perf_counter()
+                    first, first_wall = time.perf_counter(), time.time()
                 if chunk.get("usage"):
                     usage = chunk
         now = time.perf_counter()
         out.append({"sent": sent, "ttft_s": (first or now) - sent, "end": now, "rounds": usage["cosine"]["num_verification_rounds"] if usage else 0,
-                    "tokens": usage["usage"]["completion_tokens"] if usage else 0, "ok": usage is not None})
+                    "tokens": usage["usage"]["completion_tokens"] if usage else 0, "ok": usage is not None, "id": request_id,
+                    "sent_wall": sent_wall, "first_wall": first_wall if first else None})
+
+
+async def ttft_parts(url: str, window: list[dict]) -> dict:
+    """Where each request's time to first token went, by the wall clock (one host): ``intake``,
+    from the client's send to the router's admission (``created_ms`` in the request hash: for
+    the gateway this holds the HTTP client, the gateway and its XADD), and ``after``, from the
+    admission to the client holding the first text (the pipeline's first round, then delivery:
+    a blocked XREAD, or the gateway's reader and SSE). p50 / p99 of each, in ms."""
+    client = aioredis.Redis.from_url(url)
+    parts: dict[str, list[float]] = {"intake": [], "after": []}
+    try:
+        rows = [d for d in window if d.get("id") and d.get("first_wall")]
+        for start in range(0, len(rows), 256):
+            chunk = rows[start : start + 256]
+            async with client.pipeline(transaction=False) as pipe:
+                for d in chunk:
+                    pipe.hget(f"cosine:req:{d['id']}", "created_ms")
+                replies = await pipe.execute()
+            for d, created in zip(chunk, replies):
+                if created is not None:
+                    parts["intake"].append(int(created) - d["sent_wall"] * 1000)
+                    parts["after"].append(d["first_wall"] * 1000 - int(created))
+    finally:
+        await client.aclose()
+    out = {"ttft_parts_count": len(parts["after"])}
+    for name, values in parts.items():
+        out[f"{name}_ms_p50"], out[f"{name}_ms_p99"] = quantile(values, 0.5), quantile(values, 0.99)
+    return out
 
 
 def summarise(done: list[dict], began: float, until: float) -> dict:
     """Requests sent after the warm-up (connections opening, the first burst of every client
     at once) and finished in the window."""
-    window = [d for d in done if d["end"] <= until and d["sent"] >= began]
+    window = in_window(done, began, until)
     wall = until - began
     ttfts = [d["ttft_s"] * 1000 for d in window]
     return {
@@ -126,6 +158,10 @@ def summarise(done: list[dict], began: float, until: float) -> dict:
     }
 
 
+def in_window(done: list[dict], began: float, until: float) -> list[dict]:
+    return [d for d in done if d["end"] <= until and d["sent"] >= began]
+
+
 async def run(kind: str, url: str, base: str, prompts: list, args) -> dict:
     out: list[dict] = []
     began = time.perf_counter()
@@ -136,7 +172,9 @@ async def run(kind: str, url: str, base: str, prompts: list, args) -> dict:
         limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
         async with httpx.AsyncClient(limits=limits, timeout=120) as http:
             await asyncio.gather(*(gateway_client(http, base, prompts[i:] + prompts[:i], args.max_tokens, until, out) for i in range(args.clients)))
-    return summarise(out, began + args.warmup_s, until)
+    row = summarise(out, began + args.warmup_s, until)
+    row.update(await ttft_parts(url, in_window(out, began + args.warmup_s, until)))
+    return row
 
 
 def main() -> None:
@@ -187,6 +225,8 @@ def main() -> None:
                 result["runs"].append(row)
                 print(f"{kind:8s} #{repeat}: {row['rounds_per_s']:.0f} rounds/s, {row['tokens_per_s']:.0f} tokens/s, TTFT p50 "
                       f"{row['ttft_ms_p50']:.1f} ms p99 {row['ttft_ms_p99']:.1f} ms, {row['requests']} requests, {row['failed']} failed")
+                print("         TTFT parts p50/p99 ms: " + ", ".join(f"{name} {row[f'{name}_ms_p50']:.1f}/{row[f'{name}_ms_p99']:.1f}"
+                                                              for name in ("intake", "after")))
     finally:
         supervisor.stop()
     by = {kind: [r for r in result["runs"] if r["kind"] == kind] for kind in ("redis", "gateway")}
@@ -201,6 +241,9 @@ def main() -> None:
         "gateway_vs_redis_rounds_per_s": med("gateway", "rounds_per_s") / med("redis", "rounds_per_s"),
         "added_ttft_ms_p50": med("gateway", "ttft_ms_p50") - med("redis", "ttft_ms_p50"),
         "added_ttft_ms_p99": med("gateway", "ttft_ms_p99") - med("redis", "ttft_ms_p99"),
+        # Where the added time is: before the router admits the request, or after it.
+        **{f"added_{part}_ms_{q}": med("gateway", f"{part}_ms_{q}") - med("redis", f"{part}_ms_{q}")
+           for part in ("intake", "after") for q in ("p50", "p99")},
     }
     result["other_cpu_share"] = other.share()
     for key, value in result["summary"].items():
