@@ -94,8 +94,15 @@ async def gateway_client(http: httpx.AsyncClient, base: str, prompts: list, max_
                 "stream_options": {"include_usage": True}}
         sent, sent_wall = time.perf_counter(), time.time()
         first, usage = None, None
-        async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+        written: list[float] = []
+
+        async def trace(name: str, info: dict, written=written) -> None:
+            if name == "http11.send_request_body.complete":
+                written.append(time.time())
+
+        async with http.stream("POST", f"{base}/v1/chat/completions", json=body, extensions={"trace": trace}) as response:
             request_id = response.headers.get("x-request-id")
+            marks = dict((k.strip(), float(v)) for k, _, v in (m.partition("=") for m in response.headers.get("x-cosine-timing", "").split(",") if m))
             if response.status_code != 200:
                 await response.aread()
                 out.append({"sent": sent, "ttft_s": 0.0, "end": time.perf_counter(), "rounds": 0, "tokens": 0, "ok": False})
@@ -111,17 +118,25 @@ async def gateway_client(http: httpx.AsyncClient, base: str, prompts: list, max_
         now = time.perf_counter()
         out.append({"sent": sent, "ttft_s": (first or now) - sent, "end": now, "rounds": usage["cosine"]["num_verification_rounds"] if usage else 0,
                     "tokens": usage["usage"]["completion_tokens"] if usage else 0, "ok": usage is not None, "id": request_id,
-                    "sent_wall": sent_wall, "first_wall": first_wall if first else None})
+                    "sent_wall": sent_wall, "first_wall": first_wall if first else None, "marks": marks,
+                    "written": written[0] if written else None})
 
 
 async def ttft_parts(url: str, window: list[dict]) -> dict:
-    """Where each request's time to first token went, by the wall clock (one host): ``intake``,
-    from the client's send to the router's admission (``created_ms`` in the request hash: for
-    the gateway this holds the HTTP client, the gateway and its XADD), and ``after``, from the
-    admission to the client holding the first text (the pipeline's first round, then delivery:
-    a blocked XREAD, or the gateway's reader and SSE). p50 / p99 of each, in ms."""
+    """Where each request's time to first token went, by the wall clock (one host), p50 / p99
+    in ms. Both kinds: ``intake``, from the client's send to the router's admission
+    (``created_ms`` in the request hash), and ``after``, from the admission to the client
+    holding the first text. Through the gateway (its ``X-Cosine-Timing`` marks and httpx's
+    trace), intake is ``client`` (the load generator's httpx until the body is written),
+    ``wire`` (to the gateway's handler), ``gateway`` (parsing, submitting) and ``router`` (to the
+    admission); after is ``first_round`` (to the gateway holding the first output) and
+    ``delivery`` (its SSE chunk reaching the client's loop)."""
     client = aioredis.Redis.from_url(url)
-    parts: dict[str, list[float]] = {"intake": [], "after": []}
+    parts: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        parts.setdefault(name, []).append(value)
+
     try:
         rows = [d for d in window if d.get("id") and d.get("first_wall")]
         for start in range(0, len(rows), 256):
@@ -131,12 +146,22 @@ async def ttft_parts(url: str, window: list[dict]) -> dict:
                     pipe.hget(f"cosine:req:{d['id']}", "created_ms")
                 replies = await pipe.execute()
             for d, created in zip(chunk, replies):
-                if created is not None:
-                    parts["intake"].append(int(created) - d["sent_wall"] * 1000)
-                    parts["after"].append(d["first_wall"] * 1000 - int(created))
+                if created is None:
+                    continue
+                created, sent, first = int(created), d["sent_wall"] * 1000, d["first_wall"] * 1000
+                add("intake", created - sent)
+                add("after", first - created)
+                marks, written = d.get("marks"), d.get("written")
+                if marks and written:
+                    add("client", written * 1000 - sent)
+                    add("wire", marks["arrived"] - written * 1000)
+                    add("gateway", marks["submitted"] - marks["arrived"])
+                    add("router", created - marks["submitted"])
+                    add("first_round", marks["first"] - created)
+                    add("delivery", first - marks["first"])
     finally:
         await client.aclose()
-    out = {"ttft_parts_count": len(parts["after"])}
+    out = {}
     for name, values in parts.items():
         out[f"{name}_ms_p50"], out[f"{name}_ms_p99"] = quantile(values, 0.5), quantile(values, 0.99)
     return out
@@ -156,6 +181,10 @@ def summarise(done: list[dict], began: float, until: float) -> dict:
         "ttft_ms_p50": quantile(ttfts, 0.5),
         "ttft_ms_p99": quantile(ttfts, 0.99),
     }
+
+
+def parts_of(row: dict) -> list[str]:
+    return [k[: -len("_ms_p50")] for k in row if k.endswith("_ms_p50") and k != "ttft_ms_p50"]
 
 
 def in_window(done: list[dict], began: float, until: float) -> list[dict]:
@@ -199,7 +228,7 @@ def main() -> None:
     port = free_port()
     config = load_config(config_path, environ={})
     supervisor = Supervisor(config, None, config_path, verifiers=1, drafters_per_expert=1,
-                            gateway=("--port", str(port), "--served-model-name", MODEL))
+                            gateway=("--port", str(port), "--served-model-name", MODEL, "--timing-header"))
     url = supervisor.start()
     base = f"http://127.0.0.1:{port}"
     result: dict = {"stamp": stamp(), "args": vars(args), "runs": []}
@@ -226,7 +255,7 @@ def main() -> None:
                 print(f"{kind:8s} #{repeat}: {row['rounds_per_s']:.0f} rounds/s, {row['tokens_per_s']:.0f} tokens/s, TTFT p50 "
                       f"{row['ttft_ms_p50']:.1f} ms p99 {row['ttft_ms_p99']:.1f} ms, {row['requests']} requests, {row['failed']} failed")
                 print("         TTFT parts p50/p99 ms: " + ", ".join(f"{name} {row[f'{name}_ms_p50']:.1f}/{row[f'{name}_ms_p99']:.1f}"
-                                                              for name in ("intake", "after")))
+                                                              for name in parts_of(row)))
     finally:
         supervisor.stop()
     by = {kind: [r for r in result["runs"] if r["kind"] == kind] for kind in ("redis", "gateway")}
@@ -239,6 +268,7 @@ def main() -> None:
 
     result["summary"] = {
         "gateway_vs_redis_rounds_per_s": med("gateway", "rounds_per_s") / med("redis", "rounds_per_s"),
+        "gateway_vs_redis_tokens_per_s": med("gateway", "tokens_per_s") / med("redis", "tokens_per_s"),
         "added_ttft_ms_p50": med("gateway", "ttft_ms_p50") - med("redis", "ttft_ms_p50"),
         "added_ttft_ms_p99": med("gateway", "ttft_ms_p99") - med("redis", "ttft_ms_p99"),
         # Where the added time is: before the router admits the request, or after it.

@@ -294,6 +294,7 @@ def gateway(
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help="a file of API keys, one per line"),
     cors_origin: list[str] = typer.Option([], "--cors-origin", help="allow browser requests from this origin; repeatable (* for any)"),
     grace_s: float = typer.Option(30.0, "--grace-s", help="on SIGTERM: how long open requests may take to finish"),
+    timing_header: bool = typer.Option(False, "--timing-header", help="answer with X-Cosine-Timing: when the request arrived, was submitted, and its first output came (epoch ms; for measurements)"),
     redis_url: str | None = RedisUrlOption,
     config_path: Path | None = ConfigOption,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -310,7 +311,7 @@ def gateway(
     except OSError as error:
         raise typer.BadParameter(str(error), param_hint="--api-key-file") from None
     settings = GatewaySettings(tuple(served_model_name) or (default_model_name(config),), keys, tuple(cors_origin),
-                               answer_timeout_s=config.pipeline.deadline_s + 60)
+                               answer_timeout_s=config.pipeline.deadline_s + 60, timing_header=timing_header)
     app_ = Gateway(config, _client_url(config, redis_url), settings).app()
     typer.echo(f"cosine gateway on http://{host}:{port} (models: {', '.join(settings.served_model_names)}; "
                f"API keys: {'required' if keys else 'none'})", err=True)

@@ -59,6 +59,9 @@ class GatewaySettings:
     # No output at all for this long: the pipeline is not answering (504). Every request has a
     # deadline in the pipeline, so this only guards against a pipeline that is down.
     answer_timeout_s: float = 660.0
+    # X-Cosine-Timing on completions: arrived, submitted, first output (epoch ms), so a benchmark
+    # can tell the gateway's time from its client's and the pipeline's.
+    timing_header: bool = False
 
 
 def default_model_name(config: Config) -> str:
@@ -146,6 +149,7 @@ class Gateway:
         return await self._completion(request, "completion")
 
     async def _completion(self, request: Request, kind: str) -> Response:
+        arrived = time.time()
         self._authorize(request)
         limit = self.max_body_bytes
         chunks, size = [], 0
@@ -162,7 +166,7 @@ class Gateway:
         parsed = parse(body, self.settings.served_model_names)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         request_id = prefix + uuid.uuid4().hex
-        call = Call(self, kind, request_id, parsed, int(time.time()), await self.fingerprint())
+        call = Call(self, kind, request_id, parsed, int(time.time()), await self.fingerprint(), arrived)
         return CallResponse(call, request_id)
 
     async def models(self, request: Request) -> Response:
@@ -373,6 +377,8 @@ class Call:
     parsed: api.ParsedRequest
     created: int
     fingerprint: str
+    arrived: float = 0.0  # time.time() when the gateway took the request
+    submitted: float = 0.0  # ... when its entry was in Redis
 
     def chunk(self, **kwargs) -> dict:
         return api.chunk(self.kind, self.request_id, self.created, self.parsed.model, self.fingerprint,
@@ -409,6 +415,7 @@ class CallResponse(Response):
         finished = False
         try:
             await gateway.submit(call.request_id, call.parsed.fields, reader)
+            call.submitted = time.time()
             answer = self._stream if call.parsed.stream else self._whole
             finished = await answer(listener, send)
         except asyncio.CancelledError:
@@ -428,7 +435,12 @@ class CallResponse(Response):
                 log.info("request %s: client gone, cancelled", call.request_id)
 
     def _headers(self, content_type: str) -> list[tuple[bytes, bytes]]:
-        return [(b"content-type", content_type.encode()), (b"x-request-id", self.request_id.encode())]
+        headers = [(b"content-type", content_type.encode()), (b"x-request-id", self.request_id.encode())]
+        call = self.call
+        if call.gateway.settings.timing_header:  # sent with the first output (streaming) or the answer
+            marks = f"arrived={call.arrived * 1000:.1f}, submitted={call.submitted * 1000:.1f}, first={time.time() * 1000:.1f}"
+            headers.append((b"x-cosine-timing", marks.encode()))
+        return headers
 
     async def _whole(self, listener: Listener, send: Send) -> bool:
         call = self.call

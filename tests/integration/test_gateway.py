@@ -359,7 +359,7 @@ def test_health_ready_api_keys_and_a_graceful_stop(served, tmp_path):
     # A second gateway on the same pipeline, with API keys from a file.
     keys = tmp_path / "keys"
     keys.write_text("# gateway keys\nsecret-one\nsecret-two\n")
-    gateway, other, log = start_gateway(serve, tmp_path, "--api-key-file", str(keys), "--grace-s", "60")
+    gateway, other, log = start_gateway(serve, tmp_path, "--api-key-file", str(keys), "--grace-s", "60", "--timing-header")
     try:
         wait_for(lambda: ready(other), 60, "the second gateway")
         body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
@@ -369,6 +369,10 @@ def test_health_ready_api_keys_and_a_graceful_stop(served, tmp_path):
         assert httpx.get(f"{other}/v1/models").status_code == 401
         allowed = httpx.post(f"{other}/v1/completions", json=body, headers={"Authorization": "Bearer secret-two"}, timeout=60)
         assert allowed.status_code == 200 and allowed.json()["usage"]["completion_tokens"] == 2
+        marks = dict(m.strip().split("=") for m in allowed.headers["x-cosine-timing"].split(","))
+        assert float(marks["arrived"]) <= float(marks["submitted"]) <= float(marks["first"]) <= time.time() * 1000
+        assert "x-cosine-timing" not in httpx.get(f"{base}/v1/models").headers and "x-cosine-timing" not in (
+            httpx.post(f"{base}/v1/completions", json=body, timeout=60).headers)  # off unless asked for
         # SIGTERM while a stream is open: the stream finishes, then the gateway exits.
         long = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{other}/v1/completions", json=long, headers={"Authorization": "Bearer secret-one"},
