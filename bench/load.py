@@ -16,8 +16,9 @@ One command, one run, every system on the same requests and the same commit:
 - the ablation, closed loop at ``--ablation-concurrency``: ``cosine`` with its batch choice
   flipped (``cosine-fifo``: first-come batches, or ``cosine-cost``: batches chosen by the cost
   model, whichever ``cosine``'s config does not use), ``cosine-fixed`` (adaptive speculation
-  control off: every round drafts at the request's adaptive window) and, with ``--verifiers``
-  >= 2, ``cosine-no-affinity`` (every round to the shared stream, whichever verifier is free).
+  control off: every round drafts at the request's adaptive window), ``cosine-no-pipelining``
+  (drafters do not draft the next round ahead) and, with ``--verifiers`` >= 2,
+  ``cosine-no-affinity`` (every round to the shared stream, whichever verifier is free).
 
 Pipeline systems differ only in config (``[model]`` points at the same target and cache).
 
@@ -68,6 +69,7 @@ ABLATIONS = {
     "cosine-cost": "batches chosen by the cost model (pipeline.batch_choice = cost)",
     "cosine-fixed": "adaptive control off: the adaptive window alone (speculation.load_control = false)",
     "cosine-no-affinity": "cache affinity off: every round to the shared stream, any verifier (pipeline.affinity = false; with --verifiers >= 2)",
+    "cosine-no-pipelining": "pipelining off: drafters do not draft the next round ahead (speculation.pipelining = false)",
 }
 ALL_SYSTEMS = ("target", "target-batched", *PIPELINE_SYSTEMS, *ABLATIONS)
 LONG_TOKENS = 1_000
@@ -218,8 +220,9 @@ def pipeline_config(system: str, base: dict, args, window: int | None = None) ->
     pipeline = config.setdefault("pipeline", {})
     pipeline["output_ttl_s"] = max(int(pipeline.get("output_ttl_s", 0)), 600)
     speculation = config.setdefault("speculation", {})
-    if system in ("plain", "vanilla"):  # the baselines: no load control, first-come batches
+    if system in ("plain", "vanilla"):  # the baselines: no load control, first-come batches, no pipelining
         speculation["load_control"] = False
+        speculation["pipelining"] = False
         pipeline["batch_choice"] = "fifo"
     elif system == "cosine-fifo":
         pipeline["batch_choice"] = "fifo"
@@ -229,6 +232,8 @@ def pipeline_config(system: str, base: dict, args, window: int | None = None) ->
         speculation["load_control"] = False
     elif system == "cosine-no-affinity":
         pipeline["affinity"] = False
+    elif system == "cosine-no-pipelining":
+        speculation["pipelining"] = False
     if system == "plain":
         speculation.update(window=0, min_window=0, max_window=0, adaptive_window=False)
         config["drafters"] = [{"name": "prompt-lookup", "kind": "prompt-lookup", "expert": "lookup"}]  # never asked: window 0

@@ -85,14 +85,20 @@ class SpeculationConfig:
     load_control: bool = True
     max_batch: int = 8
     max_tree_nodes: int = 32
+    # Pipelining: a drafter that has just sent a round's draft goes on drafting the next round
+    # from it (its own guess of the target's next token, then the window), while the round is
+    # verified; when the next round's job comes with exactly that context, the draft is sent at
+    # once. Only while the drafter has at most pipelining_max_batch jobs and none waiting.
+    pipelining: bool = True
+    pipelining_max_batch: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in ("chain", "tree", "step"):
             raise ValueError(f"speculation.mode must be 'chain', 'tree' or 'step', got {self.mode!r}")
         if not 0 <= self.min_window <= self.window <= self.max_window:
             raise ValueError("need 0 <= speculation.min_window <= window <= max_window")
-        if self.max_batch < 1 or self.max_tree_nodes < 1:
-            raise ValueError("speculation.max_batch and max_tree_nodes must be >= 1")
+        if self.max_batch < 1 or self.max_tree_nodes < 1 or self.pipelining_max_batch < 1:
+            raise ValueError("speculation.max_batch, max_tree_nodes and pipelining_max_batch must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,8 @@ COUNTERS = {
     "spec_decode_num_draft_tokens": "Drafted tokens verified.",
     "spec_decode_num_accepted_tokens": "Drafted tokens the target accepted.",
     "spec_decode_num_accepted_tokens_per_pos": "Drafted tokens accepted, by their position in the draft (0: first).",
+    "drafts_ahead": "Next rounds a drafter drafted ahead while their round was verified (pipelining), by drafter.",
+    "drafts_ahead_used": "Drafts ahead sent as their round's draft (the round's context was the one guessed), by drafter.",
 }
 # cosine:stats fields -> (counter name, help, scale)
 STATS = {

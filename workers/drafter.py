@@ -6,12 +6,21 @@ drafter's KV caches, trusted only for the prefix that matches the job's context,
 feature drafter the target's states per request: each job carries the rows its last round
 committed; a worker without the rows before them reads them from the request's features key,
 so any worker of the expert serves any round.
+
+Pipelining (``speculation.pipelining``): after sending a round's drafts, a lightly loaded
+drafter goes on drafting each request's next round while this one is verified: from the context
+it just drafted on plus its draft, one token more (its guess of the target's next token) and
+then the window, one longer (a fully accepted round lengthens the adaptive window). When the next round's job comes with exactly that context (every drafted token
+accepted and the guess right), its draft is sent at once, without a forward; any other context
+drops the work. The tokens sent are drafted from the round's context and random stream, as a
+fresh draft would be, so verification stays lossless either way.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from cosine.workers.base import Entry, StageWorker
@@ -54,6 +63,7 @@ class DrafterWorker(StageWorker):
         self.rank = [d.name for d in self.config.drafters].index(self.spec.name)
         self.features: OrderedDict[str, torch.Tensor] = OrderedDict()  # request id -> states at positions 0..
         self.contexts: OrderedDict[str, list[int]] = OrderedDict()  # request id -> the context of its last job here
+        self.predrafts: OrderedDict[str, Predraft] = OrderedDict()  # request id -> its next round, drafted ahead
 
     async def on_connect(self) -> None:
         await self.redis.sadd(self.keys.experts, self.expert)
@@ -65,14 +75,19 @@ class DrafterWorker(StageWorker):
         # A job whose request moved on since it was written (its context is no longer the
         # request's) drafts nothing: its round is over.
         live = [i for i, context in enumerate(contexts) if context is not None]
-        requests = [_request(jobs[i], contexts[i], features[i]) for i in live]
+        chains = [DraftChain((), (), None, self.spec.name)] * len(jobs)
+        ahead = {i: self._drafted_ahead(jobs[i], contexts[i]) for i in live}
+        fresh = [i for i in live if ahead[i] is None]
+        requests = [_request(jobs[i], contexts[i], features[i]) for i in fresh]
         async with self.renewing(stream, [entry_id for entry_id, _ in entries]):
             began = time.perf_counter()
             drafted = await self.off_loop(self.drafter.propose, requests) if requests else []
             draft_ms = (time.perf_counter() - began) * 1000
-        chains = [DraftChain((), (), None, self.spec.name)] * len(jobs)
-        for i, chain in zip(live, drafted):
+        for i, chain in zip(fresh, drafted):
             chains[i] = chain
+        for i in live:
+            if ahead[i] is not None:
+                chains[i] = ahead[i]
         outputs = []
         for job, chain in zip(jobs, chains):
             draft = Draft(
@@ -96,7 +111,66 @@ class DrafterWorker(StageWorker):
             )
             outputs.append((self.keys.drafts, encode(draft)))
         await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])
+        if self.config.speculation.pipelining and not self.drafter.needs_features:
+            await self._draft_ahead(stream, [(jobs[i], contexts[i], chains[i]) for i in live])
 
+    # ---- pipelining ----------------------------------------------------------------------
+
+    def _drafted_ahead(self, job: DraftJob, context: list[int]) -> DraftChain | None:
+        """The job's draft if it was drafted ahead for exactly this round, context and window."""
+        ahead = self.predrafts.pop(job.request_id, None)
+        if ahead is None or job.step_mode or ahead.round != job.round or ahead.sampling != job.sampling:
+            return None
+        if len(ahead.chain.tokens) < job.window or ahead.context != context:
+            return None
+        self.tally.count("drafts_ahead_used", drafter=self.spec.name)
+        chain = ahead.chain
+        probs = chain.draft_probs[: job.window] if chain.draft_probs is not None else None
+        return DraftChain(chain.tokens[: job.window], chain.confidences[: job.window], probs, chain.drafter)
+
+    async def _draft_ahead(self, stream: str, done: list[tuple[DraftJob, list[int], DraftChain]]) -> None:
+        """Draft each request's next round from this one's draft, one request at a time, while
+        no job waits (a waiting job goes first: this work only pays when the drafter is idle)."""
+        work = [(job, context, chain) for job, context, chain in done if not job.step_mode and job.window > 0 and chain.tokens]
+        if not work or len(done) > self.config.speculation.pipelining_max_batch:
+            return
+        for job, context, chain in work:
+            if await self._jobs_waiting(stream):
+                return
+            guess_context = [*context, *chain.tokens]
+            # The guess, then the window the next round will likely ask: one longer (a fully
+            # accepted round lengthens the adaptive window), a prefix of it serves a shorter one.
+            window = min(job.window + 1, max(job.window, self.config.speculation.max_window))
+            request = DraftRequest(job.request_id, guess_context, window + 1, job.sampling, job.round + 1, None, job.domain)
+            try:
+                [ahead] = await self.off_loop(self.drafter.propose, [request])
+            except Exception as error:  # a lost chance, not a failure: the round drafts as usual
+                self.log.warning("request %s: drafting ahead failed: %s: %s", job.request_id, type(error).__name__, error)
+                return
+            if len(ahead.tokens) < 2:
+                continue
+            probs = ahead.draft_probs[1:] if ahead.draft_probs is not None else None
+            rest = DraftChain(ahead.tokens[1:], ahead.confidences[1:], probs, ahead.drafter)
+            self.predrafts.pop(job.request_id, None)
+            self.predrafts[job.request_id] = Predraft(job.round + 1, [*guess_context, ahead.tokens[0]], job.sampling, rest)
+            self.tally.count("drafts_ahead", drafter=self.spec.name)
+            while len(self.predrafts) > MAX_HELD_REQUESTS:
+                self.predrafts.popitem(last=False)
+
+    async def _jobs_waiting(self, stream: str) -> bool:
+        """Whether the stream holds entries not yet delivered to this group: its newest entry
+        is past the group's last delivered one."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xrevrange(stream, count=1)
+                pipe.xinfo_groups(stream)
+                newest, groups = await pipe.execute()
+        except Exception:
+            return True
+        if not newest:
+            return False
+        delivered = next((g.get("last-delivered-id") for g in groups if g.get("name") in (self.group, self.group.encode())), None)
+        return delivered is None or _entry_key(newest[0][0]) > _entry_key(delivered)
 
     async def _contexts(self, jobs: list[DraftJob]) -> list[list[int] | None]:
         """Each job's whole context (``whole_contexts``), kept as the request's last one here."""
@@ -134,7 +208,23 @@ class DrafterWorker(StageWorker):
         return rows
 
 
+def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
 MAX_HELD_REQUESTS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Predraft:
+    """A request's next round drafted ahead: valid for that round, that exact context (this
+    round's context, draft and the guessed next token) and the same sampling."""
+
+    round: int
+    context: list[int]
+    sampling: object
+    chain: DraftChain
 
 
 def _request(job: DraftJob, context: list[int], features: torch.Tensor | None) -> DraftRequest:

@@ -537,3 +537,35 @@ def test_logprobs_are_the_targets_for_every_token_under_speculation(server, tmp_
     assert all("logprobs" not in e for e in read_output(client, "plain", timeout=120))
     submit(client, id="bad", prompt=prompt, logprobs=21)
     assert final_of(read_output(client, "bad", timeout=60))["error_param"] == "logprobs"
+
+
+def test_pipelining_sends_drafts_made_ahead_and_stays_lossless(server, tmp_path, demo_target, greedy_references, pipelines):
+    from pathlib import Path
+
+    from cosine.models.loading import converted_gguf_dir
+
+    # The target itself as the drafter: every draft accepted, every guess of the next token
+    # right, so each round after the first finds its draft made ahead (greedy).
+    twin = {"name": "twin", "kind": "model", "model": str(converted_gguf_dir(Path(demo_target.source), cache_dir())), "expert": "general"}
+    pipeline = make_pipeline(tmp_path, server, demo_target, [twin], speculation={"window": 3, "adaptive_window": False})
+    pipelines.append(pipeline)
+    pipeline.start_stages("general")
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    submit(client, id="ahead", messages=json.dumps([{"role": "user", "content": texts[0]}]), max_tokens=MAX_TOKENS)
+    submit(client, id="sampled", messages=json.dumps([{"role": "user", "content": texts[1]}]), max_tokens=MAX_TOKENS, temperature=0.8, seed=5)
+    final = final_of(read_output(client, "ahead", timeout=240))
+    assert json.loads(final["token_ids"]) == greedy_references[0][:MAX_TOKENS]
+    assert final_of(read_output(client, "sampled", timeout=240))["finish_reason"] in ("stop", "length")
+    rounds = int(final["rounds"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the drafter writes its counts after each read
+        metrics = {k.decode(): float(v) for k, v in client.hgetall("cosine:metrics").items()}
+        used = metrics.get("drafts_ahead_used|drafter=twin", 0)
+        if used >= rounds - 2:
+            break
+        time.sleep(0.2)
+    assert rounds >= 4 and used >= rounds - 2, (rounds, metrics)  # every round after the first but one, at least
+    assert metrics["drafts_ahead|drafter=twin"] >= used
+    pipeline.stop()
+    assert "drafting ahead failed" not in pipeline.log_tails(200)
