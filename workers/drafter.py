@@ -111,7 +111,7 @@ class DrafterWorker(StageWorker):
             )
             outputs.append((self.keys.drafts, encode(draft)))
         await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])
-        if self.config.speculation.pipelining and not self.drafter.needs_features:
+        if self.config.speculation.pipelining and self.drafter.drafts_ahead and not self.drafter.needs_features:
             await self._draft_ahead(stream, [(jobs[i], contexts[i], chains[i]) for i in live])
 
     # ---- pipelining ----------------------------------------------------------------------

@@ -44,6 +44,9 @@ class DraftRequest:
 class Drafter(ABC):
     name: str
     needs_features = False  # True: propose() wants DraftRequest.features
+    # Pipelining may call propose() on a guessed context (this round's plus its draft): only
+    # drafters whose drafting costs a forward and learns nothing from the contexts it sees.
+    drafts_ahead = True
 
     @abstractmethod
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftChain]:

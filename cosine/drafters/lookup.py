@@ -15,6 +15,8 @@ class PromptLookupDrafter(Drafter):
     the share of all earlier occurrences whose continuation agrees with the proposal so far.
     Proposals are fixed (no distribution), which verification treats as one-hot drafts."""
 
+    drafts_ahead = False  # drafting costs nothing here: nothing to gain ahead
+
     def __init__(self, name: str = "prompt-lookup", *, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError("need 1 <= min_ngram <= max_ngram")

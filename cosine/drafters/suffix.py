@@ -95,6 +95,8 @@ class SuffixDrafter(Drafter):
     tokens so far (their product) falls below ``min_confidence``. Proposals are fixed (no
     distribution): verification treats them as one-hot drafts."""
 
+    drafts_ahead = False  # it learns from every context it sees: a guessed one would teach it drafts
+
     def __init__(self, name: str = "suffix", *, max_depth: int = 8, max_tokens: int = 200_000, min_count: int = 2, min_confidence: float = 0.1, min_depth: int = 2) -> None:
         self.name = name
         self.max_depth = max_depth

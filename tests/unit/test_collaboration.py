@@ -189,3 +189,15 @@ def test_suffix_drafter_adds_only_new_tokens_each_round():
     assert drafter.store("code").sequences["r1"] == [1, 2, 3, 4, 5]
     drafter.clear()
     assert drafter.store("code").tokens == 0
+
+
+def test_only_drafters_with_a_forward_and_nothing_to_learn_draft_ahead():
+    # Drafting ahead calls propose() on a guessed context: a suffix datastore would learn the
+    # guess as if the target had written it, and prompt lookup costs nothing to run on time.
+    from cosine.drafters.distilled import SmallDrafter
+    from cosine.drafters.lookup import PromptLookupDrafter
+    from cosine.drafters.model import ModelDrafter
+    from cosine.drafters.suffix import SuffixDrafter
+
+    assert not SuffixDrafter().drafts_ahead and not PromptLookupDrafter().drafts_ahead
+    assert SmallDrafter.drafts_ahead and ModelDrafter.drafts_ahead
