@@ -38,7 +38,7 @@ _COMMON_KEYS = ("dead", "live:*", "roster:*", "stats", "metrics", "test:phase")
 ROLE_KEYS = {
     "router": ("requests", "cancel", "req:*", "out:*", "draft:*", "candidates", "rounds", "deadlines", "reserved", "waiting", "feat:*"),
     "fusion": ("drafts", "draft:*", "fuse:*", "fusing", "candidates", "req:*"),
-    "drafter": ("draft:*", "drafts", "experts", "feat:*", "req:*"),
+    "drafter": ("draft:*", "drafts", "experts", "drafter-streams", "feat:*", "req:*"),
     "verifier": ("verify", "verify:*", "verified", "req:*", "cost:*", "fingerprints", "verifier-streams"),
     "coordinator": ("*",),
 }

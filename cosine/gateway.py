@@ -202,15 +202,17 @@ class Gateway:
                 pipe.hgetall(name)
             for name in (keys.experts, keys.fingerprints, keys.verifier_streams):
                 pipe.smembers(name)
+            pipe.hgetall(keys.drafter_streams)
             pipe.zcard(keys.deadlines)
             pipe.zcard(keys.waiting)
             for role in ROLES:
                 pipe.hgetall(keys.roster(role))
-            (stored, stats, restarts, experts, fingerprints, instances, in_deadlines, waiting, *rosters) = await pipe.execute()
+            (stored, stats, restarts, experts, fingerprints, instances, drafter_instances, in_deadlines, waiting, *rosters) = await pipe.execute()
         streams = [keys.requests, keys.cancel, keys.drafts, keys.candidates, keys.verify, keys.verified, keys.dead]
         streams += [keys.draft(e.decode()) for e in sorted(experts)]
         streams += [keys.verify_for(f.decode()) for f in sorted(fingerprints)]
         streams += [keys.verify_at(i.decode()) for i in sorted(instances)]
+        streams += [keys.draft_at(i.decode()) for i in sorted(drafter_instances)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xinfo_groups(stream)

@@ -24,6 +24,7 @@ def read_status(url: str, namespace: str) -> dict:
         streams += [keys.draft(e) for e in sorted(client.smembers(keys.experts))]
         streams += [keys.verify_for(f) for f in sorted(client.smembers(keys.fingerprints))]
         streams += [keys.verify_at(i) for i in sorted(client.smembers(keys.verifier_streams))]
+        streams += [keys.draft_at(i) for i in sorted(client.hkeys(keys.drafter_streams))]
         report: dict = {"streams": {}, "workers": {}, "stats": client.hgetall(keys.stats), "restarts": read_restarts(client, keys)}
         for stream in streams:
             if not client.exists(stream):

@@ -117,6 +117,9 @@ class Coordinator(StageWorker):
         # made no progress, e.g. the cache was evicted meanwhile: the rest goes at once)
         self.prefilled: dict[str, int] = {}
         self.last_output: dict[str, int] = {}  # request -> epoch ms of its last output applied here (inter-token latency)
+        # request -> {expert: the drafter instance that drafted its last round} (drafter affinity)
+        self.draft_homes: dict[str, dict[str, str]] = {}
+        self.drafter_ids: set[str] = set()  # live drafter instances
 
     def input_streams(self) -> list[str]:
         return [self.keys.verified, self.keys.candidates]
@@ -162,6 +165,7 @@ class Coordinator(StageWorker):
             if now - self.last_sweep > SWEEP_S:
                 self.last_sweep = now
                 await self.guarded(self._move_gone_verifier_streams)
+                await self.guarded(self._move_gone_drafter_streams)
             await self.guarded(self._expire_deadlines)
         if self.control.enabled and now - self.last_control_log > CONTROL_LOG_S:
             self.last_control_log = now
@@ -213,6 +217,7 @@ class Coordinator(StageWorker):
         if any(w.item.request_id == state.request_id for w in self.pool):
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # this round, already pooled
             return
+        self._remember_draft_homes(candidate)
         features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
         chunk, fed = 0, len(candidate.tokens) + (len(state.context) if state.round == 0 else 1)
         if state.round == 0 and features_from < 0:  # a prompt's prefill, chunked unless it stalls
@@ -227,6 +232,23 @@ class Coordinator(StageWorker):
         depth = tree_depth(candidate.parents)
         expected = self.control.expected(depth, state.accepted_tokens, state.drafted_rounds)
         self.pool.append(_Waiting(entry_id, item, time.monotonic(), fed, expected, depth))
+
+    def _remember_draft_homes(self, candidate: Candidate) -> None:
+        homes = {e: i for pair in candidate.homes if isinstance(pair, list) and len(pair) == 2
+                 for e, i in [pair] if isinstance(e, str) and isinstance(i, str)}
+        if homes:  # a round without drafts (window 0) keeps the homes of the last drafted one
+            self.draft_homes.pop(candidate.request_id, None)
+            self.draft_homes[candidate.request_id] = homes
+            while len(self.draft_homes) > TRACKED:  # requests that ended elsewhere
+                del self.draft_homes[next(iter(self.draft_homes))]
+
+    def _draft_stream(self, request_id: str, expert: str) -> str:
+        """Where a round's job for ``expert`` goes: the live drafter instance that drafted the
+        request's last round (its caches, its draft made ahead), else the expert's stream."""
+        home = self.draft_homes.get(request_id, {}).get(expert)
+        if home and home in self.drafter_ids and self.config.pipeline.affinity:
+            return self.keys.draft_at(home)
+        return self.keys.draft(expert)
 
     async def _flush(self, force: bool = False) -> None:
         while self.pool:
@@ -527,7 +549,7 @@ class Coordinator(StageWorker):
         start, prefix_digest, tail = by_reference(state.context)
         job = DraftJob(state.request_id, state.round, tail, window, state.sampling, experts, int(time.time() * 1000), features, features_start, state.domain,
                        step_mode=self.config.speculation.mode == "step", context_start=start, context_digest=prefix_digest)
-        return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
+        return [self._draft_stream(state.request_id, e) for e in experts], encode(job)[b"m"]
 
     # ---- sweeps --------------------------------------------------------------------------
 
@@ -571,12 +593,7 @@ class Coordinator(StageWorker):
             except ResponseError:  # no such key: moved by another coordinator
                 await self.redis.srem(self.keys.verifier_streams, instance)
                 continue
-            last, pending = b"0-0", set()
-            for info in await self.redis.xinfo_groups(moving):
-                if info["name"].decode() == group:
-                    last = info["last-delivered-id"]
-                    pending = {e["message_id"] for e in await self.redis.xpending_range(moving, group, "-", "+", 10_000)}
-            entries = [(i, f) for i, f in await self.redis.xrange(moving) if i in pending or bus.stream_id(i) > bus.stream_id(last)]
+            entries = await self._unfinished_entries(moving, group)
             async with self.redis.pipeline(transaction=True) as pipe:
                 for _, fields in entries:
                     try:
@@ -589,6 +606,40 @@ class Coordinator(StageWorker):
                 pipe.srem(self.keys.verifier_streams, instance)
                 await pipe.execute()
             self.log.warning("verifier %s is gone: %d batches of its stream moved to the shared streams", instance, len(entries))
+
+    async def _move_gone_drafter_streams(self) -> None:
+        """A drafter that is gone leaves jobs in its own stream (unread, or read and not
+        acknowledged): they go to its expert's stream, for any drafter of it. Renamed first, so
+        only one coordinator moves it; a drafter that was only slow makes its stream again."""
+        registered = {i.decode(): e.decode() for i, e in (await self.redis.hgetall(self.keys.drafter_streams)).items()}
+        if not set(registered) - self.drafter_ids:
+            return
+        live = set(await self.live_roster("drafter", max_age_s=0.0))  # fresh: a drafter joins the roster before the registry
+        group = self.keys.group("drafter")
+        for instance in sorted(set(registered) - live):
+            source, moving = self.keys.draft_at(instance), f"{self.keys.draft_at(instance)}:gone"
+            try:
+                await self.redis.rename(source, moving)
+            except ResponseError:  # no such key: moved by another coordinator
+                await self.redis.hdel(self.keys.drafter_streams, instance)
+                continue
+            entries = await self._unfinished_entries(moving, group)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for _, fields in entries:
+                    pipe.xadd(self.keys.draft(registered[instance]), fields)
+                pipe.delete(moving)
+                pipe.hdel(self.keys.drafter_streams, instance)
+                await pipe.execute()
+            self.log.warning("drafter %s is gone: %d jobs of its stream moved to %s", instance, len(entries), self.keys.draft(registered[instance]))
+
+    async def _unfinished_entries(self, stream: str, group: str) -> list[tuple[bytes, dict]]:
+        """A stream's entries its group has not finished: pending, or not yet delivered."""
+        last, pending = b"0-0", set()
+        for info in await self.redis.xinfo_groups(stream):
+            if info["name"].decode() == group:
+                last = info["last-delivered-id"]
+                pending = {e["message_id"] for e in await self.redis.xpending_range(stream, group, "-", "+", 10_000)}
+        return [(i, f) for i, f in await self.redis.xrange(stream) if i in pending or bus.stream_id(i) > bus.stream_id(last)]
 
     async def _expire_deadlines(self) -> None:
         """Requests past their deadline (an abandoned client, a stalled pipeline) end now."""
@@ -606,6 +657,7 @@ class Coordinator(StageWorker):
 
     async def _refresh_liveness(self) -> None:
         self.live_experts = await self.live_drafter_experts()
+        self.drafter_ids = set(await self.live_roster("drafter"))
         roster = await self.live_roster("verifier")
         verifiers = list(roster.values())
         self.verifier_ids = set(roster)
@@ -638,6 +690,7 @@ class Coordinator(StageWorker):
         streams += [self.keys.draft(e.decode()) for e in await self.redis.smembers(self.keys.experts)]
         streams += [self.keys.verify_for(f.decode()) for f in await self.redis.smembers(self.keys.fingerprints)]
         streams += [self.keys.verify_at(i.decode()) for i in await self.redis.smembers(self.keys.verifier_streams)]
+        streams += [self.keys.draft_at(i.decode()) for i in await self.redis.hkeys(self.keys.drafter_streams)]
         for stream in streams:
             await self.guarded(self._trim_stream, stream)
 

@@ -45,7 +45,8 @@ class DrafterWorker(StageWorker):
         self.expert = expert
 
     def input_streams(self) -> list[str]:
-        return [self.keys.draft(self.expert)]
+        # Its own stream first: rounds of requests it drafted the round before (cache affinity).
+        return [self.keys.draft_at(self.instance), self.keys.draft(self.expert)]
 
     def liveness_extra(self) -> str:
         return f"expert={self.expert} drafter={self.spec.name}"
@@ -67,6 +68,10 @@ class DrafterWorker(StageWorker):
 
     async def on_connect(self) -> None:
         await self.redis.sadd(self.keys.experts, self.expert)
+        # In the roster before the registry: a coordinator moves the streams of registered
+        # instances that are not live (and would take a new one's for gone).
+        await self._beat(self.keys.live(self.role, self.instance), 3 * self.config.pipeline.heartbeat_ms)
+        await self.redis.hset(self.keys.drafter_streams, self.instance, self.expert)
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         jobs = [decode(fields, DraftJob) for _, fields in entries]
@@ -108,11 +113,12 @@ class DrafterWorker(StageWorker):
                 prefix=job.prefix,
                 sampling=job.sampling,
                 domain=job.domain,
+                instance=self.instance,
             )
             outputs.append((self.keys.drafts, encode(draft)))
         await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])
         if self.config.speculation.pipelining and self.drafter.drafts_ahead and not self.drafter.needs_features:
-            await self._draft_ahead(stream, [(jobs[i], contexts[i], chains[i]) for i in live])
+            await self._draft_ahead([(jobs[i], contexts[i], chains[i]) for i in live])
 
     # ---- pipelining ----------------------------------------------------------------------
 
@@ -128,14 +134,14 @@ class DrafterWorker(StageWorker):
         probs = chain.draft_probs[: job.window] if chain.draft_probs is not None else None
         return DraftChain(chain.tokens[: job.window], chain.confidences[: job.window], probs, chain.drafter)
 
-    async def _draft_ahead(self, stream: str, done: list[tuple[DraftJob, list[int], DraftChain]]) -> None:
+    async def _draft_ahead(self, done: list[tuple[DraftJob, list[int], DraftChain]]) -> None:
         """Draft each request's next round from this one's draft, one request at a time, while
         no job waits (a waiting job goes first: this work only pays when the drafter is idle)."""
         work = [(job, context, chain) for job, context, chain in done if not job.step_mode and job.window > 0 and chain.tokens]
         if not work or len(done) > self.config.speculation.pipelining_max_batch:
             return
         for job, context, chain in work:
-            if await self._jobs_waiting(stream):
+            if await self._jobs_waiting():
                 return
             guess_context = [*context, *chain.tokens]
             # The guess, then the window the next round will likely ask: one longer (a fully
@@ -157,20 +163,27 @@ class DrafterWorker(StageWorker):
             while len(self.predrafts) > MAX_HELD_REQUESTS:
                 self.predrafts.popitem(last=False)
 
-    async def _jobs_waiting(self, stream: str) -> bool:
-        """Whether the stream holds entries not yet delivered to this group: its newest entry
-        is past the group's last delivered one."""
+    async def _jobs_waiting(self) -> bool:
+        """Whether an input stream holds entries not yet delivered to this group: its newest
+        entry is past the group's last delivered one."""
+        streams = self.input_streams()
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xrevrange(stream, count=1)
-                pipe.xinfo_groups(stream)
-                newest, groups = await pipe.execute()
+                for stream in streams:
+                    pipe.xrevrange(stream, count=1)
+                    pipe.xinfo_groups(stream)
+                replies = await pipe.execute(raise_on_error=False)
         except Exception:
             return True
-        if not newest:
-            return False
-        delivered = next((g.get("last-delivered-id") for g in groups if g.get("name") in (self.group, self.group.encode())), None)
-        return delivered is None or _entry_key(newest[0][0]) > _entry_key(delivered)
+        for newest, groups in zip(replies[::2], replies[1::2]):
+            if isinstance(newest, Exception) or isinstance(groups, Exception):
+                return True
+            if not newest:
+                continue
+            delivered = next((g.get("last-delivered-id") for g in groups if g.get("name") in (self.group, self.group.encode())), None)
+            if delivered is None or _entry_key(newest[0][0]) > _entry_key(delivered):
+                return True
+        return False
 
     async def _contexts(self, jobs: list[DraftJob]) -> list[list[int] | None]:
         """Each job's whole context (``whole_contexts``), kept as the request's last one here."""

@@ -82,7 +82,8 @@ class FusionWorker(StageWorker):
             return
         chains = [draft_to_chain(d) for d in drafts]
         tree = merge_chains([c for c in chains if len(c)], self.max_nodes)
-        candidate = tree_to_candidate(drafts[0].request_id, drafts[0].round, tree)
+        homes = [[d.expert, d.instance] for d in drafts if d.instance]  # where the next round's jobs go first
+        candidate = tree_to_candidate(drafts[0].request_id, drafts[0].round, tree, homes)
         await bus.fuse_emit(self.redis, self.keys, key, encode(candidate)[PAYLOAD_FIELD], self.done_ttl_ms)
 
     async def _step(self, key: str, drafts: list[Draft]) -> None:

@@ -71,7 +71,7 @@ def draft_to_chain(draft: Draft) -> DraftChain:
     return DraftChain(tuple(draft.tokens), tuple(draft.confidences), probs, draft.drafter)
 
 
-def tree_to_candidate(request_id: str, round_index: int, tree: DraftTree) -> Candidate:
+def tree_to_candidate(request_id: str, round_index: int, tree: DraftTree, homes: list | None = None) -> Candidate:
     return Candidate(
         request_id=request_id,
         round=round_index,
@@ -81,6 +81,7 @@ def tree_to_candidate(request_id: str, round_index: int, tree: DraftTree) -> Can
         sources=[list(s) for s in tree.sources],
         draws=[[d.node, -1 if d.probs_row is None else d.probs_row] for d in tree.draws],
         draft_probs=probs_to_bytes(tree.draft_probs),
+        homes=homes or [],
     )
 
 

@@ -28,6 +28,16 @@ class Keys:
     def draft(self, expert: str) -> str:
         return f"{self.prefix}draft:{expert}"
 
+    def draft_at(self, instance: str) -> str:
+        """Draft jobs for one drafter instance: rounds of requests it drafted the round before
+        (its caches, its draft made ahead). Moved to its expert's stream when it is gone."""
+        return f"{self.prefix}draft:at:{instance}"
+
+    @property
+    def drafter_streams(self) -> str:
+        """hash: drafter instance -> its expert, for instances with a ``draft_at`` stream."""
+        return f"{self.prefix}drafter-streams"
+
     @property
     def drafts(self) -> str:
         return f"{self.prefix}drafts"

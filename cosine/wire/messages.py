@@ -91,6 +91,7 @@ class Draft:
     prefix: list[int] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     domain: str = ""
+    instance: str = ""  # the drafter instance that drafted it (its next round prefers it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,7 @@ class Candidate:
     sources: list[list[str]]
     draws: list[list[int]]  # [node, probs_row or -1]
     draft_probs: list[bytes] = field(default_factory=list)
+    homes: list = field(default_factory=list)  # [expert, drafter instance] that drafted this round
 
 
 @dataclass(frozen=True, slots=True)

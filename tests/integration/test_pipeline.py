@@ -6,6 +6,7 @@ Clients here are plain Redis clients (XADD / XREAD), not ``cosine.client``.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import time
 import pytest
 import torch
 
+from cosine.requests import prompt_token_ids
 from cosine.wire import Candidate, DraftJob, VerifiedBatch, decode
 from tests.conftest import cache_dir
 from tests.integration.harness import (
@@ -569,3 +571,55 @@ def test_pipelining_sends_drafts_made_ahead_and_stays_lossless(server, tmp_path,
     assert metrics["drafts_ahead|drafter=twin"] >= used
     pipeline.stop()
     assert "drafting ahead failed" not in pipeline.log_tails(200)
+
+
+def test_rounds_stay_with_their_drafter_and_move_on_when_it_is_gone(server, tmp_path, demo_target, greedy_references, pipelines):
+    from pathlib import Path
+
+    from cosine.models.loading import converted_gguf_dir
+    from cosine.wire import Draft
+
+    twin = {"name": "twin", "kind": "model", "model": str(converted_gguf_dir(Path(demo_target.source), cache_dir())), "expert": "general"}
+    # A gone drafter is seen within a second; a round whose draft never comes would wait 60 s.
+    pipeline = make_pipeline(tmp_path, server, demo_target, [twin], pipeline={"trim_interval_s": 3600.0, "heartbeat_ms": 300, "drafter_deadline_ms": 60_000},
+                             speculation={"window": 3, "adaptive_window": False})
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        pipeline.start(role)
+    drafters = [pipeline.start("drafter", "--expert", "general") for _ in range(2)]
+    pipeline.wait_live("drafter", 2)
+    pipeline.wait_live("verifier", 1)
+    pipeline.wait_live("coordinator", 1)
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    for index in range(4):
+        submit(client, id=f"stay-{index}", messages=json.dumps([{"role": "user", "content": texts[index]}]), max_tokens=MAX_TOKENS)
+    for index in range(4):
+        assert json.loads(final_of(read_output(client, f"stay-{index}", timeout=240))["token_ids"]) == greedy_references[index][:MAX_TOKENS]
+    drafts = [decode(fields, Draft) for _, fields in client.xrange("cosine:drafts")]
+    for index in range(4):
+        mine = [d for d in drafts if d.request_id == f"stay-{index}"]
+        assert len(mine) >= 4 and len({d.instance for d in mine}) == 1, [(d.round, d.instance) for d in mine]
+
+    # The drafter of a running request is killed: the job waiting in its own stream goes to the
+    # expert's stream, the other drafter takes the request on, and it ends as the target's.
+    submit(client, id="moved", messages=json.dumps([{"role": "user", "content": texts[4]}]), max_tokens=64)
+    deadline = time.monotonic() + 120
+    home = None
+    while home is None and time.monotonic() < deadline:
+        home = next((decode(f, Draft).instance for _, f in client.xrange("cosine:drafts", min=f"{int(time.time() * 1000) - 60_000}")
+                     if decode(f, Draft).request_id == "moved"), None)
+        time.sleep(0.02)
+    victim = next(p for p in drafters if f"-{p.pid}-" in home)
+    victim.send_signal(signal.SIGSTOP)  # holds its jobs without answering: gone once its liveness expires
+    killed_at = time.monotonic()
+    entries = read_output(client, "moved", timeout=120)
+    pipeline.kill(victim)
+    assert time.monotonic() - killed_at < 30, "the request waited for its drafter's deadline"
+    final = final_of(entries)
+    assert final["finish_reason"] in ("stop", "length") and int(final["rounds"]) >= 4
+    ids = prompt_token_ids(demo_target.tokenizer, messages=[{"role": "user", "content": texts[4]}])
+    assert json.loads(final["token_ids"]) == reference(demo_target, ids, 64)[: len(json.loads(final["token_ids"]))]
+    assert home.encode() not in client.hkeys("cosine:drafter-streams")
+    later = {decode(f, Draft).instance for _, f in client.xrange("cosine:drafts") if decode(f, Draft).request_id == "moved"} - {home}
+    assert later, "no other drafter drafted the request"

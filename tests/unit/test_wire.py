@@ -49,6 +49,7 @@ def draft():
         draft_probs=[b"\x00\x00\x80?" * 3, b"\x00\x00\x00\x00" * 3],
         experts=["general", "code"],
         context_len=4,
+        instance="host-12-abc123",
     )
 
 
@@ -62,6 +63,7 @@ def candidate():
         sources=[["smol", "lookup"], ["smol"], ["lookup"]],
         draws=[[0, 0], [1, -1], [2, 1]],
         draft_probs=[b"\x01\x02", b"\x03\x04"],
+        homes=[["code", "host-12-abc123"], ["general", "host-13-def456"]],
     )
 
 
