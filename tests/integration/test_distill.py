@@ -88,7 +88,10 @@ def test_a_feature_drafter_gets_the_target_states_through_the_pipeline(tmp_path,
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     drafter = {"name": "feat", "kind": "feature", "path": str(out), "expert": "general"}
-    pipeline = Pipeline(embedded_url, write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=[drafter]))
+    # Affinity off: with it a request's rounds stay with the drafter that drafted its last one,
+    # and no worker would miss a round.
+    settings = {"affinity": False}
+    pipeline = Pipeline(embedded_url, write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=[drafter], pipeline=settings))
     pipelines.append(pipeline)
     for role in ("router", "coordinator", "fusion", "verifier"):
         pipeline.start(role)
