@@ -134,6 +134,11 @@ class StageWorker:
     def liveness_extra(self) -> str:
         return ""
 
+    def registrations(self, pipe) -> None:
+        """Commands that register this worker's own streams, sent with every heartbeat after the
+        roster entry: a coordinator that took the worker for gone while it was only slow (it
+        moved the stream and dropped the entry) finds it registered again a beat later."""
+
     async def reject(self, stream: str, entry: Entry, reason: str) -> None:
         """An entry could not be handled: tell whoever waits on it (before it is dead-lettered)."""
 
@@ -423,6 +428,7 @@ class StageWorker:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(key, value, px=ttl_ms)  # for `cosine status` and the supervisor
             pipe.hset(self.keys.roster(self.role), self.instance, f"{now * 1000 + ttl_ms:.0f} {value}")
+            self.registrations(pipe)
             await pipe.execute()
 
     async def _reclaimer(self) -> None:

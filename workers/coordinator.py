@@ -44,6 +44,7 @@ EXPLORE_MAX_BATCH = 2  # load control explores drafting only while batches are t
 COST_WARM = 16  # verification batches observed before the cost model's error is counted
 SWEEP_S = 1.0  # how often gone verifiers' own streams are looked for
 TRACKED = 4096  # batches and rounds whose timing is remembered (oldest forgotten first)
+DRAFTER_BACKLOG = 4  # jobs waiting unread in a drafter's own stream before its requests go to an idle drafter of the expert
 
 
 @dataclass
@@ -120,6 +121,8 @@ class Coordinator(StageWorker):
         # request -> {expert: the drafter instance that drafted its last round} (drafter affinity)
         self.draft_homes: dict[str, dict[str, str]] = {}
         self.drafter_ids: set[str] = set()  # live drafter instances
+        self.drafter_expert: dict[str, str] = {}  # live drafter instance -> its expert (from the roster)
+        self.drafter_queued: dict[str, tuple[int, int]] = {}  # live drafter instance -> jobs of its own stream (waiting unread, in hand), last refresh
 
     def input_streams(self) -> list[str]:
         return [self.keys.verified, self.keys.candidates]
@@ -244,11 +247,19 @@ class Coordinator(StageWorker):
 
     def _draft_stream(self, request_id: str, expert: str) -> str:
         """Where a round's job for ``expert`` goes: the live drafter instance that drafted the
-        request's last round (its caches, its draft made ahead), else the expert's stream."""
+        request's last round (its caches, its draft made ahead), else the expert's stream; also
+        when that one has a backlog (DRAFTER_BACKLOG jobs waiting unread) while another drafter of
+        the expert has nothing queued or in hand: a slow or stuck home does not hold its requests
+        while others idle (a home that misses the drafting deadline loses them at once)."""
         home = self.draft_homes.get(request_id, {}).get(expert)
-        if home and home in self.drafter_ids and self.config.pipeline.affinity:
-            return self.keys.draft_at(home)
-        return self.keys.draft(expert)
+        if not home or home not in self.drafter_ids or not self.config.pipeline.affinity:
+            return self.keys.draft(expert)
+        waiting, _ = self.drafter_queued.get(home, (0, 0))
+        if waiting >= DRAFTER_BACKLOG and any(
+            self.drafter_queued.get(other, (0, 0)) == (0, 0) for other, served in self.drafter_expert.items() if served == expert and other != home
+        ):
+            return self.keys.draft(expert)
+        return self.keys.draft_at(home)
 
     async def _flush(self, force: bool = False) -> None:
         while self.pool:
@@ -571,6 +582,7 @@ class Coordinator(StageWorker):
                 await self.redis.zrem(self.keys.rounds, request_id)
                 continue
             self.log.warning("request %s round %d: no draft after %d ms, verifying without drafts", request_id, state.round, deadline_ms)
+            self.draft_homes.pop(request_id, None)  # its next round goes to any drafter, not back to the late one
             await self.redis.xadd(self.keys.candidates, encode(empty_candidate(state)))
 
     async def _move_gone_verifier_streams(self) -> None:
@@ -657,7 +669,10 @@ class Coordinator(StageWorker):
 
     async def _refresh_liveness(self) -> None:
         self.live_experts = await self.live_drafter_experts()
-        self.drafter_ids = set(await self.live_roster("drafter"))
+        drafters = await self.live_roster("drafter")
+        self.drafter_ids = set(drafters)
+        self.drafter_expert = {instance: roster_field(value, "expert") or "" for instance, value in drafters.items()}
+        self.drafter_queued = await self._drafter_queues() if self.config.pipeline.affinity else {}
         roster = await self.live_roster("verifier")
         verifiers = list(roster.values())
         self.verifier_ids = set(roster)
@@ -670,6 +685,27 @@ class Coordinator(StageWorker):
             profile = await self.redis.hgetall(self.keys.cost(sorted(found)[0]))
             if {b"a", b"b", b"c"} <= set(profile):
                 self.control.verify.set_prior([float(profile.get(k, 0.0)) for k in (b"a", b"b", b"c", b"e")])
+
+    async def _drafter_queues(self) -> dict[str, tuple[int, int]]:
+        """Jobs waiting unread and in hand on each live drafter's own stream, in one round trip (only
+        where an expert has more than one live drafter: with one, its requests have nowhere
+        else to go)."""
+        experts = list(self.drafter_expert.values())
+        instances = sorted(i for i, e in self.drafter_expert.items() if experts.count(e) > 1)
+        if not instances:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for instance in instances:
+                pipe.xinfo_groups(self.keys.draft_at(instance))
+            replies = await pipe.execute(raise_on_error=False)
+        group, queued = self.keys.group("drafter"), {}
+        for instance, groups in zip(instances, replies):
+            if isinstance(groups, Exception):
+                continue  # no stream yet: nothing queued
+            for info in groups:
+                if info["name"].decode() == group:
+                    queued[instance] = (int(info.get("lag") or 0), int(info.get("pending") or 0))
+        return queued
 
     async def _states(self, request_ids: list[str]) -> list[RequestState | None]:
         """Several requests' states in one round trip."""

@@ -9,11 +9,13 @@ so any worker of the expert serves any round.
 
 Pipelining (``speculation.pipelining``): after sending a round's drafts, a lightly loaded
 drafter goes on drafting each request's next round while this one is verified: from the context
-it just drafted on plus its draft, one token more (its guess of the target's next token) and
-then the window, one longer (a fully accepted round lengthens the adaptive window). When the next round's job comes with exactly that context (every drafted token
-accepted and the guess right), its draft is sent at once, without a forward; any other context
-drops the work. The tokens sent are drafted from the round's context and random stream, as a
-fresh draft would be, so verification stays lossless either way.
+it just drafted on plus its draft and its guess of the target's next token (its own most
+likely one), the window one longer (a fully accepted round lengthens the adaptive window). When
+the next round's job comes with exactly that context (every drafted token accepted and the
+guess right), its draft is sent at once, without a forward; any other context drops the work.
+The tokens sent are drafted from the round's context and random stream, as a fresh draft would
+be (``propose_ahead``), so verification stays lossless and seeded outputs do not depend on
+whether a draft was made ahead.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from cosine.workers.base import Entry, StageWorker
 
 from cosine.bus import write_and_ack
 from cosine.core.tree import DraftChain
-from cosine.drafters.base import DraftRequest
+from cosine.drafters.base import DraftRequest, propose_ahead
 from cosine.factory import build_drafter, load_target
 from cosine.wire import Draft, DraftJob, decode, encode
 from cosine.wire.convert import probs_to_bytes, states_from_bytes
@@ -71,7 +73,9 @@ class DrafterWorker(StageWorker):
         # In the roster before the registry: a coordinator moves the streams of registered
         # instances that are not live (and would take a new one's for gone).
         await self._beat(self.keys.live(self.role, self.instance), 3 * self.config.pipeline.heartbeat_ms)
-        await self.redis.hset(self.keys.drafter_streams, self.instance, self.expert)
+
+    def registrations(self, pipe) -> None:
+        pipe.hset(self.keys.drafter_streams, self.instance, self.expert)
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         jobs = [decode(fields, DraftJob) for _, fields in entries]
@@ -118,7 +122,7 @@ class DrafterWorker(StageWorker):
             outputs.append((self.keys.drafts, encode(draft)))
         await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])
         if self.config.speculation.pipelining and self.drafter.drafts_ahead and not self.drafter.needs_features:
-            await self._draft_ahead([(jobs[i], contexts[i], chains[i]) for i in live])
+            await self.guarded(self._draft_ahead, stream, [(jobs[i], contexts[i], chains[i]) for i in live])
 
     # ---- pipelining ----------------------------------------------------------------------
 
@@ -134,31 +138,30 @@ class DrafterWorker(StageWorker):
         probs = chain.draft_probs[: job.window] if chain.draft_probs is not None else None
         return DraftChain(chain.tokens[: job.window], chain.confidences[: job.window], probs, chain.drafter)
 
-    async def _draft_ahead(self, done: list[tuple[DraftJob, list[int], DraftChain]]) -> None:
+    async def _draft_ahead(self, stream: str, done: list[tuple[DraftJob, list[int], DraftChain]]) -> None:
         """Draft each request's next round from this one's draft, one request at a time, while
         no job waits (a waiting job goes first: this work only pays when the drafter is idle)."""
         work = [(job, context, chain) for job, context, chain in done if not job.step_mode and job.window > 0 and chain.tokens]
         if not work or len(done) > self.config.speculation.pipelining_max_batch:
             return
         for job, context, chain in work:
-            if await self._jobs_waiting():
+            # Jobs of another stream read with these (the expert's, after the drafter's own)
+            # wait in hand; others may wait unread.
+            if any(ids for name, ids in self._in_hand.items() if name != stream) or await self._jobs_waiting():
                 return
-            guess_context = [*context, *chain.tokens]
-            # The guess, then the window the next round will likely ask: one longer (a fully
-            # accepted round lengthens the adaptive window), a prefix of it serves a shorter one.
+            # The window the next round will likely ask: one longer (a fully accepted round
+            # lengthens the adaptive window); a prefix of it serves a shorter one.
             window = min(job.window + 1, max(job.window, self.config.speculation.max_window))
-            request = DraftRequest(job.request_id, guess_context, window + 1, job.sampling, job.round + 1, None, job.domain)
+            request = DraftRequest(job.request_id, context, window, job.sampling, job.round + 1, None, job.domain)
             try:
-                [ahead] = await self.off_loop(self.drafter.propose, [request])
+                ahead = await self.off_loop(propose_ahead, self.drafter, request, chain.tokens)
             except Exception as error:  # a lost chance, not a failure: the round drafts as usual
                 self.log.warning("request %s: drafting ahead failed: %s: %s", job.request_id, type(error).__name__, error)
                 return
-            if len(ahead.tokens) < 2:
+            if ahead is None:
                 continue
-            probs = ahead.draft_probs[1:] if ahead.draft_probs is not None else None
-            rest = DraftChain(ahead.tokens[1:], ahead.confidences[1:], probs, ahead.drafter)
             self.predrafts.pop(job.request_id, None)
-            self.predrafts[job.request_id] = Predraft(job.round + 1, [*guess_context, ahead.tokens[0]], job.sampling, rest)
+            self.predrafts[job.request_id] = Predraft(job.round + 1, ahead[0], job.sampling, ahead[1])
             self.tally.count("drafts_ahead", drafter=self.spec.name)
             while len(self.predrafts) > MAX_HELD_REQUESTS:
                 self.predrafts.popitem(last=False)

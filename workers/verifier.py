@@ -66,9 +66,11 @@ class VerifierWorker(StageWorker):
         # In the roster before the registry: a coordinator moves the streams of registered
         # instances that are not live (and would take a new one's for gone).
         await self._beat(self.keys.live(self.role, self.instance), 3 * self.config.pipeline.heartbeat_ms)
-        await self.redis.sadd(self.keys.verifier_streams, self.instance)
         await self.redis.sadd(self.keys.fingerprints, self.fingerprint)
         await self.redis.hset(self.keys.cost(self.fingerprint), mapping=dict(zip(("a", "b", "c", "e"), map(str, self.cost_profile))))
+
+    def registrations(self, pipe) -> None:
+        pipe.sadd(self.keys.verifier_streams, self.instance)
 
     def liveness_extra(self) -> str:
         # Read without the runner's lock (a forward may hold it): a count off by one is fine here.

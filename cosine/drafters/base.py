@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -61,3 +61,29 @@ class Drafter(ABC):
     def generator(self, request: DraftRequest) -> torch.Generator:
         purpose = f"draft:{self.name}" if request.step == 0 else f"draft:{self.name}:{request.step}"
         return request_generator(request.sampling.seed, request.round_index, purpose)
+
+
+def propose_ahead(drafter: Drafter, request: DraftRequest, draft: Sequence[int]) -> tuple[list[int], DraftChain] | None:
+    """The request's next round drafted ahead (pipelining): ``(context, chain)`` for the context
+    that round has when every token of ``draft`` is accepted and the target's next token is the
+    drafter's guess, or None when the drafter has no guess.
+
+    ``request`` is the next round's: this round's context, the window to draft, the sampling,
+    the next round's index. The guess is the drafter's most likely token after the draft (the
+    likeliest to be the target's too, and no draw from a random stream); the chain is then
+    drafted from the guessed context with the next round's own random stream, exactly as a
+    fresh draft of that round would be.
+    """
+    guessed = [*request.context, *draft]
+    if request.sampling.greedy:  # no draws: the guess and the chain in one call
+        [chain] = drafter.propose([replace(request, context=guessed, window=request.window + 1)])
+        if len(chain.tokens) < 2:
+            return None
+        probs = chain.draft_probs[1:] if chain.draft_probs is not None else None
+        return [*guessed, chain.tokens[0]], DraftChain(chain.tokens[1:], chain.confidences[1:], probs, chain.drafter)
+    [first] = drafter.propose([replace(request, context=guessed, window=1, sampling=SamplingParams())])
+    if not first.tokens:
+        return None
+    context = [*guessed, first.tokens[0]]
+    [chain] = drafter.propose([replace(request, context=context)])
+    return (context, chain) if chain.tokens else None

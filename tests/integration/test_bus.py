@@ -757,3 +757,75 @@ def test_a_verifier_resolves_contexts_by_reference_from_what_it_keeps_or_from_re
         await client.aclose()
 
     run(scenario())
+
+
+def test_a_backlogged_or_late_home_drafter_lets_its_requests_go(server):
+    """Drafter affinity sends a request's rounds to the drafter that drafted its last one; a home
+    with a backlog while another drafter of the expert idles, or one that missed the drafting
+    deadline, held its requests: they waited behind it (a stuck one: a deadline every round)."""
+    from cosine.workers.coordinator import DRAFTER_BACKLOG, Coordinator
+
+    from cosine.core.rounds import RequestState
+    from cosine.core.sampling import SamplingParams
+
+    async def scenario():
+        client = await fresh(server)
+        coordinator = Coordinator(Config(), server)
+        coordinator.redis = client
+        coordinator.drafter_ids = {"a", "b"}
+        coordinator.drafter_expert = {"a": "general", "b": "general"}
+        coordinator.draft_homes = {"r1": {"general": "a"}}
+        group = KEYS.group("drafter")
+        await bus.ensure_group(client, KEYS.draft_at("a"), group)
+        for _ in range(DRAFTER_BACKLOG - 1):
+            await client.xadd(KEYS.draft_at("a"), {"m": b"job"})
+        coordinator.drafter_queued = await coordinator._drafter_queues()
+        assert coordinator.drafter_queued == {"a": (DRAFTER_BACKLOG - 1, 0)}
+        assert coordinator._draft_stream("r1", "general") == KEYS.draft_at("a")  # a short queue: it stays
+        await client.xadd(KEYS.draft_at("a"), {"m": b"job"})
+        coordinator.drafter_queued = await coordinator._drafter_queues()
+        assert coordinator._draft_stream("r1", "general") == KEYS.draft("general")  # a backlog, b idle: any drafter
+        await bus.ensure_group(client, KEYS.draft_at("b"), group)
+        await client.xadd(KEYS.draft_at("b"), {"m": b"job"})
+        await client.xreadgroup(group, "b", {KEYS.draft_at("b"): ">"})  # b has one in hand
+        coordinator.drafter_queued = await coordinator._drafter_queues()
+        assert coordinator._draft_stream("r1", "general") == KEYS.draft_at("a")  # nobody idle: it stays
+        # A round of r1 past the drafting deadline goes on without drafts, and r1's next round
+        # goes to any drafter, not back to the late one.
+        state = RequestState("r1", [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=3, output_ids=[5, 6, 7])
+        await client.hset(KEYS.request("r1"), mapping=state_to_fields(state))
+        await client.zadd(KEYS.rounds, {"r1": 1})
+        await coordinator._fallback_overdue_rounds()
+        assert await client.xlen(KEYS.candidates) == 1
+        assert coordinator._draft_stream("r1", "general") == KEYS.draft("general")
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_every_heartbeat_registers_a_workers_own_stream(server):
+    """A coordinator that took a slow drafter or verifier for gone moves its stream and drops its
+    registration; the worker makes its stream again, but its registration came only at start-up
+    (or after a data loss): a live worker's stream was then never trimmed or moved again."""
+    from cosine.workers.drafter import DrafterWorker
+    from cosine.workers.verifier import VerifierWorker
+
+    async def scenario():
+        client = await fresh(server)
+        drafter = DrafterWorker(Config(), server, "general", instance="d1")
+        verifier = VerifierWorker(Config(), server, instance="v1")
+        verifier.liveness_extra = lambda: ""  # its model's figures: none loaded here
+        for worker in (drafter, verifier):
+            worker.redis = client
+            await worker._beat(KEYS.live(worker.role, worker.instance), 3000)
+        assert await client.hget(KEYS.drafter_streams, "d1") == b"general"
+        assert await client.sismember(KEYS.verifier_streams, "v1")
+        await client.hdel(KEYS.drafter_streams, "d1")  # what the move of a "gone" stream does
+        await client.srem(KEYS.verifier_streams, "v1")
+        for worker in (drafter, verifier):
+            await worker._beat(KEYS.live(worker.role, worker.instance), 3000)
+        assert await client.hget(KEYS.drafter_streams, "d1") == b"general"
+        assert await client.sismember(KEYS.verifier_streams, "v1")
+        await client.aclose()
+
+    run(scenario())

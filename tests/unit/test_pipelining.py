@@ -1,0 +1,40 @@
+"""Drafting ahead (pipelining): a draft made ahead for a guessed context is the draft a fresh
+call would make for that round, so serving it changes nothing but the time it takes."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cosine.core.sampling import SamplingParams
+from cosine.drafters.base import DraftRequest, propose_ahead
+from cosine.drafters.model import ModelDrafter
+from cosine.models.runner import ModelRunner
+
+
+def tiny_drafter() -> ModelDrafter:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return ModelDrafter("tiny", ModelRunner(LlamaForCausalLM(config).eval()))
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.0, seed=7), SamplingParams(temperature=0.7, top_p=0.9, seed=3)])
+def test_a_draft_made_ahead_is_the_fresh_draft_of_its_round(sampling):
+    ahead_drafter, fresh_drafter = tiny_drafter(), tiny_drafter()
+    context = list(range(3, 40))
+    for round_index in range(1, 6):  # several rounds: the random streams differ per round
+        [draft] = ahead_drafter.propose([DraftRequest("r", context, 3, sampling, round_index)])
+        made = propose_ahead(ahead_drafter, DraftRequest("r", context, 4, sampling, round_index + 1), draft.tokens)
+        assert made is not None
+        guessed, chain = made
+        assert guessed[: len(context) + 3] == [*context, *draft.tokens] and len(guessed) == len(context) + 4
+        # The guess is the drafter's most likely next token (no draw from a random stream).
+        [greedy] = fresh_drafter.propose([DraftRequest("g", guessed[:-1], 1, SamplingParams(), round_index + 1)])
+        assert guessed[-1] == greedy.tokens[0]
+        # The chain is what a fresh call for the next round on that context draws.
+        [fresh] = fresh_drafter.propose([DraftRequest(f"f{round_index}", guessed, 4, sampling, round_index + 1)])
+        assert chain.tokens == fresh.tokens
+        if sampling.greedy:
+            assert chain.draft_probs is None
+        else:
+            torch.testing.assert_close(chain.draft_probs, fresh.draft_probs, atol=1e-5, rtol=1e-4)
+        context = guessed
