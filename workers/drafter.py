@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from cosine.workers.base import Entry, StageWorker
 
-from cosine.bus import write_and_ack
+from cosine.bus import ensure_group, load_functions, write_and_ack
 from cosine.core.tree import DraftChain
 from cosine.drafters.base import DraftRequest, propose_ahead
 from cosine.factory import build_drafter, load_target
@@ -68,11 +68,18 @@ class DrafterWorker(StageWorker):
         self.contexts: OrderedDict[str, list[int]] = OrderedDict()  # request id -> the context of its last job here
         self.predrafts: OrderedDict[str, Predraft] = OrderedDict()  # request id -> its next round, drafted ahead
 
+    async def _prepare_server(self) -> None:
+        # The expert's stream only: the drafter's own is made once it is registered (on_connect),
+        # so that one that dies while loading its model leaves no stream nobody would remove.
+        await load_functions(self.redis)
+        await ensure_group(self.redis, self.keys.draft(self.expert), self.group)
+
     async def on_connect(self) -> None:
         await self.redis.sadd(self.keys.experts, self.expert)
         # In the roster before the registry: a coordinator moves the streams of registered
         # instances that are not live (and would take a new one's for gone).
         await self._beat(self.keys.live(self.role, self.instance), 3 * self.config.pipeline.heartbeat_ms)
+        await ensure_group(self.redis, self.keys.draft_at(self.instance), self.group)
 
     def registrations(self, pipe) -> None:
         pipe.hset(self.keys.drafter_streams, self.instance, self.expert)

@@ -829,3 +829,23 @@ def test_every_heartbeat_registers_a_workers_own_stream(server):
         await client.aclose()
 
     run(scenario())
+
+
+def test_a_drafter_makes_its_own_stream_once_registered(server):
+    """A drafter made its own stream before loading its model: one that died while loading left a
+    stream no coordinator knew of (not registered), never trimmed or removed."""
+    from cosine.workers.drafter import DrafterWorker
+
+    async def scenario():
+        client = await fresh(server)
+        drafter = DrafterWorker(Config(), server, "general", instance="d1")
+        drafter.redis = client
+        await drafter._prepare_server()  # what runs before the model is loaded
+        assert await client.exists(KEYS.draft("general")) and not await client.exists(KEYS.draft_at("d1"))
+        await drafter.on_connect()
+        assert await client.hget(KEYS.drafter_streams, "d1") == b"general"
+        groups = await client.xinfo_groups(KEYS.draft_at("d1"))
+        assert [g["name"] for g in groups] == [KEYS.group("drafter").encode()]
+        await client.aclose()
+
+    run(scenario())
