@@ -599,25 +599,19 @@ class Coordinator(StageWorker):
         live = set(await self.live_roster("verifier", max_age_s=0.0))
         group = self.keys.group("verifier")
         for instance in sorted(registered - live):
-            source, moving = self.keys.verify_at(instance), f"{self.keys.verify_at(instance)}:gone"
-            try:
-                await self.redis.rename(source, moving)
-            except ResponseError:  # no such key: moved by another coordinator
-                await self.redis.srem(self.keys.verifier_streams, instance)
-                continue
-            entries = await self._unfinished_entries(moving, group)
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for _, fields in entries:
-                    try:
-                        items = decode(fields, VerifyBatch).items
-                    except WireError:
-                        continue  # nothing a verifier could read either
-                    fingerprint = items[0].fingerprint if items else ""
-                    pipe.xadd(self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify, fields)
-                pipe.delete(moving)
-                pipe.srem(self.keys.verifier_streams, instance)
-                await pipe.execute()
-            self.log.warning("verifier %s is gone: %d batches of its stream moved to the shared streams", instance, len(entries))
+            moved = await self._move_stream(self.keys.verify_at(instance), group, self._verify_stream_of, lambda r, i=instance: r.srem(self.keys.verifier_streams, i))
+            if moved is not None:
+                self.log.warning("verifier %s is gone: %d batches of its stream moved to the shared streams", instance, moved)
+
+    def _verify_stream_of(self, fields: dict) -> str | None:
+        """The shared stream a verification batch goes to: its target's (None: undecodable,
+        nothing a verifier could read either)."""
+        try:
+            items = decode(fields, VerifyBatch).items
+        except WireError:
+            return None
+        fingerprint = items[0].fingerprint if items else ""
+        return self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
 
     async def _move_gone_drafter_streams(self) -> None:
         """A drafter that is gone leaves jobs in its own stream (unread, or read and not
@@ -629,20 +623,32 @@ class Coordinator(StageWorker):
         live = set(await self.live_roster("drafter", max_age_s=0.0))  # fresh: a drafter joins the roster before the registry
         group = self.keys.group("drafter")
         for instance in sorted(set(registered) - live):
-            source, moving = self.keys.draft_at(instance), f"{self.keys.draft_at(instance)}:gone"
-            try:
-                await self.redis.rename(source, moving)
-            except ResponseError:  # no such key: moved by another coordinator
-                await self.redis.hdel(self.keys.drafter_streams, instance)
-                continue
-            entries = await self._unfinished_entries(moving, group)
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for _, fields in entries:
-                    pipe.xadd(self.keys.draft(registered[instance]), fields)
-                pipe.delete(moving)
-                pipe.hdel(self.keys.drafter_streams, instance)
-                await pipe.execute()
-            self.log.warning("drafter %s is gone: %d jobs of its stream moved to %s", instance, len(entries), self.keys.draft(registered[instance]))
+            shared = self.keys.draft(registered[instance])
+            moved = await self._move_stream(self.keys.draft_at(instance), group, lambda fields, to=shared: to,
+                                            lambda r, i=instance: r.hdel(self.keys.drafter_streams, i))
+            if moved is not None:
+                self.log.warning("drafter %s is gone: %d jobs of its stream moved to %s", instance, moved, shared)
+
+    async def _move_stream(self, source: str, group: str, destination, unregister) -> int | None:
+        """A gone worker's own stream: renamed first (so only one coordinator moves it), then its
+        unfinished entries added to ``destination(fields)`` (None: dropped), the stream deleted
+        and the worker unregistered (``unregister(client)``), in one transaction. The entries
+        moved, or None when another coordinator had moved it (unregistered here all the same)."""
+        moving = f"{source}:gone"
+        try:
+            await self.redis.rename(source, moving)
+        except ResponseError:  # no such key: moved by another coordinator
+            await unregister(self.redis)
+            return None
+        entries = await self._unfinished_entries(moving, group)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _, fields in entries:
+                if (stream := destination(fields)) is not None:
+                    pipe.xadd(stream, fields)
+            pipe.delete(moving)
+            unregister(pipe)
+            await pipe.execute()
+        return len(entries)
 
     async def _unfinished_entries(self, stream: str, group: str) -> list[tuple[bytes, dict]]:
         """A stream's entries its group has not finished: pending, or not yet delivered."""
