@@ -84,7 +84,8 @@ class EmbeddedRedis:
     def url(self) -> str:
         if self.port is None:
             raise RuntimeError("the embedded server has not been started")
-        return f"redis://:{self.password}@{HOST}:{self.port}"
+        # The user named: redis-cli (7.0) sends an empty user name from "redis://:password@" and fails.
+        return f"redis://default:{self.password}@{HOST}:{self.port}"
 
     @property
     def pid(self) -> int | None:

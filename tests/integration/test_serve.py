@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -297,3 +298,17 @@ def test_threads_per_role_verifiers_share_model_threads_and_drafters_take_their_
     # Regression: every model process used to be forced to one thread, the verifier included.
     drafter_env = two._worker_env(("drafter", "--drafter", "ee", "--expert", "general"))
     assert drafter_env.get("COSINE_MODEL_THREADS") == os.environ.get("COSINE_MODEL_THREADS")
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli")
+def test_the_embedded_servers_url_works_with_redis_cli():
+    """The README's redis-cli example takes the embedded server's URL as it is written: with
+    "redis://:password@" redis-cli 7.0 sent an empty user name and was refused (WRONGPASS)."""
+    embedded = EmbeddedRedis(persistence=False)
+    url = embedded.start()
+    try:
+        done = subprocess.run(["redis-cli", "-u", url, "--no-auth-warning", "PING"], capture_output=True, text=True, timeout=30)
+        assert done.stdout.strip() == "PONG", (done.stdout, done.stderr)
+        assert redis.Redis.from_url(url).ping()
+    finally:
+        embedded.stop()
