@@ -199,7 +199,7 @@ ROLES = ("router", "drafter", "fusion", "coordinator", "verifier")
 def worker(
     role: str = typer.Argument(..., help="router | drafter | fusion | coordinator | verifier"),
     expert: str | None = typer.Option(None, "--expert", help="drafter: the expert queue to serve"),
-    drafter_name: str | None = typer.Option(None, "--drafter", help="drafter: which configured drafter (default: the expert's first)"),
+    drafter_name: list[str] = typer.Option([], "--drafter", help="drafter: which configured drafter (default: the expert's first); repeat it to host several drafters in one process, each on its own expert's queue"),
     redis_url: str | None = typer.Option(None, "--redis-url", help="default: $COSINE_REDIS_URL or redis.url"),
     burst: bool = typer.Option(False, "--burst", help="exit when the input streams are empty (tests)"),
     config_path: Path | None = ConfigOption,
@@ -222,7 +222,7 @@ def worker(
         _startup_failed(role, error)
 
 
-def _build_stage(role: str, expert: str | None, drafter_name: str | None, redis_url: str | None, config_path: Path | None, verbose: bool):
+def _build_stage(role: str, expert: str | None, drafter_name: list[str], redis_url: str | None, config_path: Path | None, verbose: bool):
     from cosine.workers import build_worker
 
     config = _setup(config_path, verbose)
@@ -270,6 +270,7 @@ def serve(
                                 gateway=None if http_port is None else ("--port", str(http_port), "--host", http_host))
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+    typer.echo(supervisor.describe(), err=True)
     try:
         url = supervisor.start()
         _write_private(_url_file(config), url + "\n")

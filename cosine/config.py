@@ -89,16 +89,43 @@ class SpeculationConfig:
     # from it (its own guess of the target's next token, then the window), while the round is
     # verified; when the next round's job comes with exactly that context, the draft is sent at
     # once. Only while the drafter has at most pipelining_max_batch jobs and none waiting.
-    pipelining: bool = True
+    # "auto": on where drafters have cores of their own (cosine.deploy); "on" / "off" (or true / false).
+    pipelining: str = "auto"
     pipelining_max_batch: int = 4
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pipelining", _on_off_auto(self.pipelining, "speculation.pipelining"))
         if self.mode not in ("chain", "tree", "step"):
             raise ValueError(f"speculation.mode must be 'chain', 'tree' or 'step', got {self.mode!r}")
         if not 0 <= self.min_window <= self.window <= self.max_window:
             raise ValueError("need 0 <= speculation.min_window <= window <= max_window")
         if self.max_batch < 1 or self.max_tree_nodes < 1 or self.pipelining_max_batch < 1:
             raise ValueError("speculation.max_batch, max_tree_nodes and pipelining_max_batch must be >= 1")
+
+
+def _on_off_auto(value: Any, name: str) -> str:
+    """A switch that may also be left to the deployment: "auto", "on" or "off" (booleans and
+    their usual spellings accepted)."""
+    text = str(value).lower()
+    if value is True or text in ("on", "true", "1", "yes"):
+        return "on"
+    if value is False or text in ("off", "false", "0", "no"):
+        return "off"
+    if text == "auto":
+        return "auto"
+    raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    # How `cosine serve` lays out the drafters: "auto" (cosine.deploy: one process for all of
+    # them where their threads do not fit beside the verifier's), "shared" (always one process),
+    # "separate" (a process per drafter).
+    drafter_processes: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.drafter_processes not in ("auto", "shared", "separate"):
+            raise ValueError(f"serve.drafter_processes must be 'auto', 'shared' or 'separate', got {self.drafter_processes!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +268,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     drafters: tuple[DrafterConfig, ...] = (DrafterConfig("prompt-lookup", "prompt-lookup"),)
 
     def replace(self, section: str, **changes: Any) -> Config:
@@ -258,6 +286,7 @@ _SECTIONS = {
     "router": RouterConfig,
     "defaults": DefaultsConfig,
     "speculation": SpeculationConfig,
+    "serve": ServeConfig,
 }
 _SHORT_ENV = {
     "COSINE_CACHE_DIR": ("model", "cache_dir"),

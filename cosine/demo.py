@@ -43,12 +43,17 @@ def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Ca
     echo(f"target {config.model.target_path} ({config.model.dtype}, {config.model.device})")
     echo(f"drafters: {', '.join(f'{d.name} ({d.kind}, expert {d.expert})' for d in config.drafters)}")
     supervisor = Supervisor(config, config.redis.url or None, config_path, verifiers=1, drafters_per_expert=1, verbose=False)
+    echo(supervisor.describe())
     url = supervisor.start()
     try:
         _wait_for_workers(redis.Redis.from_url(url), config.redis.namespace)
         echo(f"pipeline up on {redacted_url(url)}\n")
         client = Client(url, config.redis.namespace, timeout=ANSWER_TIMEOUT_S)
         _ask(client, "warm-up", DEMO_PROMPTS[0], 4)
+        # The baseline warmed up like the pipeline (its first call pays one-off set-up costs).
+        warm = prompt_token_ids(tokenizer, messages=[{"role": "user", "content": DEMO_PROMPTS[0]}])
+        with torch.inference_mode():
+            model.generate(torch.tensor([warm]), attention_mask=torch.ones(1, len(warm), dtype=torch.long), max_new_tokens=4, do_sample=False)
         baseline_s = pipeline_s = 0.0
         identical = drafted = accepted = 0
         by_drafter: dict[str, list[int]] = {}

@@ -23,6 +23,7 @@ from pathlib import Path
 import redis
 
 from cosine.config import Config
+from cosine.deploy import DeploymentPlan, machine_cores, plan_deployment
 from cosine.embedded import EmbeddedRedis
 from cosine.wire import Keys
 
@@ -113,6 +114,7 @@ class Supervisor:
         self.slots: list[WorkerSlot] = []
         self.counter: redis.Redis | None = None
         self.url = ""
+        self.deployment: DeploymentPlan = plan_deployment(config, machine_cores(), verifiers)
 
     # ---- start -------------------------------------------------------------------------------
 
@@ -133,8 +135,12 @@ class Supervisor:
         """`cosine worker` arguments of every process to keep running."""
         plan = [[role] for role in SINGLE_ROLES for _ in range(self.replicas)]
         plan += [["verifier"]] * self.verifiers
-        for spec in self.config.drafters:
-            plan += [["drafter", "--drafter", spec.name, "--expert", spec.expert]] * self.drafters_per_expert
+        if self.deployment.shared_drafters and self.config.drafters:
+            hosted = [arg for spec in self.config.drafters for arg in ("--drafter", spec.name)]
+            plan += [["drafter", *hosted]] * self.drafters_per_expert
+        else:
+            for spec in self.config.drafters:
+                plan += [["drafter", "--drafter", spec.name, "--expert", spec.expert]] * self.drafters_per_expert
         if self.gateway is not None:
             plan.append(["gateway", *self.gateway])
         return plan
@@ -147,7 +153,19 @@ class Supervisor:
         # each model drafter's process takes its own drafters.threads (read by the worker).
         if args[:1] == ("verifier",) and self.verifiers > 1:
             env["COSINE_MODEL_THREADS"] = str(self.verifier_threads())
+        if args[:1] == ("drafter",):  # decided once here, for the deployment as a whole
+            env["COSINE_SPECULATION_PIPELINING"] = "on" if self.deployment.pipelining else "off"
         return env
+
+    def describe(self) -> str:
+        """The deployment in one line and why (printed at start)."""
+        roles: dict[str, int] = {}
+        for args in self.plan():
+            roles[args[0]] = roles.get(args[0], 0) + 1
+        drafters = len(self.config.drafters)
+        layout = ", ".join(f"{count} {role}" for role, count in roles.items())
+        hosted = f" ({drafters} drafters{' in one process' if self.deployment.shared_drafters else ''})" if drafters else ""
+        return f"deployment: {layout}{hosted} — {self.deployment.describe()}"
 
     def verifier_threads(self) -> int:
         """torch threads of each verifier process: model.threads shared among the verifiers."""

@@ -7,13 +7,20 @@ router -> draft:{expert} -> drafter -> drafts -> fusion -> candidates -> coordin
 from __future__ import annotations
 
 
-def build_worker(role: str, config, redis_url: str, *, expert: str | None = None, drafter_name: str | None = None):
+def build_worker(role: str, config, redis_url: str, *, expert: str | None = None, drafter_name: str | list[str] | None = None):
     if role == "router":
         from cosine.workers.router import Router
 
         return Router(config, redis_url)
     if role == "drafter":
-        from cosine.workers.drafter import DrafterWorker
+        from cosine.workers.drafter import DrafterHost, DrafterWorker
+
+        names = [drafter_name] if isinstance(drafter_name, str) else list(drafter_name or [])
+        if len(names) > 1:  # one process hosting several drafters
+            if expert is not None:
+                raise ValueError("--expert names one drafter's queue; with several --drafter each serves its own expert")
+            return DrafterHost(config, redis_url, names)
+        drafter_name = names[0] if names else None
 
         if expert is None:
             spec = next((d for d in config.drafters if drafter_name in (None, d.name)), None)

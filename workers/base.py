@@ -144,8 +144,11 @@ class StageWorker:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def run(self, *, burst: bool = False) -> None:
-        self._install_signal_handlers()
+    async def run(self, *, burst: bool = False, signals: bool = True) -> None:
+        """The worker's life; ``signals=False`` where a host process handles SIGTERM for the
+        several workers it runs (and sets their ``stopping``)."""
+        if signals:
+            self._install_signal_handlers()
         self.redis = connect(self.redis_url)
         try:
             await self.retrying(self._prepare_server, forever=True)

@@ -20,14 +20,21 @@ whether a draft was made ahead.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import os
+import signal
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from cosine.workers.base import Entry, StageWorker
 
 from cosine.bus import ensure_group, load_functions, write_and_ack
+from cosine.deploy import machine_cores, plan_deployment
 from cosine.core.tree import DraftChain
 from cosine.drafters.base import DraftRequest, propose_ahead
 from cosine.factory import build_drafter, load_target
@@ -38,13 +45,20 @@ from cosine.wire.convert import probs_to_bytes, states_from_bytes
 class DrafterWorker(StageWorker):
     role = "drafter"
 
-    def __init__(self, config, redis_url, expert: str, drafter_name: str | None = None, instance: str | None = None) -> None:
+    def __init__(self, config, redis_url, expert: str, drafter_name: str | None = None, instance: str | None = None,
+                 host: DrafterHost | None = None) -> None:
         super().__init__(config, redis_url, instance)
         specs = [d for d in config.drafters if d.expert == expert and (drafter_name is None or d.name == drafter_name)]
         if not specs:
             raise ValueError(f"no configured drafter for expert {expert!r}" + (f" named {drafter_name!r}" if drafter_name else ""))
         self.spec = specs[0]
         self.expert = expert
+        self.host = host
+        if host is not None:  # one torch thread for every drafter of the process (see StageWorker)
+            self.executor.shutdown(wait=False)
+            self.executor = host.executor
+        setting = config.speculation.pipelining
+        self.pipelining = setting == "on" or (setting == "auto" and plan_deployment(config, machine_cores()).pipelining)
 
     def input_streams(self) -> list[str]:
         # Its own stream first: rounds of requests it drafted the round before (cache affinity).
@@ -54,15 +68,20 @@ class DrafterWorker(StageWorker):
         return f"expert={self.expert} drafter={self.spec.name}"
 
     async def setup(self) -> None:
-        def load():
-            # A drafter's process takes its own thread count (drafters.threads), not the verifier's;
-            # only drafters made of the target's layers run them (the others borrow its embedding
-            # or tokenizer): no start-up timing of its linears for those.
-            layers = "auto" if self.spec.kind in ("early-exit", "layer-skip") else "plain"
-            target = load_target(self.config, threads=self.spec.threads, cpu_linear=layers) if self.spec.kind != "prompt-lookup" else None
-            return build_drafter(self.spec, target, self.config)
-
-        self.drafter = await self.off_loop(load)
+        # A drafter's process takes its own thread count (drafters.threads), not the verifier's;
+        # only drafters made of the target's layers run them (the others borrow its embedding
+        # or tokenizer): no start-up timing of its linears for those.
+        layers = "auto" if self.spec.kind in ("early-exit", "layer-skip") else "plain"
+        threads = self.host.threads if self.host is not None else self.spec.threads
+        target = None
+        if self.spec.kind != "prompt-lookup":
+            if self.host is not None:  # one copy of the target for every drafter the process hosts
+                target = await self.host.target(layers, lambda: self.off_loop(load_target, self.config, threads, layers))
+            else:
+                target = await self.off_loop(load_target, self.config, threads, layers)
+        self.drafter = await self.off_loop(build_drafter, self.spec, target, self.config)
+        if self.host is not None:
+            self.host.built(self.spec.name)
         self.rank = [d.name for d in self.config.drafters].index(self.spec.name)
         self.features: OrderedDict[str, torch.Tensor] = OrderedDict()  # request id -> states at positions 0..
         self.contexts: OrderedDict[str, list[int]] = OrderedDict()  # request id -> the context of its last job here
@@ -128,7 +147,7 @@ class DrafterWorker(StageWorker):
             )
             outputs.append((self.keys.drafts, encode(draft)))
         await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])
-        if self.config.speculation.pipelining and self.drafter.drafts_ahead and not self.drafter.needs_features:
+        if self.pipelining and self.drafter.drafts_ahead and not self.drafter.needs_features:
             await self.guarded(self._draft_ahead, stream, [(jobs[i], contexts[i], chains[i]) for i in live])
 
     # ---- pipelining ----------------------------------------------------------------------
@@ -229,6 +248,60 @@ class DrafterWorker(StageWorker):
         while len(self.features) > MAX_HELD_REQUESTS:
             self.features.popitem(last=False)
         return rows
+
+
+class DrafterHost:
+    """Several drafters in one process (``cosine worker drafter --drafter A --drafter B``).
+
+    Each hosted drafter is a ``DrafterWorker`` of its own (its instance, liveness, own stream and
+    expert queue, exactly as in a process of its own: coordinators and ``cosine status`` see no
+    difference), all on one event loop. What they would each hold is shared: one torch thread
+    (every model call of the process runs on it, in turn: a second thread would get its own
+    OpenMP team and slow both), one copy of the target they borrow from (its embedding), with
+    the threads of the most demanding drafter.
+    """
+
+    def __init__(self, config, redis_url: str, names: list[str]) -> None:
+        specs = {d.name: d for d in config.drafters}
+        unknown = [name for name in names if name not in specs]
+        if unknown:
+            raise ValueError(f"no configured drafter named {unknown[0]!r}; configured: {list(specs)}")
+        self.threads = max(specs[name].threads for name in names)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafters-model")
+        self.workers = [DrafterWorker(config, redis_url, specs[name].expert, name, host=self) for name in dict.fromkeys(names)]
+        self._targets: dict[str, asyncio.Future] = {}
+        self._unbuilt = {name for name in names if specs[name].kind != "prompt-lookup"}
+
+    async def target(self, layers: str, load):
+        """The target loaded once per linear layout, whichever hosted drafter asks first."""
+        if layers not in self._targets:
+            self._targets[layers] = asyncio.ensure_future(load())
+        return await asyncio.shield(self._targets[layers])
+
+    def built(self, name: str) -> None:
+        """Once every hosted drafter is built, the host lets go of the target: what the drafters
+        borrow (the embedding; an early-exit drafter's layers) stays, the rest is freed."""
+        self._unbuilt.discard(name)
+        if not self._unbuilt:
+            self._targets.clear()
+            gc.collect()
+
+    async def run(self, *, burst: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if all(worker.stopping.is_set() for worker in self.workers):
+                os._exit(1)  # a second signal: exit now
+            for worker in self.workers:
+                worker.stopping.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, on_signal)
+        try:
+            await asyncio.gather(*(worker.run(burst=burst, signals=False) for worker in self.workers))
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
