@@ -92,6 +92,11 @@ class SpeculationConfig:
     # "auto": on where drafters have cores of their own (cosine.deploy); "on" / "off" (or true / false).
     pipelining: str = "auto"
     pipelining_max_batch: int = 4
+    # Multi-step rounds: a round without drafts (window 0: speculation does not pay now) decodes
+    # up to this many tokens in one verifier job instead of one, so its trip through the
+    # pipeline is paid once for several tokens (fewer while other requests' drafts are due).
+    # 1: one token per round.
+    multi_step: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pipelining", _on_off_auto(self.pipelining, "speculation.pipelining"))
@@ -99,8 +104,8 @@ class SpeculationConfig:
             raise ValueError(f"speculation.mode must be 'chain', 'tree' or 'step', got {self.mode!r}")
         if not 0 <= self.min_window <= self.window <= self.max_window:
             raise ValueError("need 0 <= speculation.min_window <= window <= max_window")
-        if self.max_batch < 1 or self.max_tree_nodes < 1 or self.pipelining_max_batch < 1:
-            raise ValueError("speculation.max_batch, max_tree_nodes and pipelining_max_batch must be >= 1")
+        if self.max_batch < 1 or self.max_tree_nodes < 1 or self.pipelining_max_batch < 1 or self.multi_step < 1:
+            raise ValueError("speculation.max_batch, max_tree_nodes, pipelining_max_batch and multi_step must be >= 1")
 
 
 def _on_off_auto(value: Any, name: str) -> str:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cosine.core.acceptance import Verdict, verify_greedy, verify_sampling
-from cosine.core.sampling import SamplingParams, request_generator, warp_probs
+from cosine.core.acceptance import Verdict, verify_round
+from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import FINISH_ERROR, Emission, OutputAssembler, StopRules
 from cosine.core.tree import DraftChain, DraftTree, fuse_steps, fused_token, merge_chains, truncate_to_budget
 from cosine.drafters.base import Drafter, DraftRequest
@@ -308,11 +308,7 @@ class LocalEngine:
             state.routing.observe(feedback, verdict.accepted_len, self.routing)
 
     def _verify(self, state: _Active, tree: DraftTree, logits: torch.Tensor) -> Verdict:
-        sampling = state.request.sampling
-        if sampling.greedy:
-            return verify_greedy(tree, logits.argmax(-1).tolist())
-        generator = request_generator(sampling.seed, state.round_index, "verify")
-        return verify_sampling(tree, warp_probs(logits, sampling), generator)
+        return verify_round(tree, logits, state.request.sampling, state.round_index, len(state.context))
 
     def _apply(self, state: _Active, tree: DraftTree, verdict: Verdict, on_emission: EmissionCallback | None) -> bool:
         emission = state.assembler.extend(verdict.new_tokens)

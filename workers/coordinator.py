@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections import Counter
@@ -55,6 +56,7 @@ class _Waiting:
     fed_tokens: int = 1  # what the verifier feeds: the tree and the new token, the prompt in a first round
     expected: float = 1.0  # tokens the round is expected to commit
     depth: int = 0  # of the drafted tree
+    room: int = 1  # tokens the request may still make (max_tokens)
 
 
 @dataclass
@@ -77,6 +79,16 @@ class _SentBatch:
     longest_context: int
     first_round: bool  # holds a request's first round (a prompt's prefill: not a round's cost)
     depths: dict[str, int]  # request -> its drafted tree's depth
+
+
+def _with_steps(waiting: _Waiting, steps: int) -> VerifyItem:
+    """The item as sent: a round without drafts (past a request's first, so that its first token
+    comes at once) decodes up to ``steps`` tokens, never past the request's ``max_tokens``; one
+    that asked for the target's states (feature drafters) or is a prefill chunk, one."""
+    item = waiting.item
+    if steps <= 1 or item.tree.tokens or item.round == 0 or item.features_from >= 0 or item.prefill_chunk > 0:
+        return item
+    return dataclasses.replace(item, steps=max(1, min(steps, waiting.room)))
 
 
 def kv_rows_of(item: VerifyItem, block: int) -> int:
@@ -231,10 +243,10 @@ class Coordinator(StageWorker):
         # Later rounds reference the context (the verifier keeps it); a first round carries the prompt.
         start, prefix_digest, tail = by_reference(state.context) if state.round else (0, b"", state.context)
         item = VerifyItem(state.request_id, state.round, tail, candidate, state.sampling, state.fingerprint, features_from, chunk, start, prefix_digest,
-                          state.logprobs)
+                          state.logprobs, stop_ids=list(state.eos_ids))
         depth = tree_depth(candidate.parents)
         expected = self.control.expected(depth, state.accepted_tokens, state.drafted_rounds)
-        self.pool.append(_Waiting(entry_id, item, time.monotonic(), fed, expected, depth))
+        self.pool.append(_Waiting(entry_id, item, time.monotonic(), fed, expected, depth, state.max_tokens - len(state.output_ids)))
 
     def _remember_draft_homes(self, candidate: Candidate) -> None:
         homes = {e: i for pair in candidate.homes if isinstance(pair, list) and len(pair) == 2
@@ -292,7 +304,8 @@ class Coordinator(StageWorker):
             else:
                 chosen = self.batch_policy.select(pending, self.control.verify_ms, pipeline.batch_latency_weight, pipeline.batch_starve_ms / 1000, kv_rows)
             taken = [same[i] for i in chosen]
-            batch = VerifyBatch(uuid.uuid4().hex[:12], [w.item for w in taken])
+            steps = self._multi_steps(taken)
+            batch = VerifyBatch(uuid.uuid4().hex[:12], [_with_steps(w, steps) for w in taken])
             stream = self.keys.verify_at(home) if home else self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xadd(stream, encode(batch))
@@ -317,6 +330,25 @@ class Coordinator(StageWorker):
             while len(self.sent_batches) > TRACKED:  # results that never came back here
                 del self.sent_batches[next(iter(self.sent_batches))]
             self.log.debug("batch %s: %d requests to %s", batch.batch_id, len(taken), stream)
+
+    def _multi_steps(self, taken: list[_Waiting]) -> int:
+        """How many tokens a batch's rounds without drafts may decode in this one job
+        (multi-step; ``speculation.multi_step``): every one, when the batch holds every active
+        request; else only as many as fit before the rounds drafting now are expected back (they
+        would wait for this batch), at least one."""
+        limit = self.config.speculation.multi_step
+        if limit <= 1 or not any(not w.item.tree.tokens for w in taken):
+            return 1
+        left = len(self.pool) - len(taken)  # candidates that stay pooled
+        if len(taken) >= self.active and not self.drafting and not left:
+            return limit
+        if left:
+            return 1
+        now = time.monotonic()
+        due_ms = min((max(0.0, sent + self.control.draft_ms(window, k) / 1000 - now) * 1000 for _, sent, window, k in self.drafting.values()), default=0.0)
+        longest = max(w.item.context_len for w in taken)
+        step_ms = max(1e-3, self.control.verify_ms(len(taken), len(taken), longest))
+        return max(1, min(limit, 1 + int(due_ms / step_ms)))
 
     def _home(self, request_id: str) -> str:
         """The live verifier instance that holds a request's caches, or "" (any verifier): also
@@ -394,6 +426,10 @@ class Coordinator(StageWorker):
             pipe.hincrby(self.keys.stats, "verify_batches", 1)
             pipe.hincrby(self.keys.stats, "verify_items", batch.batch_size)
             pipe.hincrby(self.keys.stats, "verify_forward_us", round(batch.forward_ms * 1000))  # verifiers' busy time
+            decoded = sum(len(item.decoded) for item in batch.items)
+            if decoded:  # tokens made after a multi-step round's first: the share multi-step makes
+                pipe.hincrby(self.keys.stats, "multi_step_tokens", decoded)
+                pipe.hincrby(self.keys.stats, "multi_step_rounds", sum(1 for item in batch.items if item.decoded))
             for name, value in self.round_times.items():
                 pipe.hincrby(self.keys.stats, name, value)
             if cost_error is not None:  # the cost model's error on batches it had not seen
@@ -432,7 +468,7 @@ class Coordinator(StageWorker):
             times = self.round_times
             times[f"rounds_timed_{kind}"] += 1
             times[f"round_wall_us_{kind}"] += round(wall_ms * 1000)
-            times[f"round_tokens_{kind}"] += len(item.accepted_tokens) + 1
+            times[f"round_tokens_{kind}"] += len(item.accepted_tokens) + 1 + len(item.decoded)
             # Where the round's time went: the hop to the pool (writing the round, drafting and
             # fusion when it drafted), the pool (batch forming, waiting for a free verifier), the
             # verify stream (queued behind other batches, the hops) and the forward itself.
@@ -443,7 +479,8 @@ class Coordinator(StageWorker):
             if whole:
                 self.control.observe_overhead(wall_ms - clock.drafting_ms - batch.forward_ms)
         # First rounds feed whole prompts: their batches say nothing of a verification round's cost.
-        if sent.first_round or batch.forward_ms <= 0 or any(item.error for item in batch.items) or sent.size != len(batch.items):
+        # Multi-step batches ran several forwards: not one verification's cost either.
+        if sent.first_round or batch.forward_ms <= 0 or any(item.error or item.decoded for item in batch.items) or sent.size != len(batch.items):
             return None
         warm = self.control.verify.observations >= COST_WARM
         error = self.control.observe_verification(sent.size, sent.fed_tokens, batch.forward_ms, sent.longest_context)
@@ -489,7 +526,7 @@ class Coordinator(StageWorker):
             return fail(state, self.tokenizer, item.error, error_code=item.error_code or "internal")
         try:
             update = advance(state, item.accepted_tokens, item.next_token, item.draft_tokens, self.tokenizer, self.window_policy, fingerprint,
-                             feedback_from_wire(item.drafters), self.routing_policy, self.expert_of, self.texts, item.logprobs)
+                             feedback_from_wire(item.drafters), self.routing_policy, self.expert_of, self.texts, item.logprobs, item.decoded)
         except LogprobsError as error:  # asked for, but the verifier's rows do not fit: the request ends, loudly
             self.log.warning("request %s round %d: %s", state.request_id, state.round, error)
             return fail(state, self.tokenizer, f"the verifier's log-probabilities did not fit the round: {error}")

@@ -24,8 +24,7 @@ import torch
 from cosine.workers.base import Entry, StageWorker
 
 from cosine import bus, faults
-from cosine.core.acceptance import emitted_logprobs, verify_greedy, verify_sampling
-from cosine.core.sampling import request_generator, warp_probs
+from cosine.core.acceptance import Verdict, decode_token, emitted_logprobs, verify_round
 from cosine.core.tree import ROOT
 from cosine.factory import load_target
 from cosine.models.runner import BLOCK_SIZE, ForwardItem, ModelRunner
@@ -153,7 +152,7 @@ class VerifierWorker(StageWorker):
             if result.prefilled:
                 self.contexts[item.request_id] = list(item.context)
             else:
-                self.contexts[item.request_id] = [*item.context, *result.accepted_tokens, result.next_token]
+                self.contexts[item.request_id] = [*item.context, *result.accepted_tokens, result.next_token, *result.decoded]
         while len(self.contexts) > MAX_HELD_CONTEXTS:
             self.contexts.popitem(last=False)
 
@@ -212,12 +211,7 @@ class VerifierWorker(StageWorker):
             if item.request_id in chunked:
                 results[item.request_id] = VerifiedItem(item.request_id, item.round, [], -1, 0, prefilled=chunked[item.request_id])
                 continue
-            sampling = item.sampling
-            if sampling.greedy:
-                verdict = verify_greedy(tree, rows.argmax(-1).tolist())
-            else:
-                generator = request_generator(sampling.seed, item.round, "verify")
-                verdict = verify_sampling(tree, warp_probs(rows, sampling), generator)
+            verdict = verify_round(tree, rows, item.sampling, item.round, len(item.context))
             self.runner.commit(item.request_id, verdict.accepted_nodes, verdict.accepted_tokens)
             features, start = b"", 0
             if item.features_from >= 0:  # the states of every position this round commits, from features_from on
@@ -231,7 +225,32 @@ class VerifierWorker(StageWorker):
                 drafters=[[name, f.drafted, f.accepted, round(f.confidence_sum, 5)] for name, f in feedback.items()],
                 logprobs=emitted_logprobs(rows, verdict, item.logprobs) if item.logprobs >= 0 else [],
             )
+        multi_step = [item for item, tree in zip(accepted_items, trees) if item.request_id not in chunked and _decodes_on(item, tree, results[item.request_id])]
+        if multi_step:
+            self._decode_on(multi_step, results)
         return [results[item.request_id] for item in items]
+
+    def _decode_on(self, items: list[VerifyItem], results: dict[str, VerifiedItem]) -> None:
+        """Multi-step rounds: requests whose round had no drafts go on decoding, one batched
+        forward per token, up to their ``steps`` or one of their ``stop_ids``, and their results
+        carry the tokens after the first (``decoded``). One round's trip through the pipeline
+        then yields several tokens, as a drafted round does."""
+        made = {item.request_id: [results[item.request_id].next_token] for item in items}
+        logprobs = {item.request_id: list(results[item.request_id].logprobs) for item in items}
+        while True:
+            going = [i for i in items if len(made[i.request_id]) < i.steps and made[i.request_id][-1] not in i.stop_ids]
+            if not going:
+                break
+            rows = self.runner.forward([ForwardItem(i.request_id, [*i.context, *made[i.request_id]]) for i in going])
+            for item, row in zip(going, rows):
+                tokens = made[item.request_id]
+                token = decode_token(row[0], item.sampling, len(item.context) + len(tokens))
+                tokens.append(token)
+                if item.logprobs >= 0:
+                    logprobs[item.request_id] += emitted_logprobs(row, Verdict((), (), token), item.logprobs)
+        for item in items:
+            result = results[item.request_id]
+            results[item.request_id] = dataclasses.replace(result, decoded=made[item.request_id][1:], logprobs=logprobs[item.request_id])
 
 
 def profile_cost(runner: ModelRunner, repeats: int = 2) -> tuple[float, float, float, float]:
@@ -253,6 +272,12 @@ def profile_cost(runner: ModelRunner, repeats: int = 2) -> tuple[float, float, f
     x, y = torch.tensor(rows, dtype=torch.float64), torch.tensor(times, dtype=torch.float64)[:, None]
     coef = torch.linalg.lstsq(x, y).solution[:, 0].clamp(min=0.0)
     return tuple(float(c) for c in coef)  # type: ignore[return-value]
+
+
+def _decodes_on(item: VerifyItem, tree, result: VerifiedItem) -> bool:
+    """Whether a verified item goes on decoding (multi-step): a round without drafts that asked
+    for more steps, ships no target states, and has not ended on a stop token."""
+    return item.steps > 1 and len(tree) == 0 and item.features_from < 0 and not result.error and result.next_token not in item.stop_ids
 
 
 def _error(item: VerifyItem, reason: str, code: str) -> VerifiedItem:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cosine.core.params import SamplingParams
+from cosine.core.sampling import request_generator, warp_probs
 from cosine.core.tree import ROOT, DraftTree
 
 
@@ -89,6 +91,35 @@ def verify_sampling(tree: DraftTree, target_probs: torch.Tensor, generator: torc
             return _verdict(tree, path, token)
         path.append(chosen)
         node = chosen
+
+
+def verify_round(tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, round_index: int, context_len: int) -> Verdict:
+    """One round's verdict under the request's sampling.
+
+    logits: [n + 1, vocab] in the verifier's layout. A drafted round's draws come from the
+    round's random stream; a round without drafts (window 0) is plain decoding, and its token
+    is drawn from a stream keyed by the token's position (``decode_token``), so a sampled output
+    is the same however its window-0 stretches are cut into rounds (one token a round, or several
+    in one multi-step job).
+    """
+    if sampling.greedy:
+        return verify_greedy(tree, logits.argmax(-1).tolist())
+    if len(tree) == 0:
+        return Verdict((), (), decode_token(logits[0], sampling, context_len))
+    return verify_sampling(tree, warp_probs(logits, sampling), request_generator(sampling.seed, round_index, "verify"))
+
+
+def decode_token(logits: torch.Tensor, sampling: SamplingParams, position: int) -> int:
+    """The target's own next token at ``position`` (the context's length), without drafts.
+
+    logits: [vocab]. Greedy: the argmax. Sampled: a draw from the warped distribution with a
+    generator keyed by (seed, position): any worker, any cut of rounds, draws the same token.
+    """
+    if sampling.greedy:
+        return int(logits.argmax())
+    probs = warp_probs(logits[None], sampling)[0]
+    generator = request_generator(sampling.seed, position, "decode")
+    return int(torch.multinomial(probs.to(generator.device), 1, generator=generator).item())
 
 
 def _draft_row(tree: DraftTree, probs_row: int | None, token: int, like: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ calls it, and applies the result atomically (compare-and-set on ``round``).
 from __future__ import annotations
 
 import json
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from cosine.core.logprobs import token_logprobs
@@ -85,11 +85,14 @@ def advance(
     expert_of: dict[str, str] | None = None,
     text_cache: MutableMapping[str, tuple[int, tuple[int, ...], str]] | None = None,
     logprobs: list | None = None,
+    decoded: Sequence[int] = (),
 ) -> RoundUpdate:
     """Apply one verified round: clip by the stop rules, emit text, retune the window, count
     each drafter's drafted and accepted tokens (``feedback``) and, with online routing, move the
     routing scores and choose the next round's experts. ``logprobs`` (the verifier's rows for
     the round's tokens, when the request asked for them) go into the tokens entry, one per token.
+    ``decoded``: a multi-step round's tokens after ``next_token`` (the target decoded them without
+    drafts); each is clipped by the stop rules like any other, and none counts as accepted.
 
     ``text_cache`` (request -> output length, its last tokens, its text), kept by the caller
     across rounds, spares decoding the whole output again each round: an entry is used only
@@ -101,7 +104,7 @@ def advance(
         text=_output_text(state, tokenizer, text_cache),
         emitted_chars=state.emitted_chars,
     )
-    emission = assembler.extend([*accepted_tokens, next_token])
+    emission = assembler.extend([*accepted_tokens, next_token, *decoded])
     if text_cache is not None:
         if emission.finish_reason:
             text_cache.pop(state.request_id, None)

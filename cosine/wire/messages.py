@@ -127,6 +127,10 @@ class VerifyItem:
     context_digest: bytes = b""
     # >= 0: return each emitted token's log-probability and this many most likely alternatives.
     logprobs: int = -1
+    # A round without drafts (window 0) may decode up to this many tokens in this one job
+    # (multi-step), stopping after any of ``stop_ids`` (the request's end-of-sequence tokens).
+    steps: int = 1
+    stop_ids: list[int] = field(default_factory=list)
 
     @property
     def context_len(self) -> int:
@@ -161,6 +165,9 @@ class VerifiedItem:
     # When asked (``VerifyItem.logprobs``): per emitted token (accepted, then next),
     # [logprob, [top ids], [top logprobs]] under the target (``cosine.core.logprobs``).
     logprobs: list = field(default_factory=list)
+    # A multi-step round (``VerifyItem.steps`` > 1): the tokens the target decoded after
+    # ``next_token``, in order (the round emits accepted, next, then these).
+    decoded: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
