@@ -13,6 +13,7 @@ from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_model
 from cosine.drafters.suffix import SuffixDrafter
 from cosine.models.loading import LoadedModel, cpu_key, load_model, prepack_cpu_linears, remembered_cpu_linears
+from cosine.models.fusing import fuse_projections
 from cosine.models.runner import ModelRunner
 from cosine.policy.routing import PromptClassifier
 
@@ -35,6 +36,7 @@ def load_target(config: Config, threads: int | None = None, cpu_linear: str | No
     loaded = load_model(
         config.model.target_path, cache_dir=config.model.cache_path, device=config.model.device, dtype=config.model.dtype
     )
+    fuse_projections(loaded.model)  # before the linears are swapped for oneDNN's (cosine.models.fusing)
     cpu_linear = cpu_linear or config.model.cpu_linear
     if cpu_linear == "onednn":
         prepack_cpu_linears(loaded.model)
