@@ -623,3 +623,67 @@ def test_rounds_stay_with_their_drafter_and_move_on_when_it_is_gone(server, tmp_
     assert home.encode() not in client.hkeys("cosine:drafter-streams")
     later = {decode(f, Draft).instance for _, f in client.xrange("cosine:drafts") if decode(f, Draft).request_id == "moved"} - {home}
     assert later, "no other drafter drafted the request"
+
+
+def test_one_process_hosts_several_drafters_on_their_experts_queues(server, tmp_path, demo_target, pipelines):
+    """``cosine worker drafter --drafter A --drafter B``: one process, each drafter live under its
+    own instance and reading its own expert's queue; both draft, and outputs are the target's."""
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT, LOOKUP])
+    pipelines.append(pipeline)
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        pipeline.start(role)
+    host = pipeline.start("drafter", "--drafter", EARLY_EXIT["name"], "--drafter", LOOKUP["name"])
+    pipeline.wait_live("drafter", 2)
+    for role in ("verifier", "coordinator", "router", "fusion"):
+        pipeline.wait_live(role, 1)
+    client = pipeline.client()
+    roster = {k.decode(): v.decode() for k, v in client.hgetall("cosine:roster:drafter").items()}
+    assert {f"expert={e}" for e in ("general", "lookup")} <= {p for v in roster.values() for p in v.split()}, roster
+    prompts = [RAW_PROMPTS[0], RAW_PROMPTS[5], RAW_PROMPTS[2]]  # the "Summarize" one also goes to lookup (router.keywords)
+    drafted_by: set[str] = set()
+    for index, prompt in enumerate(prompts):
+        ids = demo_target.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        final = final_of(read_output(client, submit(client, id=f"host-{index}", prompt=prompt, max_tokens=MAX_TOKENS), timeout=180))
+        assert_matches(json.loads(final["token_ids"]), reference(demo_target, ids, MAX_TOKENS))
+        drafted_by |= {name for name, counts in json.loads(final["drafters"]).items() if counts["drafted"]}
+    assert drafted_by == {EARLY_EXIT["name"], LOOKUP["name"]}, drafted_by
+    assert host.poll() is None
+
+
+def test_multi_step_rounds_are_lossless_and_sample_as_the_engine(server, tmp_path, demo_target, pipelines):
+    """Every round at window 0 decodes up to ``multi_step`` tokens in one verifier job: greedy
+    outputs are the target's, with far fewer rounds than tokens, and seeded sampled outputs equal
+    the local engine's decoding one token a round (window-0 draws are keyed by position)."""
+    from cosine.core.sampling import SamplingParams
+    from cosine.core.stopping import StopRules
+    from cosine.engine import GenerationRequest, LocalEngine
+    from cosine.models.runner import ModelRunner
+    from cosine.policy.window import WindowPolicy
+
+    pipeline = make_pipeline(tmp_path, server, demo_target, [EARLY_EXIT], speculation={"window": 0, "min_window": 0, "max_window": 0, "multi_step": 6})
+    pipelines.append(pipeline)
+    pipeline.start_stages("general")
+    client = pipeline.client()
+    prompts = [RAW_PROMPTS[0], RAW_PROMPTS[3]]
+    ids = [demo_target.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    for index, prompt in enumerate(prompts):
+        entries = read_output(client, submit(client, id=f"ms-greedy-{index}", prompt=prompt, max_tokens=MAX_TOKENS), timeout=180)
+        final = final_of(entries)
+        assert_matches(json.loads(final["token_ids"]), reference(demo_target, ids[index], MAX_TOKENS))
+        assert_text_joins(entries)
+        assert int(final["rounds"]) <= 1 + -(-(int(final["generated_tokens"]) - 1) // 6), final  # the first round makes one token
+        assert int(final["draft_tokens"]) == 0
+    stats = {k.decode(): int(v) for k, v in client.hgetall("cosine:stats").items()}
+    assert stats["multi_step_tokens"] >= MAX_TOKENS, stats
+    sampled = [SamplingParams(temperature=0.8, top_p=0.95, seed=seed) for seed in (11, 12)]
+    finals = []
+    for index, (prompt, sampling) in enumerate(zip(prompts, sampled)):
+        request_id = submit(client, id=f"ms-sampled-{index}", prompt=prompt, max_tokens=MAX_TOKENS, temperature=sampling.temperature, top_p=sampling.top_p,
+                            seed=sampling.seed)
+        finals.append(final_of(read_output(client, request_id, timeout=180)))
+    engine = LocalEngine(ModelRunner(demo_target.model), demo_target.tokenizer, [], window=WindowPolicy(0, 0, 0, False), max_batch=1)
+    eos = frozenset({demo_target.tokenizer.eos_token_id})
+    for index, sampling in enumerate(sampled):
+        expected = engine.generate([GenerationRequest(f"e{index}", tuple(ids[index]), sampling, StopRules(MAX_TOKENS, eos))])[0]
+        assert json.loads(finals[index]["token_ids"]) == expected.token_ids, (finals[index], expected)
+        assert int(finals[index]["rounds"]) < int(finals[index]["generated_tokens"])

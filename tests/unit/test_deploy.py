@@ -1,0 +1,54 @@
+"""The deployment plan: drafters share one process and stop drafting ahead where their threads
+do not fit beside the verifier's; explicit settings win."""
+
+from __future__ import annotations
+
+from cosine.config import Config, DrafterConfig, ModelConfig, ServeConfig, SpeculationConfig, load_config
+from cosine.deploy import plan_deployment
+from cosine.serve import Supervisor
+
+SIX = (
+    *(DrafterConfig(f"{e}-small", "small", e, path="x") for e in ("general", "code", "chat", "math")),
+    DrafterConfig("prompt-lookup", "prompt-lookup", "lookup"),
+    DrafterConfig("suffix", "suffix", "suffix"),
+)
+
+
+def config(**sections) -> Config:
+    return Config(model=ModelConfig(threads=2), drafters=SIX, **sections)
+
+
+def test_two_cores_host_every_drafter_in_one_process_without_pipelining():
+    plan = plan_deployment(config(), cores=2)
+    assert plan.shared_drafters and not plan.pipelining
+    assert "one drafter process" in plan.describe() and "pipelining off" in plan.describe()
+
+
+def test_many_cores_give_each_drafter_its_process_and_pipelining():
+    plan = plan_deployment(config(), cores=16)
+    assert not plan.shared_drafters and plan.pipelining
+
+
+def test_explicit_settings_win():
+    plan = plan_deployment(config(serve=ServeConfig("separate"), speculation=SpeculationConfig(pipelining="on")), cores=2)
+    assert not plan.shared_drafters and plan.pipelining
+    plan = plan_deployment(config(serve=ServeConfig("shared"), speculation=SpeculationConfig(pipelining=False)), cores=64)
+    assert plan.shared_drafters and not plan.pipelining
+
+
+def test_pipelining_reads_booleans_and_words(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[speculation]\npipelining = false\n")
+    assert load_config(path, environ={}).speculation.pipelining == "off"
+    assert load_config(path, environ={"COSINE_SPECULATION_PIPELINING": "on"}).speculation.pipelining == "on"
+
+
+def test_serve_plan_starts_one_drafter_process_for_all_drafters():
+    supervisor = Supervisor(config(), "redis://127.0.0.1:1", None)
+    supervisor.deployment = plan_deployment(supervisor.config, cores=2)
+    drafters = [args for args in supervisor.plan() if args[0] == "drafter"]
+    assert drafters == [["drafter", *[a for d in SIX for a in ("--drafter", d.name)]]]
+    assert supervisor._worker_env(("drafter",))["COSINE_SPECULATION_PIPELINING"] == "off"
+    supervisor.deployment = plan_deployment(supervisor.config, cores=32)
+    assert len([args for args in supervisor.plan() if args[0] == "drafter"]) == len(SIX)
+    assert supervisor._worker_env(("drafter",))["COSINE_SPECULATION_PIPELINING"] == "on"
