@@ -35,13 +35,15 @@ NEUTRAL = {
     "service_tier": (None, "auto", "default"),
 }
 SAMPLING = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "user", "stream", "stream_options")
-CHAT_PARAMS = {"model", "messages", *SAMPLING, *NEUTRAL, "logprobs", "top_logprobs"}
-COMPLETION_PARAMS = {"model", "prompt", *SAMPLING, *NEUTRAL, "logprobs"}
+EXTENSIONS = ("max_window",)  # CoSine's own request fields (extra_body in the openai client)
+CHAT_PARAMS = {"model", "messages", *SAMPLING, *NEUTRAL, *EXTENSIONS, "logprobs", "top_logprobs"}
+COMPLETION_PARAMS = {"model", "prompt", *SAMPLING, *NEUTRAL, *EXTENSIONS, "logprobs"}
+MAX_WINDOW_LIMIT = 64  # as cosine.requests
 MAX_TOP_LOGPROBS = 20  # the pipeline's bound (cosine.core.logprobs), as OpenAI's top_logprobs
 ROLES = ("system", "developer", "user", "assistant")
 # A CoSine field an `invalid` final names -> the OpenAI parameter (chat, completion).
 PARAM_NAMES = {"messages": "messages", "prompt": "prompt", "max_tokens": "max_tokens", "temperature": "temperature",
-               "top_p": "top_p", "seed": "seed", "stop": "stop", "logprobs": "logprobs"}
+               "top_p": "top_p", "seed": "seed", "stop": "stop", "logprobs": "logprobs", "max_window": "max_window"}
 ERROR_STATUS = {"invalid": 400, "busy": 503, "deadline": 504, "internal": 500, "cancelled": 499}
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
               504: "timeout", 500: "server_error", 499: "cancelled"}
@@ -127,6 +129,9 @@ def _common(body: dict, known: set[str], served: tuple[str, ...]) -> tuple[dict[
     seed = _integer(body, "seed", -(2**63), 2**64 - 1)
     if seed is not None:
         fields["seed"] = str(seed % 2**63)  # the pipeline seeds with [0, 2**63)
+    max_window = _integer(body, "max_window", 0, MAX_WINDOW_LIMIT)  # 0: no speculation for this request
+    if max_window is not None:
+        fields["max_window"] = str(max_window)
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):

@@ -125,6 +125,23 @@ def stop_rules(max_tokens: Any, limit: int, eos_ids: frozenset[int], stop: str |
     return StopRules(max_tokens, eos_ids, parse_stop(stop))
 
 
+MAX_WINDOW_LIMIT = 64  # a request's max_window beyond this caps nothing (the configured max_window is lower)
+
+
+def max_window_cap(value: Any) -> int:
+    """The ``max_window`` field: the most tokens a round of this request may draft (0: none, the
+    target alone decodes it); absent (None) is -1, the configured windows."""
+    if value is None:
+        return -1
+    try:
+        cap = int(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"'max_window' must be an integer >= 0, got {str(value)[:40]!r}", "max_window") from None
+    if not 0 <= cap <= MAX_WINDOW_LIMIT:
+        raise RequestError(f"'max_window' must be an integer in [0, {MAX_WINDOW_LIMIT}], got {cap}", "max_window")
+    return cap
+
+
 def logprobs_count(value: Any) -> int:
     """The ``logprobs`` field: how many most likely alternatives to report with each token's
     log-probability (0: the token's own only); absent (None) is -1, no log-probabilities."""

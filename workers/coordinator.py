@@ -576,7 +576,7 @@ class Coordinator(StageWorker):
     def _next_round(self, state: RequestState, features: bytes = b"", features_start: int = 0) -> tuple[list[str], bytes]:
         experts = [e for e in state.experts if e in self.live_experts]
         room = state.max_tokens - len(state.output_ids) - 1
-        window = min(state.window, max(0, room))
+        window = min(state.window, max(0, room), *([state.max_window] if state.max_window >= 0 else []))  # the request's own cap
         together = len(self.drafting) + 1  # requests drafting at once with this one
         planned = self.planned.pop(state.request_id, None)
         if experts and window > 0:

@@ -22,7 +22,7 @@ from cosine.workers.models import expert_classifier, load_tokenizer_and_limits
 from cosine import bus
 from cosine.core.rounds import ACTIVE, RequestState, fail
 from cosine.policy.routing import RequestRouting, choose_experts, routing_policy
-from cosine.requests import RequestError, eos_token_ids, logprobs_count, parse_stop, prompt_token_ids, sampling_params
+from cosine.requests import RequestError, eos_token_ids, logprobs_count, max_window_cap, parse_stop, prompt_token_ids, sampling_params
 from cosine.wire import DraftJob, encode
 from cosine.wire.convert import empty_candidate
 from cosine.wire.output import refusal_entry
@@ -31,7 +31,7 @@ from cosine.wire.state import state_from_fields, state_to_fields
 MAX_ID_LENGTH = 200
 MAX_DEADLINE_S = 7 * 24 * 3600
 WAITING_POLL_MS = 10
-KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert", "deadline_s", "logprobs"}
+KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert", "deadline_s", "logprobs", "max_window"}
 
 
 class Router(StageWorker):
@@ -223,7 +223,8 @@ class Router(StageWorker):
             eos_ids=tuple(sorted(self.eos_ids)),
             experts=experts,
             routing=routing,
-            window=self.config.speculation.window,
+            window=capped_window(self.config.speculation.window, cap := max_window_cap(fields.get("max_window"))),
+            max_window=cap,
             created_ms=now_ms,
             deadline_ms=now_ms + int(deadline_s * 1000),
             logprobs=logprobs_count(fields.get("logprobs")),
@@ -314,3 +315,7 @@ def _deadline_field(fields: dict[str, str], default: float) -> float:
         raise RequestError(f"'deadline_s' must be a number of seconds in (0, {MAX_DEADLINE_S}]", "deadline_s")
     return value
 
+
+def capped_window(window: int, cap: int) -> int:
+    """A window under a request's cap (-1: none)."""
+    return window if cap < 0 else min(window, cap)

@@ -48,6 +48,7 @@ class RequestState:
     routing: dict | None = None  # RequestRouting.to_dict(): online routing scores (None: fixed experts)
     drafters: dict = field(default_factory=dict)  # drafter name -> [drafted, accepted]
     logprobs: int = -1  # >= 0: tokens entries carry log-probabilities with this many alternatives
+    max_window: int = -1  # >= 0: the request's cap on its speculation window (0: no drafting); -1: none
 
     @property
     def context(self) -> list[int]:

@@ -46,6 +46,7 @@ def state_to_fields(state: RequestState) -> dict[str, bytes | str]:
         "created_ms": str(state.created_ms),
         "deadline_ms": str(state.deadline_ms),
         "logprobs": str(state.logprobs),
+        "max_window": str(state.max_window),
         **round_fields(state),
     }
 
@@ -82,4 +83,5 @@ def state_from_fields(fields: dict[bytes, bytes]) -> RequestState | None:
         routing=json.loads(f["routing"]) if f.get("routing") else None,
         drafters=json.loads(f.get("drafters", b"{}")),
         logprobs=int(f.get("logprobs", b"-1")),
+        max_window=int(f.get("max_window", b"-1")),
     )

@@ -647,6 +647,12 @@ def test_one_process_hosts_several_drafters_on_their_experts_queues(server, tmp_
         assert_matches(json.loads(final["token_ids"]), reference(demo_target, ids, MAX_TOKENS))
         drafted_by |= {name for name, counts in json.loads(final["drafters"]).items() if counts["drafted"]}
     assert drafted_by == {EARLY_EXIT["name"], LOOKUP["name"]}, drafted_by
+    # A request may turn speculation off (max_window 0) or cap its window: same output.
+    ids = demo_target.tokenizer(RAW_PROMPTS[5], add_special_tokens=False)["input_ids"]
+    for cap in (0, 1):
+        final = final_of(read_output(client, submit(client, id=f"cap-{cap}", prompt=RAW_PROMPTS[5], max_tokens=MAX_TOKENS, max_window=cap), timeout=180))
+        assert_matches(json.loads(final["token_ids"]), reference(demo_target, ids, MAX_TOKENS))
+        assert int(final["draft_tokens"]) <= cap * 2 * int(final["rounds"]), final  # two experts' chains of at most `cap`
     assert host.poll() is None
 
 

@@ -127,3 +127,15 @@ def test_messages_are_bounded_in_count():
         _parse_messages(json.dumps(many))
     assert refused.value.param == "messages"
     assert len(_parse_messages(json.dumps(many[:MAX_MESSAGES]))) == MAX_MESSAGES
+
+
+def test_max_window_field_parses_and_refuses_clearly():
+    from cosine.requests import RequestError, max_window_cap
+    from cosine.workers.router import capped_window
+
+    assert (max_window_cap(None), max_window_cap("0"), max_window_cap(5)) == (-1, 0, 5)
+    for bad in ("-1", "x", "65", 1e9):
+        with pytest.raises(RequestError) as raised:
+            max_window_cap(bad)
+        assert raised.value.param == "max_window"
+    assert (capped_window(4, -1), capped_window(4, 0), capped_window(4, 2), capped_window(1, 3)) == (4, 0, 2, 1)

@@ -254,3 +254,16 @@ def test_the_gateway_does_not_load_torch():
 
     code = "import sys, cosine.gateway, cosine.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_max_window_extension_caps_speculation_per_request():
+    from cosine.openai_api import ApiError, chat_fields, completion_fields
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_window": 0}
+    assert chat_fields(body).fields["max_window"] == "0"
+    assert completion_fields({"model": "m", "prompt": "x", "max_window": 3}).fields["max_window"] == "3"
+    assert "max_window" not in chat_fields({**body, "max_window": None}).fields
+    for bad in (-1, 65, "2", True, 1.5):
+        with pytest.raises(ApiError) as raised:
+            chat_fields({**body, "max_window": bad})
+        assert raised.value.param == "max_window"
