@@ -503,7 +503,7 @@ def distill(
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=device))
     from cosine.factory import load_target
 
-    target = load_target(config)
+    target = load_target(config, fuse=False)  # drafters start from copies of the target's own layers
     work_dir = (work or config.model.cache_path / "distill" / out.name).expanduser()
     typer.echo(f"distilling a {kind} drafter for {config.model.target_path} on {next(target.model.parameters()).device}; work directory {work_dir}")
 

@@ -27,16 +27,18 @@ class Stack:
     drafters: list[Drafter]
 
 
-def load_target(config: Config, threads: int | None = None, cpu_linear: str | None = None) -> LoadedModel:
+def load_target(config: Config, threads: int | None = None, cpu_linear: str | None = None, fuse: bool = True) -> LoadedModel:
     """The target as the verifier runs it, with ``threads`` torch threads (default
     model.threads) and on a CPU with oneDNN linears or plain ones as ``cpu_linear`` (default
-    model.cpu_linear) says; "auto" measures both. Baselines that must be plain transformers
-    load with ``load_model``."""
+    model.cpu_linear) says; "auto" measures both; with its projections fused (``fuse``:
+    cosine.models.fusing; off where the target's own layers are read, as distillation copies
+    them). Baselines that must be plain transformers load with ``load_model``."""
     torch.set_num_threads(threads or config.model.threads)
     loaded = load_model(
         config.model.target_path, cache_dir=config.model.cache_path, device=config.model.device, dtype=config.model.dtype
     )
-    fuse_projections(loaded.model)  # before the linears are swapped for oneDNN's (cosine.models.fusing)
+    if fuse:
+        fuse_projections(loaded.model)  # before the linears are swapped for oneDNN's (cosine.models.fusing)
     cpu_linear = cpu_linear or config.model.cpu_linear
     if cpu_linear == "onednn":
         prepack_cpu_linears(loaded.model)

@@ -88,10 +88,10 @@ def test_backoff_doubles_caps_resets_and_gives_up():
 
 
 def test_replicas_scale_router_coordinator_and_fusion():
-    config = load_config(None, environ={})
+    config = load_config(None, environ={}).replace("serve", drafter_processes="separate")
     supervisor = Supervisor(config, "redis://127.0.0.1:1", None, verifiers=2, drafters_per_expert=1, replicas=2)
     roles = [args[0] for args in supervisor.plan()]
-    drafters = len(config.drafters)  # one process per configured drafter
+    drafters = len(config.drafters)  # one process per configured drafter (serve.drafter_processes = "separate")
     assert {role: roles.count(role) for role in set(roles)} == {"router": 2, "coordinator": 2, "fusion": 2, "verifier": 2, "drafter": drafters}
 
 
