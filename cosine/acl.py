@@ -1,4 +1,4 @@
-"""Redis ACL rules for a CoSine deployment (README: "Threat model"): what a worker user and a
+"""Redis ACL rules for a CoSine deployment (docs/operations.md: "Threat model"): what a worker user and a
 client user may run, on which keys. The namespace (``redis.namespace``, default ``cosine:``)
 prefixes every key pattern.
 

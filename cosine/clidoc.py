@@ -1,7 +1,7 @@
-"""The README's CLI reference, made from the typer app itself (a test keeps the two equal).
+"""The CLI reference (docs/cli.md), made from the typer app itself (a test keeps the two equal).
 
     python -m cosine.clidoc            # print the reference
-    python -m cosine.clidoc --write    # replace it in README.md
+    python -m cosine.clidoc --write    # replace it in docs/cli.md
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def reference() -> str:
 
 
 def readme_section(readme: str) -> str:
-    """The reference as the README holds it (between the markers)."""
+    """The reference as docs/cli.md holds it (between the markers)."""
     start, end = readme.index(START) + len(START), readme.index(END)
     return readme[start:end].strip("\n") + "\n"
 
@@ -66,7 +66,7 @@ def main() -> None:
     if "--write" not in sys.argv[1:]:
         sys.stdout.write(text)
         return
-    path = Path(__file__).resolve().parent.parent / "README.md"
+    path = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
     readme = path.read_text()
     start, end = readme.index(START) + len(START), readme.index(END)
     path.write_text(readme[:start] + "\n" + text + readme[end:])

@@ -194,7 +194,7 @@ class PipelineConfig:
     max_deliveries: int = 5  # then the entry goes to the dead-letter stream
     heartbeat_ms: int = 1_000  # liveness keys live 3x this
     batch_wait_ms: int = 100  # coordinator: longest wait for a batch to reach its fair share
-    batch_choice: str = "cost"  # cost: first rounds first-come, then by the cost model (README: Load control); fifo: the oldest first
+    batch_choice: str = "cost"  # cost: first rounds first-come, then by the cost model (docs/architecture.md: Load control); fifo: the oldest first
     batch_latency_weight: float = 0.0  # batch choice: tokens a second of waiting is worth (0: throughput first)
     batch_starve_ms: int = 1_000  # a candidate pooled this long goes in the next batch, whatever it costs
     # A prompt's prefill goes to the verifier this many uncached tokens per batch, so that a long

@@ -63,7 +63,7 @@ class EmbeddedRedis:
     ``fsync`` is the append-only file's ``appendfsync`` policy. The default, ``everysec``, hands
     a write to the OS before acknowledging it (unless a slow disk makes valkey postpone writes),
     so a killed server loses nothing; ``always`` also survives a crash of the machine, but costs
-    3-7x per sequential write here, and far more on a busy disk (README, ``cosine serve``).
+    3-7x per sequential write here, and far more on a busy disk (docs/operations.md, ``cosine serve``).
     """
 
     def __init__(self, data_dir: str | os.PathLike | None = None, *, persistence: bool = True, fsync: str = "everysec", port: int | None = None) -> None:

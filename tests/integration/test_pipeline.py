@@ -549,7 +549,7 @@ def test_pipelining_sends_drafts_made_ahead_and_stays_lossless(server, tmp_path,
     # The target itself as the drafter: every draft accepted, every guess of the next token
     # right, so each round after the first finds its draft made ahead (greedy).
     twin = {"name": "twin", "kind": "model", "model": str(converted_gguf_dir(Path(demo_target.source), cache_dir())), "expert": "general"}
-    pipeline = make_pipeline(tmp_path, server, demo_target, [twin], speculation={"window": 3, "adaptive_window": False})
+    pipeline = make_pipeline(tmp_path, server, demo_target, [twin], speculation={"window": 3, "adaptive_window": False, "pipelining": "on"})  # "auto" is off on a machine of few cores
     pipelines.append(pipeline)
     pipeline.start_stages("general")
     client = pipeline.client()

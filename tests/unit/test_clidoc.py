@@ -1,4 +1,4 @@
-"""The README's CLI reference is the typer app's: regenerate it with `python -m cosine.clidoc --write`."""
+"""docs/cli.md is the typer app's CLI reference: regenerate it with `python -m cosine.clidoc --write`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cosine.clidoc import readme_section, reference
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
 
 def test_the_readme_cli_reference_matches_the_app():
