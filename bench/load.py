@@ -95,6 +95,7 @@ class Outcome:
     submitted: float
     ended: float = 0.0
     first_token: float | None = None
+    last_token: float | None = None  # the last entry with tokens
     tokens: list[int] = field(default_factory=list)
     error: str = ""
 
@@ -124,6 +125,8 @@ def summarise(outcomes: list[Outcome]) -> dict:
     tokens = sum(len(o.tokens) for o in outcomes)
     latencies = sorted(o.ended - o.submitted for o in outcomes)
     ttfts = sorted(o.first_token - o.submitted for o in outcomes if o.first_token is not None)
+    # Inter-token latency of a request: its first to its last token, per token after the first.
+    itls = sorted((o.last_token - o.first_token) / (len(o.tokens) - 1) for o in outcomes if o.first_token is not None and o.last_token and len(o.tokens) > 1)
     errors: dict[str, int] = {}
     for o in outcomes:
         if o.error:
@@ -131,7 +134,8 @@ def summarise(outcomes: list[Outcome]) -> dict:
     return {
         "requests": len(outcomes), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "requests_per_s": len(outcomes) / wall,
         "p50_latency_s": percentile(latencies, 50), "p99_latency_s": percentile(latencies, 99),
-        "p50_ttft_s": percentile(ttfts, 50) if ttfts else None, "p99_ttft_s": percentile(ttfts, 99) if ttfts else None, "errors": errors,
+        "p50_ttft_s": percentile(ttfts, 50) if ttfts else None, "p99_ttft_s": percentile(ttfts, 99) if ttfts else None,
+        "p50_itl_s": percentile(itls, 50) if itls else None, "p99_itl_s": percentile(itls, 99) if itls else None, "errors": errors,
     }
 
 
@@ -287,8 +291,10 @@ async def drive(url: str, plans: list[Plan], concurrency: int | None, arrivals: 
                 last = time.monotonic()
                 for entry_id, entry in entries:
                     cursor = entry_id
-                    if outcome.first_token is None and entry.get("type") == "tokens":
-                        outcome.first_token = time.perf_counter()
+                    if entry.get("type") == "tokens":
+                        outcome.last_token = time.perf_counter()
+                        if outcome.first_token is None:
+                            outcome.first_token = outcome.last_token
                     if entry.get("type") == "final":
                         outcome.ended = time.perf_counter()
                         outcome.tokens = json.loads(entry.get("token_ids") or "[]")
@@ -349,6 +355,8 @@ def run_pipeline(system: str, config: dict, workload: list[tuple[str, float, lis
             sent = after.get("rounds_sent", 0) - before.get("rounds_sent", 0)
             zero = after.get("rounds_window0", 0) - before.get("rounds_window0", 0)
             row = {"system": system, "kind": kind, "load": load, **summarise(outcomes), "rounds": sent, "window0_share": zero / sent if sent else None}
+            # Tokens decoded after a multi-step round's first: the share of the output multi-step jobs made.
+            row["multi_step_share"] = (after.get("multi_step_tokens", 0) - before.get("multi_step_tokens", 0)) / max(1, row["tokens"])
             row.update(round_figures(before, after))
             if row.get("wall_s"):
                 row["verifier_busy_share"] = row["verifier_forward_s"] / row["wall_s"]
@@ -401,9 +409,12 @@ def line(row: dict) -> str:
         errors += f"  round: to pool {b['to_pool']:.0f} / pool {b['in_pool']:.0f} / verify queue {b['verify_wait']:.0f} / forward {b['forward']:.0f} ms"
     if row.get("verifier_busy_share") is not None:
         errors += f"  verifier busy {row['verifier_busy_share']:.0%}"
-    ttft = f"{row['p50_ttft_s']:.2f}" if row["p50_ttft_s"] is not None else "-"
+    if row.get("multi_step_share") is not None:
+        errors += f"  multi-step {row['multi_step_share']:.0%} of tokens"
+    ttft = f"{row['p50_ttft_s']:.2f} / {row['p99_ttft_s']:.2f}" if row["p50_ttft_s"] is not None else "-"
+    itl = f"{row['p50_itl_s'] * 1000:.0f} / {row['p99_itl_s'] * 1000:.0f} ms" if row.get("p50_itl_s") is not None else "-"
     return (f"{row['system']:>15} {load:>13}: {row['tokens_per_s']:6.1f} tok/s  p50 {row['p50_latency_s']:6.2f} s  p99 {row['p99_latency_s']:6.2f} s"
-            f"  ttft p50 {ttft} s{zero}{errors}")
+            f"  ttft p50/p99 {ttft} s  itl p50/p99 {itl}{zero}{errors}")
 
 
 # ---- the run ---------------------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""A lone request's forward: its rows read as a view of the pool when they are one run of
+blocks (no gather, no mask for a decoding step), gathered otherwise; the logits are the model's
+either way."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cosine.models.runner import BLOCK_SIZE, ForwardItem, ModelRunner
+
+
+def tiny() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def full_logits(model, tokens: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor([tokens])).logits[0]
+
+
+def test_a_lone_request_reads_its_rows_in_place_and_matches_the_model():
+    model = tiny()
+    runner = ModelRunner(model, max_cache_bytes=2**20)
+    tokens = [(7 * i + 3) % 120 + 1 for i in range(60)]
+    runner.forward([ForwardItem("r", tokens[:40])])
+    _, batch, *_ = runner._prepare([ForwardItem("r", tokens[:41])])
+    assert batch.groups[0].contiguous_from >= 0 and batch.groups[0].mask is None  # a decoding step: a view, no mask
+    reference = full_logits(model, tokens)
+    for end in range(41, 46):  # decoding steps
+        row = runner.forward([ForwardItem("r", tokens[:end])])[0][0]
+        torch.testing.assert_close(row, reference[end - 1], atol=1e-4, rtol=1e-4)
+    chain = runner.forward([ForwardItem("r", tokens[:46], tuple(tokens[46:50]), (-1, 0, 1, 2))])[0]
+    torch.testing.assert_close(chain, reference[45:50], atol=1e-4, rtol=1e-4)
+
+
+def test_a_lone_request_with_scattered_blocks_is_gathered_and_matches_the_model():
+    model = tiny()
+    runner = ModelRunner(model, max_cache_bytes=2**20)
+    mine = [(5 * i + 1) % 120 + 1 for i in range(3 * BLOCK_SIZE)]
+    other = [(11 * i + 2) % 120 + 1 for i in range(3 * BLOCK_SIZE)]
+    for end in (BLOCK_SIZE, 2 * BLOCK_SIZE):  # the two requests' blocks interleave in the pool
+        runner.forward([ForwardItem("mine", mine[:end])])
+        runner.forward([ForwardItem("other", other[:end])])
+    blocks = runner._sequences["mine"].blocks
+    assert any(b != blocks[0] + i for i, b in enumerate(blocks))
+    item = ForwardItem("mine", mine[: 2 * BLOCK_SIZE + 1])
+    _, batch, *_ = runner._prepare([item])
+    assert batch.groups[0].contiguous_from < 0
+    row = runner.forward([item])[0][0]
+    torch.testing.assert_close(row, full_logits(model, mine)[2 * BLOCK_SIZE], atol=1e-4, rtol=1e-4)
