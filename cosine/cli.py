@@ -250,7 +250,7 @@ def _startup_failed(role: str, error: Exception) -> NoReturn:
 def serve(
     redis_url: str | None = typer.Option(None, "--redis-url", help="use this server instead of the embedded one"),
     verifiers: int = typer.Option(1, "--verifiers", min=0, help="verifier processes"),
-    drafters_per_expert: int = typer.Option(1, "--drafters", min=0, help="processes per configured drafter"),
+    drafters_per_expert: int = typer.Option(1, "--drafters", min=0, help="processes per configured drafter (or per drafter process, where one hosts them all)"),
     replicas: int = typer.Option(1, "--replicas", min=0, help="processes of each of router, coordinator and fusion"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="embedded server: its data directory (default: a fresh temporary one, removed at stop)"),
     fsync: str = typer.Option("everysec", "--fsync", help="embedded server: appendfsync policy of its append-only file (always | everysec | no)"),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import time
@@ -38,6 +37,7 @@ from cosine.deploy import machine_cores, plan_deployment
 from cosine.core.tree import DraftChain
 from cosine.drafters.base import DraftRequest, propose_ahead
 from cosine.factory import build_drafter, load_target
+from cosine.models.loading import release_freed_memory
 from cosine.wire import Draft, DraftJob, decode, encode
 from cosine.wire.convert import probs_to_bytes, states_from_bytes
 
@@ -76,12 +76,15 @@ class DrafterWorker(StageWorker):
         target = None
         if self.spec.kind != "prompt-lookup":
             if self.host is not None:  # one copy of the target for every drafter the process hosts
-                target = await self.host.target(layers, lambda: self.off_loop(load_target, self.config, threads, layers))
-            else:
-                target = await self.off_loop(load_target, self.config, threads, layers)
+                target = await self.host.target(layers, lambda: self.off_loop(load_target, self.config, threads, layers, layers == "auto"))
+            else:  # fused projections only where the target's layers run (cosine.models.fusing)
+                target = await self.off_loop(load_target, self.config, threads, layers, layers == "auto")
         self.drafter = await self.off_loop(build_drafter, self.spec, target, self.config)
+        del target
         if self.host is not None:
             self.host.built(self.spec.name)
+        else:  # what the drafter does not borrow of the target is freed now: give it back
+            release_freed_memory()
         self.rank = [d.name for d in self.config.drafters].index(self.spec.name)
         self.features: OrderedDict[str, torch.Tensor] = OrderedDict()  # request id -> states at positions 0..
         self.contexts: OrderedDict[str, list[int]] = OrderedDict()  # request id -> the context of its last job here
@@ -284,7 +287,7 @@ class DrafterHost:
         self._unbuilt.discard(name)
         if not self._unbuilt:
             self._targets.clear()
-            gc.collect()
+            release_freed_memory()
 
     async def run(self, *, burst: bool = False) -> None:
         loop = asyncio.get_running_loop()

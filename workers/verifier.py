@@ -27,6 +27,7 @@ from cosine import bus, faults
 from cosine.core.acceptance import Verdict, decode_token, emitted_logprobs, verify_round
 from cosine.core.tree import ROOT
 from cosine.factory import load_target
+from cosine.models.loading import release_freed_memory
 from cosine.models.runner import BLOCK_SIZE, ForwardItem, ModelRunner
 from cosine.policy.control import verify_features
 from cosine.policy.routing import tree_feedback
@@ -56,6 +57,7 @@ class VerifierWorker(StageWorker):
         await self.off_loop(self.runner.forward, [ForwardItem("warm-up", [1, 2, 3], (4,), (-1,))])
         self.runner.release("warm-up")
         self.cost_profile = await self.off_loop(profile_cost, self.runner)
+        release_freed_memory()  # the layers replaced by fused and reordered copies
         self.log.info("verification cost profile: %.1f ms + %.2f ms per request + %.2f ms per fed token + %.2f ms per request per 1000 context rows",
                       *self.cost_profile)
 

@@ -146,6 +146,20 @@ def _directory_hash(directory: Path) -> str:
     return f"{directory.name}-{digest.hexdigest()[:16]}"
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by Python and torch back to the OS (glibc keeps freed heap pages for
+    reuse: a process that loaded a model and dropped most of it, or replaced its layers by
+    reordered copies, would go on holding the old pages). No-op where glibc is not the libc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def prepack_cpu_linears(model: torch.nn.Module) -> int:
     """Replace every ``nn.Linear`` of a CPU model (fp32 or bf16) by oneDNN's linear on weights
     reordered once (``torch.utils.mkldnn.MkldnnLinear``); returns how many were replaced.
