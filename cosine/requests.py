@@ -131,26 +131,20 @@ MAX_WINDOW_LIMIT = 64  # a request's max_window beyond this caps nothing (the co
 def max_window_cap(value: Any) -> int:
     """The ``max_window`` field: the most tokens a round of this request may draft (0: none, the
     target alone decodes it); absent (None) is -1, the configured windows."""
-    if value is None:
-        return -1
-    try:
-        cap = int(value)
-    except (TypeError, ValueError):
-        raise RequestError(f"'max_window' must be an integer >= 0, got {str(value)[:40]!r}", "max_window") from None
-    if not 0 <= cap <= MAX_WINDOW_LIMIT:
-        raise RequestError(f"'max_window' must be an integer in [0, {MAX_WINDOW_LIMIT}], got {cap}", "max_window")
-    return cap
+    return -1 if value is None else _bounded_int(value, "max_window", 0, MAX_WINDOW_LIMIT)
 
 
 def logprobs_count(value: Any) -> int:
     """The ``logprobs`` field: how many most likely alternatives to report with each token's
     log-probability (0: the token's own only); absent (None) is -1, no log-probabilities."""
-    if value is None:
-        return -1
+    return -1 if value is None else _bounded_int(value, "logprobs", 0, MAX_TOP_LOGPROBS)
+
+
+def _bounded_int(value: Any, name: str, low: int, high: int) -> int:
     try:
-        count = int(value)
+        number = int(value)
     except (TypeError, ValueError):
-        raise RequestError(f"'logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {str(value)[:40]!r}", "logprobs") from None
-    if not 0 <= count <= MAX_TOP_LOGPROBS:
-        raise RequestError(f"'logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {count}", "logprobs")
-    return count
+        raise RequestError(f"'{name}' must be an integer in [{low}, {high}], got {str(value)[:40]!r}", name) from None
+    if not low <= number <= high:
+        raise RequestError(f"'{name}' must be an integer in [{low}, {high}], got {number}", name)
+    return number
