@@ -57,8 +57,7 @@ class DrafterWorker(StageWorker):
         if host is not None:  # one torch thread for every drafter of the process (see StageWorker)
             self.executor.shutdown(wait=False)
             self.executor = host.executor
-        setting = config.speculation.pipelining
-        self.pipelining = setting == "on" or (setting == "auto" and plan_deployment(config, machine_cores()).pipelining)
+        self.pipelining = plan_deployment(config, machine_cores()).pipelining  # "on" / "off" as set; "auto" by the cores
 
     def input_streams(self) -> list[str]:
         # Its own stream first: rounds of requests it drafted the round before (cache affinity).
