@@ -43,7 +43,7 @@ from speedup import hf_generate
 from cosine.config import PACKAGE_DIR, load_config
 from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import StopRules
-from cosine.distill.train import load_profile
+from cosine.distill.profile import load_profile
 from cosine.drafters.distilled import SmallDrafter
 from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.suffix import SuffixDrafter

@@ -8,6 +8,9 @@ acknowledged entries every few seconds). Consecutive events are
 paired into hops (e.g. ``verify -> verified``: the verifier's read, forward and write;
 ``verified -> draft:general``: the coordinator applying a round and asking for the next) and
 summed over the requests; the verifier's own forward time comes from its ``verified`` entries.
+Rounds are also told apart by kind (``by_kind``): the first (prefill), drafted, window-0 (one
+token, nothing drafted) and multi-step (several tokens decoded in one verifier job), each with
+its verifier forward, drafting and control-plane time.
 
 Run: ``python bench/hops.py [--config config.toml] [--limit 6]`` (the first prompts of
 bench/prompts.jsonl, max_tokens 128, greedy). Millisecond resolution: hops shorter than the
@@ -109,6 +112,10 @@ class StreamTap(threading.Thread):
         self.positions = {names[n]: positions[n] for n in names}
         self.events: list[tuple[int, int, str]] = []
         self.forward_ms: list[float] = []
+        # One request at a time, so one item a batch: each verify entry's round kind and each
+        # verified entry's forward time, in stream order, pair up into the request's rounds.
+        self.kinds: list[tuple[str, int, str]] = []  # (request, round, kind) per verify entry
+        self.verified: list[tuple[int, float]] = []  # (ms, forward_ms) per verified entry
         self.draft_ms: dict[tuple[str, int], float] = {}  # per round: its slowest drafter's compute
         self.done = threading.Event()
 
@@ -122,7 +129,12 @@ class StreamTap(threading.Thread):
                 ms, seq = self.positions[stream].split("-")
                 self.events.append((int(ms), int(seq), "verify" if name.startswith("verify") else name))
                 if name == "verified":
-                    self.forward_ms.append(decode(fields, VerifiedBatch).forward_ms)
+                    batch = decode(fields, VerifiedBatch)
+                    self.forward_ms.append(batch.forward_ms)
+                    self.verified.append((int(ms), batch.forward_ms))
+                elif name.startswith("verify"):
+                    for item in decode(fields, VerifyBatch).items:
+                        self.kinds.append((item.request_id, item.round, round_kind(item)))
                 elif name == "drafts":
                     draft = decode(fields, Draft)
                     key = (draft.request_id, draft.round)
@@ -156,6 +168,43 @@ class StreamTap(threading.Thread):
         return sorted(self.events)
 
 
+def round_kind(item) -> str:
+    """first (prefill: round 0), multi-step (several tokens decoded in one job), window-0 (one
+    token, nothing drafted) or drafted (a draft tree to verify)."""
+    if item.round == 0:
+        return "first"
+    if item.steps > 1:
+        return "multi-step"
+    return "drafted" if item.tree.tokens else "window-0"
+
+
+def rounds_by_kind(start_ms: int, tap: StreamTap) -> list[tuple[str, int, float, float]]:
+    """A request's rounds as (kind, span ms, verifier forward ms, slowest drafter's ms): a round
+    spans from the previous round's result (the request's entry for the first) to its own."""
+    rounds, previous = [], start_ms
+    for (request, index, kind), (ms, forward) in zip(tap.kinds, tap.verified):
+        rounds.append((kind, ms - previous, forward, tap.draft_ms.get((request, index), 0.0)))
+        previous = ms
+    return rounds
+
+
+def kind_table(rounds: list[tuple[str, int, float, float]]) -> dict:
+    """Per kind of round: its share of rounds and the time of one, split into the verifier's
+    forward, drafting on the critical path and the control plane (all the rest: Redis, msgpack,
+    Lua, detokenization, waking processes). Millisecond stream clock: a mean over many rounds."""
+    table = {}
+    for kind in ("first", "drafted", "window-0", "multi-step"):
+        mine = [r for r in rounds if r[0] == kind]
+        if not mine:
+            continue
+        span, forward, drafting = (sum(r[i] for r in mine) / len(mine) for i in (1, 2, 3))
+        control = span - forward - drafting
+        table[kind] = {"rounds": len(mine), "ms_per_round": round(span, 2), "verifier_forward_ms": round(forward, 2),
+                       "drafting_ms": round(drafting, 2), "control_plane_ms": round(control, 2),
+                       "control_plane_share": round(control / span, 4) if span else None}
+    return table
+
+
 def by_position(rounds: list[tuple[int, int]]) -> dict:
     """Acceptance at each draft position: rounds that accepted >= d tokens / rounds that drafted >= d."""
     deepest = max((d for d, _ in rounds), default=0)
@@ -179,6 +228,7 @@ def main() -> None:
     hops: dict[str, list[int]] = {}
     forward_ms: list[float] = []
     draft_ms: list[float] = []
+    typed_rounds: list[tuple[str, int, float, float]] = []
     totals = {"latency_s": 0.0, "rounds": 0, "span_ms": 0}
     try:
         r = redis.Redis.from_url(url)
@@ -196,6 +246,8 @@ def main() -> None:
             totals["latency_s"] += time.perf_counter() - began
             totals["rounds"] += int(final["rounds"])
             events = tap.finish()
+            requested = [e[0] for e in events if e[2] == "requests"]
+            typed_rounds.extend(rounds_by_kind(requested[0] if requested else events[0][0], tap))
             forward_ms.extend(tap.forward_ms)
             draft_ms.extend(tap.draft_ms.values())
             totals["span_ms"] += events[-1][0] - events[0][0]
@@ -220,13 +272,14 @@ def main() -> None:
         "drafting_ms_per_round": round(drafting, 2),
         "control_plane_ms_per_round": round(per_round - forward - drafting, 2),
         "control_plane_share": round((per_round - forward - drafting) / per_round, 4),
-        "span_ms_per_round": round(totals["span_ms"] / rounds, 2), "hops": table,
+        "span_ms_per_round": round(totals["span_ms"] / rounds, 2),
+        "by_kind": kind_table(typed_rounds), "hops": table,
         "stamp": stamp(), "other_cpu_share": other_share, "config": Path(args.config).read_text(),
     }
     path = write_result("hops", result)
     report_other_cpu(other_share)
     print(json.dumps({k: result[k] for k in ("rounds", "ms_per_round", "span_ms_per_round", "verifier_forward_ms_per_round", "drafting_ms_per_round",
-                                        "control_plane_ms_per_round", "control_plane_share", "hops")}, indent=1))
+                                        "control_plane_ms_per_round", "control_plane_share", "by_kind", "hops")}, indent=1))
     print(f"wrote {path}")
 
 

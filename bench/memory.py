@@ -1,7 +1,8 @@
 """Resident memory of a default ``cosine serve`` after N requests.
 
 Starts the deployment ``cosine serve`` would (the repository's config.toml, the embedded Valkey,
-the deployment plan for this machine's cores), sends ``--requests`` chat requests
+the deployment plan for this machine's cores), notes each worker's resident set once all are
+live, sends ``--requests`` chat requests
 (``bench/prompts.jsonl`` in turn, ``--concurrency`` at a time, ``--max-tokens`` each), then sums
 the resident set (VmRSS) of every worker process and of the server. Writes
 ``bench/results/memory-*.json`` with the per-process figures.
@@ -46,6 +47,7 @@ def main() -> None:
     try:
         _wait_for_workers(redis.Redis.from_url(url), config.redis.namespace)
         client = Client(url, config.redis.namespace, timeout=300)
+        at_start = {slot.name: rss_mib(slot.process.pid) for slot in supervisor.slots if slot.process is not None}
         began = time.perf_counter()
 
         def ask(index: int) -> int:
@@ -59,7 +61,8 @@ def main() -> None:
             processes["valkey-server"] = rss_mib(supervisor.embedded.pid)
         total = sum(processes.values())
         result = {"benchmark": "memory", "deployment": supervisor.describe(), "requests": args.requests, "tokens": tokens,
-                  "seconds": time.perf_counter() - began, "rss_mib": processes, "total_rss_mib": total, "stamp": stamp()}
+                  "seconds": time.perf_counter() - began, "rss_mib": processes, "total_rss_mib": total,
+                  "rss_mib_at_start": at_start, "total_rss_mib_at_start": sum(at_start.values()), "stamp": stamp()}
         print(json.dumps(result, indent=1))
         print(f"total resident: {total / 1024:.2f} GiB; wrote {write_result('memory', result)}")
     finally:

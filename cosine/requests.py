@@ -12,7 +12,7 @@ import secrets
 from typing import Any
 
 from cosine.core.logprobs import MAX_TOP_LOGPROBS
-from cosine.core.sampling import SamplingParams
+from cosine.core.params import SamplingParams
 from cosine.core.stopping import StopRules
 
 MAX_STOP_STRINGS = 16

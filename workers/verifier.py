@@ -57,6 +57,7 @@ class VerifierWorker(StageWorker):
         await self.off_loop(self.runner.forward, [ForwardItem("warm-up", [1, 2, 3], (4,), (-1,))])
         self.runner.release("warm-up")
         self.cost_profile = await self.off_loop(profile_cost, self.runner)
+        self.runner.forget_prefixes()  # the warm-up's and profile's prompts: reuse their pages first
         release_freed_memory()  # the layers replaced by fused and reordered copies
         self.log.info("verification cost profile: %.1f ms + %.2f ms per request + %.2f ms per fed token + %.2f ms per request per 1000 context rows",
                       *self.cost_profile)

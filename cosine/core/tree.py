@@ -14,8 +14,12 @@ rank). Hence ``DraftTree.draws``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = -1  # parent index of the first drafted tokens: the last committed token
 
@@ -221,8 +225,18 @@ class _Nodes:
             confidences=tuple(self.confidences[old] for old in order),
             sources=tuple(tuple(self.sources[old]) for old in order),
             draws=tuple(Draw(remap[d.node], d.probs_row) for d in self.draws),
-            draft_probs=torch.stack(self.probs_rows) if self.probs_rows else None,
+            draft_probs=_stack(self.probs_rows) if self.probs_rows else None,
         )
+
+
+def _stack(rows: list):
+    """Rows of draft distributions as one [m, vocab] array of their own kind: tensors where
+    drafters and the verifier work, NumPy arrays in the fusion stage (which never loads torch)."""
+    if isinstance(rows[0], np.ndarray):
+        return np.stack(rows)
+    import torch
+
+    return torch.stack(rows)
 
 
 def truncate_to_budget(chains: list[DraftChain], max_nodes: int | None) -> list[DraftChain]:
@@ -260,6 +274,8 @@ def tree_attention_mask(parents: tuple[int, ...] | list[int]) -> torch.Tensor:
 
     parents: [n] -> mask: [n, n] bool.
     """
+    import torch
+
     n = len(parents)
     mask = torch.zeros((n, n), dtype=torch.bool)
     for node, parent in enumerate(parents):

@@ -44,6 +44,7 @@ from cosine.distill.data import (
     tokenize_documents,
 )
 from cosine.distill.model import DraftNet, DraftSpec, soft_cross_entropy, spec_for_target
+from cosine.distill.profile import PROFILE_FILE
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -397,32 +398,8 @@ def write_profile(work_dirs: list[Path], out: Path) -> int:
     if not counts:
         return 0
     kept = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:PROFILE_TOKENS]
-    save_file({"ids": torch.tensor([t for t, _ in kept], dtype=torch.int32), "counts": torch.tensor([c for _, c in kept], dtype=torch.int32)}, str(out / "profile.safetensors"))
+    save_file({"ids": torch.tensor([t for t, _ in kept], dtype=torch.int32), "counts": torch.tensor([c for _, c in kept], dtype=torch.int32)}, str(out / PROFILE_FILE))
     return sum(counts.values())
-
-
-def load_profile(path: Path) -> dict[int, int] | None:
-    """A drafter directory's routing profile (token id -> count), or None when it has none."""
-    file = Path(path) / "profile.safetensors"
-    if not file.is_file():
-        return None
-    stored = load_file(str(file))
-    return dict(zip(stored["ids"].tolist(), stored["counts"].tolist()))
-
-
-def profile_classifier(drafters, vocab_size: int, key=lambda spec: spec.name):
-    """The cold-start routing classifier over the configured drafters that carry a routing
-    profile, summed per ``key(spec)`` (drafter name for the local engine, expert for the
-    pipeline's router); None when none does."""
-    from cosine.policy.routing import PromptClassifier
-
-    profiles: dict[str, dict[int, int]] = {}
-    for spec in drafters:
-        if spec.kind in ("small", "feature"):
-            for token, count in (load_profile(spec.resolved_path) or {}).items():
-                mine = profiles.setdefault(key(spec), {})
-                mine[token] = mine.get(token, 0) + count
-    return PromptClassifier(profiles, vocab_size) if profiles else None
 
 
 def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_plan: DataPlan, train_plan: TrainPlan, documents, prompts, progress: Progress = no_progress, target_name: str = "", init: Path | None = None, union_of: list[Path] = ()) -> dict:

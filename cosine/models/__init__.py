@@ -1,7 +1,6 @@
 """Model loading (transformers checkpoints, GGUF with a safetensors cache) and the batched
-model runner with per-request KV caches."""
+model runner with per-request KV caches.
 
-from cosine.models.loading import LoadedModel, ModelNotFoundError, load_model
-from cosine.models.runner import ForwardItem, ModelRunner
-
-__all__ = ["ForwardItem", "LoadedModel", "ModelNotFoundError", "ModelRunner", "load_model"]
+The package itself imports nothing heavy: ``cosine.models.files`` (paths of converted models,
+tokenizers, model configs) is used by processes that never load torch — the router, the
+coordinator — while ``loading`` and ``runner`` bring torch and transformers' modelling code."""

@@ -24,15 +24,11 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from cosine.models.files import CONVERSION_MARK, ModelNotFoundError, cached_hub_snapshot, converted_location, file_hash, is_converted
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CONVERTED_DIR = "converted"
-_CONVERSION_MARK = "cosine_conversion.json"
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model is neither a local path nor a hub id already in the local cache."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,19 +67,34 @@ def load_model(source: str | os.PathLike, *, cache_dir: str | os.PathLike, devic
     elif path.is_dir():
         directory, weights_id = path, _directory_hash(path)
     else:
-        directory, weights_id = _cached_hub_snapshot(str(source)), str(source)
+        directory, weights_id = cached_hub_snapshot(str(source)), str(source)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
     model = model.to(torch_device).eval()
+    if torch_device.type == "cpu":
+        _own_the_weights(model)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     fingerprint = f"{weights_id}:{dtype}:{torch_device.type}"
     return LoadedModel(model, tokenizer, str(source), fingerprint)
 
 
+def _own_the_weights(model: torch.nn.Module) -> None:
+    """Copy weights that still lie in the checkpoint's memory map into the process's own memory.
+
+    transformers leaves CPU tensors of the file's dtype mapped from the safetensors file. Every
+    page read stays resident as file memory for as long as any tensor of the file lives, so a
+    layer replaced by a fused or reordered copy (``cosine.models.fusing``,
+    ``prepack_cpu_linears``) kept its original resident beside the copy: the verifier held the
+    target's weights about twice over. Own copies are freed with the layer they belong to."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.layout == torch.strided:
+                tensor.data = tensor.data.clone()
+
+
 def converted_gguf_dir(gguf_path: Path, cache_dir: str | os.PathLike) -> Path:
     """The safetensors copy of a GGUF file, converting it on first use."""
-    digest = _file_hash(gguf_path)
-    target = Path(cache_dir).expanduser() / CONVERTED_DIR / f"{gguf_path.stem}-{digest[:16]}"
-    if (target / _CONVERSION_MARK).is_file():
+    target, digest = converted_location(gguf_path, cache_dir)
+    if is_converted(target):
         return target
     log.info("converting %s to safetensors in %s (first start only)", gguf_path, target)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -111,28 +122,7 @@ def _save_dequantized(model: PreTrainedModel, tokenizer, directory: Path, *, sou
     config["dtype"] = "float32"
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(directory)
-    (directory / _CONVERSION_MARK).write_text(json.dumps({"source_sha256": source_hash}))
-
-
-def _cached_hub_snapshot(model_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(model_id, local_files_only=True))
-    except (LocalEntryNotFoundError, ValueError, OSError) as error:
-        raise ModelNotFoundError(
-            f"model {model_id!r} is not a local path and is not in the local Hugging Face cache; "
-            "CoSine never downloads from a hub at run time: put the model on disk and pass its path"
-        ) from error
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    (directory / CONVERSION_MARK).write_text(json.dumps({"source_sha256": source_hash}))
 
 
 def _directory_hash(directory: Path) -> str:
@@ -142,7 +132,7 @@ def _directory_hash(directory: Path) -> str:
     for file in sorted(directory.iterdir()):
         if file.suffix in (".safetensors", ".bin", ".json"):
             digest.update(file.name.encode())
-            digest.update(_file_hash(file).encode())
+            digest.update(file_hash(file).encode())
     return f"{directory.name}-{digest.hexdigest()[:16]}"
 
 
@@ -171,7 +161,20 @@ def prepack_cpu_linears(model: torch.nn.Module) -> int:
     call carried ~50-150 us more and a decoding step took 1.7x as long. ``choose_cpu_linears``
     measures instead of guessing.
     """
-    return len(_prepack(model))
+    swapped = _prepack(model)
+    _free_dense_weights(model, swapped)
+    return len(swapped)
+
+
+def _free_dense_weights(model: torch.nn.Module, swapped: list[tuple[torch.nn.Module, str, torch.nn.Linear]]) -> None:
+    """Free the plain weights of layers swapped for oneDNN's. ``MkldnnLinear`` keeps a reference
+    to the weight it reordered, so each layer was held twice (~140 MB more for the demo target);
+    a weight the model still uses elsewhere (an output layer tied to the embedding) is kept."""
+    in_use = {id(tensor) for tensor in model.parameters()}
+    for _, _, layer in swapped:
+        for tensor in (layer.weight, layer.bias):
+            if tensor is not None and id(tensor) not in in_use:
+                tensor.data = torch.empty(0, dtype=tensor.dtype)
 
 
 def _prepack(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
@@ -221,6 +224,8 @@ def choose_cpu_linears(model: PreTrainedModel, measure: Measure | None = None, r
         onednn.append(measure(model))
     keep = min(onednn) < 0.97 * min(plain)
     use(packed if keep else swapped)
+    if keep:
+        _free_dense_weights(model, swapped)
     log.info("CPU linears: %s (best of %d: oneDNN %.1f ms, plain %.1f ms for a 1- and a 4-token pass)",
              "onednn" if keep else "plain", len(plain), min(onednn) * 1e3, min(plain) * 1e3)
     return "onednn" if keep else "plain"

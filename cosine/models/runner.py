@@ -167,6 +167,14 @@ class _BlockTable:
             else:
                 self.free.append(block)
 
+    def forget_cached(self) -> None:
+        """Every cached block back to the free stack, the lowest ids on top: the next requests
+        reuse pages already touched instead of touching new ones."""
+        for block in self.cached:
+            self.unregister(block)
+        self.free = sorted(set(self.free) | set(self.cached), reverse=True)
+        self.cached.clear()
+
     def register(self, block: int, digest: int) -> None:
         if digest not in self.by_digest and block not in self.digest_of:
             self.by_digest[digest] = block
@@ -369,6 +377,13 @@ class ModelRunner:
                 if sequence is not None:
                     self._free(sequence)
                     self.stats.releases += 1
+
+    def forget_prefixes(self) -> None:
+        """Drop the prefix cache of released requests (blocks held by live requests stay). For
+        start-up work whose synthetic prompts no request will share: the pool's pages it
+        touched are reused first, so they are not kept resident beside the real requests'."""
+        with self._lock:
+            self._blocks.forget_cached()
 
     def cached_keys(self) -> list[str]:
         """Keys that hold a cache, least recently used first."""

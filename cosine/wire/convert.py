@@ -1,17 +1,24 @@
-"""Conversions between wire messages and the core's objects (trees, chains, probabilities)."""
+"""Conversions between wire messages and the core's objects (trees, chains, probabilities).
+
+Torch is imported where a tensor is made: the router, fusion and coordinator use this module and
+never load it (a process that imports torch holds ~200 MB more)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from cosine.core.rounds import RequestState
 from cosine.core.tree import DraftChain, DraftTree, Draw
 from cosine.policy.routing import RoundFeedback
 from cosine.wire.messages import Candidate, Draft, WireError
 
+if TYPE_CHECKING:
+    import torch
 
-def probs_to_bytes(probs: torch.Tensor | None) -> list[bytes]:
+
+def probs_to_bytes(probs: torch.Tensor | np.ndarray | None) -> list[bytes]:
     """Draft distributions [k, vocab] as sparse rows: the vocabulary size (uint32), then the
     indices of the tokens with nonzero probability (int32, increasing), then their
     probabilities (float32), all little-endian. A drafter's cut distribution
@@ -19,14 +26,16 @@ def probs_to_bytes(probs: torch.Tensor | None) -> list[bytes]:
     if probs is None:
         return []
     rows = []
-    for row in probs.float().cpu().numpy():
+    array = np.asarray(probs, dtype=np.float32) if isinstance(probs, np.ndarray) else probs.float().cpu().numpy()
+    for row in array:
         (indices,) = np.nonzero(row)
         rows.append(np.uint32(row.shape[0]).astype("<u4").tobytes() + indices.astype("<i4").tobytes() + row[indices].astype("<f4").tobytes())
     return rows
 
 
-def probs_from_bytes(rows: list[bytes], vocab_size: int | None = None) -> torch.Tensor | None:
-    """Sparse rows (``probs_to_bytes``) as a dense float32 [k, vocab] tensor."""
+def probs_from_bytes(rows: list[bytes], vocab_size: int | None = None, *, tensor: bool = True) -> torch.Tensor | np.ndarray | None:
+    """Sparse rows (``probs_to_bytes``) as a dense float32 [k, vocab] tensor (a NumPy array with
+    ``tensor=False``)."""
     if not rows:
         return None
     if any(not isinstance(r, bytes) or len(r) < 4 or (len(r) - 4) % 8 for r in rows):
@@ -47,11 +56,17 @@ def probs_from_bytes(rows: list[bytes], vocab_size: int | None = None) -> torch.
         if not np.all(np.isfinite(values)) or np.any(values < 0):
             raise WireError("draft_probs probabilities must be finite and >= 0")
         dense[i, indices] = values
+    if not tensor:
+        return dense
+    import torch
+
     return torch.from_numpy(dense)
 
 
 def states_to_bytes(states: torch.Tensor) -> bytes:
     """The target's hidden states [n, d] as fp16 rows (little-endian) for the wire."""
+    import torch
+
     return states.to(torch.float16).cpu().numpy().astype("<f2").tobytes()
 
 
@@ -59,13 +74,16 @@ def states_from_bytes(data: bytes, width: int) -> torch.Tensor | None:
     """fp16 rows of ``width`` as float32 [n, width]; None when the bytes are not whole rows."""
     if len(data) % (2 * width):
         return None
+    import torch
+
     return torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32)).view(-1, width)
 
 
 def draft_to_chain(draft: Draft) -> DraftChain:
+    """A drafter's draft as a chain for fusion; its distributions as NumPy rows."""
     if len(draft.tokens) != len(draft.confidences):
         raise WireError("draft tokens and confidences differ in length")
-    probs = probs_from_bytes(draft.draft_probs)
+    probs = probs_from_bytes(draft.draft_probs, tensor=False)
     if probs is not None and probs.shape[0] != len(draft.tokens):
         raise WireError("draft_probs needs one row per token")
     return DraftChain(tuple(draft.tokens), tuple(draft.confidences), probs, draft.drafter)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,42 @@ def test_the_setting_is_checked():
     assert ModelConfig(cpu_linear="onednn").cpu_linear == "onednn"
     with pytest.raises(ValueError, match="model.cpu_linear must be 'auto', 'onednn' or 'plain'"):
         ModelConfig(cpu_linear="fast")
+
+
+@pytest.mark.parametrize("how", ["prepack", "choose"])
+def test_swapped_layers_do_not_keep_their_plain_weights(how):
+    """Regression: MkldnnLinear keeps a reference to the weight it reordered, so the verifier held
+    every swapped layer twice (~140 MB more for the demo target). The plain weights are freed;
+    the embedding the output layer is tied to stays, and results do not change."""
+    plain, model = tiny(), tiny()
+    weights = {name: m.weight for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    if how == "prepack":
+        prepack_cpu_linears(model)
+    else:
+        measure, _ = _costs(0.040, 0.030)
+        assert choose_cpu_linears(model, measure, rounds=1) == "onednn"
+    embedding = model.get_input_embeddings().weight
+    assert weights["lm_head"] is embedding and torch.equal(embedding, plain.get_input_embeddings().weight)
+    assert all(w.numel() == 0 for name, w in weights.items() if name != "lm_head")
+    context = list(range(5, 25))
+    a = ModelRunner(plain).forward([ForwardItem("r", context, (30,), (-1,))])[0]
+    b = ModelRunner(model).forward([ForwardItem("r", context, (30,), (-1,))])[0]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
+def test_a_loaded_checkpoint_owns_its_weights(tmp_path):
+    """Regression: transformers leaves CPU weights mapped from the safetensors file, and every page
+    read stays resident for as long as any tensor of the file lives: a layer replaced by a fused
+    or reordered copy kept its original resident beside it. load_model copies them."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from cosine.models.loading import load_model
+
+    tiny().save_pretrained(tmp_path / "model")
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))).save_pretrained(tmp_path / "model")
+    loaded = load_model(tmp_path / "model", cache_dir=tmp_path / "cache")
+    maps = [line.split()[0] for line in open("/proc/self/maps") if "model.safetensors" in line]
+    assert maps == [], f"still mapped from the checkpoint: {maps}"
+    assert torch.equal(loaded.model.get_input_embeddings().weight, tiny().get_input_embeddings().weight)

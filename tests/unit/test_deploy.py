@@ -52,3 +52,14 @@ def test_serve_plan_starts_one_drafter_process_for_all_drafters():
     supervisor.deployment = plan_deployment(supervisor.config, cores=32)
     assert len([args for args in supervisor.plan() if args[0] == "drafter"]) == len(SIX)
     assert supervisor._worker_env(("drafter",))["COSINE_SPECULATION_PIPELINING"] == "on"
+
+
+def test_workers_get_two_malloc_arenas_unless_the_user_says_otherwise(monkeypatch):
+    """Memory: without a bound, glibc's per-thread arenas kept ~90 MB more resident in the drafter
+    process after 100 requests."""
+    supervisor = Supervisor(config(), "redis://127.0.0.1:1", None)
+    supervisor.deployment = plan_deployment(supervisor.config, cores=2)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert all(supervisor._worker_env((role,))["MALLOC_ARENA_MAX"] == "2" for role in ("verifier", "drafter", "router"))
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert supervisor._worker_env(("verifier",))["MALLOC_ARENA_MAX"] == "8"

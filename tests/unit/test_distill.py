@@ -98,6 +98,25 @@ def test_the_kv_cache_gives_what_a_full_forward_gives(kind):
     torch.testing.assert_close(two, full[:, 5:], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines and "onednn" not in torch.backends.quantized.supported_engines, reason="no int8 kernels")
+def test_an_int8_drafter_drops_its_float_head_and_drafts_as_before():
+    """Regression (memory): the float head rows stayed beside the int8 head that replaced them,
+    18 MB per demo drafter. They are freed; logits come from the int8 head as before."""
+    target = tiny_target()
+    spec = spec_for_target(target.config, "small", 1, 24)
+    net = DraftNet(spec, target.get_input_embeddings().weight, torch.arange(24)).eval()
+    tokens, positions = torch.randint(3, VOCAB, (1, 7)), torch.arange(7)[None]
+    with torch.no_grad():
+        hidden, _ = net(tokens, positions)
+        exact = net.logits(hidden)
+        net.quantize_int8()
+        hidden, _ = net(tokens, positions)
+        quantized = net.logits(hidden)
+    assert net.head.numel() == 0 and net.head.dtype == torch.float32
+    assert quantized.shape == exact.shape
+    torch.testing.assert_close(quantized, exact, atol=0.05 * float(exact.abs().max()), rtol=0)
+
+
 def test_the_reduced_vocabulary_ranks_by_frequency_and_keeps_special_tokens():
     counts = Counter({10: 50, 11: 40, 12: 40, 13: 1, 200: 99})
     vocab = reduced_vocabulary(counts, 4, 100, always=[2])

@@ -51,3 +51,28 @@ def test_a_lone_request_with_scattered_blocks_is_gathered_and_matches_the_model(
     assert batch.groups[0].contiguous_from < 0
     row = runner.forward([item])[0][0]
     torch.testing.assert_close(row, full_logits(model, mine)[2 * BLOCK_SIZE], atol=1e-4, rtol=1e-4)
+
+
+def test_forgotten_prefixes_give_their_blocks_back_lowest_first():
+    """Regression (memory): the verifier's start-up forwards (warm-up, cost profile) left their
+    blocks registered as prefixes nobody shares, so real requests touched fresh pool pages beside
+    them (~125 MB more resident). Forgotten, their blocks are the next ones taken; a live
+    request's blocks and output are untouched."""
+    model = tiny()
+    runner = ModelRunner(model, max_cache_bytes=2**20)
+    live = [(3 * i + 1) % 120 + 1 for i in range(BLOCK_SIZE + 3)]
+    runner.forward([ForwardItem("live", live)])
+    for i in range(3):
+        runner.forward([ForwardItem(f"profile-{i}", [(i + 2 + j) % 120 + 1 for j in range(2 * BLOCK_SIZE + 1)])])
+    profile_blocks = {b for i in range(3) for b in runner._sequences[f"profile-{i}"].blocks}
+    runner.release_many([f"profile-{i}" for i in range(3)])
+    assert runner._blocks.cached  # full blocks stay registered as prefixes
+    runner.forget_prefixes()
+    assert not runner._blocks.cached and not profile_blocks & set(runner._blocks.digest_of)
+    assert set(runner._blocks.digest_of) == set(runner._sequences["live"].blocks[:1])  # the live request's full block
+    taken = [runner._blocks.take() for _ in range(len(profile_blocks))]
+    assert set(taken) == profile_blocks and taken == sorted(taken)
+    for block in taken:
+        runner._blocks.drop(block)
+    row = runner.forward([ForwardItem("live", live + [5])])[0][0]
+    torch.testing.assert_close(row, full_logits(model, live + [5])[-1], atol=1e-4, rtol=1e-4)
