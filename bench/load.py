@@ -210,7 +210,8 @@ def run_target(model, tokenizer, plans: list[Plan], arrivals: list[float] | None
         ended = time.perf_counter()
         for offset, tokens in enumerate(outputs):
             submitted = due[served + offset] if arrivals else now
-            outcomes.append(Outcome(group[offset].key, submitted, ended, first, tokens))
+            # generate returns every row at the end: its last token is then, its first after prefill.
+            outcomes.append(Outcome(group[offset].key, submitted, ended, first_token=first, last_token=ended, tokens=tokens))
         served += count
     return outcomes
 

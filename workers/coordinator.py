@@ -110,7 +110,7 @@ class Coordinator(StageWorker):
     def __init__(self, config, redis_url: str, instance: str | None = None) -> None:
         super().__init__(config, redis_url, instance)
         spec = config.speculation
-        self.control = SpeculationControl(enabled=spec.load_control and spec.max_window > 0)
+        self.control = SpeculationControl(enabled=spec.load_control and spec.max_window > 0, multi_step=spec.multi_step)
         self.drafting: dict[str, tuple[int, float, int, int]] = {}  # request -> (round, sent at, window, drafting at once)
         self.round_began: dict[str, _RoundClock] = {}  # request -> its round's timeline (overhead, where the time goes)
         self.sent_batches: dict[str, _SentBatch] = {}

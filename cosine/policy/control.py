@@ -183,6 +183,9 @@ class SpeculationControl:
     verify_prior: Sequence[float] = (30.0, 2.0, 1.0, 0.0)  # a, b (per request), c (per fed token), e (per request per 1000 context rows)
     draft_prior: Sequence[float] = (10.0, 1.0, 1.0)  # d0, d1 (per drafted token), d2 (per token per request drafting at once)
     overhead_prior: float = 10.0  # R: a round's time outside drafting and verification
+    # Window-0 rounds decode up to this many tokens in one verifier job (multi-step): their
+    # round overhead is paid once for all of them, so that is what drafting must beat.
+    multi_step: int = 1
     enabled: bool = True
     decay: float = 0.995  # of the shared acceptance counts, per drafted round
     prior_rounds: float = 4.0  # weight of the shared estimate in a request's own, in rounds
@@ -265,6 +268,12 @@ class SpeculationControl:
         batch_size = max(1, batch_size)
         return self.overhead_ms + self.draft_ms(window, batch_size) + self.verify_ms(batch_size, batch_size * (1 + window))
 
+    def decoding_ms(self, batch_size: int) -> float:
+        """Time per token of each request of a batch at window 0: one decoding forward, and the
+        round overhead shared by the ``multi_step`` tokens of a multi-step job."""
+        batch_size = max(1, batch_size)
+        return self.overhead_ms / max(1, self.multi_step) + self.verify_ms(batch_size, batch_size)
+
     def explore(self, key: str, round_index: int, drafted_rounds: int = 0) -> bool:
         """Whether this round drafts at its adaptive window whatever the model says: until the
         drafting model has ``explore_until`` observations, a request's first ``explore_rounds``
@@ -301,14 +310,15 @@ class SpeculationControl:
         The batch's round costs ``R + D(w, k) + V(B, T)`` whoever drafts (batch-mates wait for the
         slowest draft), so drafting is decided for the batch: the ``k`` requests with the best
         acceptance draft at window ``w`` (each within its limit), the rest at 0, for the ``k``
-        and ``w`` with the most expected tokens per ms; no drafting when none beats that."""
+        and ``w`` with the most expected tokens per ms; no drafting when none beats decoding
+        (``decoding_ms``: multi-step jobs pay the round overhead once for several tokens)."""
         n = len(requests)
         if not self.enabled:
             return [max(0, limit) for limit, _, _ in requests]
         batch = max(batch_size, n, 1)
         scales = [self.scale(accepted, rounds) for _, accepted, rounds in requests]
         order = sorted((i for i in range(n) if requests[i][0] > 0), key=lambda i: -scales[i])
-        best = (batch / max(self.round_ms(0, batch), 1e-6), 0, 0)  # (rate, k, w)
+        best = (batch / max(self.decoding_ms(batch), 1e-6), 0, 0)  # (rate, k, w)
         most = max((requests[i][0] for i in order), default=0)
         conditional = self.curve.conditional()  # once per plan: the coordinator's CPU is the verifier's too
         for window in range(1, most + 1):

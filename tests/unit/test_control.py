@@ -83,6 +83,25 @@ def test_round_overhead_makes_drafting_pay():
     assert ctl.choose(8, 1) > 0
 
 
+def test_multi_step_decoding_is_what_drafting_must_beat():
+    """Regression (bench/load.py, uniform chat prompts, one request): drafted rounds gave 1.52
+    tokens per 104 ms while window-0 rounds decoded 8 tokens a job at 57 ms each; the control
+    compared drafting with a one-token round that pays the whole overhead and kept drafting."""
+    def tuned(multi_step: int) -> SpeculationControl:
+        ctl = control(30, 2, 1, 20, 2, alpha=0.5)
+        ctl.multi_step = multi_step
+        for _ in range(200):
+            ctl.observe_overhead(40.0)
+        return ctl
+
+    assert tuned(1).choose(8, 1) > 0  # as above: the overhead tips it
+    assert tuned(8).decoding_ms(1) == pytest.approx(40.0 / 8 + tuned(8).verify_ms(1, 1), rel=0.02)
+    assert tuned(8).choose(8, 1) == 0  # decoding 8 tokens a job beats half-accepted drafts
+    likely = control(30, 2, 1, 10, 2, alpha=0.9)
+    likely.multi_step = 8
+    assert likely.choose(8, 1) > 0  # drafts that are mostly accepted still pay
+
+
 def test_a_request_that_accepts_more_than_the_others_drafts_longer():
     ctl = control(30, 2, 1, 10, 3, alpha=0.4)
     assert ctl.choose(8, 1, accepted=400, drafted_rounds=100) > ctl.choose(8, 1)
