@@ -263,11 +263,6 @@ class SpeculationControl:
                 f"draft {d0:.1f} ms + {d1:.2f}/token + {d2:.2f}/token/request ({self.draft.observations} rounds); round overhead {self.overhead_ms:.1f} ms; "
                 f"acceptance by position {p} ({self.curve.rounds:.0f} recent rounds)")
 
-    def round_ms(self, window: int, batch_size: int) -> float:
-        """A round's time with the whole batch at ``window``."""
-        batch_size = max(1, batch_size)
-        return self.overhead_ms + self.draft_ms(window, batch_size) + self.verify_ms(batch_size, batch_size * (1 + window))
-
     def decoding_ms(self, batch_size: int) -> float:
         """Time per token of each request of a batch at window 0: one decoding forward, and the
         round overhead shared by the ``multi_step`` tokens of a multi-step job."""
