@@ -145,16 +145,24 @@ end
 -- Starts a waiting request (its first job) when it is the first waiting and the bounds allow.
 -- KEYS: req, rounds zset, deadlines zset, waiting zset, reserved hash, job streams...
 -- ARGV: request id, max_requests, token budget, tokens reserved, job payload.
--- Returns 'created', 'busy' (still full), 'later' (not the first waiting) or 'gone' (it ended
--- while waiting: cancelled, or past its deadline).
+-- Returns 'created', 'busy' (still full), 'later' (not the first waiting), 'gone' (it ended
+-- while waiting: cancelled, or past its deadline) or 'expired' (its deadline has passed and the
+-- deadline sweep has not ended it yet: it never starts, and does not hold back those after it).
 local function start_waiting(keys, args)
   local id = args[1]
   if not redis.call('ZSCORE', keys[4], id) then return 'gone' end
-  if redis.call('HGET', keys[1], 'status') ~= 'active' or not redis.call('ZSCORE', keys[3], id) then
+  local deadline = redis.call('ZSCORE', keys[3], id)
+  if redis.call('HGET', keys[1], 'status') ~= 'active' or not deadline then
     redis.call('ZREM', keys[4], id)
     return 'gone'
   end
-  if redis.call('ZRANGE', keys[4], 0, 0)[1] ~= id then return 'later' end
+  local now = now_ms()
+  if tonumber(deadline) <= now then return 'expired' end
+  for _, head in ipairs(redis.call('ZRANGE', keys[4], 0, -1)) do
+    if head == id then break end
+    local due = redis.call('ZSCORE', keys[3], head)
+    if due and tonumber(due) > now then return 'later' end
+  end
   local budget, tokens = tonumber(args[3]), tonumber(args[4])
   -- It counts among the waiting, not the started, while the bounds are checked.
   if admission_full(keys[3], keys[4], keys[5], tonumber(args[2]), budget, tokens) then return 'busy' end
@@ -497,8 +505,9 @@ async def start_waiting(
     max_requests: int = 0, token_budget: int = 0, tokens: int = 0,
 ) -> str:
     """Send a waiting request's first job if it is the first waiting and the admission bounds
-    (as ``admit_request``'s) allow: ``created``, ``busy``, ``later`` (others wait before it) or
-    ``gone`` (it ended while waiting)."""
+    (as ``admit_request``'s) allow: ``created``, ``busy``, ``later`` (others wait before it),
+    ``gone`` (it ended while waiting) or ``expired`` (past its deadline: never started, left for
+    the coordinator's deadline sweep to end)."""
     key_list = [keys.request(request_id), keys.rounds, keys.deadlines, keys.waiting, keys.reserved, *job_streams]
     return await _fcall(client, "cosine_start_waiting", key_list, [request_id, max_requests, token_budget, tokens, payload])
 

@@ -4,6 +4,7 @@ with cancellation, fusion shared by workers, and a stage that survives its own t
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -45,9 +46,9 @@ async def submit(client, **fields) -> bytes:
     return entry_id
 
 
-async def admit(client, entry_id, request_id="r1", fields=None, **admission) -> str:
+async def admit(client, entry_id, request_id="r1", fields=None, deadline_ms=2**42, **admission) -> str:
     return await bus.admit_request(
-        client, KEYS, group=GROUP, entry_id=entry_id, request_id=request_id, deadline_ms=2**40, ttl_s=60,
+        client, KEYS, group=GROUP, entry_id=entry_id, request_id=request_id, deadline_ms=deadline_ms, ttl_s=60,
         fields=fields or {"round": "0", "status": "active", "id": request_id}, job_streams=[KEYS.draft("general")],
         payload=b"job", refusal=refusal_entry(f"request id {request_id!r} is already in use", "invalid", "id"),
         busy=refusal_entry("at capacity", "busy"), **admission,
@@ -145,6 +146,32 @@ def test_past_the_bounds_requests_wait_in_a_bounded_queue_first_come_first_start
         assert await admit(client, await submit(client, prompt="hi"), "r6", **bounds) == "waiting"
         assert await client.zrem(KEYS.deadlines, "r5") == 1
         assert await admit(client, await submit(client, prompt="hi"), "r7", max_requests=1, max_waiting=0) == "created"
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_a_waiting_request_past_its_deadline_never_starts_nor_holds_back_the_next(server):
+    """Regression (CI): a slot that freed between a waiting request's deadline and the
+    coordinator's next deadline sweep started it, and it ran to its end instead of ending with
+    error_code=deadline. Past its deadline it now stays for the sweep, and the next one starts."""
+
+    async def scenario():
+        client = await fresh(server)
+        bounds = {"max_requests": 1, "max_waiting": 2}
+        now_ms = int(time.time() * 1000)
+        assert await admit(client, await submit(client, prompt="hi"), "holder", **bounds) == "created"
+        assert await admit(client, await submit(client, prompt="hi"), "late", deadline_ms=now_ms - 1, **bounds) == "waiting"
+        assert await admit(client, await submit(client, prompt="hi"), "next", **bounds) == "waiting"
+        await client.zrem(KEYS.deadlines, "holder")  # the holder ended: a slot is free
+
+        async def start(name):
+            return await bus.start_waiting(client, KEYS, request_id=name, job_streams=[KEYS.draft("general")], payload=b"job", max_requests=1)
+
+        assert await start("late") == "expired"
+        assert await start("next") == "created"
+        assert await client.zrange(KEYS.waiting, 0, -1) == [b"late"]  # for the deadline sweep to end
+        assert await client.zscore(KEYS.rounds, "late") is None and await client.xlen(KEYS.draft("general")) == 2
         await client.aclose()
 
     run(scenario())
