@@ -1,6 +1,6 @@
 """Greedy output of the local engine equals transformers `generate` on the real target.
 
-20 chat prompts x 128 new tokens, for a drafter that is often wrong (the target's first two
+20 chat prompts x 128 new tokens (6 for the often-wrong drafter at batch 1), for a drafter that is often wrong (the target's first two
 layers: early exit) and one that is often right (the target without layer 15: layer skip), with
 single (batch 1) and batched verification of mixed-length requests, in chain and tree mode.
 """
@@ -48,8 +48,11 @@ def check(demo_target, prompts, references, results):
 
 
 def test_often_wrong_drafter_single_verification(demo_target, chat_prompts, greedy_references, often_wrong):
-    results = run(demo_target, chat_prompts, [often_wrong], max_batch=1)
-    check(demo_target, chat_prompts, greedy_references, results)
+    # Six of the prompts: batch 1 costs a target forward per ~1.3 tokens with this drafter (the
+    # batched cases and the slow single-verification cases cover all twenty).
+    prompts, references = chat_prompts[:6], greedy_references[:6]
+    results = run(demo_target, prompts, [often_wrong], max_batch=1)
+    check(demo_target, prompts, references, results)
     assert sum(r.accepted_tokens for r in results) / sum(r.draft_tokens for r in results) < 0.3
 
 
