@@ -483,18 +483,25 @@ class StageWorker:
         return live, dead
 
     def _install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
+        install_drain_handlers([self.stopping], self.log)
 
-        def on_signal() -> None:
-            if self.stopping.is_set():
-                self.log.warning("second signal: exiting now")
-                os._exit(1)
-            self.log.info("draining: finishing the entries in hand")
-            self.stopping.set()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, on_signal)
+def install_drain_handlers(stopping: list[asyncio.Event], log: logging.Logger) -> None:
+    """SIGINT/SIGTERM set every ``stopping`` event (the workers drain); a second signal, once all
+    are set, exits the process at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if all(event.is_set() for event in stopping):
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("draining: finishing the entries in hand")
+        for event in stopping:
+            event.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
 
 
 def run_worker(worker: StageWorker, *, burst: bool = False) -> None:

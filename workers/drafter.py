@@ -21,16 +21,13 @@ whether a draft was made ahead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from cosine.workers.base import Entry, StageWorker
+from cosine.workers.base import Entry, StageWorker, install_drain_handlers
 
 from cosine.bus import ensure_group, load_functions, write_and_ack
 from cosine.deploy import machine_cores, plan_deployment
@@ -289,17 +286,7 @@ class DrafterHost:
             release_freed_memory()
 
     async def run(self, *, burst: bool = False) -> None:
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            if all(worker.stopping.is_set() for worker in self.workers):
-                os._exit(1)  # a second signal: exit now
-            for worker in self.workers:
-                worker.stopping.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, on_signal)
+        install_drain_handlers([worker.stopping for worker in self.workers], self.workers[0].log)
         try:
             await asyncio.gather(*(worker.run(burst=burst, signals=False) for worker in self.workers))
         finally:

@@ -6,21 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from cosine.config import Config
-from cosine.models.files import ModelNotFoundError, cached_hub_snapshot, converted_location, is_converted, load_tokenizer, read_model_config
+from cosine.models import files
+from cosine.models.files import load_tokenizer, read_model_config
 
 
 def model_directory(config: Config) -> Path:
-    path = Path(config.model.target_path).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelNotFoundError(f"GGUF file {path} not found (run `cosine models pull` for the demo target)")
-        directory, _ = converted_location(path, config.model.cache_path)
-        if is_converted(directory):
-            return directory
-        from cosine.models.loading import converted_gguf_dir  # first start: convert (loads torch once)
-
-        return converted_gguf_dir(path, config.model.cache_path)
-    return path if path.is_dir() else cached_hub_snapshot(config.model.target_path)
+    return files.model_directory(config.model.target_path, config.model.cache_path)
 
 
 def load_tokenizer_and_limits(config: Config):

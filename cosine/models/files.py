@@ -54,6 +54,23 @@ def cached_hub_snapshot(model_id: str) -> Path:
         ) from error
 
 
+def model_directory(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
+    """The directory transformers loads a model source from: a directory as it is, a GGUF file's
+    safetensors copy (converted on first use, the one case that imports torch), or a hub id's
+    snapshot already in the local cache."""
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {path} not found (run `cosine models pull` for the demo target)")
+        directory, digest = converted_location(path, cache_dir)
+        if is_converted(directory):
+            return directory
+        from cosine.models.loading import convert_gguf
+
+        return convert_gguf(path, directory, digest)
+    return path if path.is_dir() else cached_hub_snapshot(str(source))
+
+
 def is_converted(directory: Path) -> bool:
     return (directory / CONVERSION_MARK).is_file()
 

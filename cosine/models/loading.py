@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from cosine.models.files import CONVERSION_MARK, ModelNotFoundError, cached_hub_snapshot, converted_location, file_hash, is_converted
+from cosine.models.files import CONVERSION_MARK, converted_location, file_hash, is_converted, model_directory
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,9 @@ def load_model(source: str | os.PathLike, *, cache_dir: str | os.PathLike, devic
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     transformers_logging.disable_progress_bar()
     path = Path(source).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelNotFoundError(f"GGUF file {path} not found (run `cosine models pull` for the demo target)")
-        directory = converted_gguf_dir(path, cache_dir)
-        weights_id = directory.name
-    elif path.is_dir():
-        directory, weights_id = path, _directory_hash(path)
-    else:
-        directory, weights_id = cached_hub_snapshot(str(source)), str(source)
+    directory = model_directory(source, cache_dir)
+    # The weights' identity: a GGUF copy is named by its file's hash; a hub snapshot by its id.
+    weights_id = directory.name if path.suffix == ".gguf" else _directory_hash(path) if path.is_dir() else str(source)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
     model = model.to(torch_device).eval()
     if torch_device.type == "cpu":
@@ -94,8 +88,11 @@ def _own_the_weights(model: torch.nn.Module) -> None:
 def converted_gguf_dir(gguf_path: Path, cache_dir: str | os.PathLike) -> Path:
     """The safetensors copy of a GGUF file, converting it on first use."""
     target, digest = converted_location(gguf_path, cache_dir)
-    if is_converted(target):
-        return target
+    return target if is_converted(target) else convert_gguf(gguf_path, target, digest)
+
+
+def convert_gguf(gguf_path: Path, target: Path, digest: str) -> Path:
+    """Dequantize a GGUF file into ``target`` as safetensors (``digest``: the file's hash)."""
     log.info("converting %s to safetensors in %s (first start only)", gguf_path, target)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

@@ -82,3 +82,26 @@ def test_fusion_merges_sampled_drafts_as_numpy_rows_and_the_verifier_reads_the_s
     assert isinstance(tree.draft_probs, torch.Tensor)
     assert torch.equal(tree.draft_probs, merge_chains(heavy).draft_probs)
     assert tree.draft_probs.shape == (6, 12)  # every draw's row: two drafters, three tokens each
+
+
+def test_one_resolver_finds_a_models_directory_for_workers_and_for_load_model(tmp_path, generic_tokenizer_dir):
+    """A directory is used as it is; a GGUF file already converted resolves to its safetensors
+    copy without torch; a missing GGUF file or an uncached hub id is a ModelNotFoundError."""
+    from cosine.models.files import CONVERSION_MARK, ModelNotFoundError, converted_location, model_directory
+
+    assert model_directory(generic_tokenizer_dir, tmp_path) == generic_tokenizer_dir
+    with pytest.raises(ModelNotFoundError, match="cosine models pull"):
+        model_directory(tmp_path / "absent.gguf", tmp_path)
+    with pytest.raises(ModelNotFoundError, match="never downloads"):
+        model_directory("no-such-owner/no-such-model", tmp_path)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not really a gguf file")
+    converted, _ = converted_location(gguf, tmp_path / "cache")
+    converted.mkdir(parents=True)
+    (converted / CONVERSION_MARK).write_text("{}")
+    code = f"""
+import sys
+from cosine.models.files import model_directory
+print(model_directory({str(gguf)!r}, {str(tmp_path / 'cache')!r}), "torch" in sys.modules)
+"""
+    assert run(code) == f"{converted} False"
