@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from urllib.parse import urlparse, urlsplit, urlunsplit
+from urllib.parse import urlparse
 
 import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from cosine.config import redacted_url
 from cosine.wire import Keys
 from cosine.wire.state import round_fields
 
@@ -389,18 +390,9 @@ def connect(url: str) -> aioredis.Redis:
     """An asyncio client for ``redis://`` or ``rediss://`` URLs (password in the URL)."""
     scheme = urlparse(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"redis URL must start with redis://, rediss:// or unix://, got {url!r}")
+        raise ValueError(f"redis URL must start with redis://, rediss:// or unix://, got {redacted_url(url)!r}")
     # The socket time-out must outlast the longest blocking read (pipeline.block_ms <= 20 s).
     return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30, socket_timeout=30, socket_connect_timeout=10)
-
-
-def redacted_url(url: str) -> str:
-    """The URL with its password masked, for logs and messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, address = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{address}"))
 
 
 async def load_functions(client: aioredis.Redis) -> None:

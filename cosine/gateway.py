@@ -162,6 +162,8 @@ class Gateway:
             body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError):
             raise api.ApiError(400, "the request body is not valid JSON", None, "invalid_json") from None
+        except RecursionError:
+            raise api.ApiError(400, "the request body's JSON is nested too deeply", None, "invalid_json") from None
         parse = api.chat_fields if kind == "chat" else api.completion_fields
         parsed = parse(body, self.settings.served_model_names)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"

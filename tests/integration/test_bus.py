@@ -876,3 +876,37 @@ def test_a_drafter_makes_its_own_stream_once_registered(server):
         await client.aclose()
 
     run(scenario())
+
+
+def test_a_named_data_directory_keeps_its_mode_and_the_servers_files_are_private(tmp_path):
+    """Regression: the embedded server made a directory the user named 0700. It now leaves that
+    directory's mode alone and keeps what it writes there (its config with the password, its
+    append-only file of prompts and outputs, its log) to the owner; a directory it makes is 0700."""
+    import stat
+
+    named = tmp_path / "named"
+    named.mkdir()
+    named.chmod(0o755)
+    (named / "valkey.conf").write_text("# an earlier start's\n")
+    (named / "valkey.conf").chmod(0o644)
+    made = tmp_path / "made" / "data"
+    for directory in (named, made):
+        embedded = EmbeddedRedis(directory)
+        embedded.start()
+        try:
+            run(_write_one(embedded.url))
+        finally:
+            embedded.stop()
+    assert stat.S_IMODE(named.stat().st_mode) == 0o755 and stat.S_IMODE(made.stat().st_mode) == 0o700
+    for directory in (named, made):
+        written = [p for p in directory.rglob("*")]
+        assert any(p.name == "valkey.conf" for p in written) and any("appendonly" in p.name for p in written), written
+        for path in written:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode & 0o077 == 0, (path, oct(mode))
+
+
+async def _write_one(url: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    await client.set("k", "v")
+    await client.aclose()

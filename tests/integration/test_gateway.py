@@ -52,6 +52,9 @@ def test_without_workers_the_gateway_is_healthy_not_ready_and_checks_keys_and_bo
             assert http.get("/v1/models", headers=auth).json()["data"][0]["id"] == MODEL
             bad = http.post("/v1/chat/completions", content=b"{not json", headers=auth)
             assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+            # Regression: JSON nested past the parser's recursion limit was a 500 (RecursionError).
+            deep = http.post("/v1/chat/completions", content=b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", headers=auth)
+            assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json", deep.text
             bad = http.post("/v1/chat/completions", json={**body, "top_p": 7}, headers=auth)
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
             huge = http.post("/v1/completions", content=b'{"model": "x", "prompt": "' + b"a" * 1_400_000 + b'"}', headers=auth)
