@@ -23,14 +23,15 @@ drafters_app = typer.Typer(no_args_is_help=True, help="Drafters made by `cosine 
 app.add_typer(drafters_app, name="drafters")
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config.toml to read (default: $COSINE_CONFIG or ./config.toml)")
-SECRET_SOURCES = {"redis_url": "COSINE_REDIS_URL or redis.url in a config file", "api_key": "COSINE_API_KEY or --api-key-file"}
+SECRET_SOURCES = {"redis_url": "COSINE_REDIS_URL or redis.url in a config file", "api_key": "COSINE_API_KEY or --api-key-file",
+                  "metrics_key": "COSINE_METRICS_KEY"}
 
 
 def _warn_secret_argument(ctx: typer.Context, param: typer.CallbackParam, value):
     """A password in --redis-url, or an --api-key, typed on the command line is visible to every
     user of the machine (the process list) and kept in shell history: say so, and what to use."""
     if value and ctx.get_parameter_source(param.name).name == "COMMANDLINE":
-        secret = bool(value) if param.name == "api_key" else urlsplit(value).password is not None
+        secret = urlsplit(value).password is not None if param.name == "redis_url" else bool(value)
         if secret:
             typer.echo(f"warning: {param.opts[0]} on the command line shows its secret to other users of this machine "
                        f"(process list, shell history); use {SECRET_SOURCES[param.name]}", err=True)
@@ -308,6 +309,7 @@ def gateway(
     served_model_name: list[str] = typer.Option([], "--served-model-name", help="model names /v1/models lists and requests may ask for (default: the target's name)"),
     api_key: list[str] = typer.Option([], "--api-key", envvar="COSINE_API_KEY", help="require this key (Authorization: Bearer ...); repeatable", callback=_warn_secret_argument),
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help="a file of API keys, one per line"),
+    metrics_key: list[str] = typer.Option([], "--metrics-key", envvar="COSINE_METRICS_KEY", help="require this key for /metrics (Authorization: Bearer ...); repeatable", callback=_warn_secret_argument),
     cors_origin: list[str] = typer.Option([], "--cors-origin", help="allow browser requests from this origin; repeatable (* for any)"),
     grace_s: float = typer.Option(30.0, "--grace-s", help="on SIGTERM: how long open requests may take to finish"),
     timing_header: bool = typer.Option(False, "--timing-header", help="answer with X-Cosine-Timing: when the request arrived, was submitted, and its first output came (epoch ms; for measurements)"),
@@ -327,7 +329,8 @@ def gateway(
     except OSError as error:
         raise typer.BadParameter(str(error), param_hint="--api-key-file") from None
     settings = GatewaySettings(tuple(served_model_name) or (default_model_name(config),), keys, tuple(cors_origin),
-                               answer_timeout_s=config.pipeline.deadline_s + 60, timing_header=timing_header)
+                               answer_timeout_s=config.pipeline.deadline_s + 60, timing_header=timing_header,
+                               metrics_keys=tuple(k for k in metrics_key if k))
     app_ = Gateway(config, _client_url(config, redis_url), settings).app()
     typer.echo(f"cosine gateway on http://{host}:{port} (models: {', '.join(settings.served_model_names)}; "
                f"API keys: {'required' if keys else 'none'})", err=True)
