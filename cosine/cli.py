@@ -263,6 +263,32 @@ def _startup_failed(role: str, error: Exception) -> NoReturn:
 
 
 @app.command()
+def setup(
+    redis_url: str | None = typer.Option(None, "--redis-url", help="an administrator's URL (default: $COSINE_REDIS_URL or redis.url)", callback=_warn_secret_argument),
+    config_path: Path | None = ConfigOption,
+) -> None:
+    """Load this version's server-side function library, as an administrator: once per server
+    and version (`cosine serve` does it on its embedded server). Workers only call it."""
+    import redis
+
+    from cosine.bus import LIBRARY, setup_library
+
+    config = _setup(config_path)
+    url = redis_url or config.redis.url
+    if not url:
+        raise typer.BadParameter("cosine setup needs an administrator's --redis-url (or COSINE_REDIS_URL)")
+    try:
+        libraries = setup_library(url)
+    except (redis.RedisError, OSError) as error:
+        typer.echo(f"error: could not load the function library on {redacted_url(url)}: {error}", err=True)
+        raise typer.Exit(1) from None
+    others = [name for name in libraries if name != LIBRARY]
+    typer.echo(f"function library {LIBRARY} loaded on {redacted_url(url)}")
+    if others:
+        typer.echo(f"other versions on this server: {', '.join(others)} (FUNCTION DELETE each once no worker of its version runs)")
+
+
+@app.command()
 def serve(
     redis_url: str | None = typer.Option(None, "--redis-url", help="use this server instead of the embedded one", callback=_warn_secret_argument),
     verifiers: int = typer.Option(1, "--verifiers", min=0, help="verifier processes"),
