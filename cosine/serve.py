@@ -23,7 +23,7 @@ from pathlib import Path
 import redis
 
 from cosine.bus import LibraryMissing, library_loaded_sync, setup_library
-from cosine.config import Config
+from cosine.config import Config, redacted_url
 from cosine.deploy import DeploymentPlan, machine_cores, plan_deployment
 from cosine.embedded import EmbeddedRedis
 from cosine.wire import Keys
@@ -127,7 +127,7 @@ class Supervisor:
         else:
             self.url = self.redis_url
             warn_if_evicting(self.url)
-            self._library_on_a_server_of_others()
+            self._library_on_a_server_of_others(self.url)
         self.counter = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
         self.slots = [WorkerSlot(tuple(args)) for args in self.plan()]
         for slot in self.slots:
@@ -269,16 +269,18 @@ class Supervisor:
         except (redis.RedisError, OSError) as error:
             log.error("could not load the function library on the restarted server: %s", error)
 
-    def _library_on_a_server_of_others(self) -> None:
+    @staticmethod
+    def _library_on_a_server_of_others(url: str) -> None:
         """On a server named by --redis-url: load the library if this URL may (an administrator's);
         else it must be there already (``cosine setup``)."""
         try:
-            setup_library(self.url)
-        except redis.ResponseError as error:
-            if "NOPERM" not in str(error):
-                raise
-            if not library_loaded_sync(self.url):
-                raise SupervisorError(str(LibraryMissing())) from None
+            try:
+                setup_library(url)
+            except redis.exceptions.NoPermissionError:
+                if not library_loaded_sync(url):
+                    raise SupervisorError(str(LibraryMissing())) from None
+        except (redis.RedisError, OSError) as error:
+            raise SupervisorError(f"{redacted_url(url)}: {type(error).__name__}: {error}") from None
 
     # ---- stop --------------------------------------------------------------------------------
 

@@ -978,3 +978,26 @@ def test_a_worker_refuses_to_start_without_its_library_and_names_cosine_setup(se
         await client.aclose()
 
     run(scenario())
+
+
+def test_serve_on_a_server_of_others_loads_the_library_only_where_its_url_may(server):
+    """`cosine serve --redis-url`: an administrator's URL loads the library; a worker user's URL
+    may not, and serve stops at once, naming `cosine setup`, unless the library is there."""
+    from urllib.parse import urlsplit
+
+    import redis as sync_redis
+
+    from cosine.acl import acl_setuser_rules, worker_rules
+    from cosine.serve import Supervisor, SupervisorError
+
+    admin = sync_redis.Redis.from_url(server)
+    admin.function_flush()
+    admin.execute_command("ACL", "SETUSER", "serve-worker", *acl_setuser_rules("pw", worker_rules()))
+    worker_url = f"redis://serve-worker:pw@{urlsplit(server).netloc.rpartition('@')[2]}"
+    with pytest.raises(SupervisorError, match="cosine setup"):
+        Supervisor._library_on_a_server_of_others(worker_url)
+    Supervisor._library_on_a_server_of_others(server)
+    assert run(bus.library_loaded(aioredis.Redis.from_url(worker_url)))
+    Supervisor._library_on_a_server_of_others(worker_url)  # there now
+    with pytest.raises(SupervisorError, match="127.0.0.1:1"):
+        Supervisor._library_on_a_server_of_others("redis://127.0.0.1:1")
