@@ -3,8 +3,9 @@ client user may run, on which keys. The namespace (``redis.namespace``, default 
 prefixes every key pattern.
 
 - **worker**: every key of the namespace; reading, writing, streams, hashes, sorted sets,
-  sets, strings, key expiry and renames, and the server-side functions (``FCALL``, and
-  ``FUNCTION LOAD`` at start-up); none of the dangerous or administrative commands
+  sets, strings, key expiry and renames, and calling the server-side functions (``FCALL``,
+  ``FUNCTION LIST``: loading them is ``cosine setup``'s, as an administrator); none of the
+  dangerous or administrative commands
   (``FLUSHALL``, ``CONFIG``, ``KEYS``, ``DEBUG``, ``SHUTDOWN``, ``ACL`` ...). What ``cosine
   serve`` needs (it starts every role with one URL).
 - **one user per role** (``role_rules``), for workers started with ``cosine worker
@@ -22,8 +23,12 @@ Apply with ``ACL SETUSER name on >password <rules...>`` (``acl_setuser_rules``).
 
 from __future__ import annotations
 
+# Functions are called, never loaded: FCALL and FUNCTION LIST only; not FUNCTION LOAD, DELETE,
+# FLUSH or RESTORE (which +@write would allow), nor EVAL or SCRIPT. A worker that could load a
+# library could make every other role's next call write whatever it liked; ``cosine setup``
+# loads it, as an administrator.
 WORKER_COMMANDS = ("-@all", "+@read", "+@write", "+@stream", "+@hash", "+@sortedset", "+@set", "+@string", "+@keyspace",
-                   "+@scripting", "+@connection", "+@transaction", "-@dangerous", "-@admin")
+                   "+@connection", "+@transaction", "-@dangerous", "-@admin", "-@scripting", "+fcall", "+fcall_ro", "+function|list")
 CLIENT_COMMANDS = ("-@all", "+xadd", "+xread", "+xrange", "+xrevrange", "+ping", "+hello", "+auth")
 
 

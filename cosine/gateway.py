@@ -49,6 +49,7 @@ log = logging.getLogger("cosine.gateway")
 READY_ROLES = ("router", "coordinator", "verifier")
 ROLES = ("router", "coordinator", "fusion", "verifier", "drafter")
 FINGERPRINT_TTL_S = 5.0
+METRICS_TTL_S = 1.0  # /metrics reads Redis at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,8 @@ class GatewaySettings:
     # X-Cosine-Timing on completions: arrived, submitted, first output (epoch ms), so a benchmark
     # can tell the gateway's time from its client's and the pipeline's.
     timing_header: bool = False
+    # /metrics answers only with one of these (Authorization: Bearer ...); none: open to all.
+    metrics_keys: tuple[str, ...] = ()
 
 
 def default_model_name(config: Config) -> str:
@@ -94,6 +97,10 @@ class Gateway:
         self.readers: list[OutputReader] = []
         self._fingerprint = ("", 0.0)
         self._api_keys = [k.encode() for k in settings.api_keys]
+        self._metrics_keys = [k.encode() for k in settings.metrics_keys]
+        self._scrape_lock = asyncio.Lock()
+        self._scraped: tuple[bytes, float] = (b"", -METRICS_TTL_S)
+        self._streams: list[str] | None = None
         # A body can hold a prompt of pipeline.max_prompt_chars characters, JSON-escaped (up to
         # 6 bytes each), and the rest of the request.
         self.max_body_bytes = 6 * config.pipeline.max_prompt_chars + 65_536
@@ -127,15 +134,16 @@ class Gateway:
         assert isinstance(error, api.ApiError)
         return JSONResponse(error.body(), status_code=error.status)
 
-    def _authorize(self, request: Request) -> None:
-        if not self._api_keys:
+    def _authorize(self, request: Request, keys: list[bytes] | None = None) -> None:
+        keys = self._api_keys if keys is None else keys
+        if not keys:
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         given_bytes = given.strip().encode()
         # Every key is compared, in constant time, whatever matched before.
         matched = False
-        for key in self._api_keys:
+        for key in keys:
             matched |= hmac.compare_digest(given_bytes, key)
         if scheme.lower() != "bearer" or not matched:
             raise api.ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)", None, "invalid_api_key")
@@ -162,6 +170,8 @@ class Gateway:
             body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError):
             raise api.ApiError(400, "the request body is not valid JSON", None, "invalid_json") from None
+        except RecursionError:
+            raise api.ApiError(400, "the request body's JSON is nested too deeply", None, "invalid_json") from None
         parse = api.chat_fields if kind == "chat" else api.completion_fields
         parsed = parse(body, self.settings.served_model_names)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
@@ -192,11 +202,27 @@ class Gateway:
         return JSONResponse({"status": "not ready" if missing else "ready", "workers": live, "missing": missing}, status_code=status)
 
     async def metrics(self, request: Request) -> Response:
-        """Prometheus exposition of the whole pipeline's metrics (any gateway reports the same)."""
-        return Response(await self.scrape(), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus exposition of the whole pipeline's metrics (any gateway reports the same),
+        read from Redis at most once a second however often it is scraped."""
+        self._authorize(request, self._metrics_keys)
+        async with self._scrape_lock:  # concurrent scrapes wait for one read
+            body, at = self._scraped
+            if time.monotonic() - at >= METRICS_TTL_S:
+                body = await self.scrape()
+                self._scraped = (body, time.monotonic())
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def scrape(self) -> bytes:
+        """One round trip: the counters, rosters and the stream groups of the streams the last
+        read found (a stream made since is in the next one; the first read finds them first)."""
         keys = self.keys
+        if self._streams is None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in (keys.experts, keys.fingerprints, keys.verifier_streams):
+                    pipe.smembers(name)
+                pipe.hgetall(keys.drafter_streams)
+                self._streams = self._stream_names(*await pipe.execute())
+        streams = self._streams
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in (keys.metrics, keys.stats, keys.restarts):
                 pipe.hgetall(name)
@@ -207,16 +233,15 @@ class Gateway:
             pipe.zcard(keys.waiting)
             for role in ROLES:
                 pipe.hgetall(keys.roster(role))
-            (stored, stats, restarts, experts, fingerprints, instances, drafter_instances, in_deadlines, waiting, *rosters) = await pipe.execute()
-        streams = [keys.requests, keys.cancel, keys.drafts, keys.candidates, keys.verify, keys.verified, keys.dead]
-        streams += [keys.draft(e.decode()) for e in sorted(experts)]
-        streams += [keys.verify_for(f.decode()) for f in sorted(fingerprints)]
-        streams += [keys.verify_at(i.decode()) for i in sorted(instances)]
-        streams += [keys.draft_at(i.decode()) for i in sorted(drafter_instances)]
-        async with self.redis.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xinfo_groups(stream)
-            replies = await pipe.execute(raise_on_error=False)
+            everything = await pipe.execute(raise_on_error=False)
+        fixed, replies = everything[: 9 + len(ROLES)], everything[9 + len(ROLES) :]
+        for reply in fixed:
+            if isinstance(reply, Exception):
+                raise reply
+        (stored, stats, restarts, experts, fingerprints, instances, drafter_instances, in_deadlines, waiting, *rosters) = fixed
+        self._streams = self._stream_names(experts, fingerprints, instances, drafter_instances)
         groups = {}
         for stream, reply in zip(streams, replies):
             if isinstance(reply, Exception):
@@ -227,6 +252,15 @@ class Gateway:
         live = {role: len(split_roster(roster, now_ms)[0]) for role, roster in zip(ROLES, rosters)}
         return render(_floats(stored), _floats(stats), {k.decode(): int(v) for k, v in restarts.items()}, groups, live,
                       int(in_deadlines) - int(waiting), int(waiting))
+
+    def _stream_names(self, experts, fingerprints, instances, drafter_instances) -> list[str]:
+        keys = self.keys
+        streams = [keys.requests, keys.cancel, keys.drafts, keys.candidates, keys.verify, keys.verified, keys.dead]
+        streams += [keys.draft(e.decode()) for e in sorted(experts)]
+        streams += [keys.verify_for(f.decode()) for f in sorted(fingerprints)]
+        streams += [keys.verify_at(i.decode()) for i in sorted(instances)]
+        streams += [keys.draft_at(i.decode()) for i in sorted(drafter_instances)]
+        return streams
 
     # ---- pipeline ------------------------------------------------------------------------------
 

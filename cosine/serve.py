@@ -22,7 +22,8 @@ from pathlib import Path
 
 import redis
 
-from cosine.config import Config
+from cosine.bus import LibraryMissing, library_loaded_sync, setup_library
+from cosine.config import Config, redacted_url
 from cosine.deploy import DeploymentPlan, machine_cores, plan_deployment
 from cosine.embedded import EmbeddedRedis
 from cosine.wire import Keys
@@ -122,9 +123,11 @@ class Supervisor:
         if self.embedded is not None:
             self.url = self.embedded.start()
             self.server_started_at = time.monotonic()
+            setup_library(self.url)
         else:
             self.url = self.redis_url
             warn_if_evicting(self.url)
+            self._library_on_a_server_of_others(self.url)
         self.counter = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
         self.slots = [WorkerSlot(tuple(args)) for args in self.plan()]
         for slot in self.slots:
@@ -261,6 +264,23 @@ class Supervisor:
             log.error("could not restart the embedded valkey-server: %s", error)
             return
         log.warning("the embedded valkey-server is back on port %s (data: %s)", self.embedded.port, self.embedded.data_dir)
+        try:
+            setup_library(self.url)  # kept in its append-only file; loaded again if that was lost
+        except (redis.RedisError, OSError) as error:
+            log.error("could not load the function library on the restarted server: %s", error)
+
+    @staticmethod
+    def _library_on_a_server_of_others(url: str) -> None:
+        """On a server named by --redis-url: load the library if this URL may (an administrator's);
+        else it must be there already (``cosine setup``)."""
+        try:
+            try:
+                setup_library(url)
+            except redis.exceptions.NoPermissionError:
+                if not library_loaded_sync(url):
+                    raise SupervisorError(str(LibraryMissing())) from None
+        except (redis.RedisError, OSError) as error:
+            raise SupervisorError(f"{redacted_url(url)}: {type(error).__name__}: {error}") from None
 
     # ---- stop --------------------------------------------------------------------------------
 

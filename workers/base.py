@@ -32,7 +32,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from cosine import faults
-from cosine.bus import committed_tokens, connect, ensure_group, load_functions, split_roster
+from cosine.bus import LibraryMissing, committed_tokens, connect, ensure_group, require_library, split_roster
 from cosine.config import Config
 from cosine.metrics import Tally
 from cosine.wire import PAYLOAD_FIELD, Keys, WireError
@@ -151,7 +151,10 @@ class StageWorker:
             self._install_signal_handlers()
         self.redis = connect(self.redis_url)
         try:
-            await self.retrying(self._prepare_server, forever=True)
+            try:
+                await self.retrying(self._prepare_server, forever=True)
+            except LibraryMissing as error:
+                raise StartupError(f"{self.role} could not start: {error}") from error
             try:
                 await self.setup()
             except Exception as error:
@@ -179,7 +182,7 @@ class StageWorker:
             self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _prepare_server(self) -> None:
-        await load_functions(self.redis)
+        await require_library(self.redis)
         for stream in self.input_streams():
             await ensure_group(self.redis, stream, self.group)
 
@@ -335,8 +338,12 @@ class StageWorker:
             await pipe.execute()
 
     async def _after_data_loss(self) -> None:
-        self.log.warning("the server lost functions or groups (restarted without persistence?): installing them again")
-        await self._prepare_server()
+        self.log.warning("the server lost functions or groups (restarted without persistence?): making the groups again")
+        try:
+            await self._prepare_server()
+        except LibraryMissing as error:  # wait for an administrator: the next read tries again
+            self.log.error("%s", error)
+            return
         await self.on_connect()
 
     async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from cosine.workers.base import Entry, StageWorker, install_drain_handlers
 
-from cosine.bus import ensure_group, load_functions, write_and_ack
+from cosine.bus import ensure_group, require_library, write_and_ack
 from cosine.deploy import machine_cores, plan_deployment
 from cosine.core.tree import DraftChain
 from cosine.drafters.base import DraftRequest, propose_ahead
@@ -89,7 +89,7 @@ class DrafterWorker(StageWorker):
     async def _prepare_server(self) -> None:
         # The expert's stream only: the drafter's own is made once it is registered (on_connect),
         # so that one that dies while loading its model leaves no stream nobody would remove.
-        await load_functions(self.redis)
+        await require_library(self.redis)
         await ensure_group(self.redis, self.keys.draft(self.expert), self.group)
 
     async def on_connect(self) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import redis
 
+from cosine.bus import setup_library
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -52,6 +54,10 @@ class Pipeline:
     config_path: Path
     namespace: str = "cosine:"
     processes: list[subprocess.Popen] = field(default_factory=list)
+    admin_url: str = ""  # who loads the function library (`cosine setup`): default, `url`
+
+    def __post_init__(self) -> None:
+        setup_library(self.admin_url or self.url)
 
     def start(self, role: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         command = [sys.executable, "-m", "cosine.cli", "worker", role, "--redis-url", self.url, "--config", str(self.config_path), "-v", *args]

@@ -876,3 +876,128 @@ def test_a_drafter_makes_its_own_stream_once_registered(server):
         await client.aclose()
 
     run(scenario())
+
+
+def test_a_named_data_directory_keeps_its_mode_and_the_servers_files_are_private(tmp_path):
+    """Regression: the embedded server made a directory the user named 0700. It now leaves that
+    directory's mode alone and keeps what it writes there (its config with the password, its
+    append-only file of prompts and outputs, its log) to the owner; a directory it makes is 0700."""
+    import stat
+
+    named = tmp_path / "named"
+    named.mkdir()
+    named.chmod(0o755)
+    (named / "valkey.conf").write_text("# an earlier start's\n")
+    (named / "valkey.conf").chmod(0o644)
+    made = tmp_path / "made" / "data"
+    for directory in (named, made):
+        embedded = EmbeddedRedis(directory)
+        embedded.start()
+        try:
+            run(_write_one(embedded.url))
+        finally:
+            embedded.stop()
+    assert stat.S_IMODE(named.stat().st_mode) == 0o755 and stat.S_IMODE(made.stat().st_mode) == 0o700
+    for directory in (named, made):
+        written = [p for p in directory.rglob("*")]
+        assert any(p.name == "valkey.conf" for p in written) and any("appendonly" in p.name for p in written), written
+        for path in written:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode & 0o077 == 0, (path, oct(mode))
+
+
+async def _write_one(url: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    await client.set("k", "v")
+    await client.aclose()
+
+
+def test_no_worker_gateway_or_client_user_can_load_replace_delete_flush_or_restore_functions(server):
+    """Regression (review): every role user had +@scripting, so a drafter's user loaded a forged
+    library, and the coordinator's next call of the round-applying function wrote a forged final
+    into another request's output. Now only an administrator loads the library (``cosine
+    setup``): every worker, gateway and client user is refused FUNCTION LOAD, DELETE, FLUSH and
+    RESTORE (and EVAL, SCRIPT LOAD); the workers' users still call the functions and see the
+    library; the library on the server stays the one loaded."""
+    from urllib.parse import urlsplit
+
+    import redis as sync_redis
+
+    from cosine.acl import ROLE_KEYS, acl_setuser_rules, client_rules, gateway_rules, role_rules, worker_rules
+
+    run(fresh(server))
+    admin = sync_redis.Redis.from_url(server)
+    address = urlsplit(server).netloc.rpartition("@")[2]
+    dump = admin.function_dump()
+    forged = bus._LIBRARY_CODE.replace("local function apply_round(keys, args)",
+                                       "local function apply_round(keys, args)\n  redis.call('XADD', keys[2], '*', 'type', 'final', 'text', 'forged')")
+    assert forged != bus._LIBRARY_CODE
+    users = {"worker": worker_rules(), **{f"role-{r}": role_rules(r) for r in ROLE_KEYS}, "gateway": gateway_rules(), "client": client_rules()}
+    for name, rules in users.items():
+        admin.execute_command("ACL", "SETUSER", name, *acl_setuser_rules("pw", rules))
+        user = sync_redis.Redis.from_url(f"redis://{name}:pw@{address}")
+        attempts = {
+            "load": lambda: user.function_load(forged, replace=True),
+            "load new": lambda: user.function_load(forged.replace(bus.LIBRARY, "cosine_forged")),
+            "delete": lambda: user.function_delete(bus.LIBRARY),
+            "flush": lambda: user.function_flush(),
+            "restore": lambda: user.function_restore(dump, "REPLACE"),
+            "eval": lambda: user.eval("return 1", 0),
+            "script load": lambda: user.script_load("return 1"),
+        }
+        for what, attempt in attempts.items():
+            with pytest.raises(sync_redis.exceptions.NoPermissionError):
+                attempt()
+                pytest.fail(f"{name} could {what}")
+        if name not in ("gateway", "client"):  # workers call the functions and check the library is there
+            assert run(bus.library_loaded(aioredis.Redis.from_url(f"redis://{name}:pw@{address}")))
+    [entry] = admin.function_list(library=bus.LIBRARY, withcode=True)
+    code = dict(zip(entry[::2], entry[1::2]))[b"library_code"] if isinstance(entry, list) else entry[b"library_code"]
+    assert code.decode() == bus._LIBRARY_CODE
+    # The coordinator's user applies a round through the real function.
+    coordinator = aioredis.Redis.from_url(f"redis://role-coordinator:pw@{address}")
+    call = bus.apply_round_call(KEYS, request_id="nobody", expected_round=0, fields={"status": "finished"},
+                                out_entries=[{"type": "final", "finish_reason": "stop"}], ttl_s=60)
+    assert run(bus.apply_rounds(coordinator, [call])) != ["applied"]  # no such request: nothing written
+    assert admin.xlen(KEYS.out("nobody")) == 0
+
+
+def test_a_worker_refuses_to_start_without_its_library_and_names_cosine_setup(server):
+    from cosine.workers.base import StartupError
+    from cosine.workers.fusion import FusionWorker
+
+    async def scenario():
+        client = aioredis.Redis.from_url(server)
+        await client.flushall()
+        await client.function_flush()
+        assert not await bus.library_loaded(client)
+        with pytest.raises(StartupError, match="cosine setup"):
+            await FusionWorker(Config(), server).run(signals=False)
+        assert bus.setup_library(server) == [bus.LIBRARY]
+        assert await bus.library_loaded(client)
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_serve_on_a_server_of_others_loads_the_library_only_where_its_url_may(server):
+    """`cosine serve --redis-url`: an administrator's URL loads the library; a worker user's URL
+    may not, and serve stops at once, naming `cosine setup`, unless the library is there."""
+    from urllib.parse import urlsplit
+
+    import redis as sync_redis
+
+    from cosine.acl import acl_setuser_rules, worker_rules
+    from cosine.serve import Supervisor, SupervisorError
+
+    admin = sync_redis.Redis.from_url(server)
+    admin.function_flush()
+    admin.execute_command("ACL", "SETUSER", "serve-worker", *acl_setuser_rules("pw", worker_rules()))
+    worker_url = f"redis://serve-worker:pw@{urlsplit(server).netloc.rpartition('@')[2]}"
+    with pytest.raises(SupervisorError, match="cosine setup"):
+        Supervisor._library_on_a_server_of_others(worker_url)
+    Supervisor._library_on_a_server_of_others(server)
+    assert run(bus.library_loaded(aioredis.Redis.from_url(worker_url)))
+    Supervisor._library_on_a_server_of_others(worker_url)  # there now
+    with pytest.raises(SupervisorError, match="127.0.0.1:1"):
+        Supervisor._library_on_a_server_of_others("redis://127.0.0.1:1")

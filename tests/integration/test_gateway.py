@@ -52,12 +52,45 @@ def test_without_workers_the_gateway_is_healthy_not_ready_and_checks_keys_and_bo
             assert http.get("/v1/models", headers=auth).json()["data"][0]["id"] == MODEL
             bad = http.post("/v1/chat/completions", content=b"{not json", headers=auth)
             assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+            # Regression: JSON nested past the parser's recursion limit was a 500 (RecursionError).
+            deep = http.post("/v1/chat/completions", content=b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", headers=auth)
+            assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json", deep.text
             bad = http.post("/v1/chat/completions", json={**body, "top_p": 7}, headers=auth)
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_p"
             huge = http.post("/v1/completions", content=b'{"model": "x", "prompt": "' + b"a" * 1_400_000 + b'"}', headers=auth)
             assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
             # Nothing was submitted for refused requests.
             assert redis.Redis.from_url(url).exists("cosine:requests") == 0
+    finally:
+        embedded.stop()
+
+
+def test_metrics_can_need_a_key_and_read_redis_at_most_once_a_second():
+    """/metrics behind a key of its own; scraped 50 times in a row, it reads Redis once (the
+    commands the server counts), and a counter written since shows up a second later."""
+    from starlette.testclient import TestClient
+
+    from cosine.config import load_config
+    from cosine.embedded import EmbeddedRedis
+    from cosine.gateway import Gateway, GatewaySettings
+
+    embedded = EmbeddedRedis(persistence=False)
+    url = embedded.start()
+    try:
+        gateway = Gateway(load_config(None, environ={}), url, GatewaySettings((MODEL,), api_keys=("k1",), metrics_keys=("m1",)))
+        store = redis.Redis.from_url(url)
+        with TestClient(gateway.app()) as http:
+            assert http.get("/metrics").status_code == 401
+            assert http.get("/metrics", headers={"Authorization": "Bearer k1"}).status_code == 401  # an API key is not a metrics key
+            metrics = {"Authorization": "Bearer m1"}
+            assert http.get("/metrics", headers=metrics).status_code == 200
+            store.config_resetstat()
+            bodies = {http.get("/metrics", headers=metrics).text for _ in range(50)}
+            calls = {k: v["calls"] for k, v in store.info("commandstats").items() if k != "cmdstat_config"}
+            assert len(bodies) == 1 and calls.get("cmdstat_hgetall", 0) <= 3 + 5, calls  # one read: 3 hashes + 5 rosters
+            store.hincrby("cosine:restarts", "verifier", 1)
+            time.sleep(1.1)
+            assert http.get("/metrics", headers=metrics).text != bodies.pop()
     finally:
         embedded.stop()
 

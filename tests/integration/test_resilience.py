@@ -16,6 +16,7 @@ import time
 import pytest
 import redis
 
+from cosine.bus import setup_library
 from cosine.embedded import EmbeddedRedis
 from tests.conftest import cache_dir
 from tests.integration.harness import ROOT, Pipeline, final_of, read_output, submit, write_config
@@ -163,10 +164,14 @@ def test_oom_poison_and_a_server_restart_lose_nothing(server, tmp_path, demo_tar
 
     wait_for(lambda: verifier_caches() == 0, 30, "the verifier's caches released")
 
-    # The server restarts empty (no persistence): workers install functions and groups again.
+    # The server restarts empty (no persistence). The function library is an administrator's to
+    # load: the workers wait, naming `cosine setup`, and make their groups again once it is run.
     server.kill()
     server.restart()
     client = redis.Redis.from_url(server.url)
+    logs = list(pipeline.config_path.parent.glob("*.log"))
+    wait_for(lambda: all("cosine setup" in log.read_text(errors="replace") for log in logs), 60, "every worker naming `cosine setup`")
+    setup_library(server.url)
     for role in ("router", "coordinator", "fusion", "drafter", "verifier"):
         pipeline.wait_live(role, 1, timeout=60)
     time.sleep(1.0)  # every worker's read loop has met the empty server and made its groups again

@@ -83,7 +83,7 @@ def test_workers_over_tls_as_the_worker_user_and_a_client_that_can_only_submit_a
     client_url = f"rediss://cosine-client:client-secret@{tls_server['base']}"
 
     config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=[])
-    pipeline = Pipeline(worker_url, config)
+    pipeline = Pipeline(worker_url, config, admin_url=f"rediss://:{ADMIN_PASSWORD}@{tls_server['base']}")
     pipelines.append(pipeline)
     for role in ("router", "coordinator", "verifier"):
         pipeline.start(role)
@@ -119,7 +119,7 @@ def test_a_user_per_role(tls_server, tmp_path, demo_target, greedy_references, p
         urls[role] = f"rediss://cosine-{role}:{role}-secret@{tls_server['base']}"
     lookup = {"name": "prompt-lookup", "kind": "prompt-lookup", "expert": "lookup"}
     config = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=[lookup])
-    by_role = {role: Pipeline(url, config) for role, url in urls.items()}
+    by_role = {role: Pipeline(url, config, admin_url=f"rediss://:{ADMIN_PASSWORD}@{tls_server['base']}") for role, url in urls.items()}
     pipelines.extend(by_role.values())
     for role in ("router", "coordinator", "fusion", "verifier"):
         by_role[role].start(role)

@@ -139,3 +139,32 @@ def test_max_window_field_parses_and_refuses_clearly():
             max_window_cap(bad)
         assert raised.value.param == "max_window"
     assert (capped_window(4, -1), capped_window(4, 0), capped_window(4, 2), capped_window(1, 3)) == (4, 0, 2, 1)
+
+
+def test_a_bad_redis_url_is_named_without_its_password():
+    """Regression: a URL of the wrong scheme was echoed whole, password included."""
+    from cosine import bus
+    from cosine.config import RedisConfig
+
+    for url in ("http://default:s3cret@127.0.0.1:6379", "default:s3cret@127.0.0.1:6379"):
+        with pytest.raises(ValueError) as raised:
+            bus.connect(url)
+        assert "s3cret" not in str(raised.value) and "127.0.0.1:6379" in str(raised.value)
+        with pytest.raises(ValueError) as raised:
+            RedisConfig(url=url)
+        assert "s3cret" not in str(raised.value)
+
+
+def test_a_secret_typed_on_the_command_line_gets_a_warning_and_one_from_the_environment_none():
+    from typer.testing import CliRunner
+
+    from cosine.cli import app
+
+    runner = CliRunner()
+    typed = runner.invoke(app, ["status", "--redis-url", "redis://default:s3cret@127.0.0.1:1"], env={"COSINE_REDIS_URL": ""})
+    assert "--redis-url on the command line" in typed.stderr and "COSINE_REDIS_URL" in typed.stderr
+    assert "s3cret" not in typed.stderr + typed.stdout
+    from_env = runner.invoke(app, ["status"], env={"COSINE_REDIS_URL": "redis://default:s3cret@127.0.0.1:1"})
+    assert "warning" not in from_env.stderr
+    no_password = runner.invoke(app, ["status", "--redis-url", "redis://127.0.0.1:1"])
+    assert "warning" not in no_password.stderr
