@@ -50,7 +50,7 @@ def test_internal_payload_is_listed_and_replayed(url, client):
     payload = b"\x82\xa1v\x01\xa4body\xc4\x03abc"  # any bytes: replay must not need to decode them
     dead_id = dead_letter(client, KEYS.verify, {"m": payload}, "verifier", "internal error: boom")
 
-    listed = json.loads(cli(url, "dead", "list", "--json").output)
+    listed = json.loads(cli(url, "dead", "list", "--json").stdout)
     assert [(d["id"], d["stream"], d["stage"], d["reason"], d["replayable"]) for d in listed] == [
         (dead_id, KEYS.verify, "verifier", "internal error: boom", True)
     ]
