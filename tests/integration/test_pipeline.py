@@ -87,7 +87,11 @@ def assert_text_joins(entries: list[dict]) -> None:
     assert pieces == final["text"]
 
 
-@pytest.mark.parametrize("server", redis_server_binaries(), indirect=True)
+# Debian's redis-server case is a slow test: the TLS/ACL tests run whole pipelines on it by default.
+SERVER_KINDS = [pytest.param(kind, marks=pytest.mark.slow) if kind == "redis-server" else kind for kind in redis_server_binaries()]
+
+
+@pytest.mark.parametrize("server", SERVER_KINDS, indirect=True)
 def test_sixteen_concurrent_requests_match_the_reference(server, tmp_path, demo_target, chat_prompts, greedy_references, pipelines):
     # Trimming stays on (every second): the fused trees are watched by a plain XREAD reader.
     # require_id off: the completion-form requests are answered under their entry IDs.
