@@ -27,7 +27,6 @@ from cosine.wire.state import round_fields
 
 log = logging.getLogger(__name__)
 
-FUNCTION_LIBRARY = "cosine"
 
 # Request state lives in one hash per request; the `rounds` sorted set scores each active request
 # by when its current round was issued (the coordinator's liveness sweep reads it). `round` is the compare-and-set guard: a round's
