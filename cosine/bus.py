@@ -408,14 +408,9 @@ def connect(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30, socket_timeout=30, socket_connect_timeout=10)
 
 
-async def load_functions(client: aioredis.Redis) -> None:
-    """Install (or replace) this version's function library: an administrator's step (``cosine
-    setup``, ``cosine serve`` on its embedded server). No worker, gateway or client user may."""
-    await client.function_load(_LIBRARY_CODE, replace=True)
-
-
 def setup_library(url: str) -> list[str]:
-    """``cosine setup``: load this version's function library with an administrator's URL;
+    """``cosine setup``: load (or replace) this version's function library with an administrator's
+    URL (``cosine serve`` does it on its embedded server; no worker, gateway or client user may);
     returns the CoSine libraries now on the server (other versions stay for their workers)."""
     import redis as sync_redis
 
@@ -428,12 +423,16 @@ def library_loaded_sync(url: str) -> bool:
     import redis as sync_redis
 
     with sync_redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10) as client:
-        return any(_library_name(entry) == LIBRARY for entry in client.function_list(library=LIBRARY))
+        return _lists_library(client.function_list(library=LIBRARY))
 
 
 async def library_loaded(client: aioredis.Redis) -> bool:
     """Whether this version's function library is on the server."""
-    return any(_library_name(entry) == LIBRARY for entry in await client.function_list(library=LIBRARY))
+    return _lists_library(await client.function_list(library=LIBRARY))
+
+
+def _lists_library(entries) -> bool:
+    return any(_library_name(entry) == LIBRARY for entry in entries)
 
 
 async def require_library(client: aioredis.Redis) -> None:

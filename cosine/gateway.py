@@ -218,17 +218,13 @@ class Gateway:
         keys = self.keys
         if self._streams is None:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for name in (keys.experts, keys.fingerprints, keys.verifier_streams):
-                    pipe.smembers(name)
-                pipe.hgetall(keys.drafter_streams)
+                self._read_stream_sets(pipe)
                 self._streams = self._stream_names(*await pipe.execute())
         streams = self._streams
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in (keys.metrics, keys.stats, keys.restarts):
                 pipe.hgetall(name)
-            for name in (keys.experts, keys.fingerprints, keys.verifier_streams):
-                pipe.smembers(name)
-            pipe.hgetall(keys.drafter_streams)
+            self._read_stream_sets(pipe)
             pipe.zcard(keys.deadlines)
             pipe.zcard(keys.waiting)
             for role in ROLES:
@@ -252,6 +248,13 @@ class Gateway:
         live = {role: len(split_roster(roster, now_ms)[0]) for role, roster in zip(ROLES, rosters)}
         return render(_floats(stored), _floats(stats), {k.decode(): int(v) for k, v in restarts.items()}, groups, live,
                       int(in_deadlines) - int(waiting), int(waiting))
+
+    def _read_stream_sets(self, pipe) -> None:
+        """Queue the reads ``_stream_names`` takes: experts, fingerprints, verifier and drafter instances."""
+        keys = self.keys
+        for name in (keys.experts, keys.fingerprints, keys.verifier_streams):
+            pipe.smembers(name)
+        pipe.hgetall(keys.drafter_streams)
 
     def _stream_names(self, experts, fingerprints, instances, drafter_instances) -> list[str]:
         keys = self.keys

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from cosine.models.files import CONVERSION_MARK, converted_location, file_hash, is_converted, model_directory
+from cosine.models.files import CONVERSION_MARK, file_hash, model_directory
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,6 @@ def _own_the_weights(model: torch.nn.Module) -> None:
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.layout == torch.strided:
                 tensor.data = tensor.data.clone()
-
-
-def converted_gguf_dir(gguf_path: Path, cache_dir: str | os.PathLike) -> Path:
-    """The safetensors copy of a GGUF file, converting it on first use."""
-    target, digest = converted_location(gguf_path, cache_dir)
-    return target if is_converted(target) else convert_gguf(gguf_path, target, digest)
 
 
 def convert_gguf(gguf_path: Path, target: Path, digest: str) -> Path:

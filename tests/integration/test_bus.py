@@ -35,7 +35,7 @@ def run(coro):
 async def fresh(url: str) -> aioredis.Redis:
     client = aioredis.Redis.from_url(url)
     await client.flushall()
-    await bus.load_functions(client)
+    bus.setup_library(url)
     await bus.ensure_group(client, KEYS.requests, GROUP)
     return client
 

@@ -551,11 +551,11 @@ def test_logprobs_are_the_targets_for_every_token_under_speculation(server, tmp_
 def test_pipelining_sends_drafts_made_ahead_and_stays_lossless(server, tmp_path, demo_target, greedy_references, pipelines):
     from pathlib import Path
 
-    from cosine.models.loading import converted_gguf_dir
+    from cosine.models.files import model_directory
 
     # The target itself as the drafter: every draft accepted, every guess of the next token
     # right, so each round after the first finds its draft made ahead (greedy).
-    twin = {"name": "twin", "kind": "model", "model": str(converted_gguf_dir(Path(demo_target.source), cache_dir())), "expert": "general"}
+    twin = {"name": "twin", "kind": "model", "model": str(model_directory(demo_target.source, cache_dir())), "expert": "general"}
     pipeline = make_pipeline(tmp_path, server, demo_target, [twin], speculation={"window": 3, "adaptive_window": False, "pipelining": "on"})  # "auto" is off on a machine of few cores
     pipelines.append(pipeline)
     pipeline.start_stages("general")
@@ -583,10 +583,10 @@ def test_pipelining_sends_drafts_made_ahead_and_stays_lossless(server, tmp_path,
 def test_rounds_stay_with_their_drafter_and_move_on_when_it_is_gone(server, tmp_path, demo_target, greedy_references, pipelines):
     from pathlib import Path
 
-    from cosine.models.loading import converted_gguf_dir
+    from cosine.models.files import model_directory
     from cosine.wire import Draft
 
-    twin = {"name": "twin", "kind": "model", "model": str(converted_gguf_dir(Path(demo_target.source), cache_dir())), "expert": "general"}
+    twin = {"name": "twin", "kind": "model", "model": str(model_directory(demo_target.source, cache_dir())), "expert": "general"}
     # A gone drafter is seen within a second; a round whose draft never comes would wait 60 s.
     pipeline = make_pipeline(tmp_path, server, demo_target, [twin], pipeline={"trim_interval_s": 3600.0, "heartbeat_ms": 300, "drafter_deadline_ms": 60_000},
                              speculation={"window": 3, "adaptive_window": False})
