@@ -45,17 +45,65 @@ local function take_pairs(args, i, count)
   return pairs, i
 end
 
+-- Whether stream entry ID a comes after b.
+local function id_after(a, b)
+  local a_ms, a_seq = string.match(a, '(%d+)-(%d+)')
+  local b_ms, b_seq = string.match(b, '(%d+)-(%d+)')
+  a_ms, a_seq, b_ms, b_seq = tonumber(a_ms), tonumber(a_seq), tonumber(b_ms), tonumber(b_seq)
+  return a_ms > b_ms or (a_ms == b_ms and a_seq > b_seq)
+end
+
 -- An output entry with an explicit ID, skipped when the stream already holds that ID or a later
 -- one (a replay after the server lost its last writes writes the same IDs again).
 local function add_out(out, id, entry)
   local top = redis.call('XREVRANGE', out, '+', '-', 'COUNT', 1)[1]
-  if top then
-    local top_ms, top_seq = string.match(top[1], '(%d+)-(%d+)')
-    local ms, seq = string.match(id, '(%d+)-(%d+)')
-    top_ms, top_seq, ms, seq = tonumber(top_ms), tonumber(top_seq), tonumber(ms), tonumber(seq)
-    if ms < top_ms or (ms == top_ms and seq <= top_seq) then return end
-  end
+  if top and not id_after(id, top[1]) then return end
   redis.call('XADD', out, id, unpack(entry))
+end
+
+-- An entry for a worker's own stream goes there only while that stream exists (NOMKSTREAM): a
+-- stream moved away with its worker gone is never made again by a writer (nobody would read
+-- it), and the entry goes to the shared stream instead. `own == shared`: the shared stream.
+local function add_entry(own, shared, fields)
+  if own == shared or not redis.call('XADD', own, 'NOMKSTREAM', '*', unpack(fields)) then
+    redis.call('XADD', shared, '*', unpack(fields))
+  end
+end
+
+-- KEYS: a worker's own stream, its shared stream.  ARGV: the entry's field/value pairs.
+local function send(keys, args)
+  add_entry(keys[1], keys[2], args)
+  return 'sent'
+end
+
+-- KEYS: a gone worker's own stream, the shared stream its entries go to, the registry of own
+-- streams.  ARGV: the workers' group, the instance, the registry's type ('set' or 'hash').
+-- In one step: the entries its group has not finished (pending, or not delivered yet) added to
+-- the shared stream, the stream deleted, the instance unregistered. A kill or an error can
+-- leave no half-moved stream. Returns the number moved, -1 when there was no stream.
+local function move_stream(keys, args)
+  local moved = -1
+  if redis.call('EXISTS', keys[1]) == 1 then
+    moved = 0
+    local last, pending = '0-0', {}
+    for _, info in ipairs(redis.call('XINFO', 'GROUPS', keys[1])) do
+      local group = {}
+      for k = 1, #info, 2 do group[info[k]] = info[k + 1] end
+      if group['name'] == args[1] then
+        last = group['last-delivered-id']
+        for _, p in ipairs(redis.call('XPENDING', keys[1], args[1], '-', '+', 1000000)) do pending[p[1]] = true end
+      end
+    end
+    for _, entry in ipairs(redis.call('XRANGE', keys[1], '-', '+')) do
+      if pending[entry[1]] or id_after(entry[1], last) then
+        redis.call('XADD', keys[2], '*', unpack(entry[2]))
+        moved = moved + 1
+      end
+    end
+    redis.call('DEL', keys[1])
+  end
+  if args[3] == 'set' then redis.call('SREM', keys[3], args[2]) else redis.call('HDEL', keys[3], args[2]) end
+  return moved
 end
 
 -- An id already taken by another entry: the refusal goes to out:{entry id}, never to the
@@ -198,7 +246,8 @@ local function refuse(keys, args)
   return outcomes
 end
 
--- KEYS: req, out stream, rounds zset, deadlines zset, features string, waiting zset, job streams...
+-- KEYS: req, out stream, rounds zset, deadlines zset, features string, waiting zset, job streams
+-- (n), the shared stream of each (n: a job for a worker's own stream goes as `add_entry`).
 -- ARGV: expected round, n_fields, pairs..., n_out, per out entry: n_pairs, pairs...; job
 -- payload ("" for none), ttl once finished (0 = still active), request id; feature rows' bytes
 -- ("" for none), the position of their first row, their count. The features string holds rows
@@ -242,7 +291,8 @@ local function apply_round(keys, args)
     end
   end
   if payload ~= '' then
-    for k = 7, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
+    local jobs = (#keys - 6) / 2
+    for k = 7, 6 + jobs do add_entry(keys[k], keys[k + jobs], {'m', payload}) end
   end
   if ttl > 0 then
     redis.call('ZREM', keys[3], request_id)
@@ -356,7 +406,7 @@ end
 # The functions, under names that carry the library's version (a digest of its code): function
 # names are global across libraries, so two versions load side by side during a rolling upgrade,
 # and a worker only ever calls the code it was written against.
-FUNCTIONS = ("admit", "start_waiting", "refuse", "apply_round", "cancel", "fuse_add", "fuse_take", "fuse_emit", "fuse_next")
+FUNCTIONS = ("admit", "start_waiting", "refuse", "apply_round", "cancel", "send", "move_stream", "fuse_add", "fuse_take", "fuse_emit", "fuse_next")
 LIBRARY_VERSION = hashlib.sha256(_LUA_BODY.encode()).hexdigest()[:12]
 LIBRARY = f"cosine_{LIBRARY_VERSION}"
 _LIBRARY_CODE = f"#!lua name={LIBRARY}\n{_LUA_BODY}\n" + "".join(f"redis.register_function('{LIBRARY}_{n}', {n})\n" for n in FUNCTIONS)
@@ -591,16 +641,19 @@ async def finish_request(client: aioredis.Redis, keys: Keys, state, update, ttl_
 
 def apply_round_call(
     keys: Keys, *, request_id: str, expected_round: int, fields: Mapping,
-    out_entries: Sequence[Mapping], job_streams: Sequence[str] = (), payload: bytes = b"", ttl_s: int = 0,
+    out_entries: Sequence[Mapping], job_streams: Sequence[str | tuple[str, str]] = (), payload: bytes = b"", ttl_s: int = 0,
     features: bytes = b"", features_start: int = 0, feature_rows: int = 0,
 ) -> tuple[list[str], list]:
-    """The keys and arguments of one round's ``cosine_apply_round`` (see ``apply_round``)."""
+    """The keys and arguments of one round's ``cosine_apply_round`` (see ``apply_round``). A job
+    stream is a shared stream, or (a worker's own stream, the shared stream the job goes to
+    when that worker's stream is gone)."""
+    pairs = [(stream, stream) if isinstance(stream, str) else stream for stream in job_streams]
     args: list = [str(expected_round), len(fields), *_flat(fields), len(out_entries)]
     for entry in out_entries:
         args += [len(entry), *_flat(entry)]
     args += [payload, ttl_s, request_id, features, features_start, feature_rows]
     key_list = [keys.request(request_id), keys.out(request_id), keys.rounds, keys.deadlines, keys.features(request_id), keys.waiting,
-                *job_streams]
+                *(own for own, _ in pairs), *(shared for _, shared in pairs)]
     return key_list, args
 
 
@@ -626,6 +679,21 @@ async def apply_rounds(client: aioredis.Redis, calls: Sequence[tuple[list[str], 
             pipe.fcall(function_name("apply_round"), len(key_list), *key_list, *args)
         replies = await pipe.execute()
     return [r.decode() if isinstance(r, bytes) else r for r in replies]
+
+
+def send(pipe, own: str, shared: str, fields: Mapping) -> None:
+    """Queue on ``pipe`` an entry for a worker's ``own`` stream: written there while that stream
+    exists, else to ``shared`` (its worker is gone and the stream was moved: an entry written
+    to a stream nobody reads would strand its requests)."""
+    pipe.fcall(function_name("send"), 2, own, shared, *_flat(fields))
+
+
+async def move_stream(client: aioredis.Redis, own: str, shared: str, registry: str, *, group: str, instance: str, registry_type: str) -> int | None:
+    """A gone worker's ``own`` stream, in one atomic step: what its ``group`` has not finished
+    goes to ``shared``, the stream is deleted and ``instance`` leaves ``registry`` (a set or a
+    hash, ``registry_type``). The number of entries moved, None when there was no stream."""
+    moved = await _fcall(client, "move_stream", [own, shared, registry], [group, instance, registry_type])
+    return None if int(moved) < 0 else int(moved)
 
 
 async def flag_cancel(client: aioredis.Redis, keys: Keys, request_id: str, *, ttl_s: int = 0, final: Mapping | None = None) -> str:

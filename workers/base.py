@@ -104,6 +104,10 @@ class StageWorker:
     def input_streams(self) -> list[str]:
         raise NotImplementedError
 
+    def own_streams(self) -> list[str]:
+        """Input streams of this worker alone (cache affinity): made once it is registered."""
+        return []
+
     async def setup(self) -> None:
         """Load models and warm up (runs after the Redis connection is ready)."""
 
@@ -137,7 +141,8 @@ class StageWorker:
     def registrations(self, pipe) -> None:
         """Commands that register this worker's own streams, sent with every heartbeat after the
         roster entry: a coordinator that took the worker for gone while it was only slow (it
-        moved the stream and dropped the entry) finds it registered again a beat later."""
+        moved the stream and dropped the entry) finds it registered again a beat later, and the
+        worker makes its stream again when its next read finds it gone."""
 
     async def reject(self, stream: str, entry: Entry, reason: str) -> None:
         """An entry could not be handled: tell whoever waits on it (before it is dead-lettered)."""
@@ -160,6 +165,7 @@ class StageWorker:
             except Exception as error:
                 raise StartupError(f"{self.role} could not start: {type(error).__name__}: {error}") from error
             await self.retrying(self.on_connect, forever=True)
+            await self.retrying(self._make_own_streams, forever=True)
             tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._reclaimer())]
             self.log.info("%s %s ready on %s", self.role, self.instance, ", ".join(self.input_streams()))
             try:
@@ -183,8 +189,20 @@ class StageWorker:
 
     async def _prepare_server(self) -> None:
         await require_library(self.redis)
+        own = self.own_streams()
         for stream in self.input_streams():
-            await ensure_group(self.redis, stream, self.group)
+            if stream not in own:
+                await ensure_group(self.redis, stream, self.group)
+
+    async def _make_own_streams(self) -> None:
+        """In the roster and the registry first, then the own streams: such a stream exists only
+        while its worker is registered, and a coordinator moves the registered streams of workers
+        that are not live (one made by a worker that died unregistered would never be read;
+        one made before the roster entry would be taken for a gone worker's)."""
+        if own := self.own_streams():
+            await self._beat(self.keys.live(self.role, self.instance), 3 * self.config.pipeline.heartbeat_ms)
+            for stream in own:
+                await ensure_group(self.redis, stream, self.group)
 
     async def _main_loop(self, burst: bool) -> None:
         stop = asyncio.ensure_future(self.stopping.wait())
@@ -345,6 +363,7 @@ class StageWorker:
             self.log.error("%s", error)
             return
         await self.on_connect()
+        await self._make_own_streams()
 
     async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a model call on the worker's thread so the event loop (heartbeats) keeps going."""

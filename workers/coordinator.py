@@ -35,7 +35,7 @@ from cosine.policy.batching import BatchPolicy, Pending
 from cosine.policy.control import SpeculationControl
 from cosine.policy.routing import routing_policy
 from cosine.policy.window import WindowPolicy
-from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
+from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
 from cosine.wire.context import by_reference
 from cosine.wire.convert import empty_candidate, feedback_from_wire
 from cosine.wire.state import round_fields, state_from_fields
@@ -257,12 +257,13 @@ class Coordinator(StageWorker):
             while len(self.draft_homes) > TRACKED:  # requests that ended elsewhere
                 del self.draft_homes[next(iter(self.draft_homes))]
 
-    def _draft_stream(self, request_id: str, expert: str) -> str:
+    def _draft_stream(self, request_id: str, expert: str) -> str | tuple[str, str]:
         """Where a round's job for ``expert`` goes: the live drafter instance that drafted the
         request's last round (its caches, its draft made ahead), else the expert's stream; also
         when that one has a backlog (DRAFTER_BACKLOG jobs waiting unread) while another drafter of
         the expert has nothing queued or in hand: a slow or stuck home does not hold its requests
-        while others idle (a home that misses the drafting deadline loses them at once)."""
+        while others idle (a home that misses the drafting deadline loses them at once). A
+        home's stream comes with the expert's: the job goes there if the home's stream is gone."""
         home = self.draft_homes.get(request_id, {}).get(expert)
         if not home or home not in self.drafter_ids or not self.config.pipeline.affinity:
             return self.keys.draft(expert)
@@ -271,7 +272,7 @@ class Coordinator(StageWorker):
             self.drafter_queued.get(other, (0, 0)) == (0, 0) for other, served in self.drafter_expert.items() if served == expert and other != home
         ):
             return self.keys.draft(expert)
-        return self.keys.draft_at(home)
+        return self.keys.draft_at(home), self.keys.draft(expert)
 
     async def _flush(self, force: bool = False) -> None:
         while self.pool:
@@ -306,9 +307,12 @@ class Coordinator(StageWorker):
             taken = [same[i] for i in chosen]
             steps = self._multi_steps(taken)
             batch = VerifyBatch(uuid.uuid4().hex[:12], [_with_steps(w, steps) for w in taken])
-            stream = self.keys.verify_at(home) if home else self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
+            shared = self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(stream, encode(batch))
+                if home:  # the shared stream if the home is gone and its stream moved
+                    bus.send(pipe, self.keys.verify_at(home), shared, encode(batch))
+                else:
+                    pipe.xadd(shared, encode(batch))
                 # Drafting is done: the drafter-deadline sweep lets go of these rounds.
                 pipe.zrem(self.keys.rounds, *(w.item.request_id for w in taken))
                 pipe.hincrby(self.keys.stats, "rounds_sent", len(taken))
@@ -329,7 +333,7 @@ class Coordinator(StageWorker):
             )
             while len(self.sent_batches) > TRACKED:  # results that never came back here
                 del self.sent_batches[next(iter(self.sent_batches))]
-            self.log.debug("batch %s: %d requests to %s", batch.batch_id, len(taken), stream)
+            self.log.debug("batch %s: %d requests to %s", batch.batch_id, len(taken), home or shared)
 
     def _multi_steps(self, taken: list[_Waiting]) -> int:
         """How many tokens a batch's rounds without drafts may decode in this one job
@@ -573,7 +577,7 @@ class Coordinator(StageWorker):
             out_entries=update.out_entries, job_streams=streams, payload=payload, features=features, features_start=start, feature_rows=rows,
         )
 
-    def _next_round(self, state: RequestState, features: bytes = b"", features_start: int = 0) -> tuple[list[str], bytes]:
+    def _next_round(self, state: RequestState, features: bytes = b"", features_start: int = 0) -> tuple[list[str | tuple[str, str]], bytes]:
         experts = [e for e in state.experts if e in self.live_experts]
         room = state.max_tokens - len(state.output_ids) - 1
         window = min(state.window, max(0, room), *([state.max_window] if state.max_window >= 0 else []))  # the request's own cap
@@ -624,77 +628,35 @@ class Coordinator(StageWorker):
 
     async def _move_gone_verifier_streams(self) -> None:
         """A verifier that is gone leaves batches in its own stream (unread, or read and not
-        acknowledged): they go to the shared streams, for any verifier. The stream is renamed
-        first, so only one coordinator moves it; a verifier that was only slow finds its group
-        gone and makes its stream again (at most a batch verified twice: the compare-and-set
-        applies it once)."""
+        acknowledged): they go to the shared stream, for any verifier (one of another target
+        hands a batch on to its target's stream). One atomic call, so only one coordinator
+        moves it; a verifier that was only slow registers again and makes its stream again (at
+        most a batch verified twice: the compare-and-set applies it once)."""
         registered = {m.decode() for m in await self.redis.smembers(self.keys.verifier_streams)}
         if not registered - self.verifier_ids:
             return
         # A roster read after the registry's, not the cached one: a verifier joins the roster
         # before the registry, so one that just started is not taken for gone.
         live = set(await self.live_roster("verifier", max_age_s=0.0))
-        group = self.keys.group("verifier")
         for instance in sorted(registered - live):
-            moved = await self._move_stream(self.keys.verify_at(instance), group, self._verify_stream_of, lambda r, i=instance: r.srem(self.keys.verifier_streams, i))
+            moved = await bus.move_stream(self.redis, self.keys.verify_at(instance), self.keys.verify, self.keys.verifier_streams,
+                                          group=self.keys.group("verifier"), instance=instance, registry_type="set")
             if moved is not None:
-                self.log.warning("verifier %s is gone: %d batches of its stream moved to the shared streams", instance, moved)
-
-    def _verify_stream_of(self, fields: dict) -> str | None:
-        """The shared stream a verification batch goes to: its target's (None: undecodable,
-        nothing a verifier could read either)."""
-        try:
-            items = decode(fields, VerifyBatch).items
-        except WireError:
-            return None
-        fingerprint = items[0].fingerprint if items else ""
-        return self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
+                self.log.warning("verifier %s is gone: %d batches of its stream moved to the shared stream", instance, moved)
 
     async def _move_gone_drafter_streams(self) -> None:
         """A drafter that is gone leaves jobs in its own stream (unread, or read and not
-        acknowledged): they go to its expert's stream, for any drafter of it. Renamed first, so
-        only one coordinator moves it; a drafter that was only slow makes its stream again."""
+        acknowledged): they go to its expert's stream, for any drafter of it. As for verifiers."""
         registered = {i.decode(): e.decode() for i, e in (await self.redis.hgetall(self.keys.drafter_streams)).items()}
         if not set(registered) - self.drafter_ids:
             return
         live = set(await self.live_roster("drafter", max_age_s=0.0))  # fresh: a drafter joins the roster before the registry
-        group = self.keys.group("drafter")
         for instance in sorted(set(registered) - live):
             shared = self.keys.draft(registered[instance])
-            moved = await self._move_stream(self.keys.draft_at(instance), group, lambda fields, to=shared: to,
-                                            lambda r, i=instance: r.hdel(self.keys.drafter_streams, i))
+            moved = await bus.move_stream(self.redis, self.keys.draft_at(instance), shared, self.keys.drafter_streams,
+                                          group=self.keys.group("drafter"), instance=instance, registry_type="hash")
             if moved is not None:
                 self.log.warning("drafter %s is gone: %d jobs of its stream moved to %s", instance, moved, shared)
-
-    async def _move_stream(self, source: str, group: str, destination, unregister) -> int | None:
-        """A gone worker's own stream: renamed first (so only one coordinator moves it), then its
-        unfinished entries added to ``destination(fields)`` (None: dropped), the stream deleted
-        and the worker unregistered (``unregister(client)``), in one transaction. The entries
-        moved, or None when another coordinator had moved it (unregistered here all the same)."""
-        moving = f"{source}:gone"
-        try:
-            await self.redis.rename(source, moving)
-        except ResponseError:  # no such key: moved by another coordinator
-            await unregister(self.redis)
-            return None
-        entries = await self._unfinished_entries(moving, group)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _, fields in entries:
-                if (stream := destination(fields)) is not None:
-                    pipe.xadd(stream, fields)
-            pipe.delete(moving)
-            unregister(pipe)
-            await pipe.execute()
-        return len(entries)
-
-    async def _unfinished_entries(self, stream: str, group: str) -> list[tuple[bytes, dict]]:
-        """A stream's entries its group has not finished: pending, or not yet delivered."""
-        last, pending = b"0-0", set()
-        for info in await self.redis.xinfo_groups(stream):
-            if info["name"].decode() == group:
-                last = info["last-delivered-id"]
-                pending = {e["message_id"] for e in await self.redis.xpending_range(stream, group, "-", "+", 10_000)}
-        return [(i, f) for i, f in await self.redis.xrange(stream) if i in pending or bus.stream_id(i) > bus.stream_id(last)]
 
     async def _expire_deadlines(self) -> None:
         """Requests past their deadline (an abandoned client, a stalled pipeline) end now."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from cosine.workers.base import Entry, StageWorker, install_drain_handlers
 
-from cosine.bus import ensure_group, require_library, write_and_ack
+from cosine.bus import write_and_ack
 from cosine.deploy import machine_cores, plan_deployment
 from cosine.core.tree import DraftChain
 from cosine.drafters.base import DraftRequest, propose_ahead
@@ -86,18 +86,11 @@ class DrafterWorker(StageWorker):
         self.contexts: OrderedDict[str, list[int]] = OrderedDict()  # request id -> the context of its last job here
         self.predrafts: OrderedDict[str, Predraft] = OrderedDict()  # request id -> its next round, drafted ahead
 
-    async def _prepare_server(self) -> None:
-        # The expert's stream only: the drafter's own is made once it is registered (on_connect),
-        # so that one that dies while loading its model leaves no stream nobody would remove.
-        await require_library(self.redis)
-        await ensure_group(self.redis, self.keys.draft(self.expert), self.group)
+    def own_streams(self) -> list[str]:
+        return [self.keys.draft_at(self.instance)]
 
     async def on_connect(self) -> None:
         await self.redis.sadd(self.keys.experts, self.expert)
-        # In the roster before the registry: a coordinator moves the streams of registered
-        # instances that are not live (and would take a new one's for gone).
-        await self._beat(self.keys.live(self.role, self.instance), 3 * self.config.pipeline.heartbeat_ms)
-        await ensure_group(self.redis, self.keys.draft_at(self.instance), self.group)
 
     def registrations(self, pipe) -> None:
         pipe.hset(self.keys.drafter_streams, self.instance, self.expert)

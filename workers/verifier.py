@@ -62,12 +62,11 @@ class VerifierWorker(StageWorker):
         self.log.info("verification cost profile: %.1f ms + %.2f ms per request + %.2f ms per fed token + %.2f ms per request per 1000 context rows",
                       *self.cost_profile)
 
+    def own_streams(self) -> list[str]:
+        return [self.keys.verify_at(self.instance)] if getattr(self, "fingerprint", None) else []
+
     async def on_connect(self) -> None:
         await bus.ensure_group(self.redis, self.keys.verify_for(self.fingerprint), self.group)
-        await bus.ensure_group(self.redis, self.keys.verify_at(self.instance), self.group)
-        # In the roster before the registry: a coordinator moves the streams of registered
-        # instances that are not live (and would take a new one's for gone).
-        await self._beat(self.keys.live(self.role, self.instance), 3 * self.config.pipeline.heartbeat_ms)
         await self.redis.sadd(self.keys.fingerprints, self.fingerprint)
         await self.redis.hset(self.keys.cost(self.fingerprint), mapping=dict(zip(("a", "b", "c", "e"), map(str, self.cost_profile))))
 

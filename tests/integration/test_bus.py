@@ -703,7 +703,7 @@ def test_batches_fit_the_verifiers_kv_pool(server):
 
 def test_a_gone_verifiers_own_stream_goes_to_the_shared_streams(server):
     """Cache affinity: batches left in a verifier's own stream (one unread, one read and not
-    acknowledged) go to the shared streams when the verifier is no longer live; what it had
+    acknowledged) go to the shared stream when the verifier is no longer live; what it had
     acknowledged is not verified again; a live verifier's stream stays."""
     import time
 
@@ -734,14 +734,95 @@ def test_a_gone_verifiers_own_stream_goes_to_the_shared_streams(server):
         await client.hset(KEYS.roster("verifier"), "alive", f"{time.time() * 1000 + 60_000:.0f} 0 fingerprint=fp")
         coordinator.verifier_ids = set()
         await coordinator._move_gone_verifier_streams()
-        moved = [decode(f, VerifyBatch).batch_id for _, f in await client.xrange(KEYS.verify_for("fp"))]
-        assert moved == ["held"]
-        assert [decode(f, VerifyBatch).batch_id for _, f in await client.xrange(KEYS.verify)] == ["unread"]
-        assert not await client.exists(KEYS.verify_at("gone"), f"{KEYS.verify_at('gone')}:gone")
+        moved = [decode(f, VerifyBatch).batch_id for _, f in await client.xrange(KEYS.verify)]
+        assert moved == ["held", "unread"]
+        assert not await client.exists(KEYS.verify_at("gone"))
         assert await client.smembers(KEYS.verifier_streams) == {b"alive"}
         assert await client.xlen(KEYS.verify_at("alive")) == 1
         await coordinator._move_gone_verifier_streams()  # nothing left to move
-        assert await client.xlen(KEYS.verify_for("fp")) == 1
+        assert await client.xlen(KEYS.verify) == 2
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_work_for_a_moved_stream_goes_to_the_shared_stream(server):
+    """A coordinator whose view of the roster still had a gone verifier (or drafter) wrote a
+    request's next batch (or job) to that worker's own stream after the stream was moved: the
+    write made the stream again, unregistered and with no group, and nobody ever read it (the
+    requests waited for their deadline). Now such a write goes to the shared stream, and a live
+    worker's own stream still gets its work."""
+    import time
+
+    from cosine.workers.coordinator import Coordinator, _Waiting
+
+    from cosine.core.sampling import SamplingParams
+    from cosine.policy.batching import BatchPolicy
+    from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
+
+    async def scenario():
+        client = await fresh(server)
+        coordinator = Coordinator(Config(), server)
+        coordinator.redis, coordinator.pool, coordinator.live_verifiers = client, [], 1
+        coordinator.batch_policy = BatchPolicy(8)
+        group = KEYS.group("verifier")
+        await bus.ensure_group(client, KEYS.verify_at("gone"), group)
+        await client.sadd(KEYS.verifier_streams, "gone")
+        await bus.ensure_group(client, KEYS.candidates, coordinator.group)
+        coordinator.verifier_ids = {"gone"}  # its cached view: the verifier's liveness not yet expired
+        coordinator.home = {"r1": "gone"}
+        other = Coordinator(Config(), server)  # another coordinator, whose view has it gone
+        other.redis, other.verifier_ids = client, set()
+        await other._move_gone_verifier_streams()
+        assert not await client.exists(KEYS.verify_at("gone"))
+        candidate = Candidate("r1", 1, [], [], [], [], [])
+        entry_id = await client.xadd(KEYS.candidates, encode(candidate))
+        await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
+        coordinator.pool.append(_Waiting(entry_id, VerifyItem("r1", 1, [1, 2], candidate, SamplingParams(), ""), time.monotonic()))
+        assert coordinator._home("r1") == "gone"
+        await coordinator._flush(force=True)
+        assert not await client.exists(KEYS.verify_at("gone")), "a stream nobody reads"
+        assert [[i.request_id for i in decode(f, VerifyBatch).items] for _, f in await client.xrange(KEYS.verify)] == [["r1"]]
+
+        # Drafting jobs: the same for a gone drafter's stream; a live one's gets its job.
+        await bus.ensure_group(client, KEYS.draft_at("alive"), KEYS.group("drafter"))
+        for name, home in (("r2", "gone"), ("r3", "alive")):
+            await client.hset(KEYS.request(name), mapping={"round": "0", "status": "active", "id": name})
+            key_list, args = bus.apply_round_call(KEYS, request_id=name, expected_round=0, fields={"round": "1"}, out_entries=[],
+                                                  job_streams=[(KEYS.draft_at(home), KEYS.draft("general"))], payload=name.encode())
+            assert await bus.apply_rounds(client, [(key_list, args)]) == ["applied"]
+        assert not await client.exists(KEYS.draft_at("gone"))
+        assert [f[b"m"] for _, f in await client.xrange(KEYS.draft("general"))] == [b"r2"]
+        assert [f[b"m"] for _, f in await client.xrange(KEYS.draft_at("alive"))] == [b"r3"]
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_a_worker_registers_before_it_makes_its_own_stream(server):
+    """A verifier made its own stream again (after a data loss, or after a coordinator moved it
+    while the verifier was only slow) before registering it: one that died in between left a
+    stream that writers still fed and no sweep knew of."""
+    from cosine.workers.verifier import VerifierWorker
+
+    async def scenario():
+        client = await fresh(server)
+        verifier = VerifierWorker(Config(), server, instance="v1")
+        verifier.redis, verifier.fingerprint, verifier.cost_profile = client, "fp", (1.0, 0.1, 0.01, 0.0)
+        verifier.liveness_extra = lambda: ""  # its model's figures: none loaded here
+        seen = []
+        beat = verifier._beat
+
+        async def beat_and_look(key: str, ttl_ms: int) -> None:
+            seen.append(await client.exists(KEYS.verify_at("v1")))
+            await beat(key, ttl_ms)
+
+        verifier._beat = beat_and_look
+        await verifier._after_data_loss()
+        assert seen and seen[0] == 0, "registered only after its stream was made"
+        assert await client.sismember(KEYS.verifier_streams, "v1")
+        groups = await client.xinfo_groups(KEYS.verify_at("v1"))
+        assert [g["name"] for g in groups] == [KEYS.group("verifier").encode()]
         await client.aclose()
 
     run(scenario())
@@ -808,7 +889,7 @@ def test_a_backlogged_or_late_home_drafter_lets_its_requests_go(server):
             await client.xadd(KEYS.draft_at("a"), {"m": b"job"})
         coordinator.drafter_queued = await coordinator._drafter_queues()
         assert coordinator.drafter_queued == {"a": (DRAFTER_BACKLOG - 1, 0)}
-        assert coordinator._draft_stream("r1", "general") == KEYS.draft_at("a")  # a short queue: it stays
+        assert coordinator._draft_stream("r1", "general") == (KEYS.draft_at("a"), KEYS.draft("general"))  # a short queue: it stays
         await client.xadd(KEYS.draft_at("a"), {"m": b"job"})
         coordinator.drafter_queued = await coordinator._drafter_queues()
         assert coordinator._draft_stream("r1", "general") == KEYS.draft("general")  # a backlog, b idle: any drafter
@@ -816,7 +897,7 @@ def test_a_backlogged_or_late_home_drafter_lets_its_requests_go(server):
         await client.xadd(KEYS.draft_at("b"), {"m": b"job"})
         await client.xreadgroup(group, "b", {KEYS.draft_at("b"): ">"})  # b has one in hand
         coordinator.drafter_queued = await coordinator._drafter_queues()
-        assert coordinator._draft_stream("r1", "general") == KEYS.draft_at("a")  # nobody idle: it stays
+        assert coordinator._draft_stream("r1", "general") == (KEYS.draft_at("a"), KEYS.draft("general"))  # nobody idle: it stays
         # A round of r1 past the drafting deadline goes on without drafts, and r1's next round
         # goes to any drafter, not back to the late one.
         state = RequestState("r1", [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=3, output_ids=[5, 6, 7])
@@ -870,6 +951,7 @@ def test_a_drafter_makes_its_own_stream_once_registered(server):
         await drafter._prepare_server()  # what runs before the model is loaded
         assert await client.exists(KEYS.draft("general")) and not await client.exists(KEYS.draft_at("d1"))
         await drafter.on_connect()
+        await drafter._make_own_streams()
         assert await client.hget(KEYS.drafter_streams, "d1") == b"general"
         groups = await client.xinfo_groups(KEYS.draft_at("d1"))
         assert [g["name"] for g in groups] == [KEYS.group("drafter").encode()]
