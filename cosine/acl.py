@@ -12,11 +12,12 @@ prefixes every key pattern.
   --redis-url``: the worker commands on only the keys that role reads or writes. The
   coordinator's are every key (it applies rounds, sweeps, trims, moves verify streams);
   the router, fusion, drafters and verifiers get their own streams and hashes.
-- **gateway** (``gateway_rules``): what ``cosine gateway`` needs — ``XADD`` to ``requests``,
-  ``cancel`` and its readers' ``wake:*`` streams, reading every key of the namespace (outputs,
+- **gateway** (``gateway_rules``): what ``cosine gateway`` needs — ``XADD`` to every tenant's
+  ``requests`` and ``cancel`` and its readers' ``wake:*`` streams, reading every key of the namespace (outputs,
   rosters, metrics, stream groups for ``/metrics``).
 - **client**: ``XADD`` to the ``requests`` and ``cancel`` streams and reading ``out:*``
   (``XREAD``, ``XRANGE``, ``XREVRANGE``) — nothing else: no request state, no internal stream.
+  A tenant's user (``cosine.tenants``) has the same on its own ``t:{name}:`` keys.
 
 Apply with ``ACL SETUSER name on >password <rules...>`` (``acl_setuser_rules``).
 """
@@ -41,10 +42,11 @@ def worker_rules(namespace: str = "cosine:") -> list[str]:
 # the fault-injection phase key (tests).
 _COMMON_KEYS = ("dead", "live:*", "roster:*", "stats", "metrics", "test:phase")
 ROLE_KEYS = {
-    "router": ("requests", "cancel", "req:*", "out:*", "draft:*", "candidates", "rounds", "deadlines", "reserved", "waiting", "feat:*"),
-    "fusion": ("drafts", "draft:*", "fuse:*", "fusing", "candidates", "req:*"),
-    "drafter": ("draft:*", "drafts", "experts", "drafter-streams", "feat:*", "req:*"),
-    "verifier": ("verify", "verify:*", "verified", "req:*", "cost:*", "fingerprints", "verifier-streams"),
+    "router": ("requests", "cancel", "req:*", "out:*", "draft:*", "candidates", "rounds", "deadlines", "reserved", "waiting", "feat:*",
+               "tenants", "tenant:*", "t:*"),
+    "fusion": ("drafts", "draft:*", "fuse:*", "fusing", "candidates", "req:*", "t:*:req:*"),
+    "drafter": ("draft:*", "drafts", "experts", "drafter-streams", "feat:*", "req:*", "t:*:feat:*", "t:*:req:*"),
+    "verifier": ("verify", "verify:*", "verified", "req:*", "t:*:req:*", "cost:*", "fingerprints", "verifier-streams"),
     "coordinator": ("*",),
 }
 
@@ -69,8 +71,8 @@ GATEWAY_COMMANDS = ("-@all", "+xadd", "+xread", "+xrange", "+xinfo|groups", "+hg
 def gateway_rules(namespace: str = "cosine:") -> list[str]:
     """ACL rules of the user an HTTP gateway connects as: submit and cancel, its readers' wake
     streams, and reading the rest (outputs, rosters, metrics, queue depths); nothing else."""
-    return ["resetkeys", f"%R~{namespace}*", f"%W~{namespace}requests", f"%W~{namespace}cancel", f"~{namespace}wake:*",
-            "resetchannels", *GATEWAY_COMMANDS]
+    return ["resetkeys", f"%R~{namespace}*", f"%W~{namespace}requests", f"%W~{namespace}cancel", f"%W~{namespace}t:*:requests",
+            f"%W~{namespace}t:*:cancel", f"~{namespace}wake:*", "resetchannels", *GATEWAY_COMMANDS]
 
 
 def acl_setuser_rules(password: str, rules: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 
 from cosine.config import redacted_url
 from cosine.wire import Keys
+from cosine.wire.keys import qualify, split_id
 from cosine.wire.state import round_fields
 
 log = logging.getLogger(__name__)
@@ -149,13 +150,15 @@ local function tombstone(req, out, entry_id, ttl, entry)
 end
 
 -- KEYS: req, requests stream, rounds zset, deadlines zset, out:{entry id}, reserved hash,
---       out:{id}, waiting zset, job streams...
+--       out:{id}, waiting zset, the tenant's active zset, the tenant's waiting zset, job streams...
 -- ARGV: group, entry id, request id, deadline ms, ttl, n_fields, pairs..., job payload,
 --       n_refusal, refusal pairs (used when the id is in use), max_requests, token budget,
---       tokens reserved, max_waiting, n_busy, busy pairs (used when admission is full)
+--       tokens reserved, max_waiting, the tenant's max active (0: none), n_busy, busy pairs
+--       (used when admission is full), n, pairs of the refusal when the tenant is at its bound
 -- Past the bounds, or behind requests already waiting (first come, first started), a request
 -- waits if fewer than max_waiting do: its state and deadline are written, not its first job
--- ('waiting'; `start_waiting` starts it); else it is refused with `busy`.
+-- ('waiting'; `start_waiting` starts it); else it is refused with `busy`. A tenant with its
+-- bound of requests admitted (waiting or started) is refused at once ('tenant_busy').
 local function admit(keys, args)
   local req = keys[1]
   local n = tonumber(args[6])
@@ -163,18 +166,25 @@ local function admit(keys, args)
   local payload = args[i]
   local refusal, j = take_pairs(args, i + 2, tonumber(args[i + 1]))
   local max_requests, budget, tokens = tonumber(args[j]), tonumber(args[j + 1]), tonumber(args[j + 2])
-  local max_waiting = tonumber(args[j + 3])
-  local busy = take_pairs(args, j + 5, tonumber(args[j + 4]))
+  local max_waiting, tenant_max = tonumber(args[j + 3]), tonumber(args[j + 4])
+  local busy, k = take_pairs(args, j + 6, tonumber(args[j + 5]))
+  local tenant_busy = take_pairs(args, k + 1, tonumber(args[k]))
   local outcome = 'created'
   local queued = redis.call('ZCARD', keys[8])
+  local deadline = tonumber(args[4])
   fields[#fields + 1] = 'source'; fields[#fields + 1] = args[2]
   if redis.call('EXISTS', req) == 1 then
     outcome = refuse_in_use(req, keys[5], args[2], tonumber(args[5]), refusal)
+  elseif tenant_max > 0 and redis.call('ZCARD', keys[9]) >= tenant_max then
+    tombstone(req, keys[7], args[2], tonumber(args[5]), tenant_busy)
+    outcome = 'tenant_busy'
   elseif (queued > 0 and max_waiting > 0) or admission_full(keys[4], keys[8], keys[6], max_requests, budget, tokens) then
     if queued < max_waiting then
       redis.call('HSET', req, unpack(fields))
-      redis.call('ZADD', keys[4], tonumber(args[4]), args[3])
+      redis.call('ZADD', keys[4], deadline, args[3])
       redis.call('ZADD', keys[8], now_ms(), args[3])
+      redis.call('ZADD', keys[9], deadline, args[3])
+      redis.call('ZADD', keys[10], now_ms(), args[3])
       outcome = 'waiting'
     else
       tombstone(req, keys[7], args[2], tonumber(args[5]), busy)
@@ -182,32 +192,40 @@ local function admit(keys, args)
     end
   else
     redis.call('HSET', req, unpack(fields))
-    for k = 9, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
+    for k = 11, #keys do redis.call('XADD', keys[k], '*', 'm', payload) end
     redis.call('ZADD', keys[3], now_ms(), args[3])
-    redis.call('ZADD', keys[4], tonumber(args[4]), args[3])
+    redis.call('ZADD', keys[4], deadline, args[3])
+    redis.call('ZADD', keys[9], deadline, args[3])
     if budget > 0 then redis.call('HSET', keys[6], args[3], tokens) end
   end
   redis.call('XACK', keys[2], args[1], args[2])
   return outcome
 end
 
--- Starts a waiting request (its first job) when it is the first waiting and the bounds allow.
--- KEYS: req, rounds zset, deadlines zset, waiting zset, reserved hash, job streams...
+-- Starts a waiting request (its first job) when it is the first waiting of its tenant and the
+-- bounds allow (which tenant's goes first is the router's choice: the starts are shared).
+-- KEYS: req, rounds zset, deadlines zset, waiting zset, reserved hash, the tenant's waiting
+-- zset, job streams...
 -- ARGV: request id, max_requests, token budget, tokens reserved, job payload.
--- Returns 'created', 'busy' (still full), 'later' (not the first waiting), 'gone' (it ended
--- while waiting: cancelled, or past its deadline) or 'expired' (its deadline has passed and the
--- deadline sweep has not ended it yet: it never starts, and does not hold back those after it).
+-- Returns 'created', 'busy' (still full), 'later' (not its tenant's first waiting), 'gone' (it
+-- ended while waiting: cancelled, or past its deadline) or 'expired' (its deadline has passed
+-- and the deadline sweep has not ended it yet: it never starts, and does not hold back those
+-- after it).
 local function start_waiting(keys, args)
   local id = args[1]
-  if not redis.call('ZSCORE', keys[4], id) then return 'gone' end
+  if not redis.call('ZSCORE', keys[4], id) then
+    redis.call('ZREM', keys[6], id)
+    return 'gone'
+  end
   local deadline = redis.call('ZSCORE', keys[3], id)
   if redis.call('HGET', keys[1], 'status') ~= 'active' or not deadline then
     redis.call('ZREM', keys[4], id)
+    redis.call('ZREM', keys[6], id)
     return 'gone'
   end
   local now = now_ms()
   if tonumber(deadline) <= now then return 'expired' end
-  for _, head in ipairs(redis.call('ZRANGE', keys[4], 0, -1)) do
+  for _, head in ipairs(redis.call('ZRANGE', keys[6], 0, -1)) do
     if head == id then break end
     local due = redis.call('ZSCORE', keys[3], head)
     if due and tonumber(due) > now then return 'later' end
@@ -216,7 +234,8 @@ local function start_waiting(keys, args)
   -- It counts among the waiting, not the started, while the bounds are checked.
   if admission_full(keys[3], keys[4], keys[5], tonumber(args[2]), budget, tokens) then return 'busy' end
   redis.call('ZREM', keys[4], id)
-  for k = 6, #keys do redis.call('XADD', keys[k], '*', 'm', args[5]) end
+  redis.call('ZREM', keys[6], id)
+  for k = 7, #keys do redis.call('XADD', keys[k], '*', 'm', args[5]) end
   redis.call('ZADD', keys[2], now_ms(), id)
   if budget > 0 then redis.call('HSET', keys[5], id, tokens) end
   return 'created'
@@ -246,8 +265,9 @@ local function refuse(keys, args)
   return outcomes
 end
 
--- KEYS: req, out stream, rounds zset, deadlines zset, features string, waiting zset, job streams
--- (n), the shared stream of each (n: a job for a worker's own stream goes as `add_entry`).
+-- KEYS: req, out stream, rounds zset, deadlines zset, features string, waiting zset, the
+-- tenant's active zset, the tenant's waiting zset, job streams (n), the shared stream of each
+-- (n: a job for a worker's own stream goes as `add_entry`).
 -- ARGV: expected round, n_fields, pairs..., n_out, per out entry: n_pairs, pairs...; job
 -- payload ("" for none), ttl once finished (0 = still active), request id; feature rows' bytes
 -- ("" for none), the position of their first row, their count. The features string holds rows
@@ -291,13 +311,15 @@ local function apply_round(keys, args)
     end
   end
   if payload ~= '' then
-    local jobs = (#keys - 6) / 2
-    for k = 7, 6 + jobs do add_entry(keys[k], keys[k + jobs], {'m', payload}) end
+    local jobs = (#keys - 8) / 2
+    for k = 9, 8 + jobs do add_entry(keys[k], keys[k + jobs], {'m', payload}) end
   end
   if ttl > 0 then
     redis.call('ZREM', keys[3], request_id)
     redis.call('ZREM', keys[4], request_id)
     redis.call('ZREM', keys[6], request_id)
+    redis.call('ZREM', keys[7], request_id)
+    redis.call('ZREM', keys[8], request_id)
     redis.call('DEL', keys[5])
     redis.call('HDEL', req, 'prompt_ids', 'output_ids', 'feat_n')
     redis.call('EXPIRE', keys[2], ttl)
@@ -571,8 +593,10 @@ async def admit_request(
     client: aioredis.Redis, keys: Keys, *, group: str, entry_id: bytes | str, request_id: str, deadline_ms: int, ttl_s: int,
     fields: Mapping, job_streams: Sequence[str], payload: bytes, refusal: Mapping,
     max_requests: int = 0, token_budget: int = 0, tokens: int = 0, max_waiting: int = 0, busy: Mapping | None = None,
+    tenant_max: int = 0, tenant_busy: Mapping | None = None,
 ) -> str:
-    """Create the request (state, first job, liveness and deadline entries) and ack its entry.
+    """Create the request (state, first job, liveness and deadline entries) and ack its entry on
+    its tenant's request stream (the tenant is in ``request_id``: ``cosine.wire.keys.qualify``).
 
     Admission: with ``max_requests`` requests started, or when the K/V rows they reserve plus
     this one's ``tokens`` pass ``token_budget`` (0: no bound; a request alone always goes in),
@@ -580,15 +604,19 @@ async def admit_request(
     deadline written, its first job sent by ``start_waiting``), else it is refused with
     ``busy`` as its one final on ``out:{id}``.
 
-    Returns ``created``, ``waiting``, ``busy``, ``duplicate`` (this entry already created it) or
-    ``in_use`` (another entry holds the id: ``refusal`` went to ``out:{entry id}``).
+    A tenant with ``tenant_max`` requests admitted (0: no bound) is refused with ``tenant_busy``
+    as the final.
+
+    Returns ``created``, ``waiting``, ``busy``, ``tenant_busy``, ``duplicate`` (this entry already
+    created it) or ``in_use`` (another entry holds the id: ``refusal`` went to ``out:{entry id}``).
     """
     entry = _text(entry_id)
-    busy = busy or {}
-    key_list = [keys.request(request_id), keys.requests, keys.rounds, keys.deadlines, keys.out(entry), keys.reserved, keys.out(request_id),
-                keys.waiting, *job_streams]
+    busy, tenant_busy = busy or {}, tenant_busy or {}
+    tenant = split_id(request_id)[0]
+    key_list = [keys.request(request_id), keys.requests_of(tenant), keys.rounds, keys.deadlines, keys.out(qualify(tenant, entry)), keys.reserved,
+                keys.out(request_id), keys.waiting, keys.tenant_active(tenant), keys.tenant_waiting(tenant), *job_streams]
     args = [group, entry, request_id, deadline_ms, ttl_s, len(fields), *_flat(fields), payload, len(refusal), *_flat(refusal),
-            max_requests, token_budget, tokens, max_waiting, len(busy), *_flat(busy)]
+            max_requests, token_budget, tokens, max_waiting, tenant_max, len(busy), *_flat(busy), len(tenant_busy), *_flat(tenant_busy)]
     return await _fcall(client, "admit", key_list, args)
 
 
@@ -600,7 +628,8 @@ async def start_waiting(
     (as ``admit_request``'s) allow: ``created``, ``busy``, ``later`` (others wait before it),
     ``gone`` (it ended while waiting) or ``expired`` (past its deadline: never started, left for
     the coordinator's deadline sweep to end)."""
-    key_list = [keys.request(request_id), keys.rounds, keys.deadlines, keys.waiting, keys.reserved, *job_streams]
+    key_list = [keys.request(request_id), keys.rounds, keys.deadlines, keys.waiting, keys.reserved, keys.tenant_waiting(split_id(request_id)[0]),
+                *job_streams]
     return await _fcall(client, "start_waiting", key_list, [request_id, max_requests, token_budget, tokens, payload])
 
 
@@ -614,13 +643,14 @@ async def refuse_requests(
 ) -> list[str]:
     """``refuse_request`` for several (entry id, request id) pairs with the same final entry, in
     one atomic call (a burst past the admission bound is refused a read at a time); outcomes in
-    order."""
+    order. Every request of one call is one tenant's (read from its request stream)."""
     if not refusals:
         return []
-    key_list, entry_ids = [keys.requests], []
+    tenant = split_id(refusals[0][1])[0]
+    key_list, entry_ids = [keys.requests_of(tenant)], []
     for entry_id, request_id in refusals:
         entry_text = _text(entry_id)
-        key_list += [keys.request(request_id), keys.out(request_id), keys.out(entry_text)]
+        key_list += [keys.request(request_id), keys.out(request_id), keys.out(qualify(tenant, entry_text))]
         entry_ids.append(entry_text)
     replies = await _fcall(client, "refuse", key_list, [group, ttl_s, len(entry), *_flat(entry), *entry_ids])
     return [r.decode() if isinstance(r, bytes) else r for r in replies]
@@ -652,8 +682,9 @@ def apply_round_call(
     for entry in out_entries:
         args += [len(entry), *_flat(entry)]
     args += [payload, ttl_s, request_id, features, features_start, feature_rows]
+    tenant = split_id(request_id)[0]
     key_list = [keys.request(request_id), keys.out(request_id), keys.rounds, keys.deadlines, keys.features(request_id), keys.waiting,
-                *(own for own, _ in pairs), *(shared for _, shared in pairs)]
+                keys.tenant_active(tenant), keys.tenant_waiting(tenant), *(own for own, _ in pairs), *(shared for _, shared in pairs)]
     return key_list, args
 
 

@@ -21,6 +21,8 @@ dead_app = typer.Typer(no_args_is_help=True, help="Dead-lettered entries: list a
 app.add_typer(dead_app, name="dead")
 drafters_app = typer.Typer(no_args_is_help=True, help="Drafters made by `cosine distill`.")
 app.add_typer(drafters_app, name="drafters")
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: client users with their own streams, outputs and bounds.")
+app.add_typer(tenant_app, name="tenant")
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config.toml to read (default: $COSINE_CONFIG or ./config.toml)")
 SECRET_SOURCES = {"redis_url": "COSINE_REDIS_URL or redis.url in a config file", "api_key": "COSINE_API_KEY or --api-key-file",
@@ -288,6 +290,100 @@ def setup(
         typer.echo(f"other versions on this server: {', '.join(others)} (FUNCTION DELETE each once no worker of its version runs)")
 
 
+AdminUrlOption = typer.Option(None, "--redis-url", help="an administrator's URL (default: $COSINE_REDIS_URL or redis.url)", callback=_warn_secret_argument)
+
+
+def _admin_client(redis_url: str | None, config):
+    import redis
+
+    url = redis_url or config.redis.url
+    if not url:
+        raise typer.BadParameter("needs an administrator's --redis-url (or COSINE_REDIS_URL)")
+    return url, redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
+@tenant_app.command("add")
+def tenant_add(
+    name: str = typer.Argument(..., help="1-32 of a-z, 0-9, '_', '-' ('default': a client user of the default tenant)"),
+    redis_url: str | None = AdminUrlOption,
+    max_requests: int = typer.Option(0, "--max-requests", min=0, help="requests admitted at once (0: tenants.max_requests)"),
+    max_unread: int = typer.Option(0, "--max-unread", min=0, help="unread entries on its request stream (0: tenants.max_unread)"),
+    max_stream_mb: int = typer.Option(0, "--max-stream-mb", min=0, help="MiB of its request stream (0: tenants.max_stream_mb)"),
+    credentials_file: Path | None = typer.Option(None, "--credentials-file", help="write the tenant's URL to this file (mode 0600) instead of printing it"),
+    config_path: Path | None = ConfigOption,
+) -> None:
+    """Make a tenant (or give it a new password and bounds): its ACL user, its streams, its entry
+    in the registry routers read. Its URL, with the password, is shown once."""
+    import redis
+
+    from cosine.tenants import TenantBounds, add_tenant, user_name, user_url
+
+    config = _setup(config_path)
+    url, client = _admin_client(redis_url, config)
+    try:
+        password = add_tenant(client, config.redis.namespace, name, TenantBounds(max_requests, max_unread, max_stream_mb))
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    except redis.RedisError as error:
+        typer.echo(f"error: could not add tenant {name} on {redacted_url(url)}: {error}", err=True)
+        raise typer.Exit(1) from None
+    tenant_url = user_url(url, user_name(name), password)
+    if credentials_file is not None:
+        credentials_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(os.open(credentials_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+            handle.write(tenant_url + "\n")
+        os.chmod(credentials_file, 0o600)
+        typer.echo(f"tenant {name}: user {user_name(name)}, URL written to {credentials_file}")
+    else:
+        typer.echo(f"tenant {name}: user {user_name(name)} (its password is not shown again)")
+        typer.echo(tenant_url)
+
+
+@tenant_app.command("remove")
+def tenant_remove(
+    name: str = typer.Argument(...),
+    redis_url: str | None = AdminUrlOption,
+    config_path: Path | None = ConfigOption,
+) -> None:
+    """Remove a tenant: its user, its registry entry, its request and cancel streams (entries not
+    read yet are not answered). Its admitted requests finish."""
+    import redis
+
+    from cosine.tenants import remove_tenant
+
+    config = _setup(config_path)
+    url, client = _admin_client(redis_url, config)
+    try:
+        existed = remove_tenant(client, config.redis.namespace, name)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    except redis.RedisError as error:
+        typer.echo(f"error: could not remove tenant {name} on {redacted_url(url)}: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"tenant {name} removed" if existed else f"no tenant {name}")
+
+
+@tenant_app.command("list")
+def tenant_list(
+    redis_url: str | None = AdminUrlOption,
+    as_json: bool = typer.Option(False, "--json"),
+    config_path: Path | None = ConfigOption,
+) -> None:
+    """The tenants, their bounds in force and their requests now (admitted, waiting)."""
+    from cosine.tenants import tenant_rows
+
+    config = _setup(config_path)
+    _, client = _admin_client(redis_url, config)
+    rows = tenant_rows(client, config)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'tenant':<20} {'max_requests':>12} {'max_unread':>10} {'max_stream_mb':>13} {'admitted':>8} {'waiting':>7}")
+    for row in rows:
+        typer.echo(f"{row['tenant']:<20} {row['max_requests'] or '-':>12} {row['max_unread'] or '-':>10} {row['max_stream_mb'] or '-':>13} "
+                   f"{row['admitted']:>8} {row['waiting']:>7}")
+
+
 @app.command()
 def serve(
     redis_url: str | None = typer.Option(None, "--redis-url", help="use this server instead of the embedded one", callback=_warn_secret_argument),
@@ -334,7 +430,7 @@ def gateway(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
     served_model_name: list[str] = typer.Option([], "--served-model-name", help="model names /v1/models lists and requests may ask for (default: the target's name)"),
     api_key: list[str] = typer.Option([], "--api-key", envvar="COSINE_API_KEY", help="require this key (Authorization: Bearer ...); repeatable", callback=_warn_secret_argument),
-    api_key_file: Path | None = typer.Option(None, "--api-key-file", help="a file of API keys, one per line"),
+    api_key_file: Path | None = typer.Option(None, "--api-key-file", help="a file of API keys: `KEY` or `KEY TENANT` lines, read again when it changes"),
     metrics_key: list[str] = typer.Option([], "--metrics-key", envvar="COSINE_METRICS_KEY", help="require this key for /metrics (Authorization: Bearer ...); repeatable", callback=_warn_secret_argument),
     cors_origin: list[str] = typer.Option([], "--cors-origin", help="allow browser requests from this origin; repeatable (* for any)"),
     grace_s: float = typer.Option(30.0, "--grace-s", help="on SIGTERM: how long open requests may take to finish"),
@@ -352,9 +448,10 @@ def gateway(
     config = _setup(config_path, verbose)
     try:
         keys = read_api_keys(api_key_file, api_key)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="--api-key-file") from None
-    settings = GatewaySettings(tuple(served_model_name) or (default_model_name(config),), keys, tuple(cors_origin),
+    settings = GatewaySettings(tuple(served_model_name) or (default_model_name(config),), tuple(k for k in api_key if k), tuple(cors_origin),
+                               api_keys_file=api_key_file,
                                answer_timeout_s=config.pipeline.deadline_s + 60, timing_header=timing_header,
                                metrics_keys=tuple(k for k in metrics_key if k))
     app_ = Gateway(config, _client_url(config, redis_url), settings).app()

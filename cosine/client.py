@@ -22,6 +22,7 @@ import redis
 import redis.asyncio as aioredis
 
 from cosine.wire import Keys
+from cosine.wire.keys import DEFAULT_TENANT, check_tenant_name, qualify
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +73,12 @@ def _entries(reply, cursors: dict[str, str]) -> list[Piece]:
     return pieces
 
 
-def _cursors(keys: Keys, request_id: str, entry_id: str | None) -> dict[str, str]:
+def _cursors(keys: Keys, tenant: str, request_id: str, entry_id: str | None) -> dict[str, str]:
     """The streams an answer can come on: ``out:{id}``, and ``out:{entry ID}`` where a refusal
-    of an id already in use goes (never to the other request's stream)."""
-    streams = [keys.out(request_id)] + ([keys.out(entry_id)] if entry_id and entry_id != request_id else [])
+    of an id already in use goes (never to the other request's stream), the tenant's."""
+    streams = [keys.out(qualify(tenant, request_id))]
+    if entry_id and entry_id != request_id:
+        streams.append(keys.out(qualify(tenant, entry_id)))
     return {stream: "0-0" for stream in streams}
 
 
@@ -91,11 +94,12 @@ def _timeout_error(request_id: str, timeout: float) -> TimeoutError:
 
 
 class Client:
-    def __init__(self, url: str, namespace: str = "cosine:", timeout: float = 120.0) -> None:
+    def __init__(self, url: str, namespace: str = "cosine:", timeout: float = 120.0, tenant: str = DEFAULT_TENANT) -> None:
         self.redis = redis.Redis.from_url(url)
         self.entry_ids: dict[str, str] = {}  # request id -> its XADD entry ID
         self.keys = Keys(namespace)
         self.timeout = timeout
+        self.tenant = check_tenant_name(tenant)  # the tenant whose user ``url`` names
 
     def __enter__(self) -> Client:
         return self
@@ -108,15 +112,15 @@ class Client:
 
     def submit(self, prompt=None, messages=None, request_id=None, **params) -> str:
         fields = request_fields(prompt, messages, request_id, **params)
-        self.entry_ids[fields["id"]] = self.redis.xadd(self.keys.requests, fields).decode()
+        self.entry_ids[fields["id"]] = self.redis.xadd(self.keys.requests_of(self.tenant), fields).decode()
         return fields["id"]
 
     def cancel(self, request_id: str) -> None:
-        self.redis.xadd(self.keys.cancel, {"id": request_id})
+        self.redis.xadd(self.keys.cancel_of(self.tenant), {"id": request_id})
 
     def read(self, request_id: str, timeout: float | None = None) -> Iterator[Piece]:
         timeout = self.timeout if timeout is None else timeout
-        cursors, deadline = _cursors(self.keys, request_id, self.entry_ids.pop(request_id, None)), time.monotonic() + timeout
+        cursors, deadline = _cursors(self.keys, self.tenant, request_id, self.entry_ids.pop(request_id, None)), time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -140,11 +144,12 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, url: str, namespace: str = "cosine:", timeout: float = 120.0) -> None:
+    def __init__(self, url: str, namespace: str = "cosine:", timeout: float = 120.0, tenant: str = DEFAULT_TENANT) -> None:
         self.redis = aioredis.Redis.from_url(url)
         self.entry_ids: dict[str, str] = {}  # request id -> its XADD entry ID
         self.keys = Keys(namespace)
         self.timeout = timeout
+        self.tenant = check_tenant_name(tenant)  # the tenant whose user ``url`` names
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -154,15 +159,15 @@ class AsyncClient:
 
     async def submit(self, prompt=None, messages=None, request_id=None, **params) -> str:
         fields = request_fields(prompt, messages, request_id, **params)
-        self.entry_ids[fields["id"]] = (await self.redis.xadd(self.keys.requests, fields)).decode()
+        self.entry_ids[fields["id"]] = (await self.redis.xadd(self.keys.requests_of(self.tenant), fields)).decode()
         return fields["id"]
 
     async def cancel(self, request_id: str) -> None:
-        await self.redis.xadd(self.keys.cancel, {"id": request_id})
+        await self.redis.xadd(self.keys.cancel_of(self.tenant), {"id": request_id})
 
     async def read(self, request_id: str, timeout: float | None = None) -> AsyncIterator[Piece]:
         timeout = self.timeout if timeout is None else timeout
-        cursors, deadline = _cursors(self.keys, request_id, self.entry_ids.pop(request_id, None)), time.monotonic() + timeout
+        cursors, deadline = _cursors(self.keys, self.tenant, request_id, self.entry_ids.pop(request_id, None)), time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -255,6 +255,27 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantsConfig:
+    """Bounds of each tenant (``cosine tenant add`` can set its own); the pipeline's stay."""
+
+    # Requests admitted at once (waiting or started); past it a new one is refused busy. 0: half
+    # of pipeline.max_requests while more than one tenant exists, none for the default alone.
+    max_requests: int = 0
+    # Entries of a tenant's request stream not read yet, and the stream's bytes: past either,
+    # the router refuses the oldest unread (busy, without tokenizing) until it is back under.
+    max_unread: int = 1_024
+    max_stream_mb: int = 64
+    refresh_ms: int = 1_000  # routers read the tenant registry this often
+
+    def __post_init__(self) -> None:
+        for name in ("max_requests", "max_unread", "max_stream_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"tenants.{name} must be >= 0 (0: see the default)")
+        if self.refresh_ms < 1:
+            raise ValueError("tenants.refresh_ms must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
 class RouterConfig:
     default_experts: tuple[str, ...] = ("general",)
     max_experts: int = 2  # cooperating experts per request
@@ -284,6 +305,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    tenants: TenantsConfig = field(default_factory=TenantsConfig)
     defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -302,6 +324,7 @@ _SECTIONS = {
     "redis": RedisConfig,
     "pipeline": PipelineConfig,
     "router": RouterConfig,
+    "tenants": TenantsConfig,
     "defaults": DefaultsConfig,
     "speculation": SpeculationConfig,
     "serve": ServeConfig,

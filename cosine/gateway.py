@@ -43,6 +43,7 @@ from cosine.bus import split_roster
 from cosine.config import DEMO_TARGET_FILE, Config
 from cosine.metrics import render
 from cosine.wire import Keys
+from cosine.wire.keys import DEFAULT_TENANT, check_tenant_name, qualify
 
 log = logging.getLogger("cosine.gateway")
 
@@ -50,12 +51,15 @@ READY_ROLES = ("router", "coordinator", "verifier")
 ROLES = ("router", "coordinator", "fusion", "verifier", "drafter")
 FINGERPRINT_TTL_S = 5.0
 METRICS_TTL_S = 1.0  # /metrics reads Redis at most this often
+KEYS_FILE_CHECK_S = 1.0  # the API keys file is looked at this often
 
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     served_model_names: tuple[str, ...]
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()  # keys of the default tenant
+    # A file of `KEY` (the default tenant) or `KEY TENANT` lines, read again when it changes.
+    api_keys_file: Path | None = None
     cors_origins: tuple[str, ...] = ()
     # No output at all for this long: the pipeline is not answering (504). Every request has a
     # deadline in the pipeline, so this only guards against a pipeline that is down.
@@ -75,16 +79,23 @@ def default_model_name(config: Config) -> str:
     return Path(target).stem if Path(target).suffix == ".gguf" else Path(target.rstrip("/")).name
 
 
-def read_api_keys(path: Path | None, keys: Sequence[str] = ()) -> tuple[str, ...]:
-    """Keys given on the command line and in a file (one per line; blank lines and ``#``
-    comments skipped)."""
-    found = [k for k in keys if k]
+def read_api_keys(path: Path | None, keys: Sequence[str] = ()) -> dict[str, str]:
+    """API key -> tenant: keys given on the command line (the default tenant's) and the lines of
+    a file, ``KEY`` or ``KEY TENANT`` (blank lines and ``#`` comments skipped). ValueError names
+    the line of a bad one."""
+    found = {k: DEFAULT_TENANT for k in keys if k}
     if path is not None:
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                found.append(line)
-    return tuple(found)
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            if len(words) > 2:
+                raise ValueError(f"{path}:{number}: expected `KEY` or `KEY TENANT`")
+            try:
+                found[words[0]] = check_tenant_name(words[1]) if len(words) == 2 else DEFAULT_TENANT
+            except ValueError as error:
+                raise ValueError(f"{path}:{number}: {error}") from None
+    return found
 
 
 class Gateway:
@@ -96,8 +107,9 @@ class Gateway:
         self.redis = aioredis.Redis.from_url(redis_url)
         self.readers: list[OutputReader] = []
         self._fingerprint = ("", 0.0)
-        self._api_keys = [k.encode() for k in settings.api_keys]
-        self._metrics_keys = [k.encode() for k in settings.metrics_keys]
+        self._api_keys = [(k.encode(), tenant) for k, tenant in read_api_keys(settings.api_keys_file, settings.api_keys).items()]
+        self._keys_file_seen = (self._keys_file_stamp(), time.monotonic())
+        self._metrics_keys = [(k.encode(), "") for k in settings.metrics_keys]
         self._scrape_lock = asyncio.Lock()
         self._scraped: tuple[bytes, float] = (b"", -METRICS_TTL_S)
         self._streams: list[str] | None = None
@@ -134,19 +146,51 @@ class Gateway:
         assert isinstance(error, api.ApiError)
         return JSONResponse(error.body(), status_code=error.status)
 
-    def _authorize(self, request: Request, keys: list[bytes] | None = None) -> None:
-        keys = self._api_keys if keys is None else keys
-        if not keys:
+    def _keys_file_stamp(self) -> tuple[int, int] | None:
+        path = self.settings.api_keys_file
+        try:
+            status = path.stat() if path is not None else None
+        except OSError:
+            return None
+        return (status.st_mtime_ns, status.st_size) if status else None
+
+    def _reload_keys(self) -> None:
+        """The keys file again when it changed (looked at once a second at most); a file that
+        cannot be read or parsed keeps the keys in force (logged)."""
+        stamp, looked = self._keys_file_seen
+        if self.settings.api_keys_file is None or time.monotonic() - looked < KEYS_FILE_CHECK_S:
             return
+        now = self._keys_file_stamp()
+        self._keys_file_seen = (now, time.monotonic())
+        if now == stamp:
+            return
+        try:
+            keys = read_api_keys(self.settings.api_keys_file, self.settings.api_keys)
+        except (OSError, ValueError) as error:
+            log.error("API keys file not reloaded (%s); the keys in force stay", error)
+            return
+        self._api_keys = [(k.encode(), tenant) for k, tenant in keys.items()]
+        log.info("API keys file reloaded: %d keys, %d tenants", len(keys), len(set(keys.values())))
+
+    def _authorize(self, request: Request, keys: list[tuple[bytes, str]] | None = None) -> str:
+        """The tenant of the request's API key (the default tenant when no key is required);
+        401 for a missing or unknown one."""
+        if keys is None:
+            self._reload_keys()
+            keys = self._api_keys
+        if not keys:
+            return DEFAULT_TENANT
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         given_bytes = given.strip().encode()
         # Every key is compared, in constant time, whatever matched before.
-        matched = False
-        for key in keys:
-            matched |= hmac.compare_digest(given_bytes, key)
-        if scheme.lower() != "bearer" or not matched:
+        tenant = None
+        for key, owner in keys:
+            if hmac.compare_digest(given_bytes, key):
+                tenant = owner
+        if scheme.lower() != "bearer" or tenant is None:
             raise api.ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)", None, "invalid_api_key")
+        return tenant
 
     # ---- endpoints -----------------------------------------------------------------------------
 
@@ -158,7 +202,7 @@ class Gateway:
 
     async def _completion(self, request: Request, kind: str) -> Response:
         arrived = time.time()
-        self._authorize(request)
+        tenant = self._authorize(request)
         limit = self.max_body_bytes
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -176,7 +220,7 @@ class Gateway:
         parsed = parse(body, self.settings.served_model_names)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         request_id = prefix + uuid.uuid4().hex
-        call = Call(self, kind, request_id, parsed, int(time.time()), await self.fingerprint(), arrived)
+        call = Call(self, kind, request_id, parsed, int(time.time()), await self.fingerprint(), arrived, tenant=tenant)
         return CallResponse(call, request_id)
 
     async def models(self, request: Request) -> Response:
@@ -292,15 +336,15 @@ class Gateway:
             self.readers.append(reader)
         return reader
 
-    async def submit(self, request_id: str, fields: dict[str, str], reader: OutputReader) -> None:
-        """The request's entry, and a wake-up for its reader, in one round trip."""
+    async def submit(self, request_id: str, fields: dict[str, str], reader: OutputReader, tenant: str = DEFAULT_TENANT) -> None:
+        """The request's entry on its tenant's stream, and a wake-up for its reader, in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(self.keys.requests, {"id": request_id, **fields})
+            pipe.xadd(self.keys.requests_of(tenant), {"id": request_id, **fields})
             reader.wake(pipe)
             await pipe.execute()
 
-    async def cancel(self, request_id: str) -> None:
-        await self.redis.xadd(self.keys.cancel, {"id": request_id})
+    async def cancel(self, request_id: str, tenant: str = DEFAULT_TENANT) -> None:
+        await self.redis.xadd(self.keys.cancel_of(tenant), {"id": request_id})
 
 
 class Listener:
@@ -418,6 +462,7 @@ class Call:
     fingerprint: str
     arrived: float = 0.0  # time.time() when the gateway took the request
     submitted: float = 0.0  # ... when its entry was in Redis
+    tenant: str = DEFAULT_TENANT  # its API key's
 
     def chunk(self, **kwargs) -> dict:
         return api.chunk(self.kind, self.request_id, self.created, self.parsed.model, self.fingerprint,
@@ -448,12 +493,12 @@ class CallResponse(Response):
                     return
 
         reader = gateway.reader()
-        stream = gateway.keys.out(call.request_id)
+        stream = gateway.keys.out(qualify(call.tenant, call.request_id))
         listener = reader.register(stream)
         watcher = asyncio.create_task(watch())
         finished = False
         try:
-            await gateway.submit(call.request_id, call.parsed.fields, reader)
+            await gateway.submit(call.request_id, call.parsed.fields, reader, call.tenant)
             call.submitted = time.time()
             answer = self._stream if call.parsed.stream else self._whole
             finished = await answer(listener, send)
@@ -470,7 +515,7 @@ class CallResponse(Response):
                 task.uncancel()  # a disconnect that came as we finished
             if not finished:  # nobody will read it: stop the work
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(gateway.cancel(call.request_id))
+                    await asyncio.shield(gateway.cancel(call.request_id, call.tenant))
                 log.info("request %s: client gone, cancelled", call.request_id)
 
     def _headers(self, content_type: str) -> list[tuple[bytes, bytes]]:

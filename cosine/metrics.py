@@ -40,9 +40,9 @@ HISTOGRAMS = {
     "verification_batch_size": ("Requests in each verification batch.", (1, 2, 4, 8, 16, 32, 64, 128, 256)),
 }
 COUNTERS = {
-    "requests": "Requests ended, by finish reason and error code (refusals included).",
-    "prompt_tokens": "Prompt tokens of admitted requests.",
-    "generation_tokens": "Output tokens emitted.",
+    "requests": "Requests ended, by tenant, finish reason and error code (refusals included).",
+    "prompt_tokens": "Prompt tokens of admitted requests, by tenant.",
+    "generation_tokens": "Output tokens emitted, by tenant.",
     "spec_decode_num_drafts": "Verification rounds with drafted tokens.",
     "spec_decode_num_draft_tokens": "Drafted tokens verified.",
     "spec_decode_num_accepted_tokens": "Drafted tokens the target accepted.",
@@ -94,18 +94,18 @@ class Tally:
         self.values[series(name + "_sum", labels)] += value * weight
         self.values[series(name + "_count", labels)] += weight
 
-    def request_ended(self, finish_reason: str, error_code: str = "", created_ms: int = 0, now_ms: int | None = None) -> None:
+    def request_ended(self, finish_reason: str, error_code: str = "", created_ms: int = 0, now_ms: int | None = None, tenant: str = "default") -> None:
         """A request's final entry was written (or its refusal)."""
-        self.count("requests", finish_reason=finish_reason or "unknown", error_code=error_code or "")
+        self.count("requests", finish_reason=finish_reason or "unknown", error_code=error_code or "", tenant=tenant)
         if created_ms > 0:
             now_ms = int(time.time() * 1000) if now_ms is None else now_ms
             self.observe("e2e_request_latency_seconds", max(0, now_ms - created_ms) / 1000)
 
     def round_applied(self, *, new_tokens: int, first: bool, created_ms: int, since_ms: int | None, now_ms: int,
-                      draft_tokens: int, accepted: int, drafters: Mapping[str, tuple[int, int]]) -> None:
+                      draft_tokens: int, accepted: int, drafters: Mapping[str, tuple[int, int]], tenant: str = "default") -> None:
         """A verified round was applied: ``new_tokens`` emitted (``first``: the request's first),
         ``since_ms`` the epoch ms of its previous output (None: not known here)."""
-        self.count("generation_tokens", new_tokens)
+        self.count("generation_tokens", new_tokens, tenant=tenant)
         if first and new_tokens and created_ms > 0:
             self.observe("time_to_first_token_seconds", max(0, now_ms - created_ms) / 1000)
         elif since_ms is not None and new_tokens:

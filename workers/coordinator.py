@@ -38,6 +38,7 @@ from cosine.policy.window import WindowPolicy
 from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
 from cosine.wire.context import by_reference
 from cosine.wire.convert import empty_candidate, feedback_from_wire
+from cosine.wire.keys import split_id
 from cosine.wire.state import round_fields, state_from_fields
 
 CONTROL_LOG_S = 30.0  # how often the cost model's state is logged (INFO)
@@ -556,10 +557,11 @@ class Coordinator(StageWorker):
         if item is not None and update.state.rounds > state.rounds:  # a verified round (not a failure or cancellation)
             drafters = {name: (f.drafted, f.accepted) for name, f in feedback_from_wire(item.drafters).items()}
             self.tally.round_applied(new_tokens=new_tokens, first=not state.output_ids, created_ms=state.created_ms, since_ms=since_ms,
-                                     now_ms=now_ms, draft_tokens=item.draft_tokens, accepted=len(item.accepted_tokens), drafters=drafters)
+                                     now_ms=now_ms, draft_tokens=item.draft_tokens, accepted=len(item.accepted_tokens), drafters=drafters,
+                                     tenant=split_id(state.request_id)[0])
         if update.finished:
             final = next((e for e in reversed(update.out_entries) if e.get("type") == "final"), {})
-            self.tally.request_ended(final.get("finish_reason", ""), final.get("error_code", ""), state.created_ms, now_ms)
+            self.tally.request_ended(final.get("finish_reason", ""), final.get("error_code", ""), state.created_ms, now_ms, tenant=split_id(state.request_id)[0])
 
     def _apply_call(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None = None) -> tuple[list[str], list]:
         """The compare-and-set call that applies ``update`` (and asks for the next round)."""
@@ -732,6 +734,8 @@ class Coordinator(StageWorker):
         streams += [self.keys.verify_for(f.decode()) for f in await self.redis.smembers(self.keys.fingerprints)]
         streams += [self.keys.verify_at(i.decode()) for i in await self.redis.smembers(self.keys.verifier_streams)]
         streams += [self.keys.draft_at(i.decode()) for i in await self.redis.hkeys(self.keys.drafter_streams)]
+        for tenant in await self.redis.hkeys(self.keys.tenants):
+            streams += [self.keys.requests_of(tenant.decode()), self.keys.cancel_of(tenant.decode())]
         for stream in streams:
             await self.guarded(self._trim_stream, stream)
 

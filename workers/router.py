@@ -1,6 +1,8 @@
 """Router: validates client requests, tokenizes them, picks experts, opens round 0.
 
-Reads ``requests`` (flat string fields from any Redis client) and ``cancel``. Admitting writes
+Reads every tenant's ``requests`` (flat string fields from any Redis client) and ``cancel``
+streams: the default tenant's and those of the registry (``cosine.tenants``), read again every
+``tenants.refresh_ms``. A request's id in the pipeline carries its tenant. Admitting writes
 the request state, its deadline and the first draft job, and acknowledges the entry, in one Lua
 call; so does refusing (the one ``error`` final). Where an answer goes:
 
@@ -15,17 +17,21 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 from cosine.workers.base import Entry, StageWorker
 from cosine.workers.models import expert_classifier, load_tokenizer_and_limits
 
 from cosine import bus
+from cosine.tenants import Limits, TenantBounds, limits
 from cosine.core.rounds import ACTIVE, RequestState, fail
+from cosine.policy.fairness import start_order
 from cosine.policy.routing import RequestRouting, choose_experts, routing_policy
 from cosine.requests import RequestError, eos_token_ids, logprobs_count, max_window_cap, parse_stop, prompt_token_ids, sampling_params
 from cosine.wire import DraftJob, encode
 from cosine.wire.convert import empty_candidate
 from cosine.wire.output import refusal_entry
+from cosine.wire.keys import DEFAULT_TENANT, qualify, split_id
 from cosine.wire.state import state_from_fields, state_to_fields
 
 MAX_ID_LENGTH = 200
@@ -34,14 +40,48 @@ WAITING_POLL_MS = 10
 KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert", "deadline_s", "logprobs", "max_window"}
 
 
+@dataclass(frozen=True, slots=True)
+class _Stream:
+    tenant: str
+    cancel: bool
+
+
 class Router(StageWorker):
     role = "router"
     read_count = 256  # a burst past the admission bound is refused a read at a time
 
-    def input_streams(self) -> list[str]:
-        return [self.keys.requests, self.keys.cancel]
-
     waiting = False  # requests were waiting at the last look (pipeline.max_waiting)
+    tenant_limits: dict[str, Limits] = {}
+    tenants_read = -1e9  # when the registry was last read (monotonic)
+
+    def input_streams(self) -> list[str]:
+        return list(self._streams())
+
+    def _streams(self) -> dict[str, _Stream]:
+        streams = {}
+        for tenant in self.tenant_limits or (DEFAULT_TENANT,):
+            streams[self.keys.requests_of(tenant)] = _Stream(tenant, False)
+            streams[self.keys.cancel_of(tenant)] = _Stream(tenant, True)
+        return streams
+
+    async def _prepare_server(self) -> None:
+        await self._read_tenants()  # a removed tenant's streams are not made again
+        await super()._prepare_server()
+
+    async def _read_tenants(self) -> None:
+        """The tenants from the registry, their bounds, and a group on each new one's streams."""
+        registry = {name.decode(): TenantBounds.from_json(value) for name, value in (await self.redis.hgetall(self.keys.tenants)).items()}
+        names = [DEFAULT_TENANT, *sorted(n for n in registry if n != DEFAULT_TENANT)]
+        known = set(self.tenant_limits)
+        self.tenant_limits = {
+            name: limits(registry.get(name, TenantBounds()), self.config.tenants, self.config.pipeline.max_requests, len(names)) for name in names
+        }
+        self.tenants_read = time.monotonic()
+        for name in names:
+            if name not in known and known:
+                self.log.info("tenant %s: reading its streams", name)
+                for stream in (self.keys.requests_of(name), self.keys.cancel_of(name)):
+                    await bus.ensure_group(self.redis, stream, self.group)
 
     async def setup(self) -> None:
         self.tokenizer, self.context_limit, self.model_config = await self.off_loop(load_tokenizer_and_limits, self.config)
@@ -50,55 +90,80 @@ class Router(StageWorker):
         self.routing_policy = routing_policy(self.config)
         self.classifier = await self.off_loop(expert_classifier, self.config, len(self.tokenizer)) if self.config.router.online else None
 
+    def _limits(self, tenant: str) -> Limits:
+        return self.tenant_limits.get(tenant) or limits(TenantBounds(), self.config.tenants, self.config.pipeline.max_requests, 1)
+
     async def handle(self, stream: str, entries: list[Entry]) -> None:
-        if stream == self.keys.cancel:
+        source = self._streams().get(stream, _Stream(DEFAULT_TENANT, stream == self.keys.cancel))
+        if source.cancel:
             for entry_id, fields in entries:
-                await self._cancel(entry_id, fields)
+                await self._cancel(source.tenant, stream, entry_id, fields)
             return
-        # Past the request bound, or once an admission of this read was refused for memory, the
-        # rest are refused without tokenizing (a burst is answered in milliseconds); the
-        # admission call checks again, atomically, for what gets this far.
+        # Past the request bound (the server's or the tenant's), or once an admission of this
+        # read was refused for memory, the rest are refused without tokenizing (a burst is
+        # answered in milliseconds); the admission call checks again, atomically, for what gets
+        # this far.
+        tenant = source.tenant
         bound, room = self.config.pipeline.max_requests, self.config.pipeline.max_waiting
-        started = queued = 0
-        if bound:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zcard(self.keys.deadlines)
-                pipe.zcard(self.keys.waiting)
-                in_deadlines, queued = await pipe.execute()
-            started = in_deadlines - queued
+        tenant_bound = self._limits(tenant).max_requests
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.deadlines)
+            pipe.zcard(self.keys.waiting)
+            pipe.zcard(self.keys.tenant_active(tenant))
+            in_deadlines, queued, admitted = await pipe.execute()
+        started = in_deadlines - queued
         full = bool(bound) and started >= bound and queued >= room
-        turned_away = []
+        tenant_full = bool(tenant_bound) and admitted >= tenant_bound
+        turned_away, tenant_turned_away = [], []
         for entry_id, fields in entries:
-            if full:
-                turned_away.append((entry_id, request_id_of(fields, entry_id)))
+            request_id = qualify(tenant, request_id_of(fields, entry_id))
+            if tenant_full:
+                tenant_turned_away.append((entry_id, request_id))
                 continue
-            outcome = await self._admit(entry_id, fields)
+            if full:
+                turned_away.append((entry_id, request_id))
+                continue
+            outcome = await self._admit(tenant, entry_id, fields)
             started += outcome == "created"
             queued += outcome == "waiting"
+            admitted += outcome in ("created", "waiting")
             full = outcome == "busy" or (bool(bound) and started >= bound and queued >= room)
-        if turned_away:  # one round trip for all of them
-            outcomes = await bus.refuse_requests(self.redis, self.keys, group=self.group, refusals=turned_away,
-                                                 ttl_s=self.config.pipeline.output_ttl_s, entry=refusal_entry(self._busy_reason(), "busy"))
-            self.tally.count("requests", sum(o in ("refused", "in_use") for o in outcomes), finish_reason="error", error_code="busy")
-            self.log.info("%d requests refused (busy): %s", len(turned_away), dict(Counter(outcomes)))
+            tenant_full = outcome == "tenant_busy" or (bool(tenant_bound) and admitted >= tenant_bound)
+        await self._turn_away(turned_away, self._busy_reason())
+        await self._turn_away(tenant_turned_away, self._tenant_busy_reason(tenant))
+
+    async def _turn_away(self, refusals: list[tuple[bytes, str]], reason: str) -> None:
+        """Refuse one tenant's requests as busy, in one round trip."""
+        if not refusals:
+            return
+        outcomes = await bus.refuse_requests(self.redis, self.keys, group=self.group, refusals=refusals,
+                                             ttl_s=self.config.pipeline.output_ttl_s, entry=refusal_entry(reason, "busy"))
+        self.tally.count("requests", sum(o in ("refused", "in_use") for o in outcomes), finish_reason="error", error_code="busy",
+                         tenant=split_id(refusals[0][1])[0])
+        self.log.info("%d requests refused (busy): %s", len(refusals), dict(Counter(outcomes)))
 
     def _busy_reason(self) -> str:
         pipeline = self.config.pipeline
         waiting = f", {pipeline.max_waiting} waiting" if pipeline.max_waiting else ""
         return f"the server is at capacity ({pipeline.max_requests} requests or its K/V memory{waiting}); retry later, with a new id"
 
+    def _tenant_busy_reason(self, tenant: str) -> str:
+        return f"this tenant has {self._limits(tenant).max_requests} requests in the server, its bound; retry later, with a new id"
+
     async def reject(self, stream: str, entry: Entry, reason: str) -> None:
         """An entry the router failed on (a bug, not the client's input): one internal error final."""
-        if stream == self.keys.requests:
+        source = self._streams().get(stream)
+        if source is not None and not source.cancel:
             entry_id, raw = entry
-            await self._refuse(entry_id, request_id_of(raw, entry_id), reason, "internal")
+            await self._refuse(entry_id, qualify(source.tenant, request_id_of(raw, entry_id)), reason, "internal")
 
-    async def _admit(self, entry_id: bytes, raw: dict[bytes, bytes]) -> str:
-        """Admit or refuse one client entry; returns the outcome (``created``, ``busy``,
-        ``refused``, ``duplicate``, ``in_use``)."""
-        request_id = request_id_of(raw, entry_id)
+    async def _admit(self, tenant: str, entry_id: bytes, raw: dict[bytes, bytes]) -> str:
+        """Admit or refuse one client entry of ``tenant``; returns the outcome (``created``,
+        ``waiting``, ``busy``, ``tenant_busy``, ``refused``, ``duplicate``, ``in_use``)."""
+        client_id = request_id_of(raw, entry_id)
+        request_id = qualify(tenant, client_id)
         try:
-            if request_id == entry_id.decode() and b"id" in raw:
+            if client_id == entry_id.decode() and b"id" in raw:
                 raise RequestError(f"'id' must be 1-{MAX_ID_LENGTH} UTF-8 characters without spaces or braces", "id")
             if b"id" not in raw and self.config.pipeline.require_id:
                 raise RequestError("'id' is required: give each request a random one (a UUID4, say); whoever knows it can read "
@@ -112,15 +177,16 @@ class Router(StageWorker):
             self.redis, self.keys, group=self.group, entry_id=entry_id, request_id=state.request_id,
             deadline_ms=state.deadline_ms, ttl_s=pipeline.output_ttl_s, fields=state_to_fields(state),
             job_streams=streams, payload=payload,
-            refusal=refusal_entry(f"request id {state.request_id!r} is already in use", "invalid", "id"),
+            refusal=refusal_entry(f"request id {client_id!r} is already in use", "invalid", "id"),
             max_requests=pipeline.max_requests, token_budget=await self.verifier_kv_rows() if pipeline.admission_kv else 0,
             tokens=len(state.prompt_ids) + state.max_tokens, max_waiting=pipeline.max_waiting, busy=refusal_entry(self._busy_reason(), "busy"),
+            tenant_max=self._limits(tenant).max_requests, tenant_busy=refusal_entry(self._tenant_busy_reason(tenant), "busy"),
         )
         self.waiting |= outcome == "waiting"
         if outcome in ("created", "waiting"):
-            self.tally.count("prompt_tokens", len(state.prompt_ids))
-        elif outcome in ("busy", "in_use"):
-            self.tally.request_ended("error", "busy" if outcome == "busy" else "invalid")
+            self.tally.count("prompt_tokens", len(state.prompt_ids), tenant=tenant)
+        elif outcome in ("busy", "tenant_busy", "in_use"):
+            self.tally.request_ended("error", "invalid" if outcome == "in_use" else "busy", tenant=tenant)
         self.log.info("request %s: %s (%d prompt tokens, experts %s)", state.request_id, outcome, len(state.prompt_ids), state.experts)
         return outcome
 
@@ -140,9 +206,43 @@ class Router(StageWorker):
         return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
 
     async def tick(self) -> None:
+        if time.monotonic() - self.tenants_read >= self.config.tenants.refresh_ms / 1000:
+            await self._read_tenants()
+            await self._shed_backlogs()
         # Also with max_waiting = 0 here: requests may wait from before a change of the config,
         # or from another router's.
         await self._start_waiting()
+
+    async def _shed_backlogs(self) -> None:
+        """A tenant's request stream past its bounds (unread entries, bytes): its oldest unread
+        entries are refused (busy, without tokenizing) until it is back under them. One round
+        trip for every tenant's figures; only a tenant past a bound costs more."""
+        tenants = list(self.tenant_limits)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant in tenants:
+                pipe.xinfo_groups(self.keys.requests_of(tenant))
+                pipe.memory_usage(self.keys.requests_of(tenant))
+            replies = await pipe.execute(raise_on_error=False)
+        for index, tenant in enumerate(tenants):
+            groups, used = replies[2 * index], replies[2 * index + 1]
+            if isinstance(groups, Exception):
+                continue
+            lag = next((g.get("lag") or 0 for g in groups if g["name"].decode() == self.group), 0)
+            bound = self._limits(tenant)
+            excess = max(lag - bound.max_unread if bound.max_unread else 0,
+                         lag if bound.max_stream_bytes and isinstance(used, int) and used > bound.max_stream_bytes else 0)
+            if excess > 0:
+                await self._shed(tenant, excess, lag, used)
+
+    async def _shed(self, tenant: str, count: int, lag: int, used: int) -> None:
+        stream = self.keys.requests_of(tenant)
+        replies = await self.redis.xreadgroup(self.group, self.instance, {stream: ">"}, count=count)
+        entries = replies[0][1] if replies else []
+        refusals = [(entry_id, qualify(tenant, request_id_of(fields, entry_id))) for entry_id, fields in entries]
+        bound = self._limits(tenant)
+        await self._turn_away(refusals, f"this tenant's request stream holds {lag} unread requests ({used} bytes), past its bound "
+                                        f"({bound.max_unread} requests, {bound.max_stream_bytes} bytes); retry later, with a new id")
+        self.log.warning("tenant %s: %d unread requests (%s bytes) past its bounds: %d refused", tenant, lag, used, len(refusals))
 
     def block_ms(self) -> int:
         # Requests waiting: look again soon (a slot frees when any request ends, and nothing
@@ -150,18 +250,25 @@ class Router(StageWorker):
         return min(super().block_ms(), WAITING_POLL_MS) if self.waiting else super().block_ms()
 
     async def _start_waiting(self) -> None:
-        """Start waiting requests, first come first, while the admission bounds allow."""
+        """Start waiting requests while the admission bounds allow: the starts shared among the
+        tenants with requests waiting (``cosine.policy.fairness``), first come first within one."""
         pipeline = self.config.pipeline
+        tenants = list(self.tenant_limits or (DEFAULT_TENANT,))
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrange(self.keys.waiting, 0, 15)
+            pipe.zcard(self.keys.waiting)
             pipe.zcard(self.keys.deadlines)
-            heads, in_deadlines = await pipe.execute()
-        self.waiting = bool(heads)
-        if not heads or (pipeline.max_requests and in_deadlines - len(heads) >= pipeline.max_requests and len(heads) < 16):
+            for tenant in tenants:
+                pipe.zrange(self.keys.tenant_waiting(tenant), 0, 15, withscores=True)
+                pipe.zcard(self.keys.tenant_active(tenant))
+                pipe.zcard(self.keys.tenant_waiting(tenant))
+            queued, in_deadlines, *per_tenant = await pipe.execute()
+        self.waiting = bool(queued)
+        if not queued or (pipeline.max_requests and in_deadlines - queued >= pipeline.max_requests):
             return  # nobody waits, or every slot is taken (the start call checks again, exactly)
-        budget = await self.verifier_kv_rows() if heads and pipeline.admission_kv else 0
-        for raw_id in heads:
-            request_id = raw_id.decode()
+        waiting = {t: [(m.decode(), score) for m, score in per_tenant[3 * i]] for i, t in enumerate(tenants)}
+        started = {t: per_tenant[3 * i + 1] - per_tenant[3 * i + 2] for i, t in enumerate(tenants)}
+        budget = await self.verifier_kv_rows() if pipeline.admission_kv else 0
+        for request_id in start_order(waiting, started, 16):
             fields = await self.redis.hgetall(self.keys.request(request_id))
             state = state_from_fields(fields) if fields else None
             if state is None or state.status != ACTIVE:  # ended while waiting; the call drops it
@@ -236,22 +343,25 @@ class Router(StageWorker):
             ttl_s=self.config.pipeline.output_ttl_s, entry=refusal_entry(reason, code, param),
         )
         if outcome in ("refused", "in_use"):
-            self.tally.request_ended("error", code)
+            self.tally.request_ended("error", code, tenant=split_id(request_id)[0])
         # The reason goes to the client only: it may quote what the client sent (a message's
         # role, a field's value), and logs hold no prompt or output text.
         self.log.info("request %s refused (%s, %s%s)", request_id, code, outcome, f", param {param}" if param else "")
         return outcome
 
-    async def _cancel(self, entry_id: bytes, raw: dict[bytes, bytes]) -> None:
-        """Flag the request (the next round application ends it), then try to end it at once."""
-        request_id = raw.get(b"id", b"").decode(errors="replace")
+    async def _cancel(self, tenant: str, stream: str, entry_id: bytes, raw: dict[bytes, bytes]) -> None:
+        """Flag the request (the next round application ends it), then try to end it at once.
+        Only ``tenant``'s own: the id is qualified with the tenant of the cancel stream (an id
+        that no request could have, with braces say, is ignored)."""
+        client_id = request_id_of(raw, entry_id)
+        request_id = qualify(tenant, client_id) if b"id" in raw and client_id != entry_id.decode() else ""
         outcome = ""
         if request_id:
             final = refusal_entry("cancelled by client before it started", "cancelled")
             final["finish_reason"] = "cancelled"
             outcome = await bus.flag_cancel(self.redis, self.keys, request_id, ttl_s=self.config.pipeline.output_ttl_s, final=final)
         if outcome == "early":  # the cancel overtook its request: that one will never start
-            self.tally.request_ended("cancelled", "cancelled")
+            self.tally.request_ended("cancelled", "cancelled", tenant=tenant)
             self.log.info("request %s cancelled before it started", request_id)
         if outcome == "flagged":
             for _ in range(5):  # a round applied in between makes the attempt stale: read again
@@ -262,11 +372,11 @@ class Router(StageWorker):
                 update = fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
                 outcome = await bus.finish_request(self.redis, self.keys, state, update, self.config.pipeline.output_ttl_s)
                 if outcome == "applied":
-                    self.tally.request_ended("cancelled", "cancelled", state.created_ms)
+                    self.tally.request_ended("cancelled", "cancelled", state.created_ms, tenant=tenant)
                 if outcome != "stale":
                     break
             self.log.info("request %s cancelled", request_id)
-        await self.redis.xack(self.keys.cancel, self.group, entry_id)
+        await self.redis.xack(stream, self.group, entry_id)
 
 
 def request_id_of(raw: dict[bytes, bytes], entry_id: bytes) -> str:

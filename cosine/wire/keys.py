@@ -1,9 +1,38 @@
-"""Every stream and key name, derived from one namespace prefix and the request id."""
+"""Every stream and key name, derived from one namespace prefix, the tenant and the request id.
+
+A request's id inside the pipeline carries its tenant: the client's id as is for the ``default``
+tenant (today's key names: ``cosine:requests``, ``cosine:out:{id}``), ``{tenant}id`` for any
+other (``cosine:t:{tenant}:requests``, ``cosine:t:{tenant}:out:{id}``). Braces never occur in a
+client's id, so no id of one tenant can name another tenant's keys.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
+
+DEFAULT_TENANT = "default"
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def check_tenant_name(name: str) -> str:
+    """``name`` if it can name a tenant (1-32 of a-z, 0-9, '_', '-'), else ValueError."""
+    if not TENANT_NAME.fullmatch(name):
+        raise ValueError(f"tenant name {name!r}: 1-32 characters of a-z, 0-9, '_' and '-', starting with a letter or digit")
+    return name
+
+
+def qualify(tenant: str, client_id: str) -> str:
+    """The pipeline's id of a tenant's request."""
+    return client_id if tenant == DEFAULT_TENANT else f"{{{tenant}}}{client_id}"
+
+
+def split_id(request_id: str) -> tuple[str, str]:
+    """(tenant, the client's id) of a pipeline request id."""
+    if request_id.startswith("{") and (end := request_id.find("}")) > 0:
+        return request_id[1:end], request_id[end + 1:]
+    return DEFAULT_TENANT, request_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,6 +42,14 @@ class Keys:
     prefix: str = "cosine:"
 
     # client-facing streams
+    def tenant_prefix(self, tenant: str = DEFAULT_TENANT) -> str:
+        """The prefix of a tenant's client-facing keys (a client user's ACL patterns)."""
+        return self.prefix if tenant == DEFAULT_TENANT else f"{self.prefix}t:{tenant}:"
+
+    def _scoped(self, request_id: str) -> tuple[str, str]:
+        tenant, client_id = split_id(request_id)
+        return self.tenant_prefix(tenant), client_id
+
     @property
     def requests(self) -> str:
         return f"{self.prefix}requests"
@@ -21,8 +58,30 @@ class Keys:
     def cancel(self) -> str:
         return f"{self.prefix}cancel"
 
+    def requests_of(self, tenant: str) -> str:
+        return f"{self.tenant_prefix(tenant)}requests"
+
+    def cancel_of(self, tenant: str) -> str:
+        return f"{self.tenant_prefix(tenant)}cancel"
+
     def out(self, request_id: str) -> str:
-        return f"{self.prefix}out:{request_id}"
+        prefix, client_id = self._scoped(request_id)
+        return f"{prefix}out:{client_id}"
+
+    @property
+    def tenants(self) -> str:
+        """hash: tenant name -> its bounds (JSON), written by ``cosine tenant``; the ``default``
+        tenant is not in it (it always exists)."""
+        return f"{self.prefix}tenants"
+
+    def tenant_active(self, tenant: str) -> str:
+        """zset: a tenant's requests admitted and not finished (waiting or started) -> deadline."""
+        return f"{self.prefix}tenant:{tenant}:active"
+
+    def tenant_waiting(self, tenant: str) -> str:
+        """zset: a tenant's requests waiting to start -> when they arrived (its own queue: the
+        starts are shared among tenants, first come first within one)."""
+        return f"{self.prefix}tenant:{tenant}:waiting"
 
     # internal streams
     def draft(self, expert: str) -> str:
@@ -79,7 +138,8 @@ class Keys:
 
     # state
     def request(self, request_id: str) -> str:
-        return f"{self.prefix}req:{request_id}"
+        prefix, client_id = self._scoped(request_id)
+        return f"{prefix}req:{client_id}"
 
     def live(self, role: str, instance: str) -> str:
         return f"{self.prefix}live:{role}:{instance}"
@@ -117,7 +177,8 @@ class Keys:
     def features(self, request_id: str) -> str:
         """string: the target's hidden states (fp16 rows) at a request's positions 0, 1, ...
         (feature drafters; appended as rounds are applied, deleted when the request ends)."""
-        return f"{self.prefix}feat:{request_id}"
+        prefix, client_id = self._scoped(request_id)
+        return f"{prefix}feat:{client_id}"
 
     def fuse(self, request_id: str, round_index: int, step: int | None = None) -> str:
         """hash: one round's drafts (step mode: one step's) while fusion waits for every
