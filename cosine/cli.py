@@ -198,13 +198,22 @@ def _generate_pipeline(config: Config, redis_url: str | None, timeout: float, as
 
 
 def _url_file(config: Config) -> Path:
+    """Where `cosine serve` writes its clients' URL (the default tenant's user)."""
     return config.model.cache_path / "serve.url"
 
 
-def _client_url(config: Config, redis_url: str | None) -> str:
+def _admin_url_file(config: Config) -> Path:
+    """Where `cosine serve` writes its administrator's URL (for `cosine status`, `dead`, `tenant`)."""
+    return config.model.cache_path / "serve-admin.url"
+
+
+def _client_url(config: Config, redis_url: str | None, admin: bool = False) -> str:
+    """--redis-url, else COSINE_REDIS_URL / redis.url, else the URL `cosine serve` wrote: its
+    clients' (``admin``: its administrator's)."""
     url = redis_url or config.redis.url
-    if not url and _url_file(config).is_file():
-        url = _url_file(config).read_text().strip()
+    for path in ([_admin_url_file(config)] if admin else []) + [_url_file(config)]:
+        if not url and path.is_file():
+            url = path.read_text().strip()
     if not url:
         raise typer.BadParameter("no Redis URL: pass --redis-url, set COSINE_REDIS_URL, or start `cosine serve`")
     return url
@@ -290,15 +299,14 @@ def setup(
         typer.echo(f"other versions on this server: {', '.join(others)} (FUNCTION DELETE each once no worker of its version runs)")
 
 
-AdminUrlOption = typer.Option(None, "--redis-url", help="an administrator's URL (default: $COSINE_REDIS_URL or redis.url)", callback=_warn_secret_argument)
+AdminUrlOption = typer.Option(None, "--redis-url", help="an administrator's URL (default: $COSINE_REDIS_URL, redis.url, or the one `cosine serve` wrote)",
+                              callback=_warn_secret_argument)
 
 
 def _admin_client(redis_url: str | None, config):
     import redis
 
-    url = redis_url or config.redis.url
-    if not url:
-        raise typer.BadParameter("needs an administrator's --redis-url (or COSINE_REDIS_URL)")
+    url = _client_url(config, redis_url, admin=True)
     return url, redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
 
 
@@ -410,18 +418,21 @@ def serve(
         raise typer.BadParameter(str(error)) from None
     typer.echo(supervisor.describe(), err=True)
     try:
-        url = supervisor.start()
-        _write_private(_url_file(config), url + "\n")
-        typer.echo(f"cosine serving on {redacted_url(url)} (namespace {config.redis.namespace!r}; "
-                   f"URL with password in {_url_file(config)}); Ctrl-C to stop", err=True)
+        supervisor.start()
+        _write_private(_url_file(config), supervisor.client_url + "\n")
+        if supervisor.client_url != supervisor.url:
+            _write_private(_admin_url_file(config), supervisor.url + "\n")
+        typer.echo(f"cosine serving on {redacted_url(supervisor.client_url)} (namespace {config.redis.namespace!r}; "
+                   f"clients' URL in {_url_file(config)}, the administrator's in {_admin_url_file(config)}); Ctrl-C to stop", err=True)
         supervisor.wait()
     except SupervisorError as error:
         typer.echo(f"error: {error}; stopping", err=True)
         raise typer.Exit(1) from None
     finally:
         supervisor.stop()
-        if supervisor.url and _url_file(config).is_file() and _url_file(config).read_text().strip() == supervisor.url:
-            _url_file(config).unlink()
+        for path, url in ((_url_file(config), supervisor.client_url), (_admin_url_file(config), supervisor.url)):
+            if url and path.is_file() and path.read_text().strip() == url:
+                path.unlink()
 
 
 @app.command()
@@ -454,7 +465,7 @@ def gateway(
                                api_keys_file=api_key_file,
                                answer_timeout_s=config.pipeline.deadline_s + 60, timing_header=timing_header,
                                metrics_keys=tuple(k for k in metrics_key if k))
-    app_ = Gateway(config, _client_url(config, redis_url), settings).app()
+    app_ = Gateway(config, _client_url(config, redis_url, admin=True), settings).app()
     typer.echo(f"cosine gateway on http://{host}:{port} (models: {', '.join(settings.served_model_names)}; "
                f"API keys: {'required' if keys else 'none'})", err=True)
     # Objects made at start-up never die: keep them out of the collector's full passes, which
@@ -489,7 +500,7 @@ def status(
     from cosine.status import read_snapshot, read_status, view
 
     config = _setup(config_path)
-    url = _client_url(config, redis_url)
+    url = _client_url(config, redis_url, admin=True)
     if watch:
         import time
 
@@ -518,6 +529,11 @@ def status(
         typer.echo(f"  {role:12s} {len(workers)}  " + "  ".join(workers))
     typer.echo("counters: " + ", ".join(f"{k}={v}" for k, v in report["stats"].items()))
     typer.echo("restarts: " + (", ".join(f"{k}={v}" for k, v in report["restarts"].items()) or "none"))
+    typer.echo("tenants:")
+    for name, row in report["tenants"].items():
+        ended = ", ".join(f"{k} {v}" for k, v in sorted(row["requests"].items())) or "none"
+        typer.echo(f"  {name:20s} admitted {row['admitted']}, waiting {row['waiting']}; ended: {ended}; refused busy {row['refused_busy']}; "
+                   f"tokens: prompt {row['prompt_tokens']}, generated {row['generated_tokens']}")
 
 
 
@@ -536,7 +552,7 @@ def dead_list(
     from cosine.wire import Keys
 
     config = _setup(config_path)
-    with redis.Redis.from_url(_client_url(config, redis_url)) as client:
+    with redis.Redis.from_url(_client_url(config, redis_url, admin=True)) as client:
         letters = list_dead(client, Keys(config.redis.namespace), count)
     if as_json:
         typer.echo(json.dumps([letter.to_json() for letter in letters], indent=2))
@@ -560,7 +576,7 @@ def dead_replay(
     from cosine.wire import Keys
 
     config = _setup(config_path)
-    with redis.Redis.from_url(_client_url(config, redis_url)) as client:
+    with redis.Redis.from_url(_client_url(config, redis_url, admin=True)) as client:
         try:
             new_id = replay(client, Keys(config.redis.namespace), dead_id)
         except DeadLetterError as error:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,11 +23,14 @@ from pathlib import Path
 
 import redis
 
+from cosine.acl import ROLE_KEYS, acl_setuser_rules, gateway_rules, role_rules
 from cosine.bus import LibraryMissing, library_loaded_sync, setup_library
 from cosine.config import Config, redacted_url
 from cosine.deploy import DeploymentPlan, machine_cores, plan_deployment
 from cosine.embedded import EmbeddedRedis
+from cosine.tenants import tenant_rules, user_name, user_url
 from cosine.wire import Keys
+from cosine.wire.keys import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,10 @@ class Supervisor:
         self.server_restart_at: float | None = None
         self.slots: list[WorkerSlot] = []
         self.counter: redis.Redis | None = None
-        self.url = ""
+        self.url = ""  # the administrator's
+        self.client_url = ""  # the default tenant's: what clients of this server use
+        self.user_urls: dict[str, str] = {}  # role (and "gateway") -> its user's URL
+        self.passwords: dict[str, str] = {}  # ACL user -> password, kept for a restart of the server
         self.deployment: DeploymentPlan = plan_deployment(config, machine_cores(), verifiers)
 
     # ---- start -------------------------------------------------------------------------------
@@ -124,8 +131,9 @@ class Supervisor:
             self.url = self.embedded.start()
             self.server_started_at = time.monotonic()
             setup_library(self.url)
+            self._make_users()
         else:
-            self.url = self.redis_url
+            self.url = self.client_url = self.redis_url
             warn_if_evicting(self.url)
             self._library_on_a_server_of_others(self.url)
         self.counter = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
@@ -133,6 +141,22 @@ class Supervisor:
         for slot in self.slots:
             self._spawn(slot)
         return self.url
+
+    def _make_users(self) -> None:
+        """On the embedded server: a user per role (only the keys it uses), the gateway's and
+        the default tenant's (a client: its own streams and outputs), each with a random
+        password. Made again, with the same passwords, after the server restarts (ACL users are
+        not in its append-only file)."""
+        namespace = self.config.redis.namespace
+        users = {role: (f"cosine-{role}", role_rules(role, namespace)) for role in ROLE_KEYS}
+        users["gateway"] = ("cosine-gateway", gateway_rules(namespace))
+        users["client"] = (user_name(DEFAULT_TENANT), tenant_rules(DEFAULT_TENANT, namespace))
+        with redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5) as admin:
+            for key, (name, rules) in users.items():
+                password = self.passwords.setdefault(name, secrets.token_urlsafe(24))
+                admin.execute_command("ACL", "SETUSER", name, *acl_setuser_rules(password, rules))
+                self.user_urls[key] = user_url(self.url, name, password)
+        self.client_url = self.user_urls["client"]
 
     def plan(self) -> list[list[str]]:
         """`cosine worker` arguments of every process to keep running."""
@@ -151,7 +175,7 @@ class Supervisor:
     def _worker_env(self, args: tuple[str, ...] = ()) -> dict[str, str]:
         # The URL (with its password) goes in the environment, not on a command line that any
         # local user can read in `ps`.
-        env = dict(os.environ, COSINE_REDIS_URL=self.url)
+        env = dict(os.environ, COSINE_REDIS_URL=self.user_urls.get(args[0] if args else "", self.url))
         # glibc gives each thread that allocates its own heap arena (up to 8 per core) and keeps
         # freed pages in each: a drafter process held ~90 MB more after 100 requests for it.
         # Two arenas serve a model thread and the event loop; a value set by the user wins.
@@ -266,8 +290,9 @@ class Supervisor:
         log.warning("the embedded valkey-server is back on port %s (data: %s)", self.embedded.port, self.embedded.data_dir)
         try:
             setup_library(self.url)  # kept in its append-only file; loaded again if that was lost
+            self._make_users()
         except (redis.RedisError, OSError) as error:
-            log.error("could not load the function library on the restarted server: %s", error)
+            log.error("could not load the function library or make the users on the restarted server: %s", error)
 
     @staticmethod
     def _library_on_a_server_of_others(url: str) -> None:

@@ -11,6 +11,7 @@ import redis
 
 from cosine.bus import split_roster
 from cosine.metrics import ALL, parse_series
+from cosine.tenants import tenant_figures
 from cosine.wire import Keys
 
 ROLES = ("router", "coordinator", "fusion", "verifier", "drafter")
@@ -25,7 +26,10 @@ def read_status(url: str, namespace: str) -> dict:
         streams += [keys.verify_for(f) for f in sorted(client.smembers(keys.fingerprints))]
         streams += [keys.verify_at(i) for i in sorted(client.smembers(keys.verifier_streams))]
         streams += [keys.draft_at(i) for i in sorted(client.hkeys(keys.drafter_streams))]
-        report: dict = {"streams": {}, "workers": {}, "stats": client.hgetall(keys.stats), "restarts": read_restarts(client, keys)}
+        for tenant in sorted(client.hkeys(keys.tenants)):
+            streams += [keys.requests_of(tenant), keys.cancel_of(tenant)]
+        report: dict = {"streams": {}, "workers": {}, "stats": client.hgetall(keys.stats), "restarts": read_restarts(client, keys),
+                        "tenants": tenant_figures(client, namespace)}
         for stream in streams:
             if not client.exists(stream):
                 continue

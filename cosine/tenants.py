@@ -146,3 +146,27 @@ def tenant_rows(client, config) -> list[dict]:
         rows.append({"tenant": name, "max_requests": bound.max_requests, "max_unread": bound.max_unread,
                      "max_stream_mb": bound.max_stream_bytes // (1024 * 1024), "admitted": counts[2 * index], "waiting": counts[2 * index + 1]})
     return rows
+
+
+def tenant_figures(client, namespace: str) -> dict[str, dict]:
+    """Per tenant (``default`` first): requests admitted and waiting now, and since the counters
+    began, requests ended by finish reason, refusals (``busy``), prompt and generated tokens.
+    ``client`` decodes responses."""
+    from cosine.metrics import parse_series
+
+    keys = Keys(namespace)
+    names = [DEFAULT_TENANT, *sorted(n for n in client.hkeys(keys.tenants) if n != DEFAULT_TENANT)]
+    figures = {name: {"admitted": client.zcard(keys.tenant_active(name)), "waiting": client.zcard(keys.tenant_waiting(name)),
+                      "requests": {}, "refused_busy": 0, "prompt_tokens": 0, "generated_tokens": 0} for name in names}
+    for field, value in client.hgetall(keys.metrics).items():
+        name, labels = parse_series(field)
+        row = figures.get(labels.get("tenant", ""))
+        if row is None:
+            continue
+        if name == "requests":
+            reason = labels.get("finish_reason", "")
+            row["requests"][reason] = row["requests"].get(reason, 0) + int(float(value))
+            row["refused_busy"] += int(float(value)) if labels.get("error_code") == "busy" else 0
+        elif name in ("prompt_tokens", "generation_tokens"):
+            row["generated_tokens" if name == "generation_tokens" else "prompt_tokens"] += int(float(value))
+    return figures

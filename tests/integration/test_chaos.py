@@ -98,11 +98,12 @@ class Served:
             raise AssertionError(f"cosine serve exited with {self.process.returncode} ({what}):\n{self.log()[-4000:]}")
 
     def url(self, timeout: float = 60.0) -> str:
-        path = self.cache / "serve.url"
+        """The administrator's URL (the test reads rosters, pending entries and outputs)."""
+        path = self.cache / "serve-admin.url"
         deadline = time.monotonic() + timeout
         while not (path.is_file() and path.read_text().strip()):
-            self.check_running("waiting for serve.url")
-            assert time.monotonic() < deadline, f"no serve.url within {timeout} s:\n{self.log()[-4000:]}"
+            self.check_running("waiting for serve-admin.url")
+            assert time.monotonic() < deadline, f"no serve-admin.url within {timeout} s:\n{self.log()[-4000:]}"
             time.sleep(0.2)
         return path.read_text().strip()
 

@@ -4,6 +4,7 @@ no orphans when the supervisor itself is killed."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from cosine.client import Client
 from cosine.config import DEMO_TARGET_FILE, load_config
 from cosine.embedded import EmbeddedRedis
 from cosine.serve import QUICK_EXITS_FATAL, Backoff, Supervisor, warn_if_evicting
@@ -145,6 +147,13 @@ class Served:
         return self.log_path.read_text(errors="replace")
 
     def url(self) -> str:
+        """The administrator's URL (every key: what the tests inspect)."""
+        path = self.cache / "serve-admin.url"
+        wait_for(lambda: path.is_file() and path.read_text().strip(), 60, "serve-admin.url", self)
+        return path.read_text().strip()
+
+    def client_url(self) -> str:
+        """The clients' URL (the default tenant's user)."""
         path = self.cache / "serve.url"
         wait_for(lambda: path.is_file() and path.read_text().strip(), 60, "serve.url", self)
         return path.read_text().strip()
@@ -226,6 +235,24 @@ def test_a_killed_worker_is_restarted_and_counted_and_a_killed_server_too(served
     assert serve.valkey_pid() not in (None, server)
     assert client.hget("cosine:restarts", "fusion") == b"1"
     serve.wait_live()
+
+    # Its users, made again on the restarted server: each worker connects as its role's user;
+    # serve.url is the default tenant's (its own streams and outputs only), the administrator's
+    # URL is in a file of its own, which `cosine status` reads; both files are the owner's alone.
+    users = {entry["user"] for entry in client.client_list()}
+    assert {"cosine-router", "cosine-coordinator", "cosine-fusion", "cosine-verifier", "cosine-drafter"} <= users, users
+    assert os.stat(serve.cache / "serve-admin.url").st_mode & 0o777 == 0o600
+    client_url = serve.client_url()
+    assert client_url != serve.url() and "cosine-tenant-default" in client_url
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis.Redis.from_url(client_url).hgetall("cosine:roster:router")
+    with Client(client_url) as pipeline_client:
+        assert pipeline_client.generate(prompt="Hello", max_tokens=4)["finish_reason"] in ("length", "stop")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSINE_")}
+    shown = subprocess.run([sys.executable, "-m", "cosine.cli", "status", "--config", str(serve.config_path), "--json"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert sum(json.loads(shown.stdout)["tenants"]["default"]["requests"].values()) >= 1
 
 
 def test_a_worker_that_cannot_start_stops_serve(served):
