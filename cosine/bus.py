@@ -39,6 +39,12 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Microseconds: the order of arrivals within one millisecond too (a queue's order).
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
 -- Reads `count` field/value pairs from args starting at index i; returns them and the next index.
 local function take_pairs(args, i, count)
   local pairs = {}
@@ -184,7 +190,7 @@ local function admit(keys, args)
       redis.call('ZADD', keys[4], deadline, args[3])
       redis.call('ZADD', keys[8], now_ms(), args[3])
       redis.call('ZADD', keys[9], deadline, args[3])
-      redis.call('ZADD', keys[10], now_ms(), args[3])
+      redis.call('ZADD', keys[10], now_us(), args[3])
       outcome = 'waiting'
     else
       tombstone(req, keys[7], args[2], tonumber(args[5]), busy)

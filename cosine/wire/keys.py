@@ -79,7 +79,7 @@ class Keys:
         return f"{self.prefix}tenant:{tenant}:active"
 
     def tenant_waiting(self, tenant: str) -> str:
-        """zset: a tenant's requests waiting to start -> when they arrived (its own queue: the
+        """zset: a tenant's requests waiting to start -> when they arrived, in µs (its own queue: the
         starts are shared among tenants, first come first within one)."""
         return f"{self.prefix}tenant:{tenant}:waiting"
 
