@@ -95,6 +95,45 @@ def test_metrics_can_need_a_key_and_read_redis_at_most_once_a_second():
         embedded.stop()
 
 
+def test_api_keys_map_to_tenants_and_the_keys_file_is_read_again_when_it_changes(tmp_path):
+    """A key of the keys file's `KEY TENANT` lines submits on its tenant's stream (and reads its
+    tenant's outputs, cancels on its tenant's cancel stream); the file, changed, is in force
+    within a second without a restart; a file that no longer parses keeps the keys in force."""
+    from starlette.testclient import TestClient
+
+    from cosine.config import load_config
+    from cosine.embedded import EmbeddedRedis
+    from cosine.gateway import KEYS_FILE_CHECK_S, Gateway, GatewaySettings
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("k-default\nk-acme acme\n")
+    embedded = EmbeddedRedis(persistence=False)
+    url = embedded.start()
+    try:
+        store = redis.Redis.from_url(url)
+        gateway = Gateway(load_config(None, environ={}), url, GatewaySettings((MODEL,), api_keys_file=keys_file, answer_timeout_s=0.5))
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+        with TestClient(gateway.app()) as http:
+            acme = http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-acme"})
+            assert acme.status_code == 504  # nobody answers here
+            [(_, fields)] = store.xrange("cosine:t:acme:requests")
+            assert fields[b"id"] == acme.headers["x-request-id"].encode() and not store.exists("cosine:requests")
+            assert [f[b"id"] for _, f in store.xrange("cosine:t:acme:cancel")] == [fields[b"id"]]
+            assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-default"}).status_code == 504
+            assert store.xlen("cosine:requests") == 1
+            assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-new"}).status_code == 401
+            keys_file.write_text("k-new beta\n")
+            time.sleep(KEYS_FILE_CHECK_S + 0.1)
+            assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-new"}).status_code == 504
+            assert store.xlen("cosine:t:beta:requests") == 1
+            assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-acme"}).status_code == 401  # revoked
+            keys_file.write_text("k-new Bad Tenant Line\n")
+            time.sleep(KEYS_FILE_CHECK_S + 0.1)
+            assert http.get("/v1/models", headers={"Authorization": "Bearer k-new"}).status_code == 200  # the keys in force stay
+    finally:
+        embedded.stop()
+
+
 def test_the_gateway_acl_user_can_do_what_the_gateway_does():
     """As the ACL user of cosine.acl.gateway_rules: health, readiness, metrics, a submitted
     request (with its reader's wake entry) that nobody answers (a 504 after the answer
