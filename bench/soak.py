@@ -187,7 +187,7 @@ class Serve:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            banner = re.search(r"cosine serving on (\S+) .*URL with password in (.+?)\); Ctrl-C", self.log_text())
+            banner = re.search(r"cosine serving on (\S+) .*the administrator's in (.+?)\); Ctrl-C", self.log_text())
             if banner:
                 self.url = Path(banner.group(2)).read_text().strip()
                 return self.url

@@ -28,8 +28,9 @@ from __future__ import annotations
 # FLUSH or RESTORE (which +@write would allow), nor EVAL or SCRIPT. A worker that could load a
 # library could make every other role's next call write whatever it liked; ``cosine setup``
 # loads it, as an administrator.
+# TIME: the functions read the server's clock (one clock for every process's decisions).
 WORKER_COMMANDS = ("-@all", "+@read", "+@write", "+@stream", "+@hash", "+@sortedset", "+@set", "+@string", "+@keyspace",
-                   "+@connection", "+@transaction", "-@dangerous", "-@admin", "-@scripting", "+fcall", "+fcall_ro", "+function|list")
+                   "+@connection", "+@transaction", "-@dangerous", "-@admin", "-@scripting", "+fcall", "+fcall_ro", "+function|list", "+time")
 CLIENT_COMMANDS = ("-@all", "+xadd", "+xread", "+xrange", "+xrevrange", "+ping", "+hello", "+auth")
 
 

@@ -420,10 +420,13 @@ def serve(
     try:
         supervisor.start()
         _write_private(_url_file(config), supervisor.client_url + "\n")
-        if supervisor.client_url != supervisor.url:
+        where = f"URL in {_url_file(config)}"
+        if supervisor.client_url != supervisor.url:  # its own users: the administrator's URL apart
             _write_private(_admin_url_file(config), supervisor.url + "\n")
-        typer.echo(f"cosine serving on {redacted_url(supervisor.client_url)} (namespace {config.redis.namespace!r}; "
-                   f"clients' URL in {_url_file(config)}, the administrator's in {_admin_url_file(config)}); Ctrl-C to stop", err=True)
+            where = f"clients' URL in {_url_file(config)}, the administrator's in {_admin_url_file(config)}"
+        else:  # one URL for all: none of an earlier serve's left to mislead `cosine status`
+            _admin_url_file(config).unlink(missing_ok=True)
+        typer.echo(f"cosine serving on {redacted_url(supervisor.client_url)} (namespace {config.redis.namespace!r}; {where}); Ctrl-C to stop", err=True)
         supervisor.wait()
     except SupervisorError as error:
         typer.echo(f"error: {error}; stopping", err=True)

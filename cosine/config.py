@@ -262,7 +262,9 @@ class TenantsConfig:
     # of pipeline.max_requests while more than one tenant exists, none for the default alone.
     max_requests: int = 0
     # Entries of a tenant's request stream not read yet, and the stream's bytes: past either,
-    # the router refuses the oldest unread (busy, without tokenizing) until it is back under.
+    # the router refuses the oldest unread (busy, without tokenizing) until it is back under
+    # (0: no bound). Tenants' bounds keep tenants from each other: the default tenant alone has
+    # only the pipeline's (and a max_requests set here).
     max_unread: int = 1_024
     max_stream_mb: int = 64
     refresh_ms: int = 1_000  # routers read the tenant registry this often
@@ -270,7 +272,7 @@ class TenantsConfig:
     def __post_init__(self) -> None:
         for name in ("max_requests", "max_unread", "max_stream_mb"):
             if getattr(self, name) < 0:
-                raise ValueError(f"tenants.{name} must be >= 0 (0: see the default)")
+                raise ValueError(f"tenants.{name} must be >= 0")
         if self.refresh_ms < 1:
             raise ValueError("tenants.refresh_ms must be >= 1")
 

@@ -58,8 +58,6 @@ KEYS_FILE_CHECK_S = 1.0  # the API keys file is looked at this often
 class GatewaySettings:
     served_model_names: tuple[str, ...]
     api_keys: tuple[str, ...] = ()  # keys of the default tenant
-    # A file of `KEY` (the default tenant) or `KEY TENANT` lines, read again when it changes.
-    api_keys_file: Path | None = None
     cors_origins: tuple[str, ...] = ()
     # No output at all for this long: the pipeline is not answering (504). Every request has a
     # deadline in the pipeline, so this only guards against a pipeline that is down.
@@ -69,6 +67,8 @@ class GatewaySettings:
     timing_header: bool = False
     # /metrics answers only with one of these (Authorization: Bearer ...); none: open to all.
     metrics_keys: tuple[str, ...] = ()
+    # A file of `KEY` (the default tenant) or `KEY TENANT` lines, read again when it changes.
+    api_keys_file: Path | None = None
 
 
 def default_model_name(config: Config) -> str:

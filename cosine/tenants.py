@@ -64,10 +64,13 @@ class Limits:
 
 def limits(own: TenantBounds, config: TenantsConfig, pipeline_max_requests: int, tenant_count: int) -> Limits:
     """A tenant's bounds: its own, else the config's; ``max_requests`` 0 in both is half of the
-    pipeline's bound while more than one tenant exists (one tenant cannot take every slot),
-    and none for a lone tenant."""
+    pipeline's bound. A lone tenant (the default one of a one-user setup) has only the
+    pipeline's bounds and a ``max_requests`` set for it: tenants' bounds keep tenants from
+    each other."""
     max_requests = own.max_requests or config.max_requests
-    if not max_requests and tenant_count > 1 and pipeline_max_requests:
+    if tenant_count <= 1:
+        return Limits(max_requests, 0, 0)
+    if not max_requests and pipeline_max_requests:
         max_requests = max(1, pipeline_max_requests // 2)
     return Limits(max_requests, own.max_unread or config.max_unread, (own.max_stream_mb or config.max_stream_mb) * 1024 * 1024)
 

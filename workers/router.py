@@ -93,8 +93,16 @@ class Router(StageWorker):
     def _limits(self, tenant: str) -> Limits:
         return self.tenant_limits.get(tenant) or limits(TenantBounds(), self.config.tenants, self.config.pipeline.max_requests, 1)
 
+    def _source(self, stream: str) -> _Stream:
+        """Whose stream, and which: the tenants known now, else the name's (a tenant removed
+        since the read)."""
+        if (known := self._streams().get(stream)) is not None:
+            return known
+        tenant, _, kind = stream.removeprefix(f"{self.keys.prefix}t:").partition(":")
+        return _Stream(tenant, kind == "cancel")
+
     async def handle(self, stream: str, entries: list[Entry]) -> None:
-        source = self._streams().get(stream, _Stream(DEFAULT_TENANT, stream == self.keys.cancel))
+        source = self._source(stream)
         if source.cancel:
             for entry_id, fields in entries:
                 await self._cancel(source.tenant, stream, entry_id, fields)
@@ -152,8 +160,8 @@ class Router(StageWorker):
 
     async def reject(self, stream: str, entry: Entry, reason: str) -> None:
         """An entry the router failed on (a bug, not the client's input): one internal error final."""
-        source = self._streams().get(stream)
-        if source is not None and not source.cancel:
+        source = self._source(stream)
+        if not source.cancel:
             entry_id, raw = entry
             await self._refuse(entry_id, qualify(source.tenant, request_id_of(raw, entry_id)), reason, "internal")
 

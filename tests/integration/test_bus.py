@@ -1042,6 +1042,28 @@ def test_no_worker_gateway_or_client_user_can_load_replace_delete_flush_or_resto
                                 out_entries=[{"type": "final", "finish_reason": "stop"}], ttl_s=60)
     assert run(bus.apply_rounds(coordinator, [call])) != ["applied"]  # no such request: nothing written
     assert admin.xlen(KEYS.out("nobody")) == 0
+    # Regression: the functions read the server's clock (TIME), which no role's user could run
+    # ("ACL failure in script"): every admission and every round with a next job failed for
+    # workers connected as their role's users (what `cosine serve` does).
+    run(bus.ensure_group(aioredis.Redis.from_url(server), KEYS.requests, GROUP))
+    entry_id = admin.xadd(KEYS.requests, {"id": "timed"})
+    admin.xreadgroup(GROUP, "test", {KEYS.requests: ">"})
+
+    async def timed() -> tuple[str, list[str]]:
+        router = aioredis.Redis.from_url(f"redis://role-router:pw@{address}")
+        coordinator = aioredis.Redis.from_url(f"redis://role-coordinator:pw@{address}")
+        admitted = await bus.admit_request(router, KEYS, group=GROUP, entry_id=entry_id, request_id="timed", deadline_ms=2**42, ttl_s=60,
+                                           fields={"round": "0", "status": "active", "id": "timed"}, job_streams=[KEYS.candidates],
+                                           payload=b"job", refusal={"type": "final"})
+        call = bus.apply_round_call(KEYS, request_id="timed", expected_round=0, fields={"round": "1"}, out_entries=[],
+                                    job_streams=[KEYS.candidates], payload=b"next")
+        applied = await bus.apply_rounds(coordinator, [call])
+        await router.aclose()
+        await coordinator.aclose()
+        return admitted, applied
+
+    assert run(timed()) == ("created", ["applied"])
+    assert admin.zscore(KEYS.rounds, "timed") is not None
 
 
 def test_a_worker_refuses_to_start_without_its_library_and_names_cosine_setup(server):

@@ -144,6 +144,43 @@ def test_starts_are_shared_among_tenants(server):
     assert waiting == [f"{196 - len(a_starts)} 0"]
 
 
+def test_a_tenants_unread_backlog_and_stream_bytes_are_bounded(server):
+    """Past its bound of unread entries, a tenant's oldest unread requests are refused busy
+    (without being tokenized) until it is back under; past its bound of bytes, every unread one.
+    Another tenant's stream is not touched."""
+    from cosine.workers.router import Router
+
+    _, a = tenant_client(server, "a", TenantBounds(max_unread=5))
+    _, b = tenant_client(server, "b", TenantBounds(max_stream_mb=1))
+    _, c = tenant_client(server, "c")
+    for n in range(20):
+        a.xadd(KEYS.requests_of("a"), {"id": f"a{n}", "prompt": "hi"})
+    for n in range(3):
+        b.xadd(KEYS.requests_of("b"), {"id": f"b{n}", "prompt": "x" * 600_000})
+    for n in range(20):
+        c.xadd(KEYS.requests_of("c"), {"id": f"c{n}", "prompt": "hi"})
+
+    async def scenario() -> None:
+        client = redis.asyncio.Redis.from_url(server)
+        router = Router(Config(), server)
+        router.redis = client
+        await router._read_tenants()
+        await router._shed_backlogs()
+        await router.write_tally()
+        await client.aclose()
+
+    asyncio.run(scenario())
+    admin = redis.Redis.from_url(server)
+    lag = {t: admin.xinfo_groups(KEYS.requests_of(t))[0]["lag"] for t in "abc"}
+    assert lag == {"a": 5, "b": 0, "c": 20}
+    for request_id in [qualify("a", f"a{n}") for n in range(15)] + [qualify("b", f"b{n}") for n in range(3)]:
+        [(_, final)] = admin.xrange(KEYS.out(request_id))
+        assert final[b"error_code"] == b"busy" and b"past its bound" in final[b"error"], (request_id, final)
+    assert not admin.exists(KEYS.out(qualify("a", "a15")))
+    metrics = admin.hgetall(KEYS.metrics)
+    assert float(metrics[b"requests|error_code=busy,finish_reason=error,tenant=a"]) == 15
+
+
 def test_one_tenant_is_served_while_another_attacks_and_floods(tmp_path, server, demo_target, pipelines):
     """A real pipeline: tenant B's requests are served while tenant A empties and blocks its own
     queue, cancels B's ids (on its own cancel stream: they name A's requests), fails to read B's

@@ -196,9 +196,9 @@ def test_tallied_metrics_render_as_prometheus_counters_and_histograms():
     assert samples[("cosine:spec_decode_num_accepted_tokens_total", (("drafter", "chat-small"),))] == 2
     assert samples[("cosine:spec_decode_num_drafts_total", (("drafter", "prompt-lookup"),))] == 1
     assert samples[("cosine:spec_decode_num_accepted_tokens_per_pos_total", (("drafter", "all"), ("position", "1")))] == 1
-    assert samples[("cosine:generation_tokens_total", ())] == 5
-    assert samples[("cosine:requests_total", (("error_code", "busy"), ("finish_reason", "error")))] == 1
-    assert samples[("cosine:requests_total", (("error_code", ""), ("finish_reason", "length")))] == 1
+    assert samples[("cosine:generation_tokens_total", (("tenant", "default"),))] == 5
+    assert samples[("cosine:requests_total", (("error_code", "busy"), ("finish_reason", "error"), ("tenant", "default")))] == 1
+    assert samples[("cosine:requests_total", (("error_code", ""), ("finish_reason", "length"), ("tenant", "default")))] == 1
     # Histograms: cumulative buckets, sum and count (inter-token latency weighted by tokens).
     assert samples[("cosine:time_to_first_token_seconds_bucket", (("le", "0.2"),))] == 0
     assert samples[("cosine:time_to_first_token_seconds_bucket", (("le", "0.3"),))] == 1

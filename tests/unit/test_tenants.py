@@ -7,7 +7,7 @@ import pytest
 from cosine.config import TenantsConfig
 from cosine.gateway import read_api_keys
 from cosine.policy.fairness import start_order
-from cosine.tenants import TenantBounds, limits, tenant_rules, user_url
+from cosine.tenants import Limits, TenantBounds, limits, tenant_rules, user_url
 from cosine.wire import Keys
 from cosine.wire.keys import DEFAULT_TENANT, check_tenant_name, qualify, split_id
 
@@ -45,7 +45,7 @@ def test_tenant_names_are_checked(name):
 
 def test_bounds_in_force():
     config = TenantsConfig()
-    assert limits(TenantBounds(), config, 256, 1).max_requests == 0  # the default tenant alone: the server's bound only
+    assert limits(TenantBounds(), config, 256, 1) == Limits(0, 0, 0)  # the default tenant alone: the server's bounds only
     assert limits(TenantBounds(), config, 256, 3).max_requests == 128  # half of the server's with others
     assert limits(TenantBounds(max_requests=10), config, 256, 3).max_requests == 10
     own = limits(TenantBounds(max_unread=5, max_stream_mb=2), config, 256, 2)
