@@ -45,6 +45,37 @@ def tenant_client(url: str, name: str, bounds: TenantBounds = TenantBounds()) ->
     return tenant_url, redis.Redis.from_url(tenant_url)
 
 
+def test_the_tenant_commands(server, tmp_path):
+    """`cosine tenant add` makes a tenant whose URL (in a 0600 file, or printed once) submits on
+    its own stream; `list` shows it with its bounds; `remove` removes it; a bad name is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.harness import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSINE_")} | {"COSINE_REDIS_URL": server}
+
+    def cosine(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cosine.cli", "tenant", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+    secret = tmp_path / "acme.url"
+    added = cosine("add", "acme", "--max-requests", "3", "--credentials-file", str(secret))
+    assert added.returncode == 0 and "cosine-tenant-acme" in added.stdout and "redis://" not in added.stdout, added
+    assert os.stat(secret).st_mode & 0o777 == 0o600
+    tenant = redis.Redis.from_url(secret.read_text().strip())
+    tenant.xadd(KEYS.requests_of("acme"), {"id": "r1"})
+    printed = cosine("add", "beta")
+    assert printed.returncode == 0 and printed.stdout.strip().splitlines()[-1].startswith("redis://cosine-tenant-beta:")
+    rows = {row["tenant"]: row for row in json.loads(cosine("list", "--json").stdout)}
+    assert set(rows) == {"default", "acme", "beta"} and rows["acme"]["max_requests"] == 3 and rows["beta"]["max_requests"] > 0
+    assert cosine("remove", "acme").stdout.strip() == "tenant acme removed"
+    assert cosine("remove", "acme").stdout.strip() == "no tenant acme"
+    bad = cosine("add", "Not A Name")
+    assert bad.returncode != 0 and "tenant name" in bad.stderr
+
+
 def test_a_tenant_can_empty_or_block_only_its_own_queue(server):
     """The attacks of a client user on a shared queue (MAXLEN 0 deleted every other client's
     unread requests; an entry with the largest ID made every later submission fail), made by
