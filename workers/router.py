@@ -68,6 +68,14 @@ class Router(StageWorker):
         await self._read_tenants()  # a removed tenant's streams are not made again
         await super()._prepare_server()
 
+    async def _after_data_loss(self) -> None:
+        before = set(self.tenant_limits)
+        await self._read_tenants()
+        if gone := before - set(self.tenant_limits):  # `cosine tenant remove` deleted its streams: no data loss
+            self.log.info("tenant %s removed: its streams are no longer read", ", ".join(sorted(gone)))
+            return
+        await super()._after_data_loss()
+
     async def _read_tenants(self) -> None:
         """The tenants from the registry, their bounds, and a group on each new one's streams."""
         registry = {name.decode(): TenantBounds.from_json(value) for name, value in (await self.redis.hgetall(self.keys.tenants)).items()}

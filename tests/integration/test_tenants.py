@@ -212,6 +212,34 @@ def test_a_tenants_unread_backlog_and_stream_bytes_are_bounded(server):
     assert float(metrics[b"requests|error_code=busy,finish_reason=error,tenant=a"]) == 15
 
 
+def test_a_removed_tenant_is_no_data_loss_to_the_router(server, caplog):
+    """`cosine tenant remove` deletes the tenant's streams: the router's next read of them fails
+    (NOGROUP). It logged that the server had lost its data; now it reads the registry, says the
+    tenant was removed, and does not make the removed tenant's streams again."""
+    import logging
+
+    from cosine.workers.router import Router
+
+    tenant_client(server, "gone")
+
+    async def scenario() -> list[str]:
+        client = redis.asyncio.Redis.from_url(server)
+        router = Router(Config(), server)
+        router.redis = client
+        await router._prepare_server()
+        assert KEYS.requests_of("gone") in router.input_streams()
+        remove_tenant(redis.Redis.from_url(server), "cosine:", "gone")
+        with caplog.at_level(logging.INFO):
+            await router._after_data_loss()
+        await client.aclose()
+        return router.input_streams()
+
+    streams = asyncio.run(scenario())
+    assert KEYS.requests_of("gone") not in streams
+    assert not redis.Redis.from_url(server).exists(KEYS.requests_of("gone"), KEYS.cancel_of("gone"))
+    assert "tenant gone removed" in caplog.text and "lost functions" not in caplog.text
+
+
 def test_one_tenant_is_served_while_another_attacks_and_floods(tmp_path, server, demo_target, pipelines):
     """A real pipeline: tenant B's requests are served while tenant A empties and blocks its own
     queue, cancels B's ids (on its own cancel stream: they name A's requests), fails to read B's
