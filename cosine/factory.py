@@ -66,7 +66,15 @@ def build_drafter(spec: DrafterConfig, target: LoadedModel, config: Config) -> D
         loaded = load_model(spec.model, cache_dir=config.model.cache_path, device=config.model.device, dtype=config.model.dtype)
         check_same_tokenizer(loaded.tokenizer, target.tokenizer, spec.name)
         model = loaded.model
-    return ModelDrafter(spec.name, ModelRunner(model, max_cache_bytes=config.model.kv_cache_bytes))
+    return ModelDrafter(spec.name, ModelRunner(model, max_cache_bytes=config.model.kv_cache_bytes), vocab_size=output_width(target.model))
+
+
+def output_width(model) -> int:
+    """The width of a model's next-token distribution (its lm_head's rows; the config's
+    vocab_size where the head is not a plain weight)."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else int(model.config.vocab_size)
 
 
 def check_same_tokenizer(drafter_tokenizer, target_tokenizer, name: str) -> None:

@@ -24,9 +24,14 @@ class ModelDrafter(Drafter):
     ``DRAFT_SUPPORT`` most likely tokens, which is kept for lossless verification. Confidence is the drafter's probability for its token.
     """
 
-    def __init__(self, name: str, runner: ModelRunner) -> None:
+    def __init__(self, name: str, runner: ModelRunner, vocab_size: int | None = None) -> None:
         self.name = name
         self.runner = runner
+        # The target's output width: a drafter of another size of the family may pad its
+        # vocabulary differently (an lm_head wider or narrower). Its logits are cut or padded to
+        # the target's width, so its draws are target tokens and its distributions the
+        # verifier's shape (padding rows are no tokens: nothing is lost).
+        self.vocab_size = vocab_size
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftChain]:
         contexts = [list(r.context) for r in requests]
@@ -38,7 +43,7 @@ class ModelDrafter(Drafter):
             active = [i for i, r in enumerate(requests) if step < r.window]
             logits = self.runner.forward([ForwardItem(requests[i].key, contexts[i]) for i in active])
             for i, row in zip(active, logits):
-                token, confidence, probs = self._pick(row[0], requests[i], generators[i])
+                token, confidence, probs = self._pick(fit_width(row[0], self.vocab_size), requests[i], generators[i])
                 tokens[i].append(token)
                 confidences[i].append(confidence)
                 if probs is not None:
@@ -60,6 +65,16 @@ class ModelDrafter(Drafter):
 
     def release(self, key: str) -> None:
         self.runner.release(key)
+
+
+def fit_width(logits: torch.Tensor, width: int | None) -> torch.Tensor:
+    """Logits over the last dimension cut to ``width``, or padded with -inf up to it."""
+    have = logits.shape[-1]
+    if width is None or have == width:
+        return logits
+    if have > width:
+        return logits[..., :width]
+    return torch.nn.functional.pad(logits, (0, width - have), value=float("-inf"))
 
 
 def early_exit_model(target: PreTrainedModel, num_layers: int) -> PreTrainedModel:

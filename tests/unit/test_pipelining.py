@@ -38,3 +38,27 @@ def test_a_draft_made_ahead_is_the_fresh_draft_of_its_round(sampling):
         else:
             torch.testing.assert_close(chain.draft_probs, fresh.draft_probs, atol=1e-5, rtol=1e-4)
         context = guessed
+
+
+@pytest.mark.parametrize("drafter_width", [72, 56])
+def test_a_drafter_with_a_differently_padded_vocabulary_drafts_target_tokens(drafter_width):
+    """A drafter whose lm_head is wider or narrower than the target's (another size of the
+    family) failed every sampled request: its distributions did not have the target's width.
+    Its logits are cut or padded to the target's: draws are target tokens, distributions the
+    verifier's shape, and the round verifies."""
+    from cosine.core.acceptance import verify_round
+    from cosine.core.tree import merge_chains
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=drafter_width, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2)
+    drafter = ModelDrafter("padded", ModelRunner(LlamaForCausalLM(config).eval()), vocab_size=64)
+    sampling = SamplingParams(temperature=1.0, seed=5)
+    for request in (DraftRequest("s", list(range(3, 20)), 4, sampling, 1), DraftRequest("g", list(range(3, 20)), 4, SamplingParams(), 1)):
+        [chain] = drafter.propose([request])
+        assert all(0 <= t < 64 for t in chain.tokens)
+        if chain.draft_probs is not None:
+            assert chain.draft_probs.shape == (4, 64)
+        target_logits = torch.randn(5, 64)
+        verdict = verify_round(merge_chains([chain]), target_logits, request.sampling, 1, len(request.context))
+        assert 0 <= verdict.next_token < 64
