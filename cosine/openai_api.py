@@ -44,7 +44,7 @@ ROLES = ("system", "developer", "user", "assistant")
 # A CoSine field an `invalid` final names -> the OpenAI parameter (chat, completion).
 PARAM_NAMES = {"messages": "messages", "prompt": "prompt", "max_tokens": "max_tokens", "temperature": "temperature",
                "top_p": "top_p", "seed": "seed", "stop": "stop", "logprobs": "logprobs", "max_window": "max_window"}
-ERROR_STATUS = {"invalid": 400, "busy": 503, "deadline": 504, "internal": 500, "cancelled": 499}
+ERROR_STATUS = {"invalid": 400, "busy": 503, "target_gone": 503, "deadline": 504, "internal": 500, "cancelled": 499}
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
               504: "timeout", 500: "server_error", 499: "cancelled"}
 

@@ -35,7 +35,7 @@ from cosine.policy.batching import BatchPolicy, Pending
 from cosine.policy.control import SpeculationControl
 from cosine.policy.routing import routing_policy
 from cosine.policy.window import WindowPolicy
-from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, decode, encode
+from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
 from cosine.wire.context import by_reference
 from cosine.wire.convert import empty_candidate, feedback_from_wire
 from cosine.wire.keys import split_id
@@ -150,7 +150,9 @@ class Coordinator(StageWorker):
         self.pool: list[_Waiting] = []
         self.live_experts: set[str] = set()
         self.live_verifiers = 0
-        self.fingerprints: set[str] = set()
+        self.fingerprints: set[str] = set()  # every target fingerprint seen live
+        self.live_fingerprints: set[str] = set()  # those of live verifiers now
+        self.target_gone_since: dict[str, float] = {}  # fingerprint -> when its last verifier was gone (monotonic)
         self.last_refresh = self.last_trim = self.last_control_log = self.last_sweep = 0.0
 
     @property
@@ -182,6 +184,7 @@ class Coordinator(StageWorker):
                 self.last_sweep = now
                 await self.guarded(self._move_gone_verifier_streams)
                 await self.guarded(self._move_gone_drafter_streams)
+                await self.guarded(self._end_rounds_of_gone_targets)
             await self.guarded(self._expire_deadlines)
         if self.control.enabled and now - self.last_control_log > CONTROL_LOG_S:
             self.last_control_log = now
@@ -367,7 +370,10 @@ class Coordinator(StageWorker):
         """(active requests, batches queued or in verification over the shared and the
         per-target verify streams), in one round trip: a batch decision sits on every round's
         path."""
-        streams = [self.keys.verify, *(self.keys.verify_for(f) for f in self.fingerprints), *(self.keys.verify_at(i) for i in sorted(self.verifier_ids))]
+        # Only live targets' streams: batches of a target no verifier serves wait for nobody's
+        # time (they end target_gone), and counted as busy they held healthy batches for good.
+        streams = [self.keys.verify, *(self.keys.verify_for(f) for f in sorted(self.live_fingerprints)),
+                   *(self.keys.verify_at(i) for i in sorted(self.verifier_ids))]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.deadlines)
             pipe.zcard(self.keys.waiting)
@@ -660,6 +666,33 @@ class Coordinator(StageWorker):
             if moved is not None:
                 self.log.warning("drafter %s is gone: %d jobs of its stream moved to %s", instance, moved, shared)
 
+    async def _end_rounds_of_gone_targets(self) -> None:
+        """Requests pinned to a target fingerprint that no live verifier has served for
+        ``pipeline.target_grace_s`` (a retired target after a rolling upgrade) end with
+        ``error_code=target_gone`` instead of waiting for their deadline: their batches are taken
+        off that target's stream. Within the grace, a verifier of the target that comes back
+        serves them."""
+        now, grace = time.monotonic(), self.config.pipeline.target_grace_s
+        for fingerprint in self.live_fingerprints:
+            self.target_gone_since.pop(fingerprint, None)
+        for fingerprint in sorted(self.fingerprints - self.live_fingerprints):
+            if now - self.target_gone_since.setdefault(fingerprint, now) < grace:
+                continue
+            stream = self.keys.verify_for(fingerprint)
+            for entry_id, fields in await self.redis.xrange(stream, count=64):
+                try:
+                    items = decode(fields, VerifyBatch).items
+                except WireError:
+                    items = []
+                for item in items:
+                    state = await self._state(item.request_id)
+                    if state is None or state.status != ACTIVE or state.round != item.round:
+                        continue
+                    reason = f"no live verifier has served the target this request is pinned to for {grace:g}s (retired?)"
+                    outcome = await self._apply(state, fail(state, self.tokenizer, reason, error_code="target_gone"))
+                    self.log.warning("request %s: its target %s is gone (%s)", item.request_id, fingerprint[:16], outcome)
+                await self.redis.xdel(stream, entry_id)
+
     async def _expire_deadlines(self) -> None:
         """Requests past their deadline (an abandoned client, a stalled pipeline) end now."""
         now_ms = int(time.time() * 1000)
@@ -688,6 +721,7 @@ class Coordinator(StageWorker):
         self.kv_block = max((roster_int(value, "kv_block") for value in verifiers), default=1) or 1
         found = {f for v in verifiers if (f := roster_field(v, "fingerprint"))}
         self.fingerprints |= found
+        self.live_fingerprints = found
         if found and not self.control.verify.observations:
             profile = await self.redis.hgetall(self.keys.cost(sorted(found)[0]))
             if {b"a", b"b", b"c"} <= set(profile):

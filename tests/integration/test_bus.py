@@ -652,6 +652,39 @@ def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(se
     run(scenario())
 
 
+def test_a_retired_targets_batches_neither_hold_others_nor_wait_for_their_deadline(server):
+    """A request pinned to a target fingerprint with no live verifier waited for its deadline,
+    and the unread batches of that target's stream counted as busy verifiers for good (healthy
+    batches were held). Now only live targets' streams count, and after the grace such requests
+    end with error_code=target_gone, their batches taken off the stream."""
+    from cosine.workers.coordinator import Coordinator
+
+    from cosine.core.rounds import RequestState
+    from cosine.core.sampling import SamplingParams
+    from cosine.wire import Candidate, VerifyBatch, VerifyItem, encode
+
+    async def scenario():
+        client = await fresh(server)
+        coordinator = Coordinator(Config(pipeline=PipelineConfig(target_grace_s=0.0)), server)
+        coordinator.redis, coordinator.tokenizer, coordinator.target_gone_since = client, None, {}
+        coordinator.fingerprints, coordinator.live_fingerprints, coordinator.verifier_ids = {"old", "new"}, {"new"}, set()
+        state = RequestState("r1", [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=3, fingerprint="old", deadline_ms=2**42)
+        await client.hset(KEYS.request("r1"), mapping=state_to_fields(state))
+        await client.zadd(KEYS.deadlines, {"r1": 2**42})
+        await bus.ensure_group(client, KEYS.verify_for("old"), KEYS.group("verifier"))
+        item = VerifyItem("r1", 3, [1, 2], Candidate("r1", 3, [], [], [], [], []), SamplingParams(), "old")
+        await client.xadd(KEYS.verify_for("old"), encode(VerifyBatch("b1", [item])))
+        _, busy = await coordinator._load()
+        assert busy == 0, "a retired target's queue counted as busy verifiers"
+        await coordinator._end_rounds_of_gone_targets()
+        finals = [f for _, f in await client.xrange(KEYS.out("r1")) if f[b"type"] == b"final"]
+        assert [f[b"error_code"] for f in finals] == [b"target_gone"]
+        assert await client.xlen(KEYS.verify_for("old")) == 0 and not await client.zscore(KEYS.deadlines, "r1")
+        await client.aclose()
+
+    run(scenario())
+
+
 def test_batches_fit_the_verifiers_kv_pool(server):
     """A verifier's K/V pool (kv_rows and kv_block in its roster value) bounds the batches the
     coordinator forms: two requests whose contexts do not fit it together go in two batches,
