@@ -219,7 +219,8 @@ class PipelineConfig:
     fusion_deadline_ms: int = 1_500  # fusion: emit with the drafts that arrived by then
     drafter_deadline_ms: int = 5_000  # no draft by then: the round falls back to window 0
     # A request pinned to a target that no live verifier has served for this long ends with
-    # error_code=target_gone (a retired target after a rolling upgrade).
+    # error_code=target_gone while another target is served (a retired target after a rolling
+    # upgrade; with no verifier live at all, requests wait up to their deadline).
     target_grace_s: float = 30.0
     output_ttl_s: int = 3_600  # finished requests' out: streams and state expire
     trim_interval_s: float = 5.0

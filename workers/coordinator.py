@@ -671,8 +671,12 @@ class Coordinator(StageWorker):
         ``pipeline.target_grace_s`` (a retired target after a rolling upgrade) end with
         ``error_code=target_gone`` instead of waiting for their deadline: their batches are taken
         off that target's stream. Within the grace, a verifier of the target that comes back
-        serves them."""
+        serves them. Only while another target is served: with no verifier live at all (a
+        restart, an outage) requests wait as before, up to their deadline."""
         now, grace = time.monotonic(), self.config.pipeline.target_grace_s
+        if not self.live_fingerprints:
+            self.target_gone_since.clear()
+            return
         for fingerprint in self.live_fingerprints:
             self.target_gone_since.pop(fingerprint, None)
         for fingerprint in sorted(self.fingerprints - self.live_fingerprints):

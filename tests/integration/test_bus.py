@@ -625,7 +625,7 @@ def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(se
         coordinator = Coordinator(Config(), server)
         coordinator.redis, coordinator.pool, coordinator.live_verifiers = client, [], 1
         coordinator.batch_policy = BatchPolicy(8, max_wait_s=0.1)
-        coordinator.fingerprints = {"target-a"}  # its stream does not exist yet
+        coordinator.fingerprints = coordinator.live_fingerprints = {"target-a"}  # its stream does not exist yet
         verifier_group = KEYS.group("verifier")
         assert await coordinator._load() == (0, 0)
         await client.zadd(KEYS.deadlines, {"r1": 2**40, "r2": 2**40})
@@ -676,6 +676,10 @@ def test_a_retired_targets_batches_neither_hold_others_nor_wait_for_their_deadli
         await client.xadd(KEYS.verify_for("old"), encode(VerifyBatch("b1", [item])))
         _, busy = await coordinator._load()
         assert busy == 0, "a retired target's queue counted as busy verifiers"
+        coordinator.live_fingerprints = set()  # no verifier live at all (a restart): not a retired target
+        await coordinator._end_rounds_of_gone_targets()
+        assert await client.xlen(KEYS.verify_for("old")) == 1 and not await client.exists(KEYS.out("r1"))
+        coordinator.live_fingerprints = {"new"}  # another target is served: "old" is retired
         await coordinator._end_rounds_of_gone_targets()
         finals = [f for _, f in await client.xrange(KEYS.out("r1")) if f[b"type"] == b"final"]
         assert [f[b"error_code"] for f in finals] == [b"target_gone"]
