@@ -337,10 +337,7 @@ def tenant_add(
         raise typer.Exit(1) from None
     tenant_url = user_url(url, user_name(name), password)
     if credentials_file is not None:
-        credentials_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(os.open(credentials_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
-            handle.write(tenant_url + "\n")
-        os.chmod(credentials_file, 0o600)
+        _write_private(credentials_file, tenant_url + "\n")
         typer.echo(f"tenant {name}: user {user_name(name)}, URL written to {credentials_file}")
     else:
         typer.echo(f"tenant {name}: user {user_name(name)} (its password is not shown again)")

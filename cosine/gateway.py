@@ -98,6 +98,11 @@ def read_api_keys(path: Path | None, keys: Sequence[str] = ()) -> dict[str, str]
     return found
 
 
+def _encoded(keys: dict[str, str]) -> list[tuple[bytes, str]]:
+    """(key bytes, tenant) pairs, as ``Gateway._authorize`` compares them."""
+    return [(key.encode(), tenant) for key, tenant in keys.items()]
+
+
 class Gateway:
     def __init__(self, config: Config, redis_url: str, settings: GatewaySettings) -> None:
         self.config = config
@@ -107,7 +112,7 @@ class Gateway:
         self.redis = aioredis.Redis.from_url(redis_url)
         self.readers: list[OutputReader] = []
         self._fingerprint = ("", 0.0)
-        self._api_keys = [(k.encode(), tenant) for k, tenant in read_api_keys(settings.api_keys_file, settings.api_keys).items()]
+        self._api_keys = _encoded(read_api_keys(settings.api_keys_file, settings.api_keys))
         self._keys_file_seen = (self._keys_file_stamp(), time.monotonic())
         self._metrics_keys = [(k.encode(), "") for k in settings.metrics_keys]
         self._scrape_lock = asyncio.Lock()
@@ -169,7 +174,7 @@ class Gateway:
         except (OSError, ValueError) as error:
             log.error("API keys file not reloaded (%s); the keys in force stay", error)
             return
-        self._api_keys = [(k.encode(), tenant) for k, tenant in keys.items()]
+        self._api_keys = _encoded(keys)
         log.info("API keys file reloaded: %d keys, %d tenants", len(keys), len(set(keys.values())))
 
     def _authorize(self, request: Request, keys: list[tuple[bytes, str]] | None = None) -> str:

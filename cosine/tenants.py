@@ -132,22 +132,27 @@ def registered(client, namespace: str) -> dict[str, TenantBounds]:
     return {name.decode(): TenantBounds.from_json(value) for name, value in sorted(raw.items())}
 
 
-def tenant_rows(client, config) -> list[dict]:
-    """Each tenant (``default`` first) with its bounds in force and its requests now, in one
-    round trip: for ``cosine tenant list`` and ``cosine status``."""
-    keys = Keys(config.redis.namespace)
-    own = registered(client, config.redis.namespace)
-    names = [DEFAULT_TENANT, *(n for n in own if n != DEFAULT_TENANT)]
+def _requests_now(client, keys: Keys, names: list[str]) -> dict[str, tuple[int, int]]:
+    """Each tenant's requests admitted and waiting now, in one round trip."""
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.zcard(keys.tenant_active(name))
         pipe.zcard(keys.tenant_waiting(name))
     counts = pipe.execute()
+    return {name: (counts[2 * i], counts[2 * i + 1]) for i, name in enumerate(names)}
+
+
+def tenant_rows(client, config) -> list[dict]:
+    """Each tenant (``default`` first) with its bounds in force and its requests now: for
+    ``cosine tenant list``."""
+    keys = Keys(config.redis.namespace)
+    own = registered(client, config.redis.namespace)
+    names = [DEFAULT_TENANT, *(n for n in own if n != DEFAULT_TENANT)]
     rows = []
-    for index, name in enumerate(names):
+    for name, (admitted, waiting) in _requests_now(client, keys, names).items():
         bound = limits(own.get(name, TenantBounds()), config.tenants, config.pipeline.max_requests, len(names))
         rows.append({"tenant": name, "max_requests": bound.max_requests, "max_unread": bound.max_unread,
-                     "max_stream_mb": bound.max_stream_bytes // (1024 * 1024), "admitted": counts[2 * index], "waiting": counts[2 * index + 1]})
+                     "max_stream_mb": bound.max_stream_bytes // (1024 * 1024), "admitted": admitted, "waiting": waiting})
     return rows
 
 
@@ -159,8 +164,8 @@ def tenant_figures(client, namespace: str) -> dict[str, dict]:
 
     keys = Keys(namespace)
     names = [DEFAULT_TENANT, *sorted(n for n in client.hkeys(keys.tenants) if n != DEFAULT_TENANT)]
-    figures = {name: {"admitted": client.zcard(keys.tenant_active(name)), "waiting": client.zcard(keys.tenant_waiting(name)),
-                      "requests": {}, "refused_busy": 0, "prompt_tokens": 0, "generated_tokens": 0} for name in names}
+    figures = {name: {"admitted": admitted, "waiting": waiting, "requests": {}, "refused_busy": 0, "prompt_tokens": 0, "generated_tokens": 0}
+               for name, (admitted, waiting) in _requests_now(client, keys, names).items()}
     for field, value in client.hgetall(keys.metrics).items():
         name, labels = parse_series(field)
         row = figures.get(labels.get("tenant", ""))
