@@ -7,8 +7,10 @@ The variable holds ``point=action`` pairs separated by ``;``. Actions:
 - ``sleep:SECONDS``: wait there, to widen a window a chaos test aims its kills at
   (``coordinator.after_apply=sleep:0.3``).
 
-Points: ``verifier.forward`` (key: the request id, inside the model call) and
-``coordinator.after_apply`` (between applying a round and acknowledging its result).
+Points: ``verifier.forward`` (key: the request id, inside the model call),
+``coordinator.apply`` (key: each request id of a verified batch, before it is applied: a result
+that cannot be applied) and ``coordinator.after_apply`` (between applying a round and
+acknowledging its result).
 """
 
 from __future__ import annotations

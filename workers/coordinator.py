@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from cosine.workers.base import Entry, StageWorker, roster_field, roster_int
 from cosine.workers.models import load_tokenizer_and_limits
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from cosine import bus, faults
 from cosine.core.logprobs import LogprobsError
@@ -35,7 +35,7 @@ from cosine.policy.batching import BatchPolicy, Pending
 from cosine.policy.control import SpeculationControl
 from cosine.policy.routing import routing_policy
 from cosine.policy.window import WindowPolicy
-from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
+from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode, rounds_in
 from cosine.wire.context import by_reference
 from cosine.wire.convert import empty_candidate, feedback_from_wire
 from cosine.wire.keys import split_id
@@ -170,6 +170,43 @@ class Coordinator(StageWorker):
         else:
             for entry_id, fields in entries:
                 await self._apply_verified(entry_id, decode(fields, VerifiedBatch))
+
+    async def reject(self, stream: str, entry: Entry, reason: str) -> None:
+        """A verified batch that cannot be applied (unreadable, or failing here each time): each
+        round it carried that is still its request's current one is verified again once, without
+        drafts; the second time the request ends with one ``internal`` final naming the cause.
+        (A candidate needs nothing: its round stays in the rounds set until it is sent, and the
+        drafter-deadline sweep verifies it without drafts.)"""
+        if stream != self.keys.verified:
+            return
+        rounds = [(request_id, round_, reason) for request_id, round_ in rounds_in(entry[1])]
+        try:
+            batch = decode(entry[1], VerifiedBatch)
+        except WireError:
+            batch = None
+        if batch is not None and len(batch.items) > 1:  # one request's result may be the cause: the others apply alone
+            rounds = []
+            for item in batch.items:
+                try:
+                    await self._apply_verified(entry[0], dataclasses.replace(batch, items=[item]))
+                except (RedisError, asyncio.CancelledError):
+                    raise
+                except Exception as error:
+                    rounds.append((item.request_id, item.round, f"internal error: {type(error).__name__}: {error}"))
+        for request_id, round_, reason in rounds:
+            state = await self._state(request_id)
+            if state is None or state.status != ACTIVE or state.round != round_:
+                continue  # applied elsewhere, or ended: nothing stranded
+            key = self.keys.request(request_id)
+            if await self.redis.hget(key, "redo") != str(round_).encode():
+                self.log.warning("request %s round %d: its verified result could not be applied (%s); verifying it again", request_id, round_, reason)
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(key, "redo", round_)
+                    pipe.xadd(self.keys.candidates, encode(empty_candidate(state)))
+                    await pipe.execute()
+            else:
+                update = fail(state, self.tokenizer, f"the verified round could not be applied, twice: {reason}", error_code="internal")
+                self.log.warning("request %s round %d: ended (%s)", request_id, round_, await self._apply(state, update))
 
     async def tick(self) -> None:
         now = time.monotonic()
@@ -402,6 +439,8 @@ class Coordinator(StageWorker):
     # ---- verified results -> state, output, next round ----------------------------------------
 
     async def _apply_verified(self, entry_id: bytes, batch: VerifiedBatch) -> None:
+        for item in batch.items:
+            faults.check("coordinator.apply", item.request_id)
         cost_error = self._observe(batch)
         for item in batch.items:  # the verifier now holds these requests' caches
             self.home[item.request_id] = batch.verifier

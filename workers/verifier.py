@@ -31,7 +31,7 @@ from cosine.models.loading import release_freed_memory
 from cosine.models.runner import BLOCK_SIZE, ForwardItem, ModelRunner
 from cosine.policy.control import verify_features
 from cosine.policy.routing import tree_feedback
-from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode
+from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode, rounds_in
 from cosine.wire.convert import candidate_to_tree, states_to_bytes
 
 RELEASE_INTERVAL_S = 2.0
@@ -102,7 +102,13 @@ class VerifierWorker(StageWorker):
         """A batch dead-lettered (it kept killing verifiers): split it, or end its one request."""
         try:
             batch = decode(entry[1], VerifyBatch)
-        except WireError:
+        except WireError:  # unreadable (another schema version, over the size cap): its rounds end
+            failed = [VerifiedItem(request_id, round_, [], -1, 0, f"verification batch could not be read: {reason}", "internal")
+                      for request_id, round_ in rounds_in(entry[1])]
+            if failed:
+                batch_id = f"unreadable-{entry[0].decode()}"
+                await self.retrying(bus.write_and_ack, self.redis, [(self.keys.verified, encode(VerifiedBatch(batch_id, self.instance, failed, len(failed), 0.0, self.fingerprint)))],
+                                    stream, self.group, [])
             return
         if len(batch.items) > 1:
             outputs = [(stream, encode(VerifyBatch(f"{batch.batch_id}-{i}", [item]))) for i, item in enumerate(batch.items)]

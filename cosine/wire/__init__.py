@@ -20,9 +20,10 @@ from cosine.wire.messages import (
     WireError,
     decode,
     encode,
+    rounds_in,
 )
 
 __all__ = [
     "MAX_PAYLOAD_BYTES", "MESSAGE_TYPES", "PAYLOAD_FIELD", "SCHEMA_VERSION", "Candidate", "Draft", "DraftJob", "Keys",
-    "VerifiedBatch", "VerifiedItem", "VerifyBatch", "VerifyItem", "WireError", "decode", "encode",
+    "VerifiedBatch", "VerifiedItem", "VerifyBatch", "VerifyItem", "WireError", "decode", "encode", "rounds_in",
 ]

@@ -214,6 +214,21 @@ def decode(fields: dict[bytes, bytes], expected: type[Message] | None = None) ->
     return _from_plain(cls, envelope.get("body"))
 
 
+def rounds_in(fields: dict[bytes, bytes]) -> list[tuple[str, int]]:
+    """The (request id, round) pairs an entry names, read as leniently as can be (any schema
+    version, any size): for an entry that cannot be decoded or handled, so the rounds it
+    carried can be ended or redone instead of stranded. Empty where nothing can be read."""
+    payload = fields.get(PAYLOAD_FIELD)
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=False).get("body")
+    except Exception:  # not msgpack, not a map, no payload: nothing to read
+        return []
+    items = body.get("items") if isinstance(body, dict) else None
+    rows = items if isinstance(items, list) else [body]
+    return [(row["request_id"], row["round"]) for row in rows
+            if isinstance(row, dict) and isinstance(row.get("request_id"), str) and type(row.get("round")) is int]
+
+
 _PLAIN = (int, float, str, bytes, bool, type(None))
 
 

@@ -1142,3 +1142,67 @@ def test_serve_on_a_server_of_others_loads_the_library_only_where_its_url_may(se
     Supervisor._library_on_a_server_of_others(worker_url)  # there now
     with pytest.raises(SupervisorError, match="127.0.0.1:1"):
         Supervisor._library_on_a_server_of_others("redis://127.0.0.1:1")
+
+
+def _future_schema(fields: dict) -> dict:
+    import msgpack
+
+    from cosine.wire import PAYLOAD_FIELD, SCHEMA_VERSION
+
+    return {PAYLOAD_FIELD: msgpack.packb({**msgpack.unpackb(fields[PAYLOAD_FIELD]), "v": SCHEMA_VERSION + 1})}
+
+
+def test_a_verified_result_that_cannot_be_applied_is_verified_again_once_then_ends(server):
+    """A verified entry the coordinator dead-letters (here another schema version's) does not
+    strand its rounds: each current one is sent to verification again, without drafts; when
+    that fails too, the request ends with one internal final naming the cause. Rounds already
+    past are left alone."""
+    from cosine.workers.coordinator import Coordinator
+
+    from cosine.core.rounds import RequestState
+    from cosine.core.sampling import SamplingParams
+    from cosine.wire import Candidate, VerifiedBatch, VerifiedItem, decode, encode
+
+    async def scenario():
+        client = await fresh(server)
+        coordinator = Coordinator(Config(), server)
+        coordinator.redis, coordinator.tokenizer = client, None
+        for request_id, round_ in (("r1", 3), ("moved-on", 7)):
+            state = RequestState(request_id, [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=round_, deadline_ms=2**42)
+            await client.hset(KEYS.request(request_id), mapping=state_to_fields(state))
+        items = [VerifiedItem("r1", 3, [5], 6, 1), VerifiedItem("moved-on", 6, [5], 6, 1)]
+        entry = (b"1-0", _future_schema(encode(VerifiedBatch("b1", "v1", items, 2, 1.0))))
+        await coordinator.reject(KEYS.verified, entry, "unknown schema version 2")
+        again = [decode(f, Candidate) for _, f in await client.xrange(KEYS.candidates)]
+        assert [(c.request_id, c.round, c.tokens) for c in again] == [("r1", 3, [])]
+        assert not await client.exists(KEYS.out("r1"))
+        await coordinator.reject(KEYS.verified, entry, "unknown schema version 2")  # the second time: it ends
+        finals = [f for _, f in await client.xrange(KEYS.out("r1")) if f[b"type"] == b"final"]
+        assert [(f[b"error_code"], b"unknown schema version 2" in f[b"error"]) for f in finals] == [(b"internal", True)]
+        assert await client.xlen(KEYS.candidates) == 1 and not await client.exists(KEYS.out("moved-on"))
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_an_unreadable_verification_batch_ends_the_rounds_it_names(server):
+    """A verify entry that cannot be decoded (another schema version, over the size cap) is
+    dead-lettered with an error result for every round it names: the coordinator ends those
+    requests (internal, naming the cause) instead of leaving them to their deadline."""
+    from cosine.workers.verifier import VerifierWorker
+
+    from cosine.core.sampling import SamplingParams
+    from cosine.wire import Candidate, VerifiedBatch, VerifyBatch, VerifyItem, decode, encode
+
+    async def scenario():
+        client = await fresh(server)
+        verifier = VerifierWorker(Config(), server)
+        verifier.redis, verifier.fingerprint = client, "fp"
+        items = [VerifyItem(r, 2, [1, 2], Candidate(r, 2, [], [], [], [], []), SamplingParams(), "fp") for r in ("r1", "{t}r2")]
+        await verifier.reject(KEYS.verify, (b"5-0", _future_schema(encode(VerifyBatch("b1", items)))), "unknown schema version 2")
+        results = [decode(f, VerifiedBatch) for _, f in await client.xrange(KEYS.verified)]
+        assert [[(i.request_id, i.round, i.error_code) for i in b.items] for b in results] == [[("r1", 2, "internal"), ("{t}r2", 2, "internal")]]
+        assert all("unknown schema version 2" in i.error for i in results[0].items)
+        await client.aclose()
+
+    run(scenario())

@@ -220,3 +220,36 @@ def test_a_rolling_restart_of_every_role_loses_nothing(server, tmp_path, demo_ta
     streams = ["cosine:requests", "cosine:draft:general", "cosine:drafts", "cosine:candidates", "cosine:verify", "cosine:verified"]
     streams += [key.decode() for key in client.keys("cosine:verify:*")]  # per-target verify streams
     wait_for(lambda: all(group_pending(client, s, g["name"]) == 0 for s in streams if client.exists(s) for g in client.xinfo_groups(s)), 30, "nothing pending")
+
+
+def test_a_result_the_coordinator_cannot_apply_strands_nothing(server, tmp_path, demo_target, greedy_references, pipelines):
+    """A verified result whose application fails every time is dead-lettered; its round is
+    verified again once, then its request ends (internal, naming the cause) long before its
+    deadline; the batch-mates of its result are applied alone and finish as the reference."""
+    pipeline = make(tmp_path, server, demo_target, pipelines)
+    for role in ("router", "fusion", "verifier"):
+        pipeline.start(role)
+    pipeline.start("coordinator", env={"COSINE_TEST_FAULTS": "coordinator.apply=raise:unappliable"})
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        pipeline.wait_live(role, 1)
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+
+    def ask(request_id: str, index: int) -> None:
+        submit(client, id=request_id, messages=json.dumps([{"role": "user", "content": texts[index]}]), max_tokens=MAX_TOKENS, deadline_s=300)
+
+    ask("unappliable-1", 0)
+    began = time.monotonic()
+    final = final_of(read_output(client, "unappliable-1", timeout=120))
+    assert (final["finish_reason"], final["error_code"]) == ("error", "internal"), final
+    assert "could not be applied, twice" in final["error"] and "injected fault" in final["error"], final
+    assert time.monotonic() - began < 120
+    for index in range(1, 4):  # together: their results share batches with the unappliable one
+        ask(f"healthy-{index}", index)
+    ask("unappliable-2", 4)
+    assert final_of(read_output(client, "unappliable-2", timeout=120))["error_code"] == "internal"
+    for index in range(1, 4):
+        final = final_of(read_output(client, f"healthy-{index}", timeout=180))
+        assert final["finish_reason"] in ("stop", "length") and json.loads(final["token_ids"]) == greedy_references[index][:MAX_TOKENS], final
+    assert {f[b"stage"] for _, f in client.xrange("cosine:dead")} == {b"coordinator"}
+    assert client.zcard("cosine:deadlines") == 0 and all(process.poll() is None for process in pipeline.processes)

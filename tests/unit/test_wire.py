@@ -431,3 +431,22 @@ def test_jobs_and_items_say_their_whole_context_length():
     assert job.context_len == 103 and decode(encode(job)) == job
     item = VerifyItem("r", 2, [5], Candidate("r", 2, [], [], [], [], []), SamplingParams(), "", context_start=10, context_digest=b"\x02" * 8)
     assert item.context_len == 11 and decode(encode(VerifyBatch("b", [item]))).items[0] == item
+
+
+def test_rounds_in_reads_what_decode_refuses(monkeypatch):
+    """An entry no worker can decode (another schema version, over the size cap) still names the
+    rounds it carried, so the stage that dead-letters it can end or redo them."""
+    items = [VerifiedItem("{a}r1", 4, [1], 2, 0), VerifiedItem("r2", 0, [], 3, 0)]
+    fields = encode(VerifiedBatch("b", "v", items, 2, 1.0))
+    body = msgpack.unpackb(fields[PAYLOAD_FIELD])
+    future = {PAYLOAD_FIELD: msgpack.packb({**body, "v": SCHEMA_VERSION + 1})}
+    with pytest.raises(WireError):
+        decode(future)
+    assert wire.rounds_in(future) == [("{a}r1", 4), ("r2", 0)]
+    monkeypatch.setattr(cosine.wire.messages, "MAX_PAYLOAD_BYTES", 16)
+    with pytest.raises(WireError, match="exceeds"):
+        decode(fields)
+    assert wire.rounds_in(fields) == [("{a}r1", 4), ("r2", 0)]
+    assert wire.rounds_in(encode(draft_job())) == [("req-1", 3)]
+    for garbage in ({}, {PAYLOAD_FIELD: b"\xc1"}, {PAYLOAD_FIELD: msgpack.packb([1, 2])}, {PAYLOAD_FIELD: msgpack.packb({"body": {"items": [{"request_id": 1, "round": "x"}]}})}):
+        assert wire.rounds_in(garbage) == []
