@@ -46,6 +46,9 @@ EXPLORE_MAX_BATCH = 2  # load control explores drafting only while batches are t
 COST_WARM = 16  # verification batches observed before the cost model's error is counted
 SWEEP_S = 1.0  # how often gone verifiers' own streams are looked for
 TRACKED = 4096  # batches and rounds whose timing is remembered (oldest forgotten first)
+# Positions of a feature request's prompt per verification when prefill_chunk is 0: its states
+# travel with the result, and a whole long prompt's would pass the wire's size cap.
+FEATURE_CHUNK = 512
 DRAFTER_BACKLOG = 4  # jobs waiting unread in a drafter's own stream before its requests go to an idle drafter of the expert
 
 
@@ -276,11 +279,11 @@ class Coordinator(StageWorker):
         self._remember_draft_homes(candidate)
         features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
         chunk, fed = 0, len(candidate.tokens) + (len(state.context) if state.round == 0 else 1)
-        if state.round == 0 and features_from < 0:  # a prompt's prefill, chunked unless it stalls
+        if state.round == 0:  # a prompt's prefill, chunked unless it stalls (a feature request's always: its states)
             prefilled = self.prefilled.get(state.request_id, 0)
-            chunk = 0 if prefilled < 0 else self.config.pipeline.prefill_chunk
+            chunk = 0 if prefilled < 0 else self.config.pipeline.prefill_chunk or (FEATURE_CHUNK if features_from >= 0 else 0)
             if chunk:
-                fed = len(candidate.tokens) + min(chunk, max(1, len(state.context) - prefilled))
+                fed = len(candidate.tokens) + min(chunk, max(1, len(state.context) - max(prefilled, features_from)))
         # Later rounds reference the context (the verifier keeps it); a first round carries the prompt.
         start, prefix_digest, tail = by_reference(state.context) if state.round else (0, b"", state.context)
         item = VerifyItem(state.request_id, state.round, tail, candidate, state.sampling, state.fingerprint, features_from, chunk, start, prefix_digest,
@@ -449,13 +452,16 @@ class Coordinator(StageWorker):
         states = await self._states([item.request_id for item in batch.items])
         self._plan(batch, states)
         # Every request's round in one round trip (each its own compare-and-set).
-        calls, applied, chunked = [], [], []  # applied: (item, state, update) of each call
+        calls, applied, chunked, with_states = [], [], [], []  # applied: (item, state, update) of each call
         for item, state in zip(batch.items, states):
             if item.prefilled > 0 and not item.error:  # a prefill chunk: the same round again
                 if _current(item, state):
                     progress = item.prefilled > self.prefilled.get(item.request_id, 0)
                     self.prefilled[item.request_id] = item.prefilled if progress else -1
-                    chunked.append(state)
+                    if item.features:  # the chunk's states are stored with the round's next try
+                        with_states.append((state, self._chunk_call(state, item)))
+                    else:
+                        chunked.append(state)
                     while len(self.prefilled) > TRACKED:  # requests that ended elsewhere
                         del self.prefilled[next(iter(self.prefilled))]
                 continue
@@ -464,11 +470,15 @@ class Coordinator(StageWorker):
             if update is not None:
                 calls.append(self._apply_call(state, update, item))
                 applied.append((item, state, update))
-        for (item, state, update), outcome in zip(applied, await bus.apply_rounds(self.redis, calls)):
+        outcomes = await bus.apply_rounds(self.redis, calls + [call for _, call in with_states])
+        for (item, state, update), outcome in zip(applied, outcomes):
             if outcome == "applied":
                 self._count(state, update, item)
             elif outcome == "cancelled":  # flagged while we computed: read again, the cancellation wins
                 await self._apply_item(item, batch.fingerprint)
+        # A chunk whose states were not stored (a cancellation pending) goes on without them:
+        # its next round applies the cancellation.
+        chunked += [state for (state, _), outcome in zip(with_states, outcomes[len(calls):]) if outcome == "cancelled"]
         if faults.enabled():
             await self.mark_phase("after_apply")
             await asyncio.sleep(faults.delay("coordinator.after_apply"))
@@ -487,8 +497,8 @@ class Coordinator(StageWorker):
                 pipe.hincrby(self.keys.stats, "cost_model_error_ppm", round(cost_error * 1e6))
             for state in chunked:  # with the acknowledgement: a crash cannot lose the round
                 pipe.xadd(self.keys.candidates, encode(empty_candidate(state)))
-            if chunked:
-                pipe.hincrby(self.keys.stats, "prefill_chunks", len(chunked))
+            if chunked or with_states:
+                pipe.hincrby(self.keys.stats, "prefill_chunks", len(chunked) + len(with_states))
             pipe.xack(self.keys.verified, self.group, entry_id)
             await pipe.execute()
         self.round_times.clear()
@@ -622,6 +632,19 @@ class Coordinator(StageWorker):
         return bus.apply_round_call(
             self.keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
             out_entries=update.out_entries, job_streams=streams, payload=payload, features=features, features_start=start, feature_rows=rows,
+        )
+
+    def _chunk_call(self, state: RequestState, item: VerifiedItem) -> tuple[list[str], list]:
+        """The call that stores a prefill chunk's states (positions features_start ..
+        prefilled - 1) and queues the round's next try, with no other change to the request."""
+        rows = item.prefilled - item.features_start
+        features = item.features if rows > 0 and len(item.features) % rows == 0 else b""
+        if not features:
+            self.log.warning("request %s: %d bytes of states for %d chunk positions; dropped", state.request_id, len(item.features), rows)
+        return bus.apply_round_call(
+            self.keys, request_id=state.request_id, expected_round=state.round, fields={}, out_entries=[],
+            job_streams=[self.keys.candidates], payload=encode(empty_candidate(state))[b"m"],
+            features=features, features_start=item.features_start, feature_rows=rows if features else 0,
         )
 
     def _next_round(self, state: RequestState, features: bytes = b"", features_start: int = 0) -> tuple[list[str | tuple[str, str]], bytes]:

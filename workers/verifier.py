@@ -204,28 +204,32 @@ class VerifierWorker(StageWorker):
             accepted_items.append(item)
             trees.append(tree)
         # Chunked prefill: an item with more uncached context than its chunk feeds one chunk of
-        # it (cached for the next time) and comes back as a partial result, no round verified.
+        # it (cached for the next time) and comes back as a partial result, no round verified;
+        # a feature request's chunk carries the chunk's states (a prompt's states in one entry
+        # could pass the wire's size cap on a wide target).
         forward_items, chunked = [], {}
         for item, tree in zip(accepted_items, trees):
-            if item.prefill_chunk > 0 and item.features_from < 0:
-                end = self.runner.reusable_tokens(item.request_id, item.context) + item.prefill_chunk
+            if item.prefill_chunk > 0:
+                fed_from = item.features_from if item.features_from >= 0 else self.runner.reusable_tokens(item.request_id, item.context)
+                end = fed_from + item.prefill_chunk
                 if end < len(item.context):
                     chunked[item.request_id] = end
-                    forward_items.append(ForwardItem(item.request_id, item.context[:end]))
+                    forward_items.append(ForwardItem(item.request_id, item.context[:end], features_from=item.features_from))
                     continue
             forward_items.append(ForwardItem(item.request_id, item.context, tree.tokens, tree.parents, item.features_from))
         logits, fed = self.runner.forward_with_states(forward_items)
         for item, tree, rows, states in zip(accepted_items, trees, logits, fed):
-            if item.request_id in chunked:
-                results[item.request_id] = VerifiedItem(item.request_id, item.round, [], -1, 0, prefilled=chunked[item.request_id])
-                continue
-            verdict = verify_round(tree, rows, item.sampling, item.round, len(item.context))
-            self.runner.commit(item.request_id, verdict.accepted_nodes, verdict.accepted_tokens)
+            end = chunked.get(item.request_id)
+            verdict = None if end is not None else verify_round(tree, rows, item.sampling, item.round, len(item.context))
             features, start = b"", 0
-            if item.features_from >= 0:  # the states of every position this round commits, from features_from on
+            if item.features_from >= 0:  # the states of every position this round (or chunk) commits, from features_from on
                 start = max(states.start, item.features_from)
-                committed = states.committed(len(item.context), verdict.accepted_nodes)[start - states.start :]
+                committed = states.committed(end or len(item.context), verdict.accepted_nodes if verdict else [])[start - states.start :]
                 features = states_to_bytes(committed)
+            if verdict is None:
+                results[item.request_id] = VerifiedItem(item.request_id, item.round, [], -1, 0, features=features, features_start=start, prefilled=end)
+                continue
+            self.runner.commit(item.request_id, verdict.accepted_nodes, verdict.accepted_tokens)
             feedback = tree_feedback(tree.sources, tree.confidences, verdict.accepted_nodes)
             results[item.request_id] = VerifiedItem(
                 item.request_id, item.round, list(verdict.accepted_tokens), verdict.next_token, len(tree),

@@ -90,7 +90,8 @@ def test_a_feature_drafter_gets_the_target_states_through_the_pipeline(tmp_path,
     drafter = {"name": "feat", "kind": "feature", "path": str(out), "expert": "general"}
     # Affinity off: with it a request's rounds stay with the drafter that drafted its last one,
     # and no worker would miss a round.
-    settings = {"affinity": False}
+    # Prompts in chunks of 16 positions: the first round's states come chunk by chunk.
+    settings = {"affinity": False, "prefill_chunk": 16}
     pipeline = Pipeline(embedded_url, write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=[drafter], pipeline=settings))
     pipelines.append(pipeline)
     for role in ("router", "coordinator", "fusion", "verifier"):
@@ -108,6 +109,7 @@ def test_a_feature_drafter_gets_the_target_states_through_the_pipeline(tmp_path,
         assert tokens == greedy_references[index][: len(tokens)] and (len(tokens) == 24 or tokens[-1] == 2), final
         assert int(final["draft_tokens"]) > 0, final  # drafted: the states reached the drafters
         assert client.exists(f"cosine:feat:{request_id}") == 0  # the states go with the request
+    assert int(client.hget("cosine:stats", "prefill_chunks")) >= 3
     logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("drafter-*.log"))
     assert "feature rows read from Redis" in logs
     # Regression: a first round (no states yet) on a worker holding nothing failed every job.

@@ -76,3 +76,40 @@ def test_forgotten_prefixes_give_their_blocks_back_lowest_first():
         runner._blocks.drop(block)
     row = runner.forward([ForwardItem("live", live + [5])])[0][0]
     torch.testing.assert_close(row, full_logits(model, live + [5])[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_feature_requests_prefill_comes_in_chunks_with_the_states_of_one_forward():
+    """A feature request's first round is verified in prefill chunks, each result carrying the
+    states of its chunk's positions only (a prompt's states in one result could pass the wire's
+    size cap); the chunks' rows put together are the rows one forward of the prompt gives, and
+    the round's own result carries the rest."""
+    from cosine.workers.verifier import VerifierWorker
+
+    from cosine.config import Config
+    from cosine.core.sampling import SamplingParams
+    from cosine.wire import Candidate, VerifyItem
+    from cosine.wire.convert import states_from_bytes
+
+    model = tiny()
+    prompt = [(7 * i + 3) % 120 + 1 for i in range(50)]
+
+    def verifier() -> VerifierWorker:
+        worker = VerifierWorker(Config(), "redis://unused")
+        worker.runner = ModelRunner(model, max_cache_bytes=2**22)
+        return worker
+
+    def item(features_from: int, chunk: int) -> VerifyItem:
+        return VerifyItem("r", 0, prompt, Candidate("r", 0, [], [], [], [], []), SamplingParams(), "", features_from, chunk)
+
+    whole = verifier()._verify([item(0, 0)])[0]
+    chunked, rows, at = verifier(), [], 0
+    while True:
+        result = chunked._verify([item(at, 16)])[0]
+        assert result.features_start == at
+        rows.append(states_from_bytes(result.features, 64))
+        if not result.prefilled:
+            break
+        assert result.prefilled == at + 16 and len(rows[-1]) == 16
+        at = result.prefilled
+    assert len(rows) == 4 and (result.accepted_tokens, result.next_token) == (whole.accepted_tokens, whole.next_token)
+    assert torch.allclose(torch.cat(rows), states_from_bytes(whole.features, 64), atol=2e-3)
