@@ -113,6 +113,25 @@ local function move_stream(keys, args)
   return moved
 end
 
+-- A draining worker's entries, read and not started: each of them still pending for this
+-- consumer is acknowledged on keys[1] and added again at the end of keys[2] (the same stream, or
+-- the shared one of an own stream), a fresh entry any worker of the group reads at once, with
+-- no delivery counted. ARGV: group, consumer, entry ids. Returns how many were handed back.
+local function hand_back(keys, args)
+  local n = 0
+  for k = 3, #args do
+    if #redis.call('XPENDING', keys[1], args[1], args[k], args[k], 1, args[2]) == 1 then
+      local entry = redis.call('XRANGE', keys[1], args[k], args[k])[1]
+      redis.call('XACK', keys[1], args[1], args[k])
+      if entry then
+        redis.call('XADD', keys[2], '*', unpack(entry[2]))
+        n = n + 1
+      end
+    end
+  end
+  return n
+end
+
 -- An id already taken by another entry: the refusal goes to out:{entry id}, never to the
 -- original request's stream. Returns 'duplicate' for a redelivery of the entry that took it.
 local function refuse_in_use(req, out_entry, entry_id, ttl, entry)
@@ -434,7 +453,7 @@ end
 # The functions, under names that carry the library's version (a digest of its code): function
 # names are global across libraries, so two versions load side by side during a rolling upgrade,
 # and a worker only ever calls the code it was written against.
-FUNCTIONS = ("admit", "start_waiting", "refuse", "apply_round", "cancel", "send", "move_stream", "fuse_add", "fuse_take", "fuse_emit", "fuse_next")
+FUNCTIONS = ("admit", "start_waiting", "refuse", "apply_round", "cancel", "send", "move_stream", "hand_back", "fuse_add", "fuse_take", "fuse_emit", "fuse_next")
 LIBRARY_VERSION = hashlib.sha256(_LUA_BODY.encode()).hexdigest()[:12]
 LIBRARY = f"cosine_{LIBRARY_VERSION}"
 _LIBRARY_CODE = f"#!lua name={LIBRARY}\n{_LUA_BODY}\n" + "".join(f"redis.register_function('{LIBRARY}_{n}', {n})\n" for n in FUNCTIONS)
@@ -731,6 +750,12 @@ async def move_stream(client: aioredis.Redis, own: str, shared: str, registry: s
     hash, ``registry_type``). The number of entries moved, None when there was no stream."""
     moved = await _fcall(client, "move_stream", [own, shared, registry], [group, instance, registry_type])
     return None if int(moved) < 0 else int(moved)
+
+
+async def hand_back(client: aioredis.Redis, stream: str, to: str, *, group: str, consumer: str, entry_ids: Sequence[bytes]) -> int:
+    """Entries ``consumer`` read from ``stream`` and will not handle (it is draining) go back
+    at once: acknowledged there and added again at the end of ``to``, in one atomic call."""
+    return int(await _fcall(client, "hand_back", [stream, to], [group, consumer, *entry_ids]))
 
 
 async def flag_cancel(client: aioredis.Redis, keys: Keys, request_id: str, *, ttl_s: int = 0, final: Mapping | None = None) -> str:

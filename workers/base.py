@@ -31,7 +31,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from cosine import faults
+from cosine import bus, faults
 from cosine.bus import LibraryMissing, committed_tokens, connect, ensure_group, require_library, split_roster
 from cosine.config import Config
 from cosine.metrics import Tally
@@ -127,6 +127,12 @@ class StageWorker:
     async def drain(self) -> None:
         """On SIGTERM, after the last read: hand back what is held in memory."""
 
+    def hand_back_to(self, stream: str) -> str | None:
+        """Where a draining worker gives back the entries of ``stream`` it read and did not
+        start: the end of the same stream (an own stream's: the shared one), for any worker of
+        the role; None: this worker handles them before it exits (quick, or entry IDs matter)."""
+        return stream
+
     def held(self) -> dict[str, list[bytes]]:
         """Entries read and acknowledged later (pooled): their claims are renewed, never reclaimed."""
         return {}
@@ -170,6 +176,7 @@ class StageWorker:
             self.log.info("%s %s ready on %s", self.role, self.instance, ", ".join(self.input_streams()))
             try:
                 await self._main_loop(burst)
+                await self.guarded(self._hand_back_unstarted)
                 await self.guarded(self.drain)
             finally:
                 for task in tasks:
@@ -238,6 +245,25 @@ class StageWorker:
                     return
         finally:
             stop.cancel()
+
+    async def _hand_back_unstarted(self) -> None:
+        """Draining: the entries still pending for this worker and not held on purpose (a read
+        that the drain cut short, whose entries the server had delivered all the same) go back
+        for another worker to take now, instead of after ``claim_idle_ms`` with a delivery
+        counted; a role that gives nothing back handles them first."""
+        held = self.held()
+        for stream in self.input_streams():
+            reply = await self.redis.xreadgroup(self.group, self.instance, {stream: "0"}, count=10_000)
+            keep = set(held.get(stream, []))
+            entries = [(entry_id, fields) for _, items in reply or [] for entry_id, fields in items if entry_id not in keep]
+            if not entries:
+                continue
+            to = self.hand_back_to(stream)
+            if to is None:
+                await self._handle_safely(stream, entries)
+            else:
+                given = await self.retrying(bus.hand_back, self.redis, stream, to, group=self.group, consumer=self.instance, entry_ids=[e for e, _ in entries])
+                self.log.info("draining: gave back %d unstarted entries of %s", given, stream)
 
     async def _dispatch(self, replies) -> None:
         # One read returns up to read_count entries *per stream*: those still waiting their turn

@@ -89,6 +89,9 @@ class DrafterWorker(StageWorker):
     def own_streams(self) -> list[str]:
         return [self.keys.draft_at(self.instance)]
 
+    def hand_back_to(self, stream: str) -> str:
+        return self.keys.draft(self.expert) if stream == self.keys.draft_at(self.instance) else stream
+
     async def on_connect(self) -> None:
         await self.redis.sadd(self.keys.experts, self.expert)
 

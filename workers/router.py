@@ -57,6 +57,9 @@ class Router(StageWorker):
     def input_streams(self) -> list[str]:
         return list(self._streams())
 
+    def hand_back_to(self, stream: str) -> None:
+        return None  # admission is quick, and a request's entry ID is its id where it gave none
+
     def _streams(self) -> dict[str, _Stream]:
         streams = {}
         for tenant in self.tenant_limits or (DEFAULT_TENANT,):

@@ -65,6 +65,9 @@ class VerifierWorker(StageWorker):
     def own_streams(self) -> list[str]:
         return [self.keys.verify_at(self.instance)] if getattr(self, "fingerprint", None) else []
 
+    def hand_back_to(self, stream: str) -> str:
+        return self.keys.verify_for(self.fingerprint) if stream == self.keys.verify_at(self.instance) else stream
+
     async def on_connect(self) -> None:
         await bus.ensure_group(self.redis, self.keys.verify_for(self.fingerprint), self.group)
         await self.redis.sadd(self.keys.fingerprints, self.fingerprint)

@@ -1206,3 +1206,57 @@ def test_an_unreadable_verification_batch_ends_the_rounds_it_names(server):
         await client.aclose()
 
     run(scenario())
+
+
+def test_a_draining_worker_gives_back_what_it_read_and_did_not_start(server):
+    """A drain that cuts a blocking read short leaves what the server delivered pending for the
+    draining worker (here read under its name beforehand): it gives those entries back, a fresh
+    entry each (no delivery counted), which another worker reads at once; an own stream's go to
+    the shared stream; entries it holds on purpose and others' entries stay as they are."""
+    from cosine.workers.base import StageWorker
+
+    shared, own = f"{KEYS.prefix}shared", f"{KEYS.prefix}own"
+
+    class Draining(StageWorker):
+        role = "draining"
+
+        def input_streams(self):
+            return [own, shared]
+
+        def hand_back_to(self, stream):
+            return shared
+
+        def held(self):
+            return {shared: [kept]}
+
+        async def handle(self, stream, entries):
+            raise AssertionError("a draining worker started an entry")
+
+    async def scenario():
+        nonlocal kept
+        client = await fresh(server)
+        worker = Draining(Config(pipeline=PipelineConfig(block_ms=50)), server)
+        for stream in (own, shared):
+            await bus.ensure_group(client, stream, worker.group)
+        kept = await client.xadd(shared, {"m": b"pooled"})
+        for body in (b"a", b"b"):
+            await client.xadd(shared, {"m": body})
+        await client.xadd(own, {"m": b"c"})
+        await client.xreadgroup(worker.group, worker.instance, {shared: ">", own: ">"}, count=10)
+        other_worker = await client.xreadgroup(worker.group, "other", {shared: ">"}, count=1)  # nothing left unread
+        assert other_worker == []
+        await client.xadd(shared, {"m": b"d"})
+        await client.xreadgroup(worker.group, "other", {shared: ">"}, count=1)  # the other worker's
+        worker.stopping.set()
+        await asyncio.wait_for(worker.run(), 30)
+        taken = await client.xreadgroup(worker.group, "other", {shared: ">"}, count=10, block=1000)
+        assert sorted(f[b"m"] for _, items in taken for _, f in items) == [b"a", b"b", b"c"]
+        mine = await client.xpending_range(shared, worker.group, "-", "+", 10, consumername=worker.instance)
+        assert [m["message_id"] for m in mine] == [kept]  # the held one stays its own
+        others = await client.xpending_range(shared, worker.group, "-", "+", 10, consumername="other")
+        assert len(others) == 4 and all(m["times_delivered"] == 1 for m in others)
+        assert (await client.xpending(own, worker.group))["pending"] == 0
+        await client.aclose()
+
+    kept = None
+    run(scenario())
