@@ -65,7 +65,7 @@ def client_rules(namespace: str = "cosine:") -> list[str]:
     return ["resetkeys", f"%W~{namespace}requests", f"%W~{namespace}cancel", f"%R~{namespace}out:*", "resetchannels", *CLIENT_COMMANDS]
 
 
-GATEWAY_COMMANDS = ("-@all", "+xadd", "+xread", "+xrange", "+xinfo|groups", "+hgetall", "+smembers", "+zcard", "+del", "+pexpire",
+GATEWAY_COMMANDS = ("-@all", "+xadd", "+xread", "+xrange", "+xinfo|groups", "+hgetall", "+smembers", "+zcard", "+del", "+pexpire", "+time",
                     "+ping", "+hello", "+auth")
 
 

@@ -278,14 +278,15 @@ class Gateway:
             pipe.zcard(keys.waiting)
             for role in ROLES:
                 pipe.hgetall(keys.roster(role))
+            pipe.time()  # roster expiry is the server's time
             for stream in streams:
                 pipe.xinfo_groups(stream)
             everything = await pipe.execute(raise_on_error=False)
-        fixed, replies = everything[: 9 + len(ROLES)], everything[9 + len(ROLES) :]
+        fixed, replies = everything[: 10 + len(ROLES)], everything[10 + len(ROLES) :]
         for reply in fixed:
             if isinstance(reply, Exception):
                 raise reply
-        (stored, stats, restarts, experts, fingerprints, instances, drafter_instances, in_deadlines, waiting, *rosters) = fixed
+        (stored, stats, restarts, experts, fingerprints, instances, drafter_instances, in_deadlines, waiting, *rosters, server_time) = fixed
         self._streams = self._stream_names(experts, fingerprints, instances, drafter_instances)
         groups = {}
         for stream, reply in zip(streams, replies):
@@ -293,7 +294,7 @@ class Gateway:
                 continue  # a stream not created yet
             groups[stream.removeprefix(keys.prefix)] = [{"group": g["name"].decode().removeprefix(keys.prefix), "pending": g.get("pending"),
                                                          "lag": g.get("lag")} for g in reply]
-        now_ms = time.time() * 1000
+        now_ms = server_time[0] * 1000 + server_time[1] / 1000
         live = {role: len(split_roster(roster, now_ms)[0]) for role, roster in zip(ROLES, rosters)}
         return render(_floats(stored), _floats(stats), {k.decode(): int(v) for k, v in restarts.items()}, groups, live,
                       int(in_deadlines) - int(waiting), int(waiting))
@@ -317,8 +318,11 @@ class Gateway:
     # ---- pipeline ------------------------------------------------------------------------------
 
     async def live(self, role: str) -> dict[str, str]:
-        live, _ = split_roster(await self.redis.hgetall(self.keys.roster(role)), time.time() * 1000)
-        return live
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.roster(role))
+            pipe.time()  # roster expiry is the server's time
+            roster, (seconds, micros) = await pipe.execute()
+        return split_roster(roster, seconds * 1000 + micros / 1000)[0]
 
     async def fingerprint(self) -> str:
         """``system_fingerprint``: a digest of the live target's fingerprint (cached briefly)."""

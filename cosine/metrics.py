@@ -20,7 +20,6 @@ its proposals drafted and got accepted (a tree node two drafters proposed counts
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
@@ -94,11 +93,11 @@ class Tally:
         self.values[series(name + "_sum", labels)] += value * weight
         self.values[series(name + "_count", labels)] += weight
 
-    def request_ended(self, finish_reason: str, error_code: str = "", created_ms: int = 0, now_ms: int | None = None, tenant: str = "default") -> None:
-        """A request's final entry was written (or its refusal)."""
+    def request_ended(self, finish_reason: str, error_code: str = "", created_ms: int = 0, now_ms: int = 0, tenant: str = "default") -> None:
+        """A request's final entry was written (or its refusal); ``created_ms`` and ``now_ms``
+        (the server's clock) give its latency."""
         self.count("requests", finish_reason=finish_reason or "unknown", error_code=error_code or "", tenant=tenant)
-        if created_ms > 0:
-            now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if created_ms > 0 and now_ms > 0:
             self.observe("e2e_request_latency_seconds", max(0, now_ms - created_ms) / 1000)
 
     def round_applied(self, *, new_tokens: int, first: bool, created_ms: int, since_ms: int | None, now_ms: int,

@@ -71,7 +71,8 @@ def read_snapshot(url: str, namespace: str) -> Snapshot:
     client = redis.Redis.from_url(url)
     keys = Keys(namespace)
     try:
-        workers = {role: split_roster(client.hgetall(keys.roster(role)), time.time() * 1000)[0] for role in ROLES}
+        seconds, micros = client.time()  # roster expiry is the server's time
+        workers = {role: split_roster(client.hgetall(keys.roster(role)), seconds * 1000 + micros / 1000)[0] for role in ROLES}
         metrics = {k.decode(): float(v) for k, v in client.hgetall(keys.metrics).items()}
     finally:
         client.close()

@@ -32,6 +32,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from cosine import bus, faults
+from cosine.clock import ServerClock
 from cosine.bus import LibraryMissing, committed_tokens, connect, ensure_group, require_library, split_roster
 from cosine.config import Config
 from cosine.metrics import Tally
@@ -98,6 +99,7 @@ class StageWorker:
         self.log = logging.getLogger(f"{__name__.rsplit('.', 1)[0]}.{self.role}")
         self._in_hand: dict[str, list[bytes]] = {}  # read, not yet handled (renewed, never reclaimed)
         self.tally = Tally()  # metrics counted here, written after each read and tick
+        self.clock = ServerClock()  # the server's time: every time compared with another process's
 
     # ---- what a stage defines ----------------------------------------------------------------
 
@@ -196,6 +198,7 @@ class StageWorker:
 
     async def _prepare_server(self) -> None:
         await require_library(self.redis)
+        await self.clock.sync(self.redis)
         own = self.own_streams()
         for stream in self.input_streams():
             if stream not in own:
@@ -433,7 +436,7 @@ class StageWorker:
         cached = cache.get(role)
         if cached is not None and now - cached[0] < max_age_s:
             return cached[1]
-        live, gone = split_roster(await self.redis.hgetall(self.keys.roster(role)), time.time() * 1000)
+        live, gone = split_roster(await self.redis.hgetall(self.keys.roster(role)), self.clock.now_ms())
         if gone:
             await self.redis.hdel(self.keys.roster(role), *gone)
         cache[role] = (now, live)
@@ -478,13 +481,16 @@ class StageWorker:
             await asyncio.sleep(period / 1000)
 
     async def _beat(self, key: str, ttl_ms: int) -> None:
-        now = time.time()
+        now = self.clock.now()
         value = f"{now:.3f} {self.liveness_extra()}"
         async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()  # the clock's offset, measured again with each beat
             pipe.set(key, value, px=ttl_ms)  # for `cosine status` and the supervisor
             pipe.hset(self.keys.roster(self.role), self.instance, f"{now * 1000 + ttl_ms:.0f} {value}")
             self.registrations(pipe)
-            await pipe.execute()
+            sent = time.time()
+            replies = await pipe.execute()
+        self.clock.observe(sent, time.time(), replies[0])
 
     async def _reclaimer(self) -> None:
         idle = self.config.pipeline.claim_idle_ms

@@ -602,7 +602,7 @@ class Coordinator(StageWorker):
 
     def _count(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None) -> None:
         """Metrics of an applied update: tokens, latencies, speculation, a request's end."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self.clock.now_ms()
         new_tokens = len(update.state.output_ids) - len(state.output_ids)
         since_ms = self.last_output.pop(state.request_id, None)  # None: its previous round was applied elsewhere
         if not update.finished:
@@ -669,7 +669,7 @@ class Coordinator(StageWorker):
             return [self.keys.candidates], encode(empty_candidate(state))[b"m"]
         self.drafting[state.request_id] = (state.round, time.monotonic(), window, together)
         start, prefix_digest, tail = by_reference(state.context)
-        job = DraftJob(state.request_id, state.round, tail, window, state.sampling, experts, int(time.time() * 1000), features, features_start, state.domain,
+        job = DraftJob(state.request_id, state.round, tail, window, state.sampling, experts, self.clock.now_ms(), features, features_start, state.domain,
                        step_mode=self.config.speculation.mode == "step", context_start=start, context_digest=prefix_digest)
         return [self._draft_stream(state.request_id, e) for e in experts], encode(job)[b"m"]
 
@@ -683,7 +683,7 @@ class Coordinator(StageWorker):
         harmless: the first result applied wins the compare-and-set, the other is stale.
         """
         deadline_ms = self.config.pipeline.drafter_deadline_ms
-        now_ms = int(time.time() * 1000)
+        now_ms = self.clock.now_ms()
         overdue = await self.redis.zrangebyscore(self.keys.rounds, 0, now_ms - deadline_ms, start=0, num=64)
         for raw_id in overdue:
             request_id = raw_id.decode()
@@ -761,7 +761,7 @@ class Coordinator(StageWorker):
 
     async def _expire_deadlines(self) -> None:
         """Requests past their deadline (an abandoned client, a stalled pipeline) end now."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self.clock.now_ms()
         for raw_id in await self.redis.zrangebyscore(self.keys.deadlines, 0, now_ms, start=0, num=64):
             request_id = raw_id.decode()
             state = await self._state(request_id)

@@ -18,7 +18,6 @@ tree (``fuse_steps``). Each step costs a drafter hop and a fusion hop.
 
 from __future__ import annotations
 
-import time
 
 import msgpack
 from cosine.workers.base import Entry, StageWorker
@@ -53,7 +52,7 @@ class FusionWorker(StageWorker):
             draft = decode(fields, Draft)
             draft_to_chain(draft)  # validate now: a bad draft is dead-lettered alone
             key = self.keys.fuse(draft.request_id, draft.round, draft.step if draft.step_mode else None)
-            now_ms = _now_ms()
+            now_ms = self.clock.now_ms()
             payloads = await bus.fuse_add(
                 self.redis, self.keys, group=self.group, entry_id=entry_id, hash_key=key, expert=draft.expert,
                 payload=fields[PAYLOAD_FIELD], expected=max(1, len(draft.experts)), deadline_ms=now_ms + self.deadline_ms,
@@ -63,7 +62,7 @@ class FusionWorker(StageWorker):
                 await self._emit(key, payloads)
 
     async def tick(self) -> None:
-        now_ms = _now_ms()
+        now_ms = self.clock.now_ms()
         for raw_key in await self.redis.zrangebyscore(self.keys.fusing, 0, now_ms, start=0, num=64):
             key = raw_key.decode()
             payloads = await bus.fuse_take(self.redis, self.keys, key, now_ms + RETAKE_MS)
@@ -103,7 +102,7 @@ class FusionWorker(StageWorker):
             candidate = tree_to_candidate(first.request_id, first.round, tree)
             await bus.fuse_emit(self.redis, self.keys, key, encode(candidate)[PAYLOAD_FIELD], self.done_ttl_ms)
             return
-        job = DraftJob(first.request_id, first.round, context, first.window, first.sampling, first.experts, _now_ms(),
+        job = DraftJob(first.request_id, first.round, context, first.window, first.sampling, first.experts, self.clock.now_ms(),
                        domain=first.domain, step_mode=True, step=first.step + 1, prefix=[*first.prefix, token])
         stored = msgpack.packb([encode(d)[PAYLOAD_FIELD] for d in drafts])
         await bus.fuse_next(self.redis, self.keys, hash_key=key, levels_key=levels_key, step=first.step, level=stored,
@@ -128,7 +127,3 @@ def _levels(stored: dict[bytes, bytes], steps: int) -> list[list]:
         drafts = sorted((decode({PAYLOAD_FIELD: p}, Draft) for p in msgpack.unpackb(raw)), key=lambda d: d.rank)
         levels.append([draft_to_chain(d) for d in drafts])
     return levels
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

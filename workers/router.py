@@ -218,7 +218,7 @@ class Router(StageWorker):
         # request's acceptance; the coordinator decides from the next round on.
         speculation = self.config.speculation
         if experts and state.window > 0 and not speculation.load_control:
-            job = DraftJob(state.request_id, 0, state.context, state.window, state.sampling, experts, int(time.time() * 1000), domain=state.domain,
+            job = DraftJob(state.request_id, 0, state.context, state.window, state.sampling, experts, self.clock.now_ms(), domain=state.domain,
                            step_mode=speculation.mode == "step")
             return [self.keys.draft(e) for e in experts], encode(job)[b"m"]
         # no drafter alive for these experts, window 0, or load control: start without drafts
@@ -300,7 +300,7 @@ class Router(StageWorker):
                 tokens=len(state.prompt_ids) + state.max_tokens if state else 0,
             )
             if outcome == "created":
-                self.log.info("request %s: started after waiting %d ms", request_id, int(time.time() * 1000) - state.created_ms)
+                self.log.info("request %s: started after waiting %d ms", request_id, self.clock.now_ms() - state.created_ms)
             elif outcome in ("busy", "later"):
                 break
 
@@ -339,7 +339,7 @@ class Router(StageWorker):
             routing = online.to_dict()
         else:
             experts = choose_experts(text, pinned, router.default_experts, router.keywords, self.experts, router.max_experts)
-        now_ms = int(time.time() * 1000)
+        now_ms = self.clock.now_ms()
         return RequestState(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -391,7 +391,7 @@ class Router(StageWorker):
                 update = fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
                 outcome = await bus.finish_request(self.redis, self.keys, state, update, self.config.pipeline.output_ttl_s)
                 if outcome == "applied":
-                    self.tally.request_ended("cancelled", "cancelled", state.created_ms, tenant=tenant)
+                    self.tally.request_ended("cancelled", "cancelled", state.created_ms, self.clock.now_ms(), tenant=tenant)
                 if outcome != "stale":
                     break
             self.log.info("request %s cancelled", request_id)

@@ -253,3 +253,39 @@ def test_a_result_the_coordinator_cannot_apply_strands_nothing(server, tmp_path,
         assert final["finish_reason"] in ("stop", "length") and json.loads(final["token_ids"]) == greedy_references[index][:MAX_TOKENS], final
     assert {f[b"stage"] for _, f in client.xrange("cosine:dead")} == {b"coordinator"}
     assert client.zcard("cosine:deadlines") == 0 and all(process.poll() is None for process in pipeline.processes)
+
+
+def skewed(seconds: float) -> dict[str, str]:
+    """A worker's environment that runs its whole process's wall clock ``seconds`` off."""
+    return {"PYTHONPATH": str(ROOT / "tests" / "skewed_clock"), "COSINE_TEST_CLOCK_SKEW_S": str(seconds)}
+
+
+def test_workers_on_hosts_whose_clocks_disagree_by_twenty_seconds_serve_as_one(server, tmp_path, demo_target, greedy_references, pipelines):
+    """Every stage's wall clock is 10 s off, half of them ahead, half behind: deadlines, the
+    drafting deadline, liveness and roster expiry are all read from the server's clock, so
+    requests with an 8 s deadline finish (a router behind wrote deadlines long past for a
+    coordinator ahead), rounds are drafted (rounds looked overdue, drafters dead), and every
+    worker is seen live."""
+    pipeline = make(tmp_path, server, demo_target, pipelines, [{"name": "lookup", "kind": "prompt-lookup", "expert": "general"}])
+    for role, skew in (("router", -10), ("coordinator", 10), ("fusion", 10), ("verifier", -10)):
+        pipeline.start(role, env=skewed(skew))
+    pipeline.start("drafter", "--expert", "general", env=skewed(-10))
+    for role in ("router", "coordinator", "fusion", "drafter", "verifier"):
+        pipeline.wait_live(role, 1)
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    for index in range(4):
+        submit(client, id=f"skew-{index}", messages=json.dumps([{"role": "user", "content": texts[index]}]), max_tokens=MAX_TOKENS, deadline_s=8)
+    drafted = 0
+    for index in range(4):
+        final = final_of(read_output(client, f"skew-{index}", timeout=120))
+        assert final["finish_reason"] in ("stop", "length"), final
+        assert json.loads(final["token_ids"]) == greedy_references[index][:MAX_TOKENS]
+        drafted += int(final["draft_tokens"])
+    assert drafted > 0, "no round was drafted"
+    seconds, micros = client.time()
+    for role in ("router", "coordinator", "fusion", "drafter", "verifier"):
+        roster = client.hgetall(f"cosine:roster:{role}")
+        assert [v for v in roster.values() if float(v.split()[0]) > seconds * 1000 + micros / 1000], (role, roster)
+    logs = pipeline.log_tails(400)
+    assert "no draft after" not in logs and "is gone" not in logs, logs[-3000:]

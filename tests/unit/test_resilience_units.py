@@ -109,3 +109,19 @@ def test_every_stage_logs_under_its_own_name(caplog):
     with caplog.at_level(logging.INFO):
         FusionWorker(Config(), "redis://127.0.0.1:1").log.info("hello")
     assert caplog.records[-1].name == "cosine.workers.fusion"
+
+
+def test_the_server_clock_is_this_hosts_clock_plus_the_offset_measured_mid_call(monkeypatch):
+    import time
+
+    from cosine.clock import ServerClock
+
+    clock = ServerClock()
+    clock.observe(1000.0, 1000.002, (1010, 1000))  # the server read its clock 10 s ahead, mid-call
+    assert abs(clock.offset_s - 10.0) < 1e-9 and clock.synced
+    clock.observe(1001.0, 1003.0, (5000, 0))  # a reply stalled for 2 s says little: kept out
+    assert abs(clock.offset_s - 10.0) < 1e-9
+    clock.observe(1002.0, 1002.001, (992, 500))  # this host's clock stepped: the next beat follows
+    assert abs(clock.offset_s + 10.0) < 1e-9
+    monkeypatch.setattr(time, "time", lambda: 2000.0)
+    assert clock.now() == 1990.0 and clock.now_ms() == 1_990_000
