@@ -7,11 +7,15 @@
         final = client.generate(prompt="The capital of France is", max_tokens=8)
 
 A request that gets no answer within ``timeout`` seconds raises ``TimeoutError`` with a hint
-(no live verifier is the usual cause).
+(no live verifier is the usual cause). A Redis server that does not answer a call for
+``REDIS_TIMEOUT_S`` (frozen, or unreachable) does not hang the client: reads go on trying until
+``timeout``, which then raises ``TimeoutError`` naming the server; a submit or cancel raises
+``redis.TimeoutError`` / ``redis.ConnectionError`` at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -82,20 +86,28 @@ def _cursors(keys: Keys, tenant: str, request_id: str, entry_id: str | None) -> 
     return {stream: "0-0" for stream in streams}
 
 
+REDIS_TIMEOUT_S = 2.0  # a Redis call with no answer this long fails: longer than a read's block (1 s)
+
+
 def _block_ms(remaining_s: float) -> int:
     return max(1, int(min(remaining_s, 1.0) * 1000))
 
 
-def _timeout_error(request_id: str, timeout: float) -> TimeoutError:
+def _timeout_error(request_id: str, timeout: float, unanswered: bool = False) -> TimeoutError:
+    if unanswered:
+        return TimeoutError(f"no output for request {request_id} within {timeout:.0f}s: the Redis server did not answer (frozen or unreachable?)")
     return TimeoutError(
         f"no output for request {request_id} within {timeout:.0f}s: is a CoSine server running "
         "(`cosine serve`), with live router, coordinator and verifier workers? (`cosine status`)"
     )
 
 
+_TIMEOUTS = {"socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S, "health_check_interval": 10}
+
+
 class Client:
     def __init__(self, url: str, namespace: str = "cosine:", timeout: float = 120.0, tenant: str = DEFAULT_TENANT) -> None:
-        self.redis = redis.Redis.from_url(url)
+        self.redis = redis.Redis.from_url(url, **_TIMEOUTS)
         self.entry_ids: dict[str, str] = {}  # request id -> its XADD entry ID
         self.keys = Keys(namespace)
         self.timeout = timeout
@@ -121,11 +133,17 @@ class Client:
     def read(self, request_id: str, timeout: float | None = None) -> Iterator[Piece]:
         timeout = self.timeout if timeout is None else timeout
         cursors, deadline = _cursors(self.keys, self.tenant, request_id, self.entry_ids.pop(request_id, None)), time.monotonic() + timeout
+        unanswered = False
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _timeout_error(request_id, timeout)
-            reply = self.redis.xread(cursors, block=_block_ms(remaining))
+                raise _timeout_error(request_id, timeout, unanswered)
+            try:
+                reply, unanswered = self.redis.xread(cursors, block=_block_ms(remaining)), False
+            except (redis.TimeoutError, redis.ConnectionError):
+                unanswered = True
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                continue
             for piece in _entries(reply, cursors):
                 yield piece
                 if piece.type == "final":
@@ -145,7 +163,7 @@ class Client:
 
 class AsyncClient:
     def __init__(self, url: str, namespace: str = "cosine:", timeout: float = 120.0, tenant: str = DEFAULT_TENANT) -> None:
-        self.redis = aioredis.Redis.from_url(url)
+        self.redis = aioredis.Redis.from_url(url, **_TIMEOUTS)
         self.entry_ids: dict[str, str] = {}  # request id -> its XADD entry ID
         self.keys = Keys(namespace)
         self.timeout = timeout
@@ -168,11 +186,17 @@ class AsyncClient:
     async def read(self, request_id: str, timeout: float | None = None) -> AsyncIterator[Piece]:
         timeout = self.timeout if timeout is None else timeout
         cursors, deadline = _cursors(self.keys, self.tenant, request_id, self.entry_ids.pop(request_id, None)), time.monotonic() + timeout
+        unanswered = False
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _timeout_error(request_id, timeout)
-            reply = await self.redis.xread(cursors, block=_block_ms(remaining))
+                raise _timeout_error(request_id, timeout, unanswered)
+            try:
+                reply, unanswered = await self.redis.xread(cursors, block=_block_ms(remaining)), False
+            except (redis.TimeoutError, redis.ConnectionError):
+                unanswered = True
+                await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                continue
             for piece in _entries(reply, cursors):
                 yield piece
                 if piece.type == "final":

@@ -28,8 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -39,7 +40,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from cosine import openai_api as api
-from cosine.bus import split_roster
+from cosine.bus import connect, split_roster
 from cosine.config import DEMO_TARGET_FILE, Config
 from cosine.metrics import render
 from cosine.wire import Keys
@@ -52,6 +53,9 @@ ROLES = ("router", "coordinator", "fusion", "verifier", "drafter")
 FINGERPRINT_TTL_S = 5.0
 METRICS_TTL_S = 1.0  # /metrics reads Redis at most this often
 KEYS_FILE_CHECK_S = 1.0  # the API keys file is looked at this often
+# A Redis call with no answer this long fails (a frozen or unreachable server): the request gets
+# 504 instead of hanging. Longer than the output readers' blocking reads (1 s).
+REDIS_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +113,7 @@ class Gateway:
         self.keys = Keys(config.redis.namespace)
         self.settings = settings
         self.redis_url = redis_url
-        self.redis = aioredis.Redis.from_url(redis_url)
+        self.redis = connect(redis_url, REDIS_TIMEOUT_S)
         self.readers: list[OutputReader] = []
         self._fingerprint = ("", 0.0)
         self._api_keys = _encoded(read_api_keys(settings.api_keys_file, settings.api_keys))
@@ -225,7 +229,11 @@ class Gateway:
         parsed = parse(body, self.settings.served_model_names)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         request_id = prefix + uuid.uuid4().hex
-        call = Call(self, kind, request_id, parsed, int(time.time()), await self.fingerprint(), arrived, tenant=tenant)
+        try:
+            fingerprint = await self.fingerprint()
+        except RedisError as error:
+            raise redis_failure(error) from None
+        call = Call(self, kind, request_id, parsed, int(time.time()), fingerprint, arrived, tenant=tenant)
         return CallResponse(call, request_id)
 
     async def models(self, request: Request) -> Response:
@@ -357,19 +365,22 @@ class Gateway:
 
 
 class Listener:
-    """One request's output entries as its reader finds them (None: nothing came in time)."""
+    """One request's output entries as its reader finds them; ``next`` raises ``TimeoutError``
+    when none came for ``timeout_s`` (counted here, not in the reader: a reader blocked on a
+    frozen server must not hold the answer back)."""
 
-    __slots__ = ("heard", "queue")
+    __slots__ = ("heard", "queue", "timeout_s")
 
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[dict[str, str] | None] = asyncio.Queue()
+    def __init__(self, timeout_s: float) -> None:
+        self.queue: asyncio.Queue[dict[str, str]] = asyncio.Queue()
         self.heard = time.monotonic()
+        self.timeout_s = timeout_s
 
     async def next(self) -> dict[str, str]:
-        entry = await self.queue.get()
-        if entry is None:
-            raise TimeoutError("no output from the pipeline in time")
-        return entry
+        try:
+            return await asyncio.wait_for(self.queue.get(), max(0.0, self.heard + self.timeout_s - time.monotonic()))
+        except TimeoutError:
+            raise TimeoutError("no output from the pipeline in time") from None
 
 
 class OutputReader:
@@ -382,7 +393,7 @@ class OutputReader:
     BLOCK_MS = 1000
 
     def __init__(self, url: str, keys: Keys, timeout_s: float) -> None:
-        self.redis = aioredis.Redis.from_url(url)
+        self.redis = connect(url, REDIS_TIMEOUT_S)
         self.wake_key = keys.wake(uuid.uuid4().hex[:16])
         self.wake_cursor = "0-0"
         self.timeout_s = timeout_s
@@ -391,7 +402,7 @@ class OutputReader:
         self.task: asyncio.Task | None = None
 
     def register(self, stream: str) -> Listener:
-        listener = Listener()
+        listener = Listener(self.timeout_s)
         self.cursors[stream], self.owners[stream] = "0-0", listener
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._run())
@@ -406,23 +417,15 @@ class OutputReader:
         pipe.pexpire(self.wake_key, 300_000)
 
     async def _run(self) -> None:
-        checked = time.monotonic()
         while self.owners:
             try:
                 reply = await self.redis.xread({self.wake_key: self.wake_cursor, **self.cursors}, block=self.BLOCK_MS)
                 self._hand_out(reply)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # the server restarting, a permission missing: the time-outs below still run
+            except Exception as error:  # the server restarting or frozen, a permission missing: listeners time out on their own
                 log.warning("reading outputs failed (%s: %s); retrying", type(error).__name__, error)
                 await asyncio.sleep(0.5)
-            now = time.monotonic()
-            if now - checked > 1.0:
-                checked = now
-                for listener in self.owners.values():
-                    if now - listener.heard > self.timeout_s:
-                        listener.heard = now
-                        listener.queue.put_nowait(None)
 
     def _hand_out(self, reply) -> None:
         now = time.monotonic()
@@ -447,6 +450,14 @@ class OutputReader:
         with contextlib.suppress(Exception):
             await self.redis.delete(self.wake_key)
         await self.redis.aclose()
+
+
+def redis_failure(error: RedisError) -> api.ApiError:
+    """The answer to a request Redis did not take: 504 when it did not answer in time (frozen),
+    503 when it could not be reached."""
+    frozen = isinstance(error, RedisTimeoutError)
+    return api.ApiError(504 if frozen else 503, f"the Redis server did not take the request ({type(error).__name__}: {error})", None,
+                        "timeout" if frozen else "unavailable")
 
 
 def _floats(hash_: dict[bytes, bytes]) -> dict[str, float]:
@@ -507,7 +518,12 @@ class CallResponse(Response):
         watcher = asyncio.create_task(watch())
         finished = False
         try:
-            await gateway.submit(call.request_id, call.parsed.fields, reader, call.tenant)
+            try:
+                await gateway.submit(call.request_id, call.parsed.fields, reader, call.tenant)
+            except RedisError as error:  # a frozen or unreachable server: an answer now, not a hang
+                failure = redis_failure(error)
+                await self._send_json(send, failure.status, failure.body())
+                return
             call.submitted = time.time()
             answer = self._stream if call.parsed.stream else self._whole
             finished = await answer(listener, send)

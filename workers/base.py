@@ -25,7 +25,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -128,6 +128,9 @@ class StageWorker:
 
     async def drain(self) -> None:
         """On SIGTERM, after the last read: hand back what is held in memory."""
+
+    def let_go(self, stream: str, entry_ids: set[bytes]) -> None:
+        """Held entries that are no longer this worker's (taken over while it was frozen): drop them."""
 
     def hand_back_to(self, stream: str) -> str | None:
         """Where a draining worker gives back the entries of ``stream`` it read and did not
@@ -414,7 +417,7 @@ class StageWorker:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(done.wait(), interval)
                 if not done.is_set():
-                    await self.guarded(self.redis.xclaim, stream, self.group, self.instance, 0, list(entry_ids), justid=True)
+                    await self.guarded(self._renew, stream, entry_ids)
 
         task = asyncio.create_task(renew())
         try:
@@ -510,9 +513,23 @@ class StageWorker:
         return mine
 
     async def _renew_held(self) -> None:
+        held = self.held()
         for stream, entry_ids in self._not_to_reclaim().items():
             if entry_ids:
-                await self.redis.xclaim(stream, self.group, self.instance, 0, list(entry_ids), justid=True)
+                lost = (await self._renew(stream, entry_ids)).intersection(held.get(stream, ()))
+                if lost:
+                    self.log.warning("%d entries of %s were taken over by another worker (this one was frozen?): letting go", len(lost), stream)
+                    self.let_go(stream, lost)
+
+    async def _renew(self, stream: str, entry_ids: Collection[bytes]) -> set[bytes]:
+        """Claim our entries again (their idle time starts over), only those still ours: a worker
+        that was frozen past ``claim_idle_ms`` finds some taken over (or finished) by another
+        and must not take them back. Returns the ones no longer ours."""
+        pending = await self.redis.xpending_range(stream, self.group, min(entry_ids), max(entry_ids), 10_000, consumername=self.instance)
+        mine = [entry_id for entry_id in entry_ids if entry_id in {p["message_id"] for p in pending}]
+        if mine:
+            await self.redis.xclaim(stream, self.group, self.instance, 0, mine, justid=True)
+        return set(entry_ids) - set(mine)
 
     async def _reclaim(self, stream: str, idle_ms: int) -> None:
         reply = await self.redis.xautoclaim(stream, self.group, self.instance, idle_ms, "0-0", count=64)

@@ -243,6 +243,9 @@ class Coordinator(StageWorker):
     def held(self) -> dict[str, list[bytes]]:
         return {self.keys.candidates: [w.entry_id for w in self.pool]}
 
+    def let_go(self, stream: str, entry_ids: set[bytes]) -> None:
+        self.pool = [w for w in self.pool if w.entry_id not in entry_ids]  # another coordinator batches them
+
     def block_ms(self) -> int:
         if not self.pool:
             return self.config.pipeline.block_ms

@@ -1260,3 +1260,43 @@ def test_a_draining_worker_gives_back_what_it_read_and_did_not_start(server):
 
     kept = None
     run(scenario())
+
+
+def test_a_worker_that_was_frozen_does_not_take_back_what_another_took_over(server):
+    """A worker frozen past claim_idle_ms (SIGSTOP) finds the entries it held taken over by
+    another worker: it lets go of them (drops them from its pool) instead of claiming them back
+    and handling them a second time; those still its own are renewed."""
+    from cosine.workers.base import StageWorker
+
+    stream = f"{KEYS.prefix}held"
+
+    class Holding(StageWorker):
+        role = "holding"
+
+        def input_streams(self):
+            return [stream]
+
+        def held(self):
+            return {stream: list(pool)}
+
+        def let_go(self, stream_, entry_ids):
+            pool.difference_update(entry_ids)
+
+    async def scenario():
+        client = await fresh(server)
+        worker = Holding(Config(), server)
+        worker.redis = client
+        await bus.ensure_group(client, stream, worker.group)
+        ids = [await client.xadd(stream, {"m": b"x"}) for _ in range(3)]
+        await client.xreadgroup(worker.group, worker.instance, {stream: ">"}, count=3)
+        pool.update(ids)
+        await client.xclaim(stream, worker.group, "other", 0, [ids[0]], justid=True)  # taken over meanwhile
+        await client.xack(stream, worker.group, ids[1])  # and finished by the other
+        await worker._renew_held()
+        assert pool == {ids[2]}
+        owners = {p["message_id"]: p["consumer"] for p in await client.xpending_range(stream, worker.group, "-", "+", 10)}
+        assert owners == {ids[0]: b"other", ids[2]: worker.instance.encode()}
+        await client.aclose()
+
+    pool: set = set()
+    run(scenario())

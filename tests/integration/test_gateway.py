@@ -235,6 +235,79 @@ def test_the_output_reader_still_times_requests_out_while_redis_is_gone():
         embedded.stop()
 
 
+def test_a_frozen_redis_gets_the_gateway_and_the_client_to_answer_in_their_time():
+    """A Redis server that stops answering (SIGSTOP: frozen, not gone) hangs no one: a waiting
+    request's answer times out on its own (the reader is blocked on the frozen server), a
+    request sent meanwhile gets 504 within the gateway's Redis time-out, and the Python client's
+    read raises TimeoutError naming the server within its time-out."""
+    import asyncio
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from cosine.client import REDIS_TIMEOUT_S, Client
+    from cosine.config import load_config
+    from cosine.embedded import EmbeddedRedis
+    from cosine.gateway import REDIS_TIMEOUT_S as GATEWAY_REDIS_TIMEOUT_S
+    from cosine.gateway import Gateway, GatewaySettings, OutputReader
+    from cosine.wire import Keys
+
+    embedded = EmbeddedRedis(persistence=False)
+    url = embedded.start()
+    results: dict[str, object] = {}
+
+    def timed(name: str, fn) -> None:  # on a thread: a hang must fail the test, not stall it
+        began = time.monotonic()
+        try:
+            results[name] = fn()
+        except Exception as error:
+            results[name] = error
+        results[name + "_s"] = time.monotonic() - began
+
+    async def reader_scenario() -> object:
+        reader = OutputReader(url, Keys(), timeout_s=1.0)
+        listener = reader.register("cosine:out:waiting")
+        await asyncio.sleep(1.5)  # the reader is blocked in a read when the server freezes
+        try:
+            return await listener.next()
+        finally:
+            reader.task.cancel()
+
+    def gateway_post():
+        gateway = Gateway(load_config(None, environ={}), url, GatewaySettings((MODEL,), answer_timeout_s=600.0))
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+        with TestClient(gateway.app()) as http:
+            return http.post("/v1/chat/completions", json=body)
+
+    client = Client(url, timeout=3.0)
+    request_id = client.submit(prompt="Hi", max_tokens=4)
+    try:
+        threads = [threading.Thread(target=timed, args=("reader", lambda: asyncio.run(reader_scenario())), daemon=True)]
+        threads[0].start()
+        time.sleep(0.5)
+        os.kill(embedded.pid, signal.SIGSTOP)
+        threads += [threading.Thread(target=timed, args=("gateway", gateway_post), daemon=True),
+                    threading.Thread(target=timed, args=("client", lambda: list(client.read(request_id))), daemon=True)]
+        for thread in threads[1:]:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        os.kill(embedded.pid, signal.SIGCONT)
+        for thread in threads:
+            thread.join(30)
+        client.close()
+        embedded.stop()
+    assert isinstance(results["reader"], TimeoutError) and "no output" in str(results["reader"]), results
+    assert results["reader_s"] < 1.5 + 1.0 + 1.0, results
+    response = results["gateway"]
+    assert not isinstance(response, Exception), repr(response)
+    assert response.status_code == 504 and response.json()["error"]["code"] == "timeout", response.text
+    assert results["gateway_s"] < GATEWAY_REDIS_TIMEOUT_S * 2 + 5, results  # the app's start (a health read) and the submit
+    assert isinstance(results["client"], TimeoutError) and "did not answer" in str(results["client"]), results
+    assert results["client_s"] < 3.0 + REDIS_TIMEOUT_S + 1.0, results
+
+
 # ---- a real `cosine serve --http-port` --------------------------------------------------------
 
 
