@@ -179,3 +179,41 @@ class RedisServerProcess:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
+
+
+def make_chain_model(directory: Path, tokenizer, hidden: int = 64):
+    """A test-only target whose forward takes about a millisecond and whose greedy choice is
+    never a near tie: a 2-layer Llama with the demo tokenizer whose residual stream is held by
+    the last token's embedding (large) and whose output rows are the embeddings permuted, so the
+    next token is a fixed function of the last one (a cycle through the vocabulary, varied per
+    prompt) chosen by a wide margin. Outputs can be checked exactly against ``greedy_chain`` at
+    any batch size. Returns the loaded model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    generator = torch.Generator().manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        embeddings = torch.randn(config.vocab_size, hidden, generator=generator)
+        model.model.embed_tokens.weight.copy_(embeddings)
+        model.lm_head.weight.copy_(embeddings[torch.randperm(config.vocab_size, generator=generator)])
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
+def greedy_chain(model, prompt_ids: list[int], max_tokens: int, eos_ids) -> list[int]:
+    """The model's greedy continuation (whole-sequence forwards, batch 1): the reference."""
+    import torch
+
+    ids = list(prompt_ids)
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            if token in eos_ids:
+                break
+    return ids[len(prompt_ids):]
