@@ -546,13 +546,12 @@ def dead_list(
     config_path: Path | None = ConfigOption,
 ) -> None:
     """Dead-lettered entries, newest first: id, age, stage, source stream, reason."""
-    import redis
 
     from cosine.dead import list_dead
     from cosine.wire import Keys
 
     config = _setup(config_path)
-    with redis.Redis.from_url(_client_url(config, redis_url, admin=True)) as client:
+    with _admin_client(redis_url, config)[1] as client:
         letters = list_dead(client, Keys(config.redis.namespace), count)
     if as_json:
         typer.echo(json.dumps([letter.to_json() for letter in letters], indent=2))
@@ -570,13 +569,12 @@ def dead_replay(
     config_path: Path | None = ConfigOption,
 ) -> None:
     """Write a dead letter's original entry back to its stream, then delete the dead letter."""
-    import redis
 
     from cosine.dead import DeadLetterError, replay
     from cosine.wire import Keys
 
     config = _setup(config_path)
-    with redis.Redis.from_url(_client_url(config, redis_url, admin=True)) as client:
+    with _admin_client(redis_url, config)[1] as client:
         try:
             new_id = replay(client, Keys(config.redis.namespace), dead_id)
         except DeadLetterError as error:

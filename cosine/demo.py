@@ -46,7 +46,7 @@ def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Ca
     echo(supervisor.describe())
     url = supervisor.start()
     try:
-        _wait_for_workers(redis.Redis.from_url(url), config.redis.namespace)
+        _wait_for_workers(redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5), config.redis.namespace)
         echo(f"pipeline up on {redacted_url(url)}\n")
         client = Client(url, config.redis.namespace, timeout=ANSWER_TIMEOUT_S)
         _ask(client, "warm-up", DEMO_PROMPTS[0], 4)

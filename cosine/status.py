@@ -18,7 +18,7 @@ ROLES = ("router", "coordinator", "fusion", "verifier", "drafter")
 
 
 def read_status(url: str, namespace: str) -> dict:
-    client = redis.Redis.from_url(url, decode_responses=True)
+    client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
     keys = Keys(namespace)
     try:
         streams = [keys.requests, keys.cancel, keys.drafts, keys.candidates, keys.verify, keys.verified, keys.dead]
@@ -68,7 +68,7 @@ class Snapshot:
 
 def read_snapshot(url: str, namespace: str) -> Snapshot:
     report = read_status(url, namespace)
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     keys = Keys(namespace)
     try:
         seconds, micros = client.time()  # roster expiry is the server's time

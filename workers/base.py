@@ -32,8 +32,8 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from cosine import bus, faults
-from cosine.clock import ServerClock
 from cosine.bus import LibraryMissing, committed_tokens, connect, ensure_group, require_library, split_roster
+from cosine.clock import ServerClock
 from cosine.config import Config
 from cosine.metrics import Tally
 from cosine.wire import PAYLOAD_FIELD, Keys, WireError
@@ -525,8 +525,8 @@ class StageWorker:
         """Claim our entries again (their idle time starts over), only those still ours: a worker
         that was frozen past ``claim_idle_ms`` finds some taken over (or finished) by another
         and must not take them back. Returns the ones no longer ours."""
-        pending = await self.redis.xpending_range(stream, self.group, min(entry_ids), max(entry_ids), 10_000, consumername=self.instance)
-        mine = [entry_id for entry_id in entry_ids if entry_id in {p["message_id"] for p in pending}]
+        pending = {p["message_id"] for p in await self.redis.xpending_range(stream, self.group, "-", "+", 100_000, consumername=self.instance)}
+        mine = [entry_id for entry_id in entry_ids if entry_id in pending]
         if mine:
             await self.redis.xclaim(stream, self.group, self.instance, 0, mine, justid=True)
         return set(entry_ids) - set(mine)

@@ -18,7 +18,6 @@ tree (``fuse_steps``). Each step costs a drafter hop and a fusion hop.
 
 from __future__ import annotations
 
-
 import msgpack
 from cosine.workers.base import Entry, StageWorker
 

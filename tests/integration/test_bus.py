@@ -1287,7 +1287,7 @@ def test_a_worker_that_was_frozen_does_not_take_back_what_another_took_over(serv
         worker = Holding(Config(), server)
         worker.redis = client
         await bus.ensure_group(client, stream, worker.group)
-        ids = [await client.xadd(stream, {"m": b"x"}) for _ in range(3)]
+        ids = [await client.xadd(stream, {"m": b"x"}, id=f"5-{n}") for n in (8, 9, 10)]  # "5-10" < "5-9" as bytes
         await client.xreadgroup(worker.group, worker.instance, {stream: ">"}, count=3)
         pool.update(ids)
         await client.xclaim(stream, worker.group, "other", 0, [ids[0]], justid=True)  # taken over meanwhile
