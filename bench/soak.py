@@ -50,10 +50,10 @@ from pathlib import Path
 import psutil
 import redis.asyncio as aioredis
 from common import RESULTS_DIR, OtherCpu, add_model_options, load_prompts, stamp, write_result
-from cosine.workers.models import load_tokenizer_and_limits
 
 from cosine.config import load_config
 from cosine.serve import die_with_parent
+from cosine.workers.models import load_tokenizer_and_limits
 
 CONFIG = """
 [model]

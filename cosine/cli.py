@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import typer
 

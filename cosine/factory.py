@@ -12,8 +12,8 @@ from cosine.drafters.base import Drafter
 from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_model
 from cosine.drafters.suffix import SuffixDrafter
-from cosine.models.loading import LoadedModel, cpu_key, load_model, prepack_cpu_linears, remembered_cpu_linears
 from cosine.models.fusing import fuse_projections
+from cosine.models.loading import LoadedModel, cpu_key, load_model, prepack_cpu_linears, remembered_cpu_linears
 from cosine.models.runner import ModelRunner
 from cosine.policy.routing import PromptClassifier
 

@@ -23,8 +23,6 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-from cosine.workers.base import Entry, StageWorker, roster_field, roster_int
-from cosine.workers.models import load_tokenizer_and_limits
 from redis.exceptions import RedisError, ResponseError
 
 from cosine import bus, faults
@@ -35,11 +33,24 @@ from cosine.policy.batching import BatchPolicy, Pending
 from cosine.policy.control import SpeculationControl
 from cosine.policy.routing import routing_policy
 from cosine.policy.window import WindowPolicy
-from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode, rounds_in
+from cosine.wire import (
+    Candidate,
+    DraftJob,
+    VerifiedBatch,
+    VerifiedItem,
+    VerifyBatch,
+    VerifyItem,
+    WireError,
+    decode,
+    encode,
+    rounds_in,
+)
 from cosine.wire.context import by_reference
 from cosine.wire.convert import empty_candidate, feedback_from_wire
 from cosine.wire.keys import split_id
 from cosine.wire.state import round_fields, state_from_fields
+from cosine.workers.base import Entry, StageWorker, roster_field, roster_int
+from cosine.workers.models import load_tokenizer_and_limits
 
 CONTROL_LOG_S = 30.0  # how often the cost model's state is logged (INFO)
 EXPLORE_MAX_BATCH = 2  # load control explores drafting only while batches are this small
@@ -624,7 +635,8 @@ class Coordinator(StageWorker):
     def _apply_call(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None = None) -> tuple[list[str], list]:
         """The compare-and-set call that applies ``update`` (and asks for the next round)."""
         if update.finished:
-            return bus.finish_call(self.keys, state, update, self.config.pipeline.output_ttl_s)
+            return bus.apply_round_call(self.keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
+                                        out_entries=update.out_entries, ttl_s=self.config.pipeline.output_ttl_s)
         features, start = (item.features, item.features_start) if item is not None and item.features else (b"", 0)
         # The round's states cover positions start .. L'-2 (all but the new last token).
         rows = max(0, len(update.state.context) - 1 - start) if features else 0

@@ -27,16 +27,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from cosine.workers.base import Entry, StageWorker, install_drain_handlers
 
 from cosine.bus import write_and_ack
-from cosine.deploy import machine_cores, plan_deployment
 from cosine.core.tree import DraftChain
+from cosine.deploy import machine_cores, plan_deployment
 from cosine.drafters.base import DraftRequest, propose_ahead
 from cosine.factory import build_drafter, load_target
 from cosine.models.loading import release_freed_memory
 from cosine.wire import Draft, DraftJob, decode, encode
 from cosine.wire.convert import probs_to_bytes, states_from_bytes
+from cosine.workers.base import Entry, StageWorker, install_drain_handlers
 
 
 class DrafterWorker(StageWorker):

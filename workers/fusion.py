@@ -19,12 +19,12 @@ tree (``fuse_steps``). Each step costs a drafter hop and a fusion hop.
 from __future__ import annotations
 
 import msgpack
-from cosine.workers.base import Entry, StageWorker
 
 from cosine import bus
 from cosine.core.tree import fuse_steps, fused_token, merge_chains
 from cosine.wire import PAYLOAD_FIELD, Draft, DraftJob, decode, encode
 from cosine.wire.convert import draft_to_chain, tree_to_candidate
+from cosine.workers.base import Entry, StageWorker
 
 RETAKE_MS = 2_000
 

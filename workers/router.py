@@ -19,20 +19,27 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from cosine.workers.base import Entry, StageWorker
-from cosine.workers.models import expert_classifier, load_tokenizer_and_limits
-
 from cosine import bus
-from cosine.tenants import Limits, TenantBounds, limits
 from cosine.core.rounds import ACTIVE, RequestState, fail
 from cosine.policy.fairness import start_order
 from cosine.policy.routing import RequestRouting, choose_experts, routing_policy
-from cosine.requests import RequestError, eos_token_ids, logprobs_count, max_window_cap, parse_stop, prompt_token_ids, sampling_params
+from cosine.requests import (
+    RequestError,
+    eos_token_ids,
+    logprobs_count,
+    max_window_cap,
+    parse_stop,
+    prompt_token_ids,
+    sampling_params,
+)
+from cosine.tenants import Limits, TenantBounds, limits
 from cosine.wire import DraftJob, encode
 from cosine.wire.convert import empty_candidate
-from cosine.wire.output import refusal_entry
 from cosine.wire.keys import DEFAULT_TENANT, qualify, split_id
-from cosine.wire.state import state_from_fields, state_to_fields
+from cosine.wire.output import refusal_entry
+from cosine.wire.state import round_fields, state_from_fields, state_to_fields
+from cosine.workers.base import Entry, StageWorker
+from cosine.workers.models import expert_classifier, load_tokenizer_and_limits
 
 MAX_ID_LENGTH = 200
 MAX_DEADLINE_S = 7 * 24 * 3600
@@ -389,7 +396,8 @@ class Router(StageWorker):
                 if state is None or state.status != ACTIVE:
                     break
                 update = fail(state, self.tokenizer, "cancelled by client", "cancelled", "cancelled")
-                outcome = await bus.finish_request(self.redis, self.keys, state, update, self.config.pipeline.output_ttl_s)
+                outcome = await bus.apply_round(self.redis, self.keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
+                                                out_entries=update.out_entries, ttl_s=self.config.pipeline.output_ttl_s)
                 if outcome == "applied":
                     self.tally.request_ended("cancelled", "cancelled", state.created_ms, self.clock.now_ms(), tenant=tenant)
                 if outcome != "stale":

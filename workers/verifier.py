@@ -21,7 +21,6 @@ import time
 from collections import OrderedDict
 
 import torch
-from cosine.workers.base import Entry, StageWorker
 
 from cosine import bus, faults
 from cosine.core.acceptance import Verdict, decode_token, emitted_logprobs, verify_round
@@ -33,6 +32,7 @@ from cosine.policy.control import verify_features
 from cosine.policy.routing import tree_feedback
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode, rounds_in
 from cosine.wire.convert import candidate_to_tree, states_to_bytes
+from cosine.workers.base import Entry, StageWorker
 
 RELEASE_INTERVAL_S = 2.0
 MAX_HELD_CONTEXTS = 4096  # requests whose committed tokens a verifier keeps (oldest forgotten first)

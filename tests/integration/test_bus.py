@@ -410,9 +410,8 @@ def test_two_fusion_workers_make_one_tree(server):
 def test_a_fused_round_keeps_its_done_marker_for_the_deadlines_only(server):
     """Regression (soak run): the marker lived 66.5 s, so the number of keys followed the round
     rate of the last minute and Redis memory was not flat under steady load."""
-    from cosine.workers.fusion import FusionWorker
-
     from cosine.wire import Draft, encode
+    from cosine.workers.fusion import FusionWorker
 
     async def scenario():
         client = await fresh(server)
@@ -482,11 +481,10 @@ def test_a_stale_pooled_round_does_not_swallow_the_next_one(server):
     was verified elsewhere) must pool round 4, not acknowledge it as a duplicate."""
     import time
 
-    from cosine.workers.coordinator import Coordinator, _Waiting
-
     from cosine.core.rounds import RequestState
     from cosine.core.sampling import SamplingParams
     from cosine.wire import Candidate, VerifyItem, encode
+    from cosine.workers.coordinator import Coordinator, _Waiting
 
     async def scenario():
         client = await fresh(server)
@@ -512,8 +510,9 @@ def test_a_stale_pooled_round_does_not_swallow_the_next_one(server):
 def test_a_cancellation_turned_into_a_redis_error_still_cancels(server):
     """redis-py can answer a cancellation inside a command with a Redis error; swallowing it
     kept a verifier's claim-renewal task alive forever, and the verifier's batch with it."""
-    from cosine.workers.base import StageWorker
     from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from cosine.workers.base import StageWorker
 
     class Stage(StageWorker):
         role = "stage"
@@ -546,11 +545,10 @@ def test_a_cancellation_turned_into_a_redis_error_still_cancels(server):
 
 
 def test_a_verifier_spends_no_forward_on_rounds_already_applied(server):
-    from cosine.workers.verifier import VerifierWorker
-
     from cosine.core.rounds import RequestState
     from cosine.core.sampling import SamplingParams
     from cosine.wire import Candidate, VerifyItem
+    from cosine.workers.verifier import VerifierWorker
 
     async def scenario():
         client = await fresh(server)
@@ -614,11 +612,10 @@ def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(se
     off the drafter-deadline set, together."""
     import time
 
-    from cosine.workers.coordinator import Coordinator, _Waiting
-
     from cosine.core.sampling import SamplingParams
     from cosine.policy.batching import BatchPolicy
     from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
+    from cosine.workers.coordinator import Coordinator, _Waiting
 
     async def scenario():
         client = await fresh(server)
@@ -657,11 +654,10 @@ def test_a_retired_targets_batches_neither_hold_others_nor_wait_for_their_deadli
     and the unread batches of that target's stream counted as busy verifiers for good (healthy
     batches were held). Now only live targets' streams count, and after the grace such requests
     end with error_code=target_gone, their batches taken off the stream."""
-    from cosine.workers.coordinator import Coordinator
-
     from cosine.core.rounds import RequestState
     from cosine.core.sampling import SamplingParams
     from cosine.wire import Candidate, VerifyBatch, VerifyItem, encode
+    from cosine.workers.coordinator import Coordinator
 
     async def scenario():
         client = await fresh(server)
@@ -696,13 +692,12 @@ def test_batches_fit_the_verifiers_kv_pool(server):
     make the verifier serve its requests one at a time)."""
     import time
 
-    from cosine.workers.base import roster_int
-    from cosine.workers.coordinator import Coordinator, _Waiting, kv_rows_of
-
     from cosine.config import PipelineConfig
     from cosine.core.sampling import SamplingParams
     from cosine.policy.batching import BatchPolicy
     from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
+    from cosine.workers.base import roster_int
+    from cosine.workers.coordinator import Coordinator, _Waiting, kv_rows_of
 
     assert roster_int("fingerprint=x kv_rows=4096 kv_block=16", "kv_rows") == 4096
     assert roster_int("kv_rows=lots", "kv_rows") == 0 and roster_int("caches=3", "kv_rows") == 0
@@ -744,10 +739,9 @@ def test_a_gone_verifiers_own_stream_goes_to_the_shared_streams(server):
     acknowledged is not verified again; a live verifier's stream stays."""
     import time
 
-    from cosine.workers.coordinator import Coordinator
-
     from cosine.core.sampling import SamplingParams
     from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
+    from cosine.workers.coordinator import Coordinator
 
     def batch(name: str, fingerprint: str) -> dict:
         return encode(VerifyBatch(name, [VerifyItem(name, 1, [1, 2], Candidate(name, 1, [], [], [], [], []), SamplingParams(), fingerprint)]))
@@ -791,11 +785,10 @@ def test_work_for_a_moved_stream_goes_to_the_shared_stream(server):
     worker's own stream still gets its work."""
     import time
 
-    from cosine.workers.coordinator import Coordinator, _Waiting
-
     from cosine.core.sampling import SamplingParams
     from cosine.policy.batching import BatchPolicy
     from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
+    from cosine.workers.coordinator import Coordinator, _Waiting
 
     async def scenario():
         client = await fresh(server)
@@ -871,12 +864,11 @@ def test_a_verifier_resolves_contexts_by_reference_from_what_it_keeps_or_from_re
     and after verifying keeps the context that the next round references."""
     from collections import OrderedDict
 
-    from cosine.workers.verifier import VerifierWorker
-
     from cosine.core.rounds import RequestState
     from cosine.core.sampling import SamplingParams
     from cosine.wire import Candidate, VerifiedItem, VerifyItem
     from cosine.wire.context import by_reference
+    from cosine.workers.verifier import VerifierWorker
 
     def item(request_id: str, context: list[int]) -> VerifyItem:
         start, prefix_digest, tail = by_reference(context)
@@ -908,10 +900,9 @@ def test_a_backlogged_or_late_home_drafter_lets_its_requests_go(server):
     """Drafter affinity sends a request's rounds to the drafter that drafted its last one; a home
     with a backlog while another drafter of the expert idles, or one that missed the drafting
     deadline, held its requests: they waited behind it (a stuck one: a deadline every round)."""
-    from cosine.workers.coordinator import DRAFTER_BACKLOG, Coordinator
-
     from cosine.core.rounds import RequestState
     from cosine.core.sampling import SamplingParams
+    from cosine.workers.coordinator import DRAFTER_BACKLOG, Coordinator
 
     async def scenario():
         client = await fresh(server)
@@ -1056,13 +1047,13 @@ def test_no_worker_gateway_or_client_user_can_load_replace_delete_flush_or_resto
         admin.execute_command("ACL", "SETUSER", name, *acl_setuser_rules("pw", rules))
         user = sync_redis.Redis.from_url(f"redis://{name}:pw@{address}")
         attempts = {
-            "load": lambda: user.function_load(forged, replace=True),
-            "load new": lambda: user.function_load(forged.replace(bus.LIBRARY, "cosine_forged")),
-            "delete": lambda: user.function_delete(bus.LIBRARY),
-            "flush": lambda: user.function_flush(),
-            "restore": lambda: user.function_restore(dump, "REPLACE"),
-            "eval": lambda: user.eval("return 1", 0),
-            "script load": lambda: user.script_load("return 1"),
+            "load": lambda user=user: user.function_load(forged, replace=True),
+            "load new": lambda user=user: user.function_load(forged.replace(bus.LIBRARY, "cosine_forged")),
+            "delete": lambda user=user: user.function_delete(bus.LIBRARY),
+            "flush": lambda user=user: user.function_flush(),
+            "restore": lambda user=user: user.function_restore(dump, "REPLACE"),
+            "eval": lambda user=user: user.eval("return 1", 0),
+            "script load": lambda user=user: user.script_load("return 1"),
         }
         for what, attempt in attempts.items():
             with pytest.raises(sync_redis.exceptions.NoPermissionError):
@@ -1157,11 +1148,10 @@ def test_a_verified_result_that_cannot_be_applied_is_verified_again_once_then_en
     strand its rounds: each current one is sent to verification again, without drafts; when
     that fails too, the request ends with one internal final naming the cause. Rounds already
     past are left alone."""
-    from cosine.workers.coordinator import Coordinator
-
     from cosine.core.rounds import RequestState
     from cosine.core.sampling import SamplingParams
     from cosine.wire import Candidate, VerifiedBatch, VerifiedItem, decode, encode
+    from cosine.workers.coordinator import Coordinator
 
     async def scenario():
         client = await fresh(server)
@@ -1189,10 +1179,9 @@ def test_an_unreadable_verification_batch_ends_the_rounds_it_names(server):
     """A verify entry that cannot be decoded (another schema version, over the size cap) is
     dead-lettered with an error result for every round it names: the coordinator ends those
     requests (internal, naming the cause) instead of leaving them to their deadline."""
-    from cosine.workers.verifier import VerifierWorker
-
     from cosine.core.sampling import SamplingParams
     from cosine.wire import Candidate, VerifiedBatch, VerifyBatch, VerifyItem, decode, encode
+    from cosine.workers.verifier import VerifierWorker
 
     async def scenario():
         client = await fresh(server)

@@ -549,7 +549,6 @@ def test_logprobs_are_the_targets_for_every_token_under_speculation(server, tmp_
 
 
 def test_pipelining_sends_drafts_made_ahead_and_stays_lossless(server, tmp_path, demo_target, greedy_references, pipelines):
-    from pathlib import Path
 
     from cosine.models.files import model_directory
 
@@ -581,7 +580,6 @@ def test_pipelining_sends_drafts_made_ahead_and_stays_lossless(server, tmp_path,
 
 
 def test_rounds_stay_with_their_drafter_and_move_on_when_it_is_gone(server, tmp_path, demo_target, greedy_references, pipelines):
-    from pathlib import Path
 
     from cosine.models.files import model_directory
     from cosine.wire import Draft

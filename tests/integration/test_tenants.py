@@ -124,11 +124,10 @@ def test_starts_are_shared_among_tenants(server):
     """While tenant A's burst of 200 waits (4 may run at once), tenant B's 5, sent after the
     burst, start before A's later ones: each start goes to the tenant running fewer. First
     come, first started across tenants made B wait for all 200."""
-    from cosine.workers.router import Router
-
     from cosine.core.rounds import RequestState
     from cosine.core.sampling import SamplingParams
     from cosine.wire.state import state_to_fields
+    from cosine.workers.router import Router
 
     config = Config(pipeline=PipelineConfig(max_requests=4, max_waiting=400, admission_kv=False))
     admin = redis.Redis.from_url(server)

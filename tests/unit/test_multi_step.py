@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 
 from cosine.core.acceptance import decode_token, verify_round
+from cosine.core.rounds import advance
 from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import FINISH_LENGTH, FINISH_STOP
 from cosine.core.tree import DraftTree
-from tests.unit.test_state import EOS, TOKENIZER, POLICY, new_state
-from cosine.core.rounds import advance
+from tests.unit.test_state import EOS, POLICY, TOKENIZER, new_state
 
 VOCAB = 64
 SAMPLED = SamplingParams(temperature=0.9, top_p=1.0, seed=1234)

@@ -83,12 +83,11 @@ def test_a_feature_requests_prefill_comes_in_chunks_with_the_states_of_one_forwa
     states of its chunk's positions only (a prompt's states in one result could pass the wire's
     size cap); the chunks' rows put together are the rows one forward of the prompt gives, and
     the round's own result carries the rest."""
-    from cosine.workers.verifier import VerifierWorker
-
     from cosine.config import Config
     from cosine.core.sampling import SamplingParams
     from cosine.wire import Candidate, VerifyItem
     from cosine.wire.convert import states_from_bytes
+    from cosine.workers.verifier import VerifierWorker
 
     model = tiny()
     prompt = [(7 * i + 3) % 120 + 1 for i in range(50)]

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 import torch
 
-import cosine.wire.messages  # noqa: F401  (patched below)
+import cosine.wire.messages
 from cosine import wire
 from cosine.core.sampling import SamplingParams
 from cosine.wire import (
