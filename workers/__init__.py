@@ -9,11 +9,11 @@ from __future__ import annotations
 
 def build_worker(role: str, config, redis_url: str, *, expert: str | None = None, drafter_name: str | list[str] | None = None):
     if role == "router":
-        from cosine.workers.router import Router
+        from .router import Router
 
         return Router(config, redis_url)
     if role == "drafter":
-        from cosine.workers.drafter import DrafterHost, DrafterWorker
+        from .drafter import DrafterHost, DrafterWorker
 
         names = [drafter_name] if isinstance(drafter_name, str) else list(drafter_name or [])
         if len(names) > 1:  # one process hosting several drafters
@@ -29,15 +29,15 @@ def build_worker(role: str, config, redis_url: str, *, expert: str | None = None
             expert = spec.expert
         return DrafterWorker(config, redis_url, expert, drafter_name)
     if role == "fusion":
-        from cosine.workers.fusion import FusionWorker
+        from .fusion import FusionWorker
 
         return FusionWorker(config, redis_url)
     if role == "coordinator":
-        from cosine.workers.coordinator import Coordinator
+        from .coordinator import Coordinator
 
         return Coordinator(config, redis_url)
     if role == "verifier":
-        from cosine.workers.verifier import VerifierWorker
+        from .verifier import VerifierWorker
 
         return VerifierWorker(config, redis_url)
     raise ValueError(f"unknown role {role!r}")

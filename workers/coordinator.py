@@ -49,8 +49,9 @@ from cosine.wire.context import by_reference
 from cosine.wire.convert import empty_candidate, feedback_from_wire
 from cosine.wire.keys import split_id
 from cosine.wire.state import round_fields, state_from_fields
-from cosine.workers.base import Entry, StageWorker, roster_field, roster_int
-from cosine.workers.models import load_tokenizer_and_limits
+
+from .base import Entry, StageWorker, roster_field, roster_int
+from .models import load_tokenizer_and_limits
 
 CONTROL_LOG_S = 30.0  # how often the cost model's state is logged (INFO)
 EXPLORE_MAX_BATCH = 2  # load control explores drafting only while batches are this small

@@ -36,7 +36,8 @@ from cosine.factory import build_drafter, load_target
 from cosine.models.loading import release_freed_memory
 from cosine.wire import Draft, DraftJob, decode, encode
 from cosine.wire.convert import probs_to_bytes, states_from_bytes
-from cosine.workers.base import Entry, StageWorker, install_drain_handlers
+
+from .base import Entry, StageWorker, install_drain_handlers
 
 
 class DrafterWorker(StageWorker):
@@ -237,8 +238,8 @@ class DrafterWorker(StageWorker):
             if len(stored) < (job.features_start - have) * row_bytes:
                 return None  # not there (yet): this round drafts nothing
             self.log.debug("request %s: %d feature rows read from Redis", job.request_id, job.features_start - have)
-            parts.append(states_from_bytes(stored, width))
-        rows = torch.cat([*parts, new])
+            parts.append(torch.from_numpy(states_from_bytes(stored, width)))
+        rows = torch.cat([*parts, torch.from_numpy(new)])
         self.features[job.request_id] = rows
         while len(self.features) > MAX_HELD_REQUESTS:
             self.features.popitem(last=False)

@@ -24,7 +24,8 @@ from cosine import bus
 from cosine.core.tree import fuse_steps, fused_token, merge_chains
 from cosine.wire import PAYLOAD_FIELD, Draft, DraftJob, decode, encode
 from cosine.wire.convert import draft_to_chain, tree_to_candidate
-from cosine.workers.base import Entry, StageWorker
+
+from .base import Entry, StageWorker
 
 RETAKE_MS = 2_000
 

@@ -11,7 +11,12 @@ from cosine.models.files import load_tokenizer, read_model_config
 
 
 def model_directory(config: Config) -> Path:
-    return files.model_directory(config.model.target_path, config.model.cache_path)
+    try:
+        return files.model_directory(config.model.target_path, config.model.cache_path)
+    except files.NotConverted:  # the first start on this host: converting the GGUF file takes torch, once
+        from cosine.models.loading import resolve_model
+
+        return resolve_model(config.model.target_path, config.model.cache_path)
 
 
 def load_tokenizer_and_limits(config: Config):
@@ -25,6 +30,6 @@ def load_tokenizer_and_limits(config: Config):
 def expert_classifier(config: Config, vocab_size: int):
     """The router's cold-start classifier: per expert, the routing profiles of its drafters
     (profile.safetensors, summed); None when no drafter has one."""
-    from cosine.distill.profile import profile_classifier
+    from cosine.drafters.profile import profile_classifier
 
     return profile_classifier(config.drafters, vocab_size, key=lambda spec: spec.expert)

@@ -23,6 +23,7 @@ from cosine import bus
 from cosine.core.rounds import ACTIVE, RequestState, fail
 from cosine.policy.fairness import start_order
 from cosine.policy.routing import RequestRouting, choose_experts, routing_policy
+from cosine.protocol import refusal_entry
 from cosine.requests import (
     RequestError,
     eos_token_ids,
@@ -36,10 +37,10 @@ from cosine.tenants import Limits, TenantBounds, limits
 from cosine.wire import DraftJob, encode
 from cosine.wire.convert import empty_candidate
 from cosine.wire.keys import DEFAULT_TENANT, qualify, split_id
-from cosine.wire.output import refusal_entry
 from cosine.wire.state import round_fields, state_from_fields, state_to_fields
-from cosine.workers.base import Entry, StageWorker
-from cosine.workers.models import expert_classifier, load_tokenizer_and_limits
+
+from .base import Entry, StageWorker
+from .models import expert_classifier, load_tokenizer_and_limits
 
 MAX_ID_LENGTH = 200
 MAX_DEADLINE_S = 7 * 24 * 3600

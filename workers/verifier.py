@@ -32,7 +32,8 @@ from cosine.policy.control import verify_features
 from cosine.policy.routing import tree_feedback
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode, rounds_in
 from cosine.wire.convert import candidate_to_tree, states_to_bytes
-from cosine.workers.base import Entry, StageWorker
+
+from .base import Entry, StageWorker
 
 RELEASE_INTERVAL_S = 2.0
 MAX_HELD_CONTEXTS = 4096  # requests whose committed tokens a verifier keeps (oldest forgotten first)
@@ -198,6 +199,8 @@ class VerifierWorker(StageWorker):
         for item in items:
             try:
                 tree = candidate_to_tree(item.tree, self.runner.vocab_size)
+                if tree.draft_probs is not None:
+                    tree = dataclasses.replace(tree, draft_probs=torch.from_numpy(tree.draft_probs))
                 if not item.context or any(not 0 <= t < self.runner.vocab_size for t in [*item.context, *tree.tokens]):
                     raise WireError("token id out of the vocabulary")
             except WireError as error:

@@ -7,7 +7,6 @@ calls it, and applies the result atomically (compare-and-set on ``round``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -16,7 +15,7 @@ from cosine.core.params import SamplingParams
 from cosine.core.stopping import FINISH_ERROR, OutputAssembler, StopRules
 from cosine.policy.routing import RequestRouting, RoundFeedback, RoutingPolicy, by_expert
 from cosine.policy.window import WindowPolicy
-from cosine.wire.output import final_entry
+from cosine.protocol import final_entry, tokens_entry
 
 ACTIVE = "active"
 FINISHED = "finished"
@@ -141,10 +140,8 @@ def advance(
     )
     entries = []
     if emission.token_ids or emission.text:
-        entry = {"type": "tokens", "text": emission.text, "token_ids": json.dumps(list(emission.token_ids))}
-        if state.logprobs >= 0:
-            entry["logprobs"] = json.dumps(token_logprobs(tokenizer, emission.token_ids, logprobs or []), ensure_ascii=False)
-        entries.append(entry)
+        listed = token_logprobs(tokenizer, emission.token_ids, logprobs or []) if state.logprobs >= 0 else None
+        entries.append(tokens_entry(emission.text, emission.token_ids, listed))
     if emission.finish_reason:
         entries.append(final_entry(new_state, assembler.text, emission.finish_reason))
     return RoundUpdate(new_state, entries, emission.finish_reason is not None)
@@ -168,6 +165,6 @@ def fail(state: RequestState, tokenizer, reason: str, finish_reason: str = FINIS
     text = tokenizer.decode(state.output_ids, skip_special_tokens=True) if state.output_ids else ""
     entries = []
     if len(text) > state.emitted_chars:  # release held-back text so the pieces join to `text`
-        entries.append({"type": "tokens", "text": text[state.emitted_chars :], "token_ids": "[]"})
+        entries.append(tokens_entry(text[state.emitted_chars :], []))
     entries.append(final_entry(new_state, text, finish_reason, reason, error_code))
     return RoundUpdate(new_state, entries, True)

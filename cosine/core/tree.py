@@ -234,9 +234,10 @@ def _stack(rows: list):
     drafters and the verifier work, NumPy arrays in the fusion stage (which never loads torch)."""
     if isinstance(rows[0], np.ndarray):
         return np.stack(rows)
-    import torch
-
-    return torch.stack(rows)
+    stacked = rows[0].new_empty((len(rows), *rows[0].shape))  # a tensor's own methods: no torch import here
+    for i, row in enumerate(rows):
+        stacked[i] = row
+    return stacked
 
 
 def truncate_to_budget(chains: list[DraftChain], max_nodes: int | None) -> list[DraftChain]:
@@ -267,22 +268,6 @@ def _confidence_order(parents: list[int], confidences: list[float]) -> list[int]
         order.append(node)
         stack.extend(sorted(children.get(node, []), key=lambda n: confidences[n]))
     return order
-
-
-def tree_attention_mask(parents: tuple[int, ...] | list[int]) -> torch.Tensor:
-    """Ancestor mask of a tree: mask[i, j] is True when node j is node i or one of its ancestors.
-
-    parents: [n] -> mask: [n, n] bool.
-    """
-    import torch
-
-    n = len(parents)
-    mask = torch.zeros((n, n), dtype=torch.bool)
-    for node, parent in enumerate(parents):
-        if parent != ROOT:
-            mask[node] = mask[parent]
-        mask[node, node] = True
-    return mask
 
 
 def tree_depth(parents: list[int]) -> int:

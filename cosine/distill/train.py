@@ -43,11 +43,11 @@ from cosine.distill.data import (
     target_argmax,
     tokenize_documents,
 )
-from cosine.distill.model import DraftNet, DraftSpec, soft_cross_entropy, spec_for_target
-from cosine.distill.profile import PROFILE_FILE
+from cosine.drafters.artifact import export, tokenizer_digest, unpack_tensors
+from cosine.drafters.net import DraftNet, DraftSpec, spec_for_target
+from cosine.drafters.profile import PROFILE_FILE
 
 log = logging.getLogger(__name__)
-FORMAT = 1
 FEATURE_LOSS_WEIGHT = 0.1
 STEP_DECAY = 0.8
 
@@ -66,11 +66,6 @@ class TrainPlan:
     seed: int = 0
     train_tokens: int = 0  # > 0: train on a seeded random subset of this many tokens' sequences
     steps: int = 0  # > 0: this many steps (epochs over the data repeat as needed), else epochs
-
-
-def tokenizer_digest(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.blake2b(json.dumps(vocab).encode(), digest_size=8).hexdigest()
 
 
 def prepare_data(model, tokenizer, plan: DataPlan, work: Path, documents: list[corpus.Document], prompts: list[list[dict]], progress: Progress = no_progress) -> dict:
@@ -261,92 +256,6 @@ def train(target, net: DraftNet, train_paths: list[Path], plan: TrainPlan, work:
     return {"steps": total_steps, "epochs": round(total_steps / steps_per_epoch, 2), "seconds": round(seconds, 1), "train_tokens": int(tokens.numel()), "loss_history": history}
 
 
-EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
-SCALE = ".scale"
-
-
-def pack_tensors(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """A drafter's tensors as stored: in ``dtype``; for ``int8``, every matrix as int8 with one
-    fp16 scale per output row (symmetric, absmax / 127: half the bytes of fp16) and vectors
-    (norms) in fp16."""
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"drafter dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
-    packed = {}
-    for name, value in state.items():
-        value = value.detach().float().cpu()
-        if dtype != "int8":
-            packed[name] = value.to(EXPORT_DTYPES[dtype]).contiguous()
-        elif value.dim() == 2:
-            scale = (value.abs().amax(dim=1) / 127).clamp(min=1e-6).to(torch.float16)  # the scale as stored
-            packed[name] = torch.round(value / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            packed[name + SCALE] = scale
-        else:
-            packed[name] = value.to(torch.float16).contiguous()
-    return packed
-
-
-def unpack_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``pack_tensors`` (float32; ``vocab`` left out)."""
-    out = {}
-    for name, value in tensors.items():
-        if name == "vocab" or name.endswith(SCALE):
-            continue
-        if value.dtype == torch.int8:
-            value = value.float() * tensors[name + SCALE].float()[:, None]
-        out[name] = value.float()
-    return out
-
-
-def export(net: DraftNet, plan: TrainPlan, path: Path, meta: dict) -> Path:
-    """``path``/drafter.safetensors (trainable tensors in the plan's dtype + ``vocab``) and
-    ``path``/drafter.json."""
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = pack_tensors(net.state_dict(), plan.dtype)
-    tensors["vocab"] = net.vocab.to(torch.int32).cpu()
-    save_file(tensors, str(path / "drafter.safetensors"))
-    (path / "drafter.json").write_text(json.dumps({"format": FORMAT, "spec": net.spec.to_dict(), **meta}, indent=2))
-    return path
-
-
-def convert_drafter(source: Path, out: Path, dtype: str) -> dict:
-    """Store a drafter's tensors in another dtype (e.g. ``int8`` for the repository); its
-    drafter.json is kept, with the conversion recorded. Returns the new drafter.json."""
-    meta = json.loads((Path(source) / "drafter.json").read_text())
-    tensors = load_file(str(Path(source) / "drafter.safetensors"))
-    packed = pack_tensors(unpack_tensors(tensors), dtype)
-    packed["vocab"] = tensors["vocab"]
-    Path(out).mkdir(parents=True, exist_ok=True)
-    save_file(packed, str(Path(out) / "drafter.safetensors"))
-    meta.setdefault("conversions", []).append({"from": meta.get("stored_dtype", meta.get("training", {}).get("dtype")), "to": dtype})
-    meta["stored_dtype"] = dtype
-    (Path(out) / "drafter.json").write_text(json.dumps(meta, indent=2))
-    return meta
-
-
-def load_drafter_net(path: Path, target) -> tuple[DraftNet, dict]:
-    """A drafter made by ``export``, bound to ``target`` (its embedding and head rows)."""
-    meta_path, weights = Path(path) / "drafter.json", Path(path) / "drafter.safetensors"
-    if not meta_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{path}: no drafter.json / drafter.safetensors (made by `cosine distill`)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: drafter format {meta.get('format')} (this version reads {FORMAT})")
-    spec = DraftSpec.from_dict(meta["spec"])
-    config = target.config
-    if (spec.hidden, spec.vocab_size) != (config.hidden_size, config.vocab_size):
-        raise ValueError(f"{path}: made for a target of width {spec.hidden} and vocabulary {spec.vocab_size}, not {config.hidden_size} / {config.vocab_size}")
-    stored = load_file(str(weights))
-    vocab = stored["vocab"]
-    tensors = unpack_tensors(stored)
-    embedding = target.get_input_embeddings().weight
-    net = DraftNet(spec, embedding, vocab).to(embedding.device)
-    net.load_state_dict({k: v.to(embedding.dtype) for k, v in tensors.items()}, strict=False)
-    missing = set(net.state_dict()) - set(tensors)
-    if missing:
-        raise ValueError(f"{path}: tensors missing: {sorted(missing)[:5]}")
-    return net.eval(), meta
-
-
 def _start_from(net: DraftNet, init: Path) -> dict:
     """Load a drafter's own tensors (not its vocabulary: the head rows come from the target, so
     a drafter can go on with another reduced vocabulary). Returns what it was."""
@@ -444,6 +353,12 @@ def distill(target_model, tokenizer, *, kind: str, work: Path, out: Path, data_p
         meta["init"] = started_from
         # The data's own ranked vocabulary (its summary's reduced_vocab, vocab_coverage) is not used.
         meta["data"] = {**meta["data"], "vocabulary": "the --init drafter's"}
-    export(net, train_plan, out, meta)
+    export(net, train_plan.dtype, out, meta)
     write_profile(list(union_of) if union_of else [work], out)
     return meta
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of -sum_v p_teacher(v) log p_student(v) (KL to the teacher + const)."""
+    teacher = torch.softmax(teacher_logits.float(), dim=-1)
+    return -(teacher * torch.log_softmax(student_logits.float(), dim=-1)).sum(-1).mean()

@@ -27,7 +27,7 @@ import torch
 
 from cosine.core.sampling import restrict_top_k, sample, warp_probs
 from cosine.core.tree import DraftChain
-from cosine.distill.train import load_drafter_net
+from cosine.drafters.artifact import load_drafter_net
 from cosine.drafters.base import DRAFT_SUPPORT, Drafter, DraftRequest
 from cosine.models.loading import prepack_cpu_linears
 from cosine.models.runner import common_prefix
@@ -63,7 +63,7 @@ class SmallDrafter(Drafter):
             what = "drafts from tokens alone ('small')" if self.kind == "small" else "reads the target's hidden states ('feature')"
             raise ValueError(f"drafter {name!r}: {path} holds a {self.net.spec.kind!r} drafter; this kind {what}")
         if tokenizer is not None:
-            from cosine.distill.train import tokenizer_digest
+            from cosine.drafters.artifact import tokenizer_digest
 
             made_for = self.meta.get("target", {}).get("tokenizer")
             if made_for and made_for != tokenizer_digest(tokenizer):

@@ -54,10 +54,19 @@ def cached_hub_snapshot(model_id: str) -> Path:
         ) from error
 
 
+class NotConverted(ModelNotFoundError):
+    """A GGUF file whose safetensors copy is not made yet: ``cosine.models.loading.resolve_model``
+    makes it (with torch), ``cosine models pull`` does so ahead of time."""
+
+    def __init__(self, path: Path, directory: Path, digest: str) -> None:
+        super().__init__(f"GGUF file {path} is not converted to safetensors yet (`cosine models pull` converts it)")
+        self.path, self.directory, self.digest = path, directory, digest
+
+
 def model_directory(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     """The directory transformers loads a model source from: a directory as it is, a GGUF file's
-    safetensors copy (converted on first use, the one case that imports torch), or a hub id's
-    snapshot already in the local cache."""
+    safetensors copy (``NotConverted`` until it is made), or a hub id's snapshot already in the
+    local cache."""
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -65,9 +74,7 @@ def model_directory(source: str | os.PathLike, cache_dir: str | os.PathLike) -> 
         directory, digest = converted_location(path, cache_dir)
         if is_converted(directory):
             return directory
-        from cosine.models.loading import convert_gguf
-
-        return convert_gguf(path, directory, digest)
+        raise NotConverted(path, directory, digest)
     return path if path.is_dir() else cached_hub_snapshot(str(source))
 
 

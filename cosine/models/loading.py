@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from cosine.models.files import CONVERSION_MARK, file_hash, model_directory
+from cosine.models.files import CONVERSION_MARK, NotConverted, file_hash, model_directory
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_model(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
+    """``cosine.models.files.model_directory``, converting a GGUF file on its first use."""
+    try:
+        return model_directory(source, cache_dir)
+    except NotConverted as missing:
+        return convert_gguf(missing.path, missing.directory, missing.digest)
+
+
 def load_model(source: str | os.PathLike, *, cache_dir: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a causal LM and its tokenizer from a directory, a GGUF file or a cached hub id."""
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     transformers_logging.disable_progress_bar()
     path = Path(source).expanduser()
-    directory = model_directory(source, cache_dir)
+    directory = resolve_model(source, cache_dir)
     # The weights' identity: a GGUF copy is named by its file's hash; a hub snapshot by its id.
     weights_id = directory.name if path.suffix == ".gguf" else _directory_hash(path) if path.is_dir() else str(source)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)

@@ -1,7 +1,8 @@
 """Conversions between wire messages and the core's objects (trees, chains, probabilities).
 
-Torch is imported where a tensor is made: the router, fusion and coordinator use this module and
-never load it (a process that imports torch holds ~200 MB more)."""
+Everything here is NumPy: the router, fusion and coordinator use this module and never load torch
+(a process that imports torch holds ~200 MB more); the verifier and drafters make tensors of the
+arrays themselves (``torch.from_numpy``, no copy)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,8 @@ def probs_to_bytes(probs: torch.Tensor | np.ndarray | None) -> list[bytes]:
     return rows
 
 
-def probs_from_bytes(rows: list[bytes], vocab_size: int | None = None, *, tensor: bool = True) -> torch.Tensor | np.ndarray | None:
-    """Sparse rows (``probs_to_bytes``) as a dense float32 [k, vocab] tensor (a NumPy array with
-    ``tensor=False``)."""
+def probs_from_bytes(rows: list[bytes], vocab_size: int | None = None) -> np.ndarray | None:
+    """Sparse rows (``probs_to_bytes``) as a dense float32 [k, vocab] array."""
     if not rows:
         return None
     if any(not isinstance(r, bytes) or len(r) < 4 or (len(r) - 4) % 8 for r in rows):
@@ -56,34 +56,26 @@ def probs_from_bytes(rows: list[bytes], vocab_size: int | None = None, *, tensor
         if not np.all(np.isfinite(values)) or np.any(values < 0):
             raise WireError("draft_probs probabilities must be finite and >= 0")
         dense[i, indices] = values
-    if not tensor:
-        return dense
-    import torch
-
-    return torch.from_numpy(dense)
+    return dense
 
 
 def states_to_bytes(states: torch.Tensor) -> bytes:
     """The target's hidden states [n, d] as fp16 rows (little-endian) for the wire."""
-    import torch
-
-    return states.to(torch.float16).cpu().numpy().astype("<f2").tobytes()
+    return states.half().cpu().numpy().astype("<f2").tobytes()
 
 
-def states_from_bytes(data: bytes, width: int) -> torch.Tensor | None:
-    """fp16 rows of ``width`` as float32 [n, width]; None when the bytes are not whole rows."""
+def states_from_bytes(data: bytes, width: int) -> np.ndarray | None:
+    """fp16 rows of ``width`` as a float32 [n, width] array; None when the bytes are not whole rows."""
     if len(data) % (2 * width):
         return None
-    import torch
-
-    return torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32)).view(-1, width)
+    return np.frombuffer(data, dtype="<f2").astype(np.float32).reshape(-1, width)
 
 
 def draft_to_chain(draft: Draft) -> DraftChain:
     """A drafter's draft as a chain for fusion; its distributions as NumPy rows."""
     if len(draft.tokens) != len(draft.confidences):
         raise WireError("draft tokens and confidences differ in length")
-    probs = probs_from_bytes(draft.draft_probs, tensor=False)
+    probs = probs_from_bytes(draft.draft_probs)
     if probs is not None and probs.shape[0] != len(draft.tokens):
         raise WireError("draft_probs needs one row per token")
     return DraftChain(tuple(draft.tokens), tuple(draft.confidences), probs, draft.drafter)
@@ -104,6 +96,7 @@ def tree_to_candidate(request_id: str, round_index: int, tree: DraftTree, homes:
 
 
 def candidate_to_tree(candidate: Candidate, vocab_size: int | None = None) -> DraftTree:
+    """The fused tree of a candidate, its draft distributions as a NumPy array."""
     probs = probs_from_bytes(candidate.draft_probs, vocab_size)
     rows = 0 if probs is None else probs.shape[0]
     draws = []

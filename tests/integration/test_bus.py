@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 from cosine import bus
 from cosine.config import Config, PipelineConfig
 from cosine.embedded import EmbeddedRedis
+from cosine.protocol import refusal_entry
 from cosine.wire import Keys
-from cosine.wire.output import refusal_entry
 from cosine.wire.state import state_to_fields
 
 KEYS = Keys()

@@ -207,7 +207,7 @@ def test_trained_drafter_sampling_matches_the_target(setting):
         request = DraftRequest(f"t{i % 4}", context, 2, SamplingParams(temperature=TEMPERATURE, seed=i), 0)
         chain = drafter.propose([request])[0]
         assert chain.draft_probs is not None and chain.draft_probs.shape[0] == 2
-        sent = probs_from_bytes(probs_to_bytes(chain.draft_probs), chain.draft_probs.shape[1])
+        sent = torch.from_numpy(probs_from_bytes(probs_to_bytes(chain.draft_probs), chain.draft_probs.shape[1]))
         assert torch.equal(sent, chain.draft_probs) and int((sent > 0).sum(-1).max()) <= DRAFT_SUPPORT
         chains.append(DraftChain(chain.tokens, chain.confidences, sent, chain.drafter))
     pairs = sorted({c.tokens[:2] for c in chains})

@@ -143,7 +143,7 @@ def check_sampler(verify, drafters, fixed=(), n=N, seed=SEED, fusion="tree", wir
             a, b = x1[i], x2[i]
             probs = torch.stack([q0, q_rows[a]])
             if wire:
-                probs = probs_from_bytes(probs_to_bytes(probs), V)
+                probs = torch.from_numpy(probs_from_bytes(probs_to_bytes(probs), V))
             chains.append(DraftChain((a, b), (float(q0[a]), float(q_rows[a, b])), probs, f"d{rank}"))
         tree = merge_chains(chains)
         target_probs = torch.cat([p0_f[None], p_rows_f[list(tree.tokens)]])  # row i + 1: after node i

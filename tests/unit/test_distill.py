@@ -16,9 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cosine.core.sampling import SamplingParams
 from cosine.distill import corpus
 from cosine.distill.data import DataPlan, pack_conversations, reduced_vocabulary
-from cosine.distill.model import DraftNet, spec_for_target
-from cosine.distill.train import TrainPlan, agreement, distill, load_drafter_net, pack_tensors, step_losses, unpack_tensors
+from cosine.distill.train import TrainPlan, agreement, distill, step_losses
+from cosine.drafters.artifact import load_drafter_net, pack_tensors, unpack_tensors
 from cosine.drafters.base import DRAFT_SUPPORT, DraftRequest
+from cosine.drafters.net import DraftNet, spec_for_target
 from cosine.models.loading import prepack_cpu_linears
 
 VOCAB = 96

@@ -105,10 +105,10 @@ def test_a_feature_requests_prefill_comes_in_chunks_with_the_states_of_one_forwa
     while True:
         result = chunked._verify([item(at, 16)])[0]
         assert result.features_start == at
-        rows.append(states_from_bytes(result.features, 64))
+        rows.append(torch.from_numpy(states_from_bytes(result.features, 64)))
         if not result.prefilled:
             break
         assert result.prefilled == at + 16 and len(rows[-1]) == 16
         at = result.prefilled
     assert len(rows) == 4 and (result.accepted_tokens, result.next_token) == (whole.accepted_tokens, whole.next_token)
-    assert torch.allclose(torch.cat(rows), states_from_bytes(whole.features, 64), atol=2e-3)
+    assert torch.allclose(torch.cat(rows), torch.from_numpy(states_from_bytes(whole.features, 64)), atol=2e-3)

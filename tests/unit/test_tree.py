@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cosine.core.tree import ROOT, DraftChain, DraftTree, Draw, chain_tree, merge_chains, tree_attention_mask
+from cosine.core.tree import ROOT, DraftChain, DraftTree, Draw, chain_tree, merge_chains
 
 V = 10
 
@@ -104,27 +104,9 @@ def test_max_nodes_does_not_depend_on_token_values():
     assert len(merge_chains(same, max_nodes=3).draws) == len(merge_chains(different, max_nodes=3).draws) == 3
 
 
-def test_tree_attention_mask_is_ancestor_mask():
+def test_path_to_is_the_node_and_its_ancestors():
     tree = merge_chains(three_chains())  # parents (ROOT, 0, ROOT, 2, 3, 3)
-    expected = torch.tensor(
-        [
-            [1, 0, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0, 0],
-            [0, 0, 1, 0, 0, 0],
-            [0, 0, 1, 1, 0, 0],
-            [0, 0, 1, 1, 1, 0],
-            [0, 0, 1, 1, 0, 1],
-        ],
-        dtype=torch.bool,
-    )
-    assert torch.equal(tree_attention_mask(tree.parents), expected)
-    for node in range(len(tree)):
-        assert torch.nonzero(expected[node]).flatten().tolist() == tree.path_to(node)
-
-
-def test_chain_mask_is_causal():
-    mask = tree_attention_mask([ROOT, 0, 1, 2])
-    assert torch.equal(mask, torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    assert [tree.path_to(node) for node in range(len(tree))] == [[0], [0, 1], [2], [2, 3], [2, 3, 4], [2, 3, 5]]
 
 
 def test_depths():

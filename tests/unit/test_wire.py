@@ -380,7 +380,7 @@ def test_draft_distributions_travel_sparse_and_come_back_exact():
     probs[2, torch.arange(0, 64, 2)] = 1 / 32
     rows = probs_to_bytes(probs)
     assert [len(r) for r in rows] == [4 + 8 * 3, 4 + 8, 4 + 8 * 32]  # against 4 * vocab bytes dense
-    assert torch.equal(probs_from_bytes(rows, vocab), probs)
+    assert torch.equal(torch.from_numpy(probs_from_bytes(rows, vocab)), probs)
     assert probs_to_bytes(None) == [] and probs_from_bytes([]) is None
 
 

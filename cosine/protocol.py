@@ -1,4 +1,7 @@
-"""Entries of the client-facing output stream (``out:{id}``): tokens, final, refusal."""
+"""The client protocol's output entries (``out:{id}``): tokens, final, refusal. Flat string
+fields, so any Redis client reads them; the one place they are built (pure: the speculative core
+uses it, and so does every writer).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,14 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cosine.core.rounds import RequestState
+
+
+def tokens_entry(text: str, token_ids: list[int] | tuple[int, ...], logprobs: list | None = None) -> dict[str, str]:
+    """Text and token ids a round emitted (``logprobs``: per token, when the request asked)."""
+    entry = {"type": "tokens", "text": text, "token_ids": json.dumps(list(token_ids))}
+    if logprobs is not None:
+        entry["logprobs"] = json.dumps(logprobs, ensure_ascii=False)
+    return entry
 
 
 def final_entry(state: RequestState, text: str, finish_reason: str, error: str = "", error_code: str = "") -> dict[str, str]:

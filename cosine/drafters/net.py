@@ -244,9 +244,3 @@ class DraftNet(nn.Module):
             x, kv = block(x, cos, sin, None if past is None else past[i])
             new_past.append(kv)
         return self.norm(x), new_past
-
-
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of -sum_v p_teacher(v) log p_student(v) (KL to the teacher + const)."""
-    teacher = torch.softmax(teacher_logits.float(), dim=-1)
-    return -(teacher * torch.log_softmax(student_logits.float(), dim=-1)).sum(-1).mean()
