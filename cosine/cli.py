@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import typer
 
 from cosine.config import Config, load_config, redacted_url
+from cosine.wire.keys import ROLES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="CoSine: collaborative speculative inference serving.")
 models_app = typer.Typer(no_args_is_help=True, help="Model files.")
@@ -219,7 +220,6 @@ def _client_url(config: Config, redis_url: str | None, admin: bool = False) -> s
     return url
 
 
-ROLES = ("router", "drafter", "fusion", "coordinator", "verifier")
 
 
 @app.command()

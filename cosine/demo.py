@@ -22,6 +22,7 @@ from cosine.config import Config
 from cosine.models.loading import load_model
 from cosine.requests import prompt_token_ids
 from cosine.serve import Supervisor
+from cosine.wire.keys import ROLES
 
 DEMO_PROMPTS = (
     "Write a Python function that checks whether a string is a palindrome.",
@@ -32,7 +33,6 @@ DEMO_PROMPTS = (
     "playground next year.",
 )
 ANSWER_TIMEOUT_S = 120.0  # with no output entry for this long, the demo gives up
-ROLES = {"router", "coordinator", "fusion", "verifier", "drafter"}
 
 
 def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Callable[[str], None]) -> None:
@@ -90,7 +90,7 @@ def _wait_for_workers(client: redis.Redis, namespace: str, timeout: float = 300.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         roles = {k.decode().removeprefix(namespace).split(":")[1] for k in client.scan_iter(match=f"{namespace}live:*")}
-        if ROLES <= roles:
+        if set(ROLES) <= roles:
             return
         time.sleep(0.2)
     raise TimeoutError("the pipeline's workers did not come up")

@@ -44,12 +44,11 @@ from cosine.bus import connect, split_roster
 from cosine.config import DEMO_TARGET_FILE, Config
 from cosine.metrics import render
 from cosine.wire import Keys
-from cosine.wire.keys import DEFAULT_TENANT, check_tenant_name, qualify
+from cosine.wire.keys import DEFAULT_TENANT, ROLES, check_tenant_name, qualify
 
 log = logging.getLogger("cosine.gateway")
 
 READY_ROLES = ("router", "coordinator", "verifier")
-ROLES = ("router", "coordinator", "fusion", "verifier", "drafter")
 FINGERPRINT_TTL_S = 5.0
 METRICS_TTL_S = 1.0  # /metrics reads Redis at most this often
 KEYS_FILE_CHECK_S = 1.0  # the API keys file is looked at this often
@@ -275,13 +274,13 @@ class Gateway:
         keys = self.keys
         if self._streams is None:
             async with self.redis.pipeline(transaction=False) as pipe:
-                self._read_stream_sets(pipe)
-                self._streams = self._stream_names(*await pipe.execute())
+                self._read_stream_registries(pipe)
+                self._streams = keys.streams(*await pipe.execute())
         streams = self._streams
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in (keys.metrics, keys.stats, keys.restarts):
                 pipe.hgetall(name)
-            self._read_stream_sets(pipe)
+            self._read_stream_registries(pipe)
             pipe.zcard(keys.deadlines)
             pipe.zcard(keys.waiting)
             for role in ROLES:
@@ -290,12 +289,14 @@ class Gateway:
             for stream in streams:
                 pipe.xinfo_groups(stream)
             everything = await pipe.execute(raise_on_error=False)
-        fixed, replies = everything[: 10 + len(ROLES)], everything[10 + len(ROLES) :]
+        registries = len(keys.stream_registries())
+        fixed, replies = everything[: 6 + registries + len(ROLES)], everything[6 + registries + len(ROLES) :]
         for reply in fixed:
             if isinstance(reply, Exception):
                 raise reply
-        (stored, stats, restarts, experts, fingerprints, instances, drafter_instances, in_deadlines, waiting, *rosters, server_time) = fixed
-        self._streams = self._stream_names(experts, fingerprints, instances, drafter_instances)
+        stored, stats, restarts = fixed[:3]
+        in_deadlines, waiting, *rosters, server_time = fixed[3 + registries :]
+        self._streams = keys.streams(*fixed[3 : 3 + registries])
         groups = {}
         for stream, reply in zip(streams, replies):
             if isinstance(reply, Exception):
@@ -307,21 +308,13 @@ class Gateway:
         return render(_floats(stored), _floats(stats), {k.decode(): int(v) for k, v in restarts.items()}, groups, live,
                       int(in_deadlines) - int(waiting), int(waiting))
 
-    def _read_stream_sets(self, pipe) -> None:
-        """Queue the reads ``_stream_names`` takes: experts, fingerprints, verifier and drafter instances."""
-        keys = self.keys
-        for name in (keys.experts, keys.fingerprints, keys.verifier_streams):
+    def _read_stream_registries(self, pipe) -> None:
+        """Queue the reads of ``Keys.stream_registries`` (hashes whole: HKEYS is not the gateway's)."""
+        sets, hashes = self.keys.stream_registries()[:3], self.keys.stream_registries()[3:]
+        for name in sets:
             pipe.smembers(name)
-        pipe.hgetall(keys.drafter_streams)
-
-    def _stream_names(self, experts, fingerprints, instances, drafter_instances) -> list[str]:
-        keys = self.keys
-        streams = [keys.requests, keys.cancel, keys.drafts, keys.candidates, keys.verify, keys.verified, keys.dead]
-        streams += [keys.draft(e.decode()) for e in sorted(experts)]
-        streams += [keys.verify_for(f.decode()) for f in sorted(fingerprints)]
-        streams += [keys.verify_at(i.decode()) for i in sorted(instances)]
-        streams += [keys.draft_at(i.decode()) for i in sorted(drafter_instances)]
-        return streams
+        for name in hashes:
+            pipe.hgetall(name)
 
     # ---- pipeline ------------------------------------------------------------------------------
 

@@ -13,21 +13,16 @@ from cosine.bus import split_roster
 from cosine.metrics import ALL, parse_series
 from cosine.tenants import tenant_figures
 from cosine.wire import Keys
-
-ROLES = ("router", "coordinator", "fusion", "verifier", "drafter")
+from cosine.wire.keys import ROLES
 
 
 def read_status(url: str, namespace: str) -> dict:
     client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
     keys = Keys(namespace)
     try:
-        streams = [keys.requests, keys.cancel, keys.drafts, keys.candidates, keys.verify, keys.verified, keys.dead]
-        streams += [keys.draft(e) for e in sorted(client.smembers(keys.experts))]
-        streams += [keys.verify_for(f) for f in sorted(client.smembers(keys.fingerprints))]
-        streams += [keys.verify_at(i) for i in sorted(client.smembers(keys.verifier_streams))]
-        streams += [keys.draft_at(i) for i in sorted(client.hkeys(keys.drafter_streams))]
-        for tenant in sorted(client.hkeys(keys.tenants)):
-            streams += [keys.requests_of(tenant), keys.cancel_of(tenant)]
+        experts, fingerprints, verifiers, drafters, tenants = keys.stream_registries()
+        streams = keys.streams(client.smembers(experts), client.smembers(fingerprints), client.smembers(verifiers),
+                               client.hkeys(drafters), client.hkeys(tenants))
         report: dict = {"streams": {}, "workers": {}, "stats": client.hgetall(keys.stats), "restarts": read_restarts(client, keys),
                         "tenants": tenant_figures(client, namespace)}
         for stream in streams:

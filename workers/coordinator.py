@@ -845,13 +845,13 @@ class Coordinator(StageWorker):
 
     async def _trim(self) -> None:
         """Trim each stream below its oldest entry still pending or unread by any group."""
-        streams = [self.keys.requests, self.keys.cancel, self.keys.drafts, self.keys.candidates, self.keys.verify, self.keys.verified]
-        streams += [self.keys.draft(e.decode()) for e in await self.redis.smembers(self.keys.experts)]
-        streams += [self.keys.verify_for(f.decode()) for f in await self.redis.smembers(self.keys.fingerprints)]
-        streams += [self.keys.verify_at(i.decode()) for i in await self.redis.smembers(self.keys.verifier_streams)]
-        streams += [self.keys.draft_at(i.decode()) for i in await self.redis.hkeys(self.keys.drafter_streams)]
-        for tenant in await self.redis.hkeys(self.keys.tenants):
-            streams += [self.keys.requests_of(tenant.decode()), self.keys.cancel_of(tenant.decode())]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            experts, fingerprints, verifiers, drafters, tenants = self.keys.stream_registries()
+            for name in (experts, fingerprints, verifiers):
+                pipe.smembers(name)
+            for name in (drafters, tenants):
+                pipe.hkeys(name)
+            streams = self.keys.streams(*await pipe.execute())
         for stream in streams:
             await self.guarded(self._trim_stream, stream)
 

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_TENANT = "default"
+# The pipeline's roles, in the order a request meets them.
+ROLES = ("router", "drafter", "fusion", "coordinator", "verifier")
 TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
@@ -224,6 +226,27 @@ class Keys:
     @property
     def experts(self) -> str:
         return f"{self.prefix}experts"
+
+    def stream_registries(self) -> tuple[str, str, str, str, str]:
+        """Where the streams made at run time are named: experts and target fingerprints (sets),
+        verifiers with own streams (set), drafters with own streams and tenants (hashes).
+        Read them (SMEMBERS, SMEMBERS, SMEMBERS, HKEYS, HKEYS) for ``streams``."""
+        return (self.experts, self.fingerprints, self.verifier_streams, self.drafter_streams, self.tenants)
+
+    def streams(self, experts=(), fingerprints=(), verifiers=(), drafters=(), tenants=()) -> list[str]:
+        """Every stream of the pipeline, given the members of ``stream_registries`` (str or
+        bytes): the fixed ones, each expert's and target's queue, each worker's own stream and
+        each tenant's request and cancel streams. The one list the status view, the gateway's
+        metrics and the coordinator's trimming read."""
+        text = lambda values: sorted(v.decode() if isinstance(v, bytes) else v for v in values)  # noqa: E731
+        streams = [self.requests, self.cancel, self.drafts, self.candidates, self.verify, self.verified, self.dead]
+        streams += [self.draft(e) for e in text(experts)]
+        streams += [self.verify_for(f) for f in text(fingerprints)]
+        streams += [self.verify_at(i) for i in text(verifiers)]
+        streams += [self.draft_at(i) for i in text(drafters)]
+        for tenant in text(tenants):
+            streams += [self.requests_of(tenant), self.cancel_of(tenant)]
+        return streams
 
     def group(self, role: str) -> str:
         return f"{self.prefix}{role}"

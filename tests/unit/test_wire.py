@@ -450,3 +450,13 @@ def test_rounds_in_reads_what_decode_refuses(monkeypatch):
     assert wire.rounds_in(encode(draft_job())) == [("req-1", 3)]
     for garbage in ({}, {PAYLOAD_FIELD: b"\xc1"}, {PAYLOAD_FIELD: msgpack.packb([1, 2])}, {PAYLOAD_FIELD: msgpack.packb({"body": {"items": [{"request_id": 1, "round": "x"}]}})}):
         assert wire.rounds_in(garbage) == []
+
+
+def test_one_list_of_the_pipelines_streams_from_its_registries():
+    keys = wire.Keys("cosine:")
+    registries = keys.stream_registries()
+    assert registries == ("cosine:experts", "cosine:fingerprints", "cosine:verifier-streams", "cosine:drafter-streams", "cosine:tenants")
+    streams = keys.streams({b"code", "general"}, [b"fp1"], {b"v-1"}, {b"d-1": b"x"}, {b"acme": b"{}"})
+    assert streams[:7] == [keys.requests, keys.cancel, keys.drafts, keys.candidates, keys.verify, keys.verified, keys.dead]
+    assert streams[7:] == [keys.draft("code"), keys.draft("general"), keys.verify_for("fp1"), keys.verify_at("v-1"), keys.draft_at("d-1"),
+                           keys.requests_of("acme"), keys.cancel_of("acme")]
