@@ -75,6 +75,23 @@ def split_roster(entries: Mapping[bytes, bytes], now_ms: float) -> tuple[dict[st
     return live, gone
 
 
+def roster_field(value: str, name: str) -> str | None:
+    """The ``name=...`` field of a roster value (None when absent)."""
+    for part in value.split():
+        key, _, text = part.partition("=")
+        if key == name:
+            return text
+    return None
+
+
+def roster_int(value: str, name: str) -> int:
+    """An integer ``name=N`` field of a roster value (0 when absent or malformed)."""
+    try:
+        return int(roster_field(value, name) or 0)
+    except ValueError:
+        return 0
+
+
 def redis_url_from_env(url: str | None) -> str | None:
     return url or os.environ.get("COSINE_REDIS_URL") or None
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from cosine.bus import split_roster
+from cosine.bus import roster_field, split_roster
 from cosine.metrics import ALL, parse_series
 from cosine.tenants import tenant_figures
 from cosine.wire import Keys
@@ -138,9 +138,8 @@ def view(now: Snapshot, before: Snapshot | None = None):
         totals.add_column(column)
     experts = {}
     for values in now.workers.get("drafter", {}).values():
-        parts = dict(p.split("=", 1) for p in values.split()[1:] if "=" in p)
-        if "drafter" in parts:
-            experts[parts["drafter"]] = parts.get("expert", "")
+        if drafter := roster_field(values, "drafter"):
+            experts[drafter] = roster_field(values, "expert") or ""
     by_expert: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for name, (drafted, accepted) in sorted(_per_drafter(now.metrics).items()):
         share = f"{accepted / drafted:.1%}" if drafted else "-"

@@ -32,7 +32,16 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from cosine import bus, faults
-from cosine.bus import LibraryMissing, committed_tokens, connect, ensure_group, require_library, split_roster
+from cosine.bus import (
+    LibraryMissing,
+    committed_tokens,
+    connect,
+    ensure_group,
+    require_library,
+    roster_field,
+    roster_int,
+    split_roster,
+)
 from cosine.clock import ServerClock
 from cosine.config import Config
 from cosine.metrics import Tally
@@ -466,7 +475,7 @@ class StageWorker:
     async def live_drafter_experts(self, max_age_s: float = 0.25) -> set[str]:
         """Experts with at least one live drafter (cached briefly)."""
         values = await self.live_values("drafter", max_age_s)
-        return {p.split("=", 1)[1] for value in values for p in value.split() if p.startswith("expert=")}
+        return {expert for value in values if (expert := roster_field(value, "expert"))}
 
     async def mark_phase(self, phase: str) -> None:
         """Test-only: record the fault point this worker is in, for a chaos test's kill log."""
@@ -586,20 +595,3 @@ def run_worker(worker: StageWorker, *, burst: bool = False) -> None:
         uvloop.run(worker.run(burst=burst))
     except ImportError:  # pragma: no cover - uvloop is a dependency, but not on Windows
         asyncio.run(worker.run(burst=burst))
-
-
-def roster_field(value: str, name: str) -> str | None:
-    """The ``name=...`` field of a roster value (None when absent)."""
-    for part in value.split():
-        key, _, text = part.partition("=")
-        if key == name:
-            return text
-    return None
-
-
-def roster_int(value: str, name: str) -> int:
-    """An integer ``name=N`` field of a roster value (0 when absent or malformed)."""
-    try:
-        return int(roster_field(value, name) or 0)
-    except ValueError:
-        return 0

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError, ResponseError
 
 from cosine import bus, faults
+from cosine.bus import roster_field, roster_int
 from cosine.core.logprobs import LogprobsError
 from cosine.core.rounds import ACTIVE, RequestState, RoundUpdate, advance, fail
 from cosine.core.tree import tree_depth
@@ -50,7 +51,7 @@ from cosine.wire.convert import empty_candidate, feedback_from_wire
 from cosine.wire.keys import split_id
 from cosine.wire.state import round_fields, state_from_fields
 
-from .base import Entry, StageWorker, roster_field, roster_int
+from .base import Entry, StageWorker
 from .models import load_tokenizer_and_limits
 
 CONTROL_LOG_S = 30.0  # how often the cost model's state is logged (INFO)

@@ -692,11 +692,11 @@ def test_batches_fit_the_verifiers_kv_pool(server):
     make the verifier serve its requests one at a time)."""
     import time
 
+    from cosine.bus import roster_int
     from cosine.config import PipelineConfig
     from cosine.core.sampling import SamplingParams
     from cosine.policy.batching import BatchPolicy
     from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
-    from cosine.workers.base import roster_int
     from cosine.workers.coordinator import Coordinator, _Waiting, kv_rows_of
 
     assert roster_int("fingerprint=x kv_rows=4096 kv_block=16", "kv_rows") == 4096
