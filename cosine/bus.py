@@ -24,6 +24,7 @@ from redis.exceptions import ResponseError
 
 from cosine.config import redacted_url
 from cosine.wire import Keys
+from cosine.wire.context import check_stored, resolve
 from cosine.wire.keys import qualify, split_id
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,21 @@ async def committed_tokens(client: aioredis.Redis, keys: Keys, request_ids: Sequ
             pipe.hmget(keys.request(request_id), "prompt_ids", "output_ids")
         replies = await pipe.execute()
     return [None if prompt is None or output is None else [*msgpack.unpackb(prompt), *msgpack.unpackb(output)] for prompt, output in replies]
+
+
+async def whole_contexts(client: aioredis.Redis, keys: Keys, held: Mapping[str, list[int]], refs: Sequence) -> list[list[int] | None]:
+    """Whole contexts of jobs or items that reference theirs (``context_start``,
+    ``context_digest``, ``context``): the prefix from what a worker ``held`` of each request,
+    else from the request's hash (one round trip for all); None where the request has moved on
+    since (a stale round) or is gone."""
+    contexts = [resolve(held.get(r.request_id), r.context_start, r.context_digest, r.context) for r in refs]
+    missing = [i for i, context in enumerate(contexts) if context is None]
+    if missing:
+        stored = await committed_tokens(client, keys, [refs[i].request_id for i in missing])
+        for i, tokens in zip(missing, stored):
+            contexts[i] = None if tokens is None else check_stored(tokens, refs[i].context_start, refs[i].context)
+        log.debug("%d of %d contexts read from Redis", len(missing), len(refs))
+    return contexts
 
 
 async def write_and_ack(

@@ -25,7 +25,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,19 +34,14 @@ from redis.exceptions import RedisError
 from cosine import bus, faults
 from cosine.bus import (
     LibraryMissing,
-    committed_tokens,
     connect,
     ensure_group,
     require_library,
-    roster_field,
-    roster_int,
-    split_roster,
 )
 from cosine.clock import ServerClock
 from cosine.config import Config
 from cosine.metrics import Tally
 from cosine.wire import PAYLOAD_FIELD, Keys, WireError
-from cosine.wire.context import check_stored, resolve
 
 log = logging.getLogger(__name__)
 
@@ -435,47 +430,6 @@ class StageWorker:
             done.set()
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(task, 10)
-
-    async def live_values(self, role: str, max_age_s: float = 0.25) -> list[str]:
-        """The liveness values of a role's live workers (cached briefly)."""
-        return list((await self.live_roster(role, max_age_s)).values())
-
-    async def live_roster(self, role: str, max_age_s: float = 0.25) -> dict[str, str]:
-        """A role's live workers, instance -> liveness value (cached briefly): one read of the
-        role's roster, whatever the keyspace holds; entries long expired are removed on the way."""
-        now = time.monotonic()
-        cache = self.__dict__.setdefault("_live_cache", {})
-        cached = cache.get(role)
-        if cached is not None and now - cached[0] < max_age_s:
-            return cached[1]
-        live, gone = split_roster(await self.redis.hgetall(self.keys.roster(role)), self.clock.now_ms())
-        if gone:
-            await self.redis.hdel(self.keys.roster(role), *gone)
-        cache[role] = (now, live)
-        return live
-
-    async def verifier_kv_rows(self) -> int:
-        """Rows of the live verifiers' K/V pools together (their roster values' ``kv_rows``)."""
-        return sum(roster_int(value, "kv_rows") for value in (await self.live_roster("verifier")).values())
-
-    async def whole_contexts(self, held: Mapping[str, list[int]], refs: Sequence[Any]) -> list[list[int] | None]:
-        """Whole contexts of jobs or items that reference theirs (``context_start``,
-        ``context_digest``, ``context``): the prefix from what this worker ``held`` of each
-        request, else from the request's hash (one round trip for all); None where the request
-        has moved on since (a stale round) or is gone."""
-        contexts = [resolve(held.get(r.request_id), r.context_start, r.context_digest, r.context) for r in refs]
-        missing = [i for i, context in enumerate(contexts) if context is None]
-        if missing:
-            stored = await committed_tokens(self.redis, self.keys, [refs[i].request_id for i in missing])
-            for i, tokens in zip(missing, stored):
-                contexts[i] = None if tokens is None else check_stored(tokens, refs[i].context_start, refs[i].context)
-            self.log.debug("%d of %d contexts read from Redis", len(missing), len(refs))
-        return contexts
-
-    async def live_drafter_experts(self, max_age_s: float = 0.25) -> set[str]:
-        """Experts with at least one live drafter (cached briefly)."""
-        values = await self.live_values("drafter", max_age_s)
-        return {expert for value in values if (expert := roster_field(value, "expert"))}
 
     async def mark_phase(self, phase: str) -> None:
         """Test-only: record the fault point this worker is in, for a chaos test's kill log."""

@@ -53,6 +53,7 @@ from cosine.wire.state import round_fields, state_from_fields
 
 from .base import Entry, StageWorker
 from .models import load_tokenizer_and_limits
+from .roster import LiveRoster
 
 CONTROL_LOG_S = 30.0  # how often the cost model's state is logged (INFO)
 EXPLORE_MAX_BATCH = 2  # load control explores drafting only while batches are this small
@@ -126,6 +127,7 @@ class Coordinator(StageWorker):
 
     def __init__(self, config, redis_url: str, instance: str | None = None) -> None:
         super().__init__(config, redis_url, instance)
+        self.rosters = LiveRoster(self)
         spec = config.speculation
         self.control = SpeculationControl(enabled=spec.load_control and spec.max_window > 0, multi_step=spec.multi_step)
         self.drafting: dict[str, tuple[int, float, int, int]] = {}  # request -> (round, sent at, window, drafting at once)
@@ -724,7 +726,7 @@ class Coordinator(StageWorker):
             return
         # A roster read after the registry's, not the cached one: a verifier joins the roster
         # before the registry, so one that just started is not taken for gone.
-        live = set(await self.live_roster("verifier", max_age_s=0.0))
+        live = set(await self.rosters.live("verifier", max_age_s=0.0))
         for instance in sorted(registered - live):
             moved = await bus.move_stream(self.redis, self.keys.verify_at(instance), self.keys.verify, self.keys.verifier_streams,
                                           group=self.keys.group("verifier"), instance=instance, registry_type="set")
@@ -737,7 +739,7 @@ class Coordinator(StageWorker):
         registered = {i.decode(): e.decode() for i, e in (await self.redis.hgetall(self.keys.drafter_streams)).items()}
         if not set(registered) - self.drafter_ids:
             return
-        live = set(await self.live_roster("drafter", max_age_s=0.0))  # fresh: a drafter joins the roster before the registry
+        live = set(await self.rosters.live("drafter", max_age_s=0.0))  # fresh: a drafter joins the roster before the registry
         for instance in sorted(set(registered) - live):
             shared = self.keys.draft(registered[instance])
             moved = await bus.move_stream(self.redis, self.keys.draft_at(instance), shared, self.keys.drafter_streams,
@@ -791,12 +793,12 @@ class Coordinator(StageWorker):
             self.log.info("request %s: deadline passed (%s)", request_id, outcome)
 
     async def _refresh_liveness(self) -> None:
-        self.live_experts = await self.live_drafter_experts()
-        drafters = await self.live_roster("drafter")
+        self.live_experts = await self.rosters.drafter_experts()
+        drafters = await self.rosters.live("drafter")
         self.drafter_ids = set(drafters)
         self.drafter_expert = {instance: roster_field(value, "expert") or "" for instance, value in drafters.items()}
         self.drafter_queued = await self._drafter_queues() if self.config.pipeline.affinity else {}
-        roster = await self.live_roster("verifier")
+        roster = await self.rosters.live("verifier")
         verifiers = list(roster.values())
         self.verifier_ids = set(roster)
         self.live_verifiers = len(verifiers)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cosine.bus import write_and_ack
+from cosine.bus import whole_contexts, write_and_ack
 from cosine.core.tree import DraftChain
 from cosine.deploy import machine_cores, plan_deployment
 from cosine.drafters.base import DraftRequest, propose_ahead
@@ -212,7 +212,7 @@ class DrafterWorker(StageWorker):
 
     async def _contexts(self, jobs: list[DraftJob]) -> list[list[int] | None]:
         """Each job's whole context (``whole_contexts``), kept as the request's last one here."""
-        contexts = await self.whole_contexts(self.contexts, jobs)
+        contexts = await whole_contexts(self.redis, self.keys, self.contexts, jobs)
         for job, context in zip(jobs, contexts):
             if context is not None:
                 self.contexts.pop(job.request_id, None)

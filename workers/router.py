@@ -41,6 +41,7 @@ from cosine.wire.state import round_fields, state_from_fields, state_to_fields
 
 from .base import Entry, StageWorker
 from .models import expert_classifier, load_tokenizer_and_limits
+from .roster import LiveRoster
 
 MAX_ID_LENGTH = 200
 MAX_DEADLINE_S = 7 * 24 * 3600
@@ -61,6 +62,10 @@ class Router(StageWorker):
     waiting = False  # requests were waiting at the last look (pipeline.max_waiting)
     tenant_limits: dict[str, Limits] = {}
     tenants_read = -1e9  # when the registry was last read (monotonic)
+
+    def __init__(self, config, redis_url: str, instance: str | None = None) -> None:
+        super().__init__(config, redis_url, instance)
+        self.rosters = LiveRoster(self)
 
     def input_streams(self) -> list[str]:
         return list(self._streams())
@@ -205,7 +210,7 @@ class Router(StageWorker):
             deadline_ms=state.deadline_ms, ttl_s=pipeline.output_ttl_s, fields=state_to_fields(state),
             job_streams=streams, payload=payload,
             refusal=refusal_entry(f"request id {client_id!r} is already in use", "invalid", "id"),
-            max_requests=pipeline.max_requests, token_budget=await self.verifier_kv_rows() if pipeline.admission_kv else 0,
+            max_requests=pipeline.max_requests, token_budget=await self.rosters.verifier_kv_rows() if pipeline.admission_kv else 0,
             tokens=len(state.prompt_ids) + state.max_tokens, max_waiting=pipeline.max_waiting, busy=refusal_entry(self._busy_reason(), "busy"),
             tenant_max=self._limits(tenant).max_requests, tenant_busy=refusal_entry(self._tenant_busy_reason(tenant), "busy"),
         )
@@ -219,7 +224,7 @@ class Router(StageWorker):
 
     async def _first_job(self, state: RequestState) -> tuple[list[str], bytes]:
         """The streams and payload of a request's round 0."""
-        live = await self.live_drafter_experts()
+        live = await self.rosters.drafter_experts()
         experts = [e for e in state.experts if e in live]  # fusion waits only for experts that can answer
         # Under load control the first round goes straight to verification: the verifier reads
         # the prompt anyway, drafters would too (a prefill each) before anything is known of the
@@ -294,7 +299,7 @@ class Router(StageWorker):
             return  # nobody waits, or every slot is taken (the start call checks again, exactly)
         waiting = {t: [(m.decode(), score) for m, score in per_tenant[3 * i]] for i, t in enumerate(tenants)}
         started = {t: per_tenant[3 * i + 1] - per_tenant[3 * i + 2] for i, t in enumerate(tenants)}
-        budget = await self.verifier_kv_rows() if pipeline.admission_kv else 0
+        budget = await self.rosters.verifier_kv_rows() if pipeline.admission_kv else 0
         for request_id in start_order(waiting, started, 16):
             fields = await self.redis.hgetall(self.keys.request(request_id))
             state = state_from_fields(fields) if fields else None

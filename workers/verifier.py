@@ -152,7 +152,7 @@ class VerifierWorker(StageWorker):
     async def _whole_contexts(self, items: list[VerifyItem]) -> list[VerifyItem]:
         """Items with their whole contexts (``whole_contexts``); an item whose request has moved
         on since is dropped (stale)."""
-        contexts = await self.whole_contexts(self.contexts, items)
+        contexts = await bus.whole_contexts(self.redis, self.keys, self.contexts, items)
         return [dataclasses.replace(i, context=c, context_start=0, context_digest=b"") for i, c in zip(items, contexts) if c is not None]
 
     def _remember(self, items: list[VerifyItem], results: list[VerifiedItem]) -> None:
