@@ -35,7 +35,7 @@ class ModelConfig:
     kv_cache_mb: int = 1024
     # CPU only: "onednn" runs the linear layers on weights reordered once for oneDNN (on some
     # CPUs a pass over k new tokens then costs about one token's; on others each call carries
-    # a fixed overhead that makes decoding 1.7x slower), "plain" keeps transformers' own layers,
+    # a fixed overhead that makes decoding slower), "plain" keeps transformers' own layers,
     # "auto" times both at start-up and keeps the faster.
     cpu_linear: str = "auto"
 
@@ -150,8 +150,8 @@ class DrafterConfig:
     # model.threads); a drafter and the verifier of one request take turns, so on a small
     # machine the verifier gets every core and a drafter one.
     threads: int = 1
-    # small / feature on a CPU: int8 weights (dynamically quantized linears, ~3x faster drafting
-    # at the same acceptance); false: fp32 (bf16 where the CPU has it). The target is never quantized.
+    # small / feature on a CPU: int8 weights (dynamically quantized linears: faster drafting at
+    # the same acceptance); false: fp32 (bf16 where the CPU has it). The target is never quantized.
     int8: bool = True
 
     def __post_init__(self) -> None:

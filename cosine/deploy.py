@@ -10,7 +10,7 @@ One rule decides two things, for ``cosine serve`` and for a lone ``cosine worker
   expert queue read by it. Where they fit, each drafter gets a process of its own.
 - **Pipelining** (drafting the next round while this one is verified) pays only where drafters
   have cores of their own: on cores the verifier uses, a draft made ahead takes the verifier's
-  time (measured: 6% slower at one request on two shared cores).
+  time (slower at one request on two shared cores: docs/benchmarks.md).
 
 Explicit settings win: ``serve.drafter_processes = "shared" | "separate"`` and
 ``speculation.pipelining = "on" | "off"``; "auto" (the default) applies the rule.

@@ -62,8 +62,9 @@ class EmbeddedRedis:
 
     ``fsync`` is the append-only file's ``appendfsync`` policy. The default, ``everysec``, hands
     a write to the OS before acknowledging it (unless a slow disk makes valkey postpone writes),
-    so a killed server loses nothing; ``always`` also survives a crash of the machine, but costs
-    3-7x per sequential write here, and far more on a busy disk (docs/operations.md, ``cosine serve``).
+    so a killed server loses nothing; ``always`` also survives a crash of the machine, but waits
+    for the disk on every write, far longer on a busy disk (figures in docs/operations.md,
+    ``cosine serve``).
     """
 
     def __init__(self, data_dir: str | os.PathLike | None = None, *, persistence: bool = True, fsync: str = "everysec", port: int | None = None) -> None:

@@ -96,8 +96,7 @@ class StageWorker:
         # Every torch call of a worker runs on this one thread (off_loop), the model's loading
         # included: a second thread running torch ops gets its own OpenMP team, the process then
         # has more OpenMP threads than cores, libgomp stops spinning between parallel regions and
-        # both go slow (measured here: the local engine's round 45 ms on one thread, 84 ms on
-        # either once a second thread had run it).
+        # both go slow (a round's time nearly doubles).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-model")
         # One logger per stage (cosine.workers.router, ...): every line names the stage it came from.
         self.log = logging.getLogger(f"{__name__.rsplit('.', 1)[0]}.{self.role}")

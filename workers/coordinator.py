@@ -676,7 +676,7 @@ class Coordinator(StageWorker):
             batch_size = self.batch_policy.fair_share(self.active, self.live_verifiers)  # requests per batch at this load
             experts = experts[: self.control.cooperating(len(experts), batch_size)]  # the best ranked first
             # Exploration only at low load: under load a drafted round costs its batch-mates too
-            # (measured: one round in 50 drafted cost a fifth of the throughput at 16 requests).
+            # (even rare exploration cost a large share of the throughput at 16 requests).
             if batch_size <= EXPLORE_MAX_BATCH and self.control.explore(state.request_id, state.round, state.drafted_rounds):
                 pass  # drafts at its adaptive window
             elif planned is not None and planned[0] == state.round:

@@ -69,9 +69,9 @@ class SmallDrafter(Drafter):
             if made_for and made_for != tokenizer_digest(tokenizer):
                 raise ValueError(f"drafter {name!r}: {path} was made for another tokenizer than the target's")
         # Drafting is memory-bound on a CPU (a few rows through ~50 MB of fp32 weights per step):
-        # int8 weights read a quarter of the bytes (DraftNet.quantize_int8: 3.4x faster per
-        # drafted token here, same agreement with the target); without int8 kernels, bf16
-        # where the CPU has it natively; else fp32 through oneDNN.
+        # int8 weights read a quarter of the bytes (DraftNet.quantize_int8: faster per drafted
+        # token at the same agreement with the target); without int8 kernels, bf16 where the
+        # CPU has it natively; else fp32 through oneDNN.
         device = self.net.head.device
         self.int8 = int8 and cpu_int8(device) and self.net.head.dtype == torch.float32
         if self.int8:

@@ -206,10 +206,10 @@ class DraftNet(nn.Module):
     def quantize_int8(self) -> DraftNet:
         """Inference on a CPU with int8 weights: every linear layer and the head become dynamically
         quantized linears (int8 weights per output channel, activations quantized per call;
-        fbgemm/oneDNN int8 kernels). Drafting a token reads ~4x fewer weight bytes: on the
-        2-core machine 0.77 ms per drafted token instead of 2.60, at the same agreement with
-        the target (38.5% vs 38.8% on 915 positions). The verifier alone decides what is
-        accepted, so a drafter may be approximate; the target is never quantized."""
+        fbgemm/oneDNN int8 kernels). Drafting is memory-bound, and a token then reads a quarter
+        of the weight bytes, at the same agreement with the target (figures in
+        docs/drafters.md). The verifier alone decides what is accepted, so a drafter may be
+        approximate; the target is never quantized."""
         import warnings
 
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic

@@ -155,10 +155,9 @@ def prepack_cpu_linears(model: torch.nn.Module) -> int:
 
     Inference only (the reordered weights take no gradient). The results match the plain layers
     to float rounding; what changes is speed, and which is faster depends on the CPU: on one
-    machine of this project a forward over 2-8 new tokens cost about one token's with them where
-    plain GEMMs cost up to twice as much; on another (Sapphire Rapids, 2 threads) each oneDNN
-    call carried ~50-150 us more and a decoding step took 1.7x as long. ``choose_cpu_linears``
-    measures instead of guessing.
+    machine a forward over a few new tokens costs about one token's with them where plain GEMMs
+    cost up to twice as much; on another each oneDNN call carries a fixed overhead that makes a
+    decoding step slower. ``choose_cpu_linears`` measures instead of guessing.
     """
     swapped = _prepack(model)
     _free_dense_weights(model, swapped)

@@ -78,8 +78,8 @@ class BatchPolicy:
         Maximises ``sum(expected + latency_weight * age) / cost_ms(batch size, fed tokens)``
         over the batch, greedily: candidates waiting ``starve_s`` or more go first (oldest
         first), then requests' first rounds (first-come: admitting a request is what keeps later
-        batches full, which one batch's ratio does not see — held back, they cost 7–13% of the
-        throughput in bench/load.py's ablation), then the others by their value per fed token,
+        batches full, which one batch's ratio does not see — held back, they cost throughput in
+        bench/load.py's ablation), then the others by their value per fed token,
         each kept only if it raises the ratio; at most ``max_batch`` candidates and
         ``max_tokens`` fed tokens of rounds after the first (a starved candidate bigger than
         the budget still goes, alone), and only candidates whose K/V rows together fit the
