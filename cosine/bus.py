@@ -168,6 +168,18 @@ async def committed_tokens(client: aioredis.Redis, keys: Keys, request_ids: Sequ
     return [None if prompt is None or output is None else [*msgpack.unpackb(prompt), *msgpack.unpackb(output)] for prompt, output in replies]
 
 
+def read_stream_registries(pipe, keys: Keys) -> int:
+    """Queue on ``pipe`` (synchronous or asyncio) the reads of ``Keys.stream_registries`` whose
+    replies, in order, are ``Keys.streams``' arguments; returns how many replies they make.
+    Hashes are read whole (HKEYS is not every user's command: the gateway's is HGETALL)."""
+    experts, fingerprints, verifiers, drafters, tenants = keys.stream_registries()
+    for name in (experts, fingerprints, verifiers):
+        pipe.smembers(name)
+    for name in (drafters, tenants):
+        pipe.hgetall(name)
+    return 5
+
+
 async def whole_contexts(client: aioredis.Redis, keys: Keys, held: Mapping[str, list[int]], refs: Sequence) -> list[list[int] | None]:
     """Whole contexts of jobs or items that reference theirs (``context_start``,
     ``context_digest``, ``context``): the prefix from what a worker ``held`` of each request,

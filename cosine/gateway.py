@@ -40,7 +40,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from cosine import openai_api as api
-from cosine.bus import connect, split_roster
+from cosine.bus import connect, read_stream_registries, split_roster
 from cosine.config import DEMO_TARGET_FILE, Config
 from cosine.metrics import render
 from cosine.wire import Keys
@@ -274,13 +274,13 @@ class Gateway:
         keys = self.keys
         if self._streams is None:
             async with self.redis.pipeline(transaction=False) as pipe:
-                self._read_stream_registries(pipe)
+                read_stream_registries(pipe, keys)
                 self._streams = keys.streams(*await pipe.execute())
         streams = self._streams
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in (keys.metrics, keys.stats, keys.restarts):
                 pipe.hgetall(name)
-            self._read_stream_registries(pipe)
+            registries = read_stream_registries(pipe, keys)
             pipe.zcard(keys.deadlines)
             pipe.zcard(keys.waiting)
             for role in ROLES:
@@ -289,7 +289,6 @@ class Gateway:
             for stream in streams:
                 pipe.xinfo_groups(stream)
             everything = await pipe.execute(raise_on_error=False)
-        registries = len(keys.stream_registries())
         fixed, replies = everything[: 6 + registries + len(ROLES)], everything[6 + registries + len(ROLES) :]
         for reply in fixed:
             if isinstance(reply, Exception):
@@ -307,14 +306,6 @@ class Gateway:
         live = {role: len(split_roster(roster, now_ms)[0]) for role, roster in zip(ROLES, rosters)}
         return render(_floats(stored), _floats(stats), {k.decode(): int(v) for k, v in restarts.items()}, groups, live,
                       int(in_deadlines) - int(waiting), int(waiting))
-
-    def _read_stream_registries(self, pipe) -> None:
-        """Queue the reads of ``Keys.stream_registries`` (hashes whole: HKEYS is not the gateway's)."""
-        sets, hashes = self.keys.stream_registries()[:3], self.keys.stream_registries()[3:]
-        for name in sets:
-            pipe.smembers(name)
-        for name in hashes:
-            pipe.hgetall(name)
 
     # ---- pipeline ------------------------------------------------------------------------------
 

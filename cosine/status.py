@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from cosine.bus import roster_field, split_roster
+from cosine.bus import read_stream_registries, roster_field, split_roster
 from cosine.metrics import ALL, parse_series
 from cosine.tenants import tenant_figures
 from cosine.wire import Keys
@@ -20,9 +20,9 @@ def read_status(url: str, namespace: str) -> dict:
     client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
     keys = Keys(namespace)
     try:
-        experts, fingerprints, verifiers, drafters, tenants = keys.stream_registries()
-        streams = keys.streams(client.smembers(experts), client.smembers(fingerprints), client.smembers(verifiers),
-                               client.hkeys(drafters), client.hkeys(tenants))
+        pipe = client.pipeline(transaction=False)
+        read_stream_registries(pipe, keys)
+        streams = keys.streams(*pipe.execute())
         report: dict = {"streams": {}, "workers": {}, "stats": client.hgetall(keys.stats), "restarts": read_restarts(client, keys),
                         "tenants": tenant_figures(client, namespace)}
         for stream in streams:

@@ -643,10 +643,9 @@ class Coordinator(StageWorker):
                                         out_entries=update.out_entries, ttl_s=self.config.pipeline.output_ttl_s)
         features, start = (item.features, item.features_start) if item is not None and item.features else (b"", 0)
         # The round's states cover positions start .. L'-2 (all but the new last token).
-        rows = max(0, len(update.state.context) - 1 - start) if features else 0
-        if features and (rows == 0 or len(features) % rows):
-            self.log.warning("request %s round %d: %d bytes of states for %d positions; dropped", state.request_id, state.round, len(features), rows)
-            features, start, rows = b"", 0, 0
+        rows = self._state_rows(state, features, len(update.state.context) - 1 - start)
+        if not rows:
+            features, start = b"", 0
         streams, payload = self._next_round(update.state, features, start)
         return bus.apply_round_call(
             self.keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
@@ -656,15 +655,22 @@ class Coordinator(StageWorker):
     def _chunk_call(self, state: RequestState, item: VerifiedItem) -> tuple[list[str], list]:
         """The call that stores a prefill chunk's states (positions features_start ..
         prefilled - 1) and queues the round's next try, with no other change to the request."""
-        rows = item.prefilled - item.features_start
-        features = item.features if rows > 0 and len(item.features) % rows == 0 else b""
-        if not features:
-            self.log.warning("request %s: %d bytes of states for %d chunk positions; dropped", state.request_id, len(item.features), rows)
+        rows = self._state_rows(state, item.features, item.prefilled - item.features_start)
         return bus.apply_round_call(
             self.keys, request_id=state.request_id, expected_round=state.round, fields={}, out_entries=[],
             job_streams=[self.keys.candidates], payload=encode(empty_candidate(state))[b"m"],
-            features=features, features_start=item.features_start, feature_rows=rows if features else 0,
+            features=item.features if rows else b"", features_start=item.features_start, feature_rows=rows,
         )
+
+    def _state_rows(self, state: RequestState, features: bytes, positions: int) -> int:
+        """``positions`` when ``features`` are that many whole rows of states, else 0: states
+        that do not fit are dropped (logged), and the next round ships them again."""
+        if not features:
+            return 0
+        if positions <= 0 or len(features) % positions:
+            self.log.warning("request %s round %d: %d bytes of states for %d positions; dropped", state.request_id, state.round, len(features), positions)
+            return 0
+        return positions
 
     def _next_round(self, state: RequestState, features: bytes = b"", features_start: int = 0) -> tuple[list[str | tuple[str, str]], bytes]:
         experts = [e for e in state.experts if e in self.live_experts]
@@ -849,11 +855,7 @@ class Coordinator(StageWorker):
     async def _trim(self) -> None:
         """Trim each stream below its oldest entry still pending or unread by any group."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            experts, fingerprints, verifiers, drafters, tenants = self.keys.stream_registries()
-            for name in (experts, fingerprints, verifiers):
-                pipe.smembers(name)
-            for name in (drafters, tenants):
-                pipe.hkeys(name)
+            bus.read_stream_registries(pipe, self.keys)
             streams = self.keys.streams(*await pipe.execute())
         for stream in streams:
             await self.guarded(self._trim_stream, stream)

@@ -13,10 +13,10 @@ from cosine.models.files import load_tokenizer, read_model_config
 def model_directory(config: Config) -> Path:
     try:
         return files.model_directory(config.model.target_path, config.model.cache_path)
-    except files.NotConverted:  # the first start on this host: converting the GGUF file takes torch, once
-        from cosine.models.loading import resolve_model
+    except files.NotConverted as missing:  # the first start on this host: converting the GGUF file takes torch, once
+        from cosine.models.loading import convert_missing
 
-        return resolve_model(config.model.target_path, config.model.cache_path)
+        return convert_missing(missing)
 
 
 def load_tokenizer_and_limits(config: Config):

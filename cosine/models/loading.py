@@ -59,7 +59,12 @@ def resolve_model(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Pa
     try:
         return model_directory(source, cache_dir)
     except NotConverted as missing:
-        return convert_gguf(missing.path, missing.directory, missing.digest)
+        return convert_missing(missing)
+
+
+def convert_missing(missing: NotConverted) -> Path:
+    """Make the safetensors copy ``model_directory`` found missing (its file hashed once)."""
+    return convert_gguf(missing.path, missing.directory, missing.digest)
 
 
 def load_model(source: str | os.PathLike, *, cache_dir: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> LoadedModel:

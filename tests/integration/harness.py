@@ -217,3 +217,9 @@ def greedy_chain(model, prompt_ids: list[int], max_tokens: int, eos_ids) -> list
             if token in eos_ids:
                 break
     return ids[len(prompt_ids):]
+
+
+def skewed(seconds: float) -> dict[str, str]:
+    """A worker's environment that runs its whole process's wall clock ``seconds`` off (a
+    start-up hook: ``tests/skewed_clock/sitecustomize.py``)."""
+    return {"PYTHONPATH": str(ROOT / "tests" / "skewed_clock"), "COSINE_TEST_CLOCK_SKEW_S": str(seconds)}

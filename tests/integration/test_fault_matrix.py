@@ -42,7 +42,7 @@ from cosine.tenants import TenantBounds, add_tenant
 from cosine.wire import SCHEMA_VERSION, Keys
 from cosine.wire.keys import qualify
 from tests.conftest import cache_dir
-from tests.integration.harness import ROOT, Pipeline, greedy_chain, make_chain_model, write_config
+from tests.integration.harness import ROOT, Pipeline, greedy_chain, make_chain_model, skewed, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
@@ -165,10 +165,6 @@ class Cluster:
         process = self.start(role, env)
         self.pipeline.wait_live(role, PER_ROLE, timeout=120)
         return process
-
-
-def skewed(seconds: float) -> dict[str, str]:
-    return {"PYTHONPATH": str(ROOT / "tests" / "skewed_clock"), "COSINE_TEST_CLOCK_SKEW_S": str(seconds)}
 
 
 def inject_garbage(client: redis.Redis, load: Load) -> int:

@@ -19,7 +19,7 @@ import redis
 from cosine.bus import setup_library
 from cosine.embedded import EmbeddedRedis
 from tests.conftest import cache_dir
-from tests.integration.harness import ROOT, Pipeline, final_of, read_output, submit, write_config
+from tests.integration.harness import ROOT, Pipeline, final_of, read_output, skewed, submit, write_config
 
 pytestmark = pytest.mark.model
 MAX_TOKENS = 10
@@ -253,11 +253,6 @@ def test_a_result_the_coordinator_cannot_apply_strands_nothing(server, tmp_path,
         assert final["finish_reason"] in ("stop", "length") and json.loads(final["token_ids"]) == greedy_references[index][:MAX_TOKENS], final
     assert {f[b"stage"] for _, f in client.xrange("cosine:dead")} == {b"coordinator"}
     assert client.zcard("cosine:deadlines") == 0 and all(process.poll() is None for process in pipeline.processes)
-
-
-def skewed(seconds: float) -> dict[str, str]:
-    """A worker's environment that runs its whole process's wall clock ``seconds`` off."""
-    return {"PYTHONPATH": str(ROOT / "tests" / "skewed_clock"), "COSINE_TEST_CLOCK_SKEW_S": str(seconds)}
 
 
 def test_workers_on_hosts_whose_clocks_disagree_by_twenty_seconds_serve_as_one(server, tmp_path, demo_target, greedy_references, pipelines):
