@@ -60,6 +60,7 @@ def run(out: Path, requests: int, max_tokens: int) -> None:
                     params = {"temperature": 0.8, "top_p": 0.95, "seed": 1000 + index} if mode == "sampled" else {}
                     final = client.generate(messages=[{"role": "user", "content": text}], max_tokens=max_tokens,
                                             request_id=f"golden-{mode}-{index}", **params)
+                    final = final.to_fields() if hasattr(final, "to_fields") else final  # older checkouts' clients return the fields
                     finals.append({"request": f"{mode}-{index}", **{k: v for k, v in final.items() if k not in ("id",)}})
                     print(f"{mode}-{index}: {final['finish_reason']} {final['generated_tokens']} tokens, {final['rounds']} rounds", flush=True)
     finally:

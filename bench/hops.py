@@ -244,7 +244,7 @@ def main() -> None:
             began = time.perf_counter()
             final = client.generate(messages=item["messages"], max_tokens=args.max_tokens)
             totals["latency_s"] += time.perf_counter() - began
-            totals["rounds"] += int(final["rounds"])
+            totals["rounds"] += final.rounds
             events = tap.finish()
             requested = [e[0] for e in events if e[2] == "requests"]
             typed_rounds.extend(rounds_by_kind(requested[0] if requested else events[0][0], tap))

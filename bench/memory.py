@@ -52,7 +52,7 @@ def main() -> None:
 
         def ask(index: int) -> int:
             final = client.generate(messages=prompts[index % len(prompts)]["messages"], request_id=f"mem-{index}-{time.time_ns()}", max_tokens=args.max_tokens)
-            return int(final["generated_tokens"])
+            return final.generated_tokens
 
         with ThreadPoolExecutor(args.concurrency) as pool:
             tokens = sum(pool.map(ask, range(args.requests)))

@@ -180,9 +180,9 @@ def main() -> None:
                             fields |= {"temperature": args.temperature, "seed": seed}
                         t0 = time.perf_counter()
                         final = client.generate(messages=prompts[set_name][index]["messages"], **fields)
-                        seconds, out = time.perf_counter() - t0, json.loads(final["token_ids"])
-                        counters["pipeline"]["drafted"] += int(final["draft_tokens"])
-                        counters["pipeline"]["accepted"] += int(final["accepted_tokens"])
+                        seconds, out = time.perf_counter() - t0, final.token_ids
+                        counters["pipeline"]["drafted"] += final.draft_tokens
+                        counters["pipeline"]["accepted"] += final.accepted_tokens
                         counters["pipeline"]["rounds"] += int(final["rounds"])
                     latencies[system][set_name][index].append(seconds)
                     if repeat == 0:

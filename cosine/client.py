@@ -5,6 +5,7 @@
         for piece in client.stream(messages=[{"role": "user", "content": "Hi"}], max_tokens=32):
             print(piece.text, end="")
         final = client.generate(prompt="The capital of France is", max_tokens=8)
+        print(final.text, final.finish_reason, final.token_ids)   # a cosine.protocol.Final
 
 A request that gets no answer within ``timeout`` seconds raises ``TimeoutError`` with a hint
 (no live verifier is the usual cause). A Redis server that does not answer a call for
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aioredis
 
+from cosine.protocol import Final
 from cosine.wire import Keys
 from cosine.wire.keys import DEFAULT_TENANT, check_tenant_name, qualify
 
@@ -41,6 +43,11 @@ class Piece:
     @property
     def finish_reason(self) -> str | None:
         return self.fields.get("finish_reason")
+
+    @property
+    def final(self) -> Final:
+        """A final entry, typed (``cosine.protocol.Final``)."""
+        return Final.from_fields(self.fields)
 
     @property
     def logprobs(self) -> list[dict]:
@@ -154,10 +161,10 @@ class Client:
     def stream(self, prompt=None, messages=None, request_id=None, **params) -> Iterator[Piece]:
         yield from self.read(self.submit(prompt, messages, request_id, **params))
 
-    def generate(self, prompt=None, messages=None, request_id=None, **params) -> dict[str, str]:
+    def generate(self, prompt=None, messages=None, request_id=None, **params) -> Final:
         for piece in self.stream(prompt, messages, request_id, **params):
             if piece.type == "final":
-                return piece.fields
+                return piece.final
         raise RuntimeError("output stream ended without a final entry")
 
 
@@ -204,9 +211,9 @@ class AsyncClient:
             if reply:
                 deadline = time.monotonic() + timeout
 
-    async def generate(self, prompt=None, messages=None, request_id=None, **params) -> dict[str, str]:
+    async def generate(self, prompt=None, messages=None, request_id=None, **params) -> Final:
         request_id = await self.submit(prompt, messages, request_id, **params)
         async for piece in self.read(request_id):
             if piece.type == "final":
-                return piece.fields
+                return piece.final
         raise RuntimeError("output stream ended without a final entry")

@@ -8,7 +8,6 @@ outputs are identical (they must be).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,16 +65,16 @@ def run_demo(config: Config, config_path: Path | None, max_tokens: int, echo: Ca
             began = time.perf_counter()
             final = _ask(client, f"demo-{index}-{int(time.time())}", prompt, max_tokens)
             pipeline_s += time.perf_counter() - began
-            tokens = json.loads(final["token_ids"])
+            tokens = final.token_ids
             identical += tokens == output[0, len(ids) :].tolist()[: len(tokens)]
-            drafted += int(final["draft_tokens"])
-            accepted += int(final["accepted_tokens"])
-            for name, counts in json.loads(final.get("drafters") or "{}").items():
+            drafted += final.draft_tokens
+            accepted += final.accepted_tokens
+            for name, counts in final.drafters.items():
                 mine = by_drafter.setdefault(name, [0, 0])
                 mine[0] += counts["drafted"]
                 mine[1] += counts["accepted"]
-            echo(f"> {prompt[:72]}\n{final['text'].strip()}")
-            echo(f"  [{final['generated_tokens']} tokens in {final['rounds']} rounds, {final['accepted_tokens']}/{final['draft_tokens']} drafted tokens accepted]\n")
+            echo(f"> {prompt[:72]}\n{final.text.strip()}")
+            echo(f"  [{final.generated_tokens} tokens in {final.rounds} rounds, {final.accepted_tokens}/{final.draft_tokens} drafted tokens accepted]\n")
         echo(
             f"CoSine vs the target alone: {baseline_s / pipeline_s:.2f}x ({baseline_s:.1f}s -> {pipeline_s:.1f}s); "
             f"acceptance {accepted / max(1, drafted):.0%}; outputs identical to the target: {identical}/{len(DEMO_PROMPTS)}"

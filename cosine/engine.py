@@ -18,14 +18,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cosine.core.acceptance import Verdict, verify_round
-from cosine.core.sampling import SamplingParams
-from cosine.core.stopping import FINISH_ERROR, Emission, OutputAssembler, StopRules
+from cosine.core.acceptance import verify_and_credit
+from cosine.core.params import SamplingParams
+from cosine.core.rounds import RequestState, advance
+from cosine.core.stopping import FINISH_ERROR, StopRules
 from cosine.core.tree import DraftChain, DraftTree, fuse_steps, fused_token, merge_chains, truncate_to_budget
 from cosine.drafters.base import Drafter, DraftRequest
 from cosine.models.runner import ForwardItem, ModelRunner
-from cosine.policy.routing import PromptClassifier, RequestRouting, RoundFeedback, RoutingPolicy
+from cosine.policy.routing import PromptClassifier, RequestRouting, RoutingPolicy
 from cosine.policy.window import WindowPolicy
+from cosine.protocol import Final, Tokens, parse_entry
 
 log = logging.getLogger(__name__)
 
@@ -42,61 +44,30 @@ class GenerationRequest:
 
 
 @dataclass(slots=True)
-class GenerationResult:
-    """The final entry of the client protocol."""
+class GenerationResult(Final):
+    """A request's final entry (the client protocol's ``Final``) and what the engine saw of it."""
 
-    request_id: str
-    finish_reason: str
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    error: str = ""
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    rounds: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
+    request_id: str = ""
     seconds: float = 0.0
     first_token_seconds: float = 0.0
-    drafters: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> drafted, accepted
     first_choice: str = ""  # routing: the cold-start choice
     chosen: list[tuple[str, ...]] = field(default_factory=list)  # routing: the drafters of each round
-
-    def final_entry(self) -> dict:
-        entry = {
-            "type": "final",
-            "id": self.request_id,
-            "finish_reason": self.finish_reason,
-            "text": self.text,
-            "token_ids": self.token_ids,
-            "prompt_tokens": self.prompt_tokens,
-            "generated_tokens": self.generated_tokens,
-            "rounds": self.rounds,
-            "draft_tokens": self.draft_tokens,
-            "accepted_tokens": self.accepted_tokens,
-            "drafters": self.drafters,
-        }
-        if self.error:
-            entry["error"] = self.error
-        return entry
 
 
 @dataclass(slots=True)
 class _Active:
+    """A request in the engine: the pipeline's own ``RequestState`` (advanced by the same
+    ``advance``), plus what lives in Redis or in worker caches there (the target's states for
+    feature drafters) and what the engine reports (timings, the drafters of each round)."""
+
     request: GenerationRequest
-    assembler: OutputAssembler
-    context: list[int]
-    window: int
+    state: RequestState
     started: float
-    result: GenerationResult
-    round_index: int = 0
+    first_token_seconds: float = 0.0
     features: torch.Tensor | None = None  # the target's hidden states at positions 0.. (feature drafters)
-    routing: RequestRouting | None = None
-    drafting: list[str] = field(default_factory=list)  # this round's drafters
-    draws: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)  # this round: drafter -> (depth, token, confidence)
-    chained: bool = True  # this round's draws are whole chains (tree/chain) rather than steps
+    chosen: list[tuple[str, ...]] = field(default_factory=list)
 
-
-EmissionCallback = Callable[[str, Emission], None]
+EmissionCallback = Callable[[str, Tokens], None]
 
 
 @dataclass(slots=True)
@@ -159,6 +130,7 @@ class LocalEngine:
         self.routing = routing  # None: every drafter drafts for every request
         self.classifier = classifier
         self.stats = EngineStats()
+        self._texts: dict = {}  # advance's text cache (request -> its output's text)
         drafting = self.drafters if mode != "chain" else self.drafters[:1]
         self.needs_features = any(getattr(d, "needs_features", False) for d in drafting)
 
@@ -169,94 +141,117 @@ class LocalEngine:
         active: list[_Active] = []
         while waiting or active:
             while waiting and len(active) < self.max_batch:
-                state = self._admit(waiting.pop(0))
-                if isinstance(state, GenerationResult):
-                    results[state.request_id] = state
+                admitted = self._admit(waiting.pop(0))
+                if isinstance(admitted, GenerationResult):
+                    results[admitted.request_id] = admitted
                 else:
-                    active.append(state)
+                    active.append(admitted)
             if not active:
                 continue
-            for state in self._round(active, on_emission):
-                active.remove(state)
-                results[state.request.request_id] = state.result
+            for done, result in self._round(active, on_emission):
+                active.remove(done)
+                results[result.request_id] = result
         return [results[r.request_id] for r in requests]
 
     # ---- one round -------------------------------------------------------------------------
 
     def _admit(self, request: GenerationRequest) -> _Active | GenerationResult:
         prompt_len = len(request.prompt_ids)
-        if prompt_len == 0 or prompt_len + request.stop.max_tokens > self.context_limit:
-            reason = (
-                "empty prompt"
-                if prompt_len == 0
-                else f"prompt ({prompt_len} tokens) plus max_tokens ({request.stop.max_tokens}) exceeds the context limit ({self.context_limit})"
-            )
-            return GenerationResult(request.request_id, FINISH_ERROR, error=reason, prompt_tokens=prompt_len)
-        result = GenerationResult(request.request_id, "", prompt_tokens=prompt_len)
-        assembler = OutputAssembler(self.tokenizer, request.stop)
-        state = _Active(request, assembler, list(request.prompt_ids), self.window.initial, time.perf_counter(), result)
-        if self.routing is not None:
-            names = [d.name for d in self.drafters]
-            if request.expert is not None and request.expert not in names:
-                return GenerationResult(request.request_id, FINISH_ERROR, error=f"unknown expert {request.expert!r} (valid: {', '.join(names)})", prompt_tokens=prompt_len)
+        names = [d.name for d in self.drafters]
+        refused = ""
+        if prompt_len == 0:
+            refused = "empty prompt"
+        elif prompt_len + request.stop.max_tokens > self.context_limit:
+            refused = f"prompt ({prompt_len} tokens) plus max_tokens ({request.stop.max_tokens}) exceeds the context limit ({self.context_limit})"
+        elif self.routing is not None and request.expert is not None and request.expert not in names:
+            refused = f"unknown expert {request.expert!r} (valid: {', '.join(names)})"
+        if refused:
+            return GenerationResult(FINISH_ERROR, error=refused, error_code="invalid", prompt_tokens=prompt_len, request_id=request.request_id)
+        routing = None
+        if self.routing is not None:  # the router's start: cold-start scores, then the first choice
             prior = self.classifier.probabilities(request.prompt_ids) if self.classifier else {}
-            state.routing = RequestRouting.start(names, prior, self.routing, request.expert)
-            result.first_choice = state.routing.first_choice
-        return state
+            online = RequestRouting.start(names, prior, self.routing, request.expert)
+            experts, routing = online.choose(self.routing), online.to_dict()
+        else:
+            experts = names if self.mode != "chain" else names[:1]
+        stop = request.stop
+        state = RequestState(
+            request.request_id, list(request.prompt_ids), request.sampling, stop.max_tokens, tuple(stop.stop_strings),
+            tuple(sorted(stop.eos_token_ids)), experts, window=self.window.initial, routing=routing,
+        )
+        return _Active(request, state, time.perf_counter())
 
-    def _round(self, active: list[_Active], on_emission: EmissionCallback | None) -> list[_Active]:
+    def _round(self, active: list[_Active], on_emission: EmissionCallback | None) -> list[tuple[_Active, GenerationResult]]:
         began = time.perf_counter()
         trees = self._draft(active)
         drafted = time.perf_counter()
         items = [
-            ForwardItem(s.request.request_id, s.context, t.tokens, t.parents, _stored(s.features) if self.needs_features else -1)
-            for s, t in zip(active, trees)
+            ForwardItem(a.state.request_id, a.state.context, t.tokens, t.parents, _stored(a.features) if self.needs_features else -1)
+            for a, t in zip(active, trees)
         ]
         logits, fed = self.target.forward_with_states(items)
         verified = time.perf_counter()
         finished = []
-        for state, tree, rows, states in zip(active, trees, logits, fed):
-            verdict = self._verify(state, tree, rows)
+        for one, tree, rows, states in zip(active, trees, logits, fed):
+            state = one.state
+            verdict, feedback = verify_and_credit(tree, rows, state.sampling, state.round, len(state.context))
             if self.needs_features:  # the hidden states of every position now committed but the last
                 new = states.committed(len(state.context), verdict.accepted_nodes)
-                kept = state.features[: states.start] if state.features is not None else new[:0]
-                state.features = torch.cat((kept, new))
-            self.target.commit(state.request.request_id, verdict.accepted_nodes, verdict.accepted_tokens)
+                kept = one.features[: states.start] if one.features is not None else new[:0]
+                one.features = torch.cat((kept, new))
+            self.target.commit(state.request_id, verdict.accepted_nodes, verdict.accepted_tokens)
             self.stats.record(tree, verdict.accepted_len)
-            if self._apply(state, tree, verdict, on_emission):
-                finished.append(state)
+            for drafter in self.drafters:
+                if drafter.name in self._drafting(state):
+                    drafter.observe(state.request_id, len(tree), verdict.accepted_len)
+            update = advance(state, list(verdict.accepted_tokens), verdict.next_token, len(tree), self.tokenizer, self.window,
+                             feedback=feedback, routing_policy=self.routing, text_cache=self._texts)
+            one.state = update.state
+            if not state.rounds:
+                one.first_token_seconds = time.perf_counter() - one.started
+            for entry in map(parse_entry, update.out_entries):
+                if isinstance(entry, Tokens) and on_emission is not None:
+                    on_emission(state.request_id, entry)
+                elif isinstance(entry, Final):
+                    finished.append((one, self._finish(one, entry)))
         self.stats.rounds += 1
         self.stats.draft_seconds += drafted - began
         self.stats.verify_seconds += verified - drafted
         self.stats.accept_seconds += time.perf_counter() - verified
         return finished
 
+    def _finish(self, one: _Active, final: Final) -> GenerationResult:
+        request_id = one.state.request_id
+        self.target.release(request_id)
+        for drafter in self.drafters:
+            drafter.release(request_id)
+        routing = one.state.routing
+        return GenerationResult(
+            **{name: getattr(final, name) for name in Final.__dataclass_fields__}, request_id=request_id,
+            seconds=time.perf_counter() - one.started, first_token_seconds=one.first_token_seconds,
+            first_choice=routing["first"] if routing else "", chosen=one.chosen,
+        )
+
+    def _drafting(self, state: RequestState) -> list[str]:
+        """This round's drafters: the request's experts (chain mode: the first)."""
+        return state.experts[:1] if self.mode == "chain" else state.experts
+
     def _draft(self, active: list[_Active]) -> list[DraftTree]:
-        for state in active:
-            if state.routing is not None:
-                state.drafting = state.routing.choose(self.routing)
-            else:
-                state.drafting = [d.name for d in (self.drafters if self.mode != "chain" else self.drafters[:1])]
-            if self.mode == "chain":
-                state.drafting = state.drafting[:1]
-            state.draws = {name: [] for name in state.drafting}
-            state.result.chosen.append(tuple(state.drafting))
-        room = [max(0, min(s.window, s.request.stop.max_tokens - len(s.assembler.token_ids) - 1)) for s in active]
+        for one in active:
+            one.chosen.append(tuple(self._drafting(one.state)))
+        room = [max(0, min(a.state.window, a.state.max_tokens - len(a.state.output_ids) - 1)) for a in active]
         if self.mode == "step":
             return self._draft_steps(active, room)
         chains: list[list[DraftChain]] = [[] for _ in active]
         for drafter in self.drafters:
-            mine = [i for i, s in enumerate(active) if drafter.name in s.drafting]
+            mine = [i for i, a in enumerate(active) if drafter.name in self._drafting(a.state)]
             if not mine:
                 continue
             requests = [self._draft_request(active[i], room[i]) for i in mine]
             for i, chain in zip(mine, drafter.propose(requests)):
                 chains[i].append(chain)
-        for state, per in zip(active, chains):
+        for per in chains:
             per[:] = truncate_to_budget([c for c in per if len(c)], self.max_tree_nodes)  # what the tree will hold
-            for chain in per:
-                state.draws[chain.drafter] = [(d, t, c) for d, (t, c) in enumerate(zip(chain.tokens, chain.confidences))]
-            state.chained = True
         return [merge_chains(per, self.max_tree_nodes) for per in chains]
 
     def _draft_steps(self, active: list[_Active], room: list[int]) -> list[DraftTree]:
@@ -266,18 +261,16 @@ class LocalEngine:
         fused: list[list[int]] = [[] for _ in active]
         live = [i for i, w in enumerate(room) if w > 0]
         step = 0
-        budget = [max(1, self.max_tree_nodes // max(1, len(s.drafting))) for s in active]
+        budget = [max(1, self.max_tree_nodes // max(1, len(self._drafting(a.state)))) for a in active]
         while live:
             proposals: dict[int, list[DraftChain]] = {i: [] for i in live}
             for drafter in self.drafters:
-                mine = [i for i in live if drafter.name in active[i].drafting]
+                mine = [i for i in live if drafter.name in self._drafting(active[i].state)]
                 if not mine:
                     continue
                 requests = [self._draft_request(active[i], 1, extra=fused[i], step=step) for i in mine]
                 for i, chain in zip(mine, drafter.propose(requests)):
                     proposals[i].append(chain)
-                    if len(chain):
-                        active[i].draws[drafter.name].append((step, chain.tokens[0], chain.confidences[0]))
             step += 1
             still = []
             for i in live:
@@ -289,73 +282,13 @@ class LocalEngine:
                 if step < room[i] and step < budget[i]:
                     still.append(i)
             live = still
-        for state in active:
-            state.chained = False
         return [fuse_steps(per) for per in levels]
 
-    def _draft_request(self, state: _Active, window: int, extra: list[int] = (), step: int = 0) -> DraftRequest:
+    def _draft_request(self, one: _Active, window: int, extra: list[int] = (), step: int = 0) -> DraftRequest:
+        state = one.state
         context = state.context + list(extra) if extra else state.context
-        domain = state.routing.first_choice if state.routing is not None else ""
-        return DraftRequest(state.request.request_id, context, window, state.request.sampling, state.round_index, state.features, domain, step)
-
-    def _account(self, state: _Active, tree: DraftTree, verdict: Verdict) -> None:
-        feedback = drafter_feedback(state.draws, verdict.accepted_tokens, state.chained)
-        for name, fed in feedback.items():
-            counts = state.result.drafters.setdefault(name, {"drafted": 0, "accepted": 0})
-            counts["drafted"] += fed.drafted
-            counts["accepted"] += fed.accepted
-        if state.routing is not None:
-            state.routing.observe(feedback, verdict.accepted_len, self.routing)
-
-    def _verify(self, state: _Active, tree: DraftTree, logits: torch.Tensor) -> Verdict:
-        return verify_round(tree, logits, state.request.sampling, state.round_index, len(state.context))
-
-    def _apply(self, state: _Active, tree: DraftTree, verdict: Verdict, on_emission: EmissionCallback | None) -> bool:
-        emission = state.assembler.extend(verdict.new_tokens)
-        result = state.result
-        if not result.rounds:
-            result.first_token_seconds = time.perf_counter() - state.started
-        result.rounds += 1
-        result.draft_tokens += len(tree)
-        result.accepted_tokens += min(verdict.accepted_len, len(emission.token_ids))
-        self._account(state, tree, verdict)
-        state.context.extend(verdict.new_tokens)
-        state.round_index += 1
-        for drafter in self.drafters:
-            if drafter.name in state.drafting:
-                drafter.observe(state.request.request_id, len(tree), verdict.accepted_len)
-        state.window = self.window.next_window(state.window, len(tree), verdict.accepted_len)
-        if on_emission is not None and (emission.token_ids or emission.finish_reason):
-            on_emission(state.request.request_id, emission)
-        if emission.finish_reason is None:
-            return False
-        result.finish_reason = emission.finish_reason
-        result.token_ids = list(state.assembler.token_ids)
-        result.text = state.assembler.text
-        result.generated_tokens = len(result.token_ids)
-        result.seconds = time.perf_counter() - state.started
-        self.target.release(state.request.request_id)
-        for drafter in self.drafters:
-            drafter.release(state.request.request_id)
-        return True
-
-
-def drafter_feedback(draws: dict[str, list[tuple[int, int, float]]], accepted_tokens: Sequence[int], chained: bool) -> dict[str, RoundFeedback]:
-    """Per drafter: its drafted tokens this round, how many the target accepted, and the sum of
-    its confidences. A chain's token counts as accepted while the chain follows the accepted path
-    (its tokens after a divergence were drafted after another prefix); a step's token counts when
-    it is the accepted token of its step (every step drafts after the accepted prefix)."""
-    feedback = {}
-    for name, made in draws.items():
-        accepted = 0
-        for depth, token, _ in made:
-            hit = depth < len(accepted_tokens) and accepted_tokens[depth] == token
-            if hit:
-                accepted += 1
-            elif chained:
-                break
-        feedback[name] = RoundFeedback(len(made), accepted, sum(c for _, _, c in made))
-    return feedback
+        domain = state.routing["first"] if state.routing is not None else ""
+        return DraftRequest(state.request_id, context, window, state.sampling, state.round, one.features, domain, step)
 
 
 def _stored(features: torch.Tensor | None) -> int:

@@ -389,8 +389,7 @@ class Router(StageWorker):
         request_id = qualify(tenant, client_id) if b"id" in raw and client_id != entry_id.decode() else ""
         outcome = ""
         if request_id:
-            final = refusal_entry("cancelled by client before it started", "cancelled")
-            final["finish_reason"] = "cancelled"
+            final = refusal_entry("cancelled by client before it started", "cancelled", finish_reason="cancelled")
             outcome = await bus.flag_cancel(self.redis, self.keys, request_id, ttl_s=self.config.pipeline.output_ttl_s, final=final)
         if outcome == "early":  # the cancel overtook its request: that one will never start
             self.tally.request_ended("cancelled", "cancelled", tenant=tenant)

@@ -23,13 +23,12 @@ from collections import OrderedDict
 import torch
 
 from cosine import bus, faults
-from cosine.core.acceptance import Verdict, decode_token, emitted_logprobs, verify_round
+from cosine.core.acceptance import Verdict, decode_token, emitted_logprobs, verify_and_credit
 from cosine.core.tree import ROOT
 from cosine.factory import load_target
 from cosine.models.loading import release_freed_memory
 from cosine.models.runner import BLOCK_SIZE, ForwardItem, ModelRunner
 from cosine.policy.control import verify_features
-from cosine.policy.routing import tree_feedback
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode, rounds_in
 from cosine.wire.convert import candidate_to_tree, states_to_bytes
 
@@ -226,7 +225,7 @@ class VerifierWorker(StageWorker):
         logits, fed = self.runner.forward_with_states(forward_items)
         for item, tree, rows, states in zip(accepted_items, trees, logits, fed):
             end = chunked.get(item.request_id)
-            verdict = None if end is not None else verify_round(tree, rows, item.sampling, item.round, len(item.context))
+            verdict, feedback = (None, {}) if end is not None else verify_and_credit(tree, rows, item.sampling, item.round, len(item.context))
             features, start = b"", 0
             if item.features_from >= 0:  # the states of every position this round (or chunk) commits, from features_from on
                 start = max(states.start, item.features_from)
@@ -236,7 +235,6 @@ class VerifierWorker(StageWorker):
                 results[item.request_id] = VerifiedItem(item.request_id, item.round, [], -1, 0, features=features, features_start=start, prefilled=end)
                 continue
             self.runner.commit(item.request_id, verdict.accepted_nodes, verdict.accepted_tokens)
-            feedback = tree_feedback(tree.sources, tree.confidences, verdict.accepted_nodes)
             results[item.request_id] = VerifiedItem(
                 item.request_id, item.round, list(verdict.accepted_tokens), verdict.next_token, len(tree),
                 features=features, features_start=start,

@@ -23,6 +23,7 @@ import torch
 from cosine.core.params import SamplingParams
 from cosine.core.sampling import request_generator, warp_probs
 from cosine.core.tree import ROOT, DraftTree
+from cosine.policy.routing import RoundFeedback, tree_feedback
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,16 @@ def verify_round(tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams
     if len(tree) == 0:
         return Verdict((), (), decode_token(logits[0], sampling, context_len))
     return verify_sampling(tree, warp_probs(logits, sampling), request_generator(sampling.seed, round_index, "verify"))
+
+
+def verify_and_credit(
+    tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, round_index: int, context_len: int
+) -> tuple[Verdict, dict[str, RoundFeedback]]:
+    """A drafted round verified: its verdict, and each drafter's share of it (the tree nodes it
+    proposed, those on the accepted path). The verifier and the local engine verify every round
+    with this one function; the coordinator and the engine then apply it with ``advance``."""
+    verdict = verify_round(tree, logits, sampling, round_index, context_len)
+    return verdict, tree_feedback(tree.sources, tree.confidences, verdict.accepted_nodes)
 
 
 def decode_token(logits: torch.Tensor, sampling: SamplingParams, position: int) -> int:

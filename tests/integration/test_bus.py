@@ -185,7 +185,7 @@ def test_a_cancel_that_overtakes_its_request_ends_it_before_it_starts(server):
 
     async def scenario():
         client = await fresh(server)
-        final = {**refusal_entry("cancelled by client before it started", "cancelled"), "finish_reason": "cancelled"}
+        final = refusal_entry("cancelled by client before it started", "cancelled", finish_reason="cancelled")
         assert await bus.flag_cancel(client, KEYS, "early", ttl_s=60, final=final) == "early"
         assert await bus.flag_cancel(client, KEYS, "early", ttl_s=60, final=final) == "finished"  # a second cancel
         entry = await submit(client, id="early", prompt="hi")

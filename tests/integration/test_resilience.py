@@ -87,7 +87,7 @@ def test_without_a_verifier_nothing_piles_up_and_deadlines_end_requests(server, 
     with Client(server.url, timeout=30) as library:
         library.submit(prompt="The capital of France is", request_id="taken", max_tokens=2)
         final = library.generate(prompt="Something else", request_id="taken", max_tokens=2)
-    assert final["error_code"] == "invalid" and "in use" in final["error"], final
+    assert final.error_code == "invalid" and "in use" in final.error, final
 
 
 def test_a_pooled_candidate_stays_claimed_and_a_drain_hands_it_on(server, tmp_path, demo_target, pipelines):

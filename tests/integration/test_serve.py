@@ -247,7 +247,7 @@ def test_a_killed_worker_is_restarted_and_counted_and_a_killed_server_too(served
     with pytest.raises(redis.exceptions.NoPermissionError):
         redis.Redis.from_url(client_url).hgetall("cosine:roster:router")
     with Client(client_url) as pipeline_client:
-        assert pipeline_client.generate(prompt="Hello", max_tokens=4)["finish_reason"] in ("length", "stop")
+        assert pipeline_client.generate(prompt="Hello", max_tokens=4).finish_reason in ("length", "stop")
     env = {k: v for k, v in os.environ.items() if not k.startswith("COSINE_")}
     shown = subprocess.run([sys.executable, "-m", "cosine.cli", "status", "--config", str(serve.config_path), "--json"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=60)

@@ -264,8 +264,8 @@ def test_one_tenant_is_served_while_another_attacks_and_floods(tmp_path, server,
         # A empties, then blocks, its own queue: B (and the default tenant) go on being served.
         a.xadd(KEYS.requests_of("a"), {"id": "wipe"}, maxlen=0)
         a.xadd(KEYS.requests_of("a"), {"id": "block"}, id=MAX_ID)
-        finals["b3"] = b_client.generate(prompt="Count: 3, 4,", max_tokens=12, request_id="b3")
-        default_final = default_client.generate(prompt="The colours of the rainbow are", max_tokens=8, request_id="d1")
+        finals["b3"] = b_client.generate(prompt="Count: 3, 4,", max_tokens=12, request_id="b3").to_fields()
+        default_final = default_client.generate(prompt="The colours of the rainbow are", max_tokens=8, request_id="d1").to_fields()
         assert last(default_client.read(default_id, timeout=240))["finish_reason"] in ("length", "stop")
     for request_id, final in finals.items():
         assert final["finish_reason"] == "length" and final["generated_tokens"] == "12", (request_id, final)

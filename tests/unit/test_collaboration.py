@@ -1,14 +1,14 @@
 """The collaboration core: step-mode fusion, the paper's routing, the suffix datastore and the
-per-drafter accounting of a round."""
+per-drafter accounting of a round (``verify_and_credit``: the verifier's and the engine's)."""
 
 import pytest
+import torch
 
-from cosine.core.acceptance import verify_greedy
+from cosine.core.acceptance import verify_and_credit, verify_greedy
 from cosine.core.sampling import SamplingParams
-from cosine.core.tree import ROOT, DraftChain, fuse_steps, fused_token
+from cosine.core.tree import ROOT, DraftChain, fuse_steps, fused_token, merge_chains
 from cosine.drafters.base import DraftRequest
 from cosine.drafters.suffix import SuffixDrafter, SuffixStore
-from cosine.engine import drafter_feedback
 from cosine.policy.routing import PromptClassifier, RequestRouting, RoundFeedback, RoutingPolicy
 
 
@@ -57,18 +57,37 @@ def test_greedy_verification_walks_the_fused_path_or_takes_a_sibling():
 # ---- per-drafter accounting ----------------------------------------------------------------------
 
 
-def test_feedback_for_chains_stops_counting_after_divergence():
-    draws = {"a": [(0, 1, 0.9), (1, 2, 0.8), (2, 3, 0.7)], "b": [(0, 1, 0.5), (1, 9, 0.5), (2, 3, 0.5)]}
-    feedback = drafter_feedback(draws, (1, 2, 3), chained=True)
+def _greedy_logits(tree, wanted: dict[int, int]) -> torch.Tensor:
+    """Logits whose argmax after the root and after each node is ``wanted`` (node -> token;
+    ROOT for the root), token 0 elsewhere."""
+    logits = torch.zeros(len(tree) + 1, 16)
+    for node in range(-1, len(tree)):
+        logits[node + 1, wanted.get(node, 0)] = 1.0
+    return logits
+
+
+def test_a_chain_is_credited_while_it_follows_the_accepted_path():
+    chains = [DraftChain((1, 2, 3), (0.9, 0.8, 0.7), None, "a"), DraftChain((1, 9, 3), (0.5, 0.5, 0.5), None, "b")]
+    tree = merge_chains(chains)
+    node = {tokens: i for i, tokens in enumerate(zip(tree.parents, tree.tokens))}
+    one, two = node[(ROOT, 1)], node[(node[(ROOT, 1)], 2)]
+    three = node[(two, 3)]
+    verdict, feedback = verify_and_credit(tree, _greedy_logits(tree, {ROOT: 1, one: 2, two: 3, three: 4}), SamplingParams(), 0, 5)
+    assert verdict.accepted_tokens == (1, 2, 3) and verdict.next_token == 4
     assert (feedback["a"].drafted, feedback["a"].accepted) == (3, 3)
     assert (feedback["b"].drafted, feedback["b"].accepted) == (3, 1)  # its 3 came after its own 9
     assert feedback["a"].confidence_sum == pytest.approx(2.4)
 
 
-def test_feedback_for_steps_counts_each_step_on_its_own():
-    draws = {"a": [(0, 1, 0.9), (1, 9, 0.8)], "b": [(0, 4, 0.5), (1, 2, 0.5)]}
-    feedback = drafter_feedback(draws, (1, 2), chained=False)
+def test_a_step_is_credited_to_the_drafter_whose_token_was_accepted():
+    levels = [[one(1, 0.9, "a"), one(4, 0.5, "b")], [one(9, 0.8, "a"), one(2, 0.5, "b")]]
+    tree = fuse_steps(levels)
+    first = tree.tokens.index(1)
+    second = next(n for n in range(len(tree)) if tree.parents[n] == first and tree.tokens[n] == 2)
+    verdict, feedback = verify_and_credit(tree, _greedy_logits(tree, {ROOT: 1, first: 2, second: 7}), SamplingParams(), 0, 5)
+    assert verdict.accepted_tokens == (1, 2)
     assert feedback["a"].accepted == 1 and feedback["b"].accepted == 1
+    assert feedback["a"].drafted == 2 and feedback["b"].drafted == 2
 
 
 # ---- routing -----------------------------------------------------------------------------------

@@ -104,3 +104,32 @@ def test_drafter_counts_cover_only_what_the_capped_tree_holds(model):
     for result in results:
         assert sum(c["drafted"] for c in result.drafters.values()) <= 5 * result.rounds  # 4 + 4 cut to 5 each round
         assert sum(c["drafted"] for c in result.drafters.values()) >= result.draft_tokens
+
+
+def test_the_engine_verifies_and_applies_each_round_with_the_pipelines_own_functions(model, monkeypatch):
+    """One request lifecycle: the verifier verifies a round with ``verify_and_credit`` and the
+    coordinator applies it with ``advance``; the engine calls those very functions, once per round
+    of every request, and its results are their final entries."""
+    import cosine.engine as engine_module
+    from cosine.core import acceptance, rounds
+    from cosine.protocol import Final
+    from cosine.workers import coordinator, verifier
+
+    assert verifier.verify_and_credit is acceptance.verify_and_credit and coordinator.advance is rounds.advance
+    calls = {"verify_and_credit": 0, "advance": 0}
+    finals = []
+
+    def spy(function):
+        def counted(*args, **kwargs):
+            calls[function.__name__] += 1
+            out = function(*args, **kwargs)
+            finals.extend(Final.from_fields(e) for e in getattr(out, "out_entries", ()) if e["type"] == "final")
+            return out
+        return counted
+
+    monkeypatch.setattr(engine_module, "verify_and_credit", spy(acceptance.verify_and_credit))
+    monkeypatch.setattr(engine_module, "advance", spy(rounds.advance))
+    drafters = [Oracle("a", model, wrong_at=2), Oracle("b", model, wrong_at=1)]
+    _, results = run(model, drafters, "tree")
+    assert calls["verify_and_credit"] == calls["advance"] == sum(r.rounds for r in results) > len(results)
+    assert [Final(**{n: getattr(r, n) for n in Final.__dataclass_fields__}) for r in results] == finals
