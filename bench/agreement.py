@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cosine.config import load_config  # noqa: E402
+from cosine.core.protocol import prompt_token_ids  # noqa: E402
 from cosine.distill.data import DataPlan, generate_answers, no_progress  # noqa: E402
 from cosine.drafters.artifact import load_drafter_net  # noqa: E402
 from cosine.factory import load_target  # noqa: E402
-from cosine.requests import prompt_token_ids  # noqa: E402
 
 
 def read_prompts(path: Path) -> list[list[dict]]:

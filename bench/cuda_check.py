@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from cosine.config import Config, ModelConfig
+from cosine.core.protocol import eos_token_ids, prompt_token_ids
 from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import StopRules
 from cosine.drafters.lookup import PromptLookupDrafter
@@ -26,7 +27,6 @@ from cosine.engine import GenerationRequest, LocalEngine
 from cosine.factory import load_target
 from cosine.models.runner import ModelRunner
 from cosine.policy.window import WindowPolicy
-from cosine.requests import eos_token_ids, prompt_token_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 

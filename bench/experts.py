@@ -41,6 +41,7 @@ from common import BENCH_DIR, OtherCpu, chat_ids, load_prompts, report_other_cpu
 from speedup import hf_generate
 
 from cosine.config import PACKAGE_DIR, load_config
+from cosine.core.protocol import eos_token_ids
 from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import StopRules
 from cosine.drafters.distilled import SmallDrafter
@@ -54,7 +55,6 @@ from cosine.models.loading import load_model
 from cosine.models.runner import ModelRunner
 from cosine.policy.routing import PromptClassifier, RoutingPolicy
 from cosine.policy.window import WindowPolicy
-from cosine.requests import eos_token_ids
 
 SETS = {"prompts": BENCH_DIR / "prompts.jsonl", "holdout": BENCH_DIR / "prompts_holdout.jsonl"}
 EXPERTS = ("code", "chat", "math")

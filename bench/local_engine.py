@@ -36,6 +36,7 @@ from common import (
     write_result,
 )
 
+from cosine.core.protocol import eos_token_ids
 from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import StopRules
 from cosine.drafters.lookup import PromptLookupDrafter
@@ -43,7 +44,6 @@ from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_mod
 from cosine.engine import GenerationRequest, LocalEngine
 from cosine.models.runner import ModelRunner
 from cosine.policy.window import WindowPolicy
-from cosine.requests import eos_token_ids
 
 
 def drafter_sets(model):

@@ -30,11 +30,11 @@ import torch
 from common import OtherCpu, add_model_options, chat_ids, load_prompts, load_target, median, setup_torch, stamp, write_result
 
 from cosine.config import load_config
+from cosine.core.protocol import eos_token_ids
 from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import StopRules
 from cosine.engine import GenerationRequest, build_engine
 from cosine.factory import build_stack
-from cosine.requests import eos_token_ids
 from cosine.serve import Supervisor
 
 CONFIG = """

@@ -36,6 +36,7 @@ from common import BENCH_DIR, OtherCpu, chat_ids, load_prompts, median, report_o
 from hops import RoundRecorder, by_position
 
 from cosine.config import load_config
+from cosine.core.protocol import eos_token_ids
 from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import StopRules
 from cosine.drafters.artifact import load_drafter_net
@@ -45,7 +46,6 @@ from cosine.lossless import TIE_GAP, first_divergence, top2_gap
 from cosine.models.loading import load_model
 from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.policy.window import WindowPolicy
-from cosine.requests import eos_token_ids
 from cosine.wire import Keys
 
 SETS = {"prompts": BENCH_DIR / "prompts.jsonl", "holdout": BENCH_DIR / "prompts_holdout.jsonl"}

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from urllib.parse import urlparse
 
@@ -59,9 +60,50 @@ class LibraryMissing(RuntimeError):
 ROSTER_FORGET_MS = 60_000  # a roster entry expired this long is removed
 
 
-def split_roster(entries: Mapping[bytes, bytes], now_ms: float) -> tuple[dict[str, str], list[bytes]]:
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """A worker's liveness value (its roster entry and its ``live`` key): the server time of its
+    last heartbeat and its ``name=value`` fields (a drafter's expert and name; a verifier's
+    target fingerprint, caches and K/V pool). Written (``text``) and read (``parse``) here only."""
+
+    beat_s: float
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+    def text(self) -> str:
+        return " ".join([f"{self.beat_s:.3f}", *(f"{name}={value}" for name, value in self.fields.items())])
+
+    @classmethod
+    def parse(cls, value: str) -> Liveness:
+        beat, *parts = value.split()
+        try:
+            beat_s = float(beat)
+        except ValueError:
+            beat_s = 0.0
+        return cls(beat_s, dict(part.partition("=")[::2] for part in parts if "=" in part))
+
+    def number(self, name: str) -> int:
+        """An integer field (0 when absent or malformed)."""
+        try:
+            return int(self.fields.get(name) or 0)
+        except ValueError:
+            return 0
+
+    @property
+    def expert(self) -> str:
+        return self.fields.get("expert", "")
+
+    @property
+    def drafter(self) -> str:
+        return self.fields.get("drafter", "")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.fields.get("fingerprint", "")
+
+
+def split_roster(entries: Mapping[bytes, bytes], now_ms: float) -> tuple[dict[str, Liveness], list[bytes]]:
     """A role's roster hash (instance -> "{expires ms} {liveness value}") -> (the live
-    workers, instance -> liveness value; the instances expired long enough to remove)."""
+    workers, instance -> liveness; the instances expired long enough to remove)."""
     live, gone = {}, []
     for instance, entry in entries.items():
         expires, _, value = entry.decode().partition(" ")
@@ -70,27 +112,10 @@ def split_roster(entries: Mapping[bytes, bytes], now_ms: float) -> tuple[dict[st
         except ValueError:
             expired_for = ROSTER_FORGET_MS
         if expired_for < 0:
-            live[instance.decode()] = value
+            live[instance.decode()] = Liveness.parse(value or "0")
         elif expired_for >= ROSTER_FORGET_MS:
             gone.append(instance)
     return live, gone
-
-
-def roster_field(value: str, name: str) -> str | None:
-    """The ``name=...`` field of a roster value (None when absent)."""
-    for part in value.split():
-        key, _, text = part.partition("=")
-        if key == name:
-            return text
-    return None
-
-
-def roster_int(value: str, name: str) -> int:
-    """An integer ``name=N`` field of a roster value (0 when absent or malformed)."""
-    try:
-        return int(roster_field(value, name) or 0)
-    except ValueError:
-        return 0
 
 
 def redis_url_from_env(url: str | None) -> str | None:

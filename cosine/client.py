@@ -5,7 +5,7 @@
         for piece in client.stream(messages=[{"role": "user", "content": "Hi"}], max_tokens=32):
             print(piece.text, end="")
         final = client.generate(prompt="The capital of France is", max_tokens=8)
-        print(final.text, final.finish_reason, final.token_ids)   # a cosine.protocol.Final
+        print(final.text, final.finish_reason, final.token_ids)   # a cosine.core.protocol.Final
 
 A request that gets no answer within ``timeout`` seconds raises ``TimeoutError`` with a hint
 (no live verifier is the usual cause). A Redis server that does not answer a call for
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aioredis
 
-from cosine.protocol import Final
+from cosine.core.protocol import Final
 from cosine.wire import Keys
 from cosine.wire.keys import DEFAULT_TENANT, check_tenant_name, qualify
 
@@ -46,7 +46,7 @@ class Piece:
 
     @property
     def final(self) -> Final:
-        """A final entry, typed (``cosine.protocol.Final``)."""
+        """A final entry, typed (``cosine.core.protocol.Final``)."""
         return Final.from_fields(self.fields)
 
     @property

@@ -18,8 +18,8 @@ import torch
 from cosine.bus import redacted_url
 from cosine.client import Client
 from cosine.config import Config
+from cosine.core.protocol import prompt_token_ids
 from cosine.models.loading import load_model
-from cosine.requests import prompt_token_ids
 from cosine.serve import Supervisor
 from cosine.wire.keys import ROLES
 

@@ -20,6 +20,7 @@ import torch
 
 from cosine.core.acceptance import verify_and_credit
 from cosine.core.params import SamplingParams
+from cosine.core.protocol import Final, Tokens, parse_entry
 from cosine.core.rounds import RequestState, advance
 from cosine.core.stopping import FINISH_ERROR, StopRules
 from cosine.core.tree import DraftChain, DraftTree, fuse_steps, fused_token, merge_chains, truncate_to_budget
@@ -27,7 +28,6 @@ from cosine.drafters.base import Drafter, DraftRequest
 from cosine.models.runner import ForwardItem, ModelRunner
 from cosine.policy.routing import PromptClassifier, RequestRouting, RoutingPolicy
 from cosine.policy.window import WindowPolicy
-from cosine.protocol import Final, Tokens, parse_entry
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ class _Active:
     ``advance``), plus what lives in Redis or in worker caches there (the target's states for
     feature drafters) and what the engine reports (timings, the drafters of each round)."""
 
-    request: GenerationRequest
     state: RequestState
     started: float
     first_token_seconds: float = 0.0
@@ -179,7 +178,7 @@ class LocalEngine:
             request.request_id, list(request.prompt_ids), request.sampling, stop.max_tokens, tuple(stop.stop_strings),
             tuple(sorted(stop.eos_token_ids)), experts, window=self.window.initial, routing=routing,
         )
-        return _Active(request, state, time.perf_counter())
+        return _Active(state, time.perf_counter())
 
     def _round(self, active: list[_Active], on_emission: EmissionCallback | None) -> list[tuple[_Active, GenerationResult]]:
         began = time.perf_counter()

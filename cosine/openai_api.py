@@ -15,6 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from cosine.core.logprobs import MAX_TOP_LOGPROBS
+from cosine.core.protocol import MAX_WINDOW_LIMIT, ClientRequest, RequestError, RequestLimits
+
 # Parameters we do not implement, accepted at their neutral values only.
 NEUTRAL = {
     "presence_penalty": (0, 0.0),
@@ -38,8 +41,6 @@ SAMPLING = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "seed
 EXTENSIONS = ("max_window",)  # CoSine's own request fields (extra_body in the openai client)
 CHAT_PARAMS = {"model", "messages", *SAMPLING, *NEUTRAL, *EXTENSIONS, "logprobs", "top_logprobs"}
 COMPLETION_PARAMS = {"model", "prompt", *SAMPLING, *NEUTRAL, *EXTENSIONS, "logprobs"}
-MAX_WINDOW_LIMIT = 64  # as cosine.requests
-MAX_TOP_LOGPROBS = 20  # the pipeline's bound (cosine.core.logprobs), as OpenAI's top_logprobs
 ROLES = ("system", "developer", "user", "assistant")
 # A CoSine field an `invalid` final names -> the OpenAI parameter (chat, completion).
 PARAM_NAMES = {"messages": "messages", "prompt": "prompt", "max_tokens": "max_tokens", "temperature": "temperature",
@@ -225,14 +226,27 @@ def completion_fields(body: Any, served: tuple[str, ...] = ()) -> ParsedRequest:
     return ParsedRequest(fields, model, stream, include_usage, logprobs=-1 if logprobs is None else logprobs)
 
 
+def checked(parsed: ParsedRequest, kind: str, limits: RequestLimits) -> ParsedRequest:
+    """The request's fields checked by the pipeline's own parser (``ClientRequest``), so a value
+    the router would refuse gets its 400 here, with the router's message."""
+    try:
+        ClientRequest.from_fields(parsed.fields, limits)
+    except RequestError as error:
+        raise ApiError(400, str(error), _param(error.param, kind), error.code) from None
+    return parsed
+
+
+def _param(name: str, kind: str) -> str | None:
+    """The OpenAI parameter a CoSine request field stands for."""
+    param = PARAM_NAMES.get(name, name or None)
+    return "prompt" if kind == "completion" and param == "messages" else param
+
+
 def error_from_final(final: dict[str, str], kind: str) -> ApiError:
     """The HTTP error of an ``error`` (or ``cancelled``) final."""
     code = final.get("error_code") or ("cancelled" if final.get("finish_reason") == "cancelled" else "internal")
     status = ERROR_STATUS.get(code, 500)
-    param = PARAM_NAMES.get(final.get("error_param", ""), final.get("error_param") or None)
-    if kind == "completion" and param == "messages":
-        param = "prompt"
-    return ApiError(status, final.get("error") or code, param, code)
+    return ApiError(status, final.get("error") or code, _param(final.get("error_param", ""), kind), code)
 
 
 def usage(final: dict[str, str]) -> dict[str, int]:

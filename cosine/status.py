@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from cosine.bus import read_stream_registries, roster_field, split_roster
+from cosine.bus import read_stream_registries, split_roster
 from cosine.metrics import ALL, parse_series
 from cosine.tenants import tenant_figures
 from cosine.wire import Keys
@@ -124,7 +124,7 @@ def view(now: Snapshot, before: Snapshot | None = None):
         if not by_host:
             workers.add_row(role, "-", "[red]0[/red]" if role != "drafter" else "0", str(now.restarts.get(role, 0)), "")
         for host, values in sorted(by_host.items()):
-            details = sorted({p for v in values for p in v.split()[1:] if p.startswith(("expert=", "drafter="))})
+            details = sorted({f"{name}={value}" for live in values for name, value in live.fields.items() if name in ("expert", "drafter")})
             workers.add_row(role, host, str(len(values)), str(now.restarts.get(role, 0)), " ".join(details))
     streams = Table(title="streams", expand=True)
     for column in ("stream", "length", "group", "lag", "pending"):
@@ -137,9 +137,9 @@ def view(now: Snapshot, before: Snapshot | None = None):
     for column in ("drafter", "draft tokens", "accepted", "acceptance"):
         totals.add_column(column)
     experts = {}
-    for values in now.workers.get("drafter", {}).values():
-        if drafter := roster_field(values, "drafter"):
-            experts[drafter] = roster_field(values, "expert") or ""
+    for live in now.workers.get("drafter", {}).values():
+        if live.drafter:
+            experts[live.drafter] = live.expert
     by_expert: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for name, (drafted, accepted) in sorted(_per_drafter(now.metrics).items()):
         share = f"{accepted / drafted:.1%}" if drafted else "-"

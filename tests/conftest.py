@@ -36,7 +36,7 @@ def demo_target():
 @pytest.fixture(scope="session")
 def chat_prompts(demo_target) -> list[list[int]]:
     """20 varied chat prompts, through the target's chat template."""
-    from cosine.requests import prompt_token_ids
+    from cosine.core.protocol import prompt_token_ids
 
     texts = json.loads((DATA / "chat_prompts.json").read_text())
     return [prompt_token_ids(demo_target.tokenizer, messages=[{"role": "user", "content": t}]) for t in texts]

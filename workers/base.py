@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from cosine import bus, faults
 from cosine.bus import (
     LibraryMissing,
+    Liveness,
     connect,
     ensure_group,
     require_library,
@@ -149,8 +150,9 @@ class StageWorker:
         """How long the next XREADGROUP may block (a stage with a deadline sooner says so)."""
         return self.config.pipeline.block_ms
 
-    def liveness_extra(self) -> str:
-        return ""
+    def liveness_fields(self) -> dict[str, str]:
+        """What the worker's liveness value says besides its heartbeat (``bus.Liveness``)."""
+        return {}
 
     def registrations(self, pipe) -> None:
         """Commands that register this worker's own streams, sent with every heartbeat after the
@@ -447,7 +449,7 @@ class StageWorker:
 
     async def _beat(self, key: str, ttl_ms: int) -> None:
         now = self.clock.now()
-        value = f"{now:.3f} {self.liveness_extra()}"
+        value = Liveness(now, self.liveness_fields()).text()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.time()  # the clock's offset, measured again with each beat
             pipe.set(key, value, px=ttl_ms)  # for `cosine status` and the supervisor

@@ -61,8 +61,8 @@ class DrafterWorker(StageWorker):
         # Its own stream first: rounds of requests it drafted the round before (cache affinity).
         return [self.keys.draft_at(self.instance), self.keys.draft(self.expert)]
 
-    def liveness_extra(self) -> str:
-        return f"expert={self.expert} drafter={self.spec.name}"
+    def liveness_fields(self) -> dict[str, str]:
+        return {"expert": self.expert, "drafter": self.spec.name}
 
     async def setup(self) -> None:
         # A drafter's process takes its own thread count (drafters.threads), not the verifier's;

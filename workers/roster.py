@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from cosine.bus import roster_field, roster_int, split_roster
+from cosine.bus import Liveness, split_roster
 
 
 class LiveRoster:
@@ -17,10 +17,10 @@ class LiveRoster:
 
     def __init__(self, worker) -> None:
         self.worker = worker  # its redis connection, keys and clock, read at each call
-        self.cache: dict[str, tuple[float, dict[str, str]]] = {}
+        self.cache: dict[str, tuple[float, dict[str, Liveness]]] = {}
 
-    async def live(self, role: str, max_age_s: float = 0.25) -> dict[str, str]:
-        """Instance -> liveness value of the role's live workers."""
+    async def live(self, role: str, max_age_s: float = 0.25) -> dict[str, Liveness]:
+        """Instance -> liveness of the role's live workers."""
         now = time.monotonic()
         cached = self.cache.get(role)
         if cached is not None and now - cached[0] < max_age_s:
@@ -35,9 +35,8 @@ class LiveRoster:
 
     async def verifier_kv_rows(self) -> int:
         """Rows of the live verifiers' K/V pools together (their roster values' ``kv_rows``)."""
-        return sum(roster_int(value, "kv_rows") for value in (await self.live("verifier")).values())
+        return sum(live.number("kv_rows") for live in (await self.live("verifier")).values())
 
     async def drafter_experts(self, max_age_s: float = 0.25) -> set[str]:
         """Experts with at least one live drafter."""
-        values = (await self.live("drafter", max_age_s)).values()
-        return {expert for value in values if (expert := roster_field(value, "expert"))}
+        return {live.expert for live in (await self.live("drafter", max_age_s)).values() if live.expert}

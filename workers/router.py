@@ -20,19 +20,20 @@ from collections import Counter
 from dataclasses import dataclass
 
 from cosine import bus
+from cosine.core.protocol import (
+    MAX_ID_LENGTH,
+    ClientRequest,
+    RequestError,
+    RequestLimits,
+    eos_token_ids,
+    refusal_entry,
+    request_id_of,
+    text_fields,
+)
 from cosine.core.rounds import ACTIVE, RequestState, fail
 from cosine.policy.fairness import start_order
 from cosine.policy.routing import RequestRouting, choose_experts, routing_policy
-from cosine.protocol import refusal_entry
-from cosine.requests import (
-    RequestError,
-    eos_token_ids,
-    logprobs_count,
-    max_window_cap,
-    parse_stop,
-    prompt_token_ids,
-    sampling_params,
-)
+from cosine.policy.window import capped_window
 from cosine.tenants import Limits, TenantBounds, limits
 from cosine.wire import DraftJob, encode
 from cosine.wire.convert import empty_candidate
@@ -43,10 +44,7 @@ from .base import Entry, StageWorker
 from .models import expert_classifier, load_tokenizer_and_limits
 from .roster import LiveRoster
 
-MAX_ID_LENGTH = 200
-MAX_DEADLINE_S = 7 * 24 * 3600
 WAITING_POLL_MS = 10
-KNOWN_FIELDS = {"id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert", "deadline_s", "logprobs", "max_window"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +198,7 @@ class Router(StageWorker):
             if b"id" not in raw and self.config.pipeline.require_id:
                 raise RequestError("'id' is required: give each request a random one (a UUID4, say); whoever knows it can read "
                                    "the output, and an entry ID can be guessed", "id")
-            state = self._build_state(request_id, _text_fields(raw))
+            state = self._build_state(request_id, text_fields(raw))
         except RequestError as error:
             return await self._refuse(entry_id, request_id, str(error), error.code, error.param)
         streams, payload = await self._first_job(state)
@@ -318,26 +316,16 @@ class Router(StageWorker):
                 break
 
     def _build_state(self, request_id: str, fields: dict[str, str]) -> RequestState:
-        unknown = set(fields) - KNOWN_FIELDS
-        if unknown:
-            raise RequestError(f"unknown request fields: {sorted(unknown)}", sorted(unknown)[0])
-        for name in ("prompt", "messages"):
-            if len(fields.get(name, "")) > self.config.pipeline.max_prompt_chars:
-                raise RequestError(f"'{name}' is longer than {self.config.pipeline.max_prompt_chars} characters", name)
-        prompt_ids = prompt_token_ids(self.tokenizer, fields.get("prompt"), fields.get("messages"))
-        max_tokens = _int_field(fields, "max_tokens", self.config.defaults.max_tokens)
-        if not 1 <= max_tokens <= self.config.defaults.max_tokens_limit:
-            raise RequestError(f"'max_tokens' must be in [1, {self.config.defaults.max_tokens_limit}], got {max_tokens}", "max_tokens")
-        if len(prompt_ids) + max_tokens > self.context_limit:
+        request = ClientRequest.from_fields(fields, RequestLimits.of(self.config))
+        prompt_ids = request.token_ids(self.tokenizer)
+        if len(prompt_ids) + request.max_tokens > self.context_limit:
             raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context limit ({self.context_limit})",
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds the context limit ({self.context_limit})",
                 "messages" if "messages" in fields else "prompt",
             )
-        sampling = sampling_params(fields.get("temperature", 0), fields.get("top_p", 1), fields.get("seed"))
-        pinned = fields.get("expert")
+        pinned = request.expert
         if pinned is not None and pinned not in self.experts:
             raise RequestError(f"unknown expert {pinned!r}; valid experts: {', '.join(self.experts)}", "expert")
-        deadline_s = _deadline_field(fields, self.config.pipeline.deadline_s)
         text = fields.get("prompt") or fields.get("messages") or ""
         router = self.config.router
         routing = None
@@ -356,17 +344,17 @@ class Router(StageWorker):
         return RequestState(
             request_id=request_id,
             prompt_ids=prompt_ids,
-            sampling=sampling,
-            max_tokens=max_tokens,
-            stop=parse_stop(fields.get("stop")),
+            sampling=request.sampling,
+            max_tokens=request.max_tokens,
+            stop=request.stop,
             eos_ids=tuple(sorted(self.eos_ids)),
             experts=experts,
             routing=routing,
-            window=capped_window(self.config.speculation.window, cap := max_window_cap(fields.get("max_window"))),
-            max_window=cap,
+            window=capped_window(self.config.speculation.window, request.max_window),
+            max_window=request.max_window,
             created_ms=now_ms,
-            deadline_ms=now_ms + int(deadline_s * 1000),
-            logprobs=logprobs_count(fields.get("logprobs")),
+            deadline_ms=now_ms + int(request.deadline_s * 1000),
+            logprobs=request.logprobs,
         )
 
     async def _refuse(self, entry_id: bytes, request_id: str, reason: str, code: str, param: str = "") -> str:
@@ -409,55 +397,3 @@ class Router(StageWorker):
                     break
             self.log.info("request %s cancelled", request_id)
         await self.redis.xack(stream, self.group, entry_id)
-
-
-def request_id_of(raw: dict[bytes, bytes], entry_id: bytes) -> str:
-    """The id a client will read its answer under: its ``id`` field when that is a usable id,
-    else the entry ID that ``XADD`` returned."""
-    fallback = entry_id.decode()
-    value = raw.get(b"id")
-    if value is None:
-        return fallback
-    try:
-        text = value.decode()
-    except UnicodeDecodeError:
-        return fallback
-    if not text or len(text) > MAX_ID_LENGTH or any(c.isspace() or c in "{}" for c in text):
-        return fallback
-    return text
-
-
-def _text_fields(raw: dict[bytes, bytes]) -> dict[str, str]:
-    fields = {}
-    for key, value in raw.items():
-        try:
-            fields[key.decode()] = value.decode()
-        except UnicodeDecodeError:
-            raise RequestError("request fields must be UTF-8 text", key.decode(errors="replace")) from None
-    return fields
-
-
-def _int_field(fields: dict[str, str], name: str, default: int) -> int:
-    if name not in fields:
-        return default
-    try:
-        return int(fields[name])
-    except ValueError:
-        raise RequestError(f"'{name}' must be an integer, got {fields[name][:40]!r}", name) from None
-
-
-def _deadline_field(fields: dict[str, str], default: float) -> float:
-    if "deadline_s" not in fields:
-        return default
-    try:
-        value = float(fields["deadline_s"])
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= MAX_DEADLINE_S:  # also refuses NaN
-        raise RequestError(f"'deadline_s' must be a number of seconds in (0, {MAX_DEADLINE_S}]", "deadline_s")
-    return value
-
-
-def capped_window(window: int, cap: int) -> int:
-    """A window under a request's cap (-1: none)."""
-    return window if cap < 0 else min(window, cap)

@@ -76,10 +76,10 @@ class VerifierWorker(StageWorker):
     def registrations(self, pipe) -> None:
         pipe.sadd(self.keys.verifier_streams, self.instance)
 
-    def liveness_extra(self) -> str:
+    def liveness_fields(self) -> dict[str, str]:
         # Read without the runner's lock (a forward may hold it): a count off by one is fine here.
-        return (f"fingerprint={self.fingerprint} caches={self.runner.cache_count} cache_bytes={self.runner.allocated_bytes} "
-                f"kv_rows={self.runner.num_blocks * BLOCK_SIZE} kv_block={BLOCK_SIZE}")
+        return {"fingerprint": self.fingerprint, "caches": str(self.runner.cache_count), "cache_bytes": str(self.runner.allocated_bytes),
+                "kv_rows": str(self.runner.num_blocks * BLOCK_SIZE), "kv_block": str(BLOCK_SIZE)}
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         for entry_id, fields in entries:

@@ -1,19 +1,294 @@
-"""The client protocol's output entries (``out:{id}``): tokens and final, typed, with the one
-place their Redis fields are written (``to_fields``) and read (``from_fields``). Flat string
-fields, so any Redis client reads them. Pure: the speculative core builds its entries here, the
-local engine's results are ``Final`` entries, and every reader (client, gateway, CLI, demo) parses
-with ``from_fields``.
+"""The client protocol, typed: the request a client writes to ``requests`` (``ClientRequest``,
+parsed and validated once here for the router, the CLI and the gateway) and the output entries
+the server writes to ``out:{id}`` (``Tokens``, ``Final``), each with the one place its Redis
+fields are written (``to_fields``) and read (``from_fields``). Flat string fields, so any Redis
+client reads and writes them. Pure: the speculative core builds its entries here, the local
+engine's results are ``Final`` entries, and every reader (client, gateway, CLI, demo) parses with
+``from_fields``.
+
+Prompts: exactly one of ``prompt`` / ``messages``; ``messages`` is a JSON list of
+``{"role", "content"}`` strings, run through the target's chat template with the generation prompt.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from cosine.core.logprobs import MAX_TOP_LOGPROBS
+from cosine.core.params import SamplingParams
+from cosine.core.stopping import StopRules
+
 if TYPE_CHECKING:
     from cosine.core.rounds import RequestState
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 128
+MAX_MESSAGES = 512
+
+
+class RequestError(ValueError):
+    """The request is invalid; the message is meant for the client.
+
+    ``param`` names the offending field (``error_param`` in the final entry); ``code`` is the
+    machine-readable ``error_code`` clients branch on.
+    """
+
+    def __init__(self, message: str, param: str = "", code: str = "invalid") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def prompt_token_ids(tokenizer, prompt: str | None = None, messages: str | list | None = None) -> list[int]:
+    if (prompt is None) == (messages is None):
+        raise RequestError("give exactly one of 'prompt' and 'messages'", "prompt" if prompt is not None else "messages")
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError("'prompt' must be a non-empty string", "prompt")
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    parsed = _parse_messages(messages)
+    encoded = tokenizer.apply_chat_template(parsed, add_generation_prompt=True)
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return [int(t) for t in ids]
+
+
+def _parse_messages(messages: str | list) -> list[dict[str, str]]:
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as error:
+            raise RequestError(f"'messages' is not valid JSON: {error}", "messages") from None
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty JSON list", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"'messages' holds {len(messages)} messages; at most {MAX_MESSAGES}", "messages")
+    for message in messages:
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise RequestError("each message must be an object with exactly 'role' and 'content'", "messages")
+        if not all(isinstance(message[k], str) for k in ("role", "content")):
+            raise RequestError("message 'role' and 'content' must be strings", "messages")
+        if message["role"] not in ("system", "user", "assistant"):
+            raise RequestError(f"unknown message role {message['role']!r}", "messages")
+    return messages
+
+
+def eos_token_ids(tokenizer, model_config: Any = None) -> frozenset[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(model_config, "eos_token_id", None) if model_config is not None else None
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return frozenset(ids)
+
+
+def parse_stop(stop: str | list | None) -> tuple[str, ...]:
+    if stop is None or stop == "":
+        return ()
+    if isinstance(stop, str):
+        try:
+            stop = json.loads(stop)
+        except json.JSONDecodeError:
+            stop = [stop]  # a plain string is one stop string (handy from redis-cli)
+    if isinstance(stop, str):
+        stop = [stop]
+    # Bounded: the stop check runs on the coordinator's event loop every round.
+    if (
+        not isinstance(stop, list)
+        or len(stop) > MAX_STOP_STRINGS
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
+    ):
+        raise RequestError(f"'stop' must be a JSON list of at most {MAX_STOP_STRINGS} strings of 1-{MAX_STOP_CHARS} characters", "stop")
+    return tuple(stop)
+
+
+def sampling_params(temperature: Any = 0.0, top_p: Any = 1.0, seed: Any = None) -> SamplingParams:
+    """Sampling parameters; without a seed a random one is drawn (and recorded by the caller),
+    so identical unseeded requests get independent samples yet each can be replayed."""
+    values = {"temperature": temperature, "top_p": top_p, "seed": secrets.randbits(62) if seed is None else seed}
+    parsed = {}
+    for name, value in values.items():
+        try:
+            parsed[name] = int(value) if name == "seed" else float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise RequestError(f"'{name}' must be a number, got {value!r}", name) from None
+        if parsed[name] != parsed[name]:
+            raise RequestError(f"'{name}' must be a number, got {value!r}", name)
+    try:
+        return SamplingParams(**parsed)
+    except ValueError as error:
+        param = next((n for n in ("temperature", "top_p", "seed") if n in str(error)), "")
+        raise RequestError(str(error), param) from None
+
+
+MAX_WINDOW_LIMIT = 64  # a request's max_window beyond this caps nothing (the configured max_window is lower)
+
+
+def max_window_cap(value: Any) -> int:
+    """The ``max_window`` field: the most tokens a round of this request may draft (0: none, the
+    target alone decodes it); absent (None) is -1, the configured windows."""
+    return -1 if value is None else _bounded_int(value, "max_window", 0, MAX_WINDOW_LIMIT)
+
+
+def logprobs_count(value: Any) -> int:
+    """The ``logprobs`` field: how many most likely alternatives to report with each token's
+    log-probability (0: the token's own only); absent (None) is -1, no log-probabilities."""
+    return -1 if value is None else _bounded_int(value, "logprobs", 0, MAX_TOP_LOGPROBS)
+
+
+def _bounded_int(value: Any, name: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"'{name}' must be an integer in [{low}, {high}], got {str(value)[:40]!r}", name) from None
+    if not low <= number <= high:
+        raise RequestError(f"'{name}' must be an integer in [{low}, {high}], got {number}", name)
+    return number
+
+
+MAX_ID_LENGTH = 200
+
+
+def request_id_of(raw: Mapping[bytes, bytes], entry_id: bytes) -> str:
+    """The id a client will read its answer under: its ``id`` field when that is a usable id,
+    else the entry ID that ``XADD`` returned."""
+    fallback = entry_id.decode()
+    value = raw.get(b"id")
+    if value is None:
+        return fallback
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        return fallback
+    if not text or len(text) > MAX_ID_LENGTH or any(c.isspace() or c in "{}" for c in text):
+        return fallback
+    return text
+
+
+def text_fields(raw: Mapping[bytes, bytes]) -> dict[str, str]:
+    """A request entry's fields as text (RequestError naming a field that is not UTF-8)."""
+    fields = {}
+    for key, value in raw.items():
+        try:
+            fields[key.decode()] = value.decode()
+        except UnicodeDecodeError:
+            raise RequestError("request fields must be UTF-8 text", key.decode(errors="replace")) from None
+    return fields
+
+
+REQUEST_FIELDS = ("id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert", "deadline_s", "logprobs", "max_window")
+MAX_DEADLINE_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """The server's bounds and defaults for a request's fields."""
+
+    max_tokens: int = 256  # the default
+    max_tokens_limit: int = 4096
+    max_prompt_chars: int = 200_000
+    deadline_s: float = 600.0  # the default
+
+    @classmethod
+    def of(cls, config) -> RequestLimits:
+        """A ``Config``'s (its defaults and pipeline sections)."""
+        d, p = config.defaults, config.pipeline
+        return cls(d.max_tokens, d.max_tokens_limit, p.max_prompt_chars, p.deadline_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """A request entry's fields, parsed and validated (``from_fields``; absent fields take the
+    limits' defaults). ``messages`` is the parsed list; ``seed`` None means the server draws one
+    (``sampling``) and records it in the request state. Any Redis client writes the fields (the
+    Python client: ``cosine.client.request_fields``)."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    expert: str | None = None
+    deadline_s: float = 600.0
+    logprobs: int = -1  # >= 0: log-probabilities with this many alternatives per token
+    max_window: int = -1  # >= 0: the request's cap on its speculation window (0: no drafting)
+    id: str | None = None
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, str], limits: RequestLimits = RequestLimits()) -> ClientRequest:
+        """The request in a client's fields, or RequestError naming the first bad field."""
+        unknown = set(fields) - set(REQUEST_FIELDS)
+        if unknown:
+            raise RequestError(f"unknown request fields: {sorted(unknown)}", sorted(unknown)[0])
+        for name in ("prompt", "messages"):
+            if len(fields.get(name, "")) > limits.max_prompt_chars:
+                raise RequestError(f"'{name}' is longer than {limits.max_prompt_chars} characters", name)
+        prompt, messages = fields.get("prompt"), fields.get("messages")
+        if (prompt is None) == (messages is None):
+            raise RequestError("give exactly one of 'prompt' and 'messages'", "prompt" if prompt is not None else "messages")
+        if prompt is not None and (not isinstance(prompt, str) or not prompt):
+            raise RequestError("'prompt' must be a non-empty string", "prompt")
+        parsed = _parse_messages(messages) if messages is not None else None
+        max_tokens = _int_field(fields, "max_tokens", limits.max_tokens)
+        if not 1 <= max_tokens <= limits.max_tokens_limit:
+            raise RequestError(f"'max_tokens' must be in [1, {limits.max_tokens_limit}], got {max_tokens}", "max_tokens")
+        sampling = sampling_params(fields.get("temperature", 0), fields.get("top_p", 1), fields.get("seed", 0))
+        return cls(
+            prompt=prompt,
+            messages=parsed,
+            max_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed if "seed" in fields else None,
+            stop=parse_stop(fields.get("stop")),
+            expert=fields.get("expert"),
+            deadline_s=_deadline_field(fields, limits.deadline_s),
+            logprobs=logprobs_count(fields.get("logprobs")),
+            max_window=max_window_cap(fields.get("max_window")),
+            id=fields.get("id"),
+        )
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The sampling parameters, a fresh random seed when the request gave none: identical
+        unseeded requests get independent samples yet each can be replayed."""
+        return SamplingParams(self.temperature, self.top_p, secrets.randbits(62) if self.seed is None else self.seed)
+
+    def token_ids(self, tokenizer) -> list[int]:
+        """The prompt's token ids (``messages`` through the chat template)."""
+        return prompt_token_ids(tokenizer, self.prompt, self.messages)
+
+    def stop_rules(self, eos_ids: frozenset[int]) -> StopRules:
+        return StopRules(self.max_tokens, eos_ids, self.stop)
+
+
+def _int_field(fields: Mapping[str, str], name: str, default: int) -> int:
+    if fields.get(name) is None:
+        return default
+    try:
+        return int(fields[name])
+    except (TypeError, ValueError):
+        raise RequestError(f"'{name}' must be an integer, got {str(fields[name])[:40]!r}", name) from None
+
+
+def _deadline_field(fields: Mapping[str, str], default: float) -> float:
+    if fields.get("deadline_s") is None:
+        return default
+    try:
+        value = float(fields["deadline_s"])
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value <= MAX_DEADLINE_S:  # also refuses NaN
+        raise RequestError(f"'deadline_s' must be a number of seconds in (0, {MAX_DEADLINE_S}]", "deadline_s")
+    return value
+
 
 COUNTS = ("prompt_tokens", "generated_tokens", "rounds", "draft_tokens", "accepted_tokens")
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field, replace
 
 from cosine.core.logprobs import token_logprobs
 from cosine.core.params import SamplingParams
+from cosine.core.protocol import final_entry, tokens_entry
 from cosine.core.stopping import FINISH_ERROR, OutputAssembler, StopRules
 from cosine.policy.routing import RequestRouting, RoundFeedback, RoutingPolicy, by_expert
 from cosine.policy.window import WindowPolicy
-from cosine.protocol import final_entry, tokens_entry
 
 ACTIVE = "active"
 FINISHED = "finished"

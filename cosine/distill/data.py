@@ -63,7 +63,7 @@ class DataPlan:
 def generate_answers(model, tokenizer, prompts: list[list[dict]], plan: DataPlan, path: Path, progress: Progress) -> list[list[int]]:
     """The target's greedy answers (prompt ids + answer ids, ending at its end token), appended
     to ``path`` as JSON lines as they are made; rows already there are kept."""
-    from cosine.requests import prompt_token_ids
+    from cosine.core.protocol import prompt_token_ids
 
     done = [json.loads(line)["ids"] for line in path.read_text().splitlines()] if path.exists() else []
     device = next(model.parameters()).device

@@ -32,3 +32,8 @@ class WindowPolicy:
         if accepted == 0:
             return max(window - 1, self.minimum)
         return window
+
+
+def capped_window(window: int, cap: int) -> int:
+    """A window under a request's cap (-1: none)."""
+    return window if cap < 0 else min(window, cap)

@@ -1,7 +1,7 @@
 """One place for the message formats: stream and key names (``keys``), the internal messages
 between stages and their msgpack encoding (``messages``), the request hash (``state``) and
 conversions between messages and the core's objects (``convert``). The client-facing output
-entries are ``cosine.protocol``'s. Lua function argument layouts live with the calls in ``cosine.bus``.
+entries are ``cosine.core.protocol``'s. Lua function argument layouts live with the calls in ``cosine.bus``.
 """
 
 from cosine.wire.keys import Keys

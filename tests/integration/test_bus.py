@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 
 from cosine import bus
 from cosine.config import Config, PipelineConfig
+from cosine.core.protocol import refusal_entry
 from cosine.embedded import EmbeddedRedis
-from cosine.protocol import refusal_entry
 from cosine.wire import Keys
 from cosine.wire.state import state_to_fields
 
@@ -484,7 +484,8 @@ def test_a_stale_pooled_round_does_not_swallow_the_next_one(server):
     from cosine.core.rounds import RequestState
     from cosine.core.sampling import SamplingParams
     from cosine.wire import Candidate, VerifyItem, encode
-    from cosine.workers.coordinator import Coordinator, _Waiting
+    from cosine.workers.coordinator import Coordinator
+    from cosine.workers.coordinator.forming import Waiting
 
     async def scenario():
         client = await fresh(server)
@@ -497,7 +498,7 @@ def test_a_stale_pooled_round_does_not_swallow_the_next_one(server):
         new = Candidate("r1", 4, [], [], [], [], [])
         ids = [await client.xadd(KEYS.candidates, encode(c)) for c in (old, new)]
         await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
-        coordinator.pool.append(_Waiting(ids[0], VerifyItem("r1", 3, [1, 2], old, None, ""), time.monotonic()))
+        coordinator.pool.append(Waiting(ids[0], VerifyItem("r1", 3, [1, 2], old, None, ""), time.monotonic()))
         await coordinator._pool_candidate(ids[1], new, state)
         assert [(w.entry_id, w.item.round) for w in coordinator.pool] == [(ids[1], 4)]
         pending = await client.xpending_range(KEYS.candidates, coordinator.group, "-", "+", 10)
@@ -615,12 +616,13 @@ def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(se
     from cosine.core.sampling import SamplingParams
     from cosine.policy.batching import BatchPolicy
     from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
-    from cosine.workers.coordinator import Coordinator, _Waiting
+    from cosine.workers.coordinator import Coordinator
+    from cosine.workers.coordinator.forming import Verifiers, Waiting
 
     async def scenario():
         client = await fresh(server)
         coordinator = Coordinator(Config(), server)
-        coordinator.redis, coordinator.pool, coordinator.live_verifiers = client, [], 1
+        coordinator.redis, coordinator.pool, coordinator.verifiers = client, [], Verifiers(count=1)
         coordinator.batch_policy = BatchPolicy(8, max_wait_s=0.1)
         coordinator.fingerprints = coordinator.live_fingerprints = {"target-a"}  # its stream does not exist yet
         verifier_group = KEYS.group("verifier")
@@ -637,7 +639,7 @@ def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(se
         candidate = Candidate("r1", 0, [], [], [], [], [])
         entry_id = await client.xadd(KEYS.candidates, encode(candidate))
         await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
-        coordinator.pool.append(_Waiting(entry_id, VerifyItem("r1", 0, [1, 2], candidate, SamplingParams(), ""), time.monotonic()))
+        coordinator.pool.append(Waiting(entry_id, VerifyItem("r1", 0, [1, 2], candidate, SamplingParams(), ""), time.monotonic()))
         await coordinator._flush(force=True)
         assert coordinator.pool == []
         assert await client.zrange(KEYS.rounds, 0, -1) == [b"r2"]
@@ -663,7 +665,7 @@ def test_a_retired_targets_batches_neither_hold_others_nor_wait_for_their_deadli
         client = await fresh(server)
         coordinator = Coordinator(Config(pipeline=PipelineConfig(target_grace_s=0.0)), server)
         coordinator.redis, coordinator.tokenizer, coordinator.target_gone_since = client, None, {}
-        coordinator.fingerprints, coordinator.live_fingerprints, coordinator.verifier_ids = {"old", "new"}, {"new"}, set()
+        coordinator.fingerprints, coordinator.live_fingerprints = {"old", "new"}, {"new"}
         state = RequestState("r1", [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=3, fingerprint="old", deadline_ms=2**42)
         await client.hset(KEYS.request("r1"), mapping=state_to_fields(state))
         await client.zadd(KEYS.deadlines, {"r1": 2**42})
@@ -692,38 +694,41 @@ def test_batches_fit_the_verifiers_kv_pool(server):
     make the verifier serve its requests one at a time)."""
     import time
 
-    from cosine.bus import roster_int
+    from cosine.bus import Liveness
     from cosine.config import PipelineConfig
     from cosine.core.sampling import SamplingParams
     from cosine.policy.batching import BatchPolicy
     from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
-    from cosine.workers.coordinator import Coordinator, _Waiting, kv_rows_of
+    from cosine.workers.coordinator import Coordinator
+    from cosine.workers.coordinator.forming import Verifiers, Waiting, kv_rows_of
 
-    assert roster_int("fingerprint=x kv_rows=4096 kv_block=16", "kv_rows") == 4096
-    assert roster_int("kv_rows=lots", "kv_rows") == 0 and roster_int("caches=3", "kv_rows") == 0
+    live = Liveness.parse("1.5 fingerprint=x kv_rows=4096 kv_block=16")
+    assert (live.beat_s, live.fingerprint, live.number("kv_rows"), live.number("kv_block")) == (1.5, "x", 4096, 16)
+    assert Liveness.parse(live.text()) == live
+    assert Liveness.parse("2 kv_rows=lots").number("kv_rows") == 0 and Liveness.parse("2 caches=3").number("kv_rows") == 0
     item = VerifyItem("r", 1, list(range(40)), Candidate("r", 1, [5, 6], [-1, 0], [], [], []), SamplingParams(), "")
     assert kv_rows_of(item, 16) == 48 and kv_rows_of(item, 1) == 42
 
     async def scenario(choice: str):
         client = await fresh(server)
         coordinator = Coordinator(Config(pipeline=PipelineConfig(batch_choice=choice)), server)
-        coordinator.redis, coordinator.pool, coordinator.live_verifiers = client, [], 1
+        coordinator.redis, coordinator.pool, coordinator.verifiers = client, [], Verifiers(count=1)
         coordinator.batch_policy = BatchPolicy(8, max_wait_s=0.1)
-        coordinator.kv_rows, coordinator.kv_block = {"v1": 64}, 16
+        coordinator.verifiers = Verifiers(count=1, kv_rows={"v1": 64}, kv_block=16)
         await bus.ensure_group(client, KEYS.candidates, coordinator.group)
         for name in ("r1", "r2"):
             candidate = Candidate(name, 1, [], [], [], [], [])
             entry_id = await client.xadd(KEYS.candidates, encode(candidate))
-            coordinator.pool.append(_Waiting(entry_id, VerifyItem(name, 1, list(range(40)), candidate, SamplingParams(), ""), time.monotonic(), 1, 1.0))
+            coordinator.pool.append(Waiting(entry_id, VerifyItem(name, 1, list(range(40)), candidate, SamplingParams(), ""), time.monotonic(), 1, 1.0))
         await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
         await coordinator._flush(force=True)
         batches = [decode(fields, VerifyBatch) for _, fields in await client.xrange(KEYS.verify)]
         assert [[i.request_id for i in b.items] for b in batches] == [["r1"], ["r2"]]
-        coordinator.kv_rows = {"v1": 4096}
+        coordinator.verifiers = Verifiers(count=1, kv_rows={"v1": 4096}, kv_block=16)
         for name in ("r3", "r4"):
             candidate = Candidate(name, 1, [], [], [], [], [])
             entry_id = await client.xadd(KEYS.candidates, encode(candidate))
-            coordinator.pool.append(_Waiting(entry_id, VerifyItem(name, 1, list(range(40)), candidate, SamplingParams(), ""), time.monotonic(), 1, 1.0))
+            coordinator.pool.append(Waiting(entry_id, VerifyItem(name, 1, list(range(40)), candidate, SamplingParams(), ""), time.monotonic(), 1, 1.0))
         await coordinator._flush(force=True)
         batches = [decode(fields, VerifyBatch) for _, fields in await client.xrange(KEYS.verify)]
         assert [i.request_id for i in batches[-1].items] == ["r3", "r4"]
@@ -763,7 +768,6 @@ def test_a_gone_verifiers_own_stream_goes_to_the_shared_streams(server):
         # "alive" is in the roster, not yet in the coordinator's cached view of it (it just
         # started): it must not be taken for gone.
         await client.hset(KEYS.roster("verifier"), "alive", f"{time.time() * 1000 + 60_000:.0f} 0 fingerprint=fp")
-        coordinator.verifier_ids = set()
         await coordinator._move_gone_verifier_streams()
         moved = [decode(f, VerifyBatch).batch_id for _, f in await client.xrange(KEYS.verify)]
         assert moved == ["held", "unread"]
@@ -788,19 +792,20 @@ def test_work_for_a_moved_stream_goes_to_the_shared_stream(server):
     from cosine.core.sampling import SamplingParams
     from cosine.policy.batching import BatchPolicy
     from cosine.wire import Candidate, VerifyBatch, VerifyItem, decode, encode
-    from cosine.workers.coordinator import Coordinator, _Waiting
+    from cosine.workers.coordinator import Coordinator
+    from cosine.workers.coordinator.forming import Verifiers, Waiting
 
     async def scenario():
         client = await fresh(server)
         coordinator = Coordinator(Config(), server)
-        coordinator.redis, coordinator.pool, coordinator.live_verifiers = client, [], 1
+        coordinator.redis, coordinator.pool, coordinator.verifiers = client, [], Verifiers(count=1)
         coordinator.batch_policy = BatchPolicy(8)
         group = KEYS.group("verifier")
         await bus.ensure_group(client, KEYS.verify_at("gone"), group)
         await client.sadd(KEYS.verifier_streams, "gone")
         await bus.ensure_group(client, KEYS.candidates, coordinator.group)
-        coordinator.verifier_ids = {"gone"}  # its cached view: the verifier's liveness not yet expired
-        coordinator.home = {"r1": "gone"}
+        coordinator.verifiers = Verifiers(live=frozenset({"gone"}), count=1)  # its cached view: the verifier's liveness not yet expired
+        coordinator.records.of("r1").home = "gone"
         other = Coordinator(Config(), server)  # another coordinator, whose view has it gone
         other.redis, other.verifier_ids = client, set()
         await other._move_gone_verifier_streams()
@@ -808,7 +813,7 @@ def test_work_for_a_moved_stream_goes_to_the_shared_stream(server):
         candidate = Candidate("r1", 1, [], [], [], [], [])
         entry_id = await client.xadd(KEYS.candidates, encode(candidate))
         await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
-        coordinator.pool.append(_Waiting(entry_id, VerifyItem("r1", 1, [1, 2], candidate, SamplingParams(), ""), time.monotonic()))
+        coordinator.pool.append(Waiting(entry_id, VerifyItem("r1", 1, [1, 2], candidate, SamplingParams(), ""), time.monotonic()))
         assert coordinator._home("r1") == "gone"
         await coordinator._flush(force=True)
         assert not await client.exists(KEYS.verify_at("gone")), "a stream nobody reads"
@@ -839,7 +844,7 @@ def test_a_worker_registers_before_it_makes_its_own_stream(server):
         client = await fresh(server)
         verifier = VerifierWorker(Config(), server, instance="v1")
         verifier.redis, verifier.fingerprint, verifier.cost_profile = client, "fp", (1.0, 0.1, 0.01, 0.0)
-        verifier.liveness_extra = lambda: ""  # its model's figures: none loaded here
+        verifier.liveness_fields = lambda: {}  # its model's figures: none loaded here
         seen = []
         beat = verifier._beat
 
@@ -902,7 +907,8 @@ def test_a_backlogged_or_late_home_drafter_lets_its_requests_go(server):
     deadline, held its requests: they waited behind it (a stuck one: a deadline every round)."""
     from cosine.core.rounds import RequestState
     from cosine.core.sampling import SamplingParams
-    from cosine.workers.coordinator import DRAFTER_BACKLOG, Coordinator
+    from cosine.workers.coordinator import Coordinator
+    from cosine.workers.coordinator.forming import DRAFTER_BACKLOG
 
     async def scenario():
         client = await fresh(server)
@@ -910,7 +916,7 @@ def test_a_backlogged_or_late_home_drafter_lets_its_requests_go(server):
         coordinator.redis = client
         coordinator.drafter_ids = {"a", "b"}
         coordinator.drafter_expert = {"a": "general", "b": "general"}
-        coordinator.draft_homes = {"r1": {"general": "a"}}
+        coordinator.records.of("r1").draft_homes = {"general": "a"}
         group = KEYS.group("drafter")
         await bus.ensure_group(client, KEYS.draft_at("a"), group)
         for _ in range(DRAFTER_BACKLOG - 1):
@@ -950,7 +956,7 @@ def test_every_heartbeat_registers_a_workers_own_stream(server):
         client = await fresh(server)
         drafter = DrafterWorker(Config(), server, "general", instance="d1")
         verifier = VerifierWorker(Config(), server, instance="v1")
-        verifier.liveness_extra = lambda: ""  # its model's figures: none loaded here
+        verifier.liveness_fields = lambda: {}  # its model's figures: none loaded here
         for worker in (drafter, verifier):
             worker.redis = client
             await worker._beat(KEYS.live(worker.role, worker.instance), 3000)

@@ -40,13 +40,13 @@ def test_distill_makes_a_drafter_that_drafts_losslessly(tmp_path, demo_target, c
     refused = subprocess.run(command[:-2] + ["--data", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "bad.jsonl:1" in refused.stderr
 
+    from cosine.core.protocol import eos_token_ids
     from cosine.core.sampling import SamplingParams
     from cosine.core.stopping import StopRules
     from cosine.drafters.distilled import SmallDrafter
     from cosine.engine import GenerationRequest, LocalEngine
     from cosine.models.runner import ModelRunner
     from cosine.policy.window import WindowPolicy
-    from cosine.requests import eos_token_ids
 
     # `cosine drafters convert` stores it in int8 (the repository's form): about half the bytes.
     packed = tmp_path / "drafter-int8"

@@ -36,8 +36,8 @@ import msgpack
 import pytest
 import redis
 
+from cosine.core.protocol import eos_token_ids, prompt_token_ids
 from cosine.embedded import EmbeddedRedis
-from cosine.requests import eos_token_ids, prompt_token_ids
 from cosine.tenants import TenantBounds, add_tenant
 from cosine.wire import SCHEMA_VERSION, Keys
 from cosine.wire.keys import qualify

@@ -21,7 +21,7 @@ import torch
 from cosine.config import DEMO_TARGET_FILE
 from tests.conftest import cache_dir
 from tests.integration.harness import ROOT
-from tests.integration.test_serve import Served, wait_for
+from tests.integration.test_serve import Served, cmdline, wait_for
 
 MODEL = "SmolLM2-135M-Instruct"
 TEXTS = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
@@ -374,6 +374,28 @@ def test_the_openai_client_gets_the_targets_greedy_output_with_usage(served, dem
     assert completion.choices[0].text == text and completion.usage.completion_tokens == 8
     pieces = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in pieces) == text
+
+
+def torch_loaded(pid: int) -> bool:
+    """Whether torch's native library is mapped into the process (what importing torch does)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return any("libtorch" in line for line in maps)
+
+
+@pytest.mark.model
+def test_the_light_stages_run_without_torch(served):
+    """Started as `cosine serve` starts them, after a request went through them: the router,
+    coordinator, fusion and gateway processes have not loaded torch (import-linter sees only the
+    package's own imports); the verifier, which runs the target, has."""
+    base, serve = served
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": TEXTS[1]}], max_tokens=6, temperature=0)
+    assert reply.usage.completion_tokens == 6
+    pids = {role: serve.worker_pids(role) for role in ("router", "coordinator", "fusion", "verifier")}
+    pids["gateway"] = [pid for pid in serve.children() if "cosine.cli --port" in cmdline(pid)]
+    assert all(pids.values()), pids
+    assert {role: [torch_loaded(pid) for pid in found] for role, found in pids.items()} == {
+        "router": [False], "coordinator": [False], "fusion": [False], "gateway": [False], "verifier": [True]}
 
 
 @pytest.mark.model

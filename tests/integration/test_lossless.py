@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from cosine.core.protocol import eos_token_ids
 from cosine.core.sampling import SamplingParams
 from cosine.core.stopping import StopRules
 from cosine.drafters.lookup import PromptLookupDrafter
@@ -16,7 +17,6 @@ from cosine.drafters.model import ModelDrafter, early_exit_model, layer_skip_mod
 from cosine.engine import GenerationRequest, LocalEngine
 from cosine.models.runner import ModelRunner
 from cosine.policy.window import WindowPolicy
-from cosine.requests import eos_token_ids
 from tests.conftest import REFERENCE_TOKENS
 from tests.integration.lossless import assert_lossless, assert_speculated
 

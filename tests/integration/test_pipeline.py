@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from cosine.requests import prompt_token_ids
+from cosine.core.protocol import prompt_token_ids
 from cosine.wire import Candidate, DraftJob, VerifiedBatch, decode
 from tests.conftest import cache_dir
 from tests.integration.harness import (

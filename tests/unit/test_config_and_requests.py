@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 
 from cosine.config import load_config
+from cosine.core.protocol import ClientRequest, RequestError, RequestLimits, parse_stop, sampling_params
 from cosine.core.sampling import SamplingParams
 from cosine.drafters.base import DraftRequest
 from cosine.drafters.lookup import PromptLookupDrafter
 from cosine.policy.window import WindowPolicy
-from cosine.requests import RequestError, parse_stop, sampling_params, stop_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,12 +58,21 @@ def test_bad_environment_value_is_named():
 
 
 def test_request_fields_are_validated():
-    with pytest.raises(RequestError, match="max_tokens"):
-        stop_rules(0, 4096, frozenset({2}))
-    with pytest.raises(RequestError, match="max_tokens"):
-        stop_rules(10**9, 4096, frozenset({2}))
-    with pytest.raises(RequestError, match="integer"):
-        stop_rules("many", 4096, frozenset({2}))
+    limits = RequestLimits(max_tokens_limit=4096)
+    for value, message in (("0", "max_tokens"), (str(10**9), "max_tokens"), ("many", "integer")):
+        with pytest.raises(RequestError, match=message) as refused:
+            ClientRequest.from_fields({"prompt": "hi", "max_tokens": value}, limits)
+        assert refused.value.param == "max_tokens"
+    for fields, param in (({"prompt": "hi", "temperature": "-1"}, "temperature"), ({"prompt": "hi", "colour": "red"}, "colour"),
+                          ({"prompt": "hi", "messages": "[]"}, "prompt"), ({"prompt": "x" * 9}, "prompt"),
+                          ({"prompt": "hi", "deadline_s": "0"}, "deadline_s"), ({"prompt": "hi", "max_window": "65"}, "max_window")):
+        with pytest.raises(RequestError) as refused:
+            ClientRequest.from_fields(fields, RequestLimits(max_prompt_chars=8))
+        assert refused.value.param == param, fields
+    request = ClientRequest.from_fields({"messages": '[{"role": "user", "content": "hi"}]', "temperature": "0.5", "stop": "END"}, limits)
+    assert request.messages == [{"role": "user", "content": "hi"}] and request.stop == ("END",) and request.max_tokens == 256
+    assert request.seed is None  # the server draws one per request
+    assert ClientRequest.from_fields({"prompt": "hi", "seed": "7"}).sampling.seed == 7
     with pytest.raises(RequestError, match="temperature"):
         sampling_params(-1)
     with pytest.raises(RequestError, match="stop"):
@@ -120,7 +129,7 @@ def test_every_package_directory_is_installed():
 
 
 def test_messages_are_bounded_in_count():
-    from cosine.requests import MAX_MESSAGES, _parse_messages
+    from cosine.core.protocol import MAX_MESSAGES, _parse_messages
 
     many = [{"role": "user", "content": "hi"}] * (MAX_MESSAGES + 1)
     with pytest.raises(RequestError, match="at most") as refused:
@@ -130,8 +139,8 @@ def test_messages_are_bounded_in_count():
 
 
 def test_max_window_field_parses_and_refuses_clearly():
-    from cosine.requests import RequestError, max_window_cap
-    from cosine.workers.router import capped_window
+    from cosine.core.protocol import RequestError, max_window_cap
+    from cosine.policy.window import capped_window
 
     assert (max_window_cap(None), max_window_cap("0"), max_window_cap(5)) == (-1, 0, 5)
     for bad in ("-1", "x", "65", 1e9):

@@ -112,8 +112,9 @@ def test_the_engine_verifies_and_applies_each_round_with_the_pipelines_own_funct
     of every request, and its results are their final entries."""
     import cosine.engine as engine_module
     from cosine.core import acceptance, rounds
-    from cosine.protocol import Final
-    from cosine.workers import coordinator, verifier
+    from cosine.core.protocol import Final
+    from cosine.workers import verifier
+    from cosine.workers.coordinator import applying as coordinator
 
     assert verifier.verify_and_credit is acceptance.verify_and_credit and coordinator.advance is rounds.advance
     calls = {"verify_and_credit": 0, "advance": 0}

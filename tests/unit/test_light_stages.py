@@ -47,7 +47,7 @@ def test_a_generic_tokenizer_and_config_load_without_torch_and_as_transformers_l
 import sys, json
 from pathlib import Path
 from cosine.models.files import load_tokenizer, read_model_config
-from cosine.requests import eos_token_ids, prompt_token_ids
+from cosine.core.protocol import eos_token_ids, prompt_token_ids
 d = Path({str(generic_tokenizer_dir)!r})
 t = load_tokenizer(d)
 c = read_model_config(d)
@@ -59,7 +59,7 @@ print(json.dumps([out, "torch" in sys.modules]))
 
     from transformers import AutoTokenizer
 
-    from cosine.requests import prompt_token_ids
+    from cosine.core.protocol import prompt_token_ids
 
     light, loaded_torch = json.loads(run(code))
     assert not loaded_torch

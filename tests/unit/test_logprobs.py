@@ -8,11 +8,11 @@ import torch
 
 from cosine.core.acceptance import Verdict, emitted_logprobs, verify_greedy
 from cosine.core.logprobs import LogprobsError, _byte_decoder, token_logprobs
+from cosine.core.protocol import RequestError, logprobs_count
 from cosine.core.rounds import RequestState, advance
 from cosine.core.sampling import SamplingParams
 from cosine.core.tree import DraftChain, merge_chains
 from cosine.policy.window import WindowPolicy
-from cosine.requests import RequestError, logprobs_count
 from cosine.wire.state import state_from_fields, state_to_fields
 
 VOCAB = 12

@@ -8,9 +8,9 @@ import pytest
 
 from cosine.bus import trim_floor
 from cosine.config import Config
+from cosine.core.protocol import MAX_STOP_CHARS, MAX_STOP_STRINGS, RequestError, parse_stop, sampling_params
 from cosine.core.sampling import SamplingParams
 from cosine.models.loading import _directory_hash
-from cosine.requests import MAX_STOP_CHARS, MAX_STOP_STRINGS, RequestError, parse_stop, sampling_params
 from cosine.wire import Candidate, Keys, VerifyBatch, VerifyItem
 from cosine.wire.state import state_from_fields
 

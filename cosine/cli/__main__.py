@@ -1,0 +1,3 @@
+from cosine.cli import main
+
+main()

@@ -1,0 +1,188 @@
+"""The coordinator's sweeps, liveness and trimming (each run from ``tick``, each guarded).
+
+- a round with no candidate after ``drafter_deadline_ms`` goes on without drafts;
+- a request past its deadline ends with ``error_code=deadline``; one pinned to a target no
+  live verifier has served for ``target_grace_s`` ends with ``target_gone``;
+- a gone verifier's or drafter's own stream is moved to the shared one;
+- liveness: the rosters' live drafters and verifiers (``forming.Verifiers``), their targets;
+- trimming: each stream below what is still pending or unread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from cosine import bus
+from cosine.core.rounds import ACTIVE, fail
+from cosine.wire import VerifyBatch, WireError, decode, encode
+from cosine.wire.convert import empty_candidate
+
+
+class Sweeps:
+    """Mixed into the ``Coordinator``: what its tick sweeps, refreshes and trims."""
+
+    async def _fallback_overdue_rounds(self) -> None:
+        """A round still drafting after the deadline goes on without drafts (window 0).
+
+        Covers drafters that died or never existed. Rounds already pooled or queued for
+        verification are not in the ``rounds`` set. A late real draft for the same round is
+        harmless: the first result applied wins the compare-and-set, the other is stale.
+        """
+        deadline_ms = self.config.pipeline.drafter_deadline_ms
+        now_ms = self.clock.now_ms()
+        overdue = await self.redis.zrangebyscore(self.keys.rounds, 0, now_ms - deadline_ms, start=0, num=64)
+        for raw_id in overdue:
+            request_id = raw_id.decode()
+            await self.redis.zadd(self.keys.rounds, {request_id: now_ms}, xx=True)  # not again at once
+            state = await self._state(request_id)
+            if state is None or state.status != ACTIVE:
+                await self.redis.zrem(self.keys.rounds, request_id)
+                continue
+            self.log.warning("request %s round %d: no draft after %d ms, verifying without drafts", request_id, state.round, deadline_ms)
+            if (record := self.records.get(request_id)) is not None:
+                record.draft_homes = {}  # its next round goes to any drafter, not back to the late one
+            await self.redis.xadd(self.keys.candidates, encode(empty_candidate(state)))
+
+    async def _move_gone_verifier_streams(self) -> None:
+        """A verifier that is gone leaves batches in its own stream (unread, or read and not
+        acknowledged): they go to the shared stream, for any verifier (one of another target
+        hands a batch on to its target's stream). One atomic call, so only one coordinator
+        moves it; a verifier that was only slow registers again and makes its stream again (at
+        most a batch verified twice: the compare-and-set applies it once)."""
+        registered = {m.decode() for m in await self.redis.smembers(self.keys.verifier_streams)}
+        if not registered - self.verifiers.live:
+            return
+        # A roster read after the registry's, not the cached one: a verifier joins the roster
+        # before the registry, so one that just started is not taken for gone.
+        live = set(await self.rosters.live("verifier", max_age_s=0.0))
+        for instance in sorted(registered - live):
+            moved = await bus.move_stream(self.redis, self.keys.verify_at(instance), self.keys.verify, self.keys.verifier_streams,
+                                          group=self.keys.group("verifier"), instance=instance, registry_type="set")
+            if moved is not None:
+                self.log.warning("verifier %s is gone: %d batches of its stream moved to the shared stream", instance, moved)
+
+    async def _move_gone_drafter_streams(self) -> None:
+        """A drafter that is gone leaves jobs in its own stream (unread, or read and not
+        acknowledged): they go to its expert's stream, for any drafter of it. As for verifiers."""
+        registered = {i.decode(): e.decode() for i, e in (await self.redis.hgetall(self.keys.drafter_streams)).items()}
+        if not set(registered) - self.drafter_ids:
+            return
+        live = set(await self.rosters.live("drafter", max_age_s=0.0))  # fresh: a drafter joins the roster before the registry
+        for instance in sorted(set(registered) - live):
+            shared = self.keys.draft(registered[instance])
+            moved = await bus.move_stream(self.redis, self.keys.draft_at(instance), shared, self.keys.drafter_streams,
+                                          group=self.keys.group("drafter"), instance=instance, registry_type="hash")
+            if moved is not None:
+                self.log.warning("drafter %s is gone: %d jobs of its stream moved to %s", instance, moved, shared)
+
+    async def _end_rounds_of_gone_targets(self) -> None:
+        """Requests pinned to a target fingerprint that no live verifier has served for
+        ``pipeline.target_grace_s`` (a retired target after a rolling upgrade) end with
+        ``error_code=target_gone`` instead of waiting for their deadline: their batches are taken
+        off that target's stream. Within the grace, a verifier of the target that comes back
+        serves them. Only while another target is served: with no verifier live at all (a
+        restart, an outage) requests wait as before, up to their deadline."""
+        now, grace = time.monotonic(), self.config.pipeline.target_grace_s
+        if not self.live_fingerprints:
+            self.target_gone_since.clear()
+            return
+        for fingerprint in self.live_fingerprints:
+            self.target_gone_since.pop(fingerprint, None)
+        for fingerprint in sorted(self.fingerprints - self.live_fingerprints):
+            if now - self.target_gone_since.setdefault(fingerprint, now) < grace:
+                continue
+            stream = self.keys.verify_for(fingerprint)
+            for entry_id, fields in await self.redis.xrange(stream, count=64):
+                try:
+                    items = decode(fields, VerifyBatch).items
+                except WireError:
+                    items = []
+                for item in items:
+                    state = await self._state(item.request_id)
+                    if state is None or state.status != ACTIVE or state.round != item.round:
+                        continue
+                    reason = f"no live verifier has served the target this request is pinned to for {grace:g}s (retired?)"
+                    outcome = await self._apply(state, fail(state, self.tokenizer, reason, error_code="target_gone"))
+                    self.log.warning("request %s: its target %s is gone (%s)", item.request_id, fingerprint[:16], outcome)
+                await self.redis.xdel(stream, entry_id)
+
+    async def _expire_deadlines(self) -> None:
+        """Requests past their deadline (an abandoned client, a stalled pipeline) end now."""
+        now_ms = self.clock.now_ms()
+        for raw_id in await self.redis.zrangebyscore(self.keys.deadlines, 0, now_ms, start=0, num=64):
+            request_id = raw_id.decode()
+            state = await self._state(request_id)
+            if state is None or state.status != ACTIVE:
+                await self.redis.zrem(self.keys.deadlines, request_id)
+                continue
+            seconds = (state.deadline_ms - state.created_ms) / 1000
+            update = fail(state, self.tokenizer, f"deadline of {seconds:g}s passed", error_code="deadline")
+            outcome = await self._apply(state, update)  # stale: a round won the race; next tick
+            self.log.info("request %s: deadline passed (%s)", request_id, outcome)
+
+    async def _refresh_liveness(self) -> None:
+        self.live_experts = await self.rosters.drafter_experts()
+        drafters = await self.rosters.live("drafter")
+        self.drafter_ids = set(drafters)
+        self.drafter_expert = {instance: live.expert for instance, live in drafters.items()}
+        self.drafter_queued = await self._drafter_queues() if self.config.pipeline.affinity else {}
+        roster = await self.rosters.live("verifier")
+        verifiers = list(roster.values())
+        self.verifiers = dataclasses.replace(
+            self.verifiers, live=frozenset(roster), count=len(verifiers),
+            kv_rows={instance: rows for instance, live in roster.items() if (rows := live.number("kv_rows"))},
+            kv_block=max((live.number("kv_block") for live in verifiers), default=1) or 1,
+        )
+        found = {live.fingerprint for live in verifiers if live.fingerprint}
+        self.fingerprints |= found
+        self.live_fingerprints = found
+        if found and not self.control.verify.observations:
+            profile = await self.redis.hgetall(self.keys.cost(sorted(found)[0]))
+            if {b"a", b"b", b"c"} <= set(profile):
+                self.control.verify.set_prior([float(profile.get(k, 0.0)) for k in (b"a", b"b", b"c", b"e")])
+
+    async def _drafter_queues(self) -> dict[str, tuple[int, int]]:
+        """Jobs waiting unread and in hand on each live drafter's own stream, in one round trip (only
+        where an expert has more than one live drafter: with one, its requests have nowhere
+        else to go)."""
+        experts = list(self.drafter_expert.values())
+        instances = sorted(i for i, e in self.drafter_expert.items() if experts.count(e) > 1)
+        if not instances:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for instance in instances:
+                pipe.xinfo_groups(self.keys.draft_at(instance))
+            replies = await pipe.execute(raise_on_error=False)
+        group, queued = self.keys.group("drafter"), {}
+        for instance, groups in zip(instances, replies):
+            if isinstance(groups, Exception):
+                continue  # no stream yet: nothing queued
+            for info in groups:
+                if info["name"].decode() == group:
+                    queued[instance] = (int(info.get("lag") or 0), int(info.get("pending") or 0))
+        return queued
+
+    # ---- housekeeping --------------------------------------------------------------------
+
+    async def _trim(self) -> None:
+        """Trim each stream below its oldest entry still pending or unread by any group."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            bus.read_stream_registries(pipe, self.keys)
+            streams = self.keys.streams(*await pipe.execute())
+        for stream in streams:
+            await self.guarded(self._trim_stream, stream)
+
+    async def _trim_stream(self, stream: str) -> None:
+        if not await self.redis.exists(stream):
+            return
+        groups = []
+        for group in await self.redis.xinfo_groups(stream):
+            oldest_pending = None
+            if int(group.get("pending") or 0):
+                # May be acknowledged meanwhile: the summary then has no oldest entry (None).
+                oldest_pending = (await self.redis.xpending(stream, group["name"]))["min"]
+            groups.append((group["last-delivered-id"], oldest_pending))
+        floor = bus.trim_floor(groups)
+        if floor:
+            await self.redis.xtrim(stream, minid=floor, approximate=False)

@@ -1,0 +1,135 @@
+"""The coordinator worker: its streams, its tick and what it holds; the stages are mixed in
+(``batching``: candidates -> verification batches; ``applying``: verified results -> state,
+output, next round; ``sweeps``: deadlines, gone workers and targets, liveness, trimming).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from cosine.core.rounds import RequestState
+from cosine.policy.batching import BatchPolicy
+from cosine.policy.control import SpeculationControl
+from cosine.policy.routing import routing_policy
+from cosine.policy.window import WindowPolicy
+from cosine.wire import Candidate, VerifiedBatch, decode
+from cosine.wire.state import state_from_fields
+
+from ..base import Entry, StageWorker
+from ..models import load_tokenizer_and_limits
+from ..roster import LiveRoster
+from .applying import Applying
+from .batching import Batching, SentBatch
+from .forming import Verifiers, Waiting
+from .records import Records
+from .sweeps import Sweeps
+
+CONTROL_LOG_S = 30.0  # how often the cost model's state is logged (INFO)
+SWEEP_S = 1.0  # how often gone verifiers' own streams are looked for
+
+
+class Coordinator(Batching, Applying, Sweeps, StageWorker):
+    role = "coordinator"
+    read_count = 64
+
+    def __init__(self, config, redis_url: str, instance: str | None = None) -> None:
+        super().__init__(config, redis_url, instance)
+        self.rosters = LiveRoster(self)
+        spec = config.speculation
+        self.control = SpeculationControl(enabled=spec.load_control and spec.max_window > 0, multi_step=spec.multi_step)
+        self.records = Records()  # request -> what this coordinator remembers of it between rounds
+        self.sent_batches: dict[str, SentBatch] = {}  # batch id -> what the cost model needs of it, until its result is back
+        # Rounds' wall times and tokens, drafted or not (what speculation earns at this load):
+        # added to the stats hash with each verified batch.
+        self.round_times: Counter[str] = Counter()
+        self.active = 1  # active requests, as of the last batch decision
+        self.verifiers = Verifiers(affinity=config.pipeline.affinity)  # the live verifiers (rosters, queues)
+        self.drafter_ids: set[str] = set()  # live drafter instances
+        self.drafter_expert: dict[str, str] = {}  # live drafter instance -> its expert (from the roster)
+        self.drafter_queued: dict[str, tuple[int, int]] = {}  # live drafter instance -> jobs of its own stream (waiting unread, in hand), last refresh
+
+    def input_streams(self) -> list[str]:
+        return [self.keys.verified, self.keys.candidates]
+
+    async def setup(self) -> None:
+        self.tokenizer, _, _ = await self.off_loop(load_tokenizer_and_limits, self.config)
+        spec = self.config.speculation
+        self.window_policy = WindowPolicy(spec.window, spec.min_window, spec.max_window, spec.adaptive_window)
+        self.routing_policy = routing_policy(self.config)
+        self.expert_of = {d.name: d.expert for d in self.config.drafters}
+        self.batch_policy = BatchPolicy(spec.max_batch, max_wait_s=self.config.pipeline.batch_wait_ms / 1000)
+        self.pool: list[Waiting] = []
+        self.live_experts: set[str] = set()
+        self.fingerprints: set[str] = set()  # every target fingerprint seen live
+        self.live_fingerprints: set[str] = set()  # those of live verifiers now
+        self.target_gone_since: dict[str, float] = {}  # fingerprint -> when its last verifier was gone (monotonic)
+        self.last_refresh = self.last_trim = self.last_control_log = self.last_sweep = 0.0
+
+    @property
+    def feature_experts(self) -> set[str]:
+        """Experts served by feature drafters: their requests' rounds ship the target's states."""
+        return {d.expert for d in self.config.drafters if d.kind == "feature"}
+
+    async def handle(self, stream: str, entries: list[Entry]) -> None:
+        if stream == self.keys.candidates:
+            candidates = [(entry_id, decode(fields, Candidate)) for entry_id, fields in entries]
+            states = await self._states([c.request_id for _, c in candidates])  # one round trip for all
+            for (entry_id, candidate), state in zip(candidates, states):
+                await self._pool_candidate(entry_id, candidate, state)
+            await self._flush()
+        else:
+            for entry_id, fields in entries:
+                await self._apply_verified(entry_id, decode(fields, VerifiedBatch))
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last_refresh > 0.25:
+            self.last_refresh = now
+            await self._refresh_liveness()
+            limit = now - self.config.pipeline.drafter_deadline_ms / 1000
+            self.records.expire_drafting(limit)  # rounds that never came back here
+            await self.guarded(self._fallback_overdue_rounds)
+            if now - self.last_sweep > SWEEP_S:
+                self.last_sweep = now
+                await self.guarded(self._move_gone_verifier_streams)
+                await self.guarded(self._move_gone_drafter_streams)
+                await self.guarded(self._end_rounds_of_gone_targets)
+            await self.guarded(self._expire_deadlines)
+        if self.control.enabled and now - self.last_control_log > CONTROL_LOG_S:
+            self.last_control_log = now
+            self.log.info("load control: %s", self.control.describe())
+        if now - self.last_trim > self.config.pipeline.trim_interval_s:
+            self.last_trim = now
+            await self.guarded(self._trim)
+        await self._flush()
+
+    async def drain(self) -> None:
+        """Hand the pool on at once: every pooled candidate goes into a batch now."""
+        if self.pool:
+            self.log.info("draining: sending %d pooled candidates to verification", len(self.pool))
+            await self.retrying(self._flush, True)
+
+    def held(self) -> dict[str, list[bytes]]:
+        return {self.keys.candidates: [w.entry_id for w in self.pool]}
+
+    def let_go(self, stream: str, entry_ids: set[bytes]) -> None:
+        self.pool = [w for w in self.pool if w.entry_id not in entry_ids]  # another coordinator batches them
+
+    def block_ms(self) -> int:
+        if not self.pool:
+            return self.config.pipeline.block_ms
+        waited = time.monotonic() - self.pool[0].arrived
+        return max(1, min(self.config.pipeline.block_ms, int((self.batch_policy.max_wait_s - waited) * 1000) + 1))
+
+    async def _states(self, request_ids: list[str]) -> list[RequestState | None]:
+        """Several requests' states in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.hgetall(self.keys.request(request_id))
+            replies = await pipe.execute()
+        return [state_from_fields(fields) if fields else None for fields in replies]
+
+    async def _state(self, request_id: str) -> RequestState | None:
+        return (await self._states([request_id]))[0]
+
