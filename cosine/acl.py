@@ -24,6 +24,8 @@ Apply with ``ACL SETUSER name on >password <rules...>`` (``acl_setuser_rules``).
 
 from __future__ import annotations
 
+from cosine.wire.keys import Keys
+
 # Functions are called, never loaded: FCALL and FUNCTION LIST only; not FUNCTION LOAD, DELETE,
 # FLUSH or RESTORE (which +@write would allow), nor EVAL or SCRIPT. A worker that could load a
 # library could make every other role's next call write whatever it liked; ``cosine setup``
@@ -39,15 +41,21 @@ def worker_rules(namespace: str = "cosine:") -> list[str]:
     return ["resetkeys", f"~{namespace}*", "resetchannels", *WORKER_COMMANDS]
 
 
-# Keys every worker uses: the dead-letter stream, liveness keys and rosters, the stats hash,
-# the fault-injection phase key (tests).
-_COMMON_KEYS = ("dead", "live:*", "roster:*", "stats", "metrics", "test:phase")
+# Key patterns, relative to the namespace, made from the key names themselves
+# (``cosine.wire.keys``): ``*`` stands for any request id, expert, instance, role or tenant.
+_K = Keys("")
+_T = _K.tenant_prefix("*")  # any tenant's keys: t:{tenant}:...
+# Keys every worker uses: the dead-letter stream, liveness keys and rosters, the stats and
+# metrics hashes, the fault-injection phase key (tests).
+_COMMON_KEYS = (_K.dead, _K.live_pattern(), _K.roster("*"), _K.stats, _K.metrics, _K.test_phase)
 ROLE_KEYS = {
-    "router": ("requests", "cancel", "req:*", "out:*", "draft:*", "candidates", "rounds", "deadlines", "reserved", "waiting", "feat:*",
-               "tenants", "tenant:*", "t:*"),
-    "fusion": ("drafts", "draft:*", "fuse:*", "fusing", "candidates", "req:*", "t:*:req:*"),
-    "drafter": ("draft:*", "drafts", "experts", "drafter-streams", "feat:*", "req:*", "t:*:feat:*", "t:*:req:*"),
-    "verifier": ("verify", "verify:*", "verified", "req:*", "t:*:req:*", "cost:*", "fingerprints", "verifier-streams"),
+    "router": (_K.requests, _K.cancel, _K.request("*"), _K.out("*"), _K.draft("*"), _K.candidates, _K.rounds, _K.deadlines, _K.reserved,
+               _K.waiting, _K.features("*"), _K.tenants, _K.tenant_active("*"), _K.tenant_waiting("*"), f"{_T}*"),
+    "fusion": (_K.drafts, _K.draft("*"), _K.fuse("*", "*"), _K.fusing, _K.candidates, _K.request("*"), _T + _K.request("*")),
+    "drafter": (_K.draft("*"), _K.drafts, _K.experts, _K.drafter_streams, _K.features("*"), _K.request("*"), _T + _K.features("*"),
+                _T + _K.request("*")),
+    "verifier": (_K.verify, _K.verify_pattern, _K.verified, _K.request("*"), _T + _K.request("*"), _K.cost_pattern, _K.fingerprints,
+                 _K.verifier_streams),
     "coordinator": ("*",),
 }
 
@@ -62,7 +70,8 @@ def role_rules(role: str, namespace: str = "cosine:") -> list[str]:
 
 def client_rules(namespace: str = "cosine:") -> list[str]:
     """ACL rules of a user that may submit, cancel and read outputs, and nothing else."""
-    return ["resetkeys", f"%W~{namespace}requests", f"%W~{namespace}cancel", f"%R~{namespace}out:*", "resetchannels", *CLIENT_COMMANDS]
+    keys = Keys(namespace)
+    return ["resetkeys", f"%W~{keys.requests}", f"%W~{keys.cancel}", f"%R~{keys.out('*')}", "resetchannels", *CLIENT_COMMANDS]
 
 
 GATEWAY_COMMANDS = ("-@all", "+xadd", "+xread", "+xrange", "+xinfo|groups", "+hgetall", "+smembers", "+zcard", "+del", "+pexpire", "+time",
@@ -72,8 +81,9 @@ GATEWAY_COMMANDS = ("-@all", "+xadd", "+xread", "+xrange", "+xinfo|groups", "+hg
 def gateway_rules(namespace: str = "cosine:") -> list[str]:
     """ACL rules of the user an HTTP gateway connects as: submit and cancel, its readers' wake
     streams, and reading the rest (outputs, rosters, metrics, queue depths); nothing else."""
-    return ["resetkeys", f"%R~{namespace}*", f"%W~{namespace}requests", f"%W~{namespace}cancel", f"%W~{namespace}t:*:requests",
-            f"%W~{namespace}t:*:cancel", f"~{namespace}wake:*", "resetchannels", *GATEWAY_COMMANDS]
+    keys = Keys(namespace)
+    return ["resetkeys", f"%R~{namespace}*", f"%W~{keys.requests}", f"%W~{keys.cancel}", f"%W~{keys.requests_of('*')}",
+            f"%W~{keys.cancel_of('*')}", f"~{keys.wake('*')}", "resetchannels", *GATEWAY_COMMANDS]
 
 
 def acl_setuser_rules(password: str, rules: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aioredis
 
-from cosine.core.protocol import Final
+from cosine.core.protocol import Final, parse_entry
 from cosine.wire import Keys
 from cosine.wire.keys import DEFAULT_TENANT, check_tenant_name, qualify
 
@@ -71,7 +71,8 @@ def request_fields(prompt=None, messages=None, request_id=None, **params) -> dic
 
 def _piece(fields: dict[bytes, bytes]) -> Piece:
     text = {k.decode(): v.decode() for k, v in fields.items()}
-    return Piece(text.get("type", ""), text.get("text", ""), json.loads(text.get("token_ids", "[]")), text)
+    entry = parse_entry(text)
+    return Piece(text["type"], entry.text, entry.token_ids, text)
 
 
 def _entries(reply, cursors: dict[str, str]) -> list[Piece]:

@@ -20,7 +20,7 @@ import torch
 
 from cosine.core.acceptance import verify_and_credit
 from cosine.core.params import SamplingParams
-from cosine.core.protocol import Final, Tokens, parse_entry
+from cosine.core.protocol import Final, Tokens
 from cosine.core.rounds import RequestState, advance
 from cosine.core.stopping import FINISH_ERROR, StopRules
 from cosine.core.tree import DraftChain, DraftTree, fuse_steps, fused_token, merge_chains, truncate_to_budget
@@ -208,11 +208,12 @@ class LocalEngine:
             one.state = update.state
             if not state.rounds:
                 one.first_token_seconds = time.perf_counter() - one.started
-            for entry in map(parse_entry, update.out_entries):
-                if isinstance(entry, Tokens) and on_emission is not None:
-                    on_emission(state.request_id, entry)
-                elif isinstance(entry, Final):
-                    finished.append((one, self._finish(one, entry)))
+            if on_emission is not None:
+                for entry in update.out_entries:
+                    if entry["type"] == "tokens":
+                        on_emission(state.request_id, Tokens.from_fields(entry))
+            if update.final is not None:
+                finished.append((one, self._finish(one, update.final)))
         self.stats.rounds += 1
         self.stats.draft_seconds += drafted - began
         self.stats.verify_seconds += verified - drafted

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cosine.core.logprobs import MAX_TOP_LOGPROBS
-from cosine.core.protocol import MAX_WINDOW_LIMIT, ClientRequest, RequestError, RequestLimits
+from cosine.core.protocol import MAX_WINDOW_LIMIT, ClientRequest, Final, RequestError, RequestLimits
 
 # Parameters we do not implement, accepted at their neutral values only.
 NEUTRAL = {
@@ -242,39 +242,35 @@ def _param(name: str, kind: str) -> str | None:
     return "prompt" if kind == "completion" and param == "messages" else param
 
 
-def error_from_final(final: dict[str, str], kind: str) -> ApiError:
+def failed(final: Final) -> bool:
+    return final.finish_reason in ("error", "cancelled")
+
+
+def error_from_final(final: Final, kind: str) -> ApiError:
     """The HTTP error of an ``error`` (or ``cancelled``) final."""
-    code = final.get("error_code") or ("cancelled" if final.get("finish_reason") == "cancelled" else "internal")
+    code = final.error_code or ("cancelled" if final.finish_reason == "cancelled" else "internal")
     status = ERROR_STATUS.get(code, 500)
-    return ApiError(status, final.get("error") or code, _param(final.get("error_param", ""), kind), code)
+    return ApiError(status, final.error or code, _param(final.error_param, kind), code)
 
 
-def usage(final: dict[str, str]) -> dict[str, int]:
-    prompt, completion = int(final.get("prompt_tokens", 0)), int(final.get("generated_tokens", 0))
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(final: Final) -> dict[str, int]:
+    return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.generated_tokens, "total_tokens": final.prompt_tokens + final.generated_tokens}
 
 
-def speculation(final: dict[str, str]) -> dict[str, Any]:
+def speculation(final: Final) -> dict[str, Any]:
     """The documented extra field: what speculation did for this request."""
-    rounds, generated = int(final.get("rounds", 0)), int(final.get("generated_tokens", 0))
-    drafters = json.loads(final.get("drafters") or "{}")
+    rounds = final.rounds
     return {
-        "num_draft_tokens": int(final.get("draft_tokens", 0)),
-        "num_accepted_tokens": int(final.get("accepted_tokens", 0)),
+        "num_draft_tokens": final.draft_tokens,
+        "num_accepted_tokens": final.accepted_tokens,
         "num_verification_rounds": rounds,
-        "mean_acceptance_length": round(generated / rounds, 4) if rounds else 0.0,
-        "drafters": {name: {"num_draft_tokens": d["drafted"], "num_accepted_tokens": d["accepted"]} for name, d in drafters.items()},
+        "mean_acceptance_length": round(final.generated_tokens / rounds, 4) if rounds else 0.0,
+        "drafters": {name: {"num_draft_tokens": d["drafted"], "num_accepted_tokens": d["accepted"]} for name, d in final.drafters.items()},
     }
 
 
-def finish_reason(final: dict[str, str]) -> str:
-    return final.get("finish_reason") or "stop"
-
-
-def entry_logprobs(entry: dict[str, str]) -> list[dict]:
-    """The log-probability entries of a ``tokens`` entry (none when it has no such field)."""
-    raw = entry.get("logprobs")
-    return json.loads(raw) if raw else []
+def finish_reason(final: Final) -> str:
+    return final.finish_reason or "stop"
 
 
 def _plain(token: dict) -> dict:
@@ -308,11 +304,11 @@ def choice_logprobs(kind: str, tokens: list[dict] | None, offset: int = 0) -> di
     return chat_logprobs(tokens) if kind == "chat" else completion_logprobs(tokens, offset)
 
 
-def completion_object(kind: str, request_id: str, created: int, model: str, fingerprint: str, final: dict[str, str],
+def completion_object(kind: str, request_id: str, created: int, model: str, fingerprint: str, final: Final,
                       logprobs: list[dict] | None = None) -> dict:
     """The non-streaming response: ``chat.completion`` or ``text_completion``; ``logprobs``: the
     log-probability entries of the whole completion, when asked for."""
-    text = final.get("text", "")
+    text = final.text
     if kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": choice_logprobs(kind, logprobs),
                   "finish_reason": finish_reason(final)}
@@ -360,7 +356,7 @@ class ContentChunks:
         return self.head + json.dumps(text).encode() + self.tail
 
 
-def usage_chunk(kind: str, request_id: str, created: int, model: str, fingerprint: str, final: dict[str, str]) -> dict:
+def usage_chunk(kind: str, request_id: str, created: int, model: str, fingerprint: str, final: Final) -> dict:
     """The last chunk when ``stream_options.include_usage``: no choices, the usage and the
     speculation statistics."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"

@@ -172,13 +172,13 @@ def request_id_of(raw: Mapping[bytes, bytes], entry_id: bytes) -> str:
 
 def text_fields(raw: Mapping[bytes, bytes]) -> dict[str, str]:
     """A request entry's fields as text (RequestError naming a field that is not UTF-8)."""
-    fields = {}
+    text = {}
     for key, value in raw.items():
         try:
-            fields[key.decode()] = value.decode()
+            text[key.decode()] = value.decode()
         except UnicodeDecodeError:
             raise RequestError("request fields must be UTF-8 text", key.decode(errors="replace")) from None
-    return fields
+    return text
 
 
 REQUEST_FIELDS = ("id", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "expert", "deadline_s", "logprobs", "max_window")
@@ -369,10 +369,6 @@ class Final:
 
 def tokens_entry(text: str, token_ids: list[int] | tuple[int, ...], logprobs: list | None = None) -> dict[str, str]:
     return Tokens(text, list(token_ids), logprobs).to_fields()
-
-
-def final_entry(state: RequestState, text: str, finish_reason: str, error: str = "", error_code: str = "") -> dict[str, str]:
-    return Final.of(state, text, finish_reason, error, error_code).to_fields()
 
 
 def refusal_entry(error: str, error_code: str, error_param: str = "", finish_reason: str = "error") -> dict[str, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from cosine.core.logprobs import token_logprobs
 from cosine.core.params import SamplingParams
-from cosine.core.protocol import final_entry, tokens_entry
+from cosine.core.protocol import Final, tokens_entry
 from cosine.core.stopping import FINISH_ERROR, OutputAssembler, StopRules
 from cosine.policy.routing import RequestRouting, RoundFeedback, RoutingPolicy, by_expert
 from cosine.policy.window import WindowPolicy
@@ -65,11 +65,13 @@ class RequestState:
 
 @dataclass(frozen=True, slots=True)
 class RoundUpdate:
-    """What applying one verified round writes: the new state, output entries, whether done."""
+    """What applying one verified round writes: the new state, output entries, whether done
+    (``final``: the request's final entry, typed, when it ended)."""
 
     state: RequestState
     out_entries: list[dict[str, str]]
     finished: bool
+    final: Final | None = None
 
 
 def advance(
@@ -143,8 +145,10 @@ def advance(
         listed = token_logprobs(tokenizer, emission.token_ids, logprobs or []) if state.logprobs >= 0 else None
         entries.append(tokens_entry(emission.text, emission.token_ids, listed))
     if emission.finish_reason:
-        entries.append(final_entry(new_state, assembler.text, emission.finish_reason))
-    return RoundUpdate(new_state, entries, emission.finish_reason is not None)
+        final = Final.of(new_state, assembler.text, emission.finish_reason)
+        entries.append(final.to_fields())
+        return RoundUpdate(new_state, entries, True, final)
+    return RoundUpdate(new_state, entries, False)
 
 
 TEXT_CHECK_TOKENS = 8  # a cached text is the state's when the length and these last tokens match
@@ -166,5 +170,6 @@ def fail(state: RequestState, tokenizer, reason: str, finish_reason: str = FINIS
     entries = []
     if len(text) > state.emitted_chars:  # release held-back text so the pieces join to `text`
         entries.append(tokens_entry(text[state.emitted_chars :], []))
-    entries.append(final_entry(new_state, text, finish_reason, reason, error_code))
-    return RoundUpdate(new_state, entries, True)
+    final = Final.of(new_state, text, finish_reason, reason, error_code)
+    entries.append(final.to_fields())
+    return RoundUpdate(new_state, entries, True, final)

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from cosine import openai_api as api
+from cosine.core.protocol import Final, Tokens, parse_entry
 from cosine.wire.keys import DEFAULT_TENANT, qualify
 
 from .reader import Listener, redis_failure
@@ -116,11 +117,12 @@ class CallResponse(Response):
                 error = api.ApiError(504, "the pipeline gave no answer in time (is a verifier running?)", None, "timeout")
                 await self._send_json(send, error.status, error.body())
                 return False
-            if entry.get("type") == "final":
+            entry = _typed(entry)
+            if isinstance(entry, Final):
                 break
             if logprobs is not None:
-                logprobs.extend(api.entry_logprobs(entry))
-        if entry.get("finish_reason") in ("error", "cancelled"):
+                logprobs.extend(entry.logprobs or [])
+        if api.failed(entry):
             error = api.error_from_final(entry, call.kind)
             await self._send_json(send, error.status, error.body())
             return True
@@ -157,8 +159,9 @@ class CallResponse(Response):
                 await event("[DONE]")
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return False  # not finished: the request is cancelled
-            final = entry.get("type") == "final"
-            failed = final and entry.get("finish_reason") in ("error", "cancelled")
+            entry = _typed(entry)
+            final = isinstance(entry, Final)
+            failed = final and api.failed(entry)
             if not started:
                 if failed:
                     error = api.error_from_final(entry, call.kind)
@@ -175,12 +178,12 @@ class CallResponse(Response):
             if final:
                 pass  # its text is the whole completion, already sent
             elif with_logprobs:  # a chunk per entry with tokens, even while their text is held back
-                tokens = api.entry_logprobs(entry)
-                if tokens or entry.get("text"):
-                    await event(call.chunk(text=entry.get("text", ""), logprobs=tokens, offset=offset))
+                tokens = entry.logprobs or []
+                if tokens or entry.text:
+                    await event(call.chunk(text=entry.text, logprobs=tokens, offset=offset))
                     offset += sum(len(t["token"]) for t in tokens)
-            elif entry.get("text"):
-                await send({"type": "http.response.body", "body": content.event(entry["text"]), "more_body": True})
+            elif entry.text:
+                await send({"type": "http.response.body", "body": content.event(entry.text), "more_body": True})
             if final:
                 await event(call.chunk(text=None if call.kind == "chat" else "", finish=api.finish_reason(entry)))
                 if call.parsed.include_usage:
@@ -189,3 +192,12 @@ class CallResponse(Response):
         await event("[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return True
+
+
+def _typed(entry: dict[str, str]) -> Tokens | Final:
+    """An output entry, typed; one that cannot be read ends the answer with an internal error
+    (the pipeline writes none such: a request's output stream holds only its own entries)."""
+    try:
+        return parse_entry(entry)
+    except ValueError as error:
+        return Final("error", error=f"an output entry could not be read: {error}", error_code="internal")

@@ -116,6 +116,11 @@ class Keys:
         round): only verifiers of that target read it, so a rolling upgrade errors nothing."""
         return f"{self.prefix}verify:{_target_digest(fingerprint)}"
 
+    @property
+    def verify_pattern(self) -> str:
+        """Every verify stream of a target or an instance (ACL patterns)."""
+        return f"{self.prefix}verify:*"
+
     def verify_at(self, instance: str) -> str:
         """Verification batches for one verifier instance: rounds of requests whose caches it
         holds (cache affinity). Moved to the shared streams when the instance is gone."""
@@ -125,6 +130,11 @@ class Keys:
     def verifier_streams(self) -> str:
         """set: verifier instances that have a ``verify_at`` stream (for the sweep of gone ones)."""
         return f"{self.prefix}verifier-streams"
+
+    @property
+    def cost_pattern(self) -> str:
+        """Every target's cost profile (ACL patterns)."""
+        return f"{self.prefix}cost:*"
 
     def cost(self, fingerprint: str) -> str:
         """hash: a verifier's start-up profile of its verification cost (ms = a + b B + c T)."""

@@ -27,5 +27,5 @@ def test_an_answer_after_a_quiet_spell_longer_than_the_socket_timeout_is_read(em
     with Client(embedded_url, timeout=30) as client:
         final = _ask(client, "slow", "a prompt", 4)
     thread.join()
-    assert final["text"] == "done" and final["finish_reason"] == "stop"
+    assert final.text == "done" and final.finish_reason == "stop"
     assert writer.xlen("cosine:requests") == 1

@@ -392,7 +392,7 @@ def test_the_light_stages_run_without_torch(served):
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": TEXTS[1]}], max_tokens=6, temperature=0)
     assert reply.usage.completion_tokens == 6
     pids = {role: serve.worker_pids(role) for role in ("router", "coordinator", "fusion", "verifier")}
-    pids["gateway"] = [pid for pid in serve.children() if "cosine.cli --port" in cmdline(pid)]
+    pids["gateway"] = [pid for pid in serve.children() if "cosine.cli gateway" in cmdline(pid)]
     assert all(pids.values()), pids
     assert {role: [torch_loaded(pid) for pid in found] for role, found in pids.items()} == {
         "router": [False], "coordinator": [False], "fusion": [False], "gateway": [False], "verifier": [True]}

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from cosine import openai_api as api
+from cosine.core.protocol import Final, parse_entry
 
 SERVED = ("SmolLM2-135M-Instruct",)
 
@@ -113,7 +114,7 @@ TOKENS = [{"id": 5, "token": " Hi", "bytes": [32, 72, 105], "logprob": -0.5,
 
 
 def test_logprobs_take_the_shape_of_each_endpoint():
-    final = {**FINAL, "text": " Hi!", "generated_tokens": "2"}
+    final = Final.from_fields({**FINAL, "text": " Hi!", "generated_tokens": "2"})
     chat_body = api.completion_object("chat", "c", 1, SERVED[0], "fp", final, TOKENS)
     content = chat_body["choices"][0]["logprobs"]["content"]
     assert content[0] == {"token": " Hi", "logprob": -0.5, "bytes": [32, 72, 105],
@@ -127,8 +128,8 @@ def test_logprobs_take_the_shape_of_each_endpoint():
     assert piece["choices"][0]["logprobs"]["text_offset"] == [3]
     delta = api.chunk("chat", "c", 1, "m", "fp", text="", logprobs=TOKENS[:1])
     assert delta["choices"][0]["logprobs"]["content"][0]["token"] == " Hi"
-    assert api.entry_logprobs({"type": "tokens", "logprobs": json.dumps(TOKENS)}) == TOKENS
-    assert api.entry_logprobs({"type": "tokens", "text": "x"}) == []
+    assert parse_entry({"type": "tokens", "logprobs": json.dumps(TOKENS)}).logprobs == TOKENS
+    assert parse_entry({"type": "tokens", "text": "x"}).logprobs is None
 
 
 FINAL = {"type": "final", "finish_reason": "length", "text": "Hello there", "token_ids": "[1, 2, 3, 4]", "prompt_tokens": "10",
@@ -137,27 +138,27 @@ FINAL = {"type": "final", "finish_reason": "length", "text": "Hello there", "tok
 
 
 def test_a_final_becomes_a_completion_with_usage_and_speculation_statistics():
-    body = api.completion_object("chat", "chatcmpl-1", 100, SERVED[0], "fp_x", FINAL)
+    body = api.completion_object("chat", "chatcmpl-1", 100, SERVED[0], "fp_x", Final.from_fields(FINAL))
     assert body["object"] == "chat.completion" and body["system_fingerprint"] == "fp_x"
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello there"}, "logprobs": None,
                                 "finish_reason": "length"}]
     assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
     assert body["cosine"] == {"num_draft_tokens": 6, "num_accepted_tokens": 2, "num_verification_rounds": 2, "mean_acceptance_length": 2.0,
                               "drafters": {"chat-small": {"num_draft_tokens": 6, "num_accepted_tokens": 2}}}
-    text = api.completion_object("completion", "cmpl-1", 100, SERVED[0], "fp_x", FINAL)
+    text = api.completion_object("completion", "cmpl-1", 100, SERVED[0], "fp_x", Final.from_fields(FINAL))
     assert text["object"] == "text_completion" and text["choices"][0]["text"] == "Hello there"
 
 
 @pytest.mark.parametrize(("code", "status"), [("invalid", 400), ("busy", 503), ("deadline", 504), ("internal", 500)])
 def test_error_finals_map_to_http_statuses(code, status):
-    final = {"type": "final", "finish_reason": "error", "error": "why", "error_code": code, "error_param": "max_tokens"}
+    final = Final.from_fields({"type": "final", "finish_reason": "error", "error": "why", "error_code": code, "error_param": "max_tokens"})
     error = api.error_from_final(final, "chat")
     assert (error.status, error.code, error.message) == (status, code, "why")
     assert error.param == "max_tokens"
 
 
 def test_a_refused_prompt_is_named_as_the_endpoint_names_it():
-    final = {"type": "final", "finish_reason": "error", "error": "too long", "error_code": "invalid", "error_param": "messages"}
+    final = Final.from_fields({"type": "final", "finish_reason": "error", "error": "too long", "error_code": "invalid", "error_param": "messages"})
     assert api.error_from_final(final, "chat").param == "messages"
     assert api.error_from_final(final, "completion").param == "prompt"
 
@@ -167,7 +168,7 @@ def test_stream_chunks_and_events():
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""} and first["usage"] is None
     last = api.chunk("chat", "c", 1, "m", "fp", finish="stop")
     assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"} and "usage" not in last
-    usage = api.usage_chunk("chat", "c", 1, "m", "fp", FINAL)
+    usage = api.usage_chunk("chat", "c", 1, "m", "fp", Final.from_fields(FINAL))
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 14
     assert api.sse("[DONE]") == b"data: [DONE]\n\n"
     assert json.loads(api.sse({"a": 1})[6:]) == {"a": 1}

@@ -19,7 +19,6 @@ from redis.exceptions import RedisError
 
 from cosine import bus, faults
 from cosine.core.logprobs import LogprobsError
-from cosine.core.protocol import Final
 from cosine.core.rounds import ACTIVE, RequestState, RoundUpdate, advance, fail
 from cosine.wire import DraftJob, VerifiedBatch, VerifiedItem, WireError, decode, encode, rounds_in
 from cosine.wire.context import by_reference
@@ -249,8 +248,7 @@ class Applying:
                                      now_ms=now_ms, draft_tokens=item.draft_tokens, accepted=len(item.accepted_tokens), drafters=drafters,
                                      tenant=split_id(state.request_id)[0])
         if update.finished:
-            final = Final.from_fields(next(e for e in reversed(update.out_entries) if e.get("type") == "final"))
-            self.tally.request_ended(final.finish_reason, final.error_code, state.created_ms, now_ms, tenant=split_id(state.request_id)[0])
+            self.tally.request_ended(update.final.finish_reason, update.final.error_code, state.created_ms, now_ms, tenant=split_id(state.request_id)[0])
             self.records.forget(state.request_id)
 
     def _apply_call(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None = None) -> tuple[list[str], list]:
