@@ -183,7 +183,7 @@ def main() -> None:
                         seconds, out = time.perf_counter() - t0, final.token_ids
                         counters["pipeline"]["drafted"] += final.draft_tokens
                         counters["pipeline"]["accepted"] += final.accepted_tokens
-                        counters["pipeline"]["rounds"] += int(final["rounds"])
+                        counters["pipeline"]["rounds"] += final.rounds
                     latencies[system][set_name][index].append(seconds)
                     if repeat == 0:
                         outputs[system][set_name][index] = out
