@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aioredis
 
-from cosine.core.protocol import Final, parse_entry
+from cosine.core.protocol import Final, Tokens, parse_entry
 from cosine.wire import Keys
 from cosine.wire.keys import DEFAULT_TENANT, check_tenant_name, qualify
 
@@ -39,21 +39,24 @@ class Piece:
     text: str
     token_ids: list[int]
     fields: dict[str, str] = field(default_factory=dict)
+    entry: Tokens | Final | None = None  # the entry, typed (``cosine.core.protocol``)
 
     @property
     def finish_reason(self) -> str | None:
-        return self.fields.get("finish_reason")
+        return self.entry.finish_reason if isinstance(self.entry, Final) else None
 
     @property
     def final(self) -> Final:
         """A final entry, typed (``cosine.core.protocol.Final``)."""
-        return Final.from_fields(self.fields)
+        if not isinstance(self.entry, Final):
+            raise ValueError(f"a {self.type} entry, not a final one")
+        return self.entry
 
     @property
     def logprobs(self) -> list[dict]:
         """A tokens entry's log-probabilities (asked for with ``logprobs=N``), one per token id:
         ``{"id", "token", "bytes", "logprob", "top_logprobs": [...]}``."""
-        return json.loads(self.fields.get("logprobs") or "[]")
+        return (self.entry.logprobs or []) if isinstance(self.entry, Tokens) else []
 
 
 def request_fields(prompt=None, messages=None, request_id=None, **params) -> dict[str, str]:
@@ -72,7 +75,7 @@ def request_fields(prompt=None, messages=None, request_id=None, **params) -> dic
 def _piece(fields: dict[bytes, bytes]) -> Piece:
     text = {k.decode(): v.decode() for k, v in fields.items()}
     entry = parse_entry(text)
-    return Piece(text["type"], entry.text, entry.token_ids, text)
+    return Piece(text["type"], entry.text, entry.token_ids, text, entry)
 
 
 def _entries(reply, cursors: dict[str, str]) -> list[Piece]:

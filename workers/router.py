@@ -64,6 +64,7 @@ class Router(StageWorker):
     def __init__(self, config, redis_url: str, instance: str | None = None) -> None:
         super().__init__(config, redis_url, instance)
         self.rosters = LiveRoster(self)
+        self.request_limits = RequestLimits.of(config)  # the bounds and defaults of a request's fields
 
     def input_streams(self) -> list[str]:
         return list(self._streams())
@@ -316,7 +317,7 @@ class Router(StageWorker):
                 break
 
     def _build_state(self, request_id: str, fields: dict[str, str]) -> RequestState:
-        request = ClientRequest.from_fields(fields, RequestLimits.of(self.config))
+        request = ClientRequest.from_fields(fields, self.request_limits)
         prompt_ids = request.token_ids(self.tokenizer)
         if len(prompt_ids) + request.max_tokens > self.context_limit:
             raise RequestError(

@@ -50,9 +50,15 @@ def prompt_token_ids(tokenizer, prompt: str | None = None, messages: str | list 
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt:
             raise RequestError("'prompt' must be a non-empty string", "prompt")
+        return _encode(tokenizer, prompt, None)
+    return _encode(tokenizer, None, _parse_messages(messages))
+
+
+def _encode(tokenizer, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
+    """The token ids of a checked prompt, or of checked messages through the chat template."""
+    if prompt is not None:
         return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    parsed = _parse_messages(messages)
-    encoded = tokenizer.apply_chat_template(parsed, add_generation_prompt=True)
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
     return [int(t) for t in ids]
 
@@ -262,8 +268,8 @@ class ClientRequest:
         return SamplingParams(self.temperature, self.top_p, secrets.randbits(62) if self.seed is None else self.seed)
 
     def token_ids(self, tokenizer) -> list[int]:
-        """The prompt's token ids (``messages`` through the chat template)."""
-        return prompt_token_ids(tokenizer, self.prompt, self.messages)
+        """The prompt's token ids (``messages`` through the chat template); checked already."""
+        return _encode(tokenizer, self.prompt, self.messages)
 
     def stop_rules(self, eos_ids: frozenset[int]) -> StopRules:
         return StopRules(self.max_tokens, eos_ids, self.stop)

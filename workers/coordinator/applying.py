@@ -318,8 +318,9 @@ class Applying:
         """Where a round's job for ``expert`` goes: the drafter that drafted the request's last
         round (``forming.draft_home``), else the expert's stream. A home's stream comes with the
         expert's: the job goes there if the home's stream is gone."""
+        if not self.config.pipeline.affinity:
+            return self.keys.draft(expert)
         record = self.records.get(request_id)
-        home = record.draft_homes.get(expert) if record is not None else None
-        if self.config.pipeline.affinity:
-            home = draft_home(home, expert, self.drafter_ids, self.drafter_expert, self.drafter_queued)
-        return (self.keys.draft_at(home), self.keys.draft(expert)) if home and self.config.pipeline.affinity else self.keys.draft(expert)
+        home = draft_home(record.draft_homes.get(expert) if record is not None else None, expert, self.drafter_ids, self.drafter_expert,
+                          self.drafter_queued)
+        return (self.keys.draft_at(home), self.keys.draft(expert)) if home else self.keys.draft(expert)
