@@ -122,15 +122,18 @@ def redis_url_from_env(url: str | None) -> str | None:
     return url or os.environ.get("COSINE_REDIS_URL") or None
 
 
-def connect(url: str, timeout_s: float = 30.0) -> aioredis.Redis:
+def connect(url: str, timeout_s: float = 30.0, connection_class=None) -> aioredis.Redis:
     """An asyncio client for ``redis://`` or ``rediss://`` URLs (password in the URL); a call
-    with no answer for ``timeout_s`` (a frozen or unreachable server) raises ``TimeoutError``."""
+    with no answer for ``timeout_s`` (a frozen or unreachable server) raises ``TimeoutError``.
+    ``connection_class``: another ``redis.asyncio`` connection class for plain TCP (an emulated
+    network)."""
     scheme = urlparse(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"redis URL must start with redis://, rediss:// or unix://, got {redacted_url(url)!r}")
     # Workers' time-out must outlast their longest blocking read (pipeline.block_ms <= 20 s).
     return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=min(30, timeout_s), socket_timeout=timeout_s,
-                                   socket_connect_timeout=min(10, timeout_s))
+                                   socket_connect_timeout=min(10, timeout_s),
+                                   **({"connection_class": connection_class} if connection_class and scheme == "redis" else {}))
 
 
 def setup_library(url: str) -> list[str]:

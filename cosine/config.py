@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 DEMO_TARGET_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_DIR = "~/.cache/cosine"
-DRAFTER_KINDS = ("early-exit", "feature", "layer-skip", "model", "prompt-lookup", "small", "suffix")
+DRAFTER_KINDS = ("early-exit", "emulated", "feature", "layer-skip", "model", "prompt-lookup", "small", "suffix")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -153,6 +153,9 @@ class DrafterConfig:
     # small / feature on a CPU: int8 weights (dynamically quantized linears: faster drafting at
     # the same acceptance); false: fp32 (bf16 where the CPU has it). The target is never quantized.
     int8: bool = True
+    # emulated (benchmarks and tests only, docs/emulation.md): the drafter's timing profile
+    # (emulate.profiles); its expert is its domain ("general": a generalist).
+    profile: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -165,6 +168,8 @@ class DrafterConfig:
             raise ValueError(f"drafter {self.name!r}: kind 'model' needs a model path")
         if self.threads < 1:
             raise ValueError(f"drafter {self.name!r}: threads must be >= 1, got {self.threads}")
+        if self.kind == "emulated" and not self.profile:
+            raise ValueError(f"drafter {self.name!r}: kind 'emulated' needs profile = a drafter profile of emulate.profiles")
         if self.kind in ("small", "feature") and not self.path:
             raise ValueError(f"drafter {self.name!r}: kind {self.kind!r} needs path = a directory made by `cosine distill`")
 
@@ -306,6 +311,29 @@ class RouterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EmulateConfig:
+    """Emulated GPUs, for benchmarks and tests only (docs/emulation.md): the verifier runs an
+    oracle in place of the target and sleeps for a profiled GPU's time; drafters of kind
+    "emulated" do likewise; drafters' Redis round trips pay a profiled network's delay."""
+
+    target: str = ""  # a target profile: the verifier emulates it (empty: the real target model)
+    profiles: str = ""  # a TOML file of profiles (empty: the package's cosine/emulate/profiles.toml)
+    slowdown: float = 1.0  # every profiled time and delay times this (a machine slower than the cluster)
+    network: str = ""  # drafter hosts' network profile (empty: none)
+    acceptance: str = "paper"  # the emulated drafters' acceptance table
+    gap_scale: float = 1.0  # the experts' acceptance moved from the generalist's by this factor
+    seed: int = 0  # the oracle's and the drafters' draws
+    domains: tuple[str, ...] = ()  # a prompt starting with one of these words is of that domain
+    record_dir: str = ""  # where each process writes its emulated calls' overshoot (empty: nowhere)
+
+    def __post_init__(self) -> None:
+        if not self.slowdown > 0:
+            raise ValueError("emulate.slowdown must be > 0")
+        if not self.gap_scale >= 0:
+            raise ValueError("emulate.gap_scale must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -315,6 +343,7 @@ class Config:
     defaults: DefaultsConfig = field(default_factory=DefaultsConfig)
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    emulate: EmulateConfig = field(default_factory=EmulateConfig)
     drafters: tuple[DrafterConfig, ...] = (DrafterConfig("prompt-lookup", "prompt-lookup"),)
 
     def replace(self, section: str, **changes: Any) -> Config:
@@ -334,6 +363,7 @@ _SECTIONS = {
     "defaults": DefaultsConfig,
     "speculation": SpeculationConfig,
     "serve": ServeConfig,
+    "emulate": EmulateConfig,
 }
 _SHORT_ENV = {
     "COSINE_CACHE_DIR": ("model", "cache_dir"),
@@ -394,7 +424,7 @@ def _build(cls, section: str, values: dict[str, Any]):
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown keys in [{section}]: {sorted(unknown)}")
-    for name in ("default_experts", "skip"):
+    for name in ("default_experts", "skip", "domains"):
         if name in values:
             values[name] = tuple(values[name])
     return cls(**values)

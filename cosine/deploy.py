@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-MODEL_FREE_KINDS = ("prompt-lookup", "suffix")  # drafters that need no torch threads worth counting
+MODEL_FREE_KINDS = ("emulated", "prompt-lookup", "suffix")  # drafters that need no torch threads worth counting
 CONTROL_CORES = 1  # router, coordinator and fusion together: mostly waiting on Redis
 
 

@@ -48,7 +48,11 @@ def load_target(config: Config, threads: int | None = None, cpu_linear: str | No
     return loaded
 
 
-def build_drafter(spec: DrafterConfig, target: LoadedModel, config: Config) -> Drafter:
+def build_drafter(spec: DrafterConfig, target: LoadedModel | None, config: Config) -> Drafter:
+    if spec.kind == "emulated":  # benchmarks and tests: cosine.emulate
+        from cosine.emulate.build import emulated_drafter
+
+        return emulated_drafter(spec, config, target.tokenizer if target is not None else target_tokenizer(config))
     if spec.kind == "prompt-lookup":
         return PromptLookupDrafter(spec.name, max_ngram=spec.max_ngram)
     if spec.kind == "suffix":
@@ -67,6 +71,19 @@ def build_drafter(spec: DrafterConfig, target: LoadedModel, config: Config) -> D
         check_same_tokenizer(loaded.tokenizer, target.tokenizer, spec.name)
         model = loaded.model
     return ModelDrafter(spec.name, ModelRunner(model, max_cache_bytes=config.model.kv_cache_bytes), vocab_size=output_width(target.model))
+
+
+def target_tokenizer(config: Config):
+    """The target's tokenizer, without its weights (a GGUF target converted first, once)."""
+    from cosine.models import files
+
+    try:
+        directory = files.model_directory(config.model.target_path, config.model.cache_path)
+    except files.NotConverted as missing:
+        from cosine.models.loading import convert_missing
+
+        directory = convert_missing(missing)
+    return files.load_tokenizer(directory)
 
 
 def output_width(model) -> int:

@@ -160,6 +160,10 @@ class StageWorker:
         moved the stream and dropped the entry) finds it registered again a beat later, and the
         worker makes its stream again when its next read finds it gone."""
 
+    def connection_class(self):
+        """The Redis connection class of this worker's client (None: redis-py's own)."""
+        return None
+
     async def reject(self, stream: str, entry: Entry, reason: str) -> None:
         """An entry could not be handled: tell whoever waits on it (before it is dead-lettered)."""
 
@@ -170,7 +174,7 @@ class StageWorker:
         several workers it runs (and sets their ``stopping``)."""
         if signals:
             self._install_signal_handlers()
-        self.redis = connect(self.redis_url)
+        self.redis = connect(self.redis_url, connection_class=self.connection_class())
         try:
             try:
                 await self.retrying(self._prepare_server, forever=True)

@@ -52,7 +52,9 @@ class DrafterWorker(StageWorker):
         self.spec = specs[0]
         self.expert = expert
         self.host = host
-        if host is not None:  # one torch thread for every drafter of the process (see StageWorker)
+        # One torch thread for every drafter of the process (see StageWorker); an emulated
+        # drafter stands for a GPU of its own: its own thread, sleeping beside the others'.
+        if host is not None and self.spec.kind != "emulated":
             self.executor.shutdown(wait=False)
             self.executor = host.executor
         self.pipelining = plan_deployment(config, machine_cores()).pipelining  # "on" / "off" as set; "auto" by the cores
@@ -71,7 +73,7 @@ class DrafterWorker(StageWorker):
         layers = "auto" if self.spec.kind in ("early-exit", "layer-skip") else "plain"
         threads = self.host.threads if self.host is not None else self.spec.threads
         target = None
-        if self.spec.kind != "prompt-lookup":
+        if self.spec.kind not in ("prompt-lookup", "emulated"):
             if self.host is not None:  # one copy of the target for every drafter the process hosts
                 target = await self.host.target(layers, lambda: self.off_loop(load_target, self.config, threads, layers, layers == "auto"))
             else:  # fused projections only where the target's layers run (cosine.models.fusing)
@@ -89,6 +91,11 @@ class DrafterWorker(StageWorker):
 
     def own_streams(self) -> list[str]:
         return [self.keys.draft_at(self.instance)]
+
+    def connection_class(self):
+        from cosine.emulate.build import network_connection  # emulate.network: a drafter host's link to Redis
+
+        return network_connection(self.config)
 
     def hand_back_to(self, stream: str) -> str:
         return self.keys.draft(self.expert) if stream == self.keys.draft_at(self.instance) else stream
@@ -266,7 +273,7 @@ class DrafterHost:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafters-model")
         self.workers = [DrafterWorker(config, redis_url, specs[name].expert, name, host=self) for name in dict.fromkeys(names)]
         self._targets: dict[str, asyncio.Future] = {}
-        self._unbuilt = {name for name in names if specs[name].kind != "prompt-lookup"}
+        self._unbuilt = {name for name in names if specs[name].kind not in ("prompt-lookup", "emulated")}
 
     async def target(self, layers: str, load):
         """The target loaded once per linear layout, whichever hosted drafter asks first."""

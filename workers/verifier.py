@@ -33,6 +33,7 @@ from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, Wi
 from cosine.wire.convert import candidate_to_tree, states_to_bytes
 
 from .base import Entry, StageWorker
+from .models import load_tokenizer_and_limits
 
 RELEASE_INTERVAL_S = 2.0
 MAX_HELD_CONTEXTS = 4096  # requests whose committed tokens a verifier keeps (oldest forgotten first)
@@ -49,9 +50,15 @@ class VerifierWorker(StageWorker):
         return own + [self.keys.verify]
 
     async def setup(self) -> None:
-        self.target = await self.off_loop(load_target, self.config)
-        self.runner = ModelRunner(self.target.model, max_cache_bytes=self.config.model.kv_cache_bytes)
-        self.fingerprint = self.target.fingerprint
+        if self.config.emulate.target:  # benchmarks and tests: an emulated GPU (cosine.emulate)
+            from cosine.emulate.build import emulated_target
+
+            _, _, model_config = load_tokenizer_and_limits(self.config)
+            self.runner, self.fingerprint = emulated_target(self.config, int(model_config.vocab_size))
+        else:
+            target = await self.off_loop(load_target, self.config)
+            self.runner = ModelRunner(target.model, max_cache_bytes=self.config.model.kv_cache_bytes)
+            self.fingerprint = target.fingerprint
         self.last_release = 0.0
         self.contexts: OrderedDict[str, list[int]] = OrderedDict()  # request -> its committed tokens after the round it last verified
         await self.off_loop(self.runner.forward, [ForwardItem("warm-up", [1, 2, 3], (4,), (-1,))])

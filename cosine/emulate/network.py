@@ -1,0 +1,60 @@
+"""An emulated network between a drafter host and Redis: a Redis connection that delays what
+it sends and what it receives by half the round trip plus the bytes' time on the wire.
+
+A pipeline of commands is one send and its replies one arrival: only the first reply after a
+send waits the half round trip (every reply its bytes). The delay is an ``asyncio.sleep`` on the
+worker's event loop (other tasks go on meanwhile, as on a real link); its overshoot is recorded
+("network"): the event loop's timers have a millisecond's resolution, so round trips well under
+a millisecond are emulated late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from redis.asyncio.connection import Connection
+
+from .profiles import NetworkProfile
+from .timing import Recorder
+
+
+def delayed_connection(network: NetworkProfile, slowdown: float = 1.0, recorder: Recorder | None = None) -> type[Connection]:
+    """A ``redis.asyncio`` connection class for ``network`` (times scaled by ``slowdown``)."""
+    record = recorder or Recorder()
+
+    class DelayedConnection(Connection):
+        _owed = False
+
+        async def _delay(self, size: int, whole: bool) -> None:
+            delay = slowdown * (network.one_way_s(size) if whole else network.one_way_s(size) - network.rtt_ms / 2000)
+            if delay <= 0:
+                return
+            began = time.perf_counter()
+            await asyncio.sleep(delay)
+            record.add("network", delay, time.perf_counter() - began)
+
+        async def _send_packed_command(self, command) -> None:
+            await self._delay(sum(len(part) for part in command), True)
+            self._owed = True
+            await super()._send_packed_command(command)
+
+        async def read_response(self, *args: Any, **kwargs: Any):
+            response = await super().read_response(*args, **kwargs)
+            whole, self._owed = self._owed, False
+            await self._delay(_size(response), whole)
+            return response
+
+    return DelayedConnection
+
+
+def _size(value: Any) -> int:
+    """About the bytes a reply took on the wire."""
+    if isinstance(value, (bytes, str)):
+        return len(value) + 5
+    if isinstance(value, (list, tuple)):
+        return 5 + sum(_size(v) for v in value)
+    if isinstance(value, dict):
+        return 5 + sum(_size(k) + _size(v) for k, v in value.items())
+    return 8

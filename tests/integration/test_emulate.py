@@ -1,0 +1,88 @@
+"""The emulated cluster through the real pipeline: real Redis, the real worker processes, an
+emulated target and emulated drafters (cosine.emulate); and the emulated network against a real
+server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from cosine.config import load_config
+from cosine.core.protocol import prompt_token_ids
+from cosine.emulate.oracle import Oracle
+from cosine.emulate.profiles import NetworkProfile
+from cosine.emulate.timing import Recorder, read_records
+from cosine.factory import target_tokenizer
+from tests.conftest import cache_dir
+from tests.integration.harness import Pipeline, final_of, read_output, submit, write_config
+
+
+def test_an_emulated_cluster_serves_the_oracles_output_exactly(tmp_path, demo_target, embedded_url, pipelines):
+    """A code expert, a math expert and a generalist drafting for an emulated 8B target on an
+    H100, drafters behind the paper's network: greedy outputs are the oracle's, token for token,
+    sampled ones end at max_tokens (no early end), and every process recorded its sleeps."""
+    records = tmp_path / "records"
+    records.mkdir()
+    drafters = [{"name": f"{e}-68m", "kind": "emulated", "expert": e, "profile": "llama-68m-2080ti"} for e in ("code", "math", "general")]
+    config_path = write_config(tmp_path / "config.toml", cache_dir=cache_dir(), target=demo_target.source, drafters=drafters,
+                               speculation={"mode": "tree"})
+    text = config_path.read_text().replace('[router.keywords]\nlookup = ["summarize"]', '[router.keywords]\ncode = ["code:"]\nmath = ["math:"]')
+    text += "\n".join(["[emulate]", 'target = "llama-8b-h100"', "slowdown = 2.0", 'network = "paper"', 'domains = ["code", "math"]',
+                       f'record_dir = "{records}"']) + "\n"
+    config_path.write_text(text)
+    pipeline = Pipeline(embedded_url, config_path)
+    pipelines.append(pipeline)
+    pipeline.start_stages("code", "math", "general")
+    client = pipeline.client()
+    tokenizer = target_tokenizer(load_config(config_path))
+    prompts = {f"g{i}": f"{domain}: question {i} about the weather and trains" for i, domain in enumerate(["code", "math", "code", "chat"])}
+    for request_id, prompt in prompts.items():
+        submit(client, id=request_id, prompt=prompt, max_tokens=40)
+    submit(client, id="s", prompt="math: a sampled one", max_tokens=40, temperature=0.8, seed=7)
+    oracle = Oracle()
+    for request_id, prompt in prompts.items():
+        final = final_of(read_output(client, request_id, timeout=120))
+        assert final["finish_reason"] == "length", pipeline.log_tails()
+        assert json.loads(final["token_ids"]) == oracle.continuation(prompt_token_ids(tokenizer, prompt=prompt), 40)
+        assert int(final["accepted_tokens"]) > 0
+    sampled = final_of(read_output(client, "s", timeout=120))
+    assert sampled["finish_reason"] == "length" and len(json.loads(sampled["token_ids"])) == 40
+    time.sleep(1.5)  # each process writes its record at most once a second
+    pipeline.stop()
+    total = read_records(records)
+    assert total["target"].calls > 0 and total["drafter"].calls > 0 and total["network"].calls > 0
+    assert total["target"].actual_s >= total["target"].profiled_s
+
+
+def test_a_delayed_connection_pays_the_network_once_per_round_trip(embedded_url):
+    from cosine.bus import connect
+    from cosine.emulate.network import delayed_connection
+
+    network = NetworkProfile("slow", rtt_ms=40.0, gbps=0.0)
+    record = Recorder()
+
+    async def main() -> tuple[float, float, float]:
+        client = connect(embedded_url, connection_class=delayed_connection(network, 1.0, record))
+        await client.ping()  # connected
+        began = time.perf_counter()
+        await client.ping()
+        one = time.perf_counter() - began
+        began = time.perf_counter()
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(10):
+                pipe.set(f"k{i}", i)
+            await pipe.execute()
+        piped = time.perf_counter() - began
+        plain = connect(embedded_url)
+        began = time.perf_counter()
+        await plain.ping()
+        direct = time.perf_counter() - began
+        await client.aclose()
+        await plain.aclose()
+        return one, piped, direct
+
+    one, piped, direct = asyncio.run(main())
+    assert 0.040 <= one < 0.075 and 0.040 <= piped < 0.075  # ten commands in a pipeline: one round trip
+    assert direct < 0.02
+    assert record.tallies["network"].calls >= 4

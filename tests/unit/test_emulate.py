@@ -1,0 +1,181 @@
+"""The emulated GPUs (cosine.emulate): the oracle, the emulated target's runner, the emulated
+drafters, their profiled sleeps and records (the network and the pipeline:
+tests/integration/test_emulate.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cosine.core.acceptance import verify_and_credit
+from cosine.core.sampling import SamplingParams
+from cosine.core.tree import ROOT, DraftChain, chain_tree, merge_chains
+from cosine.drafters.base import DraftRequest
+from cosine.emulate.drafter import EmulatedDrafter, domain_of
+from cosine.emulate.oracle import Oracle
+from cosine.emulate.profiles import DrafterProfile, load_profiles
+from cosine.emulate.runner import EmulatedRunner
+from cosine.emulate.timing import Recorder, read_records
+from cosine.models.runner import ForwardItem
+
+PROFILES = load_profiles()
+ACCEPTANCE = PROFILES.accuracy("paper")
+H100 = PROFILES.target("llama-8b-h100")
+CODE = 4635  # SmolLM2's token for "code": a prompt "code: ..." is of the domain "code"
+MARKERS = {CODE: "code", 8898: "math"}
+FAST = DrafterProfile("fast", 0.0, 0.0)
+
+
+def runner(slowdown: float = 1.0, recorder: Recorder | None = None) -> EmulatedRunner:
+    return EmulatedRunner(H100, Oracle(), 49152, ACCEPTANCE.sampling, slowdown, recorder)
+
+
+def drafter(expert: str, profile: DrafterProfile = FAST, slowdown: float = 1.0, recorder: Recorder | None = None) -> EmulatedDrafter:
+    return EmulatedDrafter(f"{expert}-d", expert, profile, ACCEPTANCE, Oracle(), MARKERS, slowdown, recorder)
+
+
+def test_the_oracle_is_a_fixed_function_of_the_last_two_tokens_and_the_position():
+    oracle = Oracle(seed=3)
+    context = [CODE, 42, 500, 600]
+    assert oracle.after(context) == oracle.after([7, 8, 500, 600]) == oracle.next_token(500, 600, 4)
+    assert oracle.after(context) != Oracle(seed=4).after(context) or oracle.after([1, 2, 3]) != Oracle(seed=4).after([1, 2, 3])
+    out = oracle.continuation(context, 50)
+    assert all(oracle.low <= t < oracle.high for t in out)
+    assert out[:10] == oracle.continuation(context, 10)
+    assert out[5] == oracle.after(context + out[:5])
+    support = oracle.support(500, 600, 4)
+    assert support[0] == oracle.after(context) and len(set(support)) == 4
+    assert all(oracle.other_than(t, 1, 2) != t for t in out)
+
+
+def test_the_emulated_targets_rows_put_the_oracle_on_top_along_every_tree_branch():
+    oracle, emulated = Oracle(), runner()
+    context = [CODE, 42, *range(100, 140)]
+    truth = oracle.continuation(context, 3)
+    # root -> truth[0] -> truth[1]; root -> a wrong token -> anything
+    tokens = (truth[0], truth[1], oracle.other_than(truth[0], 9), 77)
+    parents = (ROOT, 0, ROOT, 2)
+    [rows] = emulated.forward([ForwardItem("r", context, tokens, parents)])
+    assert rows.shape == (5, oracle.high)
+    top = rows.argmax(-1).tolist()
+    assert top[0] == truth[0] and top[1] == truth[1] and top[2] == truth[2]
+    assert top[3] == oracle.after([*context, tokens[2]]) and top[4] == oracle.after([*context, tokens[2], 77])
+    probs = rows.softmax(-1)[0]
+    assert probs.topk(4).values.tolist() == pytest.approx(list(ACCEPTANCE.sampling), abs=1e-6)
+
+
+def test_the_emulated_target_reuses_a_requests_cached_tokens_and_forgets_released_ones():
+    emulated = runner()
+    context = list(range(100, 400))
+    emulated.forward([ForwardItem("r", context, (5, 6), (ROOT, 0))])
+    emulated.commit("r", [0], [5])
+    assert emulated.reusable_tokens("r", [*context, 5, 9]) == len(context) + 1
+    assert emulated.reusable_tokens("other", context) == 0
+    assert emulated.cache_count == 1 and emulated.allocated_bytes == (len(context) + 1) * H100.kv_bytes_per_token
+    emulated.release_many(["r"])
+    assert emulated.cached_keys() == [] and emulated.reusable_tokens("r", context) == 0
+
+
+def test_a_forward_sleeps_its_profiled_time_from_its_start_and_records_the_overshoot():
+    record = Recorder()
+    emulated = runner(slowdown=5.0, recorder=record)
+    items = [ForwardItem(f"r{i}", list(range(100, 356))) for i in range(4)]  # four prompts: 1024 fed tokens
+    profiled = 5.0 * H100.step_ms(4, 1024, 1024) / 1000
+    began = time.perf_counter()
+    emulated.forward(items)
+    elapsed = time.perf_counter() - began
+    assert profiled <= elapsed < profiled + 0.05
+    tally = record.tallies["target"]
+    assert tally.calls == 1 and tally.profiled_s == pytest.approx(profiled) and tally.actual_s >= profiled
+    # the same requests again, one token each: the cached prompts are not fed again
+    began = time.perf_counter()
+    emulated.forward([ForwardItem(f"r{i}", list(range(100, 357))) for i in range(4)])
+    assert record.tallies["target"].profiled_s - profiled == pytest.approx(5.0 * H100.step_ms(4, 4, 4 * 257) / 1000)
+
+
+def test_the_profiles_are_rooflines_and_the_gap_sweep_moves_only_the_experts():
+    assert H100.step_ms(1, 1, 300) == pytest.approx(6.3, abs=0.2)  # SGLang's Llama-3.1-8B on one H100: 158 tokens/s
+    assert H100.step_ms(64, 64, 64 * 300) > H100.step_ms(8, 8, 8 * 300) > H100.step_ms(1, 1, 300)
+    assert H100.step_ms(1, 1024, 300) > 2 * H100.step_ms(1, 1, 300)  # a long prefill is compute-bound
+    half, double = ACCEPTANCE.scaled(0.5), ACCEPTANCE.scaled(2.0)
+    assert half.general == double.general == ACCEPTANCE.general
+    for i in range(3):
+        gap = ACCEPTANCE.own[i] - ACCEPTANCE.general[i]
+        assert half.own[i] - half.general[i] == pytest.approx(gap / 2)
+        assert double.own[i] - double.general[i] == pytest.approx(min(0.98, ACCEPTANCE.general[i] + 2 * gap) - ACCEPTANCE.general[i])
+    assert ACCEPTANCE.row("code", "code") == ACCEPTANCE.own and ACCEPTANCE.row("code", "math") == ACCEPTANCE.other
+    assert ACCEPTANCE.row("general", "math") == ACCEPTANCE.general
+    with pytest.raises(ValueError, match="no emulated target profile"):
+        PROFILES.target("a-gpu-nobody-has")
+
+
+def test_a_prompts_first_tokens_say_its_domain():
+    assert domain_of([CODE, 42, 1, 2], MARKERS) == "code"
+    assert domain_of([5, 8898, 42], MARKERS) == "math"
+    assert domain_of([5, 6, 7, 8, CODE], MARKERS) == ""
+
+
+@pytest.mark.parametrize(("expert", "domain_token", "row"), [("code", CODE, "own"), ("code", 8898, "other"), ("general", CODE, "general")])
+def test_emulated_drafters_are_accepted_at_their_profiled_rate_by_position(expert, domain_token, row):
+    """Many rounds through the lossless verification: the measured conditional acceptance by
+    position is the profile's row for the drafter's expertise against the request's domain,
+    and every committed token is the oracle's."""
+    oracle, emulated, draft = Oracle(), runner(slowdown=1e-3), drafter(expert)
+    reached, accepted = [0] * 4, [0] * 4
+    for request in range(60):
+        context = [domain_token, 42, *range(200 + request, 230 + request)]
+        for round_index in range(12):
+            [chain] = draft.propose([DraftRequest(f"q{request}", context, 4, SamplingParams(), round_index)])
+            [rows] = emulated.forward([ForwardItem(f"q{request}", context, chain.tokens, chain_tree(chain).parents)])
+            verdict, _ = verify_and_credit(chain_tree(chain), rows, SamplingParams(), round_index, len(context))
+            assert list(verdict.new_tokens) == oracle.continuation(context, len(verdict.new_tokens))
+            for position in range(min(4, verdict.accepted_len + 1)):
+                reached[position] += 1
+                accepted[position] += position < verdict.accepted_len
+            context = [*context, *verdict.new_tokens]
+    expected = getattr(ACCEPTANCE, row)
+    for position in range(4):  # within four standard errors (the draws are seeded: no flakes)
+        p = expected[position]
+        assert accepted[position] / reached[position] == pytest.approx(p, abs=4 * (p * (1 - p) / reached[position]) ** 0.5)
+
+
+def test_fused_emulated_drafts_accept_the_longest_right_chain():
+    oracle, emulated = Oracle(), runner()
+    context = [CODE, 42, *range(300, 340)]
+    truth = oracle.continuation(context, 5)
+    good = DraftChain(tuple(truth[:3]) + (oracle.other_than(truth[3], 1),), (0.9,) * 4, None, "code-d")
+    poor = DraftChain((truth[0], oracle.other_than(truth[1], 2)), (0.5, 0.5), None, "general-d")
+    tree = merge_chains([poor, good])
+    [rows] = emulated.forward([ForwardItem("f", context, tree.tokens, tree.parents)])
+    verdict, credit = verify_and_credit(tree, rows, SamplingParams(), 0, len(context))
+    assert list(verdict.accepted_tokens) == truth[:3] and verdict.next_token == truth[3]
+    assert credit["code-d"].accepted == 3
+
+
+def test_a_drafting_call_sleeps_once_for_its_profiled_time():
+    record = Recorder()
+    profile = DrafterProfile("slow", 2.0, 0.5)
+    draft = drafter("code", profile, slowdown=2.0, recorder=record)
+    requests = [DraftRequest(f"q{i}", [CODE, 42, 100 + i], 3 + i, SamplingParams(), 0) for i in range(2)]
+    began = time.perf_counter()
+    chains = draft.propose(requests)
+    elapsed = time.perf_counter() - began
+    profiled = 2.0 * profile.job_ms(2, 4) / 1000  # two requests, the longer window
+    assert [len(c.tokens) for c in chains] == [3, 4]
+    assert profiled <= elapsed < profiled + 0.05
+    assert record.tallies["drafter"].calls == 1
+    assert draft.propose([DraftRequest("q", [1, 2], 0, SamplingParams(), 0)]) == [DraftChain((), (), None, "code-d")]
+    assert record.tallies["drafter"].calls == 1  # a window-0 job costs nothing
+
+
+def test_records_are_written_per_process_and_summed(tmp_path):
+    first, second = Recorder(str(tmp_path), "a"), Recorder(str(tmp_path), "b")
+    first.add("target", 0.010, 0.0101)
+    second.add("target", 0.020, 0.0205)
+    second.add("drafter", 0.001, 0.002)
+    first.flush()
+    second.flush()
+    total = read_records(tmp_path)
+    assert total["target"].calls == 2 and total["target"].profiled_s == pytest.approx(0.030)
+    assert total["target"].actual_s == pytest.approx(0.0306) and total["drafter"].worst_s == pytest.approx(0.001)
