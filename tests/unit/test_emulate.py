@@ -179,3 +179,54 @@ def test_records_are_written_per_process_and_summed(tmp_path):
     total = read_records(tmp_path)
     assert total["target"].calls == 2 and total["target"].profiled_s == pytest.approx(0.030)
     assert total["target"].actual_s == pytest.approx(0.0306) and total["drafter"].worst_s == pytest.approx(0.001)
+
+
+def ideal_config(tmp_path, **speculation):
+    from cosine.config import load_config
+
+    drafters = "".join(f'[[drafters]]\nname = "{e}-{i}"\nkind = "emulated"\nexpert = "{e}"\nprofile = "llama-68m-2080ti"\n'
+                       for i, e in enumerate(["code", "math", "general", "general"]))
+    settings = "".join(f"{k} = {v}\n" for k, v in speculation.items())
+    path = tmp_path / "ideal.toml"
+    path.write_text(f'[speculation]\nmode = "tree"\npipelining = "on"\n{settings}[router]\ndefault_experts = ["general"]\n'
+                    f'[router.keywords]\ncode = ["code:"]\nmath = ["math:"]\n'
+                    f'[emulate]\ntarget = "llama-8b-h100"\nnetwork = "paper"\ndomains = ["code", "math"]\n{drafters}')
+    return load_config(path)
+
+
+def test_the_ideal_is_deterministic_lossless_and_scales_with_load(tmp_path):
+    from cosine.emulate.ideal import simulate
+    from cosine.factory import target_tokenizer
+
+    config = ideal_config(tmp_path)
+    tokenizer = target_tokenizer(config)
+    texts = [f"{d}: a question about trains number {i}" for i, d in enumerate(["code", "math", "chat", "code"] * 2)]
+    ids = [f"q{i}" for i in range(len(texts))]
+    one = simulate(config, tokenizer, ids, texts, 48, 2, concurrency=1, with_outputs=True)
+    assert one == simulate(config, tokenizer, ids, texts, 48, 2, concurrency=1, with_outputs=True)
+    oracle = Oracle()
+    for key, text in zip(ids, texts):
+        assert one["outputs"][key] == oracle.continuation(tokenizer(text, add_special_tokens=False)["input_ids"], 48)
+    assert one["tokens_per_round"] > 2.0  # experts and generalists drafting, fused
+    # one request at a time: a round is at least a drafting hop and a verification
+    per_round = one["mean_latency_s"] / (48 / one["tokens_per_round"])
+    assert per_round >= H100.step_ms(1, 1, 60) / 1000
+    loaded = simulate(config, tokenizer, ids, texts, 48, 2, concurrency=8)
+    assert loaded["tokens_per_s"] > 2 * one["tokens_per_s"]
+    never_idle = simulate(config, tokenizer, ids, texts, 48, 2, concurrency=8, greedy=True)
+    assert never_idle["verifier_busy_share"] >= loaded["verifier_busy_share"] - 1e-9
+    arrivals = simulate(config, tokenizer, ids, texts, 48, 2, arrivals=[0.05 * i for i in range(len(ids))])
+    assert arrivals["tokens_per_s"] > 0
+
+
+def test_without_drafts_the_ideal_is_the_target_alone(tmp_path):
+    from cosine.emulate.ideal import simulate
+    from cosine.factory import target_tokenizer
+
+    config = ideal_config(tmp_path, window=0, min_window=0)
+    tokenizer = target_tokenizer(config)
+    result = simulate(config, tokenizer, ["a"], ["chat: one"], 32, 1, concurrency=1)
+    assert result["tokens_per_round"] == 1.0
+    prompt = len(tokenizer("chat: one", add_special_tokens=False)["input_ids"])
+    expected = sum(H100.step_ms(1, prompt if i == 0 else 1, prompt + i) for i in range(32)) / 1000
+    assert result["mean_latency_s"] == pytest.approx(expected)

@@ -1,0 +1,339 @@
+"""The ideal: the emulated cluster simulated in virtual time, with no control-plane cost.
+
+A discrete-event simulation (deterministic; this machine's speed does not enter it) of the
+same verifiers and drafter hosts as the emulated pipeline, on the same requests and arrivals,
+deciding with the pipeline's own policies: routing (``choose_experts`` and ``RequestRouting``),
+the adaptive window (``WindowPolicy``), load control (``SpeculationControl``: cooperation, the
+window per round, the expected yield a batch is chosen by), batch forming (``BatchPolicy``:
+when to flush, which candidates), fusion of the cooperating chains into a tree
+(``merge_chains``) and drafts made ahead (the drafter's next round drafted while this one is
+verified). Drafts are the emulated drafters' own (``EmulatedDrafter.chain``: the same seeded
+function of request, position and drafter), verified against the oracle. Time passes only for
+the profiled GPUs (verification, drafting) and the network on the minimum messages of a round
+(the job to a drafter host, the draft back).
+
+``greedy=True`` gives the upper bound where a free verifier never waits while a candidate is
+ready (every batch goes at once).
+
+Simplifications, each in the ideal's favour or neutral: a prompt is prefilled in its first
+round at once (the pipeline chunks it), a round without drafts decodes one token (the pipeline's
+multi-step jobs only save control-plane time, which is zero here), temperature 0 only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cosine.core.tree import ROOT, DraftChain, merge_chains
+from cosine.policy.batching import BatchPolicy, Pending
+from cosine.policy.control import SpeculationControl
+from cosine.policy.routing import RequestRouting, by_expert, choose_experts, routing_policy, tree_feedback
+from cosine.policy.window import WindowPolicy
+
+from .build import domain_markers
+from .drafter import EmulatedDrafter
+from .oracle import Oracle
+from .profiles import load_profiles
+
+EXPLORE_MAX_BATCH = 2  # as the coordinator: load control explores only while batches are this small
+JOB_BYTES = 400  # a draft job or a draft on the wire, about (tail of the context, window, ids)
+
+
+@dataclass
+class _Request:
+    index: int
+    key: str
+    context: list[int]
+    prompt_len: int
+    max_tokens: int
+    submitted: float
+    routing: RequestRouting
+    window: int
+    round: int = 0
+    accepted: int = 0
+    drafted_rounds: int = 0
+    first_token: float = -1.0
+    ended: float = -1.0
+
+
+@dataclass
+class _Host:
+    name: str
+    expert: str
+    drafter: EmulatedDrafter
+    free_at: float = 0.0
+    ahead: dict = field(default_factory=dict)  # request key -> (round, guessed context, chain, ready at)
+
+
+@dataclass
+class _Candidate:
+    request: _Request
+    chains: list[DraftChain]
+    window: int
+    arrived: float
+
+
+def simulate(config, tokenizer, request_ids: Sequence[str], prompt_texts: Sequence[str], max_tokens: int, verifiers: int,
+             concurrency: int | None = None, arrivals: Sequence[float] | None = None, greedy: bool = False, with_outputs: bool = False) -> dict:
+    """Run the requests (closed loop of ``concurrency`` clients, or ``arrivals`` in seconds)
+    through the simulated cluster; returns throughput, latencies and the verifiers' busy share.
+    The prompts are encoded as the router encodes a ``prompt`` (``tokenizer``, no template)."""
+    prompt_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompt_texts]
+    markers = domain_markers(tokenizer, config.emulate.domains)
+    simulation = _Simulation(config, verifiers, greedy, markers)
+    figures = simulation.run(request_ids, prompt_ids, prompt_texts, max_tokens, concurrency, arrivals)
+    return {**figures, "outputs": simulation.outputs} if with_outputs else figures
+
+
+class _Simulation:
+    def __init__(self, config, verifiers: int, greedy: bool, markers: dict[int, str]) -> None:
+        emulate, speculation, pipeline = config.emulate, config.speculation, config.pipeline
+        profiles = load_profiles(emulate.profiles or None)
+        self.target = profiles.target(emulate.target)
+        self.network = profiles.network(emulate.network) if emulate.network else None
+        acceptance = profiles.accuracy(emulate.acceptance).scaled(emulate.gap_scale)
+        self.oracle = Oracle(emulate.seed)
+        self.hosts = [
+            _Host(spec.name, spec.expert, EmulatedDrafter(spec.name, spec.expert, profiles.drafter(spec.profile), acceptance, self.oracle, markers))
+            for spec in config.drafters if spec.kind == "emulated"
+        ]
+        self.expert_of = {h.name: h.expert for h in self.hosts}
+        self.experts = list(dict.fromkeys(h.expert for h in self.hosts))
+        self.config = config
+        self.routing = routing_policy(config)
+        self.window_policy = WindowPolicy(speculation.window, speculation.min_window, speculation.max_window, speculation.adaptive_window)
+        self.batch_policy = BatchPolicy(speculation.max_batch, max_wait_s=pipeline.batch_wait_ms / 1000)
+        self.control = SpeculationControl(enabled=speculation.load_control, overhead_prior=0.0)
+        self.control.verify.set_prior(_fit_verify(self.target))
+        self.pipelining = speculation.pipelining != "off"
+        self.max_nodes = speculation.max_tree_nodes
+        self.verifiers = verifiers
+        self.greedy = greedy
+        self.free = [0.0] * verifiers  # when each verifier is next free
+        self.busy = 0.0
+        self.events: list = []
+        self.counter = itertools.count()
+        self.pool: list[_Candidate] = []
+        self.drafting: dict[str, tuple[float, int, int]] = {}  # request -> (sent, window, together)
+        self.active = 0
+        self.now = 0.0
+        self.rounds = 0
+
+    # ---- the event loop ------------------------------------------------------------------
+
+    def at(self, time: float, action, *args) -> None:
+        heapq.heappush(self.events, (time, next(self.counter), action, args))
+
+    def run(self, request_ids, prompt_ids, prompt_texts, max_tokens, concurrency, arrivals) -> dict:
+        waiting = list(range(len(request_ids)))
+        self.done: list[_Request] = []
+
+        def submit(index: int) -> None:
+            self.start(request_ids[index], index, list(prompt_ids[index]), prompt_texts[index], max_tokens)
+
+        if arrivals is not None:
+            for index, arrival in zip(waiting, arrivals):
+                self.at(arrival, submit, index)
+        else:
+            self.next_waiting = waiting[concurrency or 1 :]
+            self.on_end = lambda: self.next_waiting and submit(self.next_waiting.pop(0))
+            for index in waiting[: concurrency or 1]:
+                self.at(0.0, submit, index)
+        while self.events:
+            self.now, _, action, args = heapq.heappop(self.events)
+            action(*args)
+        return self.report()
+
+    def report(self) -> dict:
+        done = self.done
+        began = min(r.submitted for r in done)
+        wall = max(r.ended for r in done) - began
+        tokens = sum(len(r.context) - r.prompt_len for r in done)
+        latencies = sorted(r.ended - r.submitted for r in done)
+        self.outputs = {r.key: r.context[r.prompt_len :] for r in done}
+        return {"tokens_per_s": tokens / wall, "mean_latency_s": sum(latencies) / len(latencies), "p50_latency_s": latencies[len(latencies) // 2],
+                "verifier_busy_share": self.busy / (wall * self.verifiers), "tokens_per_round": tokens / max(1, self.rounds), "wall_s": wall}
+
+    # ---- requests and rounds -------------------------------------------------------------
+
+    def start(self, key: str, index: int, prompt: list[int], text: str, max_tokens: int) -> None:
+        router = self.config.router
+        candidates = choose_experts(text, None, router.default_experts, router.keywords, self.experts, len(self.experts))
+        routing = RequestRouting.start(candidates, {}, self.routing)
+        request = _Request(index, key, prompt, len(prompt), max_tokens, self.now, routing, self.window_policy.initial)
+        self.active += 1
+        self.next_round(request, routing.choose(self.routing))
+
+    def next_round(self, request: _Request, experts: list[str]) -> None:
+        room = request.max_tokens - (len(request.context) - request.prompt_len) - 1
+        window = min(request.window, max(0, room))
+        batch_size = self.batch_policy.fair_share(self.active, self.verifiers)
+        together = len(self.drafting) + 1
+        if experts and window > 0:
+            experts = experts[: self.control.cooperating(len(experts), batch_size)]
+            if not (batch_size <= EXPLORE_MAX_BATCH and self.control.explore(request.key, request.round, request.drafted_rounds)):
+                window = self.control.choose(window, batch_size, request.accepted, request.drafted_rounds)
+        if not experts or window <= 0:
+            self.pool_candidate(_Candidate(request, [], 0, self.now))
+            return
+        self.drafting[request.key] = (self.now, window, together)
+        drafts: dict[str, DraftChain] = {}
+        for expert in experts:
+            host = self.host_for(request, expert)
+            self.at(self.now + self.one_way(), self.draft_job, host, request, request.round, window, drafts, experts)
+
+    def host_for(self, request: _Request, expert: str) -> _Host:
+        """The expert's host that drafted ahead for the request, else the one free soonest."""
+        hosts = [h for h in self.hosts if h.expert == expert]
+        ahead = [h for h in hosts if request.key in h.ahead]
+        return ahead[0] if ahead else min(hosts, key=lambda h: h.free_at)
+
+    def draft_job(self, host: _Host, request: _Request, round_: int, window: int, drafts: dict, experts: list[str]) -> None:
+        ahead = host.ahead.pop(request.key, None)
+        if ahead is not None and ahead[0] == round_ and ahead[1] == request.context and len(ahead[2].tokens) >= window:
+            chain = DraftChain(ahead[2].tokens[:window], ahead[2].confidences[:window], None, host.name)
+            done = max(self.now, ahead[3])
+        else:
+            chain = host.drafter.chain(request.key, request.context, window)
+            done = max(self.now, host.free_at) + host.drafter.profile.job_ms(1, window) / 1000
+            host.free_at = done
+        self.at(done + self.one_way(), self.draft_back, host, request, round_, window, chain, drafts, experts)
+        if self.pipelining and window > 0:
+            self.at(done, self.draft_ahead, host, request, round_, window, chain)
+
+    def draft_ahead(self, host: _Host, request: _Request, round_: int, window: int, chain: DraftChain) -> None:
+        """The drafter's next round made ahead while it has nothing else to do (as the drafter
+        worker: its guess of the target's next token, the window one longer)."""
+        if host.free_at > self.now or request.round != round_:
+            return
+        ahead_window = min(window + 1, max(window, self.config.speculation.max_window))
+        guessed = [*request.context, *chain.tokens]
+        whole = host.drafter.chain(request.key, guessed, ahead_window + 1)
+        if len(whole.tokens) < 2:
+            return
+        context = [*guessed, whole.tokens[0]]
+        rest = DraftChain(whole.tokens[1:], whole.confidences[1:], None, host.name)
+        host.free_at = self.now + host.drafter.profile.job_ms(1, ahead_window + 1) / 1000
+        host.ahead[request.key] = (round_ + 1, context, rest, host.free_at)
+
+    def draft_back(self, host: _Host, request: _Request, round_: int, window: int, chain: DraftChain, drafts: dict, experts: list[str]) -> None:
+        drafts[host.name] = chain
+        if len(drafts) < len(experts):
+            return
+        sent = self.drafting.pop(request.key, None)
+        if sent is not None:
+            self.control.observe_drafting(sent[1], (self.now - sent[0]) * 1000, sent[2])
+        ranked = sorted(drafts.values(), key=lambda c: experts.index(self.expert_of[c.drafter]))  # the chains in rank order, as fusion's
+        self.pool_candidate(_Candidate(request, ranked, window, self.now))
+
+    def pool_candidate(self, candidate: _Candidate) -> None:
+        self.pool.append(candidate)
+        self.flush()
+
+    def flush(self) -> None:
+        while self.pool:
+            free = [i for i, t in enumerate(self.free) if t <= self.now]
+            if not free:
+                return
+            oldest = self.now - min(c.arrived for c in self.pool)
+            tokens = sum(sum(len(ch.tokens) for ch in c.chains) + 1 for c in self.pool)
+            busy = self.verifiers - len(free)
+            if not self.greedy:
+                due = max((s + self.control.draft_ms(w, k) / 1000 - self.now for s, w, k in self.drafting.values()), default=0.0)
+                split = self.control.verify.coefficients[0] / 1000
+                if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, self.active, self.verifiers, busy, len(self.drafting), due, split):
+                    wait_until = min(c.arrived for c in self.pool) + self.batch_policy.max_wait_s
+                    if wait_until > self.now:
+                        self.at(wait_until, self.flush)
+                    return
+            pending = [Pending(self.now - c.arrived, self.fed(c), self.control.expected(c.window, c.request.accepted, c.request.drafted_rounds),
+                               c.request.round == 0, 0) for c in self.pool]
+            chosen = self.batch_policy.select(pending, self.control.verify_ms, 0.0, self.config.pipeline.batch_starve_ms / 1000)
+            batch = [self.pool[i] for i in chosen]
+            self.pool = [c for i, c in enumerate(self.pool) if i not in set(chosen)]
+            verifier = free[0]
+            fed = sum(self.fed(c) for c in batch)
+            rows = sum(len(c.request.context) for c in batch)
+            ms = self.target.step_ms(len(batch), fed, rows)
+            self.free[verifier] = self.now + ms / 1000
+            self.busy += ms / 1000
+            self.control.observe_verification(len(batch), fed, ms, max(len(c.request.context) for c in batch))
+            self.at(self.free[verifier], self.verified, batch)
+
+    def fed(self, candidate: _Candidate) -> int:
+        drafted = len(merge_chains(candidate.chains, self.max_nodes)) if candidate.chains else 0
+        return drafted + (candidate.request.prompt_len if candidate.request.round == 0 else 1)
+
+    def verified(self, batch: list[_Candidate]) -> None:
+        for candidate in batch:
+            self.apply(candidate)
+        self.flush()
+
+    def apply(self, candidate: _Candidate) -> None:
+        request = candidate.request
+        tree = merge_chains(candidate.chains, self.max_nodes) if candidate.chains else None
+        accepted_nodes, accepted_tokens, node = [], [], ROOT
+        context = request.context
+        while True:
+            truth = self._truth(context, accepted_tokens)
+            child = tree.child_with_token(node, truth) if tree is not None else None
+            if child is None:
+                break
+            accepted_nodes.append(child)
+            accepted_tokens.append(truth)
+            node = child
+        new = [*accepted_tokens, truth]
+        room = request.max_tokens - (len(context) - request.prompt_len)
+        request.context = [*context, *new[:room]]
+        drafted = len(tree) if tree is not None else 0
+        self.rounds += 1
+        self.control.observe_round(_depth(tree), len(accepted_tokens))
+        if request.first_token < 0:
+            request.first_token = self.now
+        request.window = self.window_policy.next_window(request.window, drafted, len(accepted_tokens))
+        request.accepted += len(accepted_tokens)
+        request.drafted_rounds += drafted > 0
+        request.round += 1
+        if tree is not None:
+            request.routing.observe(by_expert(tree_feedback(tree.sources, tree.confidences, accepted_nodes), self.expert_of), len(accepted_tokens), self.routing)
+        if len(request.context) - request.prompt_len >= request.max_tokens:
+            request.ended = self.now
+            self.active -= 1
+            self.done.append(request)
+            for host in self.hosts:
+                host.ahead.pop(request.key, None)
+            if hasattr(self, "on_end"):
+                self.on_end()
+            return
+        self.next_round(request, request.routing.choose(self.routing))
+
+    def _truth(self, context: list[int], accepted: list[int]) -> int:
+        tail = [*context[-2:], *accepted][-2:]
+        return self.oracle.next_token(tail[0] if len(tail) > 1 else -1, tail[-1], len(context) + len(accepted))
+
+    def one_way(self) -> float:
+        return self.network.one_way_s(JOB_BYTES) if self.network else 0.0
+
+
+def _depth(tree) -> int:
+    if tree is None or len(tree) == 0:
+        return 0
+    return max(tree.depths())
+
+
+def _fit_verify(profile) -> list[float]:
+    """The verifier's start-up cost profile, as ``profile_cost`` fits it on the emulated runner
+    (same batches, exact times): the load controller's prior."""
+    import numpy as np
+
+    from cosine.policy.control import verify_features
+
+    rows, times = [], []
+    for batch, k, context in ((1, 1, 64), (1, 5, 64), (4, 1, 64), (4, 5, 64), (8, 3, 64), (2, 1, 448), (2, 5, 448)):
+        rows.append(verify_features(batch, batch * k, context + 1))
+        times.append(profile.step_ms(batch, batch * k, batch * (context + 1)))
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
+    return [max(0.0, float(c)) for c in coef]
