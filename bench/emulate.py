@@ -87,12 +87,47 @@ def _setting(text: str) -> tuple[str, object]:
         return key, value
 
 
-def cluster_config(args, base: Path, slowdown: float, records: Path) -> dict:
+def system_settings(system: str, experts: list[str]) -> tuple[dict, bool]:
+    """A system's config sections over the cluster's, and whether its drafters are all generalists.
+
+    ``cosine``: everything on. ``no-speculation``: window 0 (the target alone, batched).
+    ``vanilla-wN``: one generalist drafter a request (all 16 drafters generalists), a fixed
+    window N, no routing, no load control, no drafts made ahead. ``specinfer-wN``: every expert's
+    drafter on every request (no routing), their chains fused into one tree, a fixed window N, no
+    load control, no drafts made ahead. ``cosine-no-X``: CoSine with one part off.
+    """
+    name, _, window = system.partition("-w")
+    fixed = {"adaptive_window": False, "load_control": False, "pipelining": "off", "window": int(window or 4), "max_window": int(window or 4)}
+    if name == "cosine":
+        return {}, False
+    if name == "no-speculation":
+        return {"speculation": {"window": 0, "min_window": 0}}, False
+    if name == "vanilla":
+        return {"speculation": fixed, "router": {"online": False, "default_experts": [GENERAL], "max_experts": 1, "keywords": {}}}, True
+    if name == "specinfer":
+        distinct = list(dict.fromkeys(experts))
+        return {"speculation": fixed, "router": {"online": False, "default_experts": distinct, "max_experts": len(distinct), "keywords": {}}}, False
+    ablations = {
+        "cosine-no-routing": {"router": {"online": False, "default_experts": [GENERAL], "max_experts": 2, "keywords": {}}},
+        "cosine-no-fusion": {"router": {"max_experts": 1}},
+        "cosine-no-pipelining": {"speculation": {"pipelining": "off"}},
+        "cosine-no-batch-choice": {"pipeline": {"batch_choice": "fifo"}},
+        "cosine-no-load-control": {"speculation": {"load_control": False}},
+    }
+    if system not in ablations:
+        raise SystemExit(f"unknown system {system!r}")
+    return ablations[system], False
+
+
+def cluster_config(args, base: Path, slowdown: float, records: Path, system: str = "cosine") -> dict:
     experts = [d for d in args.domains for _ in range(3)][: args.drafters]
     experts += [GENERAL] * (args.drafters - len(experts))
+    overrides, generalists = system_settings(system, experts)
+    if generalists:
+        experts = [GENERAL] * args.drafters
     drafters = [{"name": f"{e}-{i}", "kind": "emulated", "expert": e, "profile": args.drafter_profile} for i, e in enumerate(experts)]
     model = load_config(base).model
-    return {
+    config = {
         "model": {"target": model.target_path, "cache_dir": str(model.cache_path), "threads": 1},
         "defaults": {"max_tokens": args.max_tokens},
         # Drafters on GPUs of their own draft the next round ahead (the CPU deployment rule would
@@ -105,6 +140,9 @@ def cluster_config(args, base: Path, slowdown: float, records: Path) -> dict:
                     "domains": list(args.domains), "record_dir": str(records), "seed": args.seed},
         "drafters": drafters,
     }
+    for section, values in overrides.items():
+        config[section] = {**config[section], **values}
+    return config
 
 
 async def drive(url: str, plans: list[tuple[str, str]], max_tokens: int, concurrency: int | None, arrivals: list[float] | None, tag: str) -> list[Outcome]:
@@ -251,10 +289,10 @@ def line(row: dict) -> str:
             f"target overshoot {row['overshoot'].get('target', {}).get('mean_overshoot') or 0:+.1%}{ideal}{flag}")
 
 
-def serve_cluster(args, scratch: Path, slowdown: float, tag: str) -> tuple[Serve, str, str, Path, int]:
+def serve_cluster(args, scratch: Path, slowdown: float, tag: str, system: str) -> tuple[Serve, str, str, Path, int]:
     records = scratch / f"records-{tag}"
     records.mkdir(exist_ok=True)
-    config = cluster_config(args, args.config, slowdown, records)
+    config = cluster_config(args, args.config, slowdown, records, system)
     path = scratch / f"{tag}.toml"
     path.write_text(dump_toml(config))
     verifiers = args.verifiers or (4 if load_profiles().target(args.target).gpus == 1 else 1)
@@ -265,6 +303,25 @@ def serve_cluster(args, scratch: Path, slowdown: float, tag: str) -> tuple[Serve
 
     wait_live(url)
     return serve, url, admin, records, verifiers
+
+
+def find_slowdown(args, scratch: Path, plans, kind: str, load: float, arrivals, index: int, system: str) -> float:
+    """The smallest k of 1, 2, 4, ... at which a probe (a quarter of the requests, at most 16)
+    keeps this machine's CPU under ``--cpu-limit`` with the sleeps on time."""
+    candidates = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    for slowdown in candidates:
+        serve, url, admin, records, verifiers = serve_cluster(args, scratch, slowdown, f"probe-{index}-{slowdown:g}", system)
+        try:
+            asyncio.run(drive(url, plans[:1], args.max_tokens, 1, None, f"probe-warm-{index}"))
+            probe = run_level(url, admin, serve, records, plans[: max(1, min(16, len(plans) // 4))], args, kind, load, slowdown, verifiers,
+                              f"probe-{index}-{slowdown:g}", arrivals)
+        finally:
+            serve.stop()
+        print(f"  probe k={slowdown:g}: cpu {probe['cpu_share']:.2f}, target overshoot {probe['overshoot'].get('target', {}).get('mean_overshoot') or 0:+.1%}",
+              flush=True)
+        if probe["cpu_share"] <= args.cpu_limit and not probe["machine_limited"]:
+            return slowdown
+    return candidates[-1]
 
 
 def main() -> None:
@@ -287,6 +344,8 @@ def main() -> None:
     parser.add_argument("--cpu-limit", type=float, default=0.7)
     parser.add_argument("--gap-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--systems", type=lambda s: s.split(","), default=["cosine"],
+                        help="cosine, no-speculation, vanilla-wN, specinfer-wN, cosine-no-{routing,fusion,pipelining,batch-choice,load-control}")
     parser.add_argument("--tag", default="emulate")
     args = parser.parse_args()
     tokenizer = target_tokenizer(load_config(args.config))
@@ -306,33 +365,28 @@ def main() -> None:
             count = args.requests or (max(8, 2 * int(load)) if kind == "closed" else 64)
             plans = prompts(tokenizer, args.domains, count, args.prompt_tokens, args.seed + index)
             arrivals = poisson_arrivals(load, count, args.seed + index) if kind == "poisson" else None
-            candidates = [fixed[load]] if load in fixed else [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
-            for slowdown in candidates:
-                serve, url, admin, records, verifiers = serve_cluster(args, scratch, slowdown, f"{args.tag}-{index}-{slowdown:g}")
+            for system in args.systems:
+                if load not in fixed:  # k for this load, found with the first system and kept for the others
+                    fixed[load] = find_slowdown(args, scratch, plans, kind, load, arrivals, index, system)
+                slowdown = fixed[load]
+                serve, url, admin, records, verifiers = serve_cluster(args, scratch, slowdown, f"{args.tag}-{index}-{system}", system)
                 try:
-                    asyncio.run(drive(url, plans[:1], args.max_tokens, 1, None, f"warm-{index}"))
-                    if len(candidates) > 1:  # the probe: a quarter of the requests, at most 16
-                        probe = run_level(url, admin, serve, records, plans[: max(1, min(16, count // 4))], args, kind, load, slowdown, verifiers,
-                                          f"probe-{index}-{slowdown:g}", arrivals)
-                        print(f"  probe k={slowdown:g}: cpu {probe['cpu_share']:.2f}, target overshoot "
-                              f"{probe['overshoot'].get('target', {}).get('mean_overshoot') or 0:+.1%}", flush=True)
-                        if (probe["cpu_share"] > args.cpu_limit or probe["machine_limited"]) and slowdown != candidates[-1]:
-                            continue
-                    row = run_level(url, admin, serve, records, plans, args, kind, load, slowdown, verifiers, f"run-{index}", arrivals)
+                    asyncio.run(drive(url, plans[:1], args.max_tokens, 1, None, f"warm-{index}-{system}"))
+                    row = run_level(url, admin, serve, records, plans, args, kind, load, slowdown, verifiers, f"run-{index}", arrivals)  # the same ids, so the same draws, for every system
                 finally:
                     serve.stop()
-                break
-            ideal_config = scratch / "ideal.toml"
-            ideal_config.write_text(dump_toml(cluster_config(args, args.config, 1.0, scratch)))
-            ids, texts = [f"run-{index}-{i}" for i in range(count)], [p for _, p in plans]
-            for name, greedy in (("ideal", False), ("bound", True)):
-                figures = simulate(load_config(ideal_config), tokenizer, ids, texts, args.max_tokens, verifiers,
-                                   int(load) if kind == "closed" else None, arrivals, greedy=greedy)
-                row.update({f"{name}_{k}": v for k, v in figures.items()})
-            row["throughput_vs_ideal"] = row["tokens_per_s"] / row["ideal_tokens_per_s"]
-            row["latency_vs_ideal"] = row["mean_latency_s"] / row["ideal_mean_latency_s"]
-            print(line(row), flush=True)
-            rows.append(row)
+                ideal_config = scratch / "ideal.toml"
+                ideal_config.write_text(dump_toml(cluster_config(args, args.config, 1.0, scratch, system)))
+                ids, texts = [f"run-{index}-{i}" for i in range(count)], [p for _, p in plans]
+                for name, greedy in (("ideal", False), ("never_idle", True)):
+                    figures = simulate(load_config(ideal_config), tokenizer, ids, texts, args.max_tokens, verifiers,
+                                       int(load) if kind == "closed" else None, arrivals, greedy=greedy)
+                    row.update({f"{name}_{k}": v for k, v in figures.items()})
+                row["system"] = system
+                row["throughput_vs_ideal"] = row["tokens_per_s"] / row["ideal_tokens_per_s"]
+                row["latency_vs_ideal"] = row["mean_latency_s"] / row["ideal_mean_latency_s"]
+                print(f"{system:>24} " + line(row), flush=True)
+                rows.append(row)
     result = {"rows": rows, "stamp": stamp(), "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     print(f"wrote {write_result(args.tag, result)}")
 

@@ -50,13 +50,14 @@ class _Request:
     prompt_len: int
     max_tokens: int
     submitted: float
-    routing: RequestRouting
+    routing: RequestRouting | None  # None: fixed experts (router.online off)
     window: int
     round: int = 0
     accepted: int = 0
     drafted_rounds: int = 0
     first_token: float = -1.0
     ended: float = -1.0
+    experts: list[str] = field(default_factory=list)  # this round's
 
 
 @dataclass
@@ -161,11 +162,16 @@ class _Simulation:
 
     def start(self, key: str, index: int, prompt: list[int], text: str, max_tokens: int) -> None:
         router = self.config.router
-        candidates = choose_experts(text, None, router.default_experts, router.keywords, self.experts, len(self.experts))
-        routing = RequestRouting.start(candidates, {}, self.routing)
-        request = _Request(index, key, prompt, len(prompt), max_tokens, self.now, routing, self.window_policy.initial)
+        if router.online:  # as the router: every expert a candidate, keyword matches and defaults first
+            candidates = choose_experts(text, None, router.default_experts, router.keywords, self.experts, len(self.experts))
+            candidates += [e for e in self.experts if e not in candidates]
+            routing = RequestRouting.start(candidates, {}, self.routing)
+            experts = routing.choose(self.routing)
+        else:  # fixed experts
+            routing, experts = None, choose_experts(text, None, router.default_experts, router.keywords, self.experts, router.max_experts)
+        request = _Request(index, key, prompt, len(prompt), max_tokens, self.now, routing, self.window_policy.initial, experts=experts)
         self.active += 1
-        self.next_round(request, routing.choose(self.routing))
+        self.next_round(request, experts)
 
     def next_round(self, request: _Request, experts: list[str]) -> None:
         room = request.max_tokens - (len(request.context) - request.prompt_len) - 1
@@ -297,8 +303,9 @@ class _Simulation:
         request.accepted += len(accepted_tokens)
         request.drafted_rounds += drafted > 0
         request.round += 1
-        if tree is not None:
+        if tree is not None and request.routing is not None:
             request.routing.observe(by_expert(tree_feedback(tree.sources, tree.confidences, accepted_nodes), self.expert_of), len(accepted_tokens), self.routing)
+            request.experts = request.routing.choose(self.routing)
         if len(request.context) - request.prompt_len >= request.max_tokens:
             request.ended = self.now
             self.active -= 1
@@ -308,7 +315,7 @@ class _Simulation:
             if hasattr(self, "on_end"):
                 self.on_end()
             return
-        self.next_round(request, request.routing.choose(self.routing))
+        self.next_round(request, request.experts)
 
     def _truth(self, context: list[int], accepted: list[int]) -> int:
         tail = [*context[-2:], *accepted][-2:]
