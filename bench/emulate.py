@@ -42,7 +42,7 @@ import psutil
 import redis
 import redis.asyncio as aioredis
 from common import stamp, write_result
-from load import dump_toml, percentile, stats
+from load import dump_toml, percentile, round_figures, stats
 from soak import Serve
 
 from cosine.config import load_config
@@ -271,6 +271,8 @@ def run_level(url: str, admin_url: str, serve: Serve, records: Path, plans, args
         "cpu_ms_per_round": {role: 1000 * s / rounds for role, s in sorted(cpu.items())} if rounds else {},
         "redis_calls_per_round": calls / rounds if rounds else None, "redis_usec_per_round": usec / rounds if rounds else None,
         "overshoot": sleeps,
+        # the coordinator's counters: rounds drafted and at window 0, their wall time and tokens, where a round's time goes (real ms)
+        **round_figures(stats0, stats1),
     }
     row["machine_limited"] = any((s.get("mean_overshoot") or 0) > MACHINE_LIMITED for k, s in sleeps.items() if k in ("target", "drafter"))
     if rounds:  # k = 1 projections: rounds per second at which each one-threaded process fills a core

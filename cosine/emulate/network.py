@@ -2,22 +2,25 @@
 it sends and what it receives by half the round trip plus the bytes' time on the wire.
 
 A pipeline of commands is one send and its replies one arrival: only the first reply after a
-send waits the half round trip (every reply its bytes). The delay is an ``asyncio.sleep`` on the
-worker's event loop (other tasks go on meanwhile, as on a real link); its overshoot is recorded
-("network"): the event loop's timers have a millisecond's resolution, so round trips well under
-a millisecond are emulated late.
+send waits the half round trip (every reply its bytes). The delay is a sleep on a thread of
+its own while the worker's event loop goes on (as on a real link): the loop's own timers round
+up to a whole millisecond, more than the delay itself on a fast network. Its overshoot is
+recorded ("network").
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from redis.asyncio.connection import Connection
 
 from .profiles import NetworkProfile
-from .timing import Recorder
+from .timing import Recorder, sleep_until
+
+_sleepers = ThreadPoolExecutor(max_workers=32, thread_name_prefix="network-delay")  # delays of every connection of the process
 
 
 def delayed_connection(network: NetworkProfile, slowdown: float = 1.0, recorder: Recorder | None = None) -> type[Connection]:
@@ -32,7 +35,9 @@ def delayed_connection(network: NetworkProfile, slowdown: float = 1.0, recorder:
             if delay <= 0:
                 return
             began = time.perf_counter()
-            await asyncio.sleep(delay)
+            # Off the event loop: its timers round up to a whole millisecond, more than the
+            # delay itself on a fast network; a thread's sleep wakes within tens of microseconds.
+            await asyncio.get_running_loop().run_in_executor(_sleepers, sleep_until, began + delay)
             record.add("network", delay, time.perf_counter() - began)
 
         async def _send_packed_command(self, command) -> None:
