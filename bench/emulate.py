@@ -51,6 +51,7 @@ from cosine.emulate.timing import read_records
 from cosine.factory import target_tokenizer
 
 NAMESPACE = "cosine:"
+STALL_S = 30  # a request with no output for this long is counted as failed (client-timeout)
 MACHINE_LIMITED = 0.02  # mean overshoot over the profiled time past which a run measured this machine
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an have not which one all were when we there "
          "can more if out so what up its about into than them only other new some could time these two may first then do any like "
@@ -147,7 +148,7 @@ def cluster_config(args, base: Path, slowdown: float, records: Path, system: str
 
 async def drive(url: str, plans: list[tuple[str, str]], max_tokens: int, concurrency: int | None, arrivals: list[float] | None, tag: str) -> list[Outcome]:
     """Closed loop of ``concurrency`` clients, or one request at each of ``arrivals`` (seconds)."""
-    client = aioredis.from_url(url, decode_responses=True)
+    client = aioredis.from_url(url, decode_responses=True, socket_timeout=60)
     began = time.perf_counter()
     outcomes: list[Outcome] = []
 
@@ -159,7 +160,7 @@ async def drive(url: str, plans: list[tuple[str, str]], max_tokens: int, concurr
         await client.xadd(f"{NAMESPACE}requests", {"id": request_id, "prompt": prompt, "max_tokens": str(max_tokens)})
         cursor = "0-0"
         while True:
-            reply = await client.xread({f"{NAMESPACE}out:{request_id}": cursor}, block=30_000)
+            reply = await client.xread({f"{NAMESPACE}out:{request_id}": cursor}, block=STALL_S * 1000)
             if not reply:
                 outcome.error = "client-timeout"
                 break
@@ -361,34 +362,38 @@ def main() -> None:
     rows = []
     from cosine.emulate.ideal import simulate
 
-    with tempfile.TemporaryDirectory(prefix="cosine-emulate-") as scratch_dir:
-        scratch = Path(scratch_dir)
-        for index, (kind, load) in enumerate(loads):
-            count = args.requests or (max(8, 2 * int(load)) if kind == "closed" else 64)
-            plans = prompts(tokenizer, args.domains, count, args.prompt_tokens, args.seed + index)
-            arrivals = poisson_arrivals(load, count, args.seed + index) if kind == "poisson" else None
-            for system in args.systems:
-                if load not in fixed:  # k for this load, found with the first system and kept for the others
-                    fixed[load] = find_slowdown(args, scratch, plans, kind, load, arrivals, index, system)
-                slowdown = fixed[load]
-                serve, url, admin, records, verifiers = serve_cluster(args, scratch, slowdown, f"{args.tag}-{index}-{system}", system)
-                try:
-                    asyncio.run(drive(url, plans[:1], args.max_tokens, 1, None, f"warm-{index}-{system}"))
-                    row = run_level(url, admin, serve, records, plans, args, kind, load, slowdown, verifiers, f"run-{index}", arrivals)  # the same ids, so the same draws, for every system
-                finally:
-                    serve.stop()
-                ideal_config = scratch / "ideal.toml"
-                ideal_config.write_text(dump_toml(cluster_config(args, args.config, 1.0, scratch, system)))
-                ids, texts = [f"run-{index}-{i}" for i in range(count)], [p for _, p in plans]
-                for name, greedy in (("ideal", False), ("never_idle", True)):
-                    figures = simulate(load_config(ideal_config), tokenizer, ids, texts, args.max_tokens, verifiers,
-                                       int(load) if kind == "closed" else None, arrivals, greedy=greedy)
-                    row.update({f"{name}_{k}": v for k, v in figures.items()})
-                row["system"] = system
-                row["throughput_vs_ideal"] = row["tokens_per_s"] / row["ideal_tokens_per_s"]
-                row["latency_vs_ideal"] = row["mean_latency_s"] / row["ideal_mean_latency_s"]
-                print(f"{system:>24} " + line(row), flush=True)
-                rows.append(row)
+    scratch = Path(tempfile.mkdtemp(prefix="cosine-emulate-"))  # configs and serve logs, kept for a look
+    print(f"configs and logs in {scratch}", flush=True)
+    for index, (kind, load) in enumerate(loads):
+        count = args.requests or (max(8, 2 * int(load)) if kind == "closed" else 64)
+        plans = prompts(tokenizer, args.domains, count, args.prompt_tokens, args.seed + index)
+        arrivals = poisson_arrivals(load, count, args.seed + index) if kind == "poisson" else None
+        for system in args.systems:
+            if load not in fixed:  # k for this load, found with the first system and kept for the others
+                fixed[load] = find_slowdown(args, scratch, plans, kind, load, arrivals, index, system)
+            slowdown = fixed[load]
+            serve, url, admin, records, verifiers = serve_cluster(args, scratch, slowdown, f"{args.tag}-{index}-{system}", system)
+            try:
+                asyncio.run(drive(url, plans[:1], args.max_tokens, 1, None, f"warm-{index}-{system}"))
+                row = run_level(url, admin, serve, records, plans, args, kind, load, slowdown, verifiers, f"run-{index}", arrivals)  # the same ids, so the same draws, for every system
+            except Exception as error:  # one system's failure is reported, the others still run
+                print(f"{system:>24} {kind} {load:g}: FAILED ({type(error).__name__}: {error}); its serve log: {serve.log_path}", flush=True)
+                rows.append({"system": system, "kind": kind, "load": load, "slowdown": slowdown, "failed": f"{type(error).__name__}: {error}"})
+                continue
+            finally:
+                serve.stop()
+            ideal_config = scratch / "ideal.toml"
+            ideal_config.write_text(dump_toml(cluster_config(args, args.config, 1.0, scratch, system)))
+            ids, texts = [f"run-{index}-{i}" for i in range(count)], [p for _, p in plans]
+            for name, greedy in (("ideal", False), ("never_idle", True)):
+                figures = simulate(load_config(ideal_config), tokenizer, ids, texts, args.max_tokens, verifiers,
+                                   int(load) if kind == "closed" else None, arrivals, greedy=greedy)
+                row.update({f"{name}_{k}": v for k, v in figures.items()})
+            row["system"] = system
+            row["throughput_vs_ideal"] = row["tokens_per_s"] / row["ideal_tokens_per_s"]
+            row["latency_vs_ideal"] = row["mean_latency_s"] / row["ideal_mean_latency_s"]
+            print(f"{system:>24} " + line(row), flush=True)
+            rows.append(row)
     result = {"rows": rows, "stamp": stamp(), "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     print(f"wrote {write_result(args.tag, result)}")
 
