@@ -44,6 +44,7 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
         # added to the stats hash with each verified batch.
         self.round_times: Counter[str] = Counter()
         self.active = 1  # active requests, as of the last batch decision
+        self.flushed_this_read = False  # the pool was just decided on (one load read less per read)
         self.verifiers = Verifiers(affinity=config.pipeline.affinity)  # the live verifiers (rosters, queues)
         self.drafter_ids: set[str] = set()  # live drafter instances
         self.drafter_expert: dict[str, str] = {}  # live drafter instance -> its expert (from the roster)
@@ -78,6 +79,7 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
             for (entry_id, candidate), state in zip(candidates, states):
                 await self._pool_candidate(entry_id, candidate, state)
             await self._flush()
+            self.flushed_this_read = True  # the tick after this read need not decide again
         else:
             for entry_id, fields in entries:
                 await self._apply_verified(entry_id, decode(fields, VerifiedBatch))
@@ -102,7 +104,9 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
         if now - self.last_trim > self.config.pipeline.trim_interval_s:
             self.last_trim = now
             await self.guarded(self._trim)
-        await self._flush()
+        if not self.flushed_this_read:  # a wait ran out, or rounds were applied: decide again
+            await self._flush()
+        self.flushed_this_read = False
 
     async def drain(self) -> None:
         """Hand the pool on at once: every pooled candidate goes into a batch now."""
