@@ -26,6 +26,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cosine.bus import whole_contexts, write_and_ack
@@ -64,7 +65,10 @@ class DrafterWorker(StageWorker):
         return [self.keys.draft_at(self.instance), self.keys.draft(self.expert)]
 
     def liveness_fields(self) -> dict[str, str]:
-        return {"expert": self.expert, "drafter": self.spec.name}
+        fields = {"expert": self.expert, "drafter": self.spec.name}
+        if getattr(self, "cost_profile", None):  # its start-up drafting profile: the coordinators' prior
+            fields["draft_ms"] = ",".join(f"{c:.3f}" for c in self.cost_profile)
+        return fields
 
     async def setup(self) -> None:
         # A drafter's process takes its own thread count (drafters.threads), not the verifier's;
@@ -84,6 +88,14 @@ class DrafterWorker(StageWorker):
             self.host.built(self.spec.name)
         else:  # what the drafter does not borrow of the target is freed now: give it back
             release_freed_memory()
+        # Model-free drafters cost next to nothing (and a datastore would learn the profile's
+        # synthetic contexts): only drafters that run a model are timed.
+        self.cost_profile = None
+        if self.spec.kind not in ("prompt-lookup", "suffix") and not self.drafter.needs_features:
+            try:
+                self.cost_profile = await self.off_loop(profile_drafting, self.drafter)
+            except Exception as error:  # a prior lost, not a reason to stop: the coordinator measures drafting anyway
+                self.log.warning("drafting cost profile failed: %s: %s", type(error).__name__, error)
         self.rank = [d.name for d in self.config.drafters].index(self.spec.name)
         self.features: OrderedDict[str, torch.Tensor] = OrderedDict()  # request id -> states at positions 0..
         self.contexts: OrderedDict[str, list[int]] = OrderedDict()  # request id -> the context of its last job here
@@ -295,6 +307,28 @@ class DrafterHost:
             await asyncio.gather(*(worker.run(burst=burst, signals=False) for worker in self.workers))
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def profile_drafting(drafter, repeats: int = 2) -> tuple[float, float, float]:
+    """Fit ms = d0 + d1 w + d2 k w to a few timed drafting calls (``k`` requests drafting ``w``
+    tokens each, 64-token contexts): the prior of the coordinator's drafting cost model, as the
+    verifier's start-up profile is of its verification cost."""
+    from cosine.core.sampling import SamplingParams
+    from cosine.policy.control import draft_features
+
+    rows, times = [], []
+    for together, window in ((1, 1), (1, 4), (4, 1), (4, 4), (2, 2)):
+        requests = [DraftRequest(f"cost-profile-{i}", list(range(1, 65)), window, SamplingParams(), 0) for i in range(together)]
+        for _ in range(repeats):
+            began = time.perf_counter()
+            drafter.propose(requests)
+            times.append((time.perf_counter() - began) * 1000)
+            rows.append(draft_features(window, together))
+        for request in requests:
+            drafter.release(request.key)
+    x, y = np.asarray(rows, dtype=np.float64), np.asarray(times, dtype=np.float64)
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    return tuple(max(0.0, float(c)) for c in coef)  # type: ignore[return-value]
 
 
 def _entry_key(entry_id: bytes | str) -> tuple[int, int]:

@@ -109,6 +109,8 @@ class _Simulation:
         self.batch_policy = BatchPolicy(speculation.max_batch, max_wait_s=pipeline.batch_wait_ms / 1000)
         self.control = SpeculationControl(enabled=speculation.load_control, overhead_prior=0.0)
         self.control.verify.set_prior(_fit_verify(self.target))
+        # As the coordinator: the slowest drafter's start-up profile is the drafting prior.
+        self.control.draft.set_prior([max(c) for c in zip(*(_fit_draft(h.drafter.profile) for h in self.hosts))] if self.hosts else [0.0, 0.0, 0.0])
         self.pipelining = speculation.pipelining != "off"
         self.max_nodes = speculation.max_tree_nodes
         self.verifiers = verifiers
@@ -297,6 +299,8 @@ class _Simulation:
         drafted = len(tree) if tree is not None else 0
         self.rounds += 1
         self.control.observe_round(_depth(tree), len(accepted_tokens))
+        if not drafted:
+            self.control.observe_decoding(1)  # a round without drafts decodes one token here
         if request.first_token < 0:
             request.first_token = self.now
         request.window = self.window_policy.next_window(request.window, drafted, len(accepted_tokens))
@@ -329,6 +333,19 @@ def _depth(tree) -> int:
     if tree is None or len(tree) == 0:
         return 0
     return max(tree.depths())
+
+
+def _fit_draft(profile) -> list[float]:
+    """A drafter's start-up profile as ``profile_drafting`` fits it (same calls, exact times)."""
+    import numpy as np
+
+    from cosine.policy.control import draft_features
+
+    calls = ((1, 1), (1, 4), (4, 1), (4, 4), (2, 2))
+    rows = [draft_features(window, together) for together, window in calls]
+    times = [profile.job_ms(together, window) for together, window in calls]
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
+    return [max(0.0, float(c)) for c in coef]
 
 
 def _fit_verify(profile) -> list[float]:

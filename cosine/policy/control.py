@@ -40,6 +40,12 @@ def verify_features(batch_size: int, fed_tokens: int, longest_context: float) ->
     return (1.0, batch_size, fed_tokens, batch_size * longest_context / 1000)
 
 
+def draft_features(window: int, together: int = 1) -> tuple[float, ...]:
+    """The drafting cost model's features: ``D = d0 + d1 w + d2 k w`` (drafters' start-up
+    profiles fit the same)."""
+    return (1.0, window, max(1, together) * window)
+
+
 def expected_tokens(alpha: float, window: int) -> float:
     """Tokens a round yields on average with every position accepted at ``alpha``."""
     alpha = min(max(alpha, 0.0), 0.999)
@@ -203,6 +209,9 @@ class SpeculationControl:
         self.curve = AcceptanceCurve(decay=self.decay)
         self.overhead_ms = float(self.overhead_prior)
         self.context_rows = 0.0  # running mean of a batch's longest context
+        # Running mean of the tokens a round without drafts yields: up to multi_step where one
+        # batch holds every request, one where others wait in the pool (no multi-step then).
+        self.decode_tokens = float(max(1, self.multi_step))
 
     # ---- observations --------------------------------------------------------------------
 
@@ -218,11 +227,15 @@ class SpeculationControl:
     def observe_drafting(self, window: int, ms: float, together: int = 1) -> None:
         """A drafting hop's time at ``window``, with ``together`` requests drafting at once (the
         drafters draft them in one batch: the hop grows with it)."""
-        self.draft.observe((1.0, window, max(1, together) * window), ms)
+        self.draft.observe(draft_features(window, together), ms)
 
     def observe_overhead(self, ms: float) -> None:
         """A round's wall time less its drafting and verification (hops, batch forming)."""
         self.overhead_ms += self.smoothing * (max(0.0, ms) - self.overhead_ms)
+
+    def observe_decoding(self, tokens: int) -> None:
+        """A verified round without drafts yielded ``tokens`` (several: a multi-step job)."""
+        self.decode_tokens += self.smoothing * (max(1, tokens) - self.decode_tokens)
 
     def observe_round(self, depth: int, accepted: int) -> None:
         """A verified round of any request (``depth``: its draft tree's depth; 0 at window 0)."""
@@ -253,21 +266,23 @@ class SpeculationControl:
         return self.verify.predict(verify_features(batch_size, fed_tokens, context))
 
     def draft_ms(self, window: int, together: int = 1) -> float:
-        return 0.0 if window <= 0 else self.draft.predict((1.0, window, max(1, together) * window))
+        return 0.0 if window <= 0 else self.draft.predict(draft_features(window, together))
 
     def describe(self) -> str:
         a, b, c, e = self.verify.coefficients
         d0, d1, d2 = self.draft.coefficients
         p = ", ".join(f"{x:.2f}" for x in self.curve.conditional()[:4])
         return (f"verify {a:.1f} ms + {b:.2f}/request + {c:.2f}/token + {e:.2f}/request/1000 rows ({self.verify.observations} batches); "
-                f"draft {d0:.1f} ms + {d1:.2f}/token + {d2:.2f}/token/request ({self.draft.observations} rounds); round overhead {self.overhead_ms:.1f} ms; "
+                f"draft {d0:.1f} ms + {d1:.2f}/token + {d2:.2f}/token/request ({self.draft.observations} rounds); round overhead {self.overhead_ms:.1f} ms, {self.decode_tokens:.1f} tokens a round without drafts; "
                 f"acceptance by position {p} ({self.curve.rounds:.0f} recent rounds)")
 
     def decoding_ms(self, batch_size: int) -> float:
         """Time per token of each request of a batch at window 0: one decoding forward, and the
-        round overhead shared by the ``multi_step`` tokens of a multi-step job."""
+        round overhead shared by the tokens such a round yields (``decode_tokens``: as many as
+        multi-step jobs make at this load, measured; one where the pool keeps other requests
+        waiting and a job decodes one token)."""
         batch_size = max(1, batch_size)
-        return self.overhead_ms / max(1, self.multi_step) + self.verify_ms(batch_size, batch_size)
+        return self.overhead_ms / max(1.0, self.decode_tokens) + self.verify_ms(batch_size, batch_size)
 
     def explore(self, key: str, round_index: int, drafted_rounds: int = 0) -> bool:
         """Whether this round drafts at its adaptive window whatever the model says: until the

@@ -8,12 +8,16 @@ import asyncio
 import json
 import time
 
+import pytest
+
+from cosine.bus import Liveness
 from cosine.config import load_config
 from cosine.core.protocol import prompt_token_ids
 from cosine.emulate.oracle import Oracle
 from cosine.emulate.profiles import NetworkProfile
 from cosine.emulate.timing import Recorder, read_records
 from cosine.factory import target_tokenizer
+from cosine.wire.keys import Keys
 from tests.conftest import cache_dir
 from tests.integration.harness import Pipeline, final_of, read_output, submit, write_config
 
@@ -48,6 +52,13 @@ def test_an_emulated_cluster_serves_the_oracles_output_exactly(tmp_path, demo_ta
         assert int(final["accepted_tokens"]) > 0
     sampled = final_of(read_output(client, "s", timeout=120))
     assert sampled["finish_reason"] == "length" and len(json.loads(sampled["token_ids"])) == 40
+    # Each drafter published its start-up drafting profile (the coordinators' prior): 3 tokens
+    # of 1.5 ms at k = 2 cost about 9 ms.
+    roster = {k.decode(): Liveness.parse(v.decode()) for k, v in client.hgetall(Keys().roster("drafter")).items()}
+    assert len(roster) == 3
+    for live in roster.values():
+        d0, d1, d2 = (float(x) for x in live.fields["draft_ms"].split(","))
+        assert d1 + d2 == pytest.approx(3.0, abs=0.5)
     time.sleep(1.5)  # each process writes its record at most once a second
     pipeline.stop()
     total = read_records(records)

@@ -41,9 +41,9 @@ def test_prior_holds_until_observations_say_otherwise():
     assert cost.predict((1.0, 4, 8)) == pytest.approx(46.0, rel=0.01)
 
 
-def control(a: float, b: float, c: float, d0: float, d1: float, alpha: float, overhead: float = 0.0, d2: float = 0.0) -> SpeculationControl:
+def control(a: float, b: float, c: float, d0: float, d1: float, alpha: float, overhead: float = 0.0, d2: float = 0.0, multi_step: int = 1) -> SpeculationControl:
     """A controller whose curve says ``alpha`` at every position (2000 rounds of a chain of 8)."""
-    ctl = SpeculationControl(verify_prior=(a, b, c, 0.0), draft_prior=(d0, d1, d2), overhead_prior=overhead)
+    ctl = SpeculationControl(verify_prior=(a, b, c, 0.0), draft_prior=(d0, d1, d2), overhead_prior=overhead, multi_step=multi_step)
     rng = random.Random(0)
     for _ in range(2000):
         accepted = 0
@@ -88,8 +88,7 @@ def test_multi_step_decoding_is_what_drafting_must_beat():
     tokens per 104 ms while window-0 rounds decoded 8 tokens a job at 57 ms each; the control
     compared drafting with a one-token round that pays the whole overhead and kept drafting."""
     def tuned(multi_step: int) -> SpeculationControl:
-        ctl = control(30, 2, 1, 20, 2, alpha=0.5)
-        ctl.multi_step = multi_step
+        ctl = control(30, 2, 1, 20, 2, alpha=0.5, multi_step=multi_step)
         for _ in range(200):
             ctl.observe_overhead(40.0)
         return ctl
@@ -97,9 +96,24 @@ def test_multi_step_decoding_is_what_drafting_must_beat():
     assert tuned(1).choose(8, 1) > 0  # as above: the overhead tips it
     assert tuned(8).decoding_ms(1) == pytest.approx(40.0 / 8 + tuned(8).verify_ms(1, 1), rel=0.02)
     assert tuned(8).choose(8, 1) == 0  # decoding 8 tokens a job beats half-accepted drafts
-    likely = control(30, 2, 1, 10, 2, alpha=0.9)
-    likely.multi_step = 8
+    likely = control(30, 2, 1, 10, 2, alpha=0.9, multi_step=8)
     assert likely.choose(8, 1) > 0  # drafts that are mostly accepted still pay
+
+
+def test_window_0_rounds_that_decode_one_token_pay_the_whole_overhead():
+    """Regression (bench/emulate.py, an emulated 8B target on H100s, 16 requests over four
+    verifiers): rounds without drafts decoded one token each (the pool held other requests,
+    so no multi-step job), yet the control divided the round overhead by multi_step = 8 and
+    chose window 0 for every round: 0.99 tokens a round, behind a fixed window of 2 (1.97)."""
+    ctl = control(30, 2, 1, 20, 2, alpha=0.5, multi_step=8)
+    for _ in range(200):
+        ctl.observe_overhead(40.0)
+    assert ctl.choose(8, 1) == 0  # as above, while jobs decode 8 tokens
+    for _ in range(200):
+        ctl.observe_decoding(1)  # what window-0 rounds yield at this load
+    assert ctl.decode_tokens == pytest.approx(1.0, abs=0.01)
+    assert ctl.decoding_ms(1) == pytest.approx(40.0 + ctl.verify_ms(1, 1), rel=0.02)
+    assert ctl.choose(8, 1) > 0
 
 
 def test_a_request_that_accepts_more_than_the_others_drafts_longer():

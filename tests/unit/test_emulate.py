@@ -230,3 +230,12 @@ def test_without_drafts_the_ideal_is_the_target_alone(tmp_path):
     prompt = len(tokenizer("chat: one", add_special_tokens=False)["input_ids"])
     expected = sum(H100.step_ms(1, prompt if i == 0 else 1, prompt + i) for i in range(32)) / 1000
     assert result["mean_latency_s"] == pytest.approx(expected)
+
+
+def test_a_drafters_start_up_profile_recovers_its_drafting_cost():
+    """The drafter worker times a few calls at start-up and publishes the fit (the coordinator's
+    drafting prior, as the verifier's profile is its verification prior)."""
+    from cosine.workers.drafter import profile_drafting
+
+    d0, d1, d2 = profile_drafting(drafter("code", DrafterProfile("p", 2.0, 0.25)))  # w x 2 ms x (1 + 0.25 (k - 1))
+    assert d1 == pytest.approx(1.5, abs=0.15) and d2 == pytest.approx(0.5, abs=0.1) and d0 < 0.5

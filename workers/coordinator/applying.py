@@ -155,6 +155,8 @@ class Applying:
                 continue
             depth = sent.depths.get(item.request_id, 0)
             self.control.observe_round(depth, len(item.accepted_tokens))
+            if not depth:
+                self.control.observe_decoding(1 + len(item.decoded))
             record = self.records.get(item.request_id)
             clock = record.clock if record is not None else None
             if record is not None:

@@ -134,6 +134,11 @@ class Sweeps:
             kv_rows={instance: rows for instance, live in roster.items() if (rows := live.number("kv_rows"))},
             kv_block=max((live.number("kv_block") for live in verifiers), default=1) or 1,
         )
+        if not self.control.draft.observations:  # the slowest live drafter's start-up profile, until drafting is measured
+            profiles = [_profile(live.fields.get("draft_ms", "")) for live in drafters.values()]
+            profiles = [p for p in profiles if p is not None]
+            if profiles:
+                self.control.draft.set_prior([max(column) for column in zip(*profiles)])
         found = {live.fingerprint for live in verifiers if live.fingerprint}
         self.fingerprints |= found
         self.live_fingerprints = found
@@ -186,3 +191,12 @@ class Sweeps:
         floor = bus.trim_floor(groups)
         if floor:
             await self.redis.xtrim(stream, minid=floor, approximate=False)
+
+
+def _profile(text: str) -> list[float] | None:
+    """A drafter's published drafting profile ``d0,d1,d2`` (None when absent or malformed)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        return None
+    return values if len(values) == 3 and all(v >= 0 for v in values) else None
