@@ -247,6 +247,7 @@ def poisson_arrivals(rate: float, count: int, seed: int) -> list[float]:
 def run_level(url: str, admin_url: str, serve: Serve, records: Path, plans, args, kind: str, load: float, slowdown: float, verifiers: int, tag: str,
               emulated_arrivals: list[float] | None = None) -> dict:
     arrivals = [t * slowdown for t in emulated_arrivals[: len(plans)]] if emulated_arrivals is not None else None
+    time.sleep(1.2)  # the processes write their records every second: what came before is in this reading
     cpu0, cmd0, rec0, stats0 = cpu_by_role(serve), commandstats(admin_url), read_records(records), asyncio.run(stats(url))
     outcomes = asyncio.run(drive(url, plans, args.max_tokens, int(load) if kind == "closed" else None, arrivals, tag))
     time.sleep(1.2)  # the processes' records are written once a second

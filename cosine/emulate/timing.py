@@ -29,25 +29,32 @@ class Tally:
 @dataclass
 class Recorder:
     """Overshoot (actual - profiled time) of every emulated call, by kind ("target", "drafter",
-    "network"), and the target's busy time; written as JSON to ``directory`` (when one is set)
-    at most once a second, one file per process and name."""
+    "network"); written as JSON to ``directory`` (when one is set) every second by a thread of
+    its own, one file per process and name."""
 
     directory: str = ""
     name: str = "emulated"
     tallies: dict[str, Tally] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _flushed: float = 0.0
+    _writer: threading.Thread | None = field(default=None, repr=False)
 
     def add(self, kind: str, profiled_s: float, actual_s: float) -> None:
         with self._lock:
             self.tallies.setdefault(kind, Tally()).add(profiled_s, actual_s)
-        if self.directory and time.monotonic() - self._flushed >= FLUSH_INTERVAL_S:
+            if self.directory and self._writer is None:  # written from a thread of its own, calls or not
+                self._writer = threading.Thread(target=self._write_on, name=f"record-{self.name}", daemon=True)
+                self._writer.start()
+
+    def _write_on(self) -> None:
+        """Every FLUSH_INTERVAL_S: a reader a second after some calls sees them all (a record
+        written only on the next call would bring earlier calls into a later reading)."""
+        while True:
             self.flush()
+            time.sleep(FLUSH_INTERVAL_S)
 
     def flush(self) -> None:
         if not self.directory:
             return
-        self._flushed = time.monotonic()
         with self._lock:
             data = {kind: vars(t).copy() for kind, t in self.tallies.items()}
         path = Path(self.directory) / f"{self.name}-{os.getpid()}.json"

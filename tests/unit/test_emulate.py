@@ -169,6 +169,17 @@ def test_a_drafting_call_sleeps_once_for_its_profiled_time():
     assert record.tallies["drafter"].calls == 1  # a window-0 job costs nothing
 
 
+def test_a_record_is_written_within_a_second_of_its_calls_without_more_calls(tmp_path):
+    """Regression: records were written only on a call a second after the last write, so calls
+    made before a reading (a worker's start-up profile) came into a later reading's difference
+    and a benchmark took them for overshoot of its own run."""
+    record = Recorder(str(tmp_path), "r")
+    record.add("drafter", 0.001, 0.5)
+    record.add("drafter", 0.001, 0.5)
+    time.sleep(1.3)
+    assert read_records(tmp_path)["drafter"].calls == 2
+
+
 def test_records_are_written_per_process_and_summed(tmp_path):
     first, second = Recorder(str(tmp_path), "a"), Recorder(str(tmp_path), "b")
     first.add("target", 0.010, 0.0101)
