@@ -1,0 +1,59 @@
+"""bench/emulate.py's systems and cluster (the benchmark's own code, not timed): each system
+is the cluster's config with its parts switched as documented, and every config loads."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+from cosine.config import load_config
+from cosine.emulate.profiles import GENERAL
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import emulate as module
+
+    yield module
+    for name in ("emulate", "load", "soak", "common"):
+        sys.modules.pop(name, None)
+
+
+def args(**changes) -> argparse.Namespace:
+    values = dict(domains=["code", "math", "chat", "finance"], drafters=16, drafter_profile="llama-68m-2080ti", max_batch=64, speculation=[],
+                  target="llama-8b-h100", network="paper", gap_scale=1.0, seed=0, max_tokens=128, config=Path("config.toml"))
+    return argparse.Namespace(**{**values, **changes})
+
+
+@pytest.mark.parametrize("system", ["cosine", "no-speculation", "vanilla-w3", "specinfer-w2", "cosine-no-routing", "cosine-no-fusion",
+                                    "cosine-no-pipelining", "cosine-no-batch-choice", "cosine-no-load-control"])
+def test_every_system_is_a_config_that_loads(emulate, tmp_path, system):
+    from load import dump_toml
+
+    config = emulate.cluster_config(args(), Path("config.toml"), 2.0, tmp_path, system)
+    path = tmp_path / "c.toml"
+    path.write_text(dump_toml(config))
+    loaded = load_config(path)
+    assert len(loaded.drafters) == 16 and loaded.emulate.slowdown == 2.0 and loaded.emulate.target == "llama-8b-h100"
+    experts = [d.expert for d in loaded.drafters]
+    if system.startswith("vanilla"):
+        assert set(experts) == {GENERAL} and loaded.router.max_experts == 1 and not loaded.router.online
+        assert loaded.speculation.window == loaded.speculation.max_window == 3 and not loaded.speculation.load_control
+    else:
+        assert experts.count(GENERAL) == 4 and all(experts.count(d) == 3 for d in ("code", "math", "chat", "finance"))
+    if system.startswith("specinfer"):
+        assert not loaded.router.online and loaded.router.max_experts == 5 and set(loaded.router.default_experts) == set(experts)
+        assert loaded.speculation.pipelining == "off" and not loaded.speculation.adaptive_window
+    if system == "cosine":
+        assert loaded.router.online and loaded.speculation.load_control and loaded.speculation.pipelining == "on"
+    if system == "no-speculation":
+        assert loaded.speculation.window == 0
+
+
+def test_an_unknown_system_is_refused(emulate):
+    with pytest.raises(SystemExit, match="unknown system"):
+        emulate.system_settings("cosine-no-gpu", ["code"])
