@@ -53,7 +53,6 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 _TRANSIENT_PREFIXES = ("OOM", "READONLY", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "NOGROUP", "NOSCRIPT", "ERR Function not found")
 BOUNDED_ATTEMPTS = 6
 MAX_BACKOFF_S = 5.0
-TALLY_INTERVAL_S = 0.25  # metrics written at least this often while busy
 
 
 class StartupError(RuntimeError):
@@ -103,8 +102,8 @@ class StageWorker:
         # One logger per stage (cosine.workers.router, ...): every line names the stage it came from.
         self.log = logging.getLogger(f"{__name__.rsplit('.', 1)[0]}.{self.role}")
         self._in_hand: dict[str, list[bytes]] = {}  # read, not yet handled (renewed, never reclaimed)
-        self.tally = Tally()  # metrics counted here, written when idle and every TALLY_INTERVAL_S
-        self._tally_written = 0.0
+        self.tally = Tally()  # metrics counted here, written beside the read after the one that counted them
+        self._tally_writing: asyncio.Future | None = None
         self.clock = ServerClock()  # the server's time: every time compared with another process's
 
     # ---- what a stage defines ----------------------------------------------------------------
@@ -194,6 +193,8 @@ class StageWorker:
                 await self._main_loop(burst)
                 await self.guarded(self._hand_back_unstarted)
                 await self.guarded(self.drain)
+                if self._tally_writing is not None:
+                    await asyncio.wait({self._tally_writing}, timeout=2.0)
                 await self.guarded(self.write_tally)
             finally:
                 for task in tasks:
@@ -258,10 +259,11 @@ class StageWorker:
                 backoff = 0.1
                 await self.guarded(self._dispatch, replies)
                 await self.guarded(self.tick)
-                # Metrics go out when the worker is idle or every TALLY_INTERVAL_S, not after
-                # every read: a round trip after each read sat on every round's path.
-                if not replies or time.monotonic() - self._tally_written >= TALLY_INTERVAL_S:
-                    await self.guarded(self.write_tally)
+                # Metrics go out beside the next read, not before it (a round trip after each
+                # read sat on every round's path); one write at a time, the counts of the reads
+                # meanwhile go with the next.
+                if self.tally and (self._tally_writing is None or self._tally_writing.done()):
+                    self._tally_writing = asyncio.ensure_future(self.guarded(self.write_tally))
                 if burst and not replies and await self._idle():
                     return
         finally:
@@ -393,7 +395,6 @@ class StageWorker:
 
     async def write_tally(self) -> None:
         """The metrics counted since the last write, one ``HINCRBYFLOAT`` each, in one round trip."""
-        self._tally_written = time.monotonic()
         if not self.tally:
             return
         fields = self.tally.fields()
