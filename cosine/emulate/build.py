@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import os
 
 from .drafter import EmulatedDrafter
 from .oracle import Oracle
@@ -34,7 +33,7 @@ def emulated_target(config, vocab_size: int) -> tuple[EmulatedRunner, str]:
     profiles = profiles_of(config)
     profile = profiles.target(emulate.target)
     runner = EmulatedRunner(profile, Oracle(emulate.seed), vocab_size, profiles.accuracy(emulate.acceptance).sampling,
-                            emulate.slowdown, recorder(config, f"target-{os.getpid()}"))
+                            emulate.slowdown, recorder(config, "target"))
     fingerprint = hashlib.sha256(f"emulated:{emulate.target}:{emulate.seed}:{vocab_size}".encode()).hexdigest()[:16]
     return runner, fingerprint
 
