@@ -318,10 +318,10 @@ def profile_drafting(drafter, repeats: int = 3) -> tuple[float, float, float]:
     coordinator's drafting cost model, as the verifier's start-up profile is of its
     verification cost."""
     from cosine.core.sampling import SamplingParams
-    from cosine.policy.control import draft_features
+    from cosine.policy.control import DRAFT_PROFILE_CALLS, draft_features
 
     rows, times = [], []
-    for together, window in ((1, 1), (1, 4), (4, 1), (4, 4), (2, 2)):
+    for together, window in DRAFT_PROFILE_CALLS:
         requests = [DraftRequest(f"cost-profile-{i}", list(range(1, 65)), window, SamplingParams(), 0) for i in range(together)]
         fastest = float("inf")
         for _ in range(repeats):

@@ -28,12 +28,12 @@ from cosine.core.tree import ROOT
 from cosine.factory import load_target
 from cosine.models.loading import release_freed_memory
 from cosine.models.runner import BLOCK_SIZE, ForwardItem, ModelRunner
-from cosine.policy.control import verify_features
+from cosine.policy.control import VERIFY_PROFILE_CALLS, verify_features
 from cosine.wire import VerifiedBatch, VerifiedItem, VerifyBatch, VerifyItem, WireError, decode, encode, rounds_in
 from cosine.wire.convert import candidate_to_tree, states_to_bytes
 
 from .base import Entry, StageWorker
-from .models import load_tokenizer_and_limits
+from .models import model_directory, read_model_config
 
 RELEASE_INTERVAL_S = 2.0
 MAX_HELD_CONTEXTS = 4096  # requests whose committed tokens a verifier keeps (oldest forgotten first)
@@ -53,8 +53,8 @@ class VerifierWorker(StageWorker):
         if self.config.emulate.target:  # benchmarks and tests: an emulated GPU (cosine.emulate)
             from cosine.emulate.build import emulated_target
 
-            _, _, model_config = load_tokenizer_and_limits(self.config)
-            self.runner, self.fingerprint = emulated_target(self.config, int(model_config.vocab_size))
+            vocab_size = int(read_model_config(model_directory(self.config)).vocab_size)  # the tokenizer's ids are the prompts'
+            self.runner, self.fingerprint = emulated_target(self.config, vocab_size)
         else:
             target = await self.off_loop(load_target, self.config)
             self.runner = ModelRunner(target.model, max_cache_bytes=self.config.model.kv_cache_bytes)
@@ -281,7 +281,7 @@ def profile_cost(runner: ModelRunner, repeats: int = 2) -> tuple[float, float, f
     with a cached L-token prefix, feeding T tokens in all): the prior of the coordinator's cost
     model."""
     rows, times = [], []
-    for batch, k, context in ((1, 1, 64), (1, 5, 64), (4, 1, 64), (4, 5, 64), (8, 3, 64), (2, 1, 448), (2, 5, 448)):
+    for batch, k, context in VERIFY_PROFILE_CALLS:
         keys = [f"cost-profile-{i}" for i in range(batch)]
         runner.forward([ForwardItem(key, list(range(1, context + 1))) for key in keys])
         parents = tuple([ROOT] + list(range(k - 2))) if k > 1 else ()

@@ -27,9 +27,11 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from cosine.core.tree import ROOT, DraftChain, merge_chains
 from cosine.policy.batching import BatchPolicy, Pending
-from cosine.policy.control import SpeculationControl
+from cosine.policy.control import DRAFT_PROFILE_CALLS, VERIFY_PROFILE_CALLS, SpeculationControl, draft_features, verify_features
 from cosine.policy.routing import RequestRouting, by_expert, choose_experts, routing_policy, tree_feedback
 from cosine.policy.window import WindowPolicy
 
@@ -337,27 +339,19 @@ def _depth(tree) -> int:
 
 def _fit_draft(profile) -> list[float]:
     """A drafter's start-up profile as ``profile_drafting`` fits it (same calls, exact times)."""
-    import numpy as np
-
-    from cosine.policy.control import draft_features
-
-    calls = ((1, 1), (1, 4), (4, 1), (4, 4), (2, 2))
-    rows = [draft_features(window, together) for together, window in calls]
-    times = [profile.job_ms(together, window) for together, window in calls]
-    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
-    return [max(0.0, float(c)) for c in coef]
+    calls = DRAFT_PROFILE_CALLS
+    return _fitted([draft_features(window, together) for together, window in calls], [profile.job_ms(together, window) for together, window in calls])
 
 
 def _fit_verify(profile) -> list[float]:
     """The verifier's start-up cost profile, as ``profile_cost`` fits it on the emulated runner
     (same batches, exact times): the load controller's prior."""
-    import numpy as np
+    calls = VERIFY_PROFILE_CALLS
+    return _fitted([verify_features(batch, batch * k, context + 1) for batch, k, context in calls],
+                   [profile.step_ms(batch, batch * k, batch * (context + 1)) for batch, k, context in calls])
 
-    from cosine.policy.control import verify_features
 
-    rows, times = [], []
-    for batch, k, context in ((1, 1, 64), (1, 5, 64), (4, 1, 64), (4, 5, 64), (8, 3, 64), (2, 1, 448), (2, 5, 448)):
-        rows.append(verify_features(batch, batch * k, context + 1))
-        times.append(profile.step_ms(batch, batch * k, batch * (context + 1)))
+def _fitted(rows: list, times: list[float]) -> list[float]:
+    """Least-squares coefficients, none below 0 (as the workers' profiles clamp theirs)."""
     coef, *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
     return [max(0.0, float(c)) for c in coef]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from cosine.core.tree import ROOT
-from cosine.models.runner import BLOCK_SIZE, FedStates, ForwardItem
+from cosine.models.runner import BLOCK_SIZE, FedStates, ForwardItem, common_prefix
 
 from .oracle import Oracle
 from .profiles import TargetProfile
@@ -40,7 +40,6 @@ class EmulatedRunner:
         self._logits = [math.log(p) if p > 0 else FLOOR for p in sampling]
         self._cached: OrderedDict[str, list[int]] = OrderedDict()
         self._lock = threading.Lock()
-        self.busy_s = 0.0  # profiled time of every forward
 
     # ---- what the verifier calls ---------------------------------------------------------
 
@@ -62,7 +61,6 @@ class EmulatedRunner:
         profiled = self.slowdown * self.profile.step_ms(len(items), fed, rows) / 1000
         sleep_until(began + profiled)
         self.recorder.add("target", profiled, time.perf_counter() - began)
-        self.busy_s += profiled
         empty = torch.empty(0, 0)
         return logits, [FedStates(len(item.context), empty) for item in items]
 
@@ -102,13 +100,7 @@ class EmulatedRunner:
 
     def _reusable(self, key: str, context: Sequence[int]) -> int:
         cached = self._cached.get(key)
-        if cached is None:
-            return 0
-        limit = min(len(cached), len(context) - 1)
-        same = 0
-        while same < limit and cached[same] == context[same]:
-            same += 1
-        return same
+        return 0 if cached is None else common_prefix(cached, context, limit=len(context) - 1)
 
     def _rows(self, item: ForwardItem) -> torch.Tensor:
         """Row 0 after the context, row i + 1 after tree node i: the oracle's greedy token at

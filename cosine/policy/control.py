@@ -40,6 +40,13 @@ def verify_features(batch_size: int, fed_tokens: int, longest_context: float) ->
     return (1.0, batch_size, fed_tokens, batch_size * longest_context / 1000)
 
 
+# The start-up profiles' calls: the verifier's forwards (requests, new tokens each, cached
+# context) and the drafters' calls (requests, window), fitted to the features below; the ideal
+# simulation fits the same calls to the emulated profiles.
+VERIFY_PROFILE_CALLS = ((1, 1, 64), (1, 5, 64), (4, 1, 64), (4, 5, 64), (8, 3, 64), (2, 1, 448), (2, 5, 448))
+DRAFT_PROFILE_CALLS = ((1, 1), (1, 4), (4, 1), (4, 4), (2, 2))
+
+
 def draft_features(window: int, together: int = 1) -> tuple[float, ...]:
     """The drafting cost model's features: ``D = d0 + d1 w + d2 k w`` (drafters' start-up
     profiles fit the same)."""
