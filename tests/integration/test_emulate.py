@@ -97,3 +97,27 @@ def test_a_delayed_connection_pays_the_network_once_per_round_trip(embedded_url)
     assert 0.040 <= one < 0.075 and 0.040 <= piped < 0.075  # ten commands in a pipeline: one round trip
     assert direct < 0.02
     assert record.tallies["network"].calls >= 4
+
+
+def test_a_sub_millisecond_network_delay_is_not_rounded_up_to_the_event_loops_millisecond(embedded_url):
+    """Regression: delays slept on the event loop, whose timers are whole milliseconds: a
+    sub-millisecond delay was cut to nothing on an idle loop (-99%) and took over a millisecond
+    on a busy one (+163% at k = 2 in bench/emulate.py)."""
+    import uvloop
+
+    from cosine.bus import connect
+    from cosine.emulate.network import delayed_connection
+
+    record = Recorder()
+
+    async def main() -> None:
+        client = connect(embedded_url, connection_class=delayed_connection(NetworkProfile("fast", rtt_ms=0.8, gbps=0.0), 1.0, record))
+        await client.ping()
+        for _ in range(50):
+            await client.ping()
+        await client.aclose()
+
+    uvloop.run(main())
+    tally = record.tallies["network"]
+    assert tally.calls >= 100
+    assert -0.2 < (tally.actual_s - tally.profiled_s) / tally.profiled_s < 1.0
