@@ -5,7 +5,10 @@ A pipeline of commands is one send and its replies one arrival: only the first r
 send waits the half round trip (every reply its bytes). The delay is a sleep on a thread of
 its own while the worker's event loop goes on (as on a real link): the loop's own timers round
 up to a whole millisecond, more than the delay itself on a fast network. Its overshoot is
-recorded ("network").
+recorded ("network"). A delay that woke late is paid back by the process's next delays (each
+shortened by what is owed, down to none): single messages jitter by about a thread's wake-up,
+the mean delay stays the profile's (a loaded machine's wake-ups run a sub-millisecond delay
+40-100% late), and only a machine late by more than the delays themselves shows overshoot.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ _sleepers = ThreadPoolExecutor(max_workers=32, thread_name_prefix="network-delay
 def delayed_connection(network: NetworkProfile, slowdown: float = 1.0, recorder: Recorder | None = None) -> type[Connection]:
     """A ``redis.asyncio`` connection class for ``network`` (times scaled by ``slowdown``)."""
     record = recorder or Recorder()
+    late = [0.0]  # seconds the delays of this class's connections ran late, not paid back yet
 
     class DelayedConnection(Connection):
         _owed = False
@@ -35,10 +39,14 @@ def delayed_connection(network: NetworkProfile, slowdown: float = 1.0, recorder:
             if delay <= 0:
                 return
             began = time.perf_counter()
-            # Off the event loop: its timers round up to a whole millisecond, more than the
-            # delay itself on a fast network; a thread's sleep wakes within tens of microseconds.
-            await asyncio.get_running_loop().run_in_executor(_sleepers, sleep_until, began + delay)
-            record.add("network", delay, time.perf_counter() - began)
+            sleep = delay - min(late[0], delay)  # what earlier delays overshot, paid back
+            if sleep > 0:
+                # Off the event loop: its timers round up to a whole millisecond, more than the
+                # delay itself on a fast network; a thread's sleep wakes within tens of microseconds.
+                await asyncio.get_running_loop().run_in_executor(_sleepers, sleep_until, began + sleep)
+            actual = time.perf_counter() - began
+            late[0] = max(0.0, late[0] + actual - delay)
+            record.add("network", delay, actual)
 
         async def _send_packed_command(self, command) -> None:
             await self._delay(sum(len(part) for part in command), True)

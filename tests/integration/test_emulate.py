@@ -121,3 +121,32 @@ def test_a_sub_millisecond_network_delay_is_not_rounded_up_to_the_event_loops_mi
     tally = record.tallies["network"]
     assert tally.calls >= 100
     assert -0.2 < (tally.actual_s - tally.profiled_s) / tally.profiled_s < 1.0
+
+
+def test_a_late_network_delay_is_paid_back_by_the_next_ones(embedded_url, monkeypatch):
+    """Regression: every late wake-up added to the run's network time (a loaded machine wakes
+    sub-millisecond delays 40-100% late, which marked every load run machine-limited): now the
+    next delays are shortened by what is owed, and the mean delay is the profile's."""
+    import cosine.emulate.network as network_module
+    from cosine.bus import connect
+
+    real, slept = network_module.sleep_until, []
+
+    def late_once(deadline: float) -> None:  # the first sleep wakes 30 ms late
+        real(deadline + (0.030 if not slept else 0.0))
+        slept.append(deadline)
+
+    monkeypatch.setattr(network_module, "sleep_until", late_once)
+    record = Recorder()
+
+    async def main() -> None:
+        client = connect(embedded_url, connection_class=network_module.delayed_connection(NetworkProfile("lan", rtt_ms=10.0, gbps=0.0), 1.0, record))
+        for _ in range(20):
+            await client.ping()
+        await client.aclose()
+
+    asyncio.run(main())
+    tally = record.tallies["network"]
+    assert tally.calls >= 40 and tally.worst_s >= 0.030
+    assert (tally.actual_s - tally.profiled_s) / tally.profiled_s < 0.05  # 30 ms over 200 ms: +15% unpaid
+    assert len(slept) <= tally.calls - 5  # the delays after it slept less, some not at all
