@@ -347,7 +347,8 @@ def apply_round_call(
 ) -> tuple[list[str], list]:
     """The keys and arguments of one round's ``cosine_apply_round`` (see ``apply_round``). A job
     stream is a shared stream, or (a worker's own stream, the shared stream the job goes to
-    when that worker's stream is gone)."""
+    when that worker's stream is gone). A payload with no job streams only records the next
+    round's issue in the ``rounds`` set (the caller pools that round itself)."""
     pairs = [(stream, stream) if isinstance(stream, str) else stream for stream in job_streams]
     args: list = [str(expected_round), len(fields), *_flat(fields), len(out_entries)]
     for entry in out_entries:

@@ -16,6 +16,7 @@ are released.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections import OrderedDict
@@ -92,17 +93,29 @@ class VerifierWorker(StageWorker):
         for entry_id, fields in entries:
             batch = decode(fields, VerifyBatch)
             outputs = self._hand_on_foreign(batch)
-            items = await self._still_open([i for i in batch.items if i.fingerprint in ("", self.fingerprint)])
-            items = await self._whole_contexts(items)
-            results: list[VerifiedItem] = []
-            forward_ms = 0.0
+            ours = [i for i in batch.items if i.fingerprint in ("", self.fingerprint)]
+            # Which rounds are still open is read while the batch is verified, not before: the
+            # forward waits for no round trip, and a round applied already (a duplicate batch,
+            # rare) costs its share of one forward and is not written back.
+            check = asyncio.ensure_future(self._still_open(ours))
+            check.add_done_callback(lambda task: task.cancelled() or task.exception())  # an error is raised where awaited
+            try:
+                items = await self._whole_contexts(ours)
+                results: list[VerifiedItem] = []
+                forward_ms = 0.0
+                if items:
+                    async with self.renewing(stream, [entry_id]):
+                        await self.mark_phase("forward")
+                        began = time.perf_counter()
+                        results = await self.off_loop(self._verify_isolating, items)
+                        forward_ms = (time.perf_counter() - began) * 1000
+                        await self.mark_phase("idle")
+                open_rounds = {(i.request_id, i.round) for i in await check}
+            finally:
+                check.cancel()  # done by now unless something raised
+            kept = [(i, r) for i, r in zip(items, results) if (i.request_id, i.round) in open_rounds]
+            items, results = [i for i, _ in kept], [r for _, r in kept]
             if items:
-                async with self.renewing(stream, [entry_id]):
-                    await self.mark_phase("forward")
-                    began = time.perf_counter()
-                    results = await self.off_loop(self._verify_isolating, items)
-                    forward_ms = (time.perf_counter() - began) * 1000
-                    await self.mark_phase("idle")
                 self._remember(items, results)
                 out = VerifiedBatch(batch.batch_id, self.instance, results, len(items), forward_ms, self.fingerprint)
                 outputs.append((self.keys.verified, encode(out)))

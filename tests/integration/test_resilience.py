@@ -284,3 +284,30 @@ def test_workers_on_hosts_whose_clocks_disagree_by_twenty_seconds_serve_as_one(s
         assert [v for v in roster.values() if float(v.split()[0]) > seconds * 1000 + micros / 1000], (role, roster)
     logs = pipeline.log_tails(400)
     assert "no draft after" not in logs and "is gone" not in logs, logs[-3000:]
+
+
+def test_a_round_pooled_in_place_outlives_its_coordinator(server, tmp_path, demo_target, greedy_references, pipelines):
+    """A round without drafts is pooled by the coordinator that applied its request's last
+    round, with no candidates entry: the round is in the rounds set only. The coordinator killed
+    while it holds that round (asleep after applying), the next one's drafter-deadline sweep
+    sends the round on, and the request finishes as the reference."""
+    pipeline = make(tmp_path, server, demo_target, pipelines, drafter_deadline_ms=1000)
+    for role in ("router", "fusion", "verifier"):
+        pipeline.start(role)
+    first = pipeline.start("coordinator", env={"COSINE_TEST_FAULTS": "coordinator.after_apply=sleep:120"})
+    for role in ("router", "coordinator", "fusion", "verifier"):
+        pipeline.wait_live(role, 1)
+    client = pipeline.client()
+    texts = json.loads((ROOT / "tests" / "data" / "chat_prompts.json").read_text())
+    submit(client, id="in-place", messages=json.dumps([{"role": "user", "content": texts[0]}]), max_tokens=MAX_TOKENS, deadline_s=300)
+    wait_for(lambda: client.hget("cosine:req:in-place", "round") == b"1", 120, "the first round applied")
+    time.sleep(0.5)  # inside its sleep after applying: the next round is pooled in place
+    assert client.zcard("cosine:rounds") == 1  # the round is recorded ...
+    pending = group_pending(client, "cosine:candidates", "cosine:coordinator")
+    unread = client.xinfo_groups("cosine:candidates")[0]["lag"]
+    assert pending == 0 and not unread  # ... and no candidates entry holds it
+    pipeline.kill(first)
+    pipeline.start("coordinator")
+    final = final_of(read_output(client, "in-place", timeout=180))
+    assert json.loads(final["token_ids"]) == greedy_references[0][:MAX_TOKENS], final
+    assert client.zcard("cosine:rounds") == 0

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from cosine import bus, faults
 from cosine.core.logprobs import LogprobsError
 from cosine.core.rounds import ACTIVE, RequestState, RoundUpdate, advance, fail
-from cosine.wire import DraftJob, VerifiedBatch, VerifiedItem, WireError, decode, encode, rounds_in
+from cosine.wire import Candidate, DraftJob, VerifiedBatch, VerifiedItem, WireError, decode, encode, rounds_in
 from cosine.wire.context import by_reference
 from cosine.wire.convert import empty_candidate, feedback_from_wire
 from cosine.wire.keys import split_id
@@ -86,10 +86,10 @@ class Applying:
         cost_error = self._observe(batch)
         for item in batch.items:  # the verifier now holds these requests' caches
             self.records.of(item.request_id).home = batch.verifier
-        states = await self._states([item.request_id for item in batch.items])
+        states, load = await self._states_and_load([item.request_id for item in batch.items])
         self._plan(batch, states)
         # Every request's round in one round trip (each its own compare-and-set).
-        calls, applied, chunked, with_states = [], [], [], []  # applied: (item, state, update) of each call
+        calls, applied, chunked, with_states = [], [], [], []  # applied: (item, state, update, its next round pooled here) of each call
         for item, state in zip(batch.items, states):
             if item.prefilled > 0 and not item.error:  # a prefill chunk: the same round again
                 if _current(item, state):
@@ -103,12 +103,15 @@ class Applying:
             self.records.of(item.request_id).prefilled = 0
             update = self._update(item, state, batch.fingerprint)
             if update is not None:
-                calls.append(self._apply_call(state, update, item))
-                applied.append((item, state, update))
+                call, local = self._round_call(state, update, item, in_place=True)
+                calls.append(call)
+                applied.append((item, state, update, local))
         outcomes = await bus.apply_rounds(self.redis, calls + [call for _, call in with_states])
-        for (item, state, update), outcome in zip(applied, outcomes):
+        for (item, state, update, local), outcome in zip(applied, outcomes):
             if outcome == "applied":
                 self._count(state, update, item)
+                if local is not None:  # the next round, without drafts: pooled here, no candidates entry
+                    await self._pool_round(b"local:%s:%d" % (state.request_id.encode(), local.round), local, update.state, local=True)
             elif outcome == "cancelled":  # flagged while we computed: read again, the cancellation wins
                 await self._apply_item(item, batch.fingerprint)
         # A chunk whose states were not stored (a cancellation pending) goes on without them:
@@ -117,15 +120,17 @@ class Applying:
         if faults.enabled():
             await self.mark_phase("after_apply")
             await asyncio.sleep(faults.delay("coordinator.after_apply"))
-        async with self.redis.pipeline(transaction=True) as pipe:
+        decoded = sum(len(item.decoded) for item in batch.items)
+        round_times = dict(self.round_times)
+
+        def acknowledge(pipe) -> None:  # the batch's figures and its acknowledgement, with the next batch if one goes
             pipe.hincrby(self.keys.stats, "verify_batches", 1)
             pipe.hincrby(self.keys.stats, "verify_items", batch.batch_size)
             pipe.hincrby(self.keys.stats, "verify_forward_us", round(batch.forward_ms * 1000))  # verifiers' busy time
-            decoded = sum(len(item.decoded) for item in batch.items)
             if decoded:  # tokens made after a multi-step round's first: the share multi-step makes
                 pipe.hincrby(self.keys.stats, "multi_step_tokens", decoded)
                 pipe.hincrby(self.keys.stats, "multi_step_rounds", sum(1 for item in batch.items if item.decoded))
-            for name, value in self.round_times.items():
+            for name, value in round_times.items():
                 pipe.hincrby(self.keys.stats, name, value)
             if cost_error is not None:  # the cost model's error on batches it had not seen
                 pipe.hincrby(self.keys.stats, "cost_model_batches", 1)
@@ -135,7 +140,8 @@ class Applying:
             if chunked or with_states:
                 pipe.hincrby(self.keys.stats, "prefill_chunks", len(chunked) + len(with_states))
             pipe.xack(self.keys.verified, self.group, entry_id)
-            await pipe.execute()
+
+        await self._flush(load=load, also=acknowledge)  # rounds pooled here go at once when the batch policy says so
         self.round_times.clear()
         await self.mark_phase("idle")
 
@@ -255,19 +261,30 @@ class Applying:
 
     def _apply_call(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None = None) -> tuple[list[str], list]:
         """The compare-and-set call that applies ``update`` (and asks for the next round)."""
+        return self._round_call(state, update, item)[0]
+
+    def _round_call(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None = None,
+                    in_place: bool = False) -> tuple[tuple[list[str], list], Candidate | None]:
+        """``_apply_call``'s call, and (``in_place``) the next round's candidate when that round
+        goes without drafts: the caller pools it once applied. Its call writes no candidates
+        entry, only the round's issue time in the ``rounds`` set: should this coordinator die
+        with the round pooled, the drafter-deadline sweep of any coordinator sends it on."""
         if update.finished:
             return bus.apply_round_call(self.keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
-                                        out_entries=update.out_entries, ttl_s=self.config.pipeline.output_ttl_s)
+                                        out_entries=update.out_entries, ttl_s=self.config.pipeline.output_ttl_s), None
         features, start = (item.features, item.features_start) if item is not None and item.features else (b"", 0)
         # The round's states cover positions start .. L'-2 (all but the new last token).
         rows = self._state_rows(state, features, len(update.state.context) - 1 - start)
         if not rows:
             features, start = b"", 0
         streams, payload = self._next_round(update.state, features, start)
+        local = None
+        if in_place and streams == [self.keys.candidates]:
+            streams, local = [], empty_candidate(update.state)  # the payload alone: recorded in the rounds set
         return bus.apply_round_call(
             self.keys, request_id=state.request_id, expected_round=state.round, fields=round_fields(update.state),
             out_entries=update.out_entries, job_streams=streams, payload=payload, features=features, features_start=start, feature_rows=rows,
-        )
+        ), local
 
     def _chunk_call(self, state: RequestState, item: VerifiedItem) -> tuple[list[str], list]:
         """The call that stores a prefill chunk's states (positions features_start ..

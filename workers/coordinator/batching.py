@@ -43,6 +43,8 @@ class Batching:
     """Mixed into the ``Coordinator``: its pool and the batches it forms."""
 
     async def _pool_candidate(self, entry_id: bytes, candidate: Candidate, state: RequestState | None) -> None:
+        """A candidate read from the candidates stream: pooled if it is its request's current
+        round and not pooled already, else acknowledged (stale, or a duplicate)."""
         if any(w.entry_id == entry_id for w in self.pool):
             return  # handled again after an error: already pooled
         now = time.monotonic()
@@ -51,23 +53,29 @@ class Batching:
             del self.records.drafting[candidate.request_id]  # back from drafting (or gone past it)
             if sent.round == candidate.round and candidate.tokens:
                 self.control.observe_drafting(sent.window, (now - sent.sent) * 1000, sent.together)
-        record = self.records.get(candidate.request_id)
-        clock = record.clock if record is not None else None
-        if clock is not None and clock.round == candidate.round and not clock.pooled:
-            clock.pooled = now
-            clock.drafting_ms = (now - clock.began) * 1000 if candidate.tokens else 0.0
         if state is None or state.status != ACTIVE or state.round != candidate.round:
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # stale
             return
+        if not await self._pool_round(entry_id, candidate, state):
+            await self.redis.xack(self.keys.candidates, self.group, entry_id)  # this round, already pooled
+
+    async def _pool_round(self, entry_id: bytes, candidate: Candidate, state: RequestState, local: bool = False) -> bool:
+        """Pools the current round of ``state`` (False: it is pooled already). ``local``: a
+        round without drafts pooled in place by the coordinator that applied the last one."""
+        record = self.records.get(candidate.request_id)
+        clock = record.clock if record is not None else None
+        if clock is not None and clock.round == candidate.round and not clock.pooled:
+            clock.pooled = time.monotonic()
+            clock.drafting_ms = (clock.pooled - clock.began) * 1000 if candidate.tokens else 0.0
         # A pooled candidate of an earlier round of this request is stale (a duplicate of it was
         # verified elsewhere): drop it, so it cannot pass for this round's duplicate.
         stale = [w for w in self.pool if w.item.request_id == state.request_id and w.item.round != state.round]
         if stale:
-            await self.redis.xack(self.keys.candidates, self.group, *(w.entry_id for w in stale))
+            if acked := [w.entry_id for w in stale if not w.local]:
+                await self.redis.xack(self.keys.candidates, self.group, *acked)
             self.pool = [w for w in self.pool if w not in stale]
         if any(w.item.request_id == state.request_id for w in self.pool):
-            await self.redis.xack(self.keys.candidates, self.group, entry_id)  # this round, already pooled
-            return
+            return False
         self._remember_draft_homes(candidate)
         features_from = state.feature_rows if self.feature_experts.intersection(state.experts) else -1
         chunk, fed = 0, len(candidate.tokens) + (len(state.context) if state.round == 0 else 1)
@@ -82,7 +90,8 @@ class Batching:
                           state.logprobs, stop_ids=list(state.eos_ids))
         depth = tree_depth(candidate.parents)
         expected = self.control.expected(depth, state.accepted_tokens, state.drafted_rounds)
-        self.pool.append(Waiting(entry_id, item, time.monotonic(), fed, expected, depth, state.max_tokens - len(state.output_ids)))
+        self.pool.append(Waiting(entry_id, item, time.monotonic(), fed, expected, depth, state.max_tokens - len(state.output_ids), local))
+        return True
 
     def _remember_draft_homes(self, candidate: Candidate) -> None:
         homes = {e: i for pair in candidate.homes if isinstance(pair, list) and len(pair) == 2
@@ -94,10 +103,15 @@ class Batching:
         record = self.records.get(request_id)
         return batch_home(record.home if record is not None else "", self.verifiers)
 
-    async def _flush(self, force: bool = False) -> None:
+    async def _flush(self, force: bool = False, load: tuple[int, int] | None = None, also=None) -> None:
+        """Writes the batches the batch policy releases. ``load``: (active requests, busy
+        verifiers) as read just now with the states (else read here); ``also``: commands (a
+        function of a pipeline) sent in the first batch's transaction, or alone when no batch
+        goes (not at all when a write fails: the caller's handling is retried)."""
         while self.pool:
             if not force:
-                active, busy = await self._load()
+                active, busy = load if load is not None else await self._load()
+                load = (active, busy + 1)  # the next batch's decision: this one's batch queued too (if it goes)
                 self.active = active
                 now = time.monotonic()
                 oldest = now - self.pool[0].arrived
@@ -105,7 +119,7 @@ class Batching:
                 due = drafting_due_s(self.records.drafting.values(), now, self.control.draft_ms)
                 split = self.control.verify.coefficients[0] / 1000  # a verification's fixed cost
                 if not self.batch_policy.should_flush(len(self.pool), tokens, oldest, active, self.verifiers.count, busy, len(self.records.drafting), due, split):
-                    return
+                    break
             pipeline, now = self.config.pipeline, time.monotonic()
             taken, home, fingerprint = next_batch(
                 self.pool, now, self._home, self.verifiers, self.batch_policy, pipeline.batch_choice, self.control.verify_ms,
@@ -124,11 +138,15 @@ class Batching:
                 pipe.zrem(self.keys.rounds, *(w.item.request_id for w in taken))
                 pipe.hincrby(self.keys.stats, "rounds_sent", len(taken))
                 pipe.hincrby(self.keys.stats, "rounds_window0", sum(1 for w in taken if not w.item.tree.tokens))
-                pipe.xack(self.keys.candidates, self.group, *(w.entry_id for w in taken))
+                if acked := [w.entry_id for w in taken if not w.local]:
+                    pipe.xack(self.keys.candidates, self.group, *acked)
+                if also is not None:
+                    also(pipe)
                 await pipe.execute()
+            also = None
             # Only once written: a failed write keeps the candidates pooled (and pending).
-            taken_ids = {w.entry_id for w in taken}
-            self.pool = [w for w in self.pool if w.entry_id not in taken_ids]
+            taken_ids = {id(w) for w in taken}
+            self.pool = [w for w in self.pool if id(w) not in taken_ids]
             sent_at = time.monotonic()
             for w in taken:
                 record = self.records.get(w.item.request_id)
@@ -141,25 +159,40 @@ class Batching:
             while len(self.sent_batches) > TRACKED:  # results that never came back here
                 del self.sent_batches[next(iter(self.sent_batches))]
             self.log.debug("batch %s: %d requests to %s", batch.batch_id, len(taken), home or shared)
+        if also is not None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                also(pipe)
+                await pipe.execute()
 
     async def _load(self) -> tuple[int, int]:
         """(active requests, batches queued or in verification over the shared and the
         per-target verify streams), in one round trip: a batch decision sits on every round's
-        path. Also which verifiers have work of their own (``Verifiers.busy_at``, ``steal``)."""
+        path (``_states`` reads it with the states too). Also which verifiers have work of their
+        own (``Verifiers.busy_at``, ``steal``)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            streams = self._queue_load(pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        return self._parse_load(streams, replies)
+
+    def _queue_load(self, pipe) -> list[str]:
+        """Queues the load's commands on ``pipe``; returns the verify streams they read."""
         # Only live targets' streams: batches of a target no verifier serves wait for nobody's
         # time (they end target_gone), and counted as busy they held healthy batches for good.
         live = sorted(self.verifiers.live)
         streams = [self.keys.verify, *(self.keys.verify_for(f) for f in sorted(self.live_fingerprints)), *(self.keys.verify_at(i) for i in live)]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(self.keys.deadlines)
-            pipe.zcard(self.keys.waiting)
-            for stream in streams:
-                pipe.xinfo_groups(stream)
-            replies = await pipe.execute(raise_on_error=False)
+        pipe.zcard(self.keys.deadlines)
+        pipe.zcard(self.keys.waiting)
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        return streams
+
+    def _parse_load(self, streams: list[str], replies: list) -> tuple[int, int]:
+        """The load from the replies of ``_queue_load``'s commands (read with errors returned)."""
         for reply in replies[:2]:
             if isinstance(reply, Exception):
                 raise reply
         active, busy, own = replies[0] - replies[1], 0, {}  # started requests: waiting ones are in no batch
+        live = sorted(self.verifiers.live)
         instances = {self.keys.verify_at(i): i for i in live}
         for stream, groups in zip(streams, replies[2:]):
             if isinstance(groups, ResponseError) and "no such key" in str(groups).lower():

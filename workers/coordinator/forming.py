@@ -20,7 +20,10 @@ DRAFTER_BACKLOG = 4  # jobs waiting unread in a drafter's own stream before its 
 
 @dataclass
 class Waiting:
-    """A pooled candidate: its entry, the item it becomes, and what the batch policy weighs."""
+    """A pooled candidate: its entry, the item it becomes, and what the batch policy weighs.
+    A round pooled in place (``local``: the coordinator that applied its request's last round
+    pooled its next one, without drafts, without a candidates entry) has an id of its own that
+    no stream holds."""
 
     entry_id: bytes
     item: VerifyItem
@@ -29,6 +32,7 @@ class Waiting:
     expected: float = 1.0  # tokens the round is expected to commit
     depth: int = 0  # of the drafted tree
     room: int = 1  # tokens the request may still make (max_tokens)
+    local: bool = False  # pooled in place: nothing to acknowledge
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,14 +75,14 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         if stream == self.keys.candidates:
             candidates = [(entry_id, decode(fields, Candidate)) for entry_id, fields in entries]
-            states = await self._states([c.request_id for _, c in candidates])  # one round trip for all
+            states, load = await self._states_and_load([c.request_id for _, c in candidates])  # one round trip for all
             for (entry_id, candidate), state in zip(candidates, states):
                 await self._pool_candidate(entry_id, candidate, state)
-            await self._flush()
-            self.flushed_this_read = True  # the tick after this read need not decide again
+            await self._flush(load=load)
         else:
             for entry_id, fields in entries:
                 await self._apply_verified(entry_id, decode(fields, VerifiedBatch))
+        self.flushed_this_read = True  # the tick after this read need not decide again
 
     async def tick(self) -> None:
         now = time.monotonic()
@@ -110,12 +110,14 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
 
     async def drain(self) -> None:
         """Hand the pool on at once: every pooled candidate goes into a batch now."""
+        if self.control.enabled:
+            self.log.info("load control at exit: %s", self.control.describe())
         if self.pool:
             self.log.info("draining: sending %d pooled candidates to verification", len(self.pool))
             await self.retrying(self._flush, True)
 
     def held(self) -> dict[str, list[bytes]]:
-        return {self.keys.candidates: [w.entry_id for w in self.pool]}
+        return {self.keys.candidates: [w.entry_id for w in self.pool if not w.local]}
 
     def let_go(self, stream: str, entry_ids: set[bytes]) -> None:
         self.pool = [w for w in self.pool if w.entry_id not in entry_ids]  # another coordinator batches them
@@ -133,6 +135,20 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
                 pipe.hgetall(self.keys.request(request_id))
             replies = await pipe.execute()
         return [state_from_fields(fields) if fields else None for fields in replies]
+
+    async def _states_and_load(self, request_ids: list[str]) -> tuple[list[RequestState | None], tuple[int, int]]:
+        """Several requests' states and the load (``_load``) in one round trip: what a batch
+        decision after them needs."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.hgetall(self.keys.request(request_id))
+            streams = self._queue_load(pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        for reply in replies[: len(request_ids)]:
+            if isinstance(reply, Exception):
+                raise reply
+        states = [state_from_fields(fields) if fields else None for fields in replies[: len(request_ids)]]
+        return states, self._parse_load(streams, replies[len(request_ids):])
 
     async def _state(self, request_id: str) -> RequestState | None:
         return (await self._states([request_id]))[0]
