@@ -60,6 +60,11 @@ def test_multi_step_decodes_all_when_the_batch_is_everyone_else_until_drafts_are
     draft_ms = lambda window, together: 35.0  # noqa: E731
     assert multi_steps(8, plain, 0, 2, [], 0.0, draft_ms, verify_ms) == 8  # the whole load, nobody drafting
     assert multi_steps(8, plain, 1, 3, [], 0.0, draft_ms, verify_ms) == 1  # others wait in the pool
+    # Others in verification: all steps when their batches have verifiers of their own (they
+    # come back to them), one when they would come back to this batch's verifier.
+    assert multi_steps(8, plain, 0, 6, [], 0.0, draft_ms, verify_ms, own_verifier=True) == 8
+    assert multi_steps(8, plain, 0, 6, [], 0.0, draft_ms, verify_ms, own_verifier=False) == 1
+    assert multi_steps(8, plain, 1, 6, [], 0.0, draft_ms, verify_ms, own_verifier=True) == 1  # but not while others wait in the pool
     drafting = [Drafting(3, 0.0, 4, 1)]
     assert multi_steps(8, plain, 0, 3, drafting, 0.0, draft_ms, verify_ms) == 4  # 35 ms until the draft is back: 1 + 3 steps
     assert multi_steps(1, plain, 0, 2, [], 0.0, draft_ms, verify_ms) == 1  # multi-step off

@@ -108,6 +108,7 @@ class Batching:
         verifiers) as read just now with the states (else read here); ``also``: commands (a
         function of a pipeline) sent in the first batch's transaction, or alone when no batch
         goes (not at all when a write fails: the caller's handling is retried)."""
+        busy = -1  # batches in verification (-1: not read, when forced)
         while self.pool:
             if not force:
                 active, busy = load if load is not None else await self._load()
@@ -125,8 +126,9 @@ class Batching:
                 self.pool, now, self._home, self.verifiers, self.batch_policy, pipeline.batch_choice, self.control.verify_ms,
                 pipeline.batch_latency_weight, pipeline.batch_starve_ms / 1000,
             )
+            own_verifier = 0 <= busy < self.verifiers.count  # with this batch, every batch in verification has a verifier of its own
             steps = multi_steps(self.config.speculation.multi_step, taken, len(self.pool) - len(taken), self.active,
-                                list(self.records.drafting.values()), now, self.control.draft_ms, self.control.verify_ms)
+                                list(self.records.drafting.values()), now, self.control.draft_ms, self.control.verify_ms, own_verifier)
             batch = VerifyBatch(uuid.uuid4().hex[:12], [with_steps(w, steps) for w in taken])
             shared = self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
             async with self.redis.pipeline(transaction=True) as pipe:

@@ -90,15 +90,17 @@ def next_batch(
 
 def multi_steps(
     limit: int, taken: list[Waiting], left: int, active: int, drafting: list[Drafting], now: float,
-    draft_ms: Callable[[int, int], float], verify_ms: Callable[[int, int, int], float],
+    draft_ms: Callable[[int, int], float], verify_ms: Callable[[int, int, int], float], own_verifier: bool = False,
 ) -> int:
     """How many tokens a batch's rounds without drafts may decode in this one job (multi-step,
-    at most ``limit``): every one when the batch holds every active request (``left``: the
-    candidates that stay pooled); else only as many as fit before the rounds drafting now are
-    expected back (they would wait for this batch), at least one."""
+    at most ``limit``): every one when nobody would wait for it — the batch holds every active
+    request, or every batch in verification has a verifier of its own (``own_verifier``: the
+    requests in them come back to their own) — and no candidate stays pooled (``left``) and no
+    round is drafting; else only as many as fit before the rounds drafting now are expected
+    back (they would wait for this batch), at least one; one while candidates stay pooled."""
     if limit <= 1 or not any(not w.item.tree.tokens for w in taken):
         return 1
-    if len(taken) >= active and not drafting and not left:
+    if (len(taken) >= active or own_verifier) and not drafting and not left:
         return limit
     if left:
         return 1
