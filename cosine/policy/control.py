@@ -47,6 +47,15 @@ VERIFY_PROFILE_CALLS = ((1, 1, 64), (1, 5, 64), (4, 1, 64), (4, 5, 64), (8, 3, 6
 DRAFT_PROFILE_CALLS = ((1, 1), (1, 4), (4, 1), (4, 4), (2, 2))
 
 
+# How firmly the drafting fit keeps to its prior, per feature: the per-token terms come from the
+# drafters' own start-up profiles (their compute, known well), the fixed part is the hop (the
+# network, fusion, the coordinator's wake-ups: known only from observing it). Rounds at one
+# window cannot tell a fixed cost from a per-token one: with an even prior a hop measured at
+# window 1 was read as per-token cost, a longer window priced at several hops, and load control
+# then kept windows short or at 0 for good (it observes no other windows there).
+DRAFT_PRIOR_STRENGTHS = (0.02, 1.0, 1.0)
+
+
 def draft_features(window: int, together: int = 1) -> tuple[float, ...]:
     """The drafting cost model's features: ``D = d0 + d1 w + d2 k w`` (drafters' start-up
     profiles fit the same)."""
@@ -135,6 +144,7 @@ class LinearCost:
     prior: Sequence[float]
     keep: int = 256
     strength: float = 4.0  # weight of the prior, in observations
+    strengths: Sequence[float] = ()  # per feature, times ``strength`` (none: 1 each)
     _rows: deque = field(default_factory=deque)
     _coef: list[float] | None = None
 
@@ -184,8 +194,21 @@ class LinearCost:
         prior = np.asarray(self.prior, dtype=np.float64)
         # Scale each feature so the prior's pull is comparable across them.
         scale = np.maximum(self._abs / len(self._rows), 1.0)
-        regulariser = np.diag(self.strength * scale**2)
-        coef = np.linalg.solve(self._xtx + regulariser, self._xty + regulariser @ prior)
+        strengths = np.asarray(self.strengths or [1.0] * len(prior), dtype=np.float64)
+        regulariser = np.diag(self.strength * strengths * scale**2)
+        a, b = self._xtx + regulariser, self._xty + regulariser @ prior
+        # No cost is negative: a coefficient the solve puts below 0 is held at 0 and the others
+        # are solved again without it (clipping it afterwards would leave the others fitted to
+        # a negative one: a prior per-token cost far above the drafts' let the intercept go
+        # negative, and the clipped fit priced the observed window at three times its time).
+        free = np.ones(len(prior), dtype=bool)
+        coef = np.zeros(len(prior))
+        while free.any():
+            coef = np.zeros(len(prior))
+            coef[free] = np.linalg.solve(a[np.ix_(free, free)], b[free])
+            if (coef >= 0).all():
+                break
+            free &= coef > 0
         return [max(0.0, float(c)) for c in coef]
 
 
@@ -212,7 +235,7 @@ class SpeculationControl:
 
     def __post_init__(self) -> None:
         self.verify = LinearCost(self.verify_prior)
-        self.draft = LinearCost(self.draft_prior)
+        self.draft = LinearCost(self.draft_prior, strengths=DRAFT_PRIOR_STRENGTHS)
         self.curve = AcceptanceCurve(decay=self.decay)
         self.overhead_ms = float(self.overhead_prior)
         self.context_rows = 0.0  # running mean of a batch's longest context

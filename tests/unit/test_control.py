@@ -225,3 +225,33 @@ def test_fewer_drafters_cooperate_as_batches_grow():
     assert ctl.cooperating(2, 1) == 2 and ctl.cooperating(2, 2) == 1
     assert ctl.cooperating(0, 1) == 0
     assert SpeculationControl(enabled=False).cooperating(3, 16) == 3  # load control off: all of them
+
+
+def test_a_hop_measured_at_one_window_stays_a_fixed_cost():
+    """Regression: rounds all at window 1 cannot tell the drafting hop's fixed part (network,
+    fusion, wake-ups) from its per-token part; with an even prior a 25 ms hop over 6 ms of
+    drafting was fitted as 25 ms per token, window 4 priced at 100 ms, and load control kept
+    the windows at 0-1 for good. The per-token terms keep to the drafters' profile."""
+    ctl = SpeculationControl(verify_prior=(26.0, 0.0, 0.02, 0.0), draft_prior=(0.0, 6.0, 0.1), overhead_prior=2.0, multi_step=8)
+    for _ in range(48):
+        ctl.observe_drafting(1, 25.0, together=1)
+    assert ctl.draft_ms(1) == pytest.approx(25.0, rel=0.05)
+    assert ctl.draft_ms(4) == pytest.approx(25.0 + 3 * 6.1, rel=0.1)  # 100 ms before
+    for _ in range(2000):
+        accepted = 0
+        while accepted < 8 and random.random() < 0.8:
+            accepted += 1
+        ctl.observe_round(8, accepted)
+    assert ctl.choose(8, 1) >= 4
+
+
+def test_a_coefficient_held_at_zero_leaves_the_others_fitted_to_the_observations():
+    """Regression: the fit clipped a negative coefficient after solving, so the others stayed
+    fitted to it: a drafter's start-up profile taken under load (33 ms per token) and 48 rounds
+    of 35 ms at window 4 gave 0 + 27 ms per token, window 4 priced at 109 ms, and load control
+    chose window 0 over rounds it had just seen take a third of that."""
+    ctl = SpeculationControl(draft_prior=(0.0, 33.0, 0.0))
+    for _ in range(48):
+        ctl.observe_drafting(4, 35.0, together=1)
+    assert all(c >= 0 for c in ctl.draft.coefficients)
+    assert 35.0 <= ctl.draft_ms(4) < 45.0  # 109 ms before; what is left is the prior's pull (4 observations of 132 ms)
