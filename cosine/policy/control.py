@@ -54,6 +54,11 @@ DRAFT_PROFILE_CALLS = ((1, 1), (1, 4), (4, 1), (4, 4), (2, 2))
 # window 1 was read as per-token cost, a longer window priced at several hops, and load control
 # then kept windows short or at 0 for good (it observes no other windows there).
 DRAFT_PRIOR_STRENGTHS = (0.02, 1.0, 1.0)
+# A drafting hop counts as at most this many times its prediction: the first rounds after a
+# start go to drafters still starting (950 ms hops among 45 ms ones), and one such round in a
+# least-squares fit of thirty priced every window twice over, for good at one request (load
+# control then chose window 0 and observed little drafting again).
+DRAFT_CLIP = 4.0
 
 
 def draft_features(window: int, together: int = 1) -> tuple[float, ...]:
@@ -145,6 +150,10 @@ class LinearCost:
     keep: int = 256
     strength: float = 4.0  # weight of the prior, in observations
     strengths: Sequence[float] = ()  # per feature, times ``strength`` (none: 1 each)
+    # > 0: an observation counts as at most this many times the prediction before it (at least
+    # 1 ms), so one outlier (a start-up transient) cannot dominate a least-squares fit; a real
+    # change is still followed, this factor per observation at most.
+    clip: float = 0.0
     _rows: deque = field(default_factory=deque)
     _coef: list[float] | None = None
 
@@ -158,6 +167,8 @@ class LinearCost:
         self._coef = list(self.prior)
 
     def observe(self, features: Sequence[float], value: float) -> None:
+        if self.clip > 0:
+            value = min(value, self.clip * max(self.predict(features), 1.0))
         x = np.asarray(features, dtype=np.float64)
         self._rows.append((x, float(value)))
         self._add(x, float(value), 1.0)
@@ -235,7 +246,7 @@ class SpeculationControl:
 
     def __post_init__(self) -> None:
         self.verify = LinearCost(self.verify_prior)
-        self.draft = LinearCost(self.draft_prior, strengths=DRAFT_PRIOR_STRENGTHS)
+        self.draft = LinearCost(self.draft_prior, strengths=DRAFT_PRIOR_STRENGTHS, clip=DRAFT_CLIP)
         self.curve = AcceptanceCurve(decay=self.decay)
         self.overhead_ms = float(self.overhead_prior)
         self.context_rows = 0.0  # running mean of a batch's longest context

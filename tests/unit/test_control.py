@@ -255,3 +255,14 @@ def test_a_coefficient_held_at_zero_leaves_the_others_fitted_to_the_observations
         ctl.observe_drafting(4, 35.0, together=1)
     assert all(c >= 0 for c in ctl.draft.coefficients)
     assert 35.0 <= ctl.draft_ms(4) < 45.0  # 109 ms before; what is left is the prior's pull (4 observations of 132 ms)
+
+
+def test_one_start_up_transient_does_not_price_drafting_for_good():
+    """Regression: the first drafted round after a start went to a drafter still starting (950
+    ms among hops of 45 ms); in a least-squares fit of 30 rounds it priced window 5 at twice its
+    time, and load control at one request chose window 0 from then on."""
+    ctl = SpeculationControl(draft_prior=(0.0, 5.9, 0.12))
+    ctl.observe_drafting(4, 950.0)
+    for _ in range(30):
+        ctl.observe_drafting(5, 45.0)
+    assert ctl.draft_ms(5) == pytest.approx(45.0, rel=0.15)

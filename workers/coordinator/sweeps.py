@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 from cosine import bus
@@ -134,11 +135,15 @@ class Sweeps:
             kv_rows={instance: rows for instance, live in roster.items() if (rows := live.number("kv_rows"))},
             kv_block=max((live.number("kv_block") for live in verifiers), default=1) or 1,
         )
-        if not self.control.draft.observations:  # the slowest live drafter's start-up profile, until drafting is measured
-            profiles = [_profile(live.fields.get("draft_ms", "")) for live in drafters.values()]
-            profiles = [p for p in profiles if p is not None]
-            if profiles:
-                self.control.draft.set_prior([max(column) for column in zip(*profiles)])
+        # The drafting prior: the live drafters' start-up profiles, the median of each term (a
+        # drafter profiled while others started shows ten times its cost, or a tenth), kept up
+        # to date as drafters come and go: the fit regularises toward it.
+        profiles = [p for live in drafters.values() if (p := _profile(live.fields.get("draft_ms", ""))) is not None]
+        if profiles:
+            prior = [float(statistics.median(column)) for column in zip(*profiles)]
+            if prior != list(self.control.draft.prior):
+                self.log.debug("drafting prior from %d drafters' start-up profiles: %.1f ms + %.2f/token + %.2f/token/request", len(profiles), *prior)
+                self.control.draft.set_prior(prior)
         found = {live.fingerprint for live in verifiers if live.fingerprint}
         self.fingerprints |= found
         self.live_fingerprints = found
