@@ -169,7 +169,7 @@ class Batching:
     async def _load(self) -> tuple[int, int]:
         """(active requests, batches queued or in verification over the shared and the
         per-target verify streams), in one round trip: a batch decision sits on every round's
-        path (``_states`` reads it with the states too). Also which verifiers have work of their
+        path (``_states_and_load`` reads it with the states too). Also which verifiers have work of their
         own (``Verifiers.busy_at``, ``steal``)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             streams = self._queue_load(pipe)
