@@ -130,25 +130,24 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
 
     async def _states(self, request_ids: list[str]) -> list[RequestState | None]:
         """Several requests' states in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for request_id in request_ids:
-                pipe.hgetall(self.keys.request(request_id))
-            replies = await pipe.execute()
-        return [state_from_fields(fields) if fields else None for fields in replies]
+        return (await self._read_states(request_ids, with_load=False))[0]
 
     async def _states_and_load(self, request_ids: list[str]) -> tuple[list[RequestState | None], tuple[int, int]]:
         """Several requests' states and the load (``_load``) in one round trip: what a batch
         decision after them needs."""
+        return await self._read_states(request_ids, with_load=True)  # type: ignore[return-value]  # a load when asked for
+
+    async def _read_states(self, request_ids: list[str], with_load: bool) -> tuple[list[RequestState | None], tuple[int, int] | None]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for request_id in request_ids:
                 pipe.hgetall(self.keys.request(request_id))
-            streams = self._queue_load(pipe)
+            streams = self._queue_load(pipe) if with_load else []
             replies = await pipe.execute(raise_on_error=False)
         for reply in replies[: len(request_ids)]:
             if isinstance(reply, Exception):
                 raise reply
         states = [state_from_fields(fields) if fields else None for fields in replies[: len(request_ids)]]
-        return states, self._parse_load(streams, replies[len(request_ids):])
+        return states, self._parse_load(streams, replies[len(request_ids):]) if with_load else None
 
     async def _state(self, request_id: str) -> RequestState | None:
         return (await self._states([request_id]))[0]
