@@ -319,15 +319,22 @@ def serve_cluster(args, scratch: Path, slowdown: float, tag: str, system: str) -
     return serve, url, admin, records, verifiers
 
 
+def probe_size(count: int, kind: str, load: float) -> int:
+    """Requests in a probe of ``count``: a quarter, at most 16 — but a closed load's probe
+    keeps the load's concurrency (fewer requests than that would probe a lighter load)."""
+    size = max(1, min(16, count // 4))
+    return min(count, max(size, int(load))) if kind == "closed" else size
+
+
 def find_slowdown(args, scratch: Path, plans, kind: str, load: float, arrivals, index: int, system: str) -> float:
-    """The smallest k of 1, 2, 4, ... at which a probe (a quarter of the requests, at most 16)
-    keeps this machine's CPU under ``--cpu-limit`` with the sleeps on time."""
+    """The smallest k of 1, 2, 4, ... at which a probe (``probe_size`` requests) keeps this
+    machine's CPU under ``--cpu-limit`` with the sleeps on time."""
     candidates = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
     for slowdown in candidates:
         serve, url, admin, records, verifiers = serve_cluster(args, scratch, slowdown, f"probe-{index}-{slowdown:g}", system)
         try:
             asyncio.run(drive(url, plans[:1], args.max_tokens, 1, None, f"probe-warm-{index}"))
-            probe = run_level(url, admin, serve, records, plans[: max(1, min(16, len(plans) // 4))], args, kind, load, slowdown, verifiers,
+            probe = run_level(url, admin, serve, records, plans[: probe_size(len(plans), kind, load)], args, kind, load, slowdown, verifiers,
                               f"probe-{index}-{slowdown:g}", arrivals)
         finally:
             serve.stop()

@@ -57,3 +57,12 @@ def test_every_system_is_a_config_that_loads(emulate, tmp_path, system):
 def test_an_unknown_system_is_refused(emulate):
     with pytest.raises(SystemExit, match="unknown system"):
         emulate.system_settings("cosine-no-gpu", ["code"])
+
+
+def test_a_closed_load_is_probed_at_its_own_concurrency(emulate):
+    # 64 concurrent requests probed with 16 measured a 16-request load: the probe chose k = 1 for
+    # a load that then ran machine-limited.
+    assert emulate.probe_size(128, "closed", 64.0) == 64
+    assert emulate.probe_size(8, "closed", 1.0) == 2
+    assert emulate.probe_size(32, "closed", 16.0) == 16
+    assert emulate.probe_size(64, "poisson", 45.0) == 16
