@@ -1295,3 +1295,61 @@ def test_a_worker_that_was_frozen_does_not_take_back_what_another_took_over(serv
 
     pool: set = set()
     run(scenario())
+
+
+def test_a_coordinator_applies_a_next_round_from_the_state_it_left(server, demo_target):
+    """The coordinator keeps the state each round it applied left, and applies the request's
+    next round from it without reading the request's hash (a read per round that grew with the
+    context); the apply's compare-and-set still sees what others did meanwhile: a cancellation
+    flagged since ends the request, a round applied elsewhere is not applied again."""
+    from cosine.core.rounds import RequestState
+    from cosine.core.sampling import SamplingParams
+    from cosine.wire import VerifiedBatch, VerifiedItem, encode
+    from cosine.workers.coordinator import Coordinator
+
+    async def hgetalls(client) -> int:
+        stats = await client.info("commandstats")
+        return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+    async def scenario():
+        client = await fresh(server)
+        coordinator = Coordinator(Config(), server)
+        coordinator.redis = client
+        await coordinator.setup()
+        await bus.ensure_group(client, KEYS.verified, coordinator.group)
+
+        async def verified(request_id: str, round_: int) -> None:
+            batch = VerifiedBatch(f"b-{request_id}-{round_}", "v1", [VerifiedItem(request_id, round_, [], 300 + round_, 0)], 1, 1.0)
+            entry_id = await client.xadd(KEYS.verified, encode(batch))
+            await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.verified: ">"})
+            await coordinator._apply_verified(entry_id, batch)
+
+        def out_tokens(entries) -> list[int]:
+            import json
+
+            return [t for _, f in entries if f[b"type"] == b"tokens" for t in json.loads(f[b"token_ids"])]
+
+        for request_id in ("kept", "cancelled", "elsewhere"):
+            state = RequestState(request_id, [1, 2, 3], SamplingParams(), 32, (), (2,), [], round=1, deadline_ms=2**42)
+            await client.hset(KEYS.request(request_id), mapping=state_to_fields(state))
+        await verified("kept", 1)
+        reads = await hgetalls(client)
+        await verified("kept", 2)  # from the state round 1 left: no read
+        assert await hgetalls(client) == reads
+        assert coordinator.records.get("kept").state.round == 3
+        assert out_tokens(await client.xrange(KEYS.out("kept"))) == [301, 302]
+
+        await verified("cancelled", 1)
+        assert await bus.flag_cancel(client, KEYS, "cancelled") == "flagged"
+        await verified("cancelled", 2)
+        finals = [f for _, f in await client.xrange(KEYS.out("cancelled")) if f[b"type"] == b"final"]
+        assert [f[b"finish_reason"] for f in finals] == [b"cancelled"]
+
+        await verified("elsewhere", 1)
+        await client.hset(KEYS.request("elsewhere"), "round", "3")  # another coordinator applied round 2
+        await verified("elsewhere", 2)
+        assert out_tokens(await client.xrange(KEYS.out("elsewhere"))) == [301]
+        assert coordinator.records.get("elsewhere").state is None
+        await client.aclose()
+
+    run(scenario())

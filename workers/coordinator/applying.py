@@ -86,7 +86,7 @@ class Applying:
         cost_error = self._observe(batch)
         for item in batch.items:  # the verifier now holds these requests' caches
             self.records.of(item.request_id).home = batch.verifier
-        states, load = await self._states_and_load([item.request_id for item in batch.items])
+        states, load = await self._known_states_and_load([(item.request_id, item.round) for item in batch.items])
         self._plan(batch, states)
         # Every request's round in one round trip (each its own compare-and-set).
         calls, applied, chunked, with_states = [], [], [], []  # applied: (item, state, update, its next round pooled here) of each call
@@ -108,6 +108,7 @@ class Applying:
                 applied.append((item, state, update, local))
         outcomes = await bus.apply_rounds(self.redis, calls + [call for _, call in with_states])
         for (item, state, update, local), outcome in zip(applied, outcomes):
+            self._remember(state, update, outcome)
             if outcome == "applied":
                 self._count(state, update, item)
                 if local is not None:  # the next round, without drafts: pooled here, no candidates entry
@@ -238,9 +239,20 @@ class Applying:
 
     async def _apply(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None = None) -> str:
         outcome = (await bus.apply_rounds(self.redis, [self._apply_call(state, update, item)]))[0]
+        self._remember(state, update, outcome)
         if outcome == "applied":
             self._count(state, update, item)
         return outcome
+
+    def _remember(self, state: RequestState, update: RoundUpdate, outcome: str) -> None:
+        """Keeps the state an applied round left (its next round is applied from it, without
+        reading the request's hash), forgets it after any other outcome. Not for a request of a
+        feature drafter: the apply function keeps its stored states' count (``feature_rows``)."""
+        record = self.records.get(state.request_id)
+        if record is None:
+            return
+        keep = outcome == "applied" and not update.finished and not self.feature_experts.intersection(update.state.experts)
+        record.state = update.state if keep else None
 
     def _count(self, state: RequestState, update: RoundUpdate, item: VerifiedItem | None) -> None:
         """Metrics of an applied update: tokens, latencies, speculation, a request's end."""

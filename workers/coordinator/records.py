@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 
+from cosine.core.rounds import RequestState
+
 TRACKED = 4096  # requests (and batches) remembered; the least recently touched go first
 
 
@@ -48,6 +50,10 @@ class RequestRecord:
     prefilled: int = 0
     last_output_ms: int | None = None  # server ms of its last output applied here (inter-token latency)
     draft_homes: dict[str, str] = field(default_factory=dict)  # expert -> the drafter instance that drafted its last round
+    # Its state as this coordinator's last apply left it: the next round's state without reading
+    # the request's hash (the apply's compare-and-set on round, status and cancellation checks
+    # that it still is the request's); None where another process may have changed it since.
+    state: RequestState | None = None
 
 
 class Records:

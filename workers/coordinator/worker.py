@@ -75,7 +75,7 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         if stream == self.keys.candidates:
             candidates = [(entry_id, decode(fields, Candidate)) for entry_id, fields in entries]
-            states, load = await self._states_and_load([c.request_id for _, c in candidates])  # one round trip for all
+            states, load = await self._known_states_and_load([(c.request_id, c.round) for _, c in candidates])  # one round trip for all
             for (entry_id, candidate), state in zip(candidates, states):
                 await self._pool_candidate(entry_id, candidate, state)
             await self._flush(load=load)
@@ -136,6 +136,22 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
         """Several requests' states and the load (``_load``) in one round trip: what a batch
         decision after them needs."""
         return await self._read_states(request_ids, with_load=True)  # type: ignore[return-value]  # a load when asked for
+
+    async def _known_states_and_load(self, rounds: list[tuple[str, int]]) -> tuple[list[RequestState | None], tuple[int, int]]:
+        """``_states_and_load`` for (request, round) pairs: where this coordinator's last apply
+        left a request at that round, its state as applied (``RequestRecord.state``: the apply's
+        compare-and-set checks it still is the request's); the others read, with the load, in
+        one round trip. A request's hash is then read once, not on each of its rounds."""
+        states: list[RequestState | None] = []
+        for request_id, round_ in rounds:
+            record = self.records.get(request_id)
+            known = record.state if record is not None else None
+            states.append(known if known is not None and known.round == round_ else None)
+        missing = [i for i, state in enumerate(states) if state is None]
+        read, load = await self._states_and_load([rounds[i][0] for i in missing])
+        for i, state in zip(missing, read):
+            states[i] = state
+        return states, load
 
     async def _read_states(self, request_ids: list[str], with_load: bool) -> tuple[list[RequestState | None], tuple[int, int] | None]:
         async with self.redis.pipeline(transaction=False) as pipe:
