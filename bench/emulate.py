@@ -278,6 +278,8 @@ def run_level(url: str, admin_url: str, serve: Serve, records: Path, plans, args
         "cpu_share": sum(cpu.values()) / (wall * psutil.cpu_count()),
         "cpu_ms_per_round": {role: 1000 * s / rounds for role, s in sorted(cpu.items())} if rounds else {},
         "redis_calls_per_round": calls / rounds if rounds else None, "redis_usec_per_round": usec / rounds if rounds else None,
+        "redis_commands_per_round": {c: round((cmd1[c][0] - cmd0.get(c, (0, 0))[0]) / rounds, 2) for c in sorted(cmd1)
+                                     if cmd1[c][0] > cmd0.get(c, (0, 0))[0]} if rounds else {},  # the run's command mix
         "overshoot": sleeps,
         # the coordinator's counters: rounds drafted and at window 0, their wall time and tokens, where a round's time goes (real ms)
         **round_figures(stats0, stats1),
@@ -310,7 +312,7 @@ def serve_cluster(args, scratch: Path, slowdown: float, tag: str, system: str) -
     path = scratch / f"{tag}.toml"
     path.write_text(dump_toml(config))
     verifiers = args.verifiers or (4 if load_profiles().target(args.target).gpus == 1 else 1)
-    serve = Serve(path, scratch / f"{tag}.log", ["--verifiers", str(verifiers)])
+    serve = Serve(path, scratch / f"{tag}.log", ["--verifiers", str(verifiers), "--replicas", str(args.replicas)])
     url = serve.start()
     admin = url
     from load import wait_live
@@ -352,6 +354,7 @@ def main() -> None:
     parser.add_argument("--network", default="paper")
     parser.add_argument("--domains", type=lambda s: s.split(","), default=["code", "math", "chat", "finance"])
     parser.add_argument("--drafters", type=int, default=16)
+    parser.add_argument("--replicas", type=int, default=1, help="processes of each of router, coordinator and fusion")
     parser.add_argument("--verifiers", type=int, default=0, help="0: four one-GPU verifiers, or one for a multi-GPU profile")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 4, 16, 64])
     parser.add_argument("--poisson", type=lambda s: [float(x) for x in s.split(",") if x], default=[], help="arrival rates, requests per emulated second")

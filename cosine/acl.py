@@ -54,7 +54,7 @@ ROLE_KEYS = {
     "fusion": (_K.drafts, _K.draft("*"), _K.fuse("*", "*"), _K.fusing, _K.candidates, _K.request("*"), _T + _K.request("*")),
     "drafter": (_K.draft("*"), _K.drafts, _K.experts, _K.drafter_streams, _K.features("*"), _K.request("*"), _T + _K.features("*"),
                 _T + _K.request("*")),
-    "verifier": (_K.verify, _K.verify_pattern, _K.verified, _K.request("*"), _T + _K.request("*"), _K.cost_pattern, _K.fingerprints,
+    "verifier": (_K.verify, _K.verify_pattern, _K.verified, _K.verified_pattern, _K.request("*"), _T + _K.request("*"), _K.cost_pattern, _K.fingerprints,
                  _K.verifier_streams),
     "coordinator": ("*",),
 }

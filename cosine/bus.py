@@ -200,12 +200,13 @@ def read_stream_registries(pipe, keys: Keys) -> int:
     """Queue on ``pipe`` (synchronous or asyncio) the reads of ``Keys.stream_registries`` whose
     replies, in order, are ``Keys.streams``' arguments; returns how many replies they make.
     Hashes are read whole (HKEYS is not every user's command: the gateway's is HGETALL)."""
-    experts, fingerprints, verifiers, drafters, tenants = keys.stream_registries()
+    experts, fingerprints, verifiers, drafters, tenants, coordinators = keys.stream_registries()
     for name in (experts, fingerprints, verifiers):
         pipe.smembers(name)
     for name in (drafters, tenants):
         pipe.hgetall(name)
-    return 5
+    pipe.smembers(coordinators)
+    return 6
 
 
 async def whole_contexts(client: aioredis.Redis, keys: Keys, held: Mapping[str, list[int]], refs: Sequence) -> list[list[int] | None]:
@@ -225,15 +226,19 @@ async def whole_contexts(client: aioredis.Redis, keys: Keys, held: Mapping[str, 
 
 async def write_and_ack(
     client: aioredis.Redis,
-    outputs: Iterable[tuple[str, dict]],
+    outputs: Iterable[tuple[str | tuple[str, str], dict]],
     stream: str,
     group: str,
     entry_ids: Sequence[bytes | str],
 ) -> None:
-    """XADD every output and XACK the inputs in one transaction."""
+    """XADD every output and XACK the inputs in one transaction. An output's stream may be
+    a pair (a worker's own stream, the shared one): ``send``."""
     async with client.pipeline(transaction=True) as pipe:
         for out_stream, fields in outputs:
-            pipe.xadd(out_stream, fields)
+            if isinstance(out_stream, tuple):
+                send(pipe, *out_stream, fields)
+            else:
+                pipe.xadd(out_stream, fields)
         if entry_ids:
             pipe.xack(stream, group, *entry_ids)
         await pipe.execute()

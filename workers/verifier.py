@@ -118,7 +118,7 @@ class VerifierWorker(StageWorker):
             if items:
                 self._remember(items, results)
                 out = VerifiedBatch(batch.batch_id, self.instance, results, len(items), forward_ms, self.fingerprint)
-                outputs.append((self.keys.verified, encode(out)))
+                outputs.append((self._reply_stream(batch), encode(out)))
             await self.retrying(bus.write_and_ack, self.redis, outputs, stream, self.group, [entry_id])
 
     async def reject(self, stream: str, entry: Entry, reason: str) -> None:
@@ -134,12 +134,12 @@ class VerifierWorker(StageWorker):
                                     stream, self.group, [])
             return
         if len(batch.items) > 1:
-            outputs = [(stream, encode(VerifyBatch(f"{batch.batch_id}-{i}", [item]))) for i, item in enumerate(batch.items)]
+            outputs = [(stream, encode(VerifyBatch(f"{batch.batch_id}-{i}", [item], batch.reply_to))) for i, item in enumerate(batch.items)]
             self.log.warning("batch %s failed %s: verifying its %d requests one by one", batch.batch_id, reason, len(outputs))
         else:
             item = batch.items[0]
             failed = _error(item, f"verification failed repeatedly ({reason})", "internal")
-            outputs = [(self.keys.verified, encode(VerifiedBatch(batch.batch_id, self.instance, [failed], 1, 0.0, self.fingerprint)))]
+            outputs = [(self._reply_stream(batch), encode(VerifiedBatch(batch.batch_id, self.instance, [failed], 1, 0.0, self.fingerprint)))]
         await self.retrying(bus.write_and_ack, self.redis, outputs, stream, self.group, [])
 
     async def tick(self) -> None:
@@ -150,10 +150,15 @@ class VerifierWorker(StageWorker):
 
     # ---- helpers -------------------------------------------------------------------------
 
+    def _reply_stream(self, batch: VerifyBatch) -> str | tuple[str, str]:
+        """Where a batch's result goes: the own stream of the coordinator that formed it (the
+        shared one once that coordinator is gone and its stream moved), else the shared one."""
+        return (self.keys.verified_at(batch.reply_to), self.keys.verified) if batch.reply_to else self.keys.verified
+
     def _hand_on_foreign(self, batch: VerifyBatch) -> list[tuple[str, dict]]:
         """Items pinned to another target go to that target's stream, one batch per item."""
         return [
-            (self.keys.verify_for(item.fingerprint), encode(VerifyBatch(f"{batch.batch_id}-{i}", [item])))
+            (self.keys.verify_for(item.fingerprint), encode(VerifyBatch(f"{batch.batch_id}-{i}", [item], batch.reply_to)))
             for i, item in enumerate(batch.items)
             if item.fingerprint not in ("", self.fingerprint)
         ]

@@ -144,6 +144,22 @@ class Keys:
     def verified(self) -> str:
         return f"{self.prefix}verified"
 
+    def verified_at(self, instance: str) -> str:
+        """Verified results of the batches one coordinator instance formed: it applies them
+        with what it remembers of their rounds (its pool, cost model, round clocks). Moved to
+        ``verified`` when the instance is gone."""
+        return f"{self.prefix}verified:at:{instance}"
+
+    @property
+    def verified_pattern(self) -> str:
+        """Every coordinator's own verified stream (ACL patterns)."""
+        return f"{self.prefix}verified:at:*"
+
+    @property
+    def coordinator_streams(self) -> str:
+        """set: coordinator instances that have a ``verified_at`` stream (for the sweep of gone ones)."""
+        return f"{self.prefix}coordinator-streams"
+
     @property
     def dead(self) -> str:
         return f"{self.prefix}dead"
@@ -237,13 +253,14 @@ class Keys:
     def experts(self) -> str:
         return f"{self.prefix}experts"
 
-    def stream_registries(self) -> tuple[str, str, str, str, str]:
+    def stream_registries(self) -> tuple[str, str, str, str, str, str]:
         """Where the streams made at run time are named: experts and target fingerprints (sets),
-        verifiers with own streams (set), drafters with own streams and tenants (hashes).
-        Read them (SMEMBERS, SMEMBERS, SMEMBERS, HKEYS, HKEYS) for ``streams``."""
-        return (self.experts, self.fingerprints, self.verifier_streams, self.drafter_streams, self.tenants)
+        verifiers with own streams (set), drafters with own streams and tenants (hashes),
+        coordinators with own streams (set). Read them (SMEMBERS, SMEMBERS, SMEMBERS, HKEYS,
+        HKEYS, SMEMBERS) for ``streams``."""
+        return (self.experts, self.fingerprints, self.verifier_streams, self.drafter_streams, self.tenants, self.coordinator_streams)
 
-    def streams(self, experts=(), fingerprints=(), verifiers=(), drafters=(), tenants=()) -> list[str]:
+    def streams(self, experts=(), fingerprints=(), verifiers=(), drafters=(), tenants=(), coordinators=()) -> list[str]:
         """Every stream of the pipeline, given the members of ``stream_registries`` (str or
         bytes): the fixed ones, each expert's and target's queue, each worker's own stream and
         each tenant's request and cancel streams. The one list the status view, the gateway's
@@ -254,6 +271,7 @@ class Keys:
         streams += [self.verify_for(f) for f in text(fingerprints)]
         streams += [self.verify_at(i) for i in text(verifiers)]
         streams += [self.draft_at(i) for i in text(drafters)]
+        streams += [self.verified_at(i) for i in text(coordinators)]
         for tenant in text(tenants):
             streams += [self.requests_of(tenant), self.cancel_of(tenant)]
         return streams

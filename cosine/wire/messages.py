@@ -144,6 +144,9 @@ class VerifyBatch:
     KIND: ClassVar[str] = "verify_batch"
     batch_id: str
     items: list[VerifyItem]
+    # The coordinator instance that formed it: the result goes to its own verified stream
+    # (``Keys.verified_at``) while that exists, else to the shared one ("": the shared one).
+    reply_to: str = ""
 
 
 @dataclass(frozen=True, slots=True)

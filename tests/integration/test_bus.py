@@ -1316,13 +1316,14 @@ def test_a_coordinator_applies_a_next_round_from_the_state_it_left(server, demo_
         coordinator = Coordinator(Config(), server)
         coordinator.redis = client
         await coordinator.setup()
-        await bus.ensure_group(client, KEYS.verified, coordinator.group)
+        own = KEYS.verified_at(coordinator.instance)  # results of batches it formed come back here
+        await bus.ensure_group(client, own, coordinator.group)
 
         async def verified(request_id: str, round_: int) -> None:
             batch = VerifiedBatch(f"b-{request_id}-{round_}", "v1", [VerifiedItem(request_id, round_, [], 300 + round_, 0)], 1, 1.0)
-            entry_id = await client.xadd(KEYS.verified, encode(batch))
-            await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.verified: ">"})
-            await coordinator._apply_verified(entry_id, batch)
+            entry_id = await client.xadd(own, encode(batch))
+            await client.xreadgroup(coordinator.group, coordinator.instance, {own: ">"})
+            await coordinator._apply_verified(entry_id, batch, own)
 
         def out_tokens(entries) -> list[int]:
             import json
@@ -1350,6 +1351,54 @@ def test_a_coordinator_applies_a_next_round_from_the_state_it_left(server, demo_
         await verified("elsewhere", 2)
         assert out_tokens(await client.xrange(KEYS.out("elsewhere"))) == [301]
         assert coordinator.records.get("elsewhere").state is None
+        assert (await client.xpending(own, coordinator.group))["pending"] == 0  # each acknowledged where it was read
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_a_result_goes_back_to_the_coordinator_that_formed_its_batch(server):
+    """A verifier writes a batch's result to the own stream of the coordinator named in it
+    (which applies it with what it remembers of the batch), to the shared stream when that
+    coordinator's stream is gone; a gone coordinator's stream is moved to the shared one by
+    another coordinator's sweep, its unapplied results with it."""
+    from cosine.core.sampling import SamplingParams
+    from cosine.wire import Candidate, VerifiedBatch, VerifyBatch, VerifyItem, decode, encode
+    from cosine.workers.coordinator import Coordinator
+    from cosine.workers.verifier import VerifierWorker
+
+    async def scenario():
+        client = await fresh(server)
+        verifier = VerifierWorker(Config(), server)
+        verifier.redis, verifier.fingerprint = client, "fp"
+        coordinator = Coordinator(Config(), server, instance="c-live")
+        coordinator.redis = client
+        await coordinator._beat(KEYS.live("coordinator", "c-live"), 60_000)
+        for instance in ("c-live", "c-dead"):
+            await client.sadd(KEYS.coordinator_streams, instance)
+            await bus.ensure_group(client, KEYS.verified_at(instance), coordinator.group)
+
+        async def failed_round(request_id: str, reply_to: str) -> None:
+            item = VerifyItem(request_id, 2, [1, 2], Candidate(request_id, 2, [], [], [], [], []), SamplingParams(), "fp")
+            await verifier.reject(KEYS.verify, (b"5-0", encode(VerifyBatch(f"b-{request_id}", [item], reply_to))), "kept failing")
+
+        def request_ids(entries) -> list[str]:
+            return [i.request_id for _, f in entries for i in decode(f, VerifiedBatch).items]
+
+        await failed_round("to-live", "c-live")
+        await failed_round("to-dead", "c-dead")
+        await failed_round("to-gone", "c-gone")  # its stream is gone already
+        await failed_round("to-nobody", "")
+        assert request_ids(await client.xrange(KEYS.verified_at("c-live"))) == ["to-live"]
+        assert request_ids(await client.xrange(KEYS.verified_at("c-dead"))) == ["to-dead"]
+        assert request_ids(await client.xrange(KEYS.verified)) == ["to-gone", "to-nobody"]
+        assert not await client.exists(KEYS.verified_at("c-gone"))
+
+        await coordinator._move_gone_coordinator_streams()  # c-dead has no roster entry
+        assert request_ids(await client.xrange(KEYS.verified)) == ["to-gone", "to-nobody", "to-dead"]
+        assert not await client.exists(KEYS.verified_at("c-dead"))
+        assert await client.smembers(KEYS.coordinator_streams) == {b"c-live"}
+        assert request_ids(await client.xrange(KEYS.verified_at("c-live"))) == ["to-live"]
         await client.aclose()
 
     run(scenario())

@@ -38,7 +38,8 @@ def pending_for(client, streams: list[str], pid: int) -> int:
 
 
 def pending_total(client) -> int:
-    return sum(int(g["pending"]) for s in ALL_STREAMS if client.exists(s) for g in client.xinfo_groups(s))
+    streams = ALL_STREAMS + [key.decode() for key in client.keys("cosine:verified:at:*")]  # coordinators' own result streams
+    return sum(int(g["pending"]) for s in streams if client.exists(s) for g in client.xinfo_groups(s))
 
 
 def start_role(pipeline: Pipeline, role: str):

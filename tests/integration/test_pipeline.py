@@ -495,7 +495,8 @@ def test_rounds_stay_with_the_verifier_that_holds_their_caches(server, tmp_path,
     # home verifier had work queued while the other was free (then the first free one takes it).
     last: dict[str, str] = {}
     stayed = moved = 0
-    for _, fields in client.xrange("cosine:verified"):
+    results = [entry for stream in [b"cosine:verified", *client.keys("cosine:verified:at:*")] for entry in client.xrange(stream)]
+    for _, fields in sorted(results, key=lambda entry: tuple(int(part) for part in entry[0].split(b"-"))):  # in the order written
         batch = decode(fields, VerifiedBatch)
         for item in batch.items:
             if item.request_id in last:

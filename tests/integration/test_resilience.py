@@ -219,6 +219,7 @@ def test_a_rolling_restart_of_every_role_loses_nothing(server, tmp_path, demo_ta
     assert client.xlen("cosine:dead") == 0
     streams = ["cosine:requests", "cosine:draft:general", "cosine:drafts", "cosine:candidates", "cosine:verify", "cosine:verified"]
     streams += [key.decode() for key in client.keys("cosine:verify:*")]  # per-target verify streams
+    streams += [key.decode() for key in client.keys("cosine:verified:at:*")]  # coordinators' own result streams
     wait_for(lambda: all(group_pending(client, s, g["name"]) == 0 for s in streams if client.exists(s) for g in client.xinfo_groups(s)), 30, "nothing pending")
 
 

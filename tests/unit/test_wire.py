@@ -455,8 +455,9 @@ def test_rounds_in_reads_what_decode_refuses(monkeypatch):
 def test_one_list_of_the_pipelines_streams_from_its_registries():
     keys = wire.Keys("cosine:")
     registries = keys.stream_registries()
-    assert registries == ("cosine:experts", "cosine:fingerprints", "cosine:verifier-streams", "cosine:drafter-streams", "cosine:tenants")
-    streams = keys.streams({b"code", "general"}, [b"fp1"], {b"v-1"}, {b"d-1": b"x"}, {b"acme": b"{}"})
+    assert registries == ("cosine:experts", "cosine:fingerprints", "cosine:verifier-streams", "cosine:drafter-streams", "cosine:tenants",
+                          "cosine:coordinator-streams")
+    streams = keys.streams({b"code", "general"}, [b"fp1"], {b"v-1"}, {b"d-1": b"x"}, {b"acme": b"{}"}, {b"c-1"})
     assert streams[:7] == [keys.requests, keys.cancel, keys.drafts, keys.candidates, keys.verify, keys.verified, keys.dead]
     assert streams[7:] == [keys.draft("code"), keys.draft("general"), keys.verify_for("fp1"), keys.verify_at("v-1"), keys.draft_at("d-1"),
-                           keys.requests_of("acme"), keys.cancel_of("acme")]
+                           keys.verified_at("c-1"), keys.requests_of("acme"), keys.cancel_of("acme")]

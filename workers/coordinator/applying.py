@@ -49,7 +49,7 @@ class Applying:
         drafts; the second time the request ends with one ``internal`` final naming the cause.
         (A candidate needs nothing: its round stays in the rounds set until it is sent, and the
         drafter-deadline sweep verifies it without drafts.)"""
-        if stream != self.keys.verified:
+        if stream not in (self.keys.verified, self.keys.verified_at(self.instance)):
             return
         rounds = [(request_id, round_, reason) for request_id, round_ in rounds_in(entry[1])]
         try:
@@ -60,7 +60,7 @@ class Applying:
             rounds = []
             for item in batch.items:
                 try:
-                    await self._apply_verified(entry[0], dataclasses.replace(batch, items=[item]))
+                    await self._apply_verified(entry[0], dataclasses.replace(batch, items=[item]), stream)
                 except (RedisError, asyncio.CancelledError):
                     raise
                 except Exception as error:
@@ -80,7 +80,8 @@ class Applying:
                 update = fail(state, self.tokenizer, f"the verified round could not be applied, twice: {reason}", error_code="internal")
                 self.log.warning("request %s round %d: ended (%s)", request_id, round_, await self._apply(state, update))
 
-    async def _apply_verified(self, entry_id: bytes, batch: VerifiedBatch) -> None:
+    async def _apply_verified(self, entry_id: bytes, batch: VerifiedBatch, stream: str) -> None:
+        """Applies a verified batch read from ``stream`` (this coordinator's own, or the shared one)."""
         for item in batch.items:
             faults.check("coordinator.apply", item.request_id)
         cost_error = self._observe(batch)
@@ -140,7 +141,7 @@ class Applying:
                 pipe.xadd(self.keys.candidates, encode(empty_candidate(state)))
             if chunked or with_states:
                 pipe.hincrby(self.keys.stats, "prefill_chunks", len(chunked) + len(with_states))
-            pipe.xack(self.keys.verified, self.group, entry_id)
+            pipe.xack(stream, self.group, entry_id)
 
         await self._flush(load=load, also=acknowledge)  # rounds pooled here go at once when the batch policy says so
         self.round_times.clear()

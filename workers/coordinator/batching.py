@@ -129,7 +129,7 @@ class Batching:
             own_verifier = 0 <= busy < self.verifiers.count  # with this batch, every batch in verification has a verifier of its own
             steps = multi_steps(self.config.speculation.multi_step, taken, len(self.pool) - len(taken), self.active,
                                 list(self.records.drafting.values()), now, self.control.draft_ms, self.control.verify_ms, own_verifier)
-            batch = VerifyBatch(uuid.uuid4().hex[:12], [with_steps(w, steps) for w in taken])
+            batch = VerifyBatch(uuid.uuid4().hex[:12], [with_steps(w, steps) for w in taken], self.instance)
             shared = self.keys.verify_for(fingerprint) if fingerprint else self.keys.verify
             async with self.redis.pipeline(transaction=True) as pipe:
                 if home:  # the shared stream if the home is gone and its stream moved

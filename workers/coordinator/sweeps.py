@@ -77,6 +77,20 @@ class Sweeps:
             if moved is not None:
                 self.log.warning("drafter %s is gone: %d jobs of its stream moved to %s", instance, moved, shared)
 
+    async def _move_gone_coordinator_streams(self) -> None:
+        """A coordinator that is gone leaves results of the batches it formed in its own stream:
+        they go to the shared verified stream, for any coordinator (which applies them from the
+        requests' states, as any result). As for verifiers."""
+        registered = {m.decode() for m in await self.redis.smembers(self.keys.coordinator_streams)} - {self.instance}
+        if not registered:
+            return
+        live = set(await self.rosters.live("coordinator", max_age_s=0.0))  # fresh: a coordinator joins the roster before the registry
+        for instance in sorted(registered - live):
+            moved = await bus.move_stream(self.redis, self.keys.verified_at(instance), self.keys.verified, self.keys.coordinator_streams,
+                                          group=self.group, instance=instance, registry_type="set")
+            if moved is not None:
+                self.log.warning("coordinator %s is gone: %d results of its stream moved to the shared stream", instance, moved)
+
     async def _end_rounds_of_gone_targets(self) -> None:
         """Requests pinned to a target fingerprint that no live verifier has served for
         ``pipeline.target_grace_s`` (a retired target after a rolling upgrade) end with

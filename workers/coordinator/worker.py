@@ -26,7 +26,7 @@ from .records import Records
 from .sweeps import Sweeps
 
 CONTROL_LOG_S = 30.0  # how often the cost model's state is logged (INFO)
-SWEEP_S = 1.0  # how often gone verifiers' own streams are looked for
+SWEEP_S = 1.0  # how often gone workers' own streams are looked for
 
 
 class Coordinator(Batching, Applying, Sweeps, StageWorker):
@@ -51,7 +51,17 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
         self.drafter_queued: dict[str, tuple[int, int]] = {}  # live drafter instance -> jobs of its own stream (waiting unread, in hand), last refresh
 
     def input_streams(self) -> list[str]:
-        return [self.keys.verified, self.keys.candidates]
+        # Its own results first: batches it formed, which it applies with what it remembers of them.
+        return [self.keys.verified_at(self.instance), self.keys.verified, self.keys.candidates]
+
+    def own_streams(self) -> list[str]:
+        return [self.keys.verified_at(self.instance)]
+
+    def registrations(self, pipe) -> None:
+        pipe.sadd(self.keys.coordinator_streams, self.instance)
+
+    def hand_back_to(self, stream: str) -> str:
+        return self.keys.verified if stream == self.keys.verified_at(self.instance) else stream
 
     async def setup(self) -> None:
         self.tokenizer, _, _ = await self.off_loop(load_tokenizer_and_limits, self.config)
@@ -81,7 +91,7 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
             await self._flush(load=load)
         else:
             for entry_id, fields in entries:
-                await self._apply_verified(entry_id, decode(fields, VerifiedBatch))
+                await self._apply_verified(entry_id, decode(fields, VerifiedBatch), stream)
         self.flushed_this_read = True  # the tick after this read need not decide again
 
     async def tick(self) -> None:
@@ -96,6 +106,7 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
                 self.last_sweep = now
                 await self.guarded(self._move_gone_verifier_streams)
                 await self.guarded(self._move_gone_drafter_streams)
+                await self.guarded(self._move_gone_coordinator_streams)
                 await self.guarded(self._end_rounds_of_gone_targets)
             await self.guarded(self._expire_deadlines)
         if self.control.enabled and now - self.last_control_log > CONTROL_LOG_S:
