@@ -389,6 +389,21 @@ async def apply_rounds(client: aioredis.Redis, calls: Sequence[tuple[list[str], 
     return [r.decode() if isinstance(r, bytes) else r for r in replies]
 
 
+async def apply_rounds_and(client: aioredis.Redis, calls: Sequence[tuple[list[str], list]], queue) -> tuple[list[str], list]:
+    """``apply_rounds`` with more commands in the same round trip: ``queue(pipe)`` queues them
+    after the calls; their replies (errors returned, not raised) come back after the outcomes."""
+    async with client.pipeline(transaction=False) as pipe:
+        for key_list, args in calls:
+            pipe.fcall(function_name("apply_round"), len(key_list), *key_list, *args)
+        queue(pipe)
+        replies = await pipe.execute(raise_on_error=False)
+    outcomes = replies[: len(calls)]
+    for reply in outcomes:
+        if isinstance(reply, Exception):
+            raise reply
+    return [r.decode() if isinstance(r, bytes) else r for r in outcomes], replies[len(calls):]
+
+
 def send(pipe, own: str, shared: str, fields: Mapping) -> None:
     """Queue on ``pipe`` an entry for a worker's ``own`` stream: written there while that stream
     exists, else to ``shared`` (its worker is gone and the stream was moved: an entry written

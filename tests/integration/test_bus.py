@@ -1333,10 +1333,19 @@ def test_a_coordinator_applies_a_next_round_from_the_state_it_left(server, demo_
         for request_id in ("kept", "cancelled", "elsewhere"):
             state = RequestState(request_id, [1, 2, 3], SamplingParams(), 32, (), (2,), [], round=1, deadline_ms=2**42)
             await client.hset(KEYS.request(request_id), mapping=state_to_fields(state))
+        separate_reads = []
+        read_states = coordinator._states_and_load
+
+        async def counted(request_ids):
+            separate_reads.append(list(request_ids))
+            return await read_states(request_ids)
+
+        coordinator._states_and_load = counted
         await verified("kept", 1)
         reads = await hgetalls(client)
-        await verified("kept", 2)  # from the state round 1 left: no read
+        await verified("kept", 2)  # from the state round 1 left: no read, the load read with the application
         assert await hgetalls(client) == reads
+        assert separate_reads == [["kept"]]
         assert coordinator.records.get("kept").state.round == 3
         assert out_tokens(await client.xrange(KEYS.out("kept"))) == [301, 302]
 

@@ -87,7 +87,10 @@ class Applying:
         cost_error = self._observe(batch)
         for item in batch.items:  # the verifier now holds these requests' caches
             self.records.of(item.request_id).home = batch.verifier
-        states, load = await self._known_states_and_load([(item.request_id, item.round) for item in batch.items])
+        rounds = [(item.request_id, item.round) for item in batch.items]
+        states, load = self._known_states(rounds), None
+        if any(state is None for state in states):  # else the load is read with the rounds' application
+            states, load = await self._known_states_and_load(rounds)
         self._plan(batch, states)
         # Every request's round in one round trip (each its own compare-and-set).
         calls, applied, chunked, with_states = [], [], [], []  # applied: (item, state, update, its next round pooled here) of each call
@@ -107,7 +110,14 @@ class Applying:
                 call, local = self._round_call(state, update, item, in_place=True)
                 calls.append(call)
                 applied.append((item, state, update, local))
-        outcomes = await bus.apply_rounds(self.redis, calls + [call for _, call in with_states])
+        rounds_applied = len(calls)  # then the prefill chunks' calls
+        calls += [call for _, call in with_states]
+        if load is None and calls:  # the load (what the batch decision needs) in the same round trip
+            streams: list[str] = []
+            outcomes, replies = await bus.apply_rounds_and(self.redis, calls, lambda pipe: streams.extend(self._queue_load(pipe)))
+            load = self._parse_load(streams, replies)
+        else:
+            outcomes = await bus.apply_rounds(self.redis, calls)
         for (item, state, update, local), outcome in zip(applied, outcomes):
             self._remember(state, update, outcome)
             if outcome == "applied":
@@ -118,7 +128,7 @@ class Applying:
                 await self._apply_item(item, batch.fingerprint)
         # A chunk whose states were not stored (a cancellation pending) goes on without them:
         # its next round applies the cancellation.
-        chunked += [state for (state, _), outcome in zip(with_states, outcomes[len(calls):]) if outcome == "cancelled"]
+        chunked += [state for (state, _), outcome in zip(with_states, outcomes[rounds_applied:]) if outcome == "cancelled"]
         if faults.enabled():
             await self.mark_phase("after_apply")
             await asyncio.sleep(faults.delay("coordinator.after_apply"))

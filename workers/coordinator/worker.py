@@ -148,16 +148,22 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
         decision after them needs."""
         return await self._read_states(request_ids, with_load=True)  # type: ignore[return-value]  # a load when asked for
 
-    async def _known_states_and_load(self, rounds: list[tuple[str, int]]) -> tuple[list[RequestState | None], tuple[int, int]]:
-        """``_states_and_load`` for (request, round) pairs: where this coordinator's last apply
-        left a request at that round, its state as applied (``RequestRecord.state``: the apply's
-        compare-and-set checks it still is the request's); the others read, with the load, in
-        one round trip. A request's hash is then read once, not on each of its rounds."""
+    def _known_states(self, rounds: list[tuple[str, int]]) -> list[RequestState | None]:
+        """Each (request, round)'s state as this coordinator's last apply left it, where that
+        was at that round (``RequestRecord.state``), else None."""
         states: list[RequestState | None] = []
         for request_id, round_ in rounds:
             record = self.records.get(request_id)
             known = record.state if record is not None else None
             states.append(known if known is not None and known.round == round_ else None)
+        return states
+
+    async def _known_states_and_load(self, rounds: list[tuple[str, int]]) -> tuple[list[RequestState | None], tuple[int, int]]:
+        """``_states_and_load`` for (request, round) pairs: where this coordinator's last apply
+        left a request at that round, its state as applied (``RequestRecord.state``: the apply's
+        compare-and-set checks it still is the request's); the others read, with the load, in
+        one round trip. A request's hash is then read once, not on each of its rounds."""
+        states = self._known_states(rounds)
         missing = [i for i, state in enumerate(states) if state is None]
         read, load = await self._states_and_load([rounds[i][0] for i in missing])
         for i, state in zip(missing, read):
