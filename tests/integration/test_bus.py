@@ -1411,3 +1411,40 @@ def test_a_result_goes_back_to_the_coordinator_that_formed_its_batch(server):
         await client.aclose()
 
     run(scenario())
+
+
+def test_a_frozen_server_times_out_a_call_and_a_pipeline_and_a_thawed_one_answers_again():
+    """The client's time-out bounds each wait for the server (not each reply of a pipeline):
+    a call, and a pipeline, to a frozen server raise ``TimeoutError`` after it; once the server
+    runs again the same client answers."""
+    import os
+    import signal
+
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    embedded = EmbeddedRedis(persistence=False)
+    url = embedded.start()
+
+    async def scenario():
+        client = bus.connect(url, timeout_s=1.0)
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(20):
+                pipe.set(f"k{i}", i)
+                pipe.get(f"k{i}")
+            assert (await pipe.execute())[1::2] == [str(i).encode() for i in range(20)]
+        os.kill(embedded.pid, signal.SIGSTOP)
+        try:
+            for call in (lambda: client.get("k1"), lambda: client.pipeline(transaction=False).get("k1").get("k2").execute()):
+                began = time.monotonic()
+                with pytest.raises(RedisTimeoutError):
+                    await call()
+                assert 0.9 < time.monotonic() - began < 5
+        finally:
+            os.kill(embedded.pid, signal.SIGCONT)
+        assert await client.get("k3") == b"3"
+        await client.aclose()
+
+    try:
+        run(scenario())
+    finally:
+        embedded.stop()
