@@ -173,6 +173,11 @@ def is_verify_stream(stream: str) -> bool:
     return stream == f"{NS}verify" or stream.startswith(f"{NS}verify:")
 
 
+def is_verified_stream(stream: str) -> bool:
+    """The shared result stream, or a coordinator's own (results of the batches it formed)."""
+    return stream == f"{NS}verified" or stream.startswith(f"{NS}verified:at:")
+
+
 def instance_pid(instance: str) -> int | None:
     match = INSTANCE_PID.search(instance)
     return int(match.group(1)) if match else None
@@ -248,7 +253,7 @@ class Kill:
     @property
     def in_after_apply(self) -> bool:
         """Between applying a round and acknowledging it: the result entry is still pending."""
-        return self.role == "coordinator" and self.phase == "after_apply" and self.pending.get(f"{NS}verified", 0) > 0
+        return self.role == "coordinator" and self.phase == "after_apply" and any(n for s, n in self.pending.items() if is_verified_stream(s))
 
 
 class Observer:
