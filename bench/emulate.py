@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import sys
 import tempfile
@@ -55,6 +56,7 @@ from cosine.factory import target_tokenizer
 NAMESPACE = "cosine:"
 STALL_S = 30  # a request with no output for this long is counted as failed (client-timeout)
 MACHINE_LIMITED = 0.02  # mean overshoot over the profiled time past which a run measured this machine
+MAX_SLOWDOWN = 32.0  # the largest k the probes try (and a machine-limited run doubles to)
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an have not which one all were when we there "
          "can more if out so what up its about into than them only other new some could time these two may first then do any like "
          "my now over such our man me even most made after also did many before must through back years where much your way well").split()
@@ -331,7 +333,7 @@ def probe_size(count: int, kind: str, load: float) -> int:
 def find_slowdown(args, scratch: Path, plans, kind: str, load: float, arrivals, index: int, system: str) -> float:
     """The smallest k of 1, 2, 4, ... at which a probe (``probe_size`` requests) keeps this
     machine's CPU under ``--cpu-limit`` with the sleeps on time."""
-    candidates = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    candidates = [2.0**i for i in range(int(math.log2(MAX_SLOWDOWN)) + 1)]
     for slowdown in candidates:
         serve, url, admin, records, verifiers = serve_cluster(args, scratch, slowdown, f"probe-{index}-{slowdown:g}", system)
         try:
@@ -380,6 +382,7 @@ def main() -> None:
         else:
             fixed = {load: float(args.slowdown) for _, load in loads}
     rows = []
+    probed: set[float] = set()  # loads whose k the probes chose (a machine-limited run doubles it)
     from cosine.emulate.ideal import simulate
 
     scratch = Path(tempfile.mkdtemp(prefix="cosine-emulate-"))  # configs and serve logs, kept for a look
@@ -391,17 +394,28 @@ def main() -> None:
         for system in args.systems:
             if load not in fixed:  # k for this load, found with the first system and kept for the others
                 fixed[load] = find_slowdown(args, scratch, plans, kind, load, arrivals, index, system)
+                probed.add(load)
             slowdown = fixed[load]
-            serve, url, admin, records, verifiers = serve_cluster(args, scratch, slowdown, f"{args.tag}-{index}-{system}", system)
-            try:
-                asyncio.run(drive(url, plans[:1], args.max_tokens, 1, None, f"warm-{index}-{system}"))
-                row = run_level(url, admin, serve, records, plans, args, kind, load, slowdown, verifiers, f"run-{index}", arrivals)  # the same ids, so the same draws, for every system
-            except Exception as error:  # one system's failure is reported, the others still run
-                print(f"{system:>24} {kind} {load:g}: FAILED ({type(error).__name__}: {error}); its serve log: {serve.log_path}", flush=True)
-                rows.append({"system": system, "kind": kind, "load": load, "slowdown": slowdown, "failed": f"{type(error).__name__}: {error}"})
+            while True:
+                serve, url, admin, records, verifiers = serve_cluster(args, scratch, slowdown, f"{args.tag}-{index}-{system}-{slowdown:g}", system)
+                try:
+                    asyncio.run(drive(url, plans[:1], args.max_tokens, 1, None, f"warm-{index}-{system}"))
+                    row = run_level(url, admin, serve, records, plans, args, kind, load, slowdown, verifiers, f"run-{index}", arrivals)  # the same ids, so the same draws, for every system
+                except Exception as error:  # one system's failure is reported, the others still run
+                    print(f"{system:>24} {kind} {load:g}: FAILED ({type(error).__name__}: {error}); its serve log: {serve.log_path}", flush=True)
+                    row = {"system": system, "kind": kind, "load": load, "slowdown": slowdown, "failed": f"{type(error).__name__}: {error}"}
+                    break
+                finally:
+                    serve.stop()
+                # A run the probe let through but that ran machine-limited is no result: with k
+                # chosen here, the load runs again at twice the slow-down.
+                if not (row["machine_limited"] and load in probed and slowdown < MAX_SLOWDOWN):
+                    break
+                print(f"  k={slowdown:g} ran machine-limited (overshoot {row['mean_overshoot']:+.1%}): again at k={2 * slowdown:g}", flush=True)
+                slowdown = fixed[load] = 2 * slowdown
+            if "failed" in row:
+                rows.append(row)
                 continue
-            finally:
-                serve.stop()
             ideal_config = scratch / "ideal.toml"
             ideal_config.write_text(dump_toml(cluster_config(args, args.config, 1.0, scratch, system)))
             ids, texts = [f"run-{index}-{i}" for i in range(count)], [p for _, p in plans]
