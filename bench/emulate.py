@@ -330,6 +330,15 @@ def probe_size(count: int, kind: str, load: float) -> int:
     return min(count, max(size, int(load))) if kind == "closed" else size
 
 
+def slowdown_again(row: dict, probed: bool) -> float | None:
+    """The k to run a load again at: a run that the probes let through (``probed``: k was
+    chosen here, not given) but that ran machine-limited is no result, so twice its k (up to
+    ``MAX_SLOWDOWN``); None: the run stands."""
+    if not (row["machine_limited"] and probed and row["slowdown"] < MAX_SLOWDOWN):
+        return None
+    return 2 * row["slowdown"]
+
+
 def find_slowdown(args, scratch: Path, plans, kind: str, load: float, arrivals, index: int, system: str) -> float:
     """The smallest k of 1, 2, 4, ... at which a probe (``probe_size`` requests) keeps this
     machine's CPU under ``--cpu-limit`` with the sleeps on time."""
@@ -407,12 +416,11 @@ def main() -> None:
                     break
                 finally:
                     serve.stop()
-                # A run the probe let through but that ran machine-limited is no result: with k
-                # chosen here, the load runs again at twice the slow-down.
-                if not (row["machine_limited"] and load in probed and slowdown < MAX_SLOWDOWN):
+                again = slowdown_again(row, load in probed)
+                if again is None:
                     break
-                print(f"  k={slowdown:g} ran machine-limited (overshoot {row['mean_overshoot']:+.1%}): again at k={2 * slowdown:g}", flush=True)
-                slowdown = fixed[load] = 2 * slowdown
+                print(f"  k={slowdown:g} ran machine-limited (overshoot {row['mean_overshoot']:+.1%}): again at k={again:g}", flush=True)
+                slowdown = fixed[load] = again
             if "failed" in row:
                 rows.append(row)
                 continue

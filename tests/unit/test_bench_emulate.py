@@ -66,3 +66,12 @@ def test_a_closed_load_is_probed_at_its_own_concurrency(emulate):
     assert emulate.probe_size(8, "closed", 1.0) == 2
     assert emulate.probe_size(32, "closed", 16.0) == 16
     assert emulate.probe_size(64, "poisson", 45.0) == 16
+
+
+def test_a_machine_limited_run_at_a_probed_slowdown_runs_again_slower(emulate):
+    # The probe let k = 1 through at c = 4 and the run overshot by 34%: reported as is, it
+    # stood in the table as a machine-limited figure instead of a result at k = 2.
+    assert emulate.slowdown_again({"machine_limited": True, "slowdown": 1.0}, probed=True) == 2.0
+    assert emulate.slowdown_again({"machine_limited": False, "slowdown": 1.0}, probed=True) is None
+    assert emulate.slowdown_again({"machine_limited": True, "slowdown": 2.0}, probed=False) is None  # k given: the run stands
+    assert emulate.slowdown_again({"machine_limited": True, "slowdown": emulate.MAX_SLOWDOWN}, probed=True) is None
