@@ -428,11 +428,7 @@ async def apply_rounds(client: aioredis.Redis, calls: Sequence[tuple[list[str], 
     if len(calls) == 1:
         key_list, args = calls[0]
         return [await _fcall(client, "apply_round", key_list, args)]
-    async with client.pipeline(transaction=False) as pipe:
-        for key_list, args in calls:
-            pipe.fcall(function_name("apply_round"), len(key_list), *key_list, *args)
-        replies = await pipe.execute()
-    return [r.decode() if isinstance(r, bytes) else r for r in replies]
+    return (await apply_rounds_and(client, calls, lambda pipe: None))[0]
 
 
 async def apply_rounds_and(client: aioredis.Redis, calls: Sequence[tuple[list[str], list]], queue) -> tuple[list[str], list]:

@@ -54,14 +54,8 @@ class Sweeps:
         registered = {m.decode() for m in await self.redis.smembers(self.keys.verifier_streams)}
         if not registered - self.verifiers.live:
             return
-        # A roster read after the registry's, not the cached one: a verifier joins the roster
-        # before the registry, so one that just started is not taken for gone.
-        live = set(await self.rosters.live("verifier", max_age_s=0.0))
-        for instance in sorted(registered - live):
-            moved = await bus.move_stream(self.redis, self.keys.verify_at(instance), self.keys.verify, self.keys.verifier_streams,
-                                          group=self.keys.group("verifier"), instance=instance, registry_type="set")
-            if moved is not None:
-                self.log.warning("verifier %s is gone: %d batches of its stream moved to the shared stream", instance, moved)
+        await self._move_gone_streams("verifier", dict.fromkeys(registered, self.keys.verify), self.keys.verify_at, self.keys.verifier_streams,
+                                      "set", "batches")
 
     async def _move_gone_drafter_streams(self) -> None:
         """A drafter that is gone leaves jobs in its own stream (unread, or read and not
@@ -69,27 +63,30 @@ class Sweeps:
         registered = {i.decode(): e.decode() for i, e in (await self.redis.hgetall(self.keys.drafter_streams)).items()}
         if not set(registered) - self.drafter_ids:
             return
-        live = set(await self.rosters.live("drafter", max_age_s=0.0))  # fresh: a drafter joins the roster before the registry
-        for instance in sorted(set(registered) - live):
-            shared = self.keys.draft(registered[instance])
-            moved = await bus.move_stream(self.redis, self.keys.draft_at(instance), shared, self.keys.drafter_streams,
-                                          group=self.keys.group("drafter"), instance=instance, registry_type="hash")
-            if moved is not None:
-                self.log.warning("drafter %s is gone: %d jobs of its stream moved to %s", instance, moved, shared)
+        await self._move_gone_streams("drafter", {i: self.keys.draft(e) for i, e in registered.items()}, self.keys.draft_at,
+                                      self.keys.drafter_streams, "hash", "jobs")
 
     async def _move_gone_coordinator_streams(self) -> None:
         """A coordinator that is gone leaves results of the batches it formed in its own stream:
         they go to the shared verified stream, for any coordinator (which applies them from the
         requests' states, as any result). As for verifiers."""
         registered = {m.decode() for m in await self.redis.smembers(self.keys.coordinator_streams)} - {self.instance}
-        if not registered:
-            return
-        live = set(await self.rosters.live("coordinator", max_age_s=0.0))  # fresh: a coordinator joins the roster before the registry
-        for instance in sorted(registered - live):
-            moved = await bus.move_stream(self.redis, self.keys.verified_at(instance), self.keys.verified, self.keys.coordinator_streams,
-                                          group=self.group, instance=instance, registry_type="set")
+        if registered:
+            await self._move_gone_streams("coordinator", dict.fromkeys(registered, self.keys.verified), self.keys.verified_at,
+                                          self.keys.coordinator_streams, "set", "results")
+
+    async def _move_gone_streams(self, role: str, registered: dict[str, str], own, registry: str, registry_type: str, what: str) -> None:
+        """Moves the own streams (``own(instance)``) of the ``registered`` workers of ``role``
+        that are not live to their shared streams (instance -> shared stream), each in one
+        atomic call. The roster is read after the registry, not the cached one: a worker joins
+        the roster before the registry, so one that just started is not taken for gone."""
+        live = set(await self.rosters.live(role, max_age_s=0.0))
+        for instance in sorted(set(registered) - live):
+            shared = registered[instance]
+            moved = await bus.move_stream(self.redis, own(instance), shared, registry, group=self.keys.group(role), instance=instance,
+                                          registry_type=registry_type)
             if moved is not None:
-                self.log.warning("coordinator %s is gone: %d results of its stream moved to the shared stream", instance, moved)
+                self.log.warning("%s %s is gone: %d %s of its stream moved to %s", role, instance, moved, what, shared)
 
     async def _end_rounds_of_gone_targets(self) -> None:
         """Requests pinned to a target fingerprint that no live verifier has served for
