@@ -40,7 +40,6 @@ from .drafter import EmulatedDrafter
 from .oracle import Oracle
 from .profiles import load_profiles
 
-EXPLORE_MAX_BATCH = 2  # as the coordinator: load control explores only while batches are this small
 JOB_BYTES = 400  # a draft job or a draft on the wire, about (tail of the context, window, ids)
 
 
@@ -184,7 +183,7 @@ class _Simulation:
         together = len(self.drafting) + 1
         if experts and window > 0:
             experts = experts[: self.control.cooperating(len(experts), batch_size)]
-            if not (batch_size <= EXPLORE_MAX_BATCH and self.control.explore(request.key, request.round, request.drafted_rounds)):
+            if not (batch_size <= self.control.explore_max_batch and self.control.explore(request.key, request.round, request.drafted_rounds)):
                 window = self.control.choose(window, batch_size, request.accepted, request.drafted_rounds)
         if not experts or window <= 0:
             self.pool_candidate(_Candidate(request, [], 0, self.now))

@@ -25,6 +25,8 @@ observations at one batch size do not make the fit wild).
 from __future__ import annotations
 
 import hashlib
+import math
+import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,6 +69,21 @@ def draft_features(window: int, together: int = 1) -> tuple[float, ...]:
     return (1.0, window, max(1, together) * window)
 
 
+def drafting_prior(profiles: Sequence[Sequence[float]], default: Sequence[float]) -> list[float]:
+    """The drafting cost model's prior from drafters' start-up profiles ``(d0, d1, d2)``: the
+    median of each term (a drafter profiled while others started shows ten times its cost, or
+    a tenth), the fixed part at most ``default``'s. A profile times bare drafting calls, so its
+    fixed part is no measure of the hop (the fit learns that from rounds); the first drafter of
+    a process to register was profiled while the others were still building (118 ms fixed
+    against 0.08 ms measured alone), and a prior that high let the first hop after a start — a
+    cold drafter's, 250 ms — into the fit unclipped: it priced drafting above decoding for the
+    rest of a run at one request."""
+    prior = [float(statistics.median(column)) for column in zip(*profiles)]
+    if prior:
+        prior[0] = min(prior[0], float(default[0]))
+    return prior
+
+
 def expected_tokens(alpha: float, window: int) -> float:
     """Tokens a round yields on average with every position accepted at ``alpha``."""
     alpha = min(max(alpha, 0.0), 0.999)
@@ -80,6 +97,18 @@ def acceptance_estimate(accepted: float, drafted_rounds: float, prior: float = 0
     prior = min(max(prior, 0.0), 0.95)
     pseudo_accepted = prior_rounds * prior / (1 - prior)
     return (accepted + pseudo_accepted) / (accepted + drafted_rounds + pseudo_accepted + prior_rounds)
+
+
+def optimistic_estimate(accepted: float, drafted_rounds: float, prior: float = 0.5, prior_rounds: float = 2.0, optimism: float = 1.0) -> float:
+    """A request's per-token acceptance ``optimism`` standard deviations above its estimate (the
+    spread of a Beta posterior: accepted tokens against drafted rounds, on top of the pseudo
+    rounds): the upper bound a bandit plans with, so that a request drafts until its own rounds
+    show that drafting does not pay, whatever rounds of other requests (or its own first, unlucky
+    ones) said. The spread narrows with every drafted round."""
+    estimate = acceptance_estimate(accepted, drafted_rounds, prior, prior_rounds)
+    prior = min(max(prior, 0.0), 0.95)
+    count = accepted + drafted_rounds + prior_rounds * prior / (1 - prior) + prior_rounds
+    return min(0.95, estimate + optimism * math.sqrt(estimate * (1 - estimate) / (count + 1)))
 
 
 @dataclass
@@ -239,6 +268,11 @@ class SpeculationControl:
     explore_until: int = 32  # drafted rounds observed before the model alone decides
     explore_every: int = 50  # then one round in this many drafts at its adaptive window
     explore_rounds: int = 2  # a request's first drafted rounds, whatever the model says
+    # Exploration, and optimism about a request's acceptance, only while batches are this
+    # small: under load a drafted round costs its batch-mates too (even rare exploration cost a
+    # large share of the throughput at 16 requests).
+    explore_max_batch: int = 2
+    optimism: float = 1.0  # standard deviations (optimistic_estimate)
     smoothing: float = 0.05  # of the running means (overhead, batch context)
     verify: LinearCost = field(init=False)
     draft: LinearCost = field(init=False)
@@ -289,13 +323,16 @@ class SpeculationControl:
         """All requests' recent per-token acceptance (geometric; 0.5 before any drafted round)."""
         return self.curve.geometric
 
-    def acceptance(self, accepted: int, drafted_rounds: int) -> float:
-        """A request's per-token acceptance (geometric), its own rounds on top of the shared estimate."""
+    def acceptance(self, accepted: int, drafted_rounds: int, optimistic: bool = False) -> float:
+        """A request's per-token acceptance (geometric), its own rounds on top of the shared
+        estimate; ``optimistic``: its upper bound (``optimistic_estimate``)."""
+        if optimistic:
+            return optimistic_estimate(accepted, drafted_rounds, self.acceptance_prior, self.prior_rounds, self.optimism)
         return acceptance_estimate(accepted, drafted_rounds, self.acceptance_prior, self.prior_rounds)
 
-    def scale(self, accepted: int, drafted_rounds: int) -> float:
+    def scale(self, accepted: int, drafted_rounds: int, optimistic: bool = False) -> float:
         """How a request's own acceptance compares with everyone's (what the curve is scaled by)."""
-        return self.acceptance(accepted, drafted_rounds) / max(self.acceptance_prior, 1e-6)
+        return self.acceptance(accepted, drafted_rounds, optimistic) / max(self.acceptance_prior, 1e-6)
 
     def expected(self, window: int, accepted: int = 0, drafted_rounds: int = 0) -> float:
         """Expected tokens of a request's round at ``window``: the shared curve, scaled by the
@@ -362,14 +399,21 @@ class SpeculationControl:
         slowest draft), so drafting is decided for the batch: the ``k`` requests with the best
         acceptance draft at window ``w`` (each within its limit), the rest at 0, for the ``k``
         and ``w`` with the most expected tokens per ms; no drafting when none beats decoding
-        (``decoding_ms``: multi-step jobs pay the round overhead once for several tokens)."""
+        (``decoding_ms``: multi-step jobs pay the round overhead once for several tokens).
+
+        In batches of at most ``explore_max_batch`` whether to draft at all is decided at the
+        requests' optimistic acceptance (``optimistic_estimate``; the window still at their
+        estimate): a round at window 0 observes nothing, so a request stopped by a low estimate —
+        everyone's early rounds, or its own first two — would never show it wrong; its own
+        drafted rounds narrow the bound until they decide."""
         n = len(requests)
         if not self.enabled:
             return [max(0, limit) for limit, _, _ in requests]
         batch = max(batch_size, n, 1)
         scales = [self.scale(accepted, rounds) for _, accepted, rounds in requests]
         order = sorted((i for i in range(n) if requests[i][0] > 0), key=lambda i: -scales[i])
-        best = (batch / max(self.decoding_ms(batch), 1e-6), 0, 0)  # (rate, k, w)
+        decoding = batch / max(self.decoding_ms(batch), 1e-6)
+        best = (0.0, 0, 0, 0.0)  # the best drafting: (rate, k, w, ms)
         most = max((requests[i][0] for i in order), default=0)
         conditional = self.curve.conditional()  # once per plan: the coordinator's CPU is the verifier's too
         for window in range(1, most + 1):
@@ -381,7 +425,13 @@ class SpeculationControl:
                 ms = self.overhead_ms + self.draft_ms(window, k) + self.verify_ms(batch, fed)
                 rate = tokens / max(ms, 1e-6)
                 if rate > best[0] * (1 + 1e-9):
-                    best = (rate, k, window)
-        _, k, window = best
+                    best = (rate, k, window, ms)
+        rate, k, window, ms = best
+        if k and rate <= decoding * (1 + 1e-9) and batch <= self.explore_max_batch:
+            drafted = order[:k]  # the same plan, at the drafting requests' upper bounds
+            rate = (batch + sum(self.curve.expected(min(window, requests[i][0]), self.scale(*requests[i][1:], optimistic=True), conditional) - 1
+                                for i in drafted)) / max(ms, 1e-6)
+        if rate <= decoding * (1 + 1e-9):
+            return [0] * n
         drafting = set(order[:k])
         return [min(window, requests[i][0]) if i in drafting else 0 for i in range(n)]

@@ -6,7 +6,15 @@ import random
 
 import pytest
 
-from cosine.policy.control import AcceptanceCurve, LinearCost, SpeculationControl, acceptance_estimate, expected_tokens
+from cosine.policy.control import (
+    AcceptanceCurve,
+    LinearCost,
+    SpeculationControl,
+    acceptance_estimate,
+    drafting_prior,
+    expected_tokens,
+    optimistic_estimate,
+)
 
 
 def test_expected_tokens_of_a_round():
@@ -75,8 +83,10 @@ def test_window_shrinks_as_drafting_gets_slower():
 def test_round_overhead_makes_drafting_pay():
     # Without overhead one drafted token does not pay for its drafting hop; a round's fixed
     # overhead (hops, batch forming) is paid at window 0 too, so the extra token tips it.
-    assert control(30, 2, 1, 20, 2, alpha=0.5).choose(8, 1) == 0
+    # (The cost model alone: no optimism about the request's acceptance.)
     ctl = control(30, 2, 1, 20, 2, alpha=0.5)
+    ctl.optimism = 0.0
+    assert ctl.choose(8, 1) == 0
     for _ in range(200):
         ctl.observe_overhead(40.0)
     assert ctl.overhead_ms == pytest.approx(40.0, rel=0.01)
@@ -122,6 +132,44 @@ def test_a_request_that_accepts_more_than_the_others_drafts_longer():
     assert ctl.choose(8, 1, accepted=0, drafted_rounds=100) == 0
     # In a batch every request gets the batch's window: the shared estimate decides.
     assert ctl.choose(8, 4, accepted=400, drafted_rounds=100) == ctl.choose(8, 4, accepted=0, drafted_rounds=100)
+
+
+def test_an_optimistic_acceptance_narrows_with_a_request_s_own_rounds():
+    assert acceptance_estimate(0, 0, 0.75, 4) < optimistic_estimate(0, 0, prior=0.75, prior_rounds=4) < 0.95
+    few = optimistic_estimate(2, 2, prior=0.75, prior_rounds=4) - acceptance_estimate(2, 2, 0.75, 4)
+    many = optimistic_estimate(60, 60, prior=0.75, prior_rounds=4) - acceptance_estimate(60, 60, 0.75, 4)
+    assert few > 0.09 and 0 < many < 0.05
+    assert optimistic_estimate(2, 2, prior=0.75, prior_rounds=4, optimism=0.0) == pytest.approx(acceptance_estimate(2, 2, 0.75, 4))
+
+
+def test_a_low_estimate_does_not_stop_drafting_for_good_at_low_load():
+    """Regression (bench/emulate.py, one request at a time, an emulated 8B target): the shared
+    estimate, made of the first requests' rounds (routing not settled yet: first-position
+    acceptance 0.47), priced drafting below multi-step decoding; every later request went to
+    window 0 after its first two drafted rounds, whatever they accepted (8 of 8), and window-0
+    rounds observe nothing that could show the estimate wrong (run-0-0: 16 of 18 rounds)."""
+    ctl = control(6, 0.2, 0.3, 2, 1, alpha=0.5, multi_step=8)  # everyone's early rounds: half accepted
+    for _ in range(300):
+        ctl.observe_overhead(10.0)
+    assert ctl.choose(8, 1) == 0  # at everyone's acceptance drafting does not pay
+    assert ctl.choose(8, 1, accepted=8, drafted_rounds=2) > 0  # a request's own two rounds accepted all: it drafts on
+    assert ctl.choose(8, 1, accepted=6, drafted_rounds=12) == 0  # a request whose drafts keep missing stops
+    ctl.optimism = 0.0
+    assert ctl.choose(8, 1, accepted=8, drafted_rounds=2) == 0  # what the estimate alone says
+    ctl = control(6, 0.2, 0.3, 2, 1, alpha=0.75, multi_step=8)
+    for _ in range(300):
+        ctl.observe_overhead(10.0)
+    ctl.optimism = 0.0
+    # The window is the estimate's: optimism decides only whether to draft.
+    chosen = ctl.choose(8, 1)
+    ctl.optimism = 1.0
+    assert ctl.choose(8, 1) == chosen
+    # Not under load: a drafted round costs the batch-mates too.
+    unlucky = (8, 2, 2)
+    assert ctl.plan([unlucky] * 2) == [4, 4]
+    assert ctl.plan([unlucky] * 3) == [0, 0, 0]
+    ctl.explore_max_batch = 3
+    assert ctl.plan([unlucky] * 3) == [4, 4, 4]
 
 
 def test_disabled_control_keeps_the_limit():
@@ -266,3 +314,22 @@ def test_one_start_up_transient_does_not_price_drafting_for_good():
     for _ in range(30):
         ctl.observe_drafting(5, 45.0)
     assert ctl.draft_ms(5) == pytest.approx(45.0, rel=0.15)
+
+
+def test_a_drafter_profiled_while_others_built_does_not_let_a_cold_hop_into_the_fit():
+    """Regression (bench/emulate.py, 16 emulated drafters in one process): the first drafter to
+    register had been profiled while the others were still building (118 ms fixed cost; 0.08
+    ms alone), the prior taken from it let the first hop after the start (a cold drafter, 253
+    ms) into the fit unclipped, and 40 rounds later window 4 was priced at 15.7 ms against 9
+    measured: load control at one request chose decoding over drafting."""
+    assert drafting_prior([(118.2, 1.48, 0.03), (0.1, 1.5, 0.02), (0.08, 1.6, 0.03)], (10.0, 1.0, 1.0)) == pytest.approx([0.1, 1.5, 0.03])
+    prior = drafting_prior([(118.2, 1.48, 0.03)], (10.0, 1.0, 1.0))
+    assert prior == pytest.approx([10.0, 1.48, 0.03])  # the fixed part: the hop, for the rounds to tell
+    assert drafting_prior([], (10.0, 1.0, 1.0)) == []
+    ctl = SpeculationControl()
+    ctl.draft.set_prior(prior)
+    ctl.observe_drafting(4, 253.0)
+    for i in range(40):
+        window = 3 + i % 4
+        ctl.observe_drafting(window, 2.5 + 1.6 * window)
+    assert ctl.draft_ms(4) == pytest.approx(2.5 + 1.6 * 4, rel=0.2)

@@ -30,7 +30,6 @@ from ..base import Entry
 from .forming import draft_home
 from .records import Drafting, RoundClock
 
-EXPLORE_MAX_BATCH = 2  # load control explores drafting only while batches are this small
 COST_WARM = 16  # verification batches observed before the cost model's error is counted
 
 
@@ -339,9 +338,8 @@ class Applying:
         if experts and window > 0:
             batch_size = self.batch_policy.fair_share(self.active, self.verifiers.count)  # requests per batch at this load
             experts = experts[: self.control.cooperating(len(experts), batch_size)]  # the best ranked first
-            # Exploration only at low load: under load a drafted round costs its batch-mates too
-            # (even rare exploration cost a large share of the throughput at 16 requests).
-            if batch_size <= EXPLORE_MAX_BATCH and self.control.explore(state.request_id, state.round, state.drafted_rounds):
+            # Exploration only at low load (explore_max_batch): under load a drafted round costs its batch-mates too.
+            if batch_size <= self.control.explore_max_batch and self.control.explore(state.request_id, state.round, state.drafted_rounds):
                 pass  # drafts at its adaptive window
             elif planned is not None and planned[0] == state.round:
                 window, together = min(window, planned[1]), max(1, planned[2])

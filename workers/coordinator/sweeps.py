@@ -11,11 +11,11 @@
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 
 from cosine import bus
 from cosine.core.rounds import ACTIVE, fail
+from cosine.policy.control import drafting_prior
 from cosine.wire import VerifyBatch, WireError, decode, encode
 from cosine.wire.convert import empty_candidate
 
@@ -146,12 +146,11 @@ class Sweeps:
             kv_rows={instance: rows for instance, live in roster.items() if (rows := live.number("kv_rows"))},
             kv_block=max((live.number("kv_block") for live in verifiers), default=1) or 1,
         )
-        # The drafting prior: the live drafters' start-up profiles, the median of each term (a
-        # drafter profiled while others started shows ten times its cost, or a tenth), kept up
-        # to date as drafters come and go: the fit regularises toward it.
+        # The drafting prior: the live drafters' start-up profiles (drafting_prior), kept up to
+        # date as drafters come and go: the fit regularises toward it.
         profiles = [p for live in drafters.values() if (p := _profile(live.fields.get("draft_ms", ""))) is not None]
         if profiles:
-            prior = [float(statistics.median(column)) for column in zip(*profiles)]
+            prior = drafting_prior(profiles, self.control.draft_prior)
             if prior != list(self.control.draft.prior):
                 self.log.debug("drafting prior from %d drafters' start-up profiles: %.1f ms + %.2f/token + %.2f/token/request", len(profiles), *prior)
                 self.control.draft.set_prior(prior)
