@@ -305,7 +305,8 @@ class SpeculationControl:
         self.draft.observe(draft_features(window, together), ms)
 
     def observe_overhead(self, ms: float) -> None:
-        """A round's wall time less its drafting and verification (hops, batch forming)."""
+        """A round's wall time less its drafting and its own verification (hops, batch forming,
+        other batches ahead of it at the verifier)."""
         self.overhead_ms += self.smoothing * (max(0.0, ms) - self.overhead_ms)
 
     def observe_decoding(self, tokens: int) -> None:

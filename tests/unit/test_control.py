@@ -333,3 +333,30 @@ def test_a_drafter_profiled_while_others_built_does_not_let_a_cold_hop_into_the_
         window = 3 + i % 4
         ctl.observe_drafting(window, 2.5 + 1.6 * window)
     assert ctl.draft_ms(4) == pytest.approx(2.5 + 1.6 * 4, rel=0.2)
+
+
+def test_a_round_s_overhead_is_learnt_when_requests_outnumber_the_verifiers():
+    """Regression (bench/emulate.py, 16 requests on four emulated verifiers): the round overhead
+    was learnt only from batches holding every active request, which never formed there: it
+    stayed at its one-request value (1–3 ms against 18 measured), load control priced window-0
+    rounds at half their time and chose them for three rounds in four (vanilla speculation at
+    window 2 ran 50% faster)."""
+    import time
+
+    from cosine.config import Config
+    from cosine.wire import VerifiedBatch, VerifiedItem
+    from cosine.workers.coordinator import Coordinator
+    from cosine.workers.coordinator.batching import SentBatch
+    from cosine.workers.coordinator.records import RoundClock
+
+    coordinator = Coordinator(Config(), "redis://127.0.0.1:1")  # no I/O here: what one verified batch teaches
+    coordinator.active = 16
+    before = coordinator.control.overhead_ms
+    for n in range(100):
+        now = time.monotonic()
+        record = coordinator.records.of(f"r{n}")
+        record.clock = RoundClock(3, now - 0.030, pooled=now - 0.025, sent=now - 0.015)  # 30 ms: 10 of it the forward
+        coordinator.sent_batches[f"b{n}"] = SentBatch(1, 1, 64, False, {f"r{n}": 0})
+        coordinator._observe(VerifiedBatch(f"b{n}", "v1", [VerifiedItem(f"r{n}", 3, [], 7, 0)], 1, 10.0))
+    assert before != pytest.approx(20.0, abs=2.0)
+    assert coordinator.control.overhead_ms == pytest.approx(20.0, abs=2.0)
