@@ -44,7 +44,7 @@ _LUA_BODY = (resources.files("cosine") / "functions.lua").read_text(encoding="ut
 # The functions, under names that carry the library's version (a digest of its code): function
 # names are global across libraries, so two versions load side by side during a rolling upgrade,
 # and a worker only ever calls the code it was written against.
-FUNCTIONS = ("admit", "start_waiting", "refuse", "apply_round", "cancel", "send", "move_stream", "hand_back", "fuse_add", "fuse_take", "fuse_emit", "fuse_next")
+FUNCTIONS = ("admit", "start_waiting", "refuse", "apply_round", "cancel", "send", "move_stream", "hand_back", "fuse_add", "fuse_one", "fuse_take", "fuse_emit", "fuse_next")
 LIBRARY_VERSION = hashlib.sha256(_LUA_BODY.encode()).hexdigest()[:12]
 LIBRARY = f"cosine_{LIBRARY_VERSION}"
 _LIBRARY_CODE = f"#!lua name={LIBRARY}\n{_LUA_BODY}\n" + "".join(f"redis.register_function('{LIBRARY}_{n}', {n})\n" for n in FUNCTIONS)
@@ -475,13 +475,36 @@ async def flag_cancel(client: aioredis.Redis, keys: Keys, request_id: str, *, tt
     return await _fcall(client, "cancel", [keys.request(request_id), keys.out(request_id)], [ttl_s, len(final), *_flat(final)])
 
 
-async def fuse_add(
-    client: aioredis.Redis, keys: Keys, *, group: str, entry_id: bytes, hash_key: str, expert: str, payload: bytes,
+def fuse_add_call(
+    keys: Keys, *, group: str, entry_id: bytes, hash_key: str, expert: str, payload: bytes,
     expected: int, deadline_ms: int, ttl_ms: int, retake_ms: int,
-) -> list[bytes]:
-    """Store one draft of a round and ack it; the payloads of every draft once the set is complete."""
-    args = [group, entry_id, expert, payload, expected, deadline_ms, hash_key, ttl_ms, retake_ms]
-    return list(await _fcall(client, "fuse_add", [hash_key, keys.drafts, keys.fusing], args))
+) -> tuple[str, list[str], list]:
+    """Store one draft of a round and ack it (its reply: the payloads of every draft once the set
+    is complete, else none)."""
+    return "fuse_add", [hash_key, keys.drafts, keys.fusing], [group, entry_id, expert, payload, expected, deadline_ms, hash_key, ttl_ms, retake_ms]
+
+
+def fuse_one_call(keys: Keys, *, group: str, entry_id: bytes, hash_key: str, payload: bytes, done_ttl_ms: int) -> tuple[str, list[str], list]:
+    """A round's only draft: acknowledged and its candidate (``payload``) written (its reply:
+    'emitted', or 'duplicate' when the round was fused already)."""
+    return "fuse_one", [hash_key, keys.drafts, keys.candidates], [group, entry_id, payload, done_ttl_ms]
+
+
+async def fcalls(client: aioredis.Redis, calls: Sequence[tuple[str, list[str], list]]) -> list:
+    """Function calls (``*_call``'s) in one round trip, their replies in order."""
+    if len(calls) == 1:
+        name, key_list, args = calls[0]
+        return [await _fcall(client, name, key_list, args)]
+    async with client.pipeline(transaction=False) as pipe:
+        for name, key_list, args in calls:
+            pipe.fcall(function_name(name), len(key_list), *key_list, *args)
+        replies = await pipe.execute()
+    return [r.decode() if isinstance(r, bytes) else r for r in replies]
+
+
+async def fuse_add(client: aioredis.Redis, keys: Keys, **call) -> list[bytes]:
+    """``fuse_add_call``, alone."""
+    return list((await fcalls(client, [fuse_add_call(keys, **call)]))[0])
 
 
 async def fuse_take(client: aioredis.Redis, keys: Keys, hash_key: str, retake_ms: int) -> list[bytes]:

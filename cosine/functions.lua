@@ -379,6 +379,21 @@ local function fuse_add(keys, args)
   return draft_payloads(hash)
 end
 
+-- A round drafted by one expert: its one draft is the whole set, so the caller fused it
+-- already; acknowledged and its candidate written at once (one round trip, no drafts stored),
+-- unless the round was fused before (a redelivery).
+-- KEYS: fuse hash, drafts stream, candidates stream.  ARGV: group, entry id, candidate
+-- payload, ttl ms of the done marker.
+local function fuse_one(keys, args)
+  redis.call('XACK', keys[2], args[1], args[2])
+  if redis.call('HEXISTS', keys[1], '#done') == 1 then return 'duplicate' end
+  redis.call('DEL', keys[1])
+  redis.call('HSET', keys[1], '#done', '1')
+  redis.call('PEXPIRE', keys[1], tonumber(args[4]))
+  redis.call('XADD', keys[3], '*', 'm', args[3])
+  return 'emitted'
+end
+
 -- Takes a round's drafts for fusing (after its deadline, or a taker that died).
 -- KEYS: fuse hash, fusing zset.  ARGV: member, retake-after ms (absolute).
 local function fuse_take(keys, args)

@@ -7,6 +7,8 @@ deadline is taken by whichever fusion worker sweeps first. So any number of fusi
 share the work, two experts' drafts read by two workers still make one tree, and a worker that
 dies (or drains) holds nothing: a round it took but did not emit is taken again after
 ``RETAKE_MS``. The fused ``Candidate`` is written once (a done marker drops late duplicates).
+A round drafted by one expert (under load, each request's best) is its draft alone: fused at
+once and written with the draft's acknowledgement in one call, with nothing stored.
 
 Step mode (``speculation.mode = "step"``, the paper's fusion): drafters draft one token per job;
 each step's drafts are collected the same way (``fuse:{id}:{round}:s{step}``); when a step is
@@ -22,7 +24,7 @@ import msgpack
 
 from cosine import bus
 from cosine.core.tree import fuse_steps, fused_token, merge_chains
-from cosine.wire import PAYLOAD_FIELD, Draft, DraftJob, decode, encode
+from cosine.wire import PAYLOAD_FIELD, Candidate, Draft, DraftJob, decode, encode
 from cosine.wire.convert import draft_to_chain, tree_to_candidate
 
 from .base import Entry, StageWorker
@@ -48,18 +50,28 @@ class FusionWorker(StageWorker):
         self.done_ttl_ms = pipeline.fusion_deadline_ms + pipeline.drafter_deadline_ms
 
     async def handle(self, stream: str, entries: list[Entry]) -> None:
+        """A read's drafts in one round trip: a round drafted by one expert fused at once, the
+        others stored; then each round whose set one of them completed is fused."""
+        calls, keys = [], []
+        now_ms = self.clock.now_ms()
         for entry_id, fields in entries:
             draft = decode(fields, Draft)
             draft_to_chain(draft)  # validate now: a bad draft is dead-lettered alone
             key = self.keys.fuse(draft.request_id, draft.round, draft.step if draft.step_mode else None)
-            now_ms = self.clock.now_ms()
-            payloads = await bus.fuse_add(
-                self.redis, self.keys, group=self.group, entry_id=entry_id, hash_key=key, expert=draft.expert,
+            if len(draft.experts) <= 1 and not draft.step_mode:  # nothing to wait for
+                calls.append(bus.fuse_one_call(self.keys, group=self.group, entry_id=entry_id, hash_key=key,
+                                               payload=encode(self._candidate([draft]))[PAYLOAD_FIELD], done_ttl_ms=self.done_ttl_ms))
+                keys.append(None)
+                continue
+            calls.append(bus.fuse_add_call(
+                self.keys, group=self.group, entry_id=entry_id, hash_key=key, expert=draft.expert,
                 payload=fields[PAYLOAD_FIELD], expected=max(1, len(draft.experts)), deadline_ms=now_ms + self.deadline_ms,
                 ttl_ms=self.hash_ttl_ms, retake_ms=now_ms + RETAKE_MS,
-            )
-            if payloads:
-                await self._emit(key, payloads)
+            ))
+            keys.append(key)
+        for key, reply in zip(keys, await bus.fcalls(self.redis, calls)):
+            if key is not None and reply:
+                await self._emit(key, list(reply))
 
     async def tick(self) -> None:
         now_ms = self.clock.now_ms()
@@ -79,11 +91,14 @@ class FusionWorker(StageWorker):
         if drafts and drafts[0].step_mode:
             await self._step(key, drafts)
             return
+        await bus.fuse_emit(self.redis, self.keys, key, encode(self._candidate(drafts))[PAYLOAD_FIELD], self.done_ttl_ms)
+
+    def _candidate(self, drafts: list[Draft]) -> Candidate:
+        """The fused tree of a round's drafts (by rank)."""
         chains = [draft_to_chain(d) for d in drafts]
         tree = merge_chains([c for c in chains if len(c)], self.max_nodes)
         homes = [[d.expert, d.instance] for d in drafts if d.instance]  # where the next round's jobs go first
-        candidate = tree_to_candidate(drafts[0].request_id, drafts[0].round, tree, homes)
-        await bus.fuse_emit(self.redis, self.keys, key, encode(candidate)[PAYLOAD_FIELD], self.done_ttl_ms)
+        return tree_to_candidate(drafts[0].request_id, drafts[0].round, tree, homes)
 
     async def _step(self, key: str, drafts: list[Draft]) -> None:
         first = drafts[0]

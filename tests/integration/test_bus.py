@@ -434,6 +434,37 @@ def test_a_fused_round_keeps_its_done_marker_for_the_deadlines_only(server):
     run(scenario())
 
 
+def test_a_round_drafted_by_one_expert_is_fused_in_one_call(server):
+    """One expert's draft is the whole set: acknowledged and its candidate written in one call
+    (two before, and the draft stored in between); a redelivery of it writes nothing more."""
+    from cosine.wire import Candidate, Draft, decode, encode
+    from cosine.workers.fusion import FusionWorker
+
+    async def scenario():
+        client = await fresh(server)
+        fusion = FusionWorker(Config(), server)
+        fusion.redis = client
+        await fusion.setup()
+        await bus.ensure_group(client, KEYS.drafts, fusion.group)
+        draft = Draft("r1", 2, "code", "code-0", 0, [5, 6], [0.9, 0.8], experts=["code"], instance="d1")
+        entry_id = await client.xadd(KEYS.drafts, encode(draft))
+        entries = (await client.xreadgroup(fusion.group, "a", {KEYS.drafts: ">"}))[0][1]
+        await client.config_resetstat()
+        await fusion.handle(KEYS.drafts, entries)
+        stats = await client.info("commandstats")
+        assert stats["cmdstat_fcall"]["calls"] == 1
+        [(_, fields)] = await client.xrange(KEYS.candidates)
+        candidate = decode(fields, Candidate)
+        assert (candidate.request_id, candidate.round, candidate.tokens, candidate.homes) == ("r1", 2, [5, 6], [["code", "d1"]])
+        assert (await client.xpending(KEYS.drafts, fusion.group))["pending"] == 0
+        assert not await client.zcard(KEYS.fusing)
+        await fusion.handle(KEYS.drafts, [(entry_id, entries[0][1])])  # redelivered
+        assert await client.xlen(KEYS.candidates) == 1
+        await client.aclose()
+
+    run(scenario())
+
+
 def test_an_incomplete_round_is_fused_after_its_deadline_by_any_worker(server):
     async def scenario():
         client = await fresh(server)
