@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 
 MODEL_FREE_KINDS = ("emulated", "prompt-lookup", "suffix")  # drafters that need no torch threads worth counting
+UNPROFILED_KINDS = ("prompt-lookup", "suffix")  # drafters that publish no start-up drafting profile (cost next to nothing)
 CONTROL_CORES = 1  # router, coordinator and fusion together: mostly waiting on Redis
 
 

@@ -32,7 +32,7 @@ import torch
 
 from cosine.bus import whole_contexts, write_and_ack
 from cosine.core.tree import DraftChain
-from cosine.deploy import machine_cores, plan_deployment
+from cosine.deploy import UNPROFILED_KINDS, machine_cores, plan_deployment
 from cosine.drafters.base import DraftRequest, propose_ahead
 from cosine.factory import build_drafter, load_target
 from cosine.models.loading import release_freed_memory
@@ -92,7 +92,7 @@ class DrafterWorker(StageWorker):
         # Model-free drafters cost next to nothing (and a datastore would learn the profile's
         # synthetic contexts): only drafters that run a model are timed.
         self.cost_profile = None
-        if self.spec.kind not in ("prompt-lookup", "suffix") and not self.drafter.needs_features:
+        if self.spec.kind not in UNPROFILED_KINDS and not self.drafter.needs_features:
             try:  # one drafter of a process at a time: the timings are of the drafter, not of the start-up
                 async with self.host.profiling if self.host is not None else contextlib.nullcontext():
                     self.cost_profile = await self.off_loop(profile_drafting, self.drafter)

@@ -69,18 +69,19 @@ def draft_features(window: int, together: int = 1) -> tuple[float, ...]:
     return (1.0, window, max(1, together) * window)
 
 
-def drafting_prior(profiles: Sequence[Sequence[float]], default: Sequence[float]) -> list[float]:
+def drafting_prior(profiles: Sequence[Sequence[float]], default: Sequence[float], expected: int = 0) -> list[float]:
     """The drafting cost model's prior from drafters' start-up profiles ``(d0, d1, d2)``: the
-    median of each term (a drafter profiled while others started shows ten times its cost, or
-    a tenth), the fixed part at most ``default``'s. A profile times bare drafting calls, so its
-    fixed part is no measure of the hop (the fit learns that from rounds); the first drafter of
-    a process to register was profiled while the others were still building (118 ms fixed
-    against 0.08 ms measured alone), and a prior that high let the first hop after a start — a
-    cold drafter's, 250 ms — into the fit unclipped: it priced drafting above decoding for the
-    rest of a run at one request."""
+    median of each term once at least half of the ``expected`` drafters have published one
+    (else ``default``): drafters profile while the others start (the first to register showed
+    118 ms fixed, or 14 ms per token, or nothing per token, against 0.08 + 1.47 measured
+    alone), so the first few are the least to be trusted. The fixed part is at most
+    ``default``'s: a profile times bare drafting calls, not the hop (the fit learns that from
+    rounds), and a prior that high let a cold drafter's first hop (250 ms) into the fit
+    unclipped."""
+    if not profiles or 2 * len(profiles) < expected:
+        return [float(d) for d in default]
     prior = [float(statistics.median(column)) for column in zip(*profiles)]
-    if prior:
-        prior[0] = min(prior[0], float(default[0]))
+    prior[0] = min(prior[0], float(default[0]))
     return prior
 
 

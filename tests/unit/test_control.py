@@ -325,7 +325,10 @@ def test_a_drafter_profiled_while_others_built_does_not_let_a_cold_hop_into_the_
     assert drafting_prior([(118.2, 1.48, 0.03), (0.1, 1.5, 0.02), (0.08, 1.6, 0.03)], (10.0, 1.0, 1.0)) == pytest.approx([0.1, 1.5, 0.03])
     prior = drafting_prior([(118.2, 1.48, 0.03)], (10.0, 1.0, 1.0))
     assert prior == pytest.approx([10.0, 1.48, 0.03])  # the fixed part: the hop, for the rounds to tell
-    assert drafting_prior([], (10.0, 1.0, 1.0)) == []
+    assert drafting_prior([], (10.0, 1.0, 1.0)) == [10.0, 1.0, 1.0]
+    # The first to register were profiled while the others started: half of those expected first.
+    assert drafting_prior([(0.0, 14.2, 4.7)], (10.0, 1.0, 1.0), expected=16) == [10.0, 1.0, 1.0]
+    assert drafting_prior([(0.0, 14.2, 4.7)] + [(0.08, 1.47, 0.03)] * 8, (10.0, 1.0, 1.0), expected=16) == pytest.approx([0.08, 1.47, 0.03])
     ctl = SpeculationControl()
     ctl.draft.set_prior(prior)
     ctl.observe_drafting(4, 253.0)
@@ -360,3 +363,23 @@ def test_a_round_s_overhead_is_learnt_when_requests_outnumber_the_verifiers():
         coordinator._observe(VerifiedBatch(f"b{n}", "v1", [VerifiedItem(f"r{n}", 3, [], 7, 0)], 1, 10.0))
     assert before != pytest.approx(20.0, abs=2.0)
     assert coordinator.control.overhead_ms == pytest.approx(20.0, abs=2.0)
+
+
+def test_a_drafter_s_first_round_is_no_measure_of_the_drafting_hop():
+    """Regression (bench/emulate.py): the first round of each drafter after a start took 200-260
+    ms (its first call, its first connection) among hops of 10 ms; in the fit it priced drafting
+    above decoding for a run at one request."""
+    from cosine.config import Config
+    from cosine.wire import Candidate
+    from cosine.workers.coordinator import Coordinator
+
+    coordinator = Coordinator(Config(), "redis://127.0.0.1:1")  # no I/O here
+
+    def candidate(*instances: str) -> Candidate:
+        return Candidate("r", 1, [5], [-1], [0.9], [["code"]], [], homes=[["code", i] for i in instances])
+
+    assert coordinator._cold(candidate("d1"))
+    assert not coordinator._cold(candidate("d1"))
+    assert coordinator._cold(candidate("d1", "d2"))  # one of them new
+    assert not coordinator._cold(candidate("d2", "d1"))
+    assert not coordinator._cold(candidate())  # no drafter named (a draft made by none)

@@ -51,7 +51,7 @@ class Batching:
         sent = self.records.drafting.get(candidate.request_id)
         if sent is not None and sent.round <= candidate.round:
             del self.records.drafting[candidate.request_id]  # back from drafting (or gone past it)
-            if sent.round == candidate.round and candidate.tokens:
+            if sent.round == candidate.round and candidate.tokens and not self._cold(candidate):
                 self.control.observe_drafting(sent.window, (now - sent.sent) * 1000, sent.together)
         if state is None or state.status != ACTIVE or state.round != candidate.round:
             await self.redis.xack(self.keys.candidates, self.group, entry_id)  # stale
@@ -92,6 +92,15 @@ class Batching:
         expected = self.control.expected(depth, state.accepted_tokens, state.drafted_rounds)
         self.pool.append(Waiting(entry_id, item, time.monotonic(), fed, expected, depth, state.max_tokens - len(state.output_ids), local))
         return True
+
+    def _cold(self, candidate: Candidate) -> bool:
+        """Whether a drafter of this round drafted none before that this coordinator saw: its first
+        job meets it cold (first call, first connection: 250 ms among 10 ms hops), no measure of
+        the hop for the drafting fit."""
+        instances = {pair[1] for pair in candidate.homes if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], str)}
+        new = instances - self.warm_drafters
+        self.warm_drafters |= new
+        return bool(new)
 
     def _remember_draft_homes(self, candidate: Candidate) -> None:
         homes = {e: i for pair in candidate.homes if isinstance(pair, list) and len(pair) == 2

@@ -15,6 +15,7 @@ import time
 
 from cosine import bus
 from cosine.core.rounds import ACTIVE, fail
+from cosine.deploy import UNPROFILED_KINDS
 from cosine.policy.control import drafting_prior
 from cosine.wire import VerifyBatch, WireError, decode, encode
 from cosine.wire.convert import empty_candidate
@@ -137,6 +138,7 @@ class Sweeps:
         self.live_experts = await self.rosters.drafter_experts()
         drafters = await self.rosters.live("drafter")
         self.drafter_ids = set(drafters)
+        self.warm_drafters &= self.drafter_ids
         self.drafter_expert = {instance: live.expert for instance, live in drafters.items()}
         self.drafter_queued = await self._drafter_queues() if self.config.pipeline.affinity else {}
         roster = await self.rosters.live("verifier")
@@ -150,7 +152,7 @@ class Sweeps:
         # date as drafters come and go: the fit regularises toward it.
         profiles = [p for live in drafters.values() if (p := _profile(live.fields.get("draft_ms", ""))) is not None]
         if profiles:
-            prior = drafting_prior(profiles, self.control.draft_prior)
+            prior = drafting_prior(profiles, self.control.draft_prior, sum(1 for d in self.config.drafters if d.kind not in UNPROFILED_KINDS))
             if prior != list(self.control.draft.prior):
                 self.log.debug("drafting prior from %d drafters' start-up profiles: %.1f ms + %.2f/token + %.2f/token/request", len(profiles), *prior)
                 self.control.draft.set_prior(prior)

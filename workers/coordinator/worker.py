@@ -47,6 +47,7 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
         self.flushed_this_read = False  # the pool was just decided on (one load read less per read)
         self.verifiers = Verifiers(affinity=config.pipeline.affinity)  # the live verifiers (rosters, queues)
         self.drafter_ids: set[str] = set()  # live drafter instances
+        self.warm_drafters: set[str] = set()  # live drafter instances whose drafts this coordinator has pooled
         self.drafter_expert: dict[str, str] = {}  # live drafter instance -> its expert (from the roster)
         self.drafter_queued: dict[str, tuple[int, int]] = {}  # live drafter instance -> jobs of its own stream (waiting unread, in hand), last refresh
 
