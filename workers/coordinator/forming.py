@@ -63,8 +63,16 @@ def kv_rows_of(item: VerifyItem, block: int) -> int:
 
 
 def drafting_due_s(drafting: Iterable[Drafting], now: float, draft_ms: Callable[[int, int], float]) -> float:
-    """How long until the last round drafting now is expected back (0: none is)."""
-    return max((d.sent + draft_ms(d.window, d.together) / 1000 - now for d in drafting), default=0.0)
+    """How long until the last round drafting now is expected back (0: none is). One prediction
+    per (window, requests drafting at once): under load most rounds drafting share a few."""
+    predicted: dict[tuple[int, int], float] = {}
+    due = 0.0
+    for d in drafting:
+        key = (d.window, d.together)
+        if key not in predicted:
+            predicted[key] = draft_ms(*key) / 1000
+        due = max(due, d.sent + predicted[key] - now)
+    return due
 
 
 def next_batch(
