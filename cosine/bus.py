@@ -423,12 +423,7 @@ async def apply_rounds(client: aioredis.Redis, calls: Sequence[tuple[list[str], 
     """Several requests' rounds in one round trip: each call is its own atomic function call
     (compare-and-set on its request's round), so one request's outcome never depends on
     another's; outcomes in order."""
-    if not calls:
-        return []
-    if len(calls) == 1:
-        key_list, args = calls[0]
-        return [await _fcall(client, "apply_round", key_list, args)]
-    return (await apply_rounds_and(client, calls, lambda pipe: None))[0]
+    return await fcalls(client, [("apply_round", key_list, args) for key_list, args in calls]) if calls else []
 
 
 async def apply_rounds_and(client: aioredis.Redis, calls: Sequence[tuple[list[str], list]], queue) -> tuple[list[str], list]:

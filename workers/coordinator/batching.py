@@ -97,14 +97,12 @@ class Batching:
         """Whether a drafter of this round drafted none before that this coordinator saw: its first
         job meets it cold (first call, first connection: 250 ms among 10 ms hops), no measure of
         the hop for the drafting fit."""
-        instances = {pair[1] for pair in candidate.homes if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], str)}
-        new = instances - self.warm_drafters
+        new = set(_homes(candidate).values()) - self.warm_drafters
         self.warm_drafters |= new
         return bool(new)
 
     def _remember_draft_homes(self, candidate: Candidate) -> None:
-        homes = {e: i for pair in candidate.homes if isinstance(pair, list) and len(pair) == 2
-                 for e, i in [pair] if isinstance(e, str) and isinstance(i, str)}
+        homes = _homes(candidate)
         if homes:  # a round without drafts (window 0) keeps the homes of the last drafted one
             self.records.of(candidate.request_id).draft_homes = homes
 
@@ -221,3 +219,10 @@ class Batching:
         # their caches) instead of queueing behind the home's work.
         self.verifiers = dataclasses.replace(self.verifiers, busy_at=own, steal=busy < self.verifiers.count)
         return int(active), busy
+
+
+def _homes(candidate: Candidate) -> dict[str, str]:
+    """The drafter instance of each expert that drafted the candidate's round (malformed pairs
+    skipped: the candidate came over the wire)."""
+    return {e: i for pair in candidate.homes if isinstance(pair, list) and len(pair) == 2
+            for e, i in [pair] if isinstance(e, str) and isinstance(i, str)}
