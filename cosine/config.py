@@ -223,6 +223,10 @@ class PipelineConfig:
     affinity: bool = True
     fusion_deadline_ms: int = 1_500  # fusion: emit with the drafts that arrived by then
     drafter_deadline_ms: int = 5_000  # no draft by then: the round falls back to window 0
+    # A round sent to verification with no result applied this long after (a batch or result
+    # lost to a fault: a worker or the server killed at the wrong moment) is verified again
+    # without drafts, instead of its request waiting for its deadline.
+    verify_retry_ms: int = 30_000
     # A request pinned to a target that no live verifier has served for this long ends with
     # error_code=target_gone while another target is served (a retired target after a rolling
     # upgrade; with no verifier live at all, requests wait up to their deadline).
@@ -250,7 +254,7 @@ class PipelineConfig:
             raise ValueError("pipeline.max_requests must be >= 0 (0: no bound)")
         if self.max_waiting < 0:
             raise ValueError("pipeline.max_waiting must be >= 0 (0: refuse at once when full)")
-        for name in ("block_ms", "claim_idle_ms", "max_deliveries", "heartbeat_ms", "output_ttl_s"):
+        for name in ("block_ms", "claim_idle_ms", "max_deliveries", "heartbeat_ms", "output_ttl_s", "verify_retry_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pipeline.{name} must be >= 1")
         if not self.deadline_s > 0:

@@ -673,10 +673,57 @@ def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(se
         coordinator.pool.append(Waiting(entry_id, VerifyItem("r1", 0, [1, 2], candidate, SamplingParams(), ""), time.monotonic()))
         await coordinator._flush(force=True)
         assert coordinator.pool == []
-        assert await client.zrange(KEYS.rounds, 0, -1) == [b"r2"]
+        # r1's drafting is over: the rounds' sweep now waits verify_retry_ms for its result.
+        retry_at = coordinator.clock.now_ms() + coordinator.config.pipeline.verify_retry_ms - coordinator.config.pipeline.drafter_deadline_ms
+        assert abs(await client.zscore(KEYS.rounds, "r1") - retry_at) < 1000
+        assert await client.zscore(KEYS.rounds, "r2") == 1
         assert await client.xpending_range(KEYS.candidates, coordinator.group, "-", "+", 10) == []
         _, fields = (await client.xrange(KEYS.verify))[-1]
         assert [item.request_id for item in decode(fields, VerifyBatch).items] == ["r1"]
+        await client.aclose()
+
+    run(scenario())
+
+
+def test_a_round_lost_after_it_went_to_verification_is_verified_again(server):
+    """A round left the rounds' sweep once its batch was written, so a batch or a result that a
+    fault lost (a stream nobody reads any more, a worker or the server killed at the wrong
+    moment) left its request waiting for its deadline, 600 s (a fault-matrix run lost one).
+    Now the sweep waits ``verify_retry_ms`` for the result, then verifies the round again
+    without drafts; a request that ended meanwhile is not brought back."""
+    from cosine.core.rounds import RequestState
+    from cosine.core.sampling import SamplingParams
+    from cosine.policy.batching import BatchPolicy
+    from cosine.wire import Candidate, VerifyItem, decode, encode
+    from cosine.workers.coordinator import Coordinator
+    from cosine.workers.coordinator.forming import Verifiers, Waiting
+
+    async def scenario():
+        client = await fresh(server)
+        coordinator = Coordinator(Config(pipeline=PipelineConfig(verify_retry_ms=400)), server)
+        coordinator.redis, coordinator.pool, coordinator.verifiers = client, [], Verifiers(count=1)
+        coordinator.batch_policy = BatchPolicy(8, max_wait_s=0.1)
+        coordinator.fingerprints = coordinator.live_fingerprints = set()
+        await bus.ensure_group(client, KEYS.candidates, coordinator.group)
+        for request_id in ("r1", "r2"):
+            state = RequestState(request_id, [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=3, output_ids=[5, 6, 7])
+            await client.hset(KEYS.request(request_id), mapping=state_to_fields(state))
+            await client.zadd(KEYS.rounds, {request_id: coordinator.clock.now_ms()})
+            candidate = Candidate(request_id, 3, [], [], [], [], [])
+            entry_id = await client.xadd(KEYS.candidates, encode(candidate))
+            await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
+            coordinator.pool.append(Waiting(entry_id, VerifyItem(request_id, 3, [1, 2, 5, 6, 7], candidate, SamplingParams(), ""), time.monotonic()))
+        await coordinator._flush(force=True)
+        written = await client.xlen(KEYS.candidates)
+        await coordinator._fallback_overdue_rounds()
+        assert await client.xlen(KEYS.candidates) == written  # within the retry time: nothing
+        await client.xtrim(KEYS.verify, maxlen=0)  # the batch is lost
+        await client.zrem(KEYS.rounds, "r2")  # r2 ended meanwhile (its end takes it off the set)
+        await asyncio.sleep(0.5)
+        await coordinator._fallback_overdue_rounds()
+        again = [decode(fields, Candidate) for _, fields in await client.xrange(KEYS.candidates)][written:]
+        assert [(c.request_id, c.round, c.tokens) for c in again] == [("r1", 3, [])]
+        assert await client.zscore(KEYS.rounds, "r2") is None
         await client.aclose()
 
     run(scenario())

@@ -143,8 +143,10 @@ class Batching:
                     bus.send(pipe, self.keys.verify_at(home), shared, encode(batch))
                 else:
                     pipe.xadd(shared, encode(batch))
-                # Drafting is done: the drafter-deadline sweep lets go of these rounds.
-                pipe.zrem(self.keys.rounds, *(w.item.request_id for w in taken))
+                # Drafting is done: the rounds' sweep waits verify_retry_ms for their results (a
+                # batch or result lost to a fault is verified again then, not at the deadline).
+                retry_at = self.clock.now_ms() + pipeline.verify_retry_ms - pipeline.drafter_deadline_ms
+                pipe.zadd(self.keys.rounds, {w.item.request_id: retry_at for w in taken}, xx=True)
                 pipe.hincrby(self.keys.stats, "rounds_sent", len(taken))
                 pipe.hincrby(self.keys.stats, "rounds_window0", sum(1 for w in taken if not w.item.tree.tokens))
                 if acked := [w.entry_id for w in taken if not w.local]:

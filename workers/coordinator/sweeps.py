@@ -25,11 +25,13 @@ class Sweeps:
     """Mixed into the ``Coordinator``: what its tick sweeps, refreshes and trims."""
 
     async def _fallback_overdue_rounds(self) -> None:
-        """A round still drafting after the deadline goes on without drafts (window 0).
+        """A round still drafting after the deadline goes on without drafts (window 0), and so
+        does one with no result ``verify_retry_ms`` after its batch was written.
 
-        Covers drafters that died or never existed. Rounds already pooled or queued for
-        verification are not in the ``rounds`` set. A late real draft for the same round is
-        harmless: the first result applied wins the compare-and-set, the other is stale.
+        Covers drafters that died or never existed, and whatever a fault lost past them (a
+        batch or a result in a stream nobody reads any more, a candidate dropped with a
+        coordinator's memory). A late real draft or result for the same round is harmless: the
+        first result applied wins the compare-and-set, the other is stale.
         """
         deadline_ms = self.config.pipeline.drafter_deadline_ms
         now_ms = self.clock.now_ms()
@@ -41,7 +43,8 @@ class Sweeps:
             if state is None or state.status != ACTIVE:
                 await self.redis.zrem(self.keys.rounds, request_id)
                 continue
-            self.log.warning("request %s round %d: no draft after %d ms, verifying without drafts", request_id, state.round, deadline_ms)
+            self.log.warning("request %s round %d stalled (no draft %d ms after it was issued, or no result %d ms after it went to "
+                             "verification): verifying it without drafts", request_id, state.round, deadline_ms, self.config.pipeline.verify_retry_ms)
             if (record := self.records.get(request_id)) is not None:
                 record.draft_homes = {}  # its next round goes to any drafter, not back to the late one
             await self.redis.xadd(self.keys.candidates, encode(empty_candidate(state)))
