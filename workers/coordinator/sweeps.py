@@ -43,9 +43,14 @@ class Sweeps:
             if state is None or state.status != ACTIVE:
                 await self.redis.zrem(self.keys.rounds, request_id)
                 continue
-            self.log.warning("request %s round %d stalled (no draft %d ms after it was issued, or no result %d ms after it went to "
-                             "verification): verifying it without drafts", request_id, state.round, deadline_ms, self.config.pipeline.verify_retry_ms)
-            if (record := self.records.get(request_id)) is not None:
+            record = self.records.get(request_id)
+            if record is not None and record.clock is not None and record.clock.round == state.round and record.clock.sent:
+                self.log.warning("request %s round %d: no result %d ms after its batch was written (lost to a fault?), verifying it again without drafts",
+                                 request_id, state.round, self.config.pipeline.verify_retry_ms)
+            else:  # drafting still, or sent by another coordinator
+                self.log.warning("request %s round %d: no draft after %d ms (or no result of its verification), verifying without drafts",
+                                 request_id, state.round, deadline_ms)
+            if record is not None:
                 record.draft_homes = {}  # its next round goes to any drafter, not back to the late one
             await self.redis.xadd(self.keys.candidates, encode(empty_candidate(state)))
 
