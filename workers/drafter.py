@@ -124,10 +124,13 @@ class DrafterWorker(StageWorker):
         start-up profile is often taken while the rest of the cluster starts (on one machine, 16
         drafters and the verifiers loading at once: 118 ms fixed, or 14 ms a token, against 0.08 +
         1.47 alone), and it is the coordinators' drafting prior."""
-        if getattr(self, "profiles_left", 0) <= 0 or any(self._in_hand.values()):
+        if getattr(self, "profiles_left", 0) <= 0:
             return
         now = time.monotonic()
-        if now - self.last_job < REPROFILE_IDLE_S or now - self.profiled_at < REPROFILE_EVERY_S:
+        if now - self.profiled_at < REPROFILE_EVERY_S:
+            return
+        # Idle, and so is every drafter of the process (they share its model thread).
+        if any(any(w._in_hand.values()) or now - w.last_job < REPROFILE_IDLE_S for w in (self.host.workers if self.host is not None else [self])):
             return
         self.profiles_left -= 1
         await self._profile()
