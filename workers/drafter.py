@@ -96,7 +96,7 @@ class DrafterWorker(StageWorker):
         self.profiles_left = 0  # profiles still to take when idle (``tick``)
         if self.spec.kind not in UNPROFILED_KINDS and not self.drafter.needs_features:
             await self._profile()
-            self.profiles_left = REPROFILES if self.cost_profile is not None else 0
+            self.profiles_left = profiles_when_idle(self.spec.kind, self.config.model.device) if self.cost_profile is not None else 0
         self.rank = [d.name for d in self.config.drafters].index(self.spec.name)
         self.features: OrderedDict[str, torch.Tensor] = OrderedDict()  # request id -> states at positions 0..
         self.contexts: OrderedDict[str, list[int]] = OrderedDict()  # request id -> the context of its last job here
@@ -119,8 +119,8 @@ class DrafterWorker(StageWorker):
         self.profiled_at = time.monotonic()
 
     async def tick(self) -> None:
-        """A drafter profiled at start-up, idle for ``REPROFILE_IDLE_S`` (no job in hand or
-        read), times itself again, up to ``REPROFILES`` times ``REPROFILE_EVERY_S`` apart: a
+        """A drafter profiled at start-up on a device of its own, idle for ``REPROFILE_IDLE_S``
+        (no job in hand or read, nor any other drafter of its process), times itself again, up to ``REPROFILES`` times ``REPROFILE_EVERY_S`` apart: a
         start-up profile is often taken while the rest of the cluster starts (on one machine, 16
         drafters and the verifiers loading at once: 118 ms fixed, or 14 ms a token, against 0.08 +
         1.47 alone), and it is the coordinators' drafting prior."""
@@ -340,6 +340,14 @@ class DrafterHost:
             await asyncio.gather(*(worker.run(burst=burst, signals=False) for worker in self.workers))
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def profiles_when_idle(kind: str, device: str) -> int:
+    """How many more drafting profiles a drafter takes when idle: ``REPROFILES`` on a device of
+    its own (an emulated GPU, or CUDA), none on the CPU, where a profile takes the cores that the
+    verifier, the other drafters — and a benchmark's own baseline, timed beside an idle
+    pipeline — are using."""
+    return REPROFILES if kind == "emulated" or device.startswith("cuda") else 0
 
 
 def faster_profile(last: tuple[float, ...] | None, profile: tuple[float, ...]) -> tuple[float, ...]:

@@ -260,7 +260,14 @@ def test_a_drafter_profiled_while_the_cluster_started_profiles_itself_again_when
     import asyncio
 
     from cosine.config import Config
-    from cosine.workers.drafter import REPROFILE_EVERY_S, REPROFILE_IDLE_S, REPROFILES, DrafterWorker, faster_profile
+    from cosine.workers.drafter import (
+        REPROFILE_EVERY_S,
+        REPROFILE_IDLE_S,
+        REPROFILES,
+        DrafterWorker,
+        faster_profile,
+        profiles_when_idle,
+    )
 
     worker = DrafterWorker(Config(), "redis://127.0.0.1:9", "general", instance="d1")
     worker.drafter = drafter("code", DrafterProfile("p", 2.0, 0.25))
@@ -293,3 +300,7 @@ def test_a_drafter_profiled_while_the_cluster_started_profiles_itself_again_when
     asyncio.run(scenario())
     fast, slow = (0.1, 1.5, 0.5), (118.0, 14.0, 0.0)
     assert faster_profile(None, slow) == slow and faster_profile(slow, fast) == fast and faster_profile(fast, slow) == fast
+    # Not on the CPU: there a profile would take the cores of the verifier, the other drafters,
+    # and of `cosine demo`'s baseline, timed beside the idle pipeline.
+    assert profiles_when_idle("emulated", "cpu") == profiles_when_idle("trained", "cuda:0") == REPROFILES
+    assert profiles_when_idle("trained", "cpu") == 0
