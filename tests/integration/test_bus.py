@@ -729,6 +729,46 @@ def test_a_round_lost_after_it_went_to_verification_is_verified_again(server):
     run(scenario())
 
 
+def test_a_stale_rounds_batch_leaves_the_current_round_to_the_sweep(server):
+    """A request's entry in the rounds set names no round. A duplicate of an applied round (the
+    drafting deadline's empty candidate, a result re-verified after another version's garbage,
+    a redelivery) sent in a batch took the request off the set while its next round was
+    drafting: that round's job, lost with a drafter or the server, then had no sweep to send it
+    on, and the request waited for its deadline. Now the entry stays (the sweep sends the round
+    on after verify_retry_ms at the latest)."""
+    from cosine.core.rounds import RequestState
+    from cosine.core.sampling import SamplingParams
+    from cosine.policy.batching import BatchPolicy
+    from cosine.wire import Candidate, VerifyItem, decode, encode
+    from cosine.workers.coordinator import Coordinator
+    from cosine.workers.coordinator.forming import Verifiers, Waiting
+
+    async def scenario():
+        client = await fresh(server)
+        coordinator = Coordinator(Config(pipeline=PipelineConfig(verify_retry_ms=300)), server)
+        coordinator.redis, coordinator.pool, coordinator.verifiers = client, [], Verifiers(count=1)
+        coordinator.batch_policy = BatchPolicy(8, max_wait_s=0.1)
+        coordinator.fingerprints = coordinator.live_fingerprints = set()
+        await bus.ensure_group(client, KEYS.candidates, coordinator.group)
+        state = RequestState("r1", [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=4, output_ids=[5, 6, 7, 8])
+        await client.hset(KEYS.request("r1"), mapping=state_to_fields(state))
+        await client.zadd(KEYS.rounds, {"r1": coordinator.clock.now_ms()})  # round 4 went to the drafters
+        stale = Candidate("r1", 3, [], [], [], [], [])  # round 3, applied already
+        entry_id = await client.xadd(KEYS.candidates, encode(stale))
+        await client.xreadgroup(coordinator.group, coordinator.instance, {KEYS.candidates: ">"})
+        coordinator.pool.append(Waiting(entry_id, VerifyItem("r1", 3, [1, 2, 5, 6, 7], stale, SamplingParams(), ""), time.monotonic()))
+        await coordinator._flush(force=True)
+        assert await client.zscore(KEYS.rounds, "r1") is not None
+        written = await client.xlen(KEYS.candidates)
+        await asyncio.sleep(0.4)  # round 4's job is lost: no draft comes
+        await coordinator._fallback_overdue_rounds()
+        again = [decode(fields, Candidate) for _, fields in await client.xrange(KEYS.candidates)][written:]
+        assert [(c.request_id, c.round) for c in again] == [("r1", 4)]
+        await client.aclose()
+
+    run(scenario())
+
+
 def test_a_retired_targets_batches_neither_hold_others_nor_wait_for_their_deadline(server):
     """A request pinned to a target fingerprint with no live verifier waited for its deadline,
     and the unread batches of that target's stream counted as busy verifiers for good (healthy
