@@ -69,6 +69,9 @@ def test_multi_step_decodes_all_when_the_batch_is_everyone_else_until_drafts_are
     assert multi_steps(8, plain, 0, 3, drafting, 0.0, draft_ms, verify_ms) == 4  # 35 ms until the draft is back: 1 + 3 steps
     assert multi_steps(1, plain, 0, 2, [], 0.0, draft_ms, verify_ms) == 1  # multi-step off
     assert multi_steps(8, [waiting("c", drafted=[5, 6])], 0, 1, [], 0.0, draft_ms, verify_ms) == 1  # a drafted round: one
+    # A drafted round in the batch waits for every step (the batch's result comes back after
+    # its last): one step, even with the whole load in the batch.
+    assert multi_steps(8, [*plain, waiting("c", drafted=[5, 6])], 0, 3, [], 0.0, draft_ms, verify_ms) == 1
     assert drafting_due_s(drafting, 0.01, draft_ms) == 0.025
 
 

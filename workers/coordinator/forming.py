@@ -105,8 +105,10 @@ def multi_steps(
     request, or every batch in verification has a verifier of its own (``own_verifier``: the
     requests in them come back to their own) — and no candidate stays pooled (``left``) and no
     round is drafting; else only as many as fit before the rounds drafting now are expected
-    back (they would wait for this batch), at least one; one while candidates stay pooled."""
-    if limit <= 1 or not any(not w.item.tree.tokens for w in taken):
+    back (they would wait for this batch), at least one; one while candidates stay pooled, and
+    one in a batch that also verifies drafted rounds (the batch's result, theirs included, comes
+    back after its last step: each step would hold them a forward)."""
+    if limit <= 1 or not any(not w.item.tree.tokens for w in taken) or any(w.item.tree.tokens for w in taken):
         return 1
     if (len(taken) >= active or own_verifier) and not drafting and not left:
         return limit
