@@ -685,6 +685,21 @@ def test_the_coordinator_reads_verifier_load_and_hands_rounds_to_verification(se
     run(scenario())
 
 
+async def forming_coordinator(server: str, client, **pipeline):
+    """A coordinator forming batches on ``client`` for one verifier of no pinned target, its
+    candidates' group made, with ``pipeline`` settings."""
+    from cosine.policy.batching import BatchPolicy
+    from cosine.workers.coordinator import Coordinator
+    from cosine.workers.coordinator.forming import Verifiers
+
+    coordinator = Coordinator(Config(pipeline=PipelineConfig(**pipeline)), server)
+    coordinator.redis, coordinator.pool, coordinator.verifiers = client, [], Verifiers(count=1)
+    coordinator.batch_policy = BatchPolicy(8, max_wait_s=0.1)
+    coordinator.fingerprints = coordinator.live_fingerprints = set()
+    await bus.ensure_group(client, KEYS.candidates, coordinator.group)
+    return coordinator
+
+
 def test_a_round_lost_after_it_went_to_verification_is_verified_again(server):
     """A round left the rounds' sweep once its batch was written, so a batch or a result that a
     fault lost (a stream nobody reads any more, a worker or the server killed at the wrong
@@ -693,18 +708,12 @@ def test_a_round_lost_after_it_went_to_verification_is_verified_again(server):
     without drafts; a request that ended meanwhile is not brought back."""
     from cosine.core.rounds import RequestState
     from cosine.core.sampling import SamplingParams
-    from cosine.policy.batching import BatchPolicy
     from cosine.wire import Candidate, VerifyItem, decode, encode
-    from cosine.workers.coordinator import Coordinator
-    from cosine.workers.coordinator.forming import Verifiers, Waiting
+    from cosine.workers.coordinator.forming import Waiting
 
     async def scenario():
         client = await fresh(server)
-        coordinator = Coordinator(Config(pipeline=PipelineConfig(verify_retry_ms=400)), server)
-        coordinator.redis, coordinator.pool, coordinator.verifiers = client, [], Verifiers(count=1)
-        coordinator.batch_policy = BatchPolicy(8, max_wait_s=0.1)
-        coordinator.fingerprints = coordinator.live_fingerprints = set()
-        await bus.ensure_group(client, KEYS.candidates, coordinator.group)
+        coordinator = await forming_coordinator(server, client, verify_retry_ms=400)
         for request_id in ("r1", "r2"):
             state = RequestState(request_id, [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=3, output_ids=[5, 6, 7])
             await client.hset(KEYS.request(request_id), mapping=state_to_fields(state))
@@ -738,18 +747,12 @@ def test_a_stale_rounds_batch_leaves_the_current_round_to_the_sweep(server):
     on after verify_retry_ms at the latest)."""
     from cosine.core.rounds import RequestState
     from cosine.core.sampling import SamplingParams
-    from cosine.policy.batching import BatchPolicy
     from cosine.wire import Candidate, VerifyItem, decode, encode
-    from cosine.workers.coordinator import Coordinator
-    from cosine.workers.coordinator.forming import Verifiers, Waiting
+    from cosine.workers.coordinator.forming import Waiting
 
     async def scenario():
         client = await fresh(server)
-        coordinator = Coordinator(Config(pipeline=PipelineConfig(verify_retry_ms=300)), server)
-        coordinator.redis, coordinator.pool, coordinator.verifiers = client, [], Verifiers(count=1)
-        coordinator.batch_policy = BatchPolicy(8, max_wait_s=0.1)
-        coordinator.fingerprints = coordinator.live_fingerprints = set()
-        await bus.ensure_group(client, KEYS.candidates, coordinator.group)
+        coordinator = await forming_coordinator(server, client, verify_retry_ms=300)
         state = RequestState("r1", [1, 2], SamplingParams(), 8, (), (2,), ["general"], round=4, output_ids=[5, 6, 7, 8])
         await client.hset(KEYS.request("r1"), mapping=state_to_fields(state))
         await client.zadd(KEYS.rounds, {"r1": coordinator.clock.now_ms()})  # round 4 went to the drafters
