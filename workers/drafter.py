@@ -55,6 +55,7 @@ class DrafterWorker(StageWorker):
         self.expert = expert
         self.host = host
         self.last_job = self.profiled_at = time.monotonic()
+        self.profiles_left = 0  # drafting profiles still to take when idle (``tick``)
         # One torch thread for every drafter of the process (see StageWorker); an emulated
         # drafter stands for a GPU of its own: its own thread, sleeping beside the others'.
         if host is not None and self.spec.kind != "emulated":
@@ -93,7 +94,6 @@ class DrafterWorker(StageWorker):
         # Model-free drafters cost next to nothing (and a datastore would learn the profile's
         # synthetic contexts): only drafters that run a model are timed.
         self.cost_profile = None
-        self.profiles_left = 0  # profiles still to take when idle (``tick``)
         if self.spec.kind not in UNPROFILED_KINDS and not self.drafter.needs_features:
             await self._profile()
             self.profiles_left = profiles_when_idle(self.spec.kind, self.config.model.device) if self.cost_profile is not None else 0
@@ -124,7 +124,7 @@ class DrafterWorker(StageWorker):
         start-up profile is often taken while the rest of the cluster starts (on one machine, 16
         drafters and the verifiers loading at once: 118 ms fixed, or 14 ms a token, against 0.08 +
         1.47 alone), and it is the coordinators' drafting prior."""
-        if getattr(self, "profiles_left", 0) <= 0:
+        if self.profiles_left <= 0:
             return
         now = time.monotonic()
         if now - self.profiled_at < REPROFILE_EVERY_S:

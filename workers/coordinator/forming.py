@@ -108,7 +108,7 @@ def multi_steps(
     back (they would wait for this batch), at least one; one while candidates stay pooled, and
     one in a batch that also verifies drafted rounds (the batch's result, theirs included, comes
     back after its last step: each step would hold them a forward)."""
-    if limit <= 1 or not any(not w.item.tree.tokens for w in taken) or any(w.item.tree.tokens for w in taken):
+    if limit <= 1 or not taken or any(w.item.tree.tokens for w in taken):  # steps only for a batch all without drafts
         return 1
     if (len(taken) >= active or own_verifier) and not drafting and not left:
         return limit
