@@ -56,6 +56,7 @@ from cosine.factory import target_tokenizer
 NAMESPACE = "cosine:"
 STALL_S = 30  # a request with no output for this long is counted as failed (client-timeout)
 MACHINE_LIMITED = 0.02  # mean overshoot over the profiled time past which a run measured this machine
+ON_VERIFIER = "@verifier"  # a system's suffix: its drafters on the verifiers' GPUs
 MAX_SLOWDOWN = 32.0  # the largest k the probes try (and a machine-limited run doubles to)
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an have not which one all were when we there "
          "can more if out so what up its about into than them only other new some could time these two may first then do any like "
@@ -100,8 +101,10 @@ def system_settings(system: str, experts: list[str]) -> tuple[dict, bool]:
     ``vanilla-wN``: one generalist drafter a request (all 16 drafters generalists), a fixed
     window N, no routing, no load control, no drafts made ahead. ``specinfer-wN``: every expert's
     drafter on every request (no routing), their chains fused into one tree, a fixed window N, no
-    load control, no drafts made ahead. ``cosine-no-X``: CoSine with one part off.
+    load control, no drafts made ahead. ``cosine-no-X``: CoSine with one part off. A suffix
+    ``@verifier`` places the system's drafters on the verifiers' GPUs (``cluster_config``).
     """
+    system = system.removesuffix(ON_VERIFIER)
     name, _, window = system.partition("-w")
     fixed = {"adaptive_window": False, "load_control": False, "pipelining": "off", "window": int(window or 4), "max_window": int(window or 4)}
     if name == "cosine":
@@ -125,12 +128,24 @@ def system_settings(system: str, experts: list[str]) -> tuple[dict, bool]:
     return ablations[system], False
 
 
+def verifier_count(args) -> int:
+    """Verifiers of the cluster: ``--verifiers``, else four one-GPU ones or one multi-GPU one."""
+    return args.verifiers or (4 if load_profiles().target(args.target).gpus == 1 else 1)
+
+
 def cluster_config(args, base: Path, slowdown: float, records: Path, system: str = "cosine") -> dict:
+    """The cluster's config. Drafters on the drafter hosts: ``--drafters`` of them, three
+    experts a domain, the rest generalists (a ``vanilla`` system's all generalists). With
+    ``@verifier``: on the verifiers' GPUs instead (no network), each of the system's distinct
+    experts once per verifier GPU, the drafter hosts unused."""
     experts = [d for d in args.domains for _ in range(3)][: args.drafters]
     experts += [GENERAL] * (args.drafters - len(experts))
     overrides, generalists = system_settings(system, experts)
     if generalists:
         experts = [GENERAL] * args.drafters
+    on_verifier = system.endswith(ON_VERIFIER)
+    if on_verifier:  # in turn, so that drafter i on GPU i mod verifiers puts every expert on every GPU
+        experts = list(dict.fromkeys(experts)) * verifier_count(args)
     drafters = [{"name": f"{e}-{i}", "kind": "emulated", "expert": e, "profile": args.drafter_profile} for i, e in enumerate(experts)]
     model = load_config(base).model
     config = {
@@ -143,7 +158,8 @@ def cluster_config(args, base: Path, slowdown: float, records: Path, system: str
         "router": {"default_experts": [GENERAL], "max_experts": 2, "keywords": {d: [f"{d}:"] for d in args.domains}},
         "serve": {"drafter_processes": "shared"},
         "emulate": {"target": args.target, "slowdown": slowdown, "network": args.network, "gap_scale": args.gap_scale,
-                    "domains": list(args.domains), "record_dir": str(records), "seed": args.seed},
+                    "domains": list(args.domains), "record_dir": str(records), "seed": args.seed,
+                    **({"shared_gpus": verifier_count(args), "gpu_dir": f"{records}-gpus"} if on_verifier else {})},
         "drafters": drafters,
     }
     for section, values in overrides.items():
@@ -313,7 +329,7 @@ def serve_cluster(args, scratch: Path, slowdown: float, tag: str, system: str) -
     config = cluster_config(args, args.config, slowdown, records, system)
     path = scratch / f"{tag}.toml"
     path.write_text(dump_toml(config))
-    verifiers = args.verifiers or (4 if load_profiles().target(args.target).gpus == 1 else 1)
+    verifiers = verifier_count(args)
     serve = Serve(path, scratch / f"{tag}.log", ["--verifiers", str(verifiers), "--replicas", str(args.replicas)])
     url = serve.start()
     admin = url
@@ -379,7 +395,8 @@ def main() -> None:
     parser.add_argument("--gap-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--systems", type=lambda s: s.split(","), default=["cosine"],
-                        help="cosine, no-speculation, vanilla-wN, specinfer-wN, cosine-no-{routing,fusion,pipelining,batch-choice,load-control}")
+                        help="cosine, no-speculation, vanilla-wN, specinfer-wN, cosine-no-{routing,fusion,pipelining,batch-choice,load-control}; "
+                             "a suffix @verifier places the drafters on the verifiers' GPUs")
     parser.add_argument("--tag", default="emulate")
     args = parser.parse_args()
     tokenizer = target_tokenizer(load_config(args.config))

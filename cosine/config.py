@@ -329,8 +329,16 @@ class EmulateConfig:
     seed: int = 0  # the oracle's and the drafters' draws
     domains: tuple[str, ...] = ()  # a prompt starting with one of these words is of that domain
     record_dir: str = ""  # where each process writes its emulated calls' overshoot (empty: nowhere)
+    # Drafters on the verifiers' GPUs: emulated drafters share this many GPUs with the verifiers
+    # (round robin; a call holds its GPU for its profiled time). 0: each on a GPU of its own.
+    shared_gpus: int = 0
+    gpu_dir: str = ""  # where the shared GPUs' lock files are (needed with shared_gpus)
 
     def __post_init__(self) -> None:
+        if self.shared_gpus < 0:
+            raise ValueError("emulate.shared_gpus must be >= 0")
+        if self.shared_gpus and not self.gpu_dir:
+            raise ValueError("emulate.shared_gpus needs emulate.gpu_dir (where the shared GPUs' lock files are)")
         if not self.slowdown > 0:
             raise ValueError("emulate.slowdown must be > 0")
         if not self.gap_scale >= 0:

@@ -6,6 +6,7 @@ import atexit
 import hashlib
 
 from .drafter import EmulatedDrafter
+from .gpu import claim_gpu, drafter_gpu
 from .oracle import Oracle
 from .profiles import Profiles, load_profiles
 from .runner import EmulatedRunner
@@ -32,8 +33,9 @@ def emulated_target(config, vocab_size: int) -> tuple[EmulatedRunner, str]:
     emulate = config.emulate
     profiles = profiles_of(config)
     profile = profiles.target(emulate.target)
+    gpu = claim_gpu(emulate.gpu_dir, emulate.shared_gpus) if emulate.shared_gpus else None
     runner = EmulatedRunner(profile, Oracle(emulate.seed), vocab_size, profiles.accuracy(emulate.acceptance).sampling,
-                            emulate.slowdown, recorder(config, "target"))
+                            emulate.slowdown, recorder(config, "target"), gpu)
     fingerprint = hashlib.sha256(f"emulated:{emulate.target}:{emulate.seed}:{vocab_size}".encode()).hexdigest()[:16]
     return runner, fingerprint
 
@@ -54,12 +56,14 @@ def emulated_drafter(spec, config, tokenizer) -> EmulatedDrafter:
     profiles = profiles_of(config)
     acceptance = profiles.accuracy(emulate.acceptance).scaled(emulate.gap_scale)
     return EmulatedDrafter(spec.name, spec.expert, profiles.drafter(spec.profile), acceptance, Oracle(emulate.seed),
-                           domain_markers(tokenizer, emulate.domains), emulate.slowdown, recorder(config, f"drafter-{spec.name}"))
+                           domain_markers(tokenizer, emulate.domains), emulate.slowdown, recorder(config, f"drafter-{spec.name}"),
+                           drafter_gpu(config, spec.name))
 
 
 def network_connection(config):
-    """The Redis connection class of a drafter host on ``emulate.network`` (None: no delay)."""
-    if not config.emulate.network:
+    """The Redis connection class of a drafter host on ``emulate.network`` (None: no delay;
+    drafters on the verifiers' GPUs, ``emulate.shared_gpus``, are on the verification server)."""
+    if not config.emulate.network or config.emulate.shared_gpus:
         return None
     from .network import delayed_connection
 

@@ -13,6 +13,7 @@ thread.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 
@@ -45,7 +46,7 @@ class EmulatedDrafter(Drafter):
     drafts_ahead = True
 
     def __init__(self, name: str, expert: str, profile: DrafterProfile, acceptance: Acceptance, oracle: Oracle,
-                 markers: Mapping[int, str], slowdown: float = 1.0, recorder: Recorder | None = None) -> None:
+                 markers: Mapping[int, str], slowdown: float = 1.0, recorder: Recorder | None = None, gpu=None) -> None:
         self.name = name
         self.expert = expert
         self.profile = profile
@@ -54,16 +55,18 @@ class EmulatedDrafter(Drafter):
         self.markers = dict(markers)
         self.slowdown = slowdown
         self.recorder = recorder or Recorder()
+        self.gpu = gpu if gpu is not None else contextlib.nullcontext()  # a verifier's GPU (emulate.shared_gpus)
         self._name_hash = key_hash(name)
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftChain]:
-        began = time.perf_counter()
-        chains = [self.chain(r.key, r.context, r.window) for r in requests]
-        drafting = [r for r in requests if r.window > 0]
-        profiled = self.slowdown * self.profile.job_ms(len(drafting), max((r.window for r in drafting), default=0)) / 1000
-        if profiled > 0:
-            sleep_until(began + profiled)
-            self.recorder.add("drafter", profiled, time.perf_counter() - began)
+        with self.gpu:  # on a shared GPU, the call's time starts once the GPU is its own
+            began = time.perf_counter()
+            chains = [self.chain(r.key, r.context, r.window) for r in requests]
+            drafting = [r for r in requests if r.window > 0]
+            profiled = self.slowdown * self.profile.job_ms(len(drafting), max((r.window for r in drafting), default=0)) / 1000
+            if profiled > 0:
+                sleep_until(began + profiled)
+                self.recorder.add("drafter", profiled, time.perf_counter() - began)
         return chains
 
     def chain(self, key: str, context: Sequence[int], window: int) -> DraftChain:

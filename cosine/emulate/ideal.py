@@ -37,6 +37,7 @@ from cosine.policy.window import WindowPolicy
 
 from .build import domain_markers
 from .drafter import EmulatedDrafter
+from .gpu import drafter_gpu_index
 from .oracle import Oracle
 from .profiles import load_profiles
 
@@ -66,6 +67,7 @@ class _Host:
     name: str
     expert: str
     drafter: EmulatedDrafter
+    gpu: int | None = None  # the verifier whose GPU it shares (emulate.shared_gpus); None: its own
     free_at: float = 0.0
     ahead: dict = field(default_factory=dict)  # request key -> (round, guessed context, chain, ready at)
 
@@ -95,13 +97,17 @@ class _Simulation:
         emulate, speculation, pipeline = config.emulate, config.speculation, config.pipeline
         profiles = load_profiles(emulate.profiles or None)
         self.target = profiles.target(emulate.target)
-        self.network = profiles.network(emulate.network) if emulate.network else None
+        # drafters on the verifiers' GPUs (emulate.shared_gpus) are on the verification server: no network
+        self.network = profiles.network(emulate.network) if emulate.network and not emulate.shared_gpus else None
         acceptance = profiles.accuracy(emulate.acceptance).scaled(emulate.gap_scale)
         self.oracle = Oracle(emulate.seed)
         self.hosts = [
-            _Host(spec.name, spec.expert, EmulatedDrafter(spec.name, spec.expert, profiles.drafter(spec.profile), acceptance, self.oracle, markers))
+            _Host(spec.name, spec.expert, EmulatedDrafter(spec.name, spec.expert, profiles.drafter(spec.profile), acceptance, self.oracle, markers),
+                  drafter_gpu_index(config, spec.name))
             for spec in config.drafters if spec.kind == "emulated"
         ]
+        if emulate.shared_gpus > verifiers:
+            raise ValueError(f"emulate.shared_gpus ({emulate.shared_gpus}) is more than the verifiers ({verifiers})")
         self.expert_of = {h.name: h.expert for h in self.hosts}
         self.experts = list(dict.fromkeys(h.expert for h in self.hosts))
         self.config = config
@@ -198,7 +204,19 @@ class _Simulation:
         """The expert's host that drafted ahead for the request, else the one free soonest."""
         hosts = [h for h in self.hosts if h.expert == expert]
         ahead = [h for h in hosts if request.key in h.ahead]
-        return ahead[0] if ahead else min(hosts, key=lambda h: h.free_at)
+        return ahead[0] if ahead else min(hosts, key=self.ready_at)
+
+    def ready_at(self, host: _Host) -> float:
+        """When the host can start a job: it and, on a verifier's GPU, that GPU are free."""
+        return host.free_at if host.gpu is None else max(host.free_at, self.free[host.gpu])
+
+    def occupy(self, host: _Host, began: float, ms: float) -> float:
+        """The host's job from ``began`` (its GPU's too, when shared); when it is done."""
+        host.free_at = began + ms / 1000
+        if host.gpu is not None:
+            self.free[host.gpu] = host.free_at
+            self.at(host.free_at, self.flush)  # the verifier's GPU is free again
+        return host.free_at
 
     def draft_job(self, host: _Host, request: _Request, round_: int, window: int, drafts: dict, experts: list[str]) -> None:
         ahead = host.ahead.pop(request.key, None)
@@ -207,8 +225,7 @@ class _Simulation:
             done = max(self.now, ahead[3])
         else:
             chain = host.drafter.chain(request.key, request.context, window)
-            done = max(self.now, host.free_at) + host.drafter.profile.job_ms(1, window) / 1000
-            host.free_at = done
+            done = self.occupy(host, max(self.now, self.ready_at(host)), host.drafter.profile.job_ms(1, window))
         self.at(done + self.one_way(), self.draft_back, host, request, round_, window, chain, drafts, experts)
         if self.pipelining and window > 0:
             self.at(done, self.draft_ahead, host, request, round_, window, chain)
@@ -216,7 +233,7 @@ class _Simulation:
     def draft_ahead(self, host: _Host, request: _Request, round_: int, window: int, chain: DraftChain) -> None:
         """The drafter's next round made ahead while it has nothing else to do (as the drafter
         worker: its guess of the target's next token, the window one longer)."""
-        if host.free_at > self.now or request.round != round_:
+        if self.ready_at(host) > self.now or request.round != round_:
             return
         ahead_window = min(window + 1, max(window, self.config.speculation.max_window))
         guessed = [*request.context, *chain.tokens]
@@ -225,8 +242,7 @@ class _Simulation:
             return
         context = [*guessed, whole.tokens[0]]
         rest = DraftChain(whole.tokens[1:], whole.confidences[1:], None, host.name)
-        host.free_at = self.now + host.drafter.profile.job_ms(1, ahead_window + 1) / 1000
-        host.ahead[request.key] = (round_ + 1, context, rest, host.free_at)
+        host.ahead[request.key] = (round_ + 1, context, rest, self.occupy(host, self.now, host.drafter.profile.job_ms(1, ahead_window + 1)))
 
     def draft_back(self, host: _Host, request: _Request, round_: int, window: int, chain: DraftChain, drafts: dict, experts: list[str]) -> None:
         drafts[host.name] = chain

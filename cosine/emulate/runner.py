@@ -10,6 +10,7 @@ slow-down factor. Overshoot is recorded per call.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -30,8 +31,9 @@ FLOOR = -1.0e4  # logit of tokens outside the oracle's support
 
 class EmulatedRunner:
     def __init__(self, profile: TargetProfile, oracle: Oracle, vocab_size: int, sampling: Sequence[float],
-                 slowdown: float = 1.0, recorder: Recorder | None = None) -> None:
+                 slowdown: float = 1.0, recorder: Recorder | None = None, gpu=None) -> None:
         self.profile = profile
+        self.gpu = gpu if gpu is not None else contextlib.nullcontext()  # a GPU shared with drafters (emulate.shared_gpus)
         self.oracle = oracle
         self.vocab_size = vocab_size
         self.slowdown = slowdown
@@ -49,18 +51,19 @@ class EmulatedRunner:
     def forward_with_states(self, items: Sequence[ForwardItem]) -> tuple[list[torch.Tensor], list[FedStates]]:
         if not items:
             return [], []
-        began = time.perf_counter()
-        fed = rows = 0
-        with self._lock:
-            for item in items:
-                fed += len(item.context) - self._reusable(item.key, item.context) + len(item.tree_tokens)
-                rows += len(item.context)
-                self._cached.pop(item.key, None)
-                self._cached[item.key] = list(item.context)
-        logits = [self._rows(item) for item in items]
-        profiled = self.slowdown * self.profile.step_ms(len(items), fed, rows) / 1000
-        sleep_until(began + profiled)
-        self.recorder.add("target", profiled, time.perf_counter() - began)
+        with self.gpu:  # on a shared GPU, the forward's time starts once the GPU is its own
+            began = time.perf_counter()
+            fed = rows = 0
+            with self._lock:
+                for item in items:
+                    fed += len(item.context) - self._reusable(item.key, item.context) + len(item.tree_tokens)
+                    rows += len(item.context)
+                    self._cached.pop(item.key, None)
+                    self._cached[item.key] = list(item.context)
+            logits = [self._rows(item) for item in items]
+            profiled = self.slowdown * self.profile.step_ms(len(items), fed, rows) / 1000
+            sleep_until(began + profiled)
+            self.recorder.add("target", profiled, time.perf_counter() - began)
         empty = torch.empty(0, 0)
         return logits, [FedStates(len(item.context), empty) for item in items]
 

@@ -192,16 +192,16 @@ def test_records_are_written_per_process_and_summed(tmp_path):
     assert total["target"].actual_s == pytest.approx(0.0306) and total["drafter"].worst_s == pytest.approx(0.001)
 
 
-def ideal_config(tmp_path, **speculation):
+def ideal_config(tmp_path, emulate: str = 'network = "paper"', name: str = "ideal", **speculation):
     from cosine.config import load_config
 
     drafters = "".join(f'[[drafters]]\nname = "{e}-{i}"\nkind = "emulated"\nexpert = "{e}"\nprofile = "llama-68m-2080ti"\n'
                        for i, e in enumerate(["code", "math", "general", "general"]))
-    settings = "".join(f"{k} = {v}\n" for k, v in speculation.items())
-    path = tmp_path / "ideal.toml"
-    path.write_text(f'[speculation]\nmode = "tree"\npipelining = "on"\n{settings}[router]\ndefault_experts = ["general"]\n'
+    settings = "".join(f"{k} = {v}\n" for k, v in {"pipelining": '"on"', **speculation}.items())
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'[speculation]\nmode = "tree"\n{settings}[router]\ndefault_experts = ["general"]\n'
                     f'[router.keywords]\ncode = ["code:"]\nmath = ["math:"]\n'
-                    f'[emulate]\ntarget = "llama-8b-h100"\nnetwork = "paper"\ndomains = ["code", "math"]\n{drafters}')
+                    f'[emulate]\ntarget = "llama-8b-h100"\n{emulate}\ndomains = ["code", "math"]\n{drafters}')
     return load_config(path)
 
 
@@ -304,3 +304,69 @@ def test_a_drafter_profiled_while_the_cluster_started_profiles_itself_again_when
     # and of `cosine demo`'s baseline, timed beside the idle pipeline.
     assert profiles_when_idle("emulated", "cpu") == profiles_when_idle("trained", "cuda:0") == REPROFILES
     assert profiles_when_idle("trained", "cpu") == 0
+
+
+def test_calls_on_a_shared_gpu_take_turns_and_calls_on_others_overlap(tmp_path):
+    """Drafters placed on the verifiers' GPUs: a drafter's job and a forward on one GPU run one
+    at a time (each SharedGpu opens the lock itself, so two in one process exclude each other
+    as two processes do); on different GPUs they overlap."""
+    import threading
+
+    from cosine.emulate.gpu import SharedGpu
+
+    profile = DrafterProfile("slow", 60.0, 0.0)  # a one-token job sleeps 60 ms
+    requests = [DraftRequest("q", [CODE, 42], 1, SamplingParams(), 0)]
+    forward_s = H100.step_ms(1, 256, 256) / 1000
+
+    def together(drafter_gpu: int) -> float:
+        target = EmulatedRunner(H100, Oracle(), 49152, ACCEPTANCE.sampling, gpu=SharedGpu(tmp_path, 0))
+        draft = EmulatedDrafter("d", "code", profile, ACCEPTANCE, Oracle(), MARKERS, gpu=SharedGpu(tmp_path, drafter_gpu))
+        calls = [threading.Thread(target=draft.propose, args=(requests,)),
+                 threading.Thread(target=target.forward, args=([ForwardItem("r", list(range(100, 356)))],))]
+        began = time.perf_counter()
+        for call in calls:
+            call.start()
+        for call in calls:
+            call.join()
+        return time.perf_counter() - began
+
+    assert together(0) >= 0.060 + forward_s
+    assert together(1) < 0.060 + forward_s
+
+
+def test_each_verifier_claims_a_shared_gpu_of_its_own(tmp_path):
+    from cosine.config import EmulateConfig
+    from cosine.emulate.gpu import claim_gpu
+
+    first, second = claim_gpu(tmp_path, 2), claim_gpu(tmp_path, 2)
+    assert (first.index, second.index) == (0, 1)
+    with pytest.raises(ValueError, match="shared_gpus"):
+        claim_gpu(tmp_path, 2)
+    with pytest.raises(ValueError, match="gpu_dir"):
+        EmulateConfig(shared_gpus=2)
+
+
+def test_in_the_ideal_drafters_on_the_verifiers_gpus_take_their_time(tmp_path):
+    """Drafters placed on the verifiers' GPUs draft on them between verifications and skip the
+    network: the same outputs as on GPUs of their own, in more time (drafters on one GPU take
+    turns; under load drafting takes the verifiers' time)."""
+    from cosine.emulate.ideal import simulate
+    from cosine.factory import target_tokenizer
+
+    fixed = {"pipelining": '"off"', "adaptive_window": "false", "load_control": "false"}
+    own = ideal_config(tmp_path, 'network = ""', "own", **fixed)
+    shared = ideal_config(tmp_path, f'network = "paper"\nshared_gpus = 2\ngpu_dir = "{tmp_path}"', "shared", **fixed)
+    tokenizer = target_tokenizer(own)
+    texts = [f"{d}: a question about trains number {i}" for i, d in enumerate(["code", "math", "chat", "code"] * 2)]
+    ids = [f"q{i}" for i in range(len(texts))]
+    alone = simulate(shared, tokenizer, ids, texts, 48, 2, concurrency=1, with_outputs=True)
+    alone_own = simulate(own, tokenizer, ids, texts, 48, 2, concurrency=1, with_outputs=True)
+    # a request's two cooperating drafters take turns where they share a GPU
+    assert alone["outputs"] == alone_own["outputs"]
+    assert alone["mean_latency_s"] > alone_own["mean_latency_s"]
+    loaded_shared = simulate(shared, tokenizer, ids, texts, 48, 2, concurrency=8, with_outputs=True)
+    loaded_own = simulate(own, tokenizer, ids, texts, 48, 2, concurrency=8)
+    assert loaded_shared["tokens_per_s"] < loaded_own["tokens_per_s"]
+    assert loaded_shared["outputs"] == alone["outputs"]  # lossless either way
+    with pytest.raises(ValueError, match="shared_gpus"):
+        simulate(shared, tokenizer, ids, texts, 48, 1, concurrency=1)
