@@ -197,11 +197,11 @@ class _Simulation:
         self.drafting[request.key] = (self.now, window, together)
         drafts: dict[str, DraftChain] = {}
         for expert in experts:
-            host = self.host_for(request, expert)
-            self.at(self.now + self.one_way(), self.draft_job, host, request, request.round, window, drafts, experts)
+            self.at(self.now + self.one_way(), self.draft_job, expert, request, request.round, window, drafts, experts)
 
     def host_for(self, request: _Request, expert: str) -> _Host:
-        """The expert's host that drafted ahead for the request, else the one free soonest."""
+        """The expert's host that drafted ahead for the request, else the one free soonest (as
+        the job arrives: a job taken before it, of this round too, is in its ``ready_at``)."""
         hosts = [h for h in self.hosts if h.expert == expert]
         ahead = [h for h in hosts if request.key in h.ahead]
         return ahead[0] if ahead else min(hosts, key=self.ready_at)
@@ -218,7 +218,8 @@ class _Simulation:
             self.at(host.free_at, self.flush)  # the verifier's GPU is free again
         return host.free_at
 
-    def draft_job(self, host: _Host, request: _Request, round_: int, window: int, drafts: dict, experts: list[str]) -> None:
+    def draft_job(self, expert: str, request: _Request, round_: int, window: int, drafts: dict, experts: list[str]) -> None:
+        host = self.host_for(request, expert)
         ahead = host.ahead.pop(request.key, None)
         if ahead is not None and ahead[0] == round_ and ahead[1] == request.context and len(ahead[2].tokens) >= window:
             chain = DraftChain(ahead[2].tokens[:window], ahead[2].confidences[:window], None, host.name)
