@@ -36,6 +36,8 @@ from cosine.deploy import UNPROFILED_KINDS, machine_cores, plan_deployment
 from cosine.drafters.base import DraftRequest, propose_ahead
 from cosine.factory import build_drafter, load_target
 from cosine.models.loading import release_freed_memory
+from cosine.policy.control import draft_features
+from cosine.policy.window import Turnaround, ahead_window
 from cosine.wire import Draft, DraftJob, decode, encode
 from cosine.wire.convert import probs_to_bytes, states_from_bytes
 
@@ -56,6 +58,10 @@ class DrafterWorker(StageWorker):
         self.host = host
         self.last_job = self.profiled_at = time.monotonic()
         self.profiles_left = 0  # drafting profiles still to take when idle (``tick``)
+        # request id -> (round, when its draft was written, server clock ms); from then to the
+        # request's next job (its entry ID) is what drafting ahead must fit in
+        self.written: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self.turnaround = Turnaround()
         # One torch thread for every drafter of the process (see StageWorker); an emulated
         # drafter stands for a GPU of its own: its own thread, sleeping beside the others'.
         if host is not None and self.spec.kind != "emulated":
@@ -152,6 +158,7 @@ class DrafterWorker(StageWorker):
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         self.last_job = time.monotonic()
         jobs = [decode(fields, DraftJob) for _, fields in entries]
+        self._observe_turnaround(entries, jobs)
         contexts = await self._contexts(jobs)
         features = [await self._features(j) for j in jobs] if self.drafter.needs_features else [None] * len(jobs)
         # A job whose request moved on since it was written (its context is no longer the
@@ -193,7 +200,9 @@ class DrafterWorker(StageWorker):
                 instance=self.instance,
             )
             outputs.append((self.keys.drafts, encode(draft)))
+        now_ms = self.clock.now() * 1000
         await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])
+        self._written([jobs[i] for i in live], now_ms)
         if self.pipelining and self.drafter.drafts_ahead and not self.drafter.needs_features:
             await self.guarded(self._draft_ahead, stream, [(jobs[i], contexts[i], chains[i]) for i in live])
 
@@ -223,8 +232,11 @@ class DrafterWorker(StageWorker):
             if any(ids for name, ids in self._in_hand.items() if name != stream) or await self._jobs_waiting():
                 return
             # The window the next round will likely ask: one longer (a fully accepted round
-            # lengthens the adaptive window); a prefix of it serves a shorter one.
-            window = min(job.window + 1, max(job.window, self.config.speculation.max_window))
+            # lengthens the adaptive window; a prefix of it serves a shorter one), as long as
+            # the work fits before the request's next job comes.
+            window = self.ahead_window(job)
+            if window <= 0:
+                continue
             request = DraftRequest(job.request_id, context, window, job.sampling, job.round + 1, None, job.domain)
             try:
                 ahead = await self.off_loop(propose_ahead, self.drafter, request, chain.tokens)
@@ -238,6 +250,33 @@ class DrafterWorker(StageWorker):
             self.tally.count("drafts_ahead", drafter=self.spec.name)
             while len(self.predrafts) > MAX_HELD_REQUESTS:
                 self.predrafts.popitem(last=False)
+
+    def _written(self, jobs: list[DraftJob], now_ms: float) -> None:
+        """The jobs' drafts were written at ``now_ms`` (the server's clock)."""
+        for job in jobs:
+            self.written.pop(job.request_id, None)
+            self.written[job.request_id] = (job.round, now_ms)
+        while len(self.written) > MAX_HELD_REQUESTS:
+            self.written.popitem(last=False)
+
+    def _observe_turnaround(self, entries: list[Entry], jobs: list[DraftJob]) -> None:
+        """Each job of a request whose last round's draft this drafter wrote: the time between
+        (the job's entry ID is when the server took it, by its clock, in ms)."""
+        for (entry_id, _), job in zip(entries, jobs):
+            written = self.written.pop(job.request_id, None)
+            if written is not None and written[0] == job.round - 1:
+                self.turnaround.observe(_entry_key(entry_id)[0] - written[1])
+
+    def ahead_window(self, job: DraftJob) -> int:
+        """The window to draft the job's next round at ahead (``ahead_window``), by this
+        drafter's profile and measured turnaround."""
+        return ahead_window(job.window, self.config.speculation.max_window, self.turnaround.ms, self._job_ms)
+
+    def _job_ms(self, tokens: int) -> float:
+        """A one-request job of ``tokens`` by this drafter's profile (0: not profiled)."""
+        if not self.cost_profile:
+            return 0.0
+        return float(np.dot(self.cost_profile, draft_features(tokens, 1)))
 
     async def _jobs_waiting(self) -> bool:
         """Whether an input stream holds entries not yet delivered to this group: its newest

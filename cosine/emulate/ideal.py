@@ -33,7 +33,7 @@ from cosine.core.tree import ROOT, DraftChain, merge_chains
 from cosine.policy.batching import BatchPolicy, Pending
 from cosine.policy.control import DRAFT_PROFILE_CALLS, VERIFY_PROFILE_CALLS, SpeculationControl, draft_features, verify_features
 from cosine.policy.routing import RequestRouting, by_expert, choose_experts, routing_policy, tree_feedback
-from cosine.policy.window import WindowPolicy
+from cosine.policy.window import Turnaround, WindowPolicy, ahead_window
 
 from .build import domain_markers
 from .drafter import EmulatedDrafter
@@ -70,6 +70,8 @@ class _Host:
     gpu: int | None = None  # the verifier whose GPU it shares (emulate.shared_gpus); None: its own
     free_at: float = 0.0
     ahead: dict = field(default_factory=dict)  # request key -> (round, guessed context, chain, ready at)
+    written: dict = field(default_factory=dict)  # request key -> (round, when its draft was done)
+    turnaround: Turnaround = field(default_factory=Turnaround)  # a draft done to its request's next job, as the drafter worker's
 
 
 @dataclass
@@ -220,6 +222,9 @@ class _Simulation:
 
     def draft_job(self, expert: str, request: _Request, round_: int, window: int, drafts: dict, experts: list[str]) -> None:
         host = self.host_for(request, expert)
+        written = host.written.pop(request.key, None)
+        if written is not None and written[0] == round_ - 1:
+            host.turnaround.observe((self.now - written[1]) * 1000)
         ahead = host.ahead.pop(request.key, None)
         if ahead is not None and ahead[0] == round_ and ahead[1] == request.context and len(ahead[2].tokens) >= window:
             chain = DraftChain(ahead[2].tokens[:window], ahead[2].confidences[:window], None, host.name)
@@ -227,23 +232,27 @@ class _Simulation:
         else:
             chain = host.drafter.chain(request.key, request.context, window)
             done = self.occupy(host, max(self.now, self.ready_at(host)), host.drafter.profile.job_ms(1, window))
+        host.written[request.key] = (round_, done)
         self.at(done + self.one_way(), self.draft_back, host, request, round_, window, chain, drafts, experts)
         if self.pipelining and window > 0:
             self.at(done, self.draft_ahead, host, request, round_, window, chain)
 
     def draft_ahead(self, host: _Host, request: _Request, round_: int, window: int, chain: DraftChain) -> None:
         """The drafter's next round made ahead while it has nothing else to do (as the drafter
-        worker: its guess of the target's next token, the window one longer)."""
+        worker: its guess of the target's next token, the window one longer as long as the
+        work fits in the drafter's measured turnaround, ``ahead_window``)."""
         if self.ready_at(host) > self.now or request.round != round_:
             return
-        ahead_window = min(window + 1, max(window, self.config.speculation.max_window))
+        ahead = ahead_window(window, self.config.speculation.max_window, host.turnaround.ms, lambda tokens: host.drafter.profile.job_ms(1, tokens))
+        if ahead <= 0:
+            return
         guessed = [*request.context, *chain.tokens]
-        whole = host.drafter.chain(request.key, guessed, ahead_window + 1)
+        whole = host.drafter.chain(request.key, guessed, ahead + 1)
         if len(whole.tokens) < 2:
             return
         context = [*guessed, whole.tokens[0]]
         rest = DraftChain(whole.tokens[1:], whole.confidences[1:], None, host.name)
-        host.ahead[request.key] = (round_ + 1, context, rest, self.occupy(host, self.now, host.drafter.profile.job_ms(1, ahead_window + 1)))
+        host.ahead[request.key] = (round_ + 1, context, rest, self.occupy(host, self.now, host.drafter.profile.job_ms(1, ahead + 1)))
 
     def draft_back(self, host: _Host, request: _Request, round_: int, window: int, chain: DraftChain, drafts: dict, experts: list[str]) -> None:
         drafts[host.name] = chain
@@ -334,6 +343,7 @@ class _Simulation:
             self.done.append(request)
             for host in self.hosts:
                 host.ahead.pop(request.key, None)
+                host.written.pop(request.key, None)
             if hasattr(self, "on_end"):
                 self.on_end()
             return

@@ -7,6 +7,7 @@ it verifier load as well (roadmap item 2); the interface stays ``next_window(sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -37,3 +38,30 @@ class WindowPolicy:
 def capped_window(window: int, cap: int) -> int:
     """A window under a request's cap (-1: none)."""
     return window if cap < 0 else min(window, cap)
+
+
+def ahead_window(window: int, maximum: int, turnaround_ms: float | None, job_ms: Callable[[int], float]) -> int:
+    """The window a drafter drafts a request's next round at ahead of its job (pipelining): one
+    longer than this round's (a fully accepted round lengthens the adaptive window), shortened
+    until the work — the guessed target token and the window, ``job_ms(tokens)`` — fits in the
+    time the drafter expects before the request's next job (``turnaround_ms``; None: not known
+    yet). Work still running when the next job comes delays it: a guess that missed would cost
+    the round. 0: none fits."""
+    ahead = min(window + 1, max(window, maximum))
+    if turnaround_ms is None:
+        return ahead
+    while ahead > 0 and job_ms(ahead + 1) > turnaround_ms:
+        ahead -= 1
+    return ahead
+
+
+@dataclass(slots=True)
+class Turnaround:
+    """A drafter's running estimate of the time from writing a request's draft to reading the
+    request's next job (the round's verification and the hops around it)."""
+
+    smoothing: float = 0.2
+    ms: float | None = None
+
+    def observe(self, ms: float) -> None:
+        self.ms = ms if self.ms is None else self.ms + self.smoothing * (ms - self.ms)

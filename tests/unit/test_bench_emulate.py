@@ -25,7 +25,7 @@ def emulate(monkeypatch):
 
 def args(**changes) -> argparse.Namespace:
     values = dict(domains=["code", "math", "chat", "finance"], drafters=16, drafter_profile="llama-68m-2080ti", max_batch=64, speculation=[],
-                  target="llama-8b-h100", network="paper", gap_scale=1.0, seed=0, max_tokens=128, config=Path("config.toml"))
+                  target="llama-8b-h100", network="paper", gap_scale=1.0, seed=0, max_tokens=128, config=Path("config.toml"), verifiers=0)
     return argparse.Namespace(**{**values, **changes})
 
 
@@ -75,3 +75,21 @@ def test_a_machine_limited_run_at_a_probed_slowdown_runs_again_slower(emulate):
     assert emulate.slowdown_again({"machine_limited": False, "slowdown": 1.0}, probed=True) is None
     assert emulate.slowdown_again({"machine_limited": True, "slowdown": 2.0}, probed=False) is None  # k given: the run stands
     assert emulate.slowdown_again({"machine_limited": True, "slowdown": emulate.MAX_SLOWDOWN}, probed=True) is None
+
+
+@pytest.mark.parametrize("system", ["vanilla-w4@verifier", "specinfer-w2@verifier"])
+def test_a_system_with_its_drafters_on_the_verifiers_gpus(emulate, tmp_path, system):
+    """``@verifier``: each distinct expert of the system once per verifier GPU (drafter i on GPU
+    i mod 4: every expert on every GPU), the GPUs shared through lock files, the rest as the
+    system on the drafter hosts."""
+    from load import dump_toml
+
+    path = tmp_path / "c.toml"
+    path.write_text(dump_toml(emulate.cluster_config(args(), Path("config.toml"), 2.0, tmp_path / "records", system)))
+    loaded = load_config(path)
+    experts = [d.expert for d in loaded.drafters]
+    distinct = [GENERAL] if system.startswith("vanilla") else ["code", "math", "chat", "finance", GENERAL]
+    assert loaded.emulate.shared_gpus == 4 and loaded.emulate.gpu_dir and len(experts) == 4 * len(distinct)
+    for gpu in range(4):
+        assert sorted(experts[gpu::4]) == sorted(distinct)
+    assert not loaded.router.online and not loaded.speculation.load_control and loaded.speculation.pipelining == "off"

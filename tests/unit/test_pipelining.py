@@ -62,3 +62,42 @@ def test_a_drafter_with_a_differently_padded_vocabulary_drafts_target_tokens(dra
         target_logits = torch.randn(5, 64)
         verdict = verify_round(merge_chains([chain]), target_logits, request.sampling, 1, len(request.context))
         assert 0 <= verdict.next_token < 64
+
+
+def test_a_draft_made_ahead_fits_in_the_time_before_the_requests_next_job():
+    """Drafting ahead is one window longer than the round's, but work still running when the
+    request's next job comes delays that job (on a missed guess, the whole round): the window is
+    shortened until the work fits in the turnaround the drafter measured, none when nothing fits."""
+    from cosine.policy.window import Turnaround, ahead_window
+
+    def job_ms(tokens):  # the guessed token and the window, 1.5 ms each
+        return 1.5 * tokens
+
+    assert ahead_window(3, 8, None, job_ms) == 4  # turnaround not known yet: one longer
+    assert ahead_window(3, 8, 100.0, job_ms) == 4 and ahead_window(8, 8, 100.0, job_ms) == 8
+    assert ahead_window(3, 8, 6.0, job_ms) == 3  # 4 + 1 tokens take 7.5 ms: one shorter
+    assert ahead_window(3, 8, 2.9, job_ms) == 0
+    turnaround = Turnaround(smoothing=0.5)
+    turnaround.observe(10.0)
+    turnaround.observe(20.0)
+    assert turnaround.ms == 15.0
+
+
+def test_the_drafter_measures_the_turnaround_from_its_draft_to_the_requests_next_job():
+    """From writing a round's draft (the server's clock) to the request's next job (its entry
+    ID: when the server took it) — not to when the drafter read it, which its own drafting ahead
+    delays."""
+    from cosine.config import Config
+    from cosine.wire import DraftJob
+    from cosine.workers.drafter import DrafterWorker
+
+    worker = DrafterWorker(Config(), "redis://127.0.0.1:9", "general", instance="d1")
+    worker.cost_profile = (0.0, 1.5, 0.0)  # 1.5 ms a drafted token
+
+    def job(request_id, round_, window=3):
+        return DraftJob(request_id, round_, [1, 2], window, SamplingParams(), ["general"])
+
+    worker._written([job("a", 4), job("b", 4)], 1_000.0)
+    worker._observe_turnaround([(b"1006-0", {}), (b"1030-0", {})], [job("a", 5), job("b", 7)])  # b: a later round, no sample
+    assert worker.turnaround.ms == 6.0 and "b" not in worker.written
+    assert worker.ahead_window(job("a", 5)) == 3  # 4 tokens + the guess would take 7.5 ms
