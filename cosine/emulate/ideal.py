@@ -10,7 +10,9 @@ when to flush, which candidates), fusion of the cooperating chains into a tree
 verified). Drafts are the emulated drafters' own (``EmulatedDrafter.chain``: the same seeded
 function of request, position and drafter), verified against the oracle. Time passes only for
 the profiled GPUs (verification, drafting) and the network on the minimum messages of a round
-(the job to a drafter host, the draft back).
+(the job to a drafter host, the draft back). A job goes, when it arrives, to its expert's
+drafter free soonest (on a shared GPU: one no other drafter is about to take), and a drafter
+drafts every job waiting for it in one call, as the drafter worker drafts what it read.
 
 ``greedy=True`` gives the upper bound where a free verifier never waits while a candidate is
 ready (every batch goes at once).
@@ -71,6 +73,8 @@ class _Host:
     free_at: float = 0.0
     ahead: dict = field(default_factory=dict)  # request key -> (round, guessed context, chain, ready at)
     written: dict = field(default_factory=dict)  # request key -> (round, when its draft was done)
+    queue: list = field(default_factory=list)  # jobs waiting for the host, drafted together when it is free
+    starting: bool = False  # a start of the queued jobs is scheduled
     turnaround: Turnaround = field(default_factory=Turnaround)  # a draft done to its request's next job, as the drafter worker's
 
 
@@ -206,7 +210,11 @@ class _Simulation:
         the job arrives: a job taken before it, of this round too, is in its ``ready_at``)."""
         hosts = [h for h in self.hosts if h.expert == expert]
         ahead = [h for h in hosts if request.key in h.ahead]
-        return ahead[0] if ahead else min(hosts, key=self.ready_at)
+        return ahead[0] if ahead else min(hosts, key=lambda h: (max(self.now, self.ready_at(h)), self.gpu_wanted(h), len(h.queue)))
+
+    def gpu_wanted(self, host: _Host) -> bool:
+        """Whether another drafter on the host's shared GPU has jobs about to start there."""
+        return host.gpu is not None and any(h.queue for h in self.hosts if h.gpu == host.gpu and h is not host)
 
     def ready_at(self, host: _Host) -> float:
         """When the host can start a job: it and, on a verifier's GPU, that GPU are free."""
@@ -228,10 +236,25 @@ class _Simulation:
         ahead = host.ahead.pop(request.key, None)
         if ahead is not None and ahead[0] == round_ and ahead[1] == request.context and len(ahead[2].tokens) >= window:
             chain = DraftChain(ahead[2].tokens[:window], ahead[2].confidences[:window], None, host.name)
-            done = max(self.now, ahead[3])
-        else:
-            chain = host.drafter.chain(request.key, request.context, window)
-            done = self.occupy(host, max(self.now, self.ready_at(host)), host.drafter.profile.job_ms(1, window))
+            self.drafted(host, request, round_, window, chain, drafts, experts, max(self.now, ahead[3]))
+            return
+        host.queue.append((request, round_, window, drafts, experts))
+        if not host.starting:
+            host.starting = True
+            self.at(max(self.now, self.ready_at(host)), self.start_jobs, host)
+
+    def start_jobs(self, host: _Host) -> None:
+        """The host drafts every job that waits for it in one call, as the drafter worker drafts
+        every job it read (the profile's cost of a batch: the longest window, per request a little)."""
+        if self.ready_at(host) > self.now:  # its GPU was taken meanwhile (a verification)
+            self.at(self.ready_at(host), self.start_jobs, host)
+            return
+        jobs, host.queue, host.starting = host.queue, [], False
+        done = self.occupy(host, self.now, host.drafter.profile.job_ms(len(jobs), max(job[2] for job in jobs)))
+        for request, round_, window, drafts, experts in jobs:
+            self.drafted(host, request, round_, window, host.drafter.chain(request.key, request.context, window), drafts, experts, done)
+
+    def drafted(self, host: _Host, request: _Request, round_: int, window: int, chain: DraftChain, drafts: dict, experts: list[str], done: float) -> None:
         host.written[request.key] = (round_, done)
         self.at(done + self.one_way(), self.draft_back, host, request, round_, window, chain, drafts, experts)
         if self.pipelining and window > 0:
@@ -241,7 +264,7 @@ class _Simulation:
         """The drafter's next round made ahead while it has nothing else to do (as the drafter
         worker: its guess of the target's next token, the window one longer as long as the
         work fits in the drafter's measured turnaround, ``ahead_window``)."""
-        if self.ready_at(host) > self.now or request.round != round_:
+        if self.ready_at(host) > self.now or host.queue or request.round != round_:
             return
         ahead = ahead_window(window, self.config.speculation.max_window, host.turnaround.ms, lambda tokens: host.drafter.profile.job_ms(1, tokens))
         if ahead <= 0:

@@ -390,3 +390,31 @@ def test_in_the_ideal_a_job_goes_to_a_drafter_whose_gpu_is_free_when_it_comes(tm
     hosts = {h.name: h for h in simulation.hosts}
     assert [hosts[name].gpu for name in ("code-0", "general-2", "general-3")] == [0, 0, 1]
     assert hosts["code-0"].free_at > 0 and hosts["general-3"].free_at > 0 and hosts["general-2"].free_at == 0
+
+
+def test_in_the_ideal_jobs_waiting_for_a_drafter_are_drafted_in_one_call(tmp_path):
+    """Regression: the ideal drafted each job alone (a busy drafter's jobs one after another),
+    where the drafter worker drafts every job it read in one batched call; and every job of a
+    batch's next rounds went to the same drafter (chosen before any of them took it): vanilla at
+    16 requests ran at half its throughput in the ideal and the pipeline above it. Four requests
+    at once on one drafter: one call of four requests."""
+    from cosine.config import load_config
+    from cosine.emulate.build import domain_markers
+    from cosine.emulate.ideal import _Simulation
+    from cosine.factory import target_tokenizer
+
+    path = tmp_path / "one.toml"
+    path.write_text('[speculation]\nmode = "tree"\npipelining = "off"\nadaptive_window = false\nload_control = false\nwindow = 3\nmax_window = 3\n'
+                    '[router]\nonline = false\ndefault_experts = ["general"]\nmax_experts = 1\n'
+                    '[emulate]\ntarget = "llama-8b-h100"\nnetwork = ""\n'
+                    '[[drafters]]\nname = "g"\nkind = "emulated"\nexpert = "general"\nprofile = "llama-68m-2080ti"\n')
+    config = load_config(path)
+    tokenizer = target_tokenizer(config)
+    simulation = _Simulation(config, 1, False, domain_markers(tokenizer, ()))
+    calls = []
+    occupy = simulation.occupy
+    simulation.occupy = lambda host, began, ms: calls.append((began, ms)) or occupy(host, began, ms)
+    texts = [f"chat: question {i}" for i in range(4)]
+    simulation.run([f"q{i}" for i in range(4)], [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], texts, 4, 4, None)
+    [host] = simulation.hosts
+    assert calls[0] == (0.0, pytest.approx(host.drafter.profile.job_ms(4, 3)))
