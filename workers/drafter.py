@@ -265,7 +265,9 @@ class DrafterWorker(StageWorker):
         for (entry_id, _), job in zip(entries, jobs):
             written = self.written.pop(job.request_id, None)
             if written is not None and written[0] == job.round - 1:
-                self.turnaround.observe(_entry_key(entry_id)[0] - written[1])
+                ms = _entry_key(entry_id)[0] - written[1]
+                if ms >= 0 and self.clock.synced:  # before the clock's first sync its offset is unknown
+                    self.turnaround.observe(ms)
 
     def ahead_window(self, job: DraftJob) -> int:
         """The window to draft the job's next round at ahead (``ahead_window``), by this

@@ -19,6 +19,7 @@ from pathlib import Path
 class SharedGpu:
     def __init__(self, directory: str | Path, index: int) -> None:
         self.index = index
+        self.claim_fd: int | None = None  # a verifier's claim on the GPU, held (open) while it lives
         self.path = Path(directory) / f"gpu-{index}"
         self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
 
@@ -42,7 +43,7 @@ def claim_gpu(directory: str | Path, count: int) -> SharedGpu:
             os.close(fd)
             continue
         gpu = SharedGpu(directory, index)
-        gpu.claim_fd = fd  # held (open) while the process lives
+        gpu.claim_fd = fd
         return gpu
     raise ValueError(f"emulate.shared_gpus: all {count} shared GPUs in {directory} are held by other verifiers")
 

@@ -93,6 +93,7 @@ def test_the_drafter_measures_the_turnaround_from_its_draft_to_the_requests_next
 
     worker = DrafterWorker(Config(), "redis://127.0.0.1:9", "general", instance="d1")
     worker.cost_profile = (0.0, 1.5, 0.0)  # 1.5 ms a drafted token
+    worker.clock.synced = True
 
     def job(request_id, round_, window=3):
         return DraftJob(request_id, round_, [1, 2], window, SamplingParams(), ["general"])
@@ -101,3 +102,10 @@ def test_the_drafter_measures_the_turnaround_from_its_draft_to_the_requests_next
     worker._observe_turnaround([(b"1006-0", {}), (b"1030-0", {})], [job("a", 5), job("b", 7)])  # b: a later round, no sample
     assert worker.turnaround.ms == 6.0 and "b" not in worker.written
     assert worker.ahead_window(job("a", 5)) == 3  # 4 tokens + the guess would take 7.5 ms
+    # A sample from before the server's clock was synced (another host's clock), or negative: not taken.
+    worker._written([job("a", 5)], 2_000.0)
+    worker._observe_turnaround([(b"1990-0", {})], [job("a", 6)])
+    worker.clock.synced = False
+    worker._written([job("a", 6)], 2_000.0)
+    worker._observe_turnaround([(b"2050-0", {})], [job("a", 7)])
+    assert worker.turnaround.ms == 6.0
