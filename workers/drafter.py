@@ -36,7 +36,7 @@ from cosine.deploy import UNPROFILED_KINDS, machine_cores, plan_deployment
 from cosine.drafters.base import DraftRequest, propose_ahead
 from cosine.factory import build_drafter, load_target
 from cosine.models.loading import release_freed_memory
-from cosine.policy.control import draft_features
+from cosine.policy.control import DRAFT_PROFILE_CALLS, draft_features
 from cosine.policy.window import Turnaround, ahead_window
 from cosine.wire import Draft, DraftJob, decode, encode
 from cosine.wire.convert import probs_to_bytes, states_from_bytes
@@ -158,7 +158,8 @@ class DrafterWorker(StageWorker):
     async def handle(self, stream: str, entries: list[Entry]) -> None:
         self.last_job = time.monotonic()
         jobs = [decode(fields, DraftJob) for _, fields in entries]
-        self._observe_turnaround(entries, jobs)
+        if self.drafting_ahead:
+            self._observe_turnaround(entries, jobs)
         contexts = await self._contexts(jobs)
         features = [await self._features(j) for j in jobs] if self.drafter.needs_features else [None] * len(jobs)
         # A job whose request moved on since it was written (its context is no longer the
@@ -202,8 +203,8 @@ class DrafterWorker(StageWorker):
             outputs.append((self.keys.drafts, encode(draft)))
         now_ms = self.clock.now() * 1000
         await write_and_ack(self.redis, outputs, stream, self.group, [entry_id for entry_id, _ in entries])
-        self._written([jobs[i] for i in live], now_ms)
-        if self.pipelining and self.drafter.drafts_ahead and not self.drafter.needs_features:
+        if self.drafting_ahead:
+            self._written([jobs[i] for i in live], now_ms)
             await self.guarded(self._draft_ahead, stream, [(jobs[i], contexts[i], chains[i]) for i in live])
 
     # ---- pipelining ----------------------------------------------------------------------
@@ -251,6 +252,11 @@ class DrafterWorker(StageWorker):
             while len(self.predrafts) > MAX_HELD_REQUESTS:
                 self.predrafts.popitem(last=False)
 
+    @property
+    def drafting_ahead(self) -> bool:
+        """Whether this drafter drafts next rounds ahead (pipelining; not feature drafters)."""
+        return self.pipelining and self.drafter.drafts_ahead and not self.drafter.needs_features
+
     def _written(self, jobs: list[DraftJob], now_ms: float) -> None:
         """The jobs' drafts were written at ``now_ms`` (the server's clock)."""
         for job in jobs:
@@ -276,9 +282,7 @@ class DrafterWorker(StageWorker):
 
     def _job_ms(self, tokens: int) -> float:
         """A one-request job of ``tokens`` by this drafter's profile (0: not profiled)."""
-        if not self.cost_profile:
-            return 0.0
-        return float(np.dot(self.cost_profile, draft_features(tokens, 1)))
+        return profile_ms(self.cost_profile, tokens) if self.cost_profile else 0.0
 
     async def _jobs_waiting(self) -> bool:
         """Whether an input stream holds entries not yet delivered to this group: its newest
@@ -391,16 +395,20 @@ def profiles_when_idle(kind: str, device: str) -> int:
     return REPROFILES if kind == "emulated" or device.startswith("cuda") else 0
 
 
+def profile_ms(profile: tuple[float, ...], window: int, together: int = 1) -> float:
+    """A drafting call's time by a drafting profile (d0, d1, d2): ``window`` tokens for
+    ``together`` requests."""
+    return float(np.dot(profile, draft_features(window, together)))
+
+
 def faster_profile(last: tuple[float, ...] | None, profile: tuple[float, ...]) -> tuple[float, ...]:
     """Of two drafting profiles (d0, d1, d2), the one that predicts less time over the calls
     ``profile_drafting`` times (``last`` None: ``profile``)."""
-    from cosine.policy.control import DRAFT_PROFILE_CALLS, draft_features
-
     if last is None:
         return profile
 
     def total(coefficients) -> float:
-        return sum(float(np.dot(coefficients, draft_features(window, together))) for together, window in DRAFT_PROFILE_CALLS)
+        return sum(profile_ms(coefficients, window, together) for together, window in DRAFT_PROFILE_CALLS)
 
     return profile if total(profile) < total(last) else last
 
@@ -411,7 +419,6 @@ def profile_drafting(drafter, repeats: int = 3) -> tuple[float, float, float]:
     coordinator's drafting cost model, as the verifier's start-up profile is of its
     verification cost."""
     from cosine.core.sampling import SamplingParams
-    from cosine.policy.control import DRAFT_PROFILE_CALLS, draft_features
 
     rows, times = [], []
     for together, window in DRAFT_PROFILE_CALLS:
