@@ -39,6 +39,10 @@ class DeploymentPlan:
     shared_drafters: bool  # every drafter in one process
     pipelining: bool
     reasons: tuple[str, ...]
+    # The drafters have compute of their own (cores beside the verifier's; emulated drafters
+    # stand for GPUs of their own unless emulate.shared_gpus puts them on the verifiers'):
+    # cooperating drafters then draft side by side at any load (``SpeculationControl``).
+    own_compute: bool = False
 
     def describe(self) -> str:
         return "; ".join(self.reasons)
@@ -74,4 +78,5 @@ def plan_deployment(config, cores: int, verifiers: int = 1) -> DeploymentPlan:
     else:
         pipelining = setting == "on"
         reasons.append(f"pipelining {setting} (speculation.pipelining)")
-    return DeploymentPlan(shared, pipelining, tuple(reasons))
+    emulated = bool(config.drafters) and all(d.kind == "emulated" for d in config.drafters) and not config.emulate.shared_gpus
+    return DeploymentPlan(shared, pipelining, tuple(reasons), own or emulated)

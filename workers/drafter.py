@@ -37,7 +37,7 @@ from cosine.drafters.base import DraftRequest, propose_ahead
 from cosine.factory import build_drafter, load_target
 from cosine.models.loading import release_freed_memory
 from cosine.policy.control import DRAFT_PROFILE_CALLS, draft_features
-from cosine.policy.window import Turnaround, ahead_window
+from cosine.policy.window import Turnaround, ahead_budget, ahead_window
 from cosine.wire import Draft, DraftJob, decode, encode
 from cosine.wire.convert import probs_to_bytes, states_from_bytes
 
@@ -277,8 +277,13 @@ class DrafterWorker(StageWorker):
 
     def ahead_window(self, job: DraftJob) -> int:
         """The window to draft the job's next round at ahead (``ahead_window``), by this
-        drafter's profile and measured turnaround."""
-        return ahead_window(job.window, self.config.speculation.max_window, self.turnaround.ms, self._job_ms)
+        drafter's profile, its measured turnaround and the jobs it expects (``ahead_budget``:
+        the request's own and those of the others whose drafts it wrote lately)."""
+        now_ms = self.clock.now() * 1000
+        own = self.written.get(job.request_id)
+        others = (written for request_id, (_, written) in reversed(self.written.items()) if request_id != job.request_id)
+        budget = ahead_budget(self.turnaround.ms, now_ms, own[1] if own is not None else now_ms, others)
+        return ahead_window(job.window, self.config.speculation.max_window, budget, self._job_ms)
 
     def _job_ms(self, tokens: int) -> float:
         """A one-request job of ``tokens`` by this drafter's profile (0: not profiled)."""

@@ -35,7 +35,7 @@ from cosine.core.tree import ROOT, DraftChain, merge_chains
 from cosine.policy.batching import BatchPolicy, Pending
 from cosine.policy.control import DRAFT_PROFILE_CALLS, VERIFY_PROFILE_CALLS, SpeculationControl, draft_features, verify_features
 from cosine.policy.routing import RequestRouting, by_expert, choose_experts, routing_policy, tree_feedback
-from cosine.policy.window import Turnaround, WindowPolicy, ahead_window
+from cosine.policy.window import Turnaround, WindowPolicy, ahead_budget, ahead_window
 
 from .build import domain_markers
 from .drafter import EmulatedDrafter
@@ -120,7 +120,8 @@ class _Simulation:
         self.routing = routing_policy(config)
         self.window_policy = WindowPolicy(speculation.window, speculation.min_window, speculation.max_window, speculation.adaptive_window)
         self.batch_policy = BatchPolicy(speculation.max_batch, max_wait_s=pipeline.batch_wait_ms / 1000)
-        self.control = SpeculationControl(enabled=speculation.load_control, overhead_prior=0.0)
+        # as the coordinator's deployment plan: emulated drafters on GPUs of their own, unless shared
+        self.control = SpeculationControl(enabled=speculation.load_control, overhead_prior=0.0, drafters_share_compute=bool(emulate.shared_gpus))
         self.control.verify.set_prior(_fit_verify(self.target))
         # As the coordinator: the slowest drafter's start-up profile is the drafting prior.
         self.control.draft.set_prior([max(c) for c in zip(*(_fit_draft(h.drafter.profile) for h in self.hosts))] if self.hosts else [0.0, 0.0, 0.0])
@@ -255,6 +256,7 @@ class _Simulation:
             self.drafted(host, request, round_, window, host.drafter.chain(request.key, request.context, window), drafts, experts, done)
 
     def drafted(self, host: _Host, request: _Request, round_: int, window: int, chain: DraftChain, drafts: dict, experts: list[str], done: float) -> None:
+        host.written.pop(request.key, None)  # newest last, as the worker's
         host.written[request.key] = (round_, done)
         self.at(done + self.one_way(), self.draft_back, host, request, round_, window, chain, drafts, experts)
         if self.pipelining and window > 0:
@@ -263,10 +265,13 @@ class _Simulation:
     def draft_ahead(self, host: _Host, request: _Request, round_: int, window: int, chain: DraftChain) -> None:
         """The drafter's next round made ahead while it has nothing else to do (as the drafter
         worker: its guess of the target's next token, the window one longer as long as the
-        work fits in the drafter's measured turnaround, ``ahead_window``)."""
+        work fits before the next job it expects, ``ahead_budget``)."""
         if self.ready_at(host) > self.now or host.queue or request.round != round_:
             return
-        ahead = ahead_window(window, self.config.speculation.max_window, host.turnaround.ms, lambda tokens: host.drafter.profile.job_ms(1, tokens))
+        own = host.written.get(request.key)
+        others = (written for key, (_, written) in reversed(host.written.items()) if key != request.key)
+        budget = ahead_budget(host.turnaround.ms, self.now * 1000, (own[1] if own is not None else self.now) * 1000, (t * 1000 for t in others))
+        ahead = ahead_window(window, self.config.speculation.max_window, budget, lambda tokens: host.drafter.profile.job_ms(1, tokens))
         if ahead <= 0:
             return
         guessed = [*request.context, *chain.tokens]

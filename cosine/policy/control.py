@@ -274,6 +274,10 @@ class SpeculationControl:
     # large share of the throughput at 16 requests).
     explore_max_batch: int = 2
     optimism: float = 1.0  # standard deviations (optimistic_estimate)
+    # Whether the drafters share the verifier's compute (cores of one machine, a GPU): then a
+    # cooperating drafter's work is the verifier's time, and cooperation shrinks with the batch
+    # (``cooperating``). Drafters with compute of their own draft side by side.
+    drafters_share_compute: bool = True
     smoothing: float = 0.05  # of the running means (overhead, batch context)
     verify: LinearCost = field(init=False)
     draft: LinearCost = field(init=False)
@@ -386,10 +390,12 @@ class SpeculationControl:
 
     def cooperating(self, count: int, batch_size: int) -> int:
         """How many of a request's ``count`` ranked drafters draft its round when batches hold
-        ``batch_size`` requests: all while the verifier takes one request at a time, fewer as
-        batches grow (the drafting work per verification batch stays about the same; the
-        drafters share the machine with the verifier), at least one."""
-        if not self.enabled:
+        ``batch_size`` requests. Where the drafters share the verifier's compute: all while the
+        verifier takes one request at a time, fewer as batches grow (the drafting work per
+        verification batch stays about the same), at least one. Where they have compute of
+        their own: all of them (the router's choice) at any load — their chains are drafted
+        side by side, and the tree they make accepts more for the same verification forward."""
+        if not self.enabled or not self.drafters_share_compute:
             return count
         return max(1, count // max(1, batch_size)) if count else 0
 

@@ -7,7 +7,7 @@ it verifier load as well (roadmap item 2); the interface stays ``next_window(sta
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -40,19 +40,38 @@ def capped_window(window: int, cap: int) -> int:
     return window if cap < 0 else min(window, cap)
 
 
-def ahead_window(window: int, maximum: int, turnaround_ms: float | None, job_ms: Callable[[int], float]) -> int:
+def ahead_window(window: int, maximum: int, budget_ms: float | None, job_ms: Callable[[int], float]) -> int:
     """The window a drafter drafts a request's next round at ahead of its job (pipelining): one
     longer than this round's (a fully accepted round lengthens the adaptive window), shortened
     until the work — the guessed target token and the window, ``job_ms(tokens)`` — fits in the
-    time the drafter expects before the request's next job (``turnaround_ms``; None: not known
-    yet). Work still running when the next job comes delays it: a guess that missed would cost
+    time the drafter expects before its next job (``budget_ms``, ``ahead_budget``; None: not
+    known yet). Work still running when a job comes delays it: a guess that missed would cost
     the round. 0: none fits."""
     ahead = min(window + 1, max(window, maximum))
-    if turnaround_ms is None:
+    if budget_ms is None:
         return ahead
-    while ahead > 0 and job_ms(ahead + 1) > turnaround_ms:
+    while ahead > 0 and job_ms(ahead + 1) > budget_ms:
         ahead -= 1
     return ahead
+
+
+def ahead_budget(turnaround_ms: float | None, now_ms: float, own_ms: float, others_ms: Iterable[float]) -> float | None:
+    """The time a drafter has for drafting a request's next round ahead: until the first job it
+    expects, the request's own (its draft written at ``own_ms``, the job back a turnaround
+    later) or another request's whose draft it wrote lately (``others_ms``, newest first: the
+    drafter's other requests come back too, and work drafted ahead delays their jobs as much).
+    One overdue by more than a turnaround is taken to have gone elsewhere (another drafter of
+    the expert, or the request ended); one overdue by less may come any moment. None: the
+    turnaround is not known yet."""
+    if turnaround_ms is None:
+        return None
+    budget = own_ms + turnaround_ms - now_ms
+    for written in others_ms:
+        due = written + turnaround_ms - now_ms
+        if due <= -turnaround_ms:
+            break  # this one and every older one gone elsewhere
+        budget = min(budget, due)
+    return max(0.0, budget)
 
 
 @dataclass(slots=True)

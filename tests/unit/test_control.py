@@ -273,6 +273,8 @@ def test_fewer_drafters_cooperate_as_batches_grow():
     assert ctl.cooperating(2, 1) == 2 and ctl.cooperating(2, 2) == 1
     assert ctl.cooperating(0, 1) == 0
     assert SpeculationControl(enabled=False).cooperating(3, 16) == 3  # load control off: all of them
+    # Drafters with compute of their own (GPUs each) draft side by side: all of them at any load.
+    assert [SpeculationControl(drafters_share_compute=False).cooperating(4, b) for b in (1, 4, 16)] == [4, 4, 4]
 
 
 def test_a_hop_measured_at_one_window_stays_a_fixed_cost():

@@ -3,7 +3,7 @@ do not fit beside the verifier's; explicit settings win."""
 
 from __future__ import annotations
 
-from cosine.config import Config, DrafterConfig, ModelConfig, ServeConfig, SpeculationConfig, load_config
+from cosine.config import Config, DrafterConfig, EmulateConfig, ModelConfig, ServeConfig, SpeculationConfig, load_config
 from cosine.deploy import plan_deployment
 from cosine.serve import Supervisor
 
@@ -27,6 +27,16 @@ def test_two_cores_host_every_drafter_in_one_process_without_pipelining():
 def test_many_cores_give_each_drafter_its_process_and_pipelining():
     plan = plan_deployment(config(), cores=16)
     assert not plan.shared_drafters and plan.pipelining
+
+
+def test_drafters_have_compute_of_their_own_beside_spare_cores_or_as_emulated_gpus():
+    """Cooperation under load follows it: drafters with compute of their own draft side by side."""
+    assert not plan_deployment(config(), cores=2).own_compute
+    assert plan_deployment(config(), cores=16).own_compute
+    emulated = tuple(DrafterConfig(f"d{i}", "emulated", e, profile="llama-68m-2080ti") for i, e in enumerate(("general", "code")))
+    assert plan_deployment(Config(model=ModelConfig(threads=2), drafters=emulated), cores=2).own_compute  # a GPU each
+    on_verifiers = Config(model=ModelConfig(threads=2), drafters=emulated, emulate=EmulateConfig(shared_gpus=1, gpu_dir="g"))
+    assert not plan_deployment(on_verifiers, cores=2).own_compute  # on the verifier's GPU
 
 
 def test_explicit_settings_win():

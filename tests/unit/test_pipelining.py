@@ -83,6 +83,42 @@ def test_a_draft_made_ahead_fits_in_the_time_before_the_requests_next_job():
     assert turnaround.ms == 15.0
 
 
+def test_a_draft_made_ahead_fits_before_the_next_job_of_any_request_the_drafter_serves():
+    """Work drafted ahead delays every job that comes while it runs, another request's as much
+    as its own: the budget is the time to the first job the drafter expects. A request overdue
+    by more than a turnaround went elsewhere (another drafter of the expert, or it ended)."""
+    from cosine.policy.window import ahead_budget
+
+    assert ahead_budget(None, 100.0, 100.0, [95.0]) is None  # turnaround not known yet
+    assert ahead_budget(10.0, 100.0, 100.0, []) == 10.0  # its own job, a turnaround after its draft
+    assert ahead_budget(10.0, 102.0, 100.0, []) == 8.0
+    assert ahead_budget(10.0, 100.0, 100.0, [96.0]) == 6.0  # another request's job comes first
+    assert ahead_budget(10.0, 100.0, 100.0, [88.0]) == 0.0  # overdue: may come any moment
+    assert ahead_budget(10.0, 100.0, 100.0, [80.0]) == 10.0  # overdue by a turnaround: gone elsewhere
+    assert ahead_budget(10.0, 100.0, 100.0, [80.0, 96.0]) == 10.0  # newest first: older ones are not read
+
+
+def test_a_drafter_drafts_ahead_only_what_fits_before_its_other_requests_jobs():
+    from cosine.config import Config
+    from cosine.wire import DraftJob
+    from cosine.workers.drafter import DrafterWorker
+
+    worker = DrafterWorker(Config(), "redis://127.0.0.1:9", "general", instance="d1")
+    worker.cost_profile = (0.0, 1.5, 0.0)  # 1.5 ms a drafted token
+    worker.turnaround.ms = 30.0
+
+    def job(request_id, round_, window=3):
+        return DraftJob(request_id, round_, [1, 2], window, SamplingParams(), ["general"])
+
+    now = worker.clock.now() * 1000
+    worker._written([job("a", 4)], now)
+    assert worker.ahead_window(job("a", 4)) == 4  # alone: one longer (5 tokens, 7.5 ms, fit in 30)
+    worker._written([job("b", 2)], now - 25)  # b's next job is due in about 5 ms
+    assert worker.ahead_window(job("a", 4)) == 2  # 3 tokens (4.5 ms) fit before it
+    worker._written([job("b", 2)], now - 29.5)
+    assert worker.ahead_window(job("a", 4)) == 0
+
+
 def test_the_drafter_measures_the_turnaround_from_its_draft_to_the_requests_next_job():
     """From writing a round's draft (the server's clock) to the request's next job (its entry
     ID: when the server took it) — not to when the drafter read it, which its own drafting ahead

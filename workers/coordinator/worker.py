@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 from cosine.core.rounds import RequestState
+from cosine.deploy import machine_cores, plan_deployment
 from cosine.policy.batching import BatchPolicy
 from cosine.policy.control import SpeculationControl
 from cosine.policy.routing import routing_policy
@@ -37,7 +38,8 @@ class Coordinator(Batching, Applying, Sweeps, StageWorker):
         super().__init__(config, redis_url, instance)
         self.rosters = LiveRoster(self)
         spec = config.speculation
-        self.control = SpeculationControl(enabled=spec.load_control and spec.max_window > 0, multi_step=spec.multi_step)
+        self.control = SpeculationControl(enabled=spec.load_control and spec.max_window > 0, multi_step=spec.multi_step,
+                                          drafters_share_compute=not plan_deployment(config, machine_cores()).own_compute)
         self.records = Records()  # request -> what this coordinator remembers of it between rounds
         self.sent_batches: dict[str, SentBatch] = {}  # batch id -> what the cost model needs of it, until its result is back
         # Rounds' wall times and tokens, drafted or not (what speculation earns at this load):
