@@ -195,7 +195,7 @@ class _Simulation:
         batch_size = self.batch_policy.fair_share(self.active, self.verifiers)
         together = len(self.drafting) + 1
         if experts and window > 0:
-            experts = experts[: self.control.cooperating(len(experts), batch_size)]
+            experts = experts[: self.control.cooperating(len(experts), batch_size, window)]
             if not (batch_size <= self.control.explore_max_batch and self.control.explore(request.key, request.round, request.drafted_rounds)):
                 window = self.control.choose(window, batch_size, request.accepted, request.drafted_rounds)
         if not experts or window <= 0:

@@ -61,6 +61,9 @@ DRAFT_PRIOR_STRENGTHS = (0.02, 1.0, 1.0)
 # least-squares fit of thirty priced every window twice over, for good at one request (load
 # control then chose window 0 and observed little drafting again).
 DRAFT_CLIP = 4.0
+# Drafters with compute of their own cooperate on a round while the verifier takes their chains
+# for at most this much more than one chain's forward (``SpeculationControl.cooperating``).
+COOPERATION_SLACK = 1.25
 
 
 def draft_features(window: int, together: int = 1) -> tuple[float, ...]:
@@ -388,16 +391,27 @@ class SpeculationControl:
             return self.plan([(limit, 0, 0)] * batch_size)[0]
         return self.plan([(limit, accepted, drafted_rounds)])[0]
 
-    def cooperating(self, count: int, batch_size: int) -> int:
-        """How many of a request's ``count`` ranked drafters draft its round when batches hold
-        ``batch_size`` requests. Where the drafters share the verifier's compute: all while the
-        verifier takes one request at a time, fewer as batches grow (the drafting work per
-        verification batch stays about the same), at least one. Where they have compute of
-        their own: all of them (the router's choice) at any load — their chains are drafted
-        side by side, and the tree they make accepts more for the same verification forward."""
-        if not self.enabled or not self.drafters_share_compute:
+    def cooperating(self, count: int, batch_size: int, window: int = 0) -> int:
+        """How many of a request's ``count`` ranked drafters draft its round at ``window`` when
+        batches hold ``batch_size`` requests. All while the verifier takes one request at a
+        time, fewer as batches grow (the drafting work per verification batch stays about the
+        same), at least one. Where the drafters have compute of their own, their chains are
+        drafted side by side and cost the round no drafting time: then as many as the verifier
+        takes for little more than one chain's forward (``COOPERATION_SLACK``, by the
+        verification cost model, each chain ``window`` tokens more for every request of the
+        batch) — all of them where a forward's time hardly depends on its tokens (a GPU at
+        these batches), no more than the batch rule where it does (a CPU)."""
+        if not self.enabled or not count:
             return count
-        return max(1, count // max(1, batch_size)) if count else 0
+        shared = max(1, count // max(1, batch_size))
+        if self.drafters_share_compute:
+            return shared
+        batch = max(1, batch_size)
+        one = self.verify_ms(batch, batch * (1 + window))
+        chains = count
+        while chains > shared and self.verify_ms(batch, batch * (1 + chains * window)) > COOPERATION_SLACK * one:
+            chains -= 1
+        return chains
 
     def plan(self, requests: Sequence[tuple[int, int, int]], batch_size: int = 0) -> list[int]:
         """Windows for requests verified together, each ``(limit, accepted, drafted_rounds)``,

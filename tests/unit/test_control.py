@@ -273,8 +273,18 @@ def test_fewer_drafters_cooperate_as_batches_grow():
     assert ctl.cooperating(2, 1) == 2 and ctl.cooperating(2, 2) == 1
     assert ctl.cooperating(0, 1) == 0
     assert SpeculationControl(enabled=False).cooperating(3, 16) == 3  # load control off: all of them
-    # Drafters with compute of their own (GPUs each) draft side by side: all of them at any load.
-    assert [SpeculationControl(drafters_share_compute=False).cooperating(4, b) for b in (1, 4, 16)] == [4, 4, 4]
+
+
+def test_drafters_with_compute_of_their_own_cooperate_while_the_verifier_takes_their_chains_cheaply():
+    """Drafted side by side, more chains cost the round no drafting time, only the verifier's
+    extra tokens: on a GPU-like cost (6 ms a forward, 0.01 ms a token) every expert drafts at
+    batch 4, three at batch 16 (four chains would cost 28% more than one), one at 64; on a
+    CPU-like one (a millisecond a token) no more than the shared rule."""
+    gpu = SpeculationControl(verify_prior=(6.0, 0.0, 0.01, 0.0), drafters_share_compute=False)
+    assert [gpu.cooperating(4, b, window=4) for b in (1, 4, 16, 64)] == [4, 4, 3, 1]
+    cpu = SpeculationControl(verify_prior=(30.0, 2.0, 1.0, 0.0), drafters_share_compute=False)
+    assert [cpu.cooperating(4, b, window=4) for b in (1, 2, 4, 8)] == [4, 2, 1, 1]
+    assert SpeculationControl(drafters_share_compute=False, enabled=False).cooperating(4, 16, window=4) == 4
 
 
 def test_a_hop_measured_at_one_window_stays_a_fixed_cost():

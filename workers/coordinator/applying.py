@@ -339,7 +339,7 @@ class Applying:
         planned, record.planned = record.planned, None
         if experts and window > 0:
             batch_size = self.batch_policy.fair_share(self.active, self.verifiers.count)  # requests per batch at this load
-            experts = experts[: self.control.cooperating(len(experts), batch_size)]  # the best ranked first
+            experts = experts[: self.control.cooperating(len(experts), batch_size, window)]  # the best ranked first
             # Exploration only at low load (explore_max_batch): under load a drafted round costs its batch-mates too.
             if batch_size <= self.control.explore_max_batch and self.control.explore(state.request_id, state.round, state.drafted_rounds):
                 pass  # drafts at its adaptive window
