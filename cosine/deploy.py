@@ -39,9 +39,9 @@ class DeploymentPlan:
     shared_drafters: bool  # every drafter in one process
     pipelining: bool
     reasons: tuple[str, ...]
-    # The drafters have compute of their own (cores beside the verifier's; emulated drafters
-    # stand for GPUs of their own unless emulate.shared_gpus puts them on the verifiers'):
-    # cooperating drafters then draft side by side at any load (``SpeculationControl``).
+    # The drafters have compute of their own (cores beside the verifier's; emulated drafters,
+    # whatever the cores, stand for GPUs of their own unless emulate.shared_gpus puts them on
+    # the verifiers'): cooperating drafters then draft side by side (``SpeculationControl``).
     own_compute: bool = False
 
     def describe(self) -> str:
@@ -78,5 +78,5 @@ def plan_deployment(config, cores: int, verifiers: int = 1) -> DeploymentPlan:
     else:
         pipelining = setting == "on"
         reasons.append(f"pipelining {setting} (speculation.pipelining)")
-    emulated = bool(config.drafters) and all(d.kind == "emulated" for d in config.drafters) and not config.emulate.shared_gpus
-    return DeploymentPlan(shared, pipelining, tuple(reasons), own or emulated)
+    emulated = bool(config.drafters) and all(d.kind == "emulated" for d in config.drafters)
+    return DeploymentPlan(shared, pipelining, tuple(reasons), not config.emulate.shared_gpus if emulated else own)

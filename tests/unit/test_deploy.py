@@ -37,6 +37,7 @@ def test_drafters_have_compute_of_their_own_beside_spare_cores_or_as_emulated_gp
     assert plan_deployment(Config(model=ModelConfig(threads=2), drafters=emulated), cores=2).own_compute  # a GPU each
     on_verifiers = Config(model=ModelConfig(threads=2), drafters=emulated, emulate=EmulateConfig(shared_gpus=1, gpu_dir="g"))
     assert not plan_deployment(on_verifiers, cores=2).own_compute  # on the verifier's GPU
+    assert not plan_deployment(on_verifiers, cores=64).own_compute  # spare cores do not make it a GPU of their own
 
 
 def test_explicit_settings_win():
