@@ -279,10 +279,7 @@ class DrafterWorker(StageWorker):
         """The window to draft the job's next round at ahead (``ahead_window``), by this
         drafter's profile, its measured turnaround and the jobs it expects (``ahead_budget``:
         the request's own and those of the others whose drafts it wrote lately)."""
-        now_ms = self.clock.now() * 1000
-        own = self.written.get(job.request_id)
-        others = (written for request_id, (_, written) in reversed(self.written.items()) if request_id != job.request_id)
-        budget = ahead_budget(self.turnaround.ms, now_ms, own[1] if own is not None else now_ms, others)
+        budget = ahead_budget(self.turnaround.ms, self.clock.now() * 1000, job.request_id, self.written)
         return ahead_window(job.window, self.config.speculation.max_window, budget, self._job_ms)
 
     def _job_ms(self, tokens: int) -> float:

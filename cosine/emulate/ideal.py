@@ -72,7 +72,7 @@ class _Host:
     gpu: int | None = None  # the verifier whose GPU it shares (emulate.shared_gpus); None: its own
     free_at: float = 0.0
     ahead: dict = field(default_factory=dict)  # request key -> (round, guessed context, chain, ready at)
-    written: dict = field(default_factory=dict)  # request key -> (round, when its draft was done)
+    written: dict = field(default_factory=dict)  # request key -> (round, when its draft was done, ms), newest last
     queue: list = field(default_factory=list)  # jobs waiting for the host, drafted together when it is free
     starting: bool = False  # a start of the queued jobs is scheduled
     turnaround: Turnaround = field(default_factory=Turnaround)  # a draft done to its request's next job, as the drafter worker's
@@ -233,7 +233,7 @@ class _Simulation:
         host = self.host_for(request, expert)
         written = host.written.pop(request.key, None)
         if written is not None and written[0] == round_ - 1:
-            host.turnaround.observe((self.now - written[1]) * 1000)
+            host.turnaround.observe(self.now * 1000 - written[1])
         ahead = host.ahead.pop(request.key, None)
         if ahead is not None and ahead[0] == round_ and ahead[1] == request.context and len(ahead[2].tokens) >= window:
             chain = DraftChain(ahead[2].tokens[:window], ahead[2].confidences[:window], None, host.name)
@@ -257,7 +257,7 @@ class _Simulation:
 
     def drafted(self, host: _Host, request: _Request, round_: int, window: int, chain: DraftChain, drafts: dict, experts: list[str], done: float) -> None:
         host.written.pop(request.key, None)  # newest last, as the worker's
-        host.written[request.key] = (round_, done)
+        host.written[request.key] = (round_, done * 1000)
         self.at(done + self.one_way(), self.draft_back, host, request, round_, window, chain, drafts, experts)
         if self.pipelining and window > 0:
             self.at(done, self.draft_ahead, host, request, round_, window, chain)
@@ -268,9 +268,7 @@ class _Simulation:
         work fits before the next job it expects, ``ahead_budget``)."""
         if self.ready_at(host) > self.now or host.queue or request.round != round_:
             return
-        own = host.written.get(request.key)
-        others = (written for key, (_, written) in reversed(host.written.items()) if key != request.key)
-        budget = ahead_budget(host.turnaround.ms, self.now * 1000, (own[1] if own is not None else self.now) * 1000, (t * 1000 for t in others))
+        budget = ahead_budget(host.turnaround.ms, self.now * 1000, request.key, host.written)
         ahead = ahead_window(window, self.config.speculation.max_window, budget, lambda tokens: host.drafter.profile.job_ms(1, tokens))
         if ahead <= 0:
             return

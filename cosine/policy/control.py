@@ -404,7 +404,7 @@ class SpeculationControl:
         if not self.enabled or not count:
             return count
         shared = max(1, count // max(1, batch_size))
-        if self.drafters_share_compute:
+        if self.drafters_share_compute or shared == count:
             return shared
         batch = max(1, batch_size)
         one = self.verify_ms(batch, batch * (1 + window))

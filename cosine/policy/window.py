@@ -7,7 +7,7 @@ it verifier load as well (roadmap item 2); the interface stays ``next_window(sta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -55,19 +55,22 @@ def ahead_window(window: int, maximum: int, budget_ms: float | None, job_ms: Cal
     return ahead
 
 
-def ahead_budget(turnaround_ms: float | None, now_ms: float, own_ms: float, others_ms: Iterable[float]) -> float | None:
-    """The time a drafter has for drafting a request's next round ahead: until the first job it
-    expects, the request's own (its draft written at ``own_ms``, the job back a turnaround
-    later) or another request's whose draft it wrote lately (``others_ms``, newest first: the
-    drafter's other requests come back too, and work drafted ahead delays their jobs as much).
-    One overdue by more than a turnaround is taken to have gone elsewhere (another drafter of
-    the expert, or the request ended); one overdue by less may come any moment. None: the
-    turnaround is not known yet."""
+def ahead_budget(turnaround_ms: float | None, now_ms: float, request: str, written: Mapping[str, tuple[int, float]]) -> float | None:
+    """The time a drafter has for drafting ``request``'s next round ahead: until the first job
+    it expects, the request's own (a turnaround after its draft was written; now if not in
+    ``written``) or another request's whose draft it wrote lately (``written``: request ->
+    (round, ms written), newest last: the drafter's other requests come back too, and work
+    drafted ahead delays their jobs as much). One overdue by more than a turnaround is taken to
+    have gone elsewhere (another drafter of the expert, or the request ended); one overdue by
+    less may come any moment. None: the turnaround is not known yet."""
     if turnaround_ms is None:
         return None
-    budget = own_ms + turnaround_ms - now_ms
-    for written in others_ms:
-        due = written + turnaround_ms - now_ms
+    own = written.get(request)
+    budget = (own[1] if own is not None else now_ms) + turnaround_ms - now_ms
+    for other, (_, written_ms) in reversed(written.items()):
+        if other == request:
+            continue
+        due = written_ms + turnaround_ms - now_ms
         if due <= -turnaround_ms:
             break  # this one and every older one gone elsewhere
         budget = min(budget, due)

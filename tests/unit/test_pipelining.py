@@ -89,13 +89,17 @@ def test_a_draft_made_ahead_fits_before_the_next_job_of_any_request_the_drafter_
     by more than a turnaround went elsewhere (another drafter of the expert, or it ended)."""
     from cosine.policy.window import ahead_budget
 
-    assert ahead_budget(None, 100.0, 100.0, [95.0]) is None  # turnaround not known yet
-    assert ahead_budget(10.0, 100.0, 100.0, []) == 10.0  # its own job, a turnaround after its draft
-    assert ahead_budget(10.0, 102.0, 100.0, []) == 8.0
-    assert ahead_budget(10.0, 100.0, 100.0, [96.0]) == 6.0  # another request's job comes first
-    assert ahead_budget(10.0, 100.0, 100.0, [88.0]) == 0.0  # overdue: may come any moment
-    assert ahead_budget(10.0, 100.0, 100.0, [80.0]) == 10.0  # overdue by a turnaround: gone elsewhere
-    assert ahead_budget(10.0, 100.0, 100.0, [80.0, 96.0]) == 10.0  # newest first: older ones are not read
+    def written(*others):  # request "a" written at 100 ms, after the others (oldest first)
+        return {**{f"o{i}": (1, ms) for i, ms in enumerate(others)}, "a": (1, 100.0)}
+
+    assert ahead_budget(None, 100.0, "a", written(95.0)) is None  # turnaround not known yet
+    assert ahead_budget(10.0, 100.0, "a", written()) == 10.0  # its own job, a turnaround after its draft
+    assert ahead_budget(10.0, 102.0, "a", written()) == 8.0
+    assert ahead_budget(10.0, 100.0, "new", {}) == 10.0  # not written here: a turnaround from now
+    assert ahead_budget(10.0, 100.0, "a", written(96.0)) == 6.0  # another request's job comes first
+    assert ahead_budget(10.0, 100.0, "a", written(88.0)) == 0.0  # overdue: may come any moment
+    assert ahead_budget(10.0, 100.0, "a", written(80.0)) == 10.0  # overdue by a turnaround: gone elsewhere
+    assert ahead_budget(10.0, 100.0, "a", written(96.0, 80.0)) == 10.0  # newest first: older ones are not read
 
 
 def test_a_drafter_drafts_ahead_only_what_fits_before_its_other_requests_jobs():
